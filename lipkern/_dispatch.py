@@ -1,0 +1,83 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends, in order of preference:
+- ``cuda``: the compiled ``lipkern._C`` kernel, when it is built and the tensor is on a CUDA device;
+- ``triton``: when the tensor is on a CUDA device, or when ``TRITON_INTERPRET=1`` (CPU tests run the real kernels);
+- ``torch``: the plain PyTorch reference, everywhere else.
+``LIPKERN_BACKEND=cuda|triton|torch`` forces one; forcing one that cannot run raises ``BackendUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """LIPKERN_BACKEND asked for a backend that cannot run this call."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_extension_available() -> bool:
+    from lipkern import _cuda
+
+    return _cuda.available()
+
+
+def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: bool) -> str | None:
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "triton is not installed (pip install triton)"
+        if tensor.device.type != "cuda" and not triton_interpreting():
+            return f"tensor is on {tensor.device} and TRITON_INTERPRET is not 1"
+        return None
+    if not has_cuda_kernel:
+        return "this op has no lipkern._C kernel"
+    if tensor.device.type != "cuda":
+        return f"tensor is on {tensor.device}, not a CUDA device"
+    if not cuda_extension_available():
+        from lipkern import _cuda
+
+        return _cuda.missing_message()
+    return None
+
+
+def requested_backend() -> str | None:
+    value = os.environ.get("LIPKERN_BACKEND", "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise BackendUnavailableError(f"LIPKERN_BACKEND must be one of {BACKENDS} or auto, got {value!r}")
+    return value
+
+
+def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool) -> str:
+    """Return the backend that runs an op whose main input is ``tensor``."""
+    forced = requested_backend()
+    if forced is not None:
+        reason = _unavailable_reason(forced, tensor, has_cuda_kernel)
+        if reason is not None:
+            raise BackendUnavailableError(f"LIPKERN_BACKEND={forced} cannot run here: {reason}")
+        return forced
+    for backend in BACKENDS:
+        if _unavailable_reason(backend, tensor, has_cuda_kernel) is None:
+            return backend
+    return "torch"
