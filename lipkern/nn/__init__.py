@@ -1,1 +1,6 @@
-"""Drop-in layers."""
+"""Drop-in 1-Lipschitz layers: swap ``nn.Conv2d`` for ``lipkern.nn.AOLConv2d`` with the same arguments."""
+
+from lipkern.nn.activations import MaxMin
+from lipkern.nn.aol import AOLConv2d, AOLLinear
+
+__all__ = ["AOLConv2d", "AOLLinear", "MaxMin"]

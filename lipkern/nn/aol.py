@@ -1,0 +1,176 @@
+"""AOL layers (Prach & Lampert 2022): drop-in replacements for nn.Linear and nn.Conv2d that are 1-Lipschitz.
+
+The parameter is an unconstrained weight W; the layer uses W·diag(d) from :func:`lipkern.ops.aol_rescale`.
+Why a strided AOLConv2d stays 1-Lipschitz: a stride-s conv is the stride-1 conv (norm ≤ 1 by AOL, for any
+input size and zero or circular padding) followed by keeping every s-th output pixel, a coordinate
+projection of norm ≤ 1; the composition has norm ≤ 1. Dilation likewise: a dilated conv splits into
+independent undilated convs on interleaved sub-grids, each with the same kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipkern.ops.aol import aol_rescale
+
+__all__ = ["AOLLinear", "AOLConv2d"]
+
+_SUPPORTED_PADDING_MODES = ("zeros", "circular")
+
+
+class _CachedRescale(nn.Module):
+    """Serves the rescaled weight; in eval mode, when no gradient to the weight is needed, from a cache.
+
+    The cache is keyed on the weight's version counter, storage, dtype and device, so an optimizer step
+    (an in-place update), ``load_state_dict``, ``.to()`` or ``.half()`` invalidate it, and so does ``train()``.
+    It is not part of the state_dict.
+    """
+
+    groups: int = 1
+
+    def __init__(self):
+        super().__init__()
+        self._cached_weight: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device)
+
+    def _cache_usable(self) -> bool:
+        needs_weight_grad = torch.is_grad_enabled() and self.weight.requires_grad
+        return not self.training and not needs_weight_grad and not torch.compiler.is_compiling()
+
+    def rescaled_weight(self) -> torch.Tensor:
+        """The weight the layer applies: ``aol_rescale(self.weight)``."""
+        if not self._cache_usable():
+            return aol_rescale(self.weight, self.groups)
+        key = self._weight_key()
+        if self._cached_weight is None or self._cache_key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cached_weight = aol_rescale(self.weight, self.groups)
+            self._cache_key = key
+        return self._cached_weight
+
+    def train(self, mode: bool = True):
+        self._cached_weight, self._cache_key = None, None
+        return super().train(mode)
+
+
+class AOLLinear(_CachedRescale):
+    """``nn.Linear`` with an AOL-rescaled weight: ‖x ↦ W·diag(d)·x‖₂ ≤ 1.
+
+    Same signature as ``nn.Linear``. Initialization: identity when ``in_features == out_features``,
+    else a random matrix with orthonormal rows or columns (Prach & Lampert 2022); zero bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        proto = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)  # validates
+        self.in_features, self.out_features = proto.in_features, proto.out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.in_features == self.out_features:
+                nn.init.eye_(self.weight)
+            else:
+                nn.init.orthogonal_(self.weight)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rescaled_weight(), self.bias)
+
+    def to_vanilla(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the rescaled weight: identical outputs, no rescaling cost."""
+        w = self.weight
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                          dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(aol_rescale(w))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class AOLConv2d(_CachedRescale):
+    """``nn.Conv2d`` with an AOL-rescaled kernel: the conv operator has spectral norm ≤ 1.
+
+    Same signature as ``nn.Conv2d`` (stride, padding incl. 'same'/'valid', dilation, groups, bias,
+    padding_mode, device, dtype). ``padding_mode`` must be 'zeros' or 'circular': 'reflect' and
+    'replicate' copy input pixels, so the padded operator can have norm > 1. Initialization: the identity
+    (Dirac) kernel when ``in_channels == out_channels``, else orthogonal rows/columns of the flattened
+    kernel (Prach & Lampert 2022); zero bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        if padding_mode not in _SUPPORTED_PADDING_MODES:
+            raise ValueError(f"AOLConv2d: padding_mode must be one of {_SUPPORTED_PADDING_MODES}, got "
+                             f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
+        # nn.Conv2d on the meta device validates every argument exactly as PyTorch does.
+        proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                          padding_mode, device="meta", dtype=dtype)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(proto, name))
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(proto.weight.shape, **factory))
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels, **factory)) if bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.in_channels == self.out_channels:
+                nn.init.dirac_(self.weight, groups=self.groups)
+            else:
+                nn.init.orthogonal_(self.weight)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "circular":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.rescaled_weight())
+
+    def to_vanilla(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with the rescaled kernel and the same geometry: identical outputs."""
+        w = self.weight
+        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                          device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(aol_rescale(w, self.groups))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer.train(self.training)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
