@@ -1,0 +1,241 @@
+"""AOLLinear / AOLConv2d / MaxMin: exact operator norms, drop-in behaviour, caching, export."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lipkern
+from lipkern.nn import AOLConv2d, AOLLinear, MaxMin
+from tests.helpers import assert_close, dense_jacobian, spectral_norm
+
+# (constructor kwargs, input spatial size): zero and circular padding, stride 1 and 2, dilation, groups.
+CONV_CASES = [
+    (dict(in_channels=3, out_channels=4, kernel_size=3, padding=1), 5),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="circular"), 5),
+    (dict(in_channels=2, out_channels=3, kernel_size=3, padding="same", padding_mode="circular"), 6),
+    (dict(in_channels=4, out_channels=2, kernel_size=3, stride=2, padding=1), 6),
+    (dict(in_channels=2, out_channels=4, kernel_size=2, stride=2), 6),
+    (dict(in_channels=2, out_channels=2, kernel_size=3, dilation=2, padding=2), 6),
+    (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2), 4),
+    (dict(in_channels=3, out_channels=3, kernel_size=(1, 3), padding="valid"), 5),
+    (dict(in_channels=2, out_channels=5, kernel_size=3, padding=0, stride=(2, 1), dilation=(1, 2)), 7),
+]
+CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
+
+
+def _layer_norm(layer: nn.Module, example_shape) -> float:
+    """Exact spectral norm of the layer's affine map: its dense matrix from the impulse responses (the layer
+    applied to every basis vector, bias removed) in float64, then the SVD."""
+    layer = layer.double().eval()
+    numel = torch.Size(example_shape).numel()
+    basis = torch.eye(numel, dtype=torch.float64).reshape(numel, *example_shape)
+    with torch.no_grad():
+        columns = layer(basis)
+        if layer.bias is not None:
+            columns = columns - layer(torch.zeros_like(basis[:1]))
+    return spectral_norm(columns.reshape(numel, -1).T)
+
+
+def _randomize(layer: nn.Module, scale: float = 2.0) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight) * scale)
+
+
+def _adversarial_steps(layer: nn.Module, example_shape, steps: int = 5) -> None:
+    """Push the weight towards a larger operator norm: maximize ‖layer(x)‖ / ‖x‖ over weights and inputs."""
+    layer.train()
+    x = torch.randn((4, *example_shape), dtype=layer.weight.dtype, requires_grad=True)
+    opt = torch.optim.Adam([layer.weight, x], lr=0.1)
+    for _ in range(steps):
+        gain = layer(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)  # bias-free layers: linear maps
+        opt.zero_grad()
+        (-gain.sum()).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("kwargs,n", CONV_CASES, ids=CONV_IDS)
+def test_conv_operator_norm_at_most_one(kwargs, n):
+    layer = AOLConv2d(**kwargs, bias=False, dtype=torch.float64)
+    shape = (kwargs["in_channels"], n, n)
+    assert _layer_norm(layer, shape) <= 1 + 1e-6  # initialization
+    _randomize(layer)
+    assert _layer_norm(layer, shape) <= 1 + 1e-6
+    _adversarial_steps(layer, shape)
+    norm = _layer_norm(layer, shape)
+    assert norm <= 1 + 1e-6, norm
+
+
+@pytest.mark.parametrize("features", [(5, 5), (3, 7), (8, 2)])
+def test_linear_operator_norm_at_most_one(features):
+    layer = AOLLinear(*features, bias=False, dtype=torch.float64)
+    _randomize(layer, 5.0)
+    _adversarial_steps(layer, (features[0],))
+    assert _layer_norm(layer, (features[0],)) <= 1 + 1e-6
+
+
+def test_norm_check_can_fail():
+    """The oracle sees a non-1-Lipschitz layer: the same conv without the rescaling."""
+    layer = nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=torch.float64)
+    _randomize(layer)
+    assert _layer_norm(layer, (3, 5, 5)) > 1.5
+
+
+def test_identity_and_orthogonal_initialization():
+    x = torch.randn(2, 4, 6, 6)
+    conv = AOLConv2d(4, 4, 3, padding=1)
+    assert_close(conv(x), x, dtype=torch.float32)  # Dirac kernel: identity Jacobian
+    lin = AOLLinear(6, 6)
+    v = torch.randn(3, 6)
+    assert_close(lin(v), v, dtype=torch.float32)
+    wide = AOLLinear(3, 7, dtype=torch.float64)  # orthonormal columns: an isometry
+    u = torch.randn(5, 3, dtype=torch.float64)
+    assert_close(wide(u).norm(dim=1), u.norm(dim=1))
+
+
+@pytest.mark.parametrize("kwargs,n", CONV_CASES, ids=CONV_IDS)
+def test_conv_matches_nn_conv2d_with_rescaled_weight(kwargs, n):
+    layer = AOLConv2d(**kwargs)
+    _randomize(layer)
+    vanilla = layer.to_vanilla()
+    assert type(vanilla) is nn.Conv2d and vanilla.padding_mode == layer.padding_mode
+    x = torch.randn(2, kwargs["in_channels"], n, n)
+    layer.eval()
+    assert torch.equal(layer(x), vanilla.eval()(x))
+    manual = nn.Conv2d(**kwargs)
+    manual.load_state_dict({"weight": lipkern.ops.aol_rescale(layer.weight.detach(), layer.groups),
+                            "bias": layer.bias.detach()})
+    assert torch.equal(manual(x), layer(x))
+
+
+def test_linear_to_vanilla_and_shapes():
+    layer = AOLLinear(5, 3, bias=False)
+    _randomize(layer)
+    x = torch.randn(2, 4, 5)
+    vanilla = layer.to_vanilla()
+    assert vanilla.bias is None and type(vanilla) is nn.Linear
+    assert torch.equal(layer.eval()(x), vanilla(x))
+
+
+def test_state_dict_round_trip():
+    a = AOLConv2d(3, 4, 3, padding=1, groups=1)
+    _randomize(a)
+    assert set(a.state_dict()) == {"weight", "bias"}
+    b = AOLConv2d(3, 4, 3, padding=1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(a(x), b(x))
+
+
+def test_eval_cache_reused_and_invalidated_by_optimizer_step_and_train():
+    layer = AOLConv2d(3, 4, 3, padding=1).eval()
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._cached_weight
+        assert cached is not None
+        layer(x)
+        assert layer._cached_weight is cached  # reused
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.weight.grad = torch.randn_like(layer.weight)
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+    assert layer._cached_weight is not cached
+    assert_close(after, layer.to_vanilla()(x), dtype=torch.float32)
+    assert not torch.equal(first, after)
+    layer.train()
+    assert layer._cached_weight is None
+
+
+def test_eval_with_weight_gradients_still_trains():
+    layer = AOLLinear(4, 3).eval()
+    layer(torch.randn(2, 4)).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_inference_mode_cache_then_autograd_on_input():
+    layer = AOLConv2d(2, 2, 3, padding=1).eval().requires_grad_(False)
+    with torch.inference_mode():
+        layer(torch.randn(1, 2, 4, 4))
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    layer(x).sum().backward()  # the cached weight is a normal tensor, usable in autograd
+    assert x.grad is not None
+
+
+def test_device_dtype_and_deepcopy():
+    layer = AOLConv2d(2, 4, 3, device="cpu", dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64 and layer.bias.dtype == torch.float64
+    clone = copy.deepcopy(layer)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert torch.equal(clone(x), layer(x))
+
+
+def test_extra_repr_mirrors_conv2d():
+    layer = AOLConv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="circular")
+    assert repr(layer) == ("AOLConv2d(4, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), groups=2, "
+                           "bias=False, padding_mode=circular)")
+    assert "in_features=3, out_features=2" in repr(AOLLinear(3, 2))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(in_channels=3, out_channels=4, kernel_size=3, padding_mode="reflect"), ValueError, "not 1-Lipschitz"),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, groups=2), ValueError, "divisible"),
+    (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding="same"), ValueError, "strided"),
+])
+def test_bad_conv_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AOLConv2d(**kwargs)
+
+
+def test_nan_weight_raises_in_forward():
+    layer = AOLLinear(3, 3)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer(torch.randn(1, 3))
+
+
+def test_compile_fullgraph_train_step():
+    layer = AOLConv2d(3, 4, 3, padding=1)
+    _randomize(layer)
+    x = torch.randn(2, 3, 5, 5)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(x).square().sum().backward()
+    got = layer.weight.grad.clone()
+    layer.weight.grad = None
+    nn.functional.conv2d(x, lipkern.ops.aol_rescale_ref(layer.weight), layer.bias, padding=1).square().sum().backward()
+    assert_close(got, layer.weight.grad.double(), dtype=torch.float32)
+
+
+# --- MaxMin ------------------------------------------------------------------------------------------------
+def test_maxmin_is_a_pointwise_permutation_and_one_lipschitz():
+    x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    y = MaxMin()(x)
+    assert torch.equal(y.sort(dim=1).values, x.sort(dim=1).values)
+    a, b = x.chunk(2, 1)
+    assert torch.equal(y[:, :3], torch.maximum(a, b)) and torch.equal(y[:, 3:], torch.minimum(a, b))
+    jac = dense_jacobian(lambda v: MaxMin()(v[None])[0], x[0])
+    assert spectral_norm(jac) <= 1 + 1e-12
+
+
+def test_maxmin_rejects_odd_channels():
+    with pytest.raises(ValueError, match="even"):
+        MaxMin()(torch.randn(2, 3))
+
+
+def test_activation_variance_non_increasing_through_aol_stack():
+    """papers.md §10 check 29 on a random AOL + MaxMin stack."""
+    torch.manual_seed(1)
+    layers = [AOLConv2d(8, 8, 3, padding=1, bias=False) for _ in range(4)]
+    for layer in layers:
+        _randomize(layer, 1.0)
+    x = torch.randn(64, 8, 6, 6)
+    with torch.no_grad():
+        previous = x.var(dim=0).sum()
+        for layer in layers:
+            x = MaxMin()(layer(x))
+            current = x.var(dim=0).sum()
+            assert current <= previous * (1 + 1e-5)
+            previous = current
