@@ -239,3 +239,12 @@ def test_activation_variance_non_increasing_through_aol_stack():
             current = x.var(dim=0).sum()
             assert current <= previous * (1 + 1e-5)
             previous = current
+
+
+def test_torch_export_contains_the_custom_op():
+    layer = AOLConv2d(3, 4, 3, padding=1)
+    _randomize(layer)
+    x = torch.randn(2, 3, 5, 5)
+    program = torch.export.export(layer, (x,))
+    assert "lipkern.aol_rescale" in str(program.graph)
+    assert_close(program.module()(x), layer(x).double(), dtype=torch.float32)
