@@ -22,6 +22,16 @@ __all__ = ["AOLLinear", "AOLConv2d"]
 _SUPPORTED_PADDING_MODES = ("zeros", "circular")
 
 
+def _check_circular_padding(conv: nn.Conv2d) -> None:
+    """Circular padding wider than 'same' repeats output pixels (a wrapped copy): the norm can exceed 1."""
+    pads = conv._reversed_padding_repeated_twice  # (left, right, top, bottom)
+    for axis, total in ((0, pads[2] + pads[3]), (1, pads[0] + pads[1])):
+        span = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
+        if total > span:
+            raise ValueError(f"AOLConv2d: circular padding {total} along dim {axis} exceeds dilation*(k-1) = "
+                             f"{span}; the wrapped copies make the layer not 1-Lipschitz")
+
+
 class _CachedRescale(nn.Module):
     """Serves the rescaled weight; in eval mode, when no gradient to the weight is needed, from a cache.
 
@@ -43,7 +53,8 @@ class _CachedRescale(nn.Module):
 
     def _cache_usable(self) -> bool:
         needs_weight_grad = torch.is_grad_enabled() and self.weight.requires_grad
-        return not self.training and not needs_weight_grad and not torch.compiler.is_compiling()
+        return (not self.training and not needs_weight_grad and not torch.compiler.is_compiling()
+                and not self.weight.is_inference())
 
     def rescaled_weight(self) -> torch.Tensor:
         """The weight the layer applies: ``aol_rescale(self.weight)``."""
@@ -123,6 +134,8 @@ class AOLConv2d(_CachedRescale):
         # nn.Conv2d on the meta device validates every argument exactly as PyTorch does.
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device="meta", dtype=dtype)
+        if padding_mode == "circular":
+            _check_circular_padding(proto)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(proto, name))

@@ -308,6 +308,7 @@ def _check_finite(weight: torch.Tensor) -> None:
 
 
 def _aol_fwd(w4: torch.Tensor, groups: int):
+    w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
     _check_finite(w4)
     backend = select_backend(w4, has_cuda_kernel=True)
     if backend == "torch" or (backend == "cuda" and not triton_importable()):
@@ -365,6 +366,7 @@ def _aol_bwd_triton(grad_out, w4, scale, a, signs, groups):
 
 
 def _aol_bwd(grad_out, grad_scale, w4, scale, signs, groups):
+    w4 = w4.contiguous()
     grad_out = grad_out.contiguous()  # stride-0 gradients from .sum().backward() included
     a = _rescale_grad(grad_out, grad_scale, w4, scale, groups).contiguous()
     backend = select_backend(w4, has_cuda_kernel=True)
@@ -385,7 +387,7 @@ def _aol_rescale_op(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
 @_aol_rescale_op.register_fake
 def _(weight, groups):
     out_g, in_g, kh, kw, n_half = _geometry(weight, groups)
-    return (torch.empty_like(weight), weight.new_empty((groups, in_g), dtype=_acc_dtype(weight.dtype)),
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((groups, in_g), dtype=_acc_dtype(weight.dtype)),
             weight.new_empty((groups, n_half, in_g, in_g), dtype=torch.int8))
 
 
@@ -397,7 +399,7 @@ def _aol_rescale_backward_op(grad_out: torch.Tensor, grad_scale: torch.Tensor | 
 
 @_aol_rescale_backward_op.register_fake
 def _(grad_out, grad_scale, weight, scale, signs, groups):
-    return torch.empty_like(weight)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

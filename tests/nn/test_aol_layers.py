@@ -183,10 +183,27 @@ def test_extra_repr_mirrors_conv2d():
     (dict(in_channels=3, out_channels=4, kernel_size=3, padding_mode="reflect"), ValueError, "not 1-Lipschitz"),
     (dict(in_channels=3, out_channels=4, kernel_size=3, groups=2), ValueError, "divisible"),
     (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding="same"), ValueError, "strided"),
+    (dict(in_channels=1, out_channels=1, kernel_size=1, padding=1, padding_mode="circular"), ValueError,
+     "exceeds"),
+    (dict(in_channels=2, out_channels=2, kernel_size=3, padding=(1, 2), padding_mode="circular"), ValueError,
+     "exceeds"),
 ])
 def test_bad_conv_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         AOLConv2d(**kwargs)
+
+
+def test_wide_circular_padding_is_not_one_lipschitz():
+    """Why AOLConv2d refuses circular padding wider than 'same': the same kernel in nn.Conv2d has norm 2."""
+    conv = nn.Conv2d(1, 1, 1, padding=1, padding_mode="circular", bias=False, dtype=torch.float64)
+    nn.init.ones_(conv.weight)
+    assert _layer_norm(conv, (1, 3, 3)) > 1.5
+
+
+def test_direct_op_call_with_channels_last_weight():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+    out = torch.ops.lipkern.aol_rescale(w, 1)[0]
+    assert_close(out, lipkern.ops.aol_rescale_ref(w))
 
 
 def test_nan_weight_raises_in_forward():
