@@ -9,7 +9,6 @@ independent undilated convs on interleaved sub-grids, each with the same kernel.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

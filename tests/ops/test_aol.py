@@ -121,12 +121,11 @@ def test_low_precision_no_worse_than_twice_pytorch(dtype):
     ref = aol_rescale_ref(w64)
     ours = aol_rescale(w64.to(dtype))
     assert ours.dtype == dtype
-    # PyTorch in the same dtype: the paper's formula evaluated with float16/bfloat16 tensors (CPU conv upcasts
-    # internally for some dtypes; the final multiply is in the low dtype either way).
-    w = w64.to(dtype)
+    # PyTorch on the same low-precision weights: the paper's formula in float32, rounded once to `dtype`.
+    w = w64.to(dtype).float()
     wt = w.transpose(0, 1)
-    r = F.conv2d(wt.float(), wt.float(), padding=2).abs().sum((1, 2, 3)).to(dtype)
-    theirs = w * r.rsqrt()[None, :, None, None]
+    r = F.conv2d(wt, wt, padding=2).abs().sum((1, 2, 3))
+    theirs = (w * r.rsqrt()[None, :, None, None]).to(dtype)
     assert_close(ours, ref, dtype=dtype, same_dtype_torch=theirs)
 
 
