@@ -2,5 +2,6 @@
 
 from lipkern.nn.activations import MaxMin
 from lipkern.nn.aol import AOLConv2d, AOLLinear
+from lipkern.nn.spectral import SpectralConv2d, SpectralLinear
 
-__all__ = ["AOLConv2d", "AOLLinear", "MaxMin"]
+__all__ = ["AOLConv2d", "AOLLinear", "MaxMin", "SpectralConv2d", "SpectralLinear"]

@@ -1,0 +1,231 @@
+"""Spectral norms of convolution and linear layers: estimates and guaranteed upper bounds.
+
+``conv2d_spectral_norm`` returns ``SpectralNorm(estimate, upper)`` for the true operator of a layer (its
+padding, stride, dilation and groups, at the real input size):
+
+- ``estimate`` converges to ‖A‖₂ from below (power iteration); it is never called a bound.
+- ``upper`` is a guaranteed upper bound, floating-point error included (computed in float64):
+  * circular padding: the operator is (a row selection of) the circular convolution C_n on the n×n input,
+    whose singular values are those of the frequency matrices K̂(ω) ∈ ℂ^{out×in} (Sedghi et al. 2019), so
+    ‖A‖ ≤ √(m_h m_w)·max_ω ‖K̂(ω)‖, m = the largest number of output rows that hit one circulant row
+    (1 unless the padding is wider than 'same' or the stride wraps around);
+  * zero padding: A is a submatrix of the circular convolution on N ≥ n + max(pad) per axis (the wrap-around
+    never reaches the support), so ‖A‖ ≤ max_ω ‖K̂_N(ω)‖; the circular norm at the *same* n is not a bound;
+  * stride s: the stride-1 operator followed by subsampling (a row selection), which cannot increase the norm;
+  * groups: the operator is block diagonal, groups combine by max;
+  * each ‖K̂(ω)‖ is bounded by Gram iteration (``lipkern.bounds.gram``) plus the proven error of computing
+    K̂(ω) by an explicit float64 DFT of the kernel taps.
+- ``method``: 'power' (estimate on the true operator), 'fft' (circular, stride 1, 'same'-sized output only:
+  batched power iteration over all frequency matrices, exact in the limit, with its Gram upper bound),
+  'upper' (the bound only), 'auto' (the fastest exact estimate and the tightest bound for the case).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from lipkern.bounds.gram import gram_upper_bound
+from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_bilinear, conv_power_iteration,
+                                              initial_conv_vectors)
+from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors
+
+__all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "linear_spectral_norm"]
+
+_U = 2.0 ** -53
+METHODS = ("auto", "power", "fft", "upper")
+
+
+class SpectralNorm(NamedTuple):
+    """estimate: converges to ‖A‖₂ from below (None for method='upper').
+    upper: a guaranteed upper bound, float64 (None for method='power')."""
+
+    estimate: torch.Tensor | None
+    upper: torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frequency matrices of a circular convolution, with a proven error bound.
+# ----------------------------------------------------------------------------------------------------------
+def _twiddles(size: int, taps: int, dilation: int, frequencies: int, device) -> torch.Tensor:
+    """T[f, a] = exp(-2πi f a d / N), the phase reduced mod N in integers first (accurate angles)."""
+    f = torch.arange(frequencies, device=device)[:, None]
+    a = torch.arange(taps, device=device)[None, :] * dilation
+    angle = (2 * math.pi / size) * ((f * a) % size).to(torch.float64)
+    return torch.polar(torch.ones_like(angle), -angle)
+
+
+def frequency_matrices(weight: torch.Tensor, size: tuple[int, int], dilation=(1, 1), groups: int = 1):
+    """K̂(ω) for the circular convolution on an N_h×N_w input, in complex128, for the N_h·(N_w//2+1)
+    frequencies that represent all others up to conjugation: shape (groups·N_h·(N_w//2+1), out/g, in/g).
+
+    Also returns ``error``: a float64 bound on ‖K̂_computed(ω) - K̂_exact(ω)‖₂ for every ω. Each entry is a sum
+    of kh·kw products of a tap with accurately computed twiddles, so its error is at most
+    c·u·Σ_x |K_oi(x)| (c covers the twiddles and any summation order); the spectral norm of the error matrix
+    is at most its Frobenius norm. Taps that wrap around (kernel larger than N) add up, as they should.
+    """
+    out_c, in_g, kh, kw = weight.shape
+    (nh, nw), (dh, dw) = size, dilation
+    w64 = weight.detach().to(torch.float64)
+    th = _twiddles(nh, kh, dh, nh, weight.device)
+    tw = _twiddles(nw, kw, dw, nw // 2 + 1, weight.device)
+    khat = torch.einsum("oiab,ua,vb->uvoi", w64.to(torch.complex128), th, tw)
+    per_group = khat.reshape(nh, nw // 2 + 1, groups, out_c // groups, in_g).permute(2, 0, 1, 3, 4)
+    matrices = per_group.reshape(-1, out_c // groups, in_g)
+    tap_sums = w64.abs().sum((2, 3)).reshape(groups, out_c // groups, in_g)
+    c = 256 + 8 * (kh * kw + kh + kw)
+    error = c * _U * torch.linalg.matrix_norm(tap_sums).max() * 1.01
+    return matrices, error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which circular operator bounds the layer.
+# ----------------------------------------------------------------------------------------------------------
+def _circular_embedding(g: ConvGeometry) -> tuple[tuple[int, int], float, bool]:
+    """(N_h, N_w), a factor, and whether the bound is exact: ‖A‖ ≤ factor·‖C_N‖, with equality if exact."""
+    sizes, factor, exact = [], 1.0, g.stride == (1, 1)
+    for axis in range(2):
+        n, s, n_out = g.input_size[axis], g.stride[axis], g.output_size[axis]
+        lo, hi = g.padding[2 * axis], g.padding[2 * axis + 1]
+        if g.padding_mode == "zeros":
+            sizes.append(max(n + max(lo, hi), (n_out - 1) * s + 1))
+            exact = False
+        else:
+            sizes.append(n)
+            hits = torch.bincount((torch.arange(n_out) * s) % n, minlength=n)
+            factor *= hits.max().item()
+            exact = exact and n_out == n
+    return tuple(sizes), math.sqrt(factor), exact
+
+
+def _circular_upper(weight, size, g: ConvGeometry, factor: float, rtol: float, lower: float = 0.0):
+    matrices, error = frequency_matrices(weight, size, g.dilation, g.groups)
+    bound = gram_upper_bound(matrices, rtol=rtol, lower=lower / factor).max() + error
+    return bound * factor * (1 + 4 * _U)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimates.
+# ----------------------------------------------------------------------------------------------------------
+def _power_estimate(weight, g: ConvGeometry, u, n_iter: int, rtol: float):
+    """Power iteration on the true operator, in chunks until σ stops moving by more than rtol·σ."""
+    c_in = weight.shape[1] * g.groups
+    work_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    w = weight.detach().to(work_dtype)[None]
+    if u is None:
+        u_work = initial_conv_vectors(1, c_in, g.input_size, work_dtype, weight.device)
+    else:
+        u_work = u.detach().to(work_dtype).reshape(1, c_in, *g.input_size).clone()
+    kwargs = dict(stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
+                  padding_mode=g.padding_mode)
+    sigma_old, done = None, 0
+    while done < n_iter:
+        chunk = min(10, n_iter - done)
+        sigma, u_work, v_work = conv_power_iteration(w, u_work, None, chunk, **kwargs)
+        done += chunk
+        if sigma_old is not None and abs(sigma.item() - sigma_old) <= rtol * sigma.item():
+            break
+        sigma_old = sigma.item()
+    if u is not None:
+        with torch.no_grad():
+            u.copy_(u_work.reshape(u.shape))
+    return conv_bilinear(weight[None].to(work_dtype), u_work, v_work, g)[0]
+
+
+def _fft_estimate(weight, size, g: ConvGeometry, n_iter: int, rtol: float, upper: torch.Tensor):
+    """Batched power iteration over all frequency matrices until within rtol of the certified upper bound."""
+    matrices, _ = frequency_matrices(weight, size, g.dilation, g.groups)
+    if weight.dtype != torch.float64:
+        matrices = matrices.to(torch.complex64)
+    u, done = None, 0
+    while done < n_iter:
+        chunk = min(25, n_iter - done)
+        sigma, u, _ = batched_power_iteration(matrices, u, None, chunk)
+        done += chunk
+        if sigma.max().item() * (1 + rtol) >= upper.item():
+            break
+    return sigma.max().to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public functions.
+# ----------------------------------------------------------------------------------------------------------
+def _check_weight(weight: torch.Tensor, dims: int, name: str) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D weight, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: weight must be floating point, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name}: weight contains NaN or Inf")
+
+
+def conv2d_spectral_norm(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                         padding_mode: str = "zeros", method: str = "auto", *, n_iter: int = 1000,
+                         rtol: float = 1e-4, u: torch.Tensor | None = None) -> SpectralNorm:
+    """Spectral norm of the conv layer x (in, H, W) -> conv2d(x) with these nn.Conv2d arguments.
+
+    input_size: (H, W) or int. method: 'auto' | 'power' | 'fft' | 'upper' (see the module docstring).
+    n_iter: the most power iterations; rtol: the relative accuracy the iterations aim for (power: change per
+    10 iterations; fft: distance to the certified bound; Gram iteration: distance between its bounds).
+    u: optional (in, H, W) start vector for method 'power' (and 'auto' when it uses 'power'), updated in
+    place so the next call warm-starts.
+
+    The 'power' estimate is differentiable with respect to the weight (vᵀ A u with the vectors fixed), the
+    'fft' estimate and the upper bound are not. The upper bound is float64; the estimate has the weight's dtype.
+    """
+    _check_weight(weight, 4, "conv2d_spectral_norm")
+    if method not in METHODS:
+        raise ValueError(f"conv2d_spectral_norm: method must be one of {METHODS}, got {method!r}")
+    g = ConvGeometry.create(input_size, tuple(weight.shape[-2:]), stride, padding, dilation, groups, padding_mode)
+    g.check_weight(weight, stacked=False)
+    size, factor, exact_circular = _circular_embedding(g)
+    if method == "fft" and not exact_circular:
+        raise ValueError("conv2d_spectral_norm: method='fft' is exact only for padding_mode='circular', stride 1 "
+                         f"and an output as large as the input (got {g}); use 'power', 'upper' or 'auto'")
+    with torch.no_grad():
+        if method == "power":
+            return SpectralNorm(_power_estimate(weight, g, u, n_iter, rtol), None)
+        if method == "upper":
+            return SpectralNorm(None, _circular_upper(weight, size, g, factor, rtol))
+        if method == "fft" or (method == "auto" and exact_circular):
+            upper = _circular_upper(weight, size, g, factor, rtol)
+            return SpectralNorm(_fft_estimate(weight, size, g, n_iter, rtol, upper), upper)
+    estimate = _power_estimate(weight, g, u, n_iter, rtol)
+    with torch.no_grad():
+        upper = _circular_upper(weight, size, g, factor, rtol, lower=estimate.item())
+    return SpectralNorm(estimate, upper)
+
+
+def linear_spectral_norm(weight: torch.Tensor, method: str = "auto", *, n_iter: int = 1000,
+                         rtol: float = 1e-4, u: torch.Tensor | None = None) -> SpectralNorm:
+    """Spectral norm of a (out, in) matrix: 'power' estimate (differentiable, vᵀ W u), 'upper' (Gram
+    iteration in float64 with its rounding term), or both ('auto'). ``u`` (in,) warm-starts and is updated."""
+    _check_weight(weight, 2, "linear_spectral_norm")
+    if method not in ("auto", "power", "upper"):
+        raise ValueError(f"linear_spectral_norm: method must be 'auto', 'power' or 'upper', got {method!r}")
+    estimate = upper = None
+    if method in ("auto", "power"):
+        work_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        w = weight.detach().to(work_dtype)[None]
+        u_work = (initial_vectors((1, weight.shape[1]), work_dtype, weight.device) if u is None
+                  else u.detach().to(work_dtype).reshape(1, -1).clone())
+        sigma_old, done = None, 0
+        while done < n_iter:
+            chunk = min(25, n_iter - done)
+            sigma, u_work, v_work = batched_power_iteration(w, u_work, None, chunk)
+            done += chunk
+            if sigma_old is not None and abs(sigma.item() - sigma_old) <= rtol * sigma.item():
+                break
+            sigma_old = sigma.item()
+        if u is not None:
+            with torch.no_grad():
+                u.copy_(u_work.reshape(u.shape))
+        estimate = v_work[0] @ weight.to(work_dtype) @ u_work[0]
+    if method in ("auto", "upper"):
+        lower = estimate.item() if estimate is not None else 0.0
+        with torch.no_grad():
+            upper = gram_upper_bound(weight.detach()[None], rtol=rtol, lower=lower)[0]
+    return SpectralNorm(estimate, upper)

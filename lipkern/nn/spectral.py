@@ -1,0 +1,267 @@
+"""Spectrally normalized layers (LMT / Miyato style): the weight divided by its operator norm.
+
+Training: each forward advances the persistent power-iteration vectors by ``n_power_iterations`` steps (under
+no_grad, declared in-place updates of the buffers ``u`` and ``v``) and divides by σ = vᵀ A u, which is
+differentiable in the weight. σ is an **estimate** from below, so a training-mode layer is only
+approximately 1-Lipschitz.
+Eval: σ is computed once per weight version and cached: the converged power iteration (an estimate), or
+with ``certified=True`` a guaranteed upper bound of the operator norm (Gram iteration in float64, see
+``lipkern.bounds``) enlarged by the rounding of W/σ in the weight's dtype, so that the eval-mode layer,
+with the weights it stores, is 1-Lipschitz with proof.
+
+The vectors start deterministic (a function of the layer's shape only), so every DDP rank holds the same
+ones; their updates depend only on the weight and the vectors, so ranks stay identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipkern.bounds.spectral import conv2d_spectral_norm, linear_spectral_norm
+from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_bilinear, conv_power_iteration,
+                                              initial_conv_vectors)
+from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors
+
+__all__ = ["SpectralConv2d", "SpectralLinear"]
+
+_EVAL_MAX_ITER = 1000
+_EVAL_RTOL = 1e-6
+
+
+def _round_up(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest value of ``dtype`` that is ≥ ``value``."""
+    t = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if t.double().item() < value:
+        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    return t
+
+
+class _SpectralNormalized(nn.Module):
+    """Shared train/eval logic. Subclasses provide the power step, vᵀAu and the eval-time norms."""
+
+    def _init_spectral(self, n_power_iterations: int, certified: bool) -> None:
+        if not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
+        self.n_power_iterations = n_power_iterations
+        self.certified = bool(certified)
+        self._cached_sigma: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device, self.certified)
+
+    def _eval_sigma(self) -> torch.Tensor:
+        key = self._weight_key()
+        if self._cached_sigma is None or self._cache_key != key or torch.compiler.is_compiling():
+            with torch.inference_mode(False), torch.no_grad():
+                sigma = self._certified_divisor() if self.certified else self._converged_estimate()
+            if torch.compiler.is_compiling():
+                return sigma
+            self._cached_sigma, self._cache_key = sigma, key
+        return self._cached_sigma
+
+    def sigma(self) -> torch.Tensor:
+        """The divisor of the weight: in training, vᵀAu after the power step; in eval, the cached value."""
+        if not self.training:
+            return self._eval_sigma()
+        with torch.no_grad():
+            self._power_step(self.n_power_iterations)
+        return self._bilinear()
+
+    def normalized_weight(self) -> torch.Tensor:
+        sigma = self.sigma()
+        zero = sigma == 0
+        return self.weight / torch.where(zero, torch.ones_like(sigma), sigma)
+
+    def _certified_divisor(self) -> torch.Tensor:
+        """upper(‖A‖) + u_d·Σ_taps ‖W_tap‖_F, rounded up to the weight's dtype: fl(W / divisor) has, by the
+        triangle inequality over the taps, ‖A(fl(W/d))‖ ≤ (‖A(W)‖ + u_d Σ‖W_tap‖_F)/d ≤ 1."""
+        upper = self._upper().item()
+        w = self.weight.detach().double()
+        taps = w.reshape(w.shape[0], w.shape[1], -1)
+        slack = torch.finfo(self.weight.dtype).eps * torch.linalg.vector_norm(taps, dim=(0, 1)).sum().item()
+        return _round_up((upper + slack) * (1 + 1e-12), self.weight.dtype).to(self.weight.device)
+
+    def train(self, mode: bool = True):
+        self._cached_sigma, self._cache_key = None, None
+        return super().train(mode)
+
+
+class SpectralLinear(_SpectralNormalized):
+    """``nn.Linear`` with weight W/σ, σ ≈ ‖W‖₂ (see the module docstring for train/eval/certified).
+
+    Same signature as ``nn.Linear`` plus ``n_power_iterations`` (per training step) and ``certified``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 n_power_iterations: int = 1, certified: bool = False):
+        super().__init__()
+        proto = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight, self.bias = proto.weight, proto.bias
+        self._init_spectral(n_power_iterations, certified)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.register_buffer("u", initial_vectors((1, in_features), **factory, key="linear")[0])
+        self.register_buffer("v", torch.zeros(out_features, **factory))
+
+    def _power_step(self, n_iter: int) -> None:
+        batched_power_iteration(self.weight.detach()[None], self.u[None], self.v[None], n_iter)
+
+    def _bilinear(self) -> torch.Tensor:
+        return self.v.clone() @ (self.weight @ self.u.clone())
+
+    def _converged_estimate(self) -> torch.Tensor:
+        est = linear_spectral_norm(self.weight, "power", n_iter=_EVAL_MAX_ITER, rtol=_EVAL_RTOL,
+                                   u=self.u.clone()).estimate
+        return est.detach().to(self.weight.dtype)
+
+    def _upper(self) -> torch.Tensor:
+        return linear_spectral_norm(self.weight, "upper").upper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+    def to_vanilla(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the eval-mode normalized weight."""
+        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                          dtype=self.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight / self._eval_sigma())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f", n_power_iterations={self.n_power_iterations}, certified={self.certified}")
+
+
+class SpectralConv2d(_SpectralNormalized):
+    """``nn.Conv2d`` whose kernel is divided by the spectral norm of the conv operator it applies (its
+    padding, stride, dilation and groups at the real input size).
+
+    Same signature as ``nn.Conv2d`` plus ``input_size`` ((H, W) the layer sees; if None it is fixed by the
+    first forward, which then allocates the vectors: pass it, or run one forward before wrapping in DDP),
+    ``n_power_iterations`` (per training step) and ``certified``. The norm depends on the input size, so an
+    input of another size raises a ValueError. padding_mode 'zeros' or 'circular'.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 input_size=None, n_power_iterations: int = 1, certified: bool = False):
+        super().__init__()
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"SpectralConv2d: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                          padding_mode, device=device, dtype=dtype)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(proto, name))
+        self.weight, self.bias = proto.weight, proto.bias
+        self._init_spectral(n_power_iterations, certified)
+        self.register_buffer("u", None)
+        self.register_buffer("v", None)
+        self.geometry: ConvGeometry | None = None
+        if input_size is not None:
+            self._set_input_size(input_size)
+
+    # -- geometry and vectors -----------------------------------------------------------------------------
+    def _make_geometry(self, input_size) -> ConvGeometry:
+        return ConvGeometry.create(input_size, self.kernel_size, self.stride, self.padding, self.dilation,
+                                   self.groups, self.padding_mode)
+
+    def _set_input_size(self, input_size) -> None:
+        self.geometry = self._make_geometry(input_size)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.u = initial_conv_vectors(1, self.in_channels, self.geometry.input_size, **factory, key="conv")[0]
+        self.v = torch.zeros(self.out_channels, *self.geometry.output_size, **factory)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return None if self.geometry is None else self.geometry.input_size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        u = state_dict.get(prefix + "u")
+        if u is not None and (self.u is None or self.u.shape != u.shape):
+            self._set_input_size(tuple(u.shape[-2:]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"SpectralConv2d: expected a 3-D or 4-D input, got shape {tuple(x.shape)}")
+        size = tuple(x.shape[-2:])
+        if self.geometry is None:
+            self._set_input_size(size)
+        elif size != self.geometry.input_size:
+            raise ValueError(f"SpectralConv2d: this layer is normalized for inputs of size {self.geometry.input_size}"
+                             f", got {size}; the operator norm depends on the input size (create the layer with "
+                             "input_size=... for the size you use)")
+
+    # -- the operator norm ---------------------------------------------------------------------------------
+    def _conv_kwargs(self) -> dict:
+        g = self.geometry
+        return dict(stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
+                    padding_mode=g.padding_mode)
+
+    def _power_step(self, n_iter: int) -> None:
+        conv_power_iteration(self.weight.detach()[None], self.u[None], self.v[None], n_iter, **self._conv_kwargs())
+
+    def _bilinear(self) -> torch.Tensor:
+        return conv_bilinear(self.weight[None], self.u.clone()[None], self.v.clone()[None], self.geometry)[0]
+
+    def _spectral_norm(self, method: str, **kwargs):
+        g = self.geometry
+        return conv2d_spectral_norm(self.weight, g.input_size, g.stride, g.padding, g.dilation, g.groups,
+                                    g.padding_mode, method, **kwargs)
+
+    def _converged_estimate(self) -> torch.Tensor:
+        est = self._spectral_norm("power", n_iter=_EVAL_MAX_ITER, rtol=_EVAL_RTOL, u=self.u.clone()).estimate
+        return est.detach().to(self.weight.dtype)
+
+    def _upper(self) -> torch.Tensor:
+        return self._spectral_norm("upper").upper
+
+    def sigma(self) -> torch.Tensor:
+        if self.geometry is None:
+            raise RuntimeError("SpectralConv2d: the input size is unknown; pass input_size or run a forward")
+        return super().sigma()
+
+    # -- nn.Conv2d behaviour -------------------------------------------------------------------------------
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "circular":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self._conv(x, self.normalized_weight())
+
+    def to_vanilla(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding the eval-mode normalized kernel and the same geometry."""
+        w = self.weight
+        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                          device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w / self._eval_sigma())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", input_size={self.input_size}, certified={self.certified}"

@@ -1,0 +1,299 @@
+"""Power iteration on the true operator of 2-D convolutions, for many layers in one call.
+
+The operator A of a conv layer is the map x (c_in, H, W) -> conv2d(pad(x), K, stride, dilation, groups) at
+the real input size, with its padding (zeros or circular, possibly asymmetric as for 'same'). Its exact
+adjoint Aᵀ is conv_transpose2d with the output_padding that restores the padded size, followed by the
+adjoint of the padding (a crop for zeros, a wrap-around sum for circular).
+
+One iteration per layer l (u_l persistent, unit norm):
+    w = A u,  z = Aᵀ w,  σ = ‖z‖ / ‖w‖,  v = w / ‖w‖,  u ← z / ‖z‖   (u kept when z = 0)
+σ is an **estimate** of ‖A‖₂, never above it up to rounding, converging from below.
+
+Layers of equal geometry are stacked as one grouped convolution (L layers × g groups = L·g groups), so an
+iteration for all L layers is one conv2d and one conv_transpose2d launch, however many layers there are.
+
+Layout: geometry, reference (one layer at a time), stacked launcher, custom op, public function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lipkern.ops.power_iteration import initial_vectors
+
+__all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_operator", "conv_power_iteration",
+           "conv_power_iteration_ref"]
+
+PADDING_MODES = ("zeros", "circular")
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry: everything that, with the kernel, defines the linear operator.
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvGeometry:
+    """input_size (H, W); padding (top, bottom, left, right) after resolving 'same'/'valid'."""
+
+    input_size: tuple[int, int]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def create(cls, input_size, kernel_size, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+        input_size, kernel_size = _pair(input_size, "input_size"), _pair(kernel_size, "kernel_size")
+        stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        if min(input_size) < 1 or min(kernel_size) < 1 or min(stride) < 1 or min(dilation) < 1:
+            raise ValueError("input_size, kernel_size, stride and dilation must be positive, got "
+                             f"{input_size}, {kernel_size}, {stride}, {dilation}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        span = tuple(d * (k - 1) for d, k in zip(dilation, kernel_size))
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1 (as in nn.Conv2d)")
+            pads = (span[0] // 2, span[0] - span[0] // 2, span[1] // 2, span[1] - span[1] // 2)
+        elif isinstance(padding, (tuple, list)) and len(padding) == 4:
+            pads = tuple(int(p) for p in padding)
+        else:
+            ph, pw = _pair(padding, "padding")
+            pads = (ph, ph, pw, pw)
+        if min(pads) < 0:
+            raise ValueError(f"padding must be non-negative, got {pads}")
+        geometry = cls(input_size, kernel_size, stride, pads, dilation, groups, padding_mode)
+        if min(geometry.output_size) < 1:
+            raise ValueError(f"the conv's output is empty for input size {input_size} ({geometry})")
+        if padding_mode == "circular" and (max(pads[:2]) > input_size[0] or max(pads[2:]) > input_size[1]):
+            raise ValueError(f"circular padding {pads} is larger than the input {input_size}")
+        return geometry
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        (h, w), (t, b, le, r) = self.input_size, self.padding
+        return (h + t + b, w + le + r)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in
+                     zip(self.padded_size, self.dilation, self.kernel_size, self.stride))
+
+    def check_weight(self, weight: torch.Tensor, stacked: bool) -> None:
+        expected_dim = 5 if stacked else 4
+        if weight.dim() != expected_dim:
+            raise ValueError(f"expected a {'stacked (L, out, in/groups, kh, kw)' if stacked else '(out, in/groups, kh, kw)'}"
+                             f" conv weight, got shape {tuple(weight.shape)}")
+        if tuple(weight.shape[-2:]) != self.kernel_size:
+            raise ValueError(f"weight kernel {tuple(weight.shape[-2:])} does not match {self.kernel_size}")
+        if weight.shape[-4] % self.groups:
+            raise ValueError(f"out_channels {weight.shape[-4]} is not divisible by groups={self.groups}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The operator and its exact adjoint (work on batched inputs (N, c_in·L, H, W) with `groups` groups).
+# ----------------------------------------------------------------------------------------------------------
+def _torch_pad(g: ConvGeometry) -> tuple[int, int, int, int]:
+    t, b, le, r = g.padding
+    return (le, r, t, b)
+
+
+def _unpad_adjoint(y: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    (h, w), (t, b, le, r) = g.input_size, g.padding
+    if g.padding_mode == "zeros":
+        return y[..., t:t + h, le:le + w]
+    rows = (torch.arange(h + t + b, device=y.device) - t) % h
+    cols = (torch.arange(w + le + r, device=y.device) - le) % w
+    y = y.new_zeros(y.shape[:-2] + (h, y.shape[-1])).index_add_(-2, rows, y)
+    return y.new_zeros(y.shape[:-1] + (w,)).index_add_(-1, cols, y)
+
+
+def _apply(x: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
+    mode = "constant" if g.padding_mode == "zeros" else "circular"
+    if any(g.padding):
+        x = F.pad(x, _torch_pad(g), mode=mode)
+    return F.conv2d(x, weight, stride=g.stride, dilation=g.dilation, groups=groups)
+
+
+def _apply_adjoint(y: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
+    out_pad = tuple(p - ((o - 1) * s + d * (k - 1) + 1) for p, o, s, d, k in
+                    zip(g.padded_size, g.output_size, g.stride, g.dilation, g.kernel_size))
+    x = F.conv_transpose2d(y, weight, stride=g.stride, output_padding=out_pad, dilation=g.dilation, groups=groups)
+    return _unpad_adjoint(x, g) if any(g.padding) else x
+
+
+def conv_operator(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """A x for x (N, c_in, H, W) and a (out, in/groups, kh, kw) weight."""
+    return _apply(x, weight, geometry, geometry.groups)
+
+
+def conv_adjoint(y: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """Aᵀ y for y (N, c_out, Ho, Wo): the exact transpose of :func:`conv_operator`."""
+    return _apply_adjoint(y, weight, geometry, geometry.groups)
+
+
+def conv_bilinear(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """⟨v, A u⟩ per layer for stacked weights (L, ...), u (L, c_in, H, W), v (L, c_out, Ho, Wo).
+
+    With the vectors of a converged power iteration this is the differentiable estimate of ‖A‖₂
+    (its gradient with respect to the weight is the usual spectral-norm gradient)."""
+    layers = weight.shape[0]
+    stacked = _stack_weight(weight)
+    au = _apply(u.reshape(1, -1, *u.shape[-2:]), stacked, geometry, geometry.groups * layers)
+    return (au.reshape(v.shape) * v).flatten(1).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference: one layer at a time, the loop public CPL / LiResNet code runs (the oracle of the stacked path).
+# ----------------------------------------------------------------------------------------------------------
+def _unit(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(x)
+    if norm > 0:
+        return x / norm, norm
+    return (x if keep is None else keep), norm
+
+
+def conv_power_iteration_ref(weights: torch.Tensor, u: torch.Tensor, n_iter: int,
+                             geometry: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma (L,), u, v), one layer at a time; ``u`` is not modified."""
+    sigmas, us, vs = [], [], []
+    for weight, u_l in zip(weights, u):
+        u_l = u_l[None]
+        for _ in range(n_iter):
+            w = conv_operator(u_l, weight, geometry)
+            z = conv_adjoint(w, weight, geometry)
+            w_unit, w_norm = _unit(w)
+            u_l, z_norm = _unit(z, keep=u_l)
+            sigma = z_norm / w_norm if w_norm > 0 else torch.zeros_like(w_norm)
+        sigmas.append(sigma)
+        us.append(u_l[0])
+        vs.append(w_unit[0])
+    return torch.stack(sigmas), torch.stack(us), torch.stack(vs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stacked launcher: all layers as one grouped convolution.
+# ----------------------------------------------------------------------------------------------------------
+def _stack_weight(weights: torch.Tensor) -> torch.Tensor:
+    return weights.reshape(-1, *weights.shape[2:])
+
+
+def _per_layer_normalize(x: torch.Tensor, fallback: torch.Tensor | None = None):
+    norm = torch.linalg.vector_norm(x.flatten(1), dim=1)
+    positive = (norm > 0).reshape(-1, *([1] * (x.dim() - 1)))
+    scaled = x / norm.clamp_min(torch.finfo(norm.dtype).tiny).reshape(positive.shape)
+    return torch.where(positive, scaled, x if fallback is None else fallback), norm
+
+
+def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> torch.Tensor:
+    layers = weights.shape[0]
+    stacked = _stack_weight(weights)
+    groups = geometry.groups * layers
+    x = u.reshape(1, -1, *u.shape[-2:])
+    sigma = torch.zeros(layers, dtype=weights.dtype, device=weights.device)
+    for _ in range(n_iter):
+        w = _apply(x, stacked, geometry, groups)
+        z = _apply_adjoint(w, stacked, geometry, groups)
+        w_unit, w_norm = _per_layer_normalize(w.reshape(v.shape))
+        z_unit, z_norm = _per_layer_normalize(z.reshape(u.shape), fallback=x.reshape(u.shape))
+        sigma = torch.where(w_norm > 0, z_norm / w_norm.clamp_min(torch.finfo(w_norm.dtype).tiny), 0.0)
+        x = z_unit.reshape(x.shape)
+    u.copy_(x.reshape(u.shape))
+    v.copy_(w_unit)
+    return sigma
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom op: u and v are declared mutations (persistent buffers), sigma is the output.
+# ----------------------------------------------------------------------------------------------------------
+def _geometry_from_args(u, kernel, stride, padding, dilation, groups, padding_mode) -> ConvGeometry:
+    return ConvGeometry(tuple(u.shape[-2:]), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
+                        groups, padding_mode)
+
+
+@torch.library.custom_op("lipkern::conv_power_iteration", mutates_args=("u", "v"))
+def _conv_power_iteration_op(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
+                             stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                             padding_mode: str) -> torch.Tensor:
+    geometry = _geometry_from_args(u, weights.shape[-2:], stride, padding, dilation, groups, padding_mode)
+    return _stacked_iterations(weights, u, v, n_iter, geometry)
+
+
+@_conv_power_iteration_op.register_fake
+def _(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode):
+    return weights.new_empty(weights.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public function.
+# ----------------------------------------------------------------------------------------------------------
+def _validate(weights, u, v, n_iter, geometry: ConvGeometry) -> None:
+    geometry.check_weight(weights, stacked=True)
+    if weights.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"conv_power_iteration: weights must be float32 or float64, got {weights.dtype}")
+    layers, c_out = weights.shape[:2]
+    c_in = weights.shape[2] * geometry.groups
+    expected_u = (layers, c_in, *geometry.input_size)
+    if tuple(u.shape) != expected_u:
+        raise ValueError(f"conv_power_iteration: u must have shape {expected_u}, got {tuple(u.shape)}")
+    expected_v = (layers, c_out, *geometry.output_size)
+    if v is not None and tuple(v.shape) != expected_v:
+        raise ValueError(f"conv_power_iteration: v must have shape {expected_v}, got {tuple(v.shape)}")
+    for name, t in (("u", u), ("v", v)):
+        if t is not None and (t.dtype != weights.dtype or t.device != weights.device):
+            raise ValueError(f"conv_power_iteration: {name} must be {weights.dtype} on {weights.device}")
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+        raise ValueError(f"conv_power_iteration: n_iter must be an int >= 1, got {n_iter!r}")
+    if not torch.isfinite(weights).all():
+        raise ValueError("conv_power_iteration: weights contain NaN or Inf")
+
+
+def initial_conv_vectors(layers: int, channels: int, input_size, dtype, device, key: str = "") -> torch.Tensor:
+    """Deterministic unit right vectors (layers, channels, H, W): identical on every process."""
+    h, w = _pair(input_size, "input_size")
+    flat = initial_vectors((layers, channels * h * w), dtype, device, key=key)
+    return flat.reshape(layers, channels, h, w)
+
+
+def conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None, n_iter: int = 1,
+                         *, stride=1, padding=0, dilation=1, groups: int = 1,
+                         padding_mode: str = "zeros") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advance the power iteration of L conv layers of equal geometry by ``n_iter`` steps, in one call.
+
+    weights: (L, out, in/groups, kh, kw); u: (L, in, H, W), the right vectors at the layers' real input size
+    (see :func:`initial_conv_vectors`); v: (L, out, Ho, Wo) or None. u and v are **updated in place**
+    (declared mutations of persistent buffers). stride, padding (int, pair, 'same', 'valid' or
+    (top, bottom, left, right)), dilation, groups and padding_mode ('zeros' | 'circular') are nn.Conv2d's.
+
+    Returns (sigma, u, v); sigma (L,) estimates each ‖A_l‖₂ from below. Not differentiable: use
+    :func:`conv_bilinear` with the returned vectors for a differentiable estimate.
+    """
+    if not isinstance(weights, torch.Tensor) or not isinstance(u, torch.Tensor) or u.dim() != 4:
+        raise ValueError("conv_power_iteration: weights must be a tensor and u a (L, in, H, W) tensor")
+    geometry = ConvGeometry.create(tuple(u.shape[-2:]), tuple(weights.shape[-2:]), stride, padding, dilation,
+                                   groups, padding_mode)
+    _validate(weights, u, v, n_iter, geometry)
+    if v is None:
+        v = torch.zeros((weights.shape[0], weights.shape[1], *geometry.output_size), dtype=weights.dtype,
+                        device=weights.device)
+    with torch.no_grad():
+        sigma = _conv_power_iteration_op(weights.detach(), u, v, n_iter, list(geometry.stride),
+                                         list(geometry.padding), list(geometry.dilation), geometry.groups,
+                                         geometry.padding_mode)
+    return sigma, u, v
