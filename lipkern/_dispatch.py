@@ -81,3 +81,11 @@ def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool) -> str:
         if _unavailable_reason(backend, tensor, has_cuda_kernel) is None:
             return backend
     return "torch"
+
+
+def check_finite(tensor: torch.Tensor, op_name: str) -> None:
+    """Reject NaN/Inf inputs with a clear error, unless LIPKERN_CHECK_FINITE=0 (the check syncs the device).
+    Called inside custom ops, where torch.compile does not trace it."""
+    if os.environ.get("LIPKERN_CHECK_FINITE", "1") != "0" and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{op_name}: input contains NaN or Inf (LIPKERN_CHECK_FINITE=0 skips this check "
+                         "and the device synchronization it costs)")

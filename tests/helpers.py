@@ -36,3 +36,17 @@ def dense_jacobian(fn, example: torch.Tensor) -> torch.Tensor:
 
 def spectral_norm(matrix: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(matrix.double(), ord=2).item()
+
+
+def dense_conv2d(weight: torch.Tensor, input_size, **conv_args) -> torch.Tensor:
+    """The explicit float64 matrix of ``nn.Conv2d(**conv_args)`` with this weight on (in, H, W) inputs, built
+    by PyTorch's own conv on the identity basis (independent of lipkern's operator code)."""
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    groups = conv_args.get("groups", 1)
+    c_in = weight.shape[1] * groups
+    conv = torch.nn.Conv2d(c_in, weight.shape[0], tuple(weight.shape[-2:]), bias=False, dtype=torch.float64,
+                           **conv_args)
+    with torch.no_grad():
+        conv.weight.copy_(weight.double())
+        eye = torch.eye(c_in * h * w, dtype=torch.float64).reshape(-1, c_in, h, w)
+        return conv(eye).reshape(c_in * h * w, -1).T

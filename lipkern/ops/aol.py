@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern import _cuda
-from lipkern._dispatch import select_backend, triton_importable
+from lipkern._dispatch import check_finite, select_backend, triton_importable
 
 __all__ = ["aol_rescale", "aol_rescale_ref"]
 
@@ -301,15 +301,9 @@ def _scale_torch(w4: torch.Tensor, r: torch.Tensor, groups: int):
     return (wa * scale[:, None, :, None, None]).reshape(w4.shape).to(w4.dtype), scale
 
 
-def _check_finite(weight: torch.Tensor) -> None:
-    if os.environ.get("LIPKERN_CHECK_FINITE", "1") != "0" and not bool(torch.isfinite(weight).all()):
-        raise ValueError("aol_rescale: weight contains NaN or Inf (LIPKERN_CHECK_FINITE=0 skips this check "
-                         "and the device synchronization it costs)")
-
-
 def _aol_fwd(w4: torch.Tensor, groups: int):
     w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
-    _check_finite(w4)
+    check_finite(w4, "aol_rescale")
     backend = select_backend(w4, has_cuda_kernel=True)
     if backend == "torch" or (backend == "cuda" and not triton_importable()):
         r, signs = _gram_torch(w4, groups)

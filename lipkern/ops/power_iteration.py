@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import select_backend, triton_importable
+from lipkern._dispatch import check_finite, select_backend, triton_importable
 
 __all__ = ["PowerIteration", "batched_power_iteration", "batched_power_iteration_ref", "initial_vectors"]
 
@@ -203,6 +203,7 @@ def _run(matrices, u, v, sigma, n_iter: int) -> None:
 @torch.library.custom_op("lipkern::batched_power_iteration", mutates_args=("u", "v"))
 def _batched_power_iteration_op(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                 n_iter: int) -> torch.Tensor:
+    check_finite(matrices, "batched_power_iteration")
     sigma = torch.empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype), device=matrices.device)
     u_work = u if u.is_contiguous() else u.contiguous()
     v_work = v if v.is_contiguous() else v.contiguous()
@@ -242,8 +243,6 @@ def _validate(matrices: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | 
         if vec.dtype != matrices.dtype or vec.device != matrices.device:
             raise ValueError(f"batched_power_iteration: {name} must be {matrices.dtype} on {matrices.device}, "
                              f"got {vec.dtype} on {vec.device}")
-    if not torch.isfinite(matrices).all():
-        raise ValueError("batched_power_iteration: matrices contain NaN or Inf")
 
 
 def batched_power_iteration(matrices: torch.Tensor, u: torch.Tensor | None = None, v: torch.Tensor | None = None,

@@ -1,0 +1,131 @@
+"""lipkern.ops.batched_power_iteration: Triton kernel (interpreter) vs the float64 reference, convergence to the
+SVD norm, in-place vector updates, op boundary, bad input."""
+
+import pytest
+import torch
+
+from lipkern.ops import batched_power_iteration
+from lipkern.ops.power_iteration import batched_power_iteration_ref, initial_vectors
+from tests.helpers import assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
+SHAPES = [(3, 1, 1), (2, 3, 127), (2, 127, 3), (5, 17, 33), (1, 64, 64)]
+
+
+def _wide(dtype):
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_float64_reference(dtype, shape):
+    batch, rows, cols = shape
+    m = torch.randn(shape, dtype=dtype)
+    u0 = initial_vectors((batch, cols), dtype, "cpu")
+    u, v = u0.clone(), torch.empty(batch, rows, dtype=dtype)
+    sigma, u_out, v_out = batched_power_iteration(m, u, v, n_iter=5)
+    assert u_out is u and v_out is v, "the given vectors are updated in place"
+    ref = batched_power_iteration_ref(m.to(_wide(dtype)), u0.to(_wide(dtype)), 5)
+    tol_dtype = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+    assert_close(sigma, ref.sigma, dtype=tol_dtype, msg="sigma")
+    assert_close(_as_real(u), _as_real(ref.u), dtype=tol_dtype, msg="u")
+    assert_close(_as_real(v), _as_real(ref.v), dtype=tol_dtype, msg="v")
+
+
+def _as_real(x):
+    return torch.view_as_real(x.to(torch.complex128)) if x.is_complex() else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_converges_to_svd_norm_from_below(dtype):
+    m = torch.randn(6, 12, 9, dtype=dtype)
+    exact = torch.linalg.matrix_norm(m, ord=2)
+    sigma, u, v = batched_power_iteration(m, n_iter=400)
+    assert (sigma <= exact * (1 + 1e-12)).all(), "an estimate from below"
+    torch.testing.assert_close(sigma, exact, rtol=1e-7, atol=0)
+    # consistency of the returned pair: sigma = ‖Mᴴ v‖ with ‖v‖ = ‖u‖ = 1
+    torch.testing.assert_close(torch.linalg.vector_norm(v, dim=1), torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(torch.linalg.vector_norm(u, dim=1), torch.ones(6, dtype=torch.float64))
+
+
+def test_every_iteration_is_below_the_norm():
+    m = torch.randn(4, 10, 10, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(m, ord=2)
+    u = None
+    for _ in range(5):
+        sigma, u, _ = batched_power_iteration(m, u, n_iter=1)
+        assert (sigma <= exact * (1 + 1e-12)).all()
+
+
+def test_zero_matrix_gives_zero_and_no_nan():
+    m = torch.zeros(2, 4, 3, dtype=torch.float64)
+    m[1, 0, 0] = 2.0
+    sigma, u, v = batched_power_iteration(m, n_iter=3)
+    assert torch.equal(sigma, torch.tensor([0.0, 2.0], dtype=torch.float64))
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    torch.testing.assert_close(torch.linalg.vector_norm(u[0]), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_warm_start_continues_the_iteration():
+    m = torch.randn(3, 8, 5, dtype=torch.float64)
+    u0 = initial_vectors((3, 5), torch.float64, "cpu")
+    u = u0.clone()
+    batched_power_iteration(m, u, n_iter=3)
+    sigma_two_calls, _, _ = batched_power_iteration(m, u, n_iter=4)
+    sigma_one_call, _, _ = batched_power_iteration(m, u0.clone(), n_iter=7)
+    assert_close(sigma_two_calls, sigma_one_call)
+
+
+def test_initial_vectors_depend_only_on_shape():
+    a = initial_vectors((2, 7), torch.float32, "cpu")
+    torch.manual_seed(123)
+    b = initial_vectors((2, 7), torch.float32, "cpu")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, initial_vectors((2, 7), torch.float32, "cpu", key="other"))
+
+
+def test_non_contiguous_vectors_are_updated():
+    m = torch.randn(3, 6, 4, dtype=torch.float64)
+    u_store = initial_vectors((4, 3), torch.float64, "cpu")
+    u = u_store.T  # (3, 4), non-contiguous view
+    ref = batched_power_iteration_ref(m, u.contiguous(), 2)
+    batched_power_iteration(m, u, n_iter=2)
+    assert_close(u_store.T, ref.u)
+
+
+def test_opcheck():
+    m = torch.randn(3, 5, 4, dtype=torch.float64)
+    u = initial_vectors((3, 4), torch.float64, "cpu")
+    v = torch.zeros(3, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.lipkern.batched_power_iteration.default, (m, u, v, 2))
+
+
+def test_compile_fullgraph_mutates_buffers():
+    m = torch.randn(2, 5, 4, dtype=torch.float64)
+    u = initial_vectors((2, 4), torch.float64, "cpu")
+    v = torch.zeros(2, 5, dtype=torch.float64)
+    u_eager, v_eager = u.clone(), v.clone()
+
+    def step(m, u, v):
+        return batched_power_iteration(m, u, v, n_iter=2).sigma
+
+    sigma = torch.compile(step, fullgraph=True, backend="aot_eager")(m, u, v)
+    sigma_eager = step(m, u_eager, v_eager)
+    assert_close(sigma, sigma_eager)
+    assert_close(u, u_eager)
+    assert_close(v, v_eager)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda: batched_power_iteration(torch.randn(3, 4)), ValueError),
+    (lambda: batched_power_iteration(torch.randn(2, 3, 4, dtype=torch.float16)), TypeError),
+    (lambda: batched_power_iteration(torch.ones(2, 3, 4, dtype=torch.int64)), TypeError),
+    (lambda: batched_power_iteration(torch.full((1, 2, 2), float("nan"))), ValueError),
+    (lambda: batched_power_iteration(torch.randn(2, 3, 4), torch.randn(2, 3)), ValueError),
+    (lambda: batched_power_iteration(torch.randn(2, 3, 4), torch.randn(2, 4, dtype=torch.float64)), ValueError),
+    (lambda: batched_power_iteration(torch.randn(2, 3, 4), n_iter=0), ValueError),
+    (lambda: batched_power_iteration(torch.randn(2, 0, 4)), ValueError),
+])
+def test_bad_input_raises(bad, error):
+    with pytest.raises(error):
+        bad()
