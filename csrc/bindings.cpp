@@ -11,6 +11,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight"), py::arg("out"), py::arg("scale"), py::arg("groups"), py::arg("out_per_group"),
         py::arg("in_per_group"), py::arg("kernel_numel"), py::arg("dtype"), py::arg("stream"),
         "Sum partial Gram abs row sums, d = r^-1/2 (0 where r == 0), out = weight * d. Returns an error code.");
+  m.def("batched_power_iteration", &lipkern_batched_power_iteration, py::arg("matrices"), py::arg("u"),
+        py::arg("v"), py::arg("sigma"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("n_iter"),
+        py::arg("dtype"), py::arg("is_complex"), py::arg("stream"),
+        "Power iteration on each matrix M of a contiguous (batch, rows, cols) stack (complex: interleaved"
+        " re, im; dtype is the real scalar's code, float32 or float64). n_iter times: w = M u, ss = |w|^2,"
+        " z = M^H w, nz = |z|, sigma = nz / sqrt(ss) (0 if ss == 0), v = w / sqrt(ss) (w if ss == 0),"
+        " u = z / nz (u kept if nz == 0). u (batch, cols) is read and overwritten, v (batch, rows) and"
+        " sigma (batch,) are written. Returns an error code.");
+  m.def("batched_power_iteration_fits", [](int64_t rows, int64_t cols, int dtype, int is_complex) {
+    return lipkern_batched_power_iteration_fits(rows, cols, dtype, is_complex) != 0;
+  }, py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("is_complex"),
+        "Whether batched_power_iteration takes a rows x cols matrix of this dtype code: its shared memory,"
+        " (2 * cols + rows) * (2 if is_complex else 1) * sizeof(scalar) bytes, must be at most"
+        " BATCHED_POWER_ITERATION_MAX_SHARED_BYTES.");
+  m.attr("BATCHED_POWER_ITERATION_MAX_SHARED_BYTES") = lipkern_batched_power_iteration_max_shared_bytes();
   m.def("cuda_device_count", []() {
     int count = 0;
     int err = lipkern_cuda_device_count(&count);

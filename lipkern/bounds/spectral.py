@@ -185,9 +185,9 @@ def conv2d_spectral_norm(weight: torch.Tensor, input_size, stride=1, padding=0, 
     if method == "fft" and not exact_circular:
         raise ValueError("conv2d_spectral_norm: method='fft' is exact only for padding_mode='circular', stride 1 "
                          f"and an output as large as the input (got {g}); use 'power', 'upper' or 'auto'")
+    if method == "power":
+        return SpectralNorm(_power_estimate(weight, g, u, n_iter, rtol), None)
     with torch.no_grad():
-        if method == "power":
-            return SpectralNorm(_power_estimate(weight, g, u, n_iter, rtol), None)
         if method == "upper":
             return SpectralNorm(None, _circular_upper(weight, size, g, factor, rtol))
         if method == "fft" or (method == "auto" and exact_circular):

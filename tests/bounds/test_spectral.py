@@ -1,0 +1,207 @@
+"""lipkern.bounds: conv/linear spectral norms against the SVD of the explicit operator (papers.md §10, 23-28).
+Upper bounds must hold in every generated case; estimates converge from below."""
+
+import math
+import os
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipkern.bounds import conv2d_spectral_norm, frequency_matrices, gram_upper_bound, linear_spectral_norm
+from lipkern.bounds.gram import gram_iterations_for
+from tests.helpers import dense_conv2d, spectral_norm
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """The batched power iteration runs many iterations here; the kernels are compared with the reference in
+    tests/ops, so these tests of the mathematics use the PyTorch path (fast on CPU)."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+
+
+# --- Gram iteration -----------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 9), rank=st.integers(1, 9), log_scale=st.sampled_from(
+    [-150, -20, 0, 20, 150]), complex_=st.booleans(), seed=st.integers(0, 2**16))
+def test_gram_bound_is_above_the_norm(rows, cols, rank, log_scale, complex_, seed):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.complex128 if complex_ else torch.float64
+    rank = min(rank, rows, cols)
+    m = (torch.randn(3, rows, rank, generator=g, dtype=dtype) @ torch.randn(3, rank, cols, generator=g, dtype=dtype))
+    m = m * 10.0**log_scale
+    exact = torch.linalg.matrix_norm(m, ord=2)
+    bound = gram_upper_bound(m, rtol=1e-6)
+    assert (bound >= exact).all(), (bound / exact - 1)
+    assert (bound.max() <= exact.max() * (1 + 1e-6)), bound.max() / exact.max() - 1
+
+
+@pytest.mark.parametrize("size", [2, 16, 64])
+def test_gram_a_priori_iterations_reach_rtol_on_the_worst_spectrum(size):
+    """All singular values equal is the slowest case for Gram iteration: the a priori step count still
+    reaches the tolerance, and the bound stays above the norm."""
+    q, _ = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64))
+    rtol = 1e-3
+    bound = gram_upper_bound(3.0 * q[None], max_iter=gram_iterations_for(size, rtol), rtol=0.0)
+    assert 3.0 <= bound.item() <= 3.0 * (1 + rtol)
+
+
+def test_gram_bound_of_zero_matrix_is_zero():
+    assert gram_upper_bound(torch.zeros(2, 3, 4, dtype=torch.float64)).tolist() == [0.0, 0.0]
+
+
+# --- Frequency matrices (Sedghi et al.) ---------------------------------------------------------------------
+@pytest.mark.parametrize("k, n, dilation, groups", [(3, 5, 1, 1), (2, 4, 1, 1), (3, 6, 2, 1),
+                                                     (3, 4, 1, 2)])
+def test_frequency_spectrum_is_the_circular_operator_spectrum(k, n, dilation, groups):
+    w = torch.randn(4, 4 // groups, k, k, dtype=torch.float64)
+    dense = dense_conv2d(w, n, padding="same", padding_mode="circular", dilation=dilation, groups=groups)
+    matrices, error = frequency_matrices(w, (n, n), (dilation, dilation), groups)
+    sv = torch.linalg.svdvals(matrices).reshape(groups, n, n // 2 + 1, -1)
+    # rfft half-plane: columns v and n - v are conjugate, so each counts twice except v = 0 and v = n/2
+    mult = torch.full((n // 2 + 1,), 2)
+    mult[0] = 1
+    if n % 2 == 0:
+        mult[-1] = 1
+    ours = torch.cat([sv[:, :, v].flatten().repeat(int(mult[v])) for v in range(n // 2 + 1)]).sort().values
+    exact = torch.linalg.svdvals(dense).sort().values
+    exact = exact[-ours.numel():] if ours.numel() <= exact.numel() else exact
+    torch.testing.assert_close(ours[-exact.numel():], exact, atol=1e-9, rtol=0)
+    assert 0 < error < 1e-10
+
+
+# --- conv2d_spectral_norm against the dense operator --------------------------------------------------------
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    stride = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "circular"]))
+    n = draw(st.integers(max(kh, kw) * dilation, 7))
+    if stride == 1 and draw(st.booleans()):
+        padding = "same"
+    else:
+        padding = (draw(st.integers(0, min(2, n))), draw(st.integers(0, min(2, n))))
+    return dict(c_in=c_in, c_out=c_out, k=(kh, kw), n=n,
+                kwargs=dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases(), log_scale=st.sampled_from([-3, 0, 3]), seed=st.integers(0, 2**16))
+def test_upper_bound_holds_and_estimate_is_below(case, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(case["c_out"], case["c_in"] // case["kwargs"]["groups"], *case["k"], generator=g,
+                    dtype=torch.float64) * 10.0**log_scale
+    try:
+        exact = spectral_norm(dense_conv2d(w, case["n"], **case["kwargs"]))
+    except RuntimeError:
+        return  # PyTorch rejects the geometry (e.g. empty output): nothing to bound
+    with mock.patch.dict(os.environ, {"LIPKERN_BACKEND": "torch"}):
+        result = conv2d_spectral_norm(w, case["n"], **case["kwargs"], n_iter=300)
+    assert result.upper.item() >= exact, (result.upper.item(), exact)
+    assert result.estimate.item() <= exact * (1 + 1e-9)
+
+
+CIRCULAR_EXACT = [  # circular, stride 1, output as large as the input: 'fft' is exact
+    (3, 4, (3, 3), 5, dict(padding=1)),
+    (2, 2, (2, 2), 6, dict(padding="same")),
+    (4, 4, (3, 3), 6, dict(padding=2, dilation=2, groups=2)),
+    (3, 5, (1, 3), (4, 7), dict(padding=(0, 1))),
+    (2, 3, (5, 5), 3, dict(padding=2)),  # kernel wraps around the input
+]
+
+
+@pytest.mark.parametrize("c_in, c_out, k, n, kwargs", CIRCULAR_EXACT)
+def test_fft_is_exact_for_circular_convolutions(torch_backend, c_in, c_out, k, n, kwargs):
+    w = torch.randn(c_out, c_in // kwargs.get("groups", 1), *k, dtype=torch.float64)
+    exact = spectral_norm(dense_conv2d(w, n, padding_mode="circular", **kwargs))
+    result = conv2d_spectral_norm(w, n, padding_mode="circular", method="fft", rtol=1e-9, **kwargs)
+    assert abs(result.estimate.item() / exact - 1) <= 1e-6
+    assert exact <= result.upper.item() <= exact * (1 + 1e-6)
+    auto = conv2d_spectral_norm(w, n, padding_mode="circular", **kwargs)
+    assert exact <= auto.upper.item() <= exact * 1.01  # the documented default (rtol=1e-4) is within 1%
+
+
+def test_fft_path_through_the_triton_kernel():
+    w = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    exact = spectral_norm(dense_conv2d(w, 4, padding=1, padding_mode="circular"))
+    result = conv2d_spectral_norm(w, 4, padding=1, padding_mode="circular", method="fft", rtol=1e-8, n_iter=400)
+    assert exact <= result.upper.item() <= exact * (1 + 1e-8)
+    assert abs(result.estimate.item() / exact - 1) <= 1e-6
+
+
+@pytest.mark.parametrize("n, kwargs", [(5, dict(padding=1)), (6, dict(padding="same")), (6, dict(padding=2)),
+                                       (5, dict(padding=1, stride=2))])
+def test_zero_padding_bound_is_the_circular_norm_on_the_enlarged_input(torch_backend, n, kwargs):
+    """‖A_zero(n)‖ ≤ ‖A_circ(N)‖ for N = n + max(pad): the bound holds and equals that circular norm."""
+    k = 4 if kwargs.get("padding") == "same" else 3
+    w = torch.randn(3, 2, k, k, dtype=torch.float64)
+    zero = spectral_norm(dense_conv2d(w, n, **kwargs))
+    big_n = n + (k // 2 if kwargs.get("padding") == "same" else kwargs["padding"])
+    circular = spectral_norm(dense_conv2d(w, big_n, padding="same", padding_mode="circular"))
+    result = conv2d_spectral_norm(w, n, **kwargs)
+    assert zero <= result.upper.item() <= circular * (1 + 1e-4)
+    assert abs(result.estimate.item() / zero - 1) <= 1e-4
+
+
+def test_circular_norm_at_the_same_size_is_not_a_zero_padding_bound():
+    """papers.md §10 check 27: there are kernels whose zero-padded norm exceeds the circular one at equal n,
+    which is why the zero-padding bound uses the enlarged circular operator."""
+    g = torch.Generator().manual_seed(0)
+    found = 0
+    for _ in range(300):
+        w = torch.randn(1, 1, 3, 3, generator=g, dtype=torch.float64)
+        zero = spectral_norm(dense_conv2d(w, 4, padding=1))
+        circular = spectral_norm(dense_conv2d(w, 4, padding=1, padding_mode="circular"))
+        found += zero > circular * (1 + 1e-9)
+    assert found > 0
+
+
+def test_methods_return_what_they_promise(torch_backend):
+    w = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    assert conv2d_spectral_norm(w, 5, padding=1, method="power").upper is None
+    assert conv2d_spectral_norm(w, 5, padding=1, method="upper").estimate is None
+    with pytest.raises(ValueError, match="fft"):
+        conv2d_spectral_norm(w, 5, padding=1, method="fft")  # zero padding: not a circular convolution
+    with pytest.raises(ValueError, match="fft"):
+        conv2d_spectral_norm(w, 5, padding=1, stride=2, padding_mode="circular", method="fft")
+
+
+def test_power_estimate_is_differentiable_and_warm_starts(torch_backend):
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 5, 5, dtype=torch.float64)
+    u_start = u.clone()
+    est = conv2d_spectral_norm(w, 5, padding=1, method="power", u=u, n_iter=50).estimate
+    (grad,) = torch.autograd.grad(est, w)
+    assert grad.abs().sum() > 0
+    assert not torch.equal(u, u_start)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda: conv2d_spectral_norm(torch.randn(3, 3, 3), 5), ValueError),
+    (lambda: conv2d_spectral_norm(torch.ones(3, 3, 3, 3, dtype=torch.int32), 5), TypeError),
+    (lambda: conv2d_spectral_norm(torch.full((3, 3, 3, 3), float("nan")), 5), ValueError),
+    (lambda: conv2d_spectral_norm(torch.randn(3, 3, 3, 3), 5, method="svd"), ValueError),
+    (lambda: conv2d_spectral_norm(torch.randn(3, 3, 3, 3), 5, groups=2), ValueError),
+    (lambda: conv2d_spectral_norm(torch.randn(3, 3, 3, 3), 2), ValueError),
+    (lambda: conv2d_spectral_norm(torch.randn(3, 3, 3, 3), 5, padding_mode="reflect"), ValueError),
+    (lambda: linear_spectral_norm(torch.randn(3, 3, 3)), ValueError),
+])
+def test_bad_input_raises(bad, error):
+    with pytest.raises(error):
+        bad()
+
+
+# --- linear -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (5, 7), (32, 32)])
+def test_linear_spectral_norm(shape):
+    w = torch.randn(shape, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(w, ord=2).item()
+    result = linear_spectral_norm(w, rtol=1e-10, n_iter=5000)
+    assert exact <= result.upper.item() <= exact * (1 + 1e-9)
+    assert math.isclose(result.estimate.item(), exact, rel_tol=1e-6)

@@ -1,0 +1,160 @@
+"""lipkern.ops.conv_power_iteration: the operator and its adjoint against PyTorch's dense conv matrix, the stacked
+(one grouped conv for all layers) path against one layer at a time, convergence to the SVD norm, op boundary."""
+
+import pytest
+import torch
+
+from lipkern.ops import conv_power_iteration
+from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_adjoint, conv_bilinear, conv_operator,
+                                              conv_power_iteration_ref, initial_conv_vectors)
+from tests.helpers import assert_close, dense_conv2d
+
+# (in, out, kernel, input size, nn.Conv2d kwargs): zero and circular padding, 'same' with even kernels
+# (asymmetric), stride 1-3, dilation, groups, padding wider than the kernel, rectangular inputs.
+GEOMETRIES = [
+    (3, 4, 3, 5, dict(padding=1)),
+    (4, 6, 3, 6, dict(stride=2, padding=1, groups=2)),
+    (2, 2, 2, 5, dict(padding="same", padding_mode="circular")),
+    (2, 3, 4, 6, dict(padding="same")),
+    (3, 5, 3, 7, dict(stride=2, padding=2, dilation=2, padding_mode="circular")),
+    (4, 4, 3, 5, dict(stride=3, groups=4)),
+    (2, 3, (1, 3), (4, 6), dict(stride=(1, 2), padding=(0, 1), padding_mode="circular")),
+    (1, 1, 3, 4, dict(padding=3)),
+    (3, 2, 3, 3, dict(padding=2, padding_mode="circular")),
+]
+IDS = [f"g{i}" for i in range(len(GEOMETRIES))]
+
+
+def _setup(case, layers=1):
+    c_in, c_out, k, n, kwargs = case
+    k = (k, k) if isinstance(k, int) else k
+    groups = kwargs.get("groups", 1)
+    weights = torch.randn(layers, c_out, c_in // groups, *k, dtype=torch.float64)
+    geometry = ConvGeometry.create(n, k, **{key: kwargs[key] for key in kwargs})
+    return weights, geometry, kwargs
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_operator_and_adjoint_are_the_dense_conv_matrix_and_its_transpose(case):
+    weights, g, kwargs = _setup(case)
+    w = weights[0]
+    a = dense_conv2d(w, g.input_size, **kwargs)
+    c_in = w.shape[1] * g.groups
+    basis_in = torch.eye(a.shape[1], dtype=torch.float64).reshape(-1, c_in, *g.input_size)
+    basis_out = torch.eye(a.shape[0], dtype=torch.float64).reshape(-1, w.shape[0], *g.output_size)
+    assert_close(conv_operator(basis_in, w, g).reshape(a.shape[1], -1).T, a)
+    assert_close(conv_adjoint(basis_out, w, g).reshape(a.shape[0], -1).T, a.T)
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_stacked_layers_equal_one_layer_at_a_time(case):
+    weights, g, kwargs = _setup(case, layers=4)
+    u0 = initial_conv_vectors(4, weights.shape[2] * g.groups, g.input_size, torch.float64, "cpu")
+    ref_sigma, ref_u, ref_v = conv_power_iteration_ref(weights, u0, 3, g)
+    u = u0.clone()
+    sigma, _, v = conv_power_iteration(weights, u, None, 3, **kwargs)
+    assert_close(sigma, ref_sigma)
+    assert_close(u, ref_u)
+    assert_close(v, ref_v)
+
+
+def _converged(weights, u, kwargs, chunk=50, max_iter=5000):
+    """Iterate until sigma stops changing (1e-10 relative per chunk); the test then checks it against the SVD."""
+    sigma_old, v = None, None
+    for _ in range(max_iter // chunk):
+        sigma, u, v = conv_power_iteration(weights, u, v, chunk, **kwargs)
+        if sigma_old is not None and ((sigma - sigma_old).abs() <= 1e-10 * sigma).all():
+            break
+        sigma_old = sigma
+    return sigma, u, v
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_converges_to_the_svd_norm_from_below(case):
+    weights, g, kwargs = _setup(case, layers=2)
+    exact = torch.stack([torch.linalg.matrix_norm(dense_conv2d(w, g.input_size, **kwargs), ord=2) for w in weights])
+    u = initial_conv_vectors(2, weights.shape[2] * g.groups, g.input_size, torch.float64, "cpu")
+    sigma, u, v = _converged(weights, u, kwargs)
+    assert (sigma <= exact * (1 + 1e-12)).all()
+    torch.testing.assert_close(sigma, exact, rtol=1e-5, atol=0)
+    # the differentiable estimate vᵀAu agrees with sigma at convergence
+    torch.testing.assert_close(conv_bilinear(weights, u, v, g), exact, rtol=1e-5, atol=0)
+
+
+def test_bilinear_gradient_is_the_spectral_norm_gradient():
+    """At convergence ∂σ/∂W = ∂(vᵀA(W)u)/∂W: compare with autograd through the SVD of the dense operator."""
+    weights, g, kwargs = _setup((2, 3, 3, 4, dict(padding=1)))
+    u = initial_conv_vectors(1, 2, g.input_size, torch.float64, "cpu")
+    _, u, v = _converged(weights, u, kwargs)
+    w = weights.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(conv_bilinear(w, u, v, g).sum(), w)
+    w_dense = weights[0].clone().requires_grad_(True)
+    (grad_svd,) = torch.autograd.grad(torch.linalg.matrix_norm(dense_conv2d_differentiable(w_dense, g), ord=2),
+                                      w_dense)
+    torch.testing.assert_close(grad[0], grad_svd, rtol=1e-4, atol=1e-6)
+
+
+def dense_conv2d_differentiable(w, g):
+    basis = torch.eye(w.shape[1] * g.input_size[0] * g.input_size[1], dtype=torch.float64)
+    out = torch.nn.functional.conv2d(basis.reshape(-1, w.shape[1], *g.input_size), w, padding=1)
+    return out.reshape(basis.shape[0], -1).T
+
+
+def test_vectors_are_updated_in_place_and_warm_start():
+    weights, g, kwargs = _setup(GEOMETRIES[0], layers=2)
+    u0 = initial_conv_vectors(2, 3, g.input_size, torch.float64, "cpu")
+    u = u0.clone()
+    v = torch.zeros(2, 4, *g.output_size, dtype=torch.float64)
+    conv_power_iteration(weights, u, v, 2, **kwargs)
+    assert not torch.equal(u, u0) and v.abs().sum() > 0
+    sigma_warm, _, _ = conv_power_iteration(weights, u, v, 3, **kwargs)
+    sigma_cold, _, _ = conv_power_iteration(weights, u0.clone(), None, 5, **kwargs)
+    assert_close(sigma_warm, sigma_cold)
+
+
+def test_opcheck():
+    weights, g, _ = _setup(GEOMETRIES[1], layers=2)
+    u = initial_conv_vectors(2, 4, g.input_size, torch.float64, "cpu")
+    v = torch.zeros(2, 6, *g.output_size, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.lipkern.conv_power_iteration.default,
+                          (weights, u, v, 2, [2, 2], [1, 1, 1, 1], [1, 1], 2, "zeros"))
+
+
+def test_compile_fullgraph():
+    weights, g, kwargs = _setup(GEOMETRIES[0], layers=2)
+    u = initial_conv_vectors(2, 3, g.input_size, torch.float64, "cpu")
+    v = torch.zeros(2, 4, *g.output_size, dtype=torch.float64)
+    u_eager, v_eager = u.clone(), v.clone()
+
+    def step(w, u, v):
+        return conv_power_iteration(w, u, v, 2, padding=1)[0]
+
+    sigma = torch.compile(step, fullgraph=True, backend="aot_eager")(weights, u, v)
+    assert_close(sigma, step(weights, u_eager, v_eager))
+    assert_close(u, u_eager)
+    assert_close(v, v_eager)
+
+
+def _u(shape=(1, 3, 5, 5), dtype=torch.float64):
+    return torch.randn(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda: conv_power_iteration(torch.randn(4, 3, 3, 3, dtype=torch.float64), _u()), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64), _u((1, 2, 5, 5))), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3), _u()), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3, dtype=torch.float16), _u(dtype=torch.float16)),
+     TypeError),
+    (lambda: conv_power_iteration(torch.full((1, 4, 3, 3, 3), float("inf"), dtype=torch.float64), _u()),
+     ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64), _u(), n_iter=0), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64), _u(), groups=2), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64), _u(),
+                                  padding_mode="reflect"), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 7, 7, dtype=torch.float64), _u()), ValueError),
+    (lambda: conv_power_iteration(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64), _u(), stride=2,
+                                  padding="same"), ValueError),
+])
+def test_bad_input_raises(bad, error):
+    with pytest.raises(error):
+        bad()
