@@ -1,0 +1,162 @@
+"""SpectralConv2d / SpectralLinear: exact operator norms (dense matrix of the layer's weight, SVD, float64) in
+eval mode, certified and not, after adversarial training; state handling; drop-in behaviour."""
+
+import pytest
+import torch
+from torch import nn
+
+from lipkern.nn import SpectralConv2d, SpectralLinear
+from tests.helpers import assert_close, dense_conv2d, spectral_norm
+
+GEOMETRIES = [
+    dict(padding=1),
+    dict(padding="same", padding_mode="circular"),
+    dict(stride=2, padding=1),
+    dict(padding=2, dilation=2, groups=2),
+    dict(padding=1, stride=2, padding_mode="circular"),
+]
+IDS = ["zeros", "circular-same", "stride2", "dilation-groups", "circular-stride2"]
+N = 6
+
+
+def _adversarially_trained(layer: nn.Module, shape, steps: int = 15) -> nn.Module:
+    """Push the weights towards a large operator norm (maximize the output energy), as a worst case."""
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    for _ in range(steps):
+        x = torch.randn(shape, dtype=layer.weight.dtype)
+        loss = -layer(x).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return layer.eval()
+
+
+def _applied_weight(layer) -> torch.Tensor:
+    return layer.normalized_weight().detach()
+
+
+def _operator_norm(layer: SpectralConv2d) -> float:
+    kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                  padding_mode=layer.padding_mode)
+    return spectral_norm(dense_conv2d(_applied_weight(layer), layer.input_size, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kwargs", GEOMETRIES, ids=IDS)
+def test_certified_conv_is_one_lipschitz_after_adversarial_training(kwargs, dtype):
+    layer = SpectralConv2d(4, 6, 3, dtype=dtype, input_size=N, certified=True, **kwargs)
+    _adversarially_trained(layer, (8, 4, N, N))
+    # the exact operator of the weight the layer applies, rounding of W/σ in `dtype` included
+    assert _operator_norm(layer) <= 1 + 1e-12
+
+
+@pytest.mark.parametrize("kwargs", GEOMETRIES, ids=IDS)
+def test_eval_conv_is_normalized_by_the_converged_norm(kwargs):
+    layer = SpectralConv2d(4, 6, 3, dtype=torch.float64, input_size=N, **kwargs)
+    _adversarially_trained(layer, (8, 4, N, N))
+    assert abs(_operator_norm(layer) - 1) <= 1e-5
+
+
+def test_layer_jacobian_matches_the_weight_operator():
+    """The layer really applies the normalized weight: its input Jacobian is that operator."""
+    layer = SpectralConv2d(3, 4, 3, padding=1, dtype=torch.float64, input_size=5, certified=True).eval()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(layer, x).reshape(4 * 25, 3 * 25)
+    assert_close(jac, dense_conv2d(_applied_weight(layer), 5, padding=1))
+
+
+def test_training_step_uses_an_estimate_from_below_and_updates_the_vectors():
+    layer = SpectralConv2d(3, 4, 3, padding=1, dtype=torch.float64, input_size=5)
+    u0 = layer.u.clone()
+    exact = spectral_norm(dense_conv2d(layer.weight.detach(), 5, padding=1))
+    sigma = layer.sigma()
+    assert not torch.equal(layer.u, u0)
+    assert sigma.item() <= exact * (1 + 1e-12)
+    assert sigma.requires_grad, "training-mode sigma is differentiable in the weight"
+    layer.eval()
+    u_eval = layer.u.clone()
+    layer(torch.randn(1, 3, 5, 5, dtype=torch.float64))
+    assert torch.equal(layer.u, u_eval), "eval does not touch the buffers"
+
+
+def test_eval_cache_invalidated_by_optimizer_step_and_train():
+    layer = SpectralConv2d(3, 3, 3, padding=1, dtype=torch.float64, input_size=5).eval()
+    first = layer.sigma()
+    assert layer.sigma() is first
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert_close(layer.sigma(), 2 * first)
+    layer.train().eval()
+    assert layer._cached_sigma is None
+
+
+def test_initial_vectors_are_deterministic_and_state_dict_round_trips():
+    torch.manual_seed(1)
+    a = SpectralConv2d(3, 4, 3, padding=1, input_size=7)
+    torch.manual_seed(2)
+    b = SpectralConv2d(3, 4, 3, padding=1, input_size=7)
+    assert torch.equal(a.u, b.u), "vectors depend on the shape only (identical on every DDP rank)"
+    a.train()(torch.randn(2, 3, 7, 7))
+    lazy = SpectralConv2d(3, 4, 3, padding=1)
+    assert lazy.input_size is None and "u" not in lazy.state_dict()
+    lazy.load_state_dict(a.state_dict())
+    assert lazy.input_size == (7, 7)
+    for key, value in a.state_dict().items():
+        assert torch.equal(lazy.state_dict()[key], value), key
+    x = torch.randn(2, 3, 7, 7)
+    assert torch.equal(lazy.eval()(x), a.eval()(x))
+
+
+def test_lazy_input_size_and_size_change_error():
+    layer = SpectralConv2d(3, 4, 3, padding=1)
+    layer(torch.randn(2, 3, 6, 6))
+    assert layer.input_size == (6, 6) and layer.u.shape == (3, 6, 6)
+    with pytest.raises(ValueError, match="normalized for inputs of size"):
+        layer(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("certified", [False, True])
+def test_to_vanilla_has_identical_eval_outputs(certified):
+    layer = SpectralConv2d(3, 4, 3, stride=2, padding=1, bias=True, input_size=8, certified=certified)
+    layer.train()(torch.randn(2, 3, 8, 8))
+    layer.eval()
+    plain = layer.to_vanilla()
+    assert type(plain) is nn.Conv2d
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(plain(x), layer(x))
+
+
+def test_compile_fullgraph_train_step():
+    layer = SpectralConv2d(3, 4, 3, padding=1, dtype=torch.float64, input_size=5)
+    twin = SpectralConv2d(3, 4, 3, padding=1, dtype=torch.float64, input_size=5)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert_close(out, twin(x))
+    assert_close(layer.u, twin.u)
+
+
+def test_extra_repr_and_bad_arguments():
+    assert "input_size=(5, 5)" in repr(SpectralConv2d(3, 4, 3, input_size=5))
+    assert "certified=True" in repr(SpectralLinear(3, 4, certified=True))
+    with pytest.raises(ValueError, match="padding_mode"):
+        SpectralConv2d(3, 4, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        SpectralLinear(3, 4, n_power_iterations=0)
+    with pytest.raises(ValueError):
+        SpectralConv2d(3, 4, 3, input_size=2)  # empty output
+
+
+# --- SpectralLinear -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(5, 7), (7, 5), (1, 1)])
+def test_linear_norms(shape, dtype):
+    layer = SpectralLinear(*shape, dtype=dtype)
+    _adversarially_trained(layer, (16, shape[0]))
+    assert abs(spectral_norm(_applied_weight(layer)) - 1) <= (1e-5 if dtype == torch.float64 else 1e-4)
+    layer.certified = True
+    assert spectral_norm(_applied_weight(layer)) <= 1 + 1e-12
+    x = torch.randn(3, shape[0], dtype=dtype)
+    assert torch.equal(layer.to_vanilla()(x), layer(x))
