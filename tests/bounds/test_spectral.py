@@ -58,7 +58,8 @@ def test_gram_bound_of_zero_matrix_is_zero():
 def test_frequency_spectrum_is_the_circular_operator_spectrum(k, n, dilation, groups):
     w = torch.randn(4, 4 // groups, k, k, dtype=torch.float64)
     dense = dense_conv2d(w, n, padding="same", padding_mode="circular", dilation=dilation, groups=groups)
-    matrices, error = frequency_matrices(w, (n, n), (dilation, dilation), groups)
+    matrices, error, scale = frequency_matrices(w, (n, n), (dilation, dilation), groups)
+    assert scale == 1.0
     sv = torch.linalg.svdvals(matrices).reshape(groups, n, n // 2 + 1, -1)
     # rfft half-plane: columns v and n - v are conjugate, so each counts twice except v = 0 and v = n/2
     mult = torch.full((n // 2 + 1,), 2)
@@ -113,6 +114,9 @@ CIRCULAR_EXACT = [  # circular, stride 1, output as large as the input: 'fft' is
     (4, 4, (3, 3), 6, dict(padding=2, dilation=2, groups=2)),
     (3, 5, (1, 3), (4, 7), dict(padding=(0, 1))),
     (2, 3, (5, 5), 3, dict(padding=2)),  # kernel wraps around the input
+    (3, 4, (3, 3), 6, dict(padding=1, stride=2)),  # strided: aliased frequency blocks
+    (2, 3, (2, 3), (6, 9), dict(padding=(0, 1), stride=(2, 3), groups=1)),
+    (4, 2, (3, 3), 4, dict(padding=2, stride=2, groups=2, dilation=2)),
 ]
 
 
@@ -169,7 +173,7 @@ def test_methods_return_what_they_promise(torch_backend):
     with pytest.raises(ValueError, match="fft"):
         conv2d_spectral_norm(w, 5, padding=1, method="fft")  # zero padding: not a circular convolution
     with pytest.raises(ValueError, match="fft"):
-        conv2d_spectral_norm(w, 5, padding=1, stride=2, padding_mode="circular", method="fft")
+        conv2d_spectral_norm(w, 5, padding=1, stride=2, padding_mode="circular", method="fft")  # 2 ∤ 5
 
 
 def test_power_estimate_is_differentiable_and_warm_starts(torch_backend):
