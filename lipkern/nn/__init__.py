@@ -2,6 +2,7 @@
 
 from lipkern.nn.activations import MaxMin
 from lipkern.nn.aol import AOLConv2d, AOLLinear
+from lipkern.nn.cpl import CPLConv2d, CPLLinear
 from lipkern.nn.spectral import SpectralConv2d, SpectralLinear
 
-__all__ = ["AOLConv2d", "AOLLinear", "MaxMin", "SpectralConv2d", "SpectralLinear"]
+__all__ = ["AOLConv2d", "AOLLinear", "CPLConv2d", "CPLLinear", "MaxMin", "SpectralConv2d", "SpectralLinear"]

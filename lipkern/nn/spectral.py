@@ -90,11 +90,8 @@ class _SpectralNormalized(nn.Module):
         return super().train(mode)
 
 
-class SpectralLinear(_SpectralNormalized):
-    """``nn.Linear`` with weight W/σ, σ ≈ ‖W‖₂ (see the module docstring for train/eval/certified).
-
-    Same signature as ``nn.Linear`` plus ``n_power_iterations`` (per training step) and ``certified``.
-    """
+class _SpectralLinearBase(_SpectralNormalized):
+    """A weight (out, in) with persistent power-iteration vectors and its spectral norm (train / eval)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  n_power_iterations: int = 1, certified: bool = False):
@@ -121,6 +118,14 @@ class SpectralLinear(_SpectralNormalized):
     def _upper(self) -> torch.Tensor:
         return linear_spectral_norm(self.weight, "upper").upper
 
+
+
+class SpectralLinear(_SpectralLinearBase):
+    """``nn.Linear`` with weight W/σ, σ ≈ ‖W‖₂ (see the module docstring for train/eval/certified).
+
+    Same signature as ``nn.Linear`` plus ``n_power_iterations`` (per training step) and ``certified``.
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
 
@@ -139,15 +144,8 @@ class SpectralLinear(_SpectralNormalized):
                 f", n_power_iterations={self.n_power_iterations}, certified={self.certified}")
 
 
-class SpectralConv2d(_SpectralNormalized):
-    """``nn.Conv2d`` whose kernel is divided by the spectral norm of the conv operator it applies (its
-    padding, stride, dilation and groups at the real input size).
-
-    Same signature as ``nn.Conv2d`` plus ``input_size`` ((H, W) the layer sees; if None it is fixed by the
-    first forward, which then allocates the vectors: pass it, or run one forward before wrapping in DDP),
-    ``n_power_iterations`` (per training step) and ``certified``. The norm depends on the input size, so an
-    input of another size raises a ValueError. padding_mode 'zeros' or 'circular'.
-    """
+class _SpectralConvBase(_SpectralNormalized):
+    """A conv weight with its geometry at a fixed input size, persistent vectors and its operator norm."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -191,12 +189,12 @@ class SpectralConv2d(_SpectralNormalized):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() not in (3, 4):
-            raise ValueError(f"SpectralConv2d: expected a 3-D or 4-D input, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected a 3-D or 4-D input, got shape {tuple(x.shape)}")
         size = tuple(x.shape[-2:])
         if self.geometry is None:
             self._set_input_size(size)
         elif size != self.geometry.input_size:
-            raise ValueError(f"SpectralConv2d: this layer is normalized for inputs of size {self.geometry.input_size}"
+            raise ValueError(f"{type(self).__name__}: this layer is normalized for inputs of size {self.geometry.input_size}"
                              f", got {size}; the operator norm depends on the input size (create the layer with "
                              "input_size=... for the size you use)")
 
@@ -226,7 +224,7 @@ class SpectralConv2d(_SpectralNormalized):
 
     def sigma(self) -> torch.Tensor:
         if self.geometry is None:
-            raise RuntimeError("SpectralConv2d: the input size is unknown; pass input_size or run a forward")
+            raise RuntimeError(f"{type(self).__name__}: the input size is unknown; pass input_size or run a forward")
         return super().sigma()
 
     # -- nn.Conv2d behaviour -------------------------------------------------------------------------------
@@ -235,6 +233,18 @@ class SpectralConv2d(_SpectralNormalized):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+
+class SpectralConv2d(_SpectralConvBase):
+    """``nn.Conv2d`` whose kernel is divided by the spectral norm of the conv operator it applies (its
+    padding, stride, dilation and groups at the real input size).
+
+    Same signature as ``nn.Conv2d`` plus ``input_size`` ((H, W) the layer sees; if None it is fixed by the
+    first forward, which then allocates the vectors: pass it, or run one forward before wrapping in DDP),
+    ``n_power_iterations`` (per training step) and ``certified``. The norm depends on the input size, so an
+    input of another size raises a ValueError. padding_mode 'zeros' or 'circular'.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

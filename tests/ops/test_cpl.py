@@ -1,0 +1,164 @@
+"""lipkern.ops.cpl_linear / cpl_conv2d: forward and backward against the autograd reference, the 1-Lipschitz
+property with the exact norm (dense operator, SVD) and its failure with an under-estimate (papers.md §10,
+checks 5-7), the saved tensors of the backward, op boundary."""
+
+import pytest
+import torch
+
+from lipkern.ops import cpl_conv2d, cpl_linear
+from lipkern.ops.conv_power_iteration import ConvGeometry
+from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
+from tests.helpers import assert_close, dense_conv2d, spectral_norm
+
+CONV_CASES = [dict(padding=1), dict(padding=1, padding_mode="circular"), dict(stride=2, padding=1),
+              dict(padding="same", dilation=2), dict(padding=1, groups=2)]
+CONV_IDS = ["zeros", "circular", "stride2", "dilation", "groups"]
+
+
+def _params(hidden, features, dtype=torch.float64, kernel=None, groups=1):
+    shape = (hidden, features // groups, *kernel) if kernel else (hidden, features)
+    w = torch.randn(shape, dtype=dtype)
+    return w, torch.randn(hidden, dtype=dtype), torch.tensor(0.3, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("batch, features, hidden", [(1, 1, 1), (5, 7, 3), (3, 127, 17)])
+def test_linear_matches_reference(dtype, batch, features, hidden):
+    w, b, h = _params(hidden, features, dtype)
+    x = torch.randn(batch, features, dtype=dtype, requires_grad=True)
+    params = [t.requires_grad_() for t in (w, b, h)]
+    grad = torch.randn(batch, features, dtype=dtype)
+    out = cpl_linear(x, *params)
+    grads = torch.autograd.grad(out, [x, *params], grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, *params)]
+    ref = cpl_linear_ref(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
+    assert_close(out, ref, dtype=dtype)
+    for got, want, name in zip(grads, ref_grads, "xwbh"):
+        assert_close(got, want, dtype=dtype, msg=name) if dtype == torch.float64 else \
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kwargs", CONV_CASES, ids=CONV_IDS)
+def test_conv_gradcheck_and_reference(kwargs):
+    groups = kwargs.get("groups", 1)
+    w, b, h = _params(2, 2, kernel=(3, 3), groups=groups)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b, h)]
+    assert torch.autograd.gradcheck(lambda *a: cpl_conv2d(*a, **kwargs), inputs)
+    g = ConvGeometry.create(4, (3, 3), **kwargs)
+    assert_close(cpl_conv2d(*inputs, **kwargs), cpl_conv2d_ref(*inputs, g))
+
+
+def test_linear_gradcheck_without_bias_and_stride_zero_grad():
+    w, _, h = _params(3, 4)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, h)]
+    assert torch.autograd.gradcheck(lambda x, w, h: cpl_linear(x, w, None, h), inputs)
+    out = cpl_linear(x, w, None, h)
+    grad = torch.randn(1, 4, dtype=torch.float64).expand(5, 4)  # stride-0 grad_output
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(cpl_linear_ref(x, w, None, h), inputs, grad.contiguous())
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+def _exact_h(w, **kwargs):
+    norm = spectral_norm(dense_conv2d(w, 4, **kwargs)) if w.dim() == 4 else spectral_norm(w)
+    return 2.0 / norm**2, norm
+
+
+def _jacobian_norm(fn, x):
+    jac = torch.autograd.functional.jacobian(fn, x)
+    return spectral_norm(jac.reshape(x.numel(), x.numel()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_linear_is_one_lipschitz_with_the_exact_norm(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    h, _ = _exact_h(w)
+    for _ in range(10):
+        x = torch.randn(5, generator=g, dtype=torch.float64)
+        assert _jacobian_norm(lambda x: cpl_linear(x, w, b, h), x) <= 1 + 1e-6
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Jacobians need one backward per output; the math is under test here, the kernels elsewhere."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+
+
+@pytest.mark.parametrize("kwargs", CONV_CASES, ids=CONV_IDS)
+def test_conv_is_one_lipschitz_with_the_exact_norm(torch_backend, kwargs):
+    groups = kwargs.get("groups", 1)
+    w, b, _ = _params(4, 4, kernel=(3, 3), groups=groups)
+    h, _ = _exact_h(w, **kwargs)
+    for _ in range(3):
+        x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+        assert _jacobian_norm(lambda x: cpl_conv2d(x, w, b, h, **kwargs), x) <= 1 + 1e-6
+
+
+def test_an_underestimated_norm_breaks_the_guarantee(torch_backend):
+    """With 0.85·‖W‖ (what a short power iteration can return), the all-active region has ‖J‖ = 2/0.85² − 1."""
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    _, norm = _exact_h(w, padding=1)
+    h = 2.0 / (0.85 * norm) ** 2
+    b = torch.full((4,), 1e6, dtype=torch.float64)  # every unit active: J = I − h AᵀA
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    got = _jacobian_norm(lambda x: cpl_conv2d(x, w, b, h, padding=1), x)
+    assert got == pytest.approx(2 / 0.85**2 - 1, rel=1e-9)
+    assert got > 1.7
+
+
+def test_backward_saves_only_the_input_and_parameters():
+    """Count what autograd keeps: eager CPL keeps 3 activation-sized tensors besides x, lipkern only x."""
+    w, b, h = (t.requires_grad_() for t in _params(8, 4, kernel=(3, 3)))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def saved_activations(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn(x, w, b, h).sum()
+        return [t for t in saved if not any(t is p for p in (w, b, h)) and t.numel() >= x.numel()]
+
+    ours = saved_activations(lambda *a: cpl_conv2d(*a, padding=1))
+    eager = saved_activations(lambda *a: cpl_conv2d_ref(*a, ConvGeometry.create(6, 3, padding=1)))
+    assert len(ours) == 1 and ours[0] is x
+    assert sum(t.numel() for t in ours) * 2 <= sum(t.numel() for t in eager)
+
+
+def test_opcheck_and_compile():
+    w, b, h = _params(4, 3, kernel=(3, 3))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.lipkern.cpl_conv2d.default,
+                          (x, w, b, h, [1, 1], [1, 1, 1, 1], [1, 1], 1, "zeros"))
+    wl, bl, hl = _params(4, 3)
+    torch.library.opcheck(torch.ops.lipkern.cpl_linear.default, (x.reshape(-1, 3)[:7], wl, bl, hl))
+    wr = w.clone().requires_grad_()
+
+    def loss(w):
+        return cpl_conv2d(x, w, b, h, padding=1).square().sum()
+
+    (got,) = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(wr), wr)
+    (want,) = torch.autograd.grad(loss(wr), wr)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda: cpl_linear(torch.randn(2, 3), torch.randn(4, 5), None, 0.1), ValueError),
+    (lambda: cpl_linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64), None, 0.1), ValueError),
+    (lambda: cpl_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(3), 0.1), ValueError),
+    (lambda: cpl_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.ones(2)), ValueError),
+    (lambda: cpl_linear(torch.ones(2, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64), None, 1),
+     TypeError),
+    (lambda: cpl_linear(torch.randn(2, 3), torch.full((4, 3), float("nan")), None, 0.1), ValueError),
+    (lambda: cpl_conv2d(torch.randn(2, 3, 5, 5), torch.randn(4, 2, 3, 3), None, 0.1), ValueError),
+    (lambda: cpl_conv2d(torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3), None, 0.1), ValueError),
+    (lambda: cpl_conv2d(torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), None, 0.1, padding_mode="reflect"),
+     ValueError),
+])
+def test_bad_input_raises(bad, error):
+    with pytest.raises(error):
+        bad()
