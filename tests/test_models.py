@@ -1,0 +1,56 @@
+"""lipkern.models: the reference architectures have the published parameter counts, run, and (with exact or
+certified layers) are 1-Lipschitz: the dense Jacobian of the whole network at random inputs, float64."""
+
+import pytest
+import torch
+
+from lipkern.models import CPLNet, ConvNet
+from tests.helpers import spectral_norm
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # whole networks: the kernels are tested in tests/ops
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_counts_match_the_papers():
+    # "1-Lipschitz Layers Compared": XS 1.57M parameters; CPL-XL 236M (CPL Table 1, via 1-Lip-Compared Table 4)
+    assert round(_count(ConvNet("XS", "aol", device="meta")) / 1e6, 2) == 1.57
+    assert round(_count(ConvNet("S", "cpl", device="meta")) / 1e6, 2) == 6.28
+    assert round(_count(CPLNet("XL", device="meta")) / 1e6) == 236
+
+
+@pytest.mark.parametrize("layer", ["aol", "cpl", "spectral"])
+def test_convnet_is_one_lipschitz(layer):
+    kwargs = {} if layer == "aol" else {"certified": True}
+    model = ConvNet("XS", layer, width=4, dtype=torch.float64, **kwargs).eval()
+    for _ in range(2):
+        x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(model, x).reshape(10, -1)
+        assert spectral_norm(jac) <= 1 + 1e-9
+
+
+def test_cplnet_runs_and_its_body_does_not_expand_distances():
+    """The body's Jacobian is too large for a CPU test; sampled pairs are a necessary condition."""
+    model = CPLNet("S", dense_hidden=64, dtype=torch.float64, certified=True).eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = x + 0.1 * torch.randn_like(x)
+    assert model(x).shape == (4, 10)
+    body = model.body  # all but the row-normalized head
+    ratio = (body(x) - body(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert (ratio <= 1 + 1e-12).all() and (ratio > 0.01).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        ConvNet("XXL")
+    with pytest.raises(ValueError):
+        ConvNet("XS", "lot")
+    with pytest.raises(ValueError):
+        ConvNet("XS", image_size=64)
+    with pytest.raises(ValueError):
+        CPLNet("XS")
