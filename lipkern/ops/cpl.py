@@ -10,8 +10,9 @@ This op saves only x (plus the parameters) and recomputes p = Ax + b in the back
     ∂x = g + Aᵀ g_p,  ∂W = ∂⟨g_p, A_W x⟩/∂W + ∂⟨A_W(−h g), σ(p)⟩/∂W,  ∂b = Σ g_p,  ∂h = −⟨t, σ(p)⟩
 (the last one by adjointness: ⟨g, Aᵀσ(p)⟩ = ⟨A g, σ(p)⟩, so Aᵀσ(p) is never recomputed). Cost: one extra
 application of A against eager autograd.
-The forward's elementwise steps (bias + ReLU, and x − h·r) are Triton kernels on the GPU and under the
-interpreter; the matrix products and convolutions are cuBLAS/cuDNN.
+The elementwise steps are Triton kernels on the GPU and under the interpreter (forward: bias + ReLU in place,
+then x − h·r; backward: one pass for bias, mask, −h·t, σ(p) and the partial sums of ⟨t, σ(p)⟩); the matrix
+products and convolutions are cuBLAS/cuDNN.
 
 Layout: reference, Triton kernels, operators, forward/backward, custom ops, public functions.
 """
@@ -69,6 +70,24 @@ if triton_importable():
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0)
         tl.store(out_ptr + offs, x - h * r, mask=mask)
+
+
+    @triton.jit
+    def _backward_elementwise_kernel(pre_ptr, t_ptr, bias_ptr, h_ptr, g_pre_ptr, partial_ptr, N, CHANNELS, INNER,
+                                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """p = pre + bias; g_pre = −h·t where p > 0 else 0; pre ← σ(p) in place; partial = Σ t·σ(p)."""
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        p = tl.load(pre_ptr + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            p += tl.load(bias_ptr + (offs // INNER) % CHANNELS, mask=mask, other=0.0)
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+        h = tl.load(h_ptr)
+        act = tl.maximum(p, 0.0)
+        tl.store(g_pre_ptr + offs, tl.where(p > 0.0, -h * t, 0.0), mask=mask)
+        tl.store(pre_ptr + offs, act, mask=mask)
+        tl.store(partial_ptr + pid, tl.sum(t * act, axis=0))
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -143,20 +162,31 @@ def _forward(op, x, bias, h):
     return _residual(x.contiguous(), op.adjoint(a).contiguous(), h)
 
 
+def _backward_elementwise(pre, t, bias, h):
+    """(g_pre, σ(pre + b), Σ t·σ(pre + b)); ``pre`` is overwritten with σ(pre + b) on the Triton path."""
+    if not _use_triton(pre):
+        if bias is not None:
+            pre = pre + bias.reshape(-1, *([1] * (pre.dim() - 2)))
+        act = pre.clamp_min(0)
+        return (-h) * torch.where(pre > 0, t, torch.zeros_like(t)), act, (t * act).sum()
+    n_blocks = triton.cdiv(pre.numel(), _BLOCK)
+    g_pre = torch.empty_like(t)
+    acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
+    partial = torch.empty(n_blocks, dtype=acc, device=pre.device)
+    _backward_elementwise_kernel[(n_blocks,)](pre, t, bias if bias is not None else pre, h.to(pre.dtype).reshape(1),
+                                              g_pre, partial, pre.numel(), pre.shape[1], pre[0, 0].numel(),
+                                              HAS_BIAS=bias is not None, BLOCK=_BLOCK)
+    return g_pre, pre, partial.sum().to(pre.dtype)
+
+
 def _backward(op, grad, x, bias, h):
     grad = grad.contiguous()
-    pre = op.apply(x)
-    if bias is not None:
-        pre = pre + (bias if pre.dim() == 2 else bias[:, None, None])
-    active = pre > 0
-    t = op.apply(grad)
-    g_pre = (-h) * torch.where(active, t, torch.zeros_like(t))
-    act = pre.clamp_min(0)
+    t = op.apply(grad).contiguous()
+    g_pre, act, t_dot_act = _backward_elementwise(op.apply(x).contiguous(), t, bias, h)
     grad_x = grad + op.adjoint(g_pre)
     grad_w = op.weight_grad(x, g_pre) + op.weight_grad((-h) * grad, act)
     grad_b = _channel_sum(g_pre) if bias is not None else None
-    grad_h = -(t * act).sum()
-    return grad_x, grad_w, grad_b, grad_h.reshape(h.shape)
+    return grad_x, grad_w, grad_b, (-t_dot_act).reshape(h.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
