@@ -93,6 +93,7 @@ if triton_importable():
         m_base = m_ptr + b * ROWS * COLS * parts
         v_base = v_ptr + b * ROWS * parts
         w_sq = tl.sum(tl.zeros_like(ur), axis=0)
+        z_norm = w_sq  # loop-carried values must exist before the loop (the interpreter does not check this)
         for _ in range(N_ITER):
             zr = tl.zeros_like(ur)
             zi = tl.zeros_like(ur)
