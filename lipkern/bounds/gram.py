@@ -56,6 +56,15 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
     if work.shape[-2] < work.shape[-1]:
         work = work.mH  # same singular values, smaller Gram matrices
     batch, rows, cols = work.shape
+    # Scale each matrix by a power of two so that its largest entry is in [0.5, 1): the first norm can then
+    # neither underflow (entries below ~1e-154 square to subnormals) nor overflow. Exact, except that entries
+    # 2^1022 times smaller than the largest become subnormal: at most 2^-1074 each, sqrt(rows·cols)·2^-1074
+    # in spectral norm, added below (after scaling back).
+    largest = torch.maximum(work.real.abs().amax((1, 2)), work.imag.abs().amax((1, 2))) if work.is_complex() \
+        else work.abs().amax((1, 2))
+    pre_exponent = torch.where(largest > 0, torch.frexp(largest).exponent, 0).to(torch.float64)
+    work = work * torch.ldexp(torch.ones_like(pre_exponent), -pre_exponent)[:, None, None]
+    subnormal_slack = math.sqrt(rows * cols) * 2.0 ** -1074
     if max_iter is None:
         max_iter = gram_iterations_for(cols, rtol)
     bounds = torch.zeros(batch, dtype=torch.float64, device=work.device)
@@ -67,10 +76,12 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
     step = 0
     while True:
         fro = torch.linalg.matrix_norm(work)
-        upper = _unroll(fro * norm_slack, [e[p] for e, p in zip(exponents, positions)], gammas, True)
+        steps = [e[p] for e, p in zip(exponents, positions)]
+        # bounds of the original matrices (the pre-scaling undone), comparable across the batch
+        upper = torch.ldexp(_unroll(fro * norm_slack, steps, gammas, True), pre_exponent[active])
         bounds[active] = upper
-        lower_now = _unroll(fro / (norm_slack * math.sqrt(cols)), [e[p] for e, p in zip(exponents, positions)],
-                            gammas, False)
+        lower_now = torch.ldexp(_unroll(fro / (norm_slack * math.sqrt(cols)), steps, gammas, False),
+                                pre_exponent[active])
         best_lower = max(lower, lower_now.max().item() if lower_now.numel() else 0.0)
         if step >= max_iter or bounds.max().item() <= (1 + rtol) * best_lower:
             break
@@ -86,4 +97,5 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
         gammas.append(_gamma(scaled.shape[-2]))
         work = scaled.mH @ scaled
         step += 1
-    return bounds * (1 + 64 * (step + 1) * _U)
+    slack = torch.ldexp(torch.full_like(bounds, subnormal_slack), pre_exponent)
+    return torch.where(largest > 0, (bounds + slack) * (1 + 64 * (step + 1) * _U), 0.0)

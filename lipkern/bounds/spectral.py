@@ -33,7 +33,7 @@ import torch
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_bilinear, conv_power_iteration,
                                               initial_conv_vectors)
-from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors
+from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors, power_of_two_scale
 
 __all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "linear_spectral_norm"]
 
@@ -76,8 +76,8 @@ def frequency_matrices(weight: torch.Tensor, size: tuple[int, int], dilation=(1,
     Returns (matrices (groups·#frequencies, rows, cols), error, scale). ``error`` bounds
     ‖computed - exact‖₂ of every (unscaled) matrix: each entry is a sum of kh·kw tap·twiddle products with
     accurately computed twiddles (phases reduced mod N in integers), so it errs by at most c·u·Σ_x |K_oi(x)|;
-    the spectral norm of the error is at most its Frobenius norm, and B's is at most K̂'s (the 1/s of the
-    s blocks cancels). Taps that wrap around (kernel larger than N) add up, as they should.
+    the spectral norm of the error is at most its Frobenius norm, √(s_h s_w) times that of one K̂ for the
+    unscaled block row. Taps that wrap around (kernel larger than N) add up, as they should.
     """
     out_c, in_g, kh, kw = weight.shape
     (nh, nw), (dh, dw), (sh, sw) = size, dilation, stride
@@ -97,8 +97,18 @@ def frequency_matrices(weight: torch.Tensor, size: tuple[int, int], dilation=(1,
         matrices = blocks.reshape(groups * mh * mw, og, sh * sw * in_g)
     tap_sums = w64.abs().sum((2, 3)).reshape(groups, og, in_g)
     c = 256 + 8 * (kh * kw + kh + kw)
-    error = c * _U * torch.linalg.matrix_norm(tap_sums).max() * 1.01
+    # the error of the stacked block row [K̂_j] is at most √(s_h s_w) times that of one K̂ (Frobenius norms)
+    error = c * _U * _frobenius(tap_sums).max() * math.sqrt(sh * sw) * 1.01
     return matrices, error, 1.0 / math.sqrt(sh * sw)
+
+
+def _frobenius(t: torch.Tensor) -> torch.Tensor:
+    """‖t‖_F over the last two dims without underflow or overflow: scaled by a power of two first."""
+    largest = t.abs().amax()
+    if largest == 0 or not torch.isfinite(largest):
+        return torch.linalg.matrix_norm(t)
+    exponent = torch.frexp(largest).exponent
+    return torch.ldexp(torch.linalg.matrix_norm(torch.ldexp(t, -exponent)), exponent)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,13 +154,25 @@ def _circular_embedding(g: ConvGeometry) -> _Embedding:
 
 
 def _circular_upper(weight, e: _Embedding, g: ConvGeometry, rtol: float, lower: float = 0.0):
-    matrices, error, scale = frequency_matrices(weight, e.size, g.dilation, g.groups, e.stride)
+    # Work on the weight scaled by a power of two (largest tap in [0.5, 1)), so that no frequency entry
+    # underflows or overflows; exact, except taps 2^1022 times smaller than the largest, which become
+    # subnormal (≤ 2^-1074 each; `tiny` below covers them).
+    w64 = weight.detach().to(torch.float64)
+    largest = w64.abs().amax()
+    if largest == 0:
+        return torch.zeros((), dtype=torch.float64, device=weight.device)
+    exponent = torch.frexp(largest).exponent
+    matrices, error, scale = frequency_matrices(torch.ldexp(w64, -exponent), e.size, g.dilation, g.groups,
+                                                e.stride)
+    kh, kw = weight.shape[-2:]
+    tiny = kh * kw * math.sqrt(matrices.shape[-2] * matrices.shape[-1]) * 2.0 ** -1074
     # A few power iterations give a lower estimate of the largest frequency norm, so Gram iteration can drop
     # every frequency whose bound falls below it (they cannot hold the maximum) after a few steps.
     # Soundness does not depend on it: a dropped frequency keeps its last (valid) bound.
     estimate = batched_power_iteration(matrices, n_iter=_PRUNING_ITERATIONS).sigma.max().item()
-    bound = gram_upper_bound(matrices, rtol=rtol, lower=max(lower / (e.factor * scale), estimate)).max() + error
-    return bound * (scale * e.factor) * (1 + 8 * _U)
+    scaled_lower = lower * 2.0 ** -exponent.item() / (e.factor * scale)
+    bound = gram_upper_bound(matrices, rtol=rtol, lower=max(scaled_lower, estimate)).max() + error + tiny
+    return torch.ldexp(bound * (scale * e.factor) * (1 + 8 * _U), exponent)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +205,8 @@ def _power_estimate(weight, g: ConvGeometry, u, n_iter: int, rtol: float):
 
 def _fft_estimate(weight, e: _Embedding, g: ConvGeometry, n_iter: int, rtol: float, upper: torch.Tensor):
     """Batched power iteration over all frequency matrices until within rtol of the certified upper bound."""
-    matrices, _, scale = frequency_matrices(weight, e.size, g.dilation, g.groups, e.stride)
+    scaled_weight, exponent = power_of_two_scale(weight.detach())
+    matrices, _, scale = frequency_matrices(scaled_weight, e.size, g.dilation, g.groups, e.stride)
     matrices = matrices * scale
     if weight.dtype != torch.float64:
         matrices = matrices.to(torch.complex64)
@@ -192,9 +215,9 @@ def _fft_estimate(weight, e: _Embedding, g: ConvGeometry, n_iter: int, rtol: flo
         chunk = min(25, n_iter - done)
         sigma, u, _ = batched_power_iteration(matrices, u, None, chunk)
         done += chunk
-        if sigma.max().item() * (1 + rtol) >= upper.item():
+        if math.ldexp(sigma.max().item(), exponent.item()) * (1 + rtol) >= upper.item():
             break
-    return sigma.max().to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    return torch.ldexp(sigma.max().double(), exponent.double()).to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +281,7 @@ def linear_spectral_norm(weight: torch.Tensor, method: str = "auto", *, n_iter: 
     estimate = upper = None
     if method in ("auto", "power"):
         work_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        w = weight.detach().to(work_dtype)[None]
+        w = power_of_two_scale(weight.detach().to(work_dtype))[0][None]  # direction only: no overflow
         u_work = (initial_vectors((1, weight.shape[1]), work_dtype, weight.device) if u is None
                   else u.detach().to(work_dtype).reshape(1, -1).clone())
         sigma_old, done = None, 0

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkern.bounds.spectral import conv2d_spectral_norm, linear_spectral_norm
+from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
 from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_bilinear, conv_power_iteration,
                                               initial_conv_vectors)
 from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors
@@ -76,13 +76,20 @@ class _SpectralNormalized(nn.Module):
         zero = sigma == 0
         return self.weight / torch.where(zero, torch.ones_like(sigma), sigma)
 
+    def _tap_operator_norm(self) -> float:
+        """A bound on the norm of the operator of one kernel tap with unit weight matrix (1: a partial
+        permutation; more when circular padding repeats input pixels)."""
+        return 1.0
+
     def _certified_divisor(self) -> torch.Tensor:
-        """upper(‖A‖) + u_d·Σ_taps ‖W_tap‖_F, rounded up to the weight's dtype: fl(W / divisor) has, by the
-        triangle inequality over the taps, ‖A(fl(W/d))‖ ≤ (‖A(W)‖ + u_d Σ‖W_tap‖_F)/d ≤ 1."""
+        """upper(‖A‖) + u_d·τ·Σ_taps ‖W_tap‖_F, rounded up to the weight's dtype (τ: `_tap_operator_norm`):
+        the rounding of W/d changes each entry by at most u_d relative, so by the triangle inequality over the
+        taps ‖A(fl(W/d))‖ ≤ (‖A(W)‖ + u_d τ Σ‖W_tap‖_F)/d ≤ 1."""
         upper = self._upper().item()
         w = self.weight.detach().double()
         taps = w.reshape(w.shape[0], w.shape[1], -1)
-        slack = torch.finfo(self.weight.dtype).eps * torch.linalg.vector_norm(taps, dim=(0, 1)).sum().item()
+        tap_norms = torch.linalg.vector_norm(taps, dim=(0, 1)).sum().item()
+        slack = torch.finfo(self.weight.dtype).eps * self._tap_operator_norm() * tap_norms
         return _round_up((upper + slack) * (1 + 1e-12), self.weight.dtype).to(self.weight.device)
 
     def train(self, mode: bool = True):
@@ -221,6 +228,9 @@ class _SpectralConvBase(_SpectralNormalized):
 
     def _upper(self) -> torch.Tensor:
         return self._spectral_norm("upper").upper
+
+    def _tap_operator_norm(self) -> float:
+        return _circular_embedding(self.geometry).factor  # √(input pixels repeated by circular padding)
 
     def sigma(self) -> torch.Tensor:
         if self.geometry is None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern._dispatch import check_finite
-from lipkern.ops.power_iteration import initial_vectors
+from lipkern.ops.power_iteration import initial_vectors, power_of_two_scale
 
 __all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_operator", "conv_power_iteration",
            "conv_power_iteration_ref"]
@@ -204,6 +204,7 @@ def _per_layer_normalize(x: torch.Tensor, fallback: torch.Tensor | None = None):
 
 def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> torch.Tensor:
     layers = weights.shape[0]
+    weights, exponent = power_of_two_scale(weights, batch_dims=1)  # AᵀA u must not overflow; σ scales back
     stacked = _stack_weight(weights)
     groups = geometry.groups * layers
     x = u.reshape(1, -1, *u.shape[-2:])
@@ -217,7 +218,7 @@ def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> t
         x = z_unit.reshape(x.shape)
     u.copy_(x.reshape(u.shape))
     v.copy_(w_unit)
-    return sigma
+    return torch.ldexp(sigma, exponent.to(sigma.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -71,6 +71,19 @@ def initial_vectors(shape: tuple[int, ...], dtype: torch.dtype, device, key: str
     return x.to(dtype=dtype if dtype.is_complex else real, device=device)
 
 
+def power_of_two_scale(t: torch.Tensor, batch_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t·2^-e, e) with e per leading batch index such that the largest |entry| is in [0.5, 1): an exact
+    rescaling (entries 2^1022 times smaller than the largest may round to subnormals) that keeps power and
+    Gram iterations away from overflow and underflow. e is 0 where t is all zero."""
+    flat = t.detach().abs().reshape(*t.shape[:batch_dims], -1) if not t.is_complex() else \
+        torch.view_as_real(t.detach().resolve_conj()).abs().reshape(*t.shape[:batch_dims], -1)
+    largest = flat.amax(-1)
+    exponent = torch.where(largest > 0, torch.frexp(largest.double()).exponent, 0)
+    scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), -exponent.double())
+    shape = (*scale.shape, *([1] * (t.dim() - batch_dims)))
+    return t * scale.to(t.real.dtype if t.is_complex() else t.dtype).reshape(shape), exponent
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. Triton kernel: one program per matrix, one sweep over the matrix per iteration.
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +268,8 @@ def batched_power_iteration(matrices: torch.Tensor, u: torch.Tensor | None = Non
     module buffers under ``torch.compile``). When u is None it starts from :func:`initial_vectors`.
 
     Returns ``PowerIteration(sigma, u, v)``: sigma (B,) real, an estimate of each ‖M_b‖₂ that is never above
-    it (up to rounding) and converges from below. Not differentiable: the vectors are constants of the
+    it (up to rounding) and converges from below. ‖M_b‖₂² must be representable in the dtype (the kernels
+    form MᴴM u); :func:`power_of_two_scale` rescales a stack exactly when it is not. Not differentiable: the vectors are constants of the
     computation (for a differentiable σ use vᴴ M u with the returned vectors).
     """
     _validate(matrices, u, v, n_iter)

@@ -25,14 +25,15 @@ def torch_backend(monkeypatch):
 # --- Gram iteration -----------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 9), cols=st.integers(1, 9), rank=st.integers(1, 9), log_scale=st.sampled_from(
-    [-150, -20, 0, 20, 150]), complex_=st.booleans(), seed=st.integers(0, 2**16))
+    [-300, -170, -150, -20, 0, 20, 150, 170, 300]), complex_=st.booleans(), seed=st.integers(0, 2**16))
 def test_gram_bound_is_above_the_norm(rows, cols, rank, log_scale, complex_, seed):
+    """Including scales where squaring entries underflows or overflows (the SVD oracle runs at scale 1)."""
     g = torch.Generator().manual_seed(seed)
     dtype = torch.complex128 if complex_ else torch.float64
     rank = min(rank, rows, cols)
-    m = (torch.randn(3, rows, rank, generator=g, dtype=dtype) @ torch.randn(3, rank, cols, generator=g, dtype=dtype))
-    m = m * 10.0**log_scale
-    exact = torch.linalg.matrix_norm(m, ord=2)
+    unit = torch.randn(3, rows, rank, generator=g, dtype=dtype) @ torch.randn(3, rank, cols, generator=g, dtype=dtype)
+    m = unit * 10.0**log_scale
+    exact = torch.linalg.matrix_norm(unit, ord=2) * 10.0**log_scale
     bound = gram_upper_bound(m, rtol=1e-6)
     assert (bound >= exact).all(), (bound / exact - 1)
     assert (bound.max() <= exact.max() * (1 + 1e-6)), bound.max() / exact.max() - 1
@@ -84,26 +85,53 @@ def conv_cases(draw):
     stride = draw(st.integers(1, 2))
     mode = draw(st.sampled_from(["zeros", "circular"]))
     n = draw(st.integers(max(kh, kw) * dilation, 7))
-    if stride == 1 and draw(st.booleans()):
+    choice = draw(st.integers(0, 2))
+    if stride == 1 and choice == 0:
         padding = "same"
-    else:
-        padding = (draw(st.integers(0, min(2, n))), draw(st.integers(0, min(2, n))))
+    elif choice == 1:
+        padding = (draw(st.integers(0, min(3, n))), draw(st.integers(0, min(3, n))))
+    else:  # asymmetric, possibly wider than the kernel span (then circular padding repeats pixels)
+        padding = tuple(draw(st.integers(0, min(3, n))) for _ in range(4))
     return dict(c_in=c_in, c_out=c_out, k=(kh, kw), n=n,
                 kwargs=dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode))
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=conv_cases(), log_scale=st.sampled_from([-3, 0, 3]), seed=st.integers(0, 2**16))
+@given(case=conv_cases(), log_scale=st.sampled_from([-170, -3, 0, 3, 170]), seed=st.integers(0, 2**16))
 def test_upper_bound_holds_and_estimate_is_below(case, log_scale, seed):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(case["c_out"], case["c_in"] // case["kwargs"]["groups"], *case["k"], generator=g,
-                    dtype=torch.float64) * 10.0**log_scale
+    unit = torch.randn(case["c_out"], case["c_in"] // case["kwargs"]["groups"], *case["k"], generator=g,
+                       dtype=torch.float64)
+    w = unit * 10.0**log_scale
+    kwargs = dict(case["kwargs"])
+    if isinstance(kwargs["padding"], tuple) and len(kwargs["padding"]) == 4:
+        return _check_asymmetric_padding(unit, w, log_scale, case["n"], kwargs)
     try:
-        exact = spectral_norm(dense_conv2d(w, case["n"], **case["kwargs"]))
+        exact = spectral_norm(dense_conv2d(unit, case["n"], **kwargs)) * 10.0**log_scale
     except RuntimeError:
         return  # PyTorch rejects the geometry (e.g. empty output): nothing to bound
     with mock.patch.dict(os.environ, {"LIPKERN_BACKEND": "torch"}):
-        result = conv2d_spectral_norm(w, case["n"], **case["kwargs"], n_iter=300)
+        result = conv2d_spectral_norm(w, case["n"], **kwargs, n_iter=300)
+    assert result.upper.item() >= exact, (result.upper.item(), exact)
+    assert result.estimate.item() <= exact * (1 + 1e-9)
+
+
+def _check_asymmetric_padding(unit, w, log_scale, n, kwargs):
+    """(top, bottom, left, right) padding, which nn.Conv2d cannot express: the oracle is F.pad (zeros or
+    circular) followed by a valid F.conv2d, applied to the identity basis."""
+    t, b, le, r = kwargs["padding"]
+    c_in = unit.shape[1] * kwargs["groups"]
+    basis = torch.eye(c_in * n * n, dtype=torch.float64).reshape(-1, c_in, n, n)
+    mode = "constant" if kwargs["padding_mode"] == "zeros" else "circular"
+    try:
+        out = torch.nn.functional.conv2d(torch.nn.functional.pad(basis, (le, r, t, b), mode=mode), unit,
+                                         stride=kwargs["stride"], dilation=kwargs["dilation"],
+                                         groups=kwargs["groups"])
+    except RuntimeError:
+        return  # empty output: nothing to bound
+    exact = spectral_norm(out.reshape(basis.shape[0], -1).T) * 10.0**log_scale
+    with mock.patch.dict(os.environ, {"LIPKERN_BACKEND": "torch"}):
+        result = conv2d_spectral_norm(w, n, **kwargs, n_iter=300)
     assert result.upper.item() >= exact, (result.upper.item(), exact)
     assert result.estimate.item() <= exact * (1 + 1e-9)
 

@@ -160,3 +160,51 @@ def test_linear_norms(shape, dtype):
     assert spectral_norm(_applied_weight(layer)) <= 1 + 1e-12
     x = torch.randn(3, shape[0], dtype=dtype)
     assert torch.equal(layer.to_vanilla()(x), layer(x))
+
+
+# --- certified layers where the bound is exactly tight: the rounding slack is what keeps the norm ≤ 1 -------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_in, c_out, value", [(37, 3, 1.6149300336837769), (15, 29, 1.0972177982330322),
+                                                (7, 3, 9.933605194091797)])
+def test_certified_rank_one_conv_with_repeating_circular_padding(dtype, c_in, c_out, value):
+    """A 1×1 all-equal kernel with circular padding 2 on a 2×2 input (each pixel read 3×3 = 9 times) has
+    ‖A‖² = 9·c_in·c_out·w², exactly; checked in rational arithmetic on the weight the layer applies."""
+    from fractions import Fraction
+
+    layer = SpectralConv2d(c_in, c_out, 1, padding=2, padding_mode="circular", input_size=(2, 2), certified=True,
+                           bias=False, dtype=dtype).eval()
+    with torch.no_grad():
+        layer.weight.fill_(value)
+    applied = _applied_weight(layer)
+    assert (applied == applied.flatten()[0]).all()
+    w = Fraction(applied.flatten()[0].item())
+    assert 9 * c_in * c_out * w * w <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_certified_rank_one_linear_is_at_most_one_exactly(dtype):
+    from fractions import Fraction
+
+    for value in (0.1, 1.0, 3.7, 1234.5):
+        layer = SpectralLinear(13, 7, bias=False, dtype=dtype, certified=True).eval()
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        applied = _applied_weight(layer)
+        w = Fraction(applied.flatten()[0].item())
+        assert (applied == applied.flatten()[0]).all() and 13 * 7 * w * w <= 1
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e170])
+def test_extreme_weight_scales(scale):
+    """Power and Gram iterations are rescaled by powers of two: no overflow to inf/NaN, no underflow to 0."""
+    layer = SpectralConv2d(2, 3, 3, padding=1, dtype=torch.float64, input_size=4)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    layer.train()(torch.randn(1, 2, 4, 4, dtype=torch.float64))
+    assert torch.isfinite(layer.u).all()
+    layer.eval()
+    unit = layer.weight.detach() / scale
+    exact = spectral_norm(dense_conv2d(unit, 4, padding=1))
+    assert abs(layer.sigma().item() / scale / exact - 1) <= 1e-5
+    layer.certified = True
+    assert layer.sigma().item() / scale >= exact
