@@ -35,6 +35,8 @@ def _round_up(value: float, dtype: torch.dtype) -> torch.Tensor:
     t = torch.tensor(value, dtype=torch.float64).to(dtype)
     if t.double().item() < value:
         t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    if not torch.isfinite(t):
+        raise ValueError(f"the certified norm {value:.3g} does not fit in {dtype}; keep the weight in float32")
     return t
 
 
