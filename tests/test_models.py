@@ -4,7 +4,7 @@ certified layers) are 1-Lipschitz: the dense Jacobian of the whole network at ra
 import pytest
 import torch
 
-from lipkern.models import CPLNet, ConvNet
+from lipkern.models import ConvNet, CPLNet
 from tests.helpers import spectral_norm
 
 

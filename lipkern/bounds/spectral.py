@@ -31,8 +31,12 @@ from typing import NamedTuple
 import torch
 
 from lipkern.bounds.gram import gram_upper_bound
-from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_bilinear, conv_power_iteration,
-                                              initial_conv_vectors)
+from lipkern.ops.conv_power_iteration import (
+    ConvGeometry,
+    conv_bilinear,
+    conv_power_iteration,
+    initial_conv_vectors,
+)
 from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors, power_of_two_scale
 
 __all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "linear_spectral_norm"]
@@ -178,6 +182,20 @@ def _circular_upper(weight, e: _Embedding, g: ConvGeometry, rtol: float, lower: 
 # ----------------------------------------------------------------------------------------------------------
 # Estimates.
 # ----------------------------------------------------------------------------------------------------------
+def _iterate_until_stable(step, u, n_iter: int, rtol: float, chunk: int):
+    """Run ``step(u, k) -> (sigma, u, v)`` in chunks of k iterations until sigma moves by ≤ rtol·sigma over a
+    chunk, or n_iter iterations are done. Returns the last (u, v)."""
+    sigma_old, done = None, 0
+    while done < n_iter:
+        k = min(chunk, n_iter - done)
+        sigma, u, v = step(u, k)
+        done += k
+        if sigma_old is not None and abs(sigma.item() - sigma_old) <= rtol * sigma.item():
+            break
+        sigma_old = sigma.item()
+    return u, v
+
+
 def _power_estimate(weight, g: ConvGeometry, u, n_iter: int, rtol: float):
     """Power iteration on the true operator, in chunks until σ stops moving by more than rtol·σ."""
     c_in = weight.shape[1] * g.groups
@@ -189,14 +207,8 @@ def _power_estimate(weight, g: ConvGeometry, u, n_iter: int, rtol: float):
         u_work = u.detach().to(work_dtype).reshape(1, c_in, *g.input_size).clone()
     kwargs = dict(stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
                   padding_mode=g.padding_mode)
-    sigma_old, done = None, 0
-    while done < n_iter:
-        chunk = min(10, n_iter - done)
-        sigma, u_work, v_work = conv_power_iteration(w, u_work, None, chunk, **kwargs)
-        done += chunk
-        if sigma_old is not None and abs(sigma.item() - sigma_old) <= rtol * sigma.item():
-            break
-        sigma_old = sigma.item()
+    u_work, v_work = _iterate_until_stable(
+        lambda u_, chunk: conv_power_iteration(w, u_, None, chunk, **kwargs), u_work, n_iter, rtol, chunk=10)
     if u is not None:
         with torch.no_grad():
             u.copy_(u_work.reshape(u.shape))
@@ -284,14 +296,8 @@ def linear_spectral_norm(weight: torch.Tensor, method: str = "auto", *, n_iter: 
         w = power_of_two_scale(weight.detach().to(work_dtype))[0][None]  # direction only: no overflow
         u_work = (initial_vectors((1, weight.shape[1]), work_dtype, weight.device) if u is None
                   else u.detach().to(work_dtype).reshape(1, -1).clone())
-        sigma_old, done = None, 0
-        while done < n_iter:
-            chunk = min(25, n_iter - done)
-            sigma, u_work, v_work = batched_power_iteration(w, u_work, None, chunk)
-            done += chunk
-            if sigma_old is not None and abs(sigma.item() - sigma_old) <= rtol * sigma.item():
-                break
-            sigma_old = sigma.item()
+        u_work, v_work = _iterate_until_stable(
+            lambda u_, chunk: batched_power_iteration(w, u_, None, chunk), u_work, n_iter, rtol, chunk=25)
         if u is not None:
             with torch.no_grad():
                 u.copy_(u_work.reshape(u.shape))

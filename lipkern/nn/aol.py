@@ -9,11 +9,11 @@ independent undilated convs on interleaved sub-grids, each with the same kernel.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern.nn._conv import conv2d_forward, conv2d_repr
 from lipkern.ops.aol import aol_rescale
 
 __all__ = ["AOLLinear", "AOLConv2d"]
@@ -153,10 +153,7 @@ class AOLConv2d(_CachedRescale):
                 self.bias.zero_()
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode == "circular":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
-            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d_forward(self, x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.rescaled_weight())
@@ -174,15 +171,4 @@ class AOLConv2d(_CachedRescale):
         return layer.train(self.training)
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s
+        return conv2d_repr(self)

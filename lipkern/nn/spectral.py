@@ -15,14 +15,21 @@ ones; their updates depend only on the weight and the vectors, so ranks stay ide
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
-from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_bilinear, conv_power_iteration,
-                                              initial_conv_vectors)
-from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors
+from lipkern.nn._conv import conv2d_forward, conv2d_repr
+from lipkern.ops.conv_power_iteration import (
+    ConvGeometry,
+    conv_bilinear,
+    conv_power_iteration,
+    initial_conv_vectors,
+)
+from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors, power_of_two_scale
 
 __all__ = ["SpectralConv2d", "SpectralLinear"]
 
@@ -88,9 +95,10 @@ class _SpectralNormalized(nn.Module):
         the rounding of W/d changes each entry by at most u_d relative, so by the triangle inequality over the
         taps ‖A(fl(W/d))‖ ≤ (‖A(W)‖ + u_d τ Σ‖W_tap‖_F)/d ≤ 1."""
         upper = self._upper().item()
-        w = self.weight.detach().double()
+        w, exponent = power_of_two_scale(self.weight.detach().double())  # no overflow in the squares
         taps = w.reshape(w.shape[0], w.shape[1], -1)
-        tap_norms = torch.linalg.vector_norm(taps, dim=(0, 1)).sum().item()
+        tap_norms = math.ldexp(torch.linalg.vector_norm(taps, dim=(0, 1)).sum().item() * (1 + 1e-12),
+                               exponent.item())
         slack = torch.finfo(self.weight.dtype).eps * self._tap_operator_norm() * tap_norms
         return _round_up((upper + slack) * (1 + 1e-12), self.weight.dtype).to(self.weight.device)
 
@@ -241,10 +249,7 @@ class _SpectralConvBase(_SpectralNormalized):
 
     # -- nn.Conv2d behaviour -------------------------------------------------------------------------------
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode == "circular":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
-            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d_forward(self, x, weight)
 
 
 
@@ -275,15 +280,4 @@ class SpectralConv2d(_SpectralConvBase):
         return layer
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s + f", input_size={self.input_size}, certified={self.certified}"
+        return conv2d_repr(self) + f", input_size={self.input_size}, certified={self.certified}"

@@ -17,8 +17,6 @@ Layout of this file: reference, Triton kernels, launchers, custom ops, public fu
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 

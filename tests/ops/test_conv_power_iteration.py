@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from lipkern.ops import conv_power_iteration
-from lipkern.ops.conv_power_iteration import (ConvGeometry, conv_adjoint, conv_bilinear, conv_operator,
-                                              conv_power_iteration_ref, initial_conv_vectors)
+from lipkern.ops.conv_power_iteration import (
+    ConvGeometry,
+    conv_adjoint,
+    conv_bilinear,
+    conv_operator,
+    conv_power_iteration_ref,
+    initial_conv_vectors,
+)
 from tests.helpers import assert_close, dense_conv2d
 
 # (in, out, kernel, input size, nn.Conv2d kwargs): zero and circular padding, 'same' with even kernels

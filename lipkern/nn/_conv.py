@@ -1,0 +1,30 @@
+"""What every lipkern conv layer shares with nn.Conv2d: the forward with its padding and the repr."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def conv2d_forward(layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """nn.Conv2d's forward for ``layer``'s geometry (zeros or circular padding) with another weight."""
+    if layer.padding_mode == "circular":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode="circular")
+        return F.conv2d(x, weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def conv2d_repr(layer) -> str:
+    """nn.Conv2d's extra_repr for ``layer``'s attributes."""
+    s = f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, stride={layer.stride}"
+    if layer.padding != (0, 0):
+        s += f", padding={layer.padding!r}" if isinstance(layer.padding, str) else f", padding={layer.padding}"
+    if layer.dilation != (1, 1):
+        s += f", dilation={layer.dilation}"
+    if layer.groups != 1:
+        s += f", groups={layer.groups}"
+    if layer.bias is None:
+        s += ", bias=False"
+    if layer.padding_mode != "zeros":
+        s += f", padding_mode={layer.padding_mode}"
+    return s
