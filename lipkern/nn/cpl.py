@@ -20,12 +20,10 @@ from lipkern.ops.cpl import cpl_conv2d, cpl_linear
 __all__ = ["CPLConv2d", "CPLLinear"]
 
 
-def _round_down(value: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """The largest value of ``dtype`` that is ≤ ``value``."""
-    t = torch.tensor(value, dtype=torch.float64).to(dtype)
-    if t.double().item() > value:
-        t = torch.nextafter(t, torch.tensor(0.0, dtype=dtype))
-    return t.to(device)
+def _round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest value of ``dtype`` that is ≤ ``value`` (a float64 tensor); tensor ops only (compilable)."""
+    t = value.to(dtype)
+    return torch.where(t.double() > value, torch.nextafter(t, torch.zeros_like(t)), t)
 
 
 class _StepSize:
@@ -36,8 +34,8 @@ class _StepSize:
         sigma = self.sigma()
         if self.training:
             return 2.0 / sigma.square().clamp_min(torch.finfo(sigma.dtype).tiny)
-        s = sigma.double().item()
-        return _round_down(2.0 / (s * s) if s > 0 else 0.0, self.weight.dtype, self.weight.device)
+        s = sigma.detach().double()
+        return _round_down(torch.where(s > 0, 2.0 / (s * s), 0.0), self.weight.dtype)
 
 
 class CPLLinear(_StepSize, _SpectralLinearBase):

@@ -63,12 +63,17 @@ class _SpectralNormalized(nn.Module):
         return (w._version, w.data_ptr(), w.dtype, w.device, self.certified)
 
     def _eval_sigma(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # the eval norm is computed by data-dependent loops that a graph cannot hold: compile serves
+            # the value an eager eval call cached
+            if self._cached_sigma is None:
+                raise RuntimeError(f"{type(self).__name__}: run one eager forward in eval mode before compiling "
+                                   "an eval-mode model (it computes and caches the layer's norm)")
+            return self._cached_sigma
         key = self._weight_key()
-        if self._cached_sigma is None or self._cache_key != key or torch.compiler.is_compiling():
+        if self._cached_sigma is None or self._cache_key != key:
             with torch.inference_mode(False), torch.no_grad():
                 sigma = self._certified_divisor() if self.certified else self._converged_estimate()
-            if torch.compiler.is_compiling():
-                return sigma
             self._cached_sigma, self._cache_key = sigma, key
         return self._cached_sigma
 

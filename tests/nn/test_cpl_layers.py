@@ -71,3 +71,11 @@ def test_state_dict_round_trip_and_repr():
     x = torch.randn(2, 3, 6, 6)
     assert torch.equal(a.eval()(x), b.eval()(x))
     assert "hidden_channels=4" in repr(a) and "hidden_features=7" in repr(CPLLinear(3, 7))
+
+
+def test_compile_fullgraph_eval_after_an_eager_call():
+    layer = CPLConv2d(3, 4, input_size=5, dtype=torch.float64, certified=True).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    eager = layer(x)
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(got, eager, rtol=0, atol=1e-12)

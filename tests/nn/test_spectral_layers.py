@@ -138,6 +138,17 @@ def test_compile_fullgraph_train_step():
     assert_close(layer.u, twin.u)
 
 
+def test_compile_fullgraph_eval_serves_the_cached_norm():
+    layer = SpectralConv2d(3, 4, 3, padding=1, dtype=torch.float64, input_size=5, certified=True).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="run one eager forward in eval mode"):
+        compiled(x)
+    torch._dynamo.reset()
+    eager = layer(x)
+    assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), eager)
+
+
 def test_extra_repr_and_bad_arguments():
     assert "input_size=(5, 5)" in repr(SpectralConv2d(3, 4, 3, input_size=5))
     assert "certified=True" in repr(SpectralLinear(3, 4, certified=True))
