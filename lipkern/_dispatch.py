@@ -9,6 +9,7 @@ Backends, in order of preference:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -89,3 +90,8 @@ def check_finite(tensor: torch.Tensor, op_name: str) -> None:
     if os.environ.get("LIPKERN_CHECK_FINITE", "1") != "0" and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{op_name}: input contains NaN or Inf (LIPKERN_CHECK_FINITE=0 skips this check "
                          "and the device synchronization it costs)")
+
+
+def device_context(tensor: torch.Tensor):
+    """Triton launches go to the current CUDA device: make it the tensor's (multi-GPU safe)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

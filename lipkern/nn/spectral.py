@@ -11,6 +11,9 @@ with the weights it stores, is 1-Lipschitz with proof.
 
 The vectors start deterministic (a function of the layer's shape only), so every DDP rank holds the same
 ones; their updates depend only on the weight and the vectors, so ranks stay identical.
+torch.compile: training steps compile with fullgraph=True; in eval, a compiled call serves the norm that the
+last eager eval call cached (the eval norm comes from data-dependent loops a graph cannot hold).
+Each training step's op checks that the weight is finite (one device sync; LIPKERN_CHECK_FINITE=0 skips it).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern import _cuda
-from lipkern._dispatch import check_finite, select_backend, triton_importable
+from lipkern._dispatch import check_finite, device_context, select_backend, triton_importable
 
 __all__ = ["aol_rescale", "aol_rescale_ref"]
 
@@ -258,9 +258,10 @@ def _gram_partials_triton(w4: torch.Tensor, groups: int):
     partial = torch.empty((n_half * 2 * n_blocks, groups, in_g), device=w4.device, dtype=_acc_dtype(w4.dtype))
     signs = torch.empty((groups, n_half, in_g, in_g), device=w4.device, dtype=torch.int8)
     grid = (n_blocks, n_blocks, groups * n_half)
-    _aol_fwd_kernel[grid](_permuted(w4, groups), partial, signs, out_g, in_g, groups, KH=kh, KW=kw,
-                          N_BLOCKS=n_blocks, BLOCK_C=block_c, BLOCK_O=block_o, USE_DOT=use_dot,
-                          num_warps=num_warps)
+    with device_context(w4):
+        _aol_fwd_kernel[grid](_permuted(w4, groups), partial, signs, out_g, in_g, groups, KH=kh, KW=kw,
+                              N_BLOCKS=n_blocks, BLOCK_C=block_c, BLOCK_O=block_o, USE_DOT=use_dot,
+                              num_warps=num_warps)
     return partial, signs
 
 
@@ -271,8 +272,9 @@ def _scale_triton(w4: torch.Tensor, partial: torch.Tensor, groups: int):
     out = torch.empty_like(w4)
     scale = torch.empty((groups, in_g), device=w4.device, dtype=partial.dtype)
     grid = (groups * triton.cdiv(in_g, block_c), triton.cdiv(out_g, rows))
-    _aol_scale_kernel[grid](w4, partial, out, scale, partial.shape[0], out_g, in_g, groups, KK=kh * kw,
-                            ROWS_PER_PROGRAM=rows, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kh * kw))
+    with device_context(w4):
+        _aol_scale_kernel[grid](w4, partial, out, scale, partial.shape[0], out_g, in_g, groups, KK=kh * kw,
+                                ROWS_PER_PROGRAM=rows, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kh * kw))
     return out, scale
 
 
@@ -352,8 +354,9 @@ def _aol_bwd_triton(grad_out, w4, scale, a, signs, groups):
         block_o = _pow2(out_g, 16, 64)
     grad_in = torch.empty_like(w4)
     grid = (triton.cdiv(out_g, block_o), triton.cdiv(in_g, block_c), groups * kh * kw)
-    _aol_bwd_kernel[grid](_permuted(w4, groups), grad_out, scale, a, signs, grad_in, out_g, in_g, KH=kh, KW=kw,
-                          BLOCK_O=block_o, BLOCK_C=block_c, USE_DOT=use_dot, num_warps=num_warps)
+    with device_context(w4):
+        _aol_bwd_kernel[grid](_permuted(w4, groups), grad_out, scale, a, signs, grad_in, out_g, in_g, KH=kh, KW=kw,
+                              BLOCK_O=block_o, BLOCK_C=block_c, USE_DOT=use_dot, num_warps=num_warps)
     return grad_in
 
 

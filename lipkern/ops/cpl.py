@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import check_finite, select_backend, triton_importable
+from lipkern._dispatch import check_finite, device_context, select_backend, triton_importable
 from lipkern.ops.conv_power_iteration import ConvGeometry, conv_adjoint, conv_operator
 
 __all__ = ["cpl_conv2d", "cpl_conv2d_ref", "cpl_linear", "cpl_linear_ref"]
@@ -102,8 +102,9 @@ def _bias_relu_(pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return pre.relu_()
     inner = pre[0, 0].numel()
     grid = (triton.cdiv(pre.numel(), _BLOCK),)
-    _bias_relu_kernel[grid](pre, bias if bias is not None else pre, pre.numel(), pre.shape[1], inner,
-                            HAS_BIAS=bias is not None, BLOCK=_BLOCK)
+    with device_context(pre):
+        _bias_relu_kernel[grid](pre, bias if bias is not None else pre, pre.numel(), pre.shape[1], inner,
+                                HAS_BIAS=bias is not None, BLOCK=_BLOCK)
     return pre
 
 
@@ -111,8 +112,9 @@ def _residual(x: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor
     if not _use_triton(x):
         return x - h * r
     out = torch.empty_like(x)
-    _residual_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, r, h.to(x.dtype).reshape(1), out, x.numel(),
-                                                          BLOCK=_BLOCK)
+    with device_context(x):
+        _residual_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, r, h.to(x.dtype).reshape(1), out, x.numel(),
+                                                              BLOCK=_BLOCK)
     return out
 
 
@@ -173,9 +175,11 @@ def _backward_elementwise(pre, t, bias, h):
     g_pre = torch.empty_like(t)
     acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
     partial = torch.empty(n_blocks, dtype=acc, device=pre.device)
-    _backward_elementwise_kernel[(n_blocks,)](pre, t, bias if bias is not None else pre, h.to(pre.dtype).reshape(1),
-                                              g_pre, partial, pre.numel(), pre.shape[1], pre[0, 0].numel(),
-                                              HAS_BIAS=bias is not None, BLOCK=_BLOCK)
+    with device_context(pre):
+        _backward_elementwise_kernel[(n_blocks,)](pre, t, bias if bias is not None else pre,
+                                                  h.to(pre.dtype).reshape(1), g_pre, partial, pre.numel(),
+                                                  pre.shape[1], pre[0, 0].numel(), HAS_BIAS=bias is not None,
+                                                  BLOCK=_BLOCK)
     return g_pre, pre, partial.sum().to(pre.dtype)
 
 

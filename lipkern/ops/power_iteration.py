@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import check_finite, select_backend, triton_importable
+from lipkern._dispatch import check_finite, device_context, select_backend, triton_importable
 
 __all__ = ["PowerIteration", "batched_power_iteration", "batched_power_iteration_ref", "initial_vectors"]
 
@@ -168,18 +168,10 @@ def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
     block_cols = max(16, _pow2_at_least(cols))
     block_rows = max(1, min(_pow2_at_least(rows), 4096 // block_cols))
     as_real = (lambda t: torch.view_as_real(t)) if matrices.is_complex() else (lambda t: t)
-    with torch.cuda.device(matrices.device) if matrices.is_cuda else _nullcontext():
+    with device_context(matrices):
         _power_iteration_kernel[(batch,)](as_real(matrices), as_real(u), as_real(v), sigma, rows, cols, n_iter,
                                           IS_COMPLEX=matrices.is_complex(), BLOCK_ROWS=block_rows,
                                           BLOCK_COLS=block_cols, num_warps=4)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
