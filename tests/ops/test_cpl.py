@@ -34,9 +34,17 @@ def test_linear_matches_reference(dtype, batch, features, hidden):
     ref = cpl_linear_ref(*ref_inputs)
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
     assert_close(out, ref, dtype=dtype)
-    for got, want, name in zip(grads, ref_grads, "xwbh"):
-        assert_close(got, want, dtype=dtype, msg=name) if dtype == torch.float64 else \
-            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    if dtype == torch.float64:
+        for got, want, name in zip(grads, ref_grads, "xwbh"):
+            assert_close(got, want, msg=name)
+        return
+    # float32 gradients sum over the batch: no worse than twice PyTorch's own float32 autograd (+ 1 ulp)
+    torch_inputs = [t.detach().requires_grad_() for t in (x, *params)]
+    torch_grads = torch.autograd.grad(cpl_linear_ref(*torch_inputs), torch_inputs, grad)
+    for got, theirs, want, name in zip(grads, torch_grads, ref_grads, "xwbh"):
+        ours_err = (got.double() - want).abs().max().item()
+        their_err = (theirs.double() - want).abs().max().item()
+        assert ours_err <= 2 * their_err + torch.finfo(dtype).eps * want.abs().max().item(), name
 
 
 @pytest.mark.parametrize("kwargs", CONV_CASES, ids=CONV_IDS)
