@@ -26,7 +26,7 @@ from lipkern._dispatch import check_finite
 from lipkern.ops.power_iteration import initial_vectors, power_of_two_scale
 
 __all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_operator", "conv_power_iteration",
-           "conv_power_iteration_ref"]
+           "conv_power_iteration_ref", "initial_conv_vectors"]
 
 PADDING_MODES = ("zeros", "circular")
 
