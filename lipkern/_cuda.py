@@ -6,6 +6,8 @@ before the call; a non-zero return code becomes a ``RuntimeError`` naming the CU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -26,6 +28,26 @@ def available() -> bool:
 def missing_message() -> str:
     return (f"lipkern._C is not built ({_IMPORT_ERROR}); lipkern uses its Triton and PyTorch paths instead. "
             f"To build the CUDA kernels, install the CUDA toolkit (nvcc) and reinstall: {_REINSTALL}")
+
+
+_MIN_CAPABILITY = (8, 0)  # the build carries sm_80 and sm_90 code (and compute_90 PTX for newer GPUs)
+
+
+@functools.lru_cache(maxsize=None)
+def unusable_reason(device_index: int) -> str | None:
+    """Why the built kernels cannot run on this CUDA device (None when they can): the CUDA runtime linked
+    into lipkern._C sees no device (a driver older than the nvcc that built it), or the GPU predates sm_80.
+    Dispatch then falls back to Triton with one warning instead of failing in the kernel launch."""
+    if _C is None:
+        return missing_message()
+    code, count = _C.cuda_device_count()
+    if code != 0 or count <= device_index:
+        return (f"lipkern._C's CUDA runtime cannot use device {device_index} ({_C.error_string(code)}); the "
+                "driver may be older than the CUDA toolkit lipkern._C was built with")
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < _MIN_CAPABILITY:
+        return f"lipkern._C is built for sm_80 and newer, device {device_index} is sm_{capability[0]}{capability[1]}"
+    return None
 
 
 def require():

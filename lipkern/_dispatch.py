@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -35,12 +36,6 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cuda_extension_available() -> bool:
-    from lipkern import _cuda
-
-    return _cuda.available()
-
-
 def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: bool) -> str | None:
     if backend == "torch":
         return None
@@ -54,11 +49,17 @@ def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: boo
         return "this op has no lipkern._C kernel"
     if tensor.device.type != "cuda":
         return f"tensor is on {tensor.device}, not a CUDA device"
-    if not cuda_extension_available():
-        from lipkern import _cuda
+    from lipkern import _cuda
 
+    if not _cuda.available():
         return _cuda.missing_message()
-    return None
+    return _cuda.unusable_reason(tensor.device.index if tensor.device.index is not None else
+                                 torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(f"lipkern: {message}; using the Triton kernels instead", RuntimeWarning, stacklevel=3)
 
 
 def requested_backend() -> str | None:
@@ -79,9 +80,18 @@ def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool) -> str:
             raise BackendUnavailableError(f"LIPKERN_BACKEND={forced} cannot run here: {reason}")
         return forced
     for backend in BACKENDS:
-        if _unavailable_reason(backend, tensor, has_cuda_kernel) is None:
+        reason = _unavailable_reason(backend, tensor, has_cuda_kernel)
+        if reason is None:
             return backend
+        if backend == "cuda" and has_cuda_kernel and tensor.is_cuda and cuda_built():
+            _warn_once(reason)  # built but unusable on this device: say so once, then use Triton
     return "torch"
+
+
+def cuda_built() -> bool:
+    from lipkern import _cuda
+
+    return _cuda.available()
 
 
 def check_finite(tensor: torch.Tensor, op_name: str) -> None:

@@ -204,3 +204,24 @@ def test_power_iteration_wrapper_rejects_matrices_too_large_for_shared_memory():
     args = _power_iteration_args(batch=1, rows=2, cols=3000, dtype=torch.complex128)
     with pytest.raises(ValueError, match="shared memory"):
         _cuda.batched_power_iteration(**args)
+
+
+@needs_extension
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_unusable_device_reason_names_the_cause():
+    """Without a usable CUDA runtime the compiled kernels are reported unusable (dispatch then warns once and
+    uses Triton) instead of failing inside a launch."""
+    _cuda.unusable_reason.cache_clear()
+    reason = _cuda.unusable_reason(0)
+    assert reason is not None and "cannot use device 0" in reason
+
+
+@needs_extension
+def test_old_gpu_is_reported_unusable(monkeypatch):
+    _cuda.unusable_reason.cache_clear()
+    monkeypatch.setattr(_cuda._C, "cuda_device_count", lambda: (0, 1), raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    try:
+        assert "sm_75" in _cuda.unusable_reason(0)
+    finally:
+        _cuda.unusable_reason.cache_clear()
