@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def conv2d_forward(layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -28,3 +29,15 @@ def conv2d_repr(layer) -> str:
     if layer.padding_mode != "zeros":
         s += f", padding_mode={layer.padding_mode}"
     return s
+
+
+def vanilla_conv2d(layer, weight: torch.Tensor) -> nn.Conv2d:
+    """A plain nn.Conv2d with ``layer``'s geometry and bias holding ``weight``, in ``layer``'s train mode."""
+    plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                      layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias)
+    return plain.train(layer.training)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkern.nn._conv import conv2d_forward, conv2d_repr
+from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.aol import aol_rescale
 
 __all__ = ["AOLLinear", "AOLConv2d"]
@@ -160,15 +160,8 @@ class AOLConv2d(_CachedRescale):
 
     def to_vanilla(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the rescaled kernel and the same geometry: identical outputs."""
-        w = self.weight
-        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                          device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            layer.weight.copy_(aol_rescale(w, self.groups))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer.train(self.training)
+            return vanilla_conv2d(self, aol_rescale(self.weight, self.groups))
 
     def extra_repr(self) -> str:
         return conv2d_repr(self)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
-from lipkern.nn._conv import conv2d_forward, conv2d_repr
+from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
     conv_bilinear,
@@ -277,15 +277,8 @@ class SpectralConv2d(_SpectralConvBase):
 
     def to_vanilla(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the eval-mode normalized kernel and the same geometry."""
-        w = self.weight
-        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                          device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            layer.weight.copy_(w / self._eval_sigma())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+            return vanilla_conv2d(self, self.weight / self._eval_sigma())
 
     def extra_repr(self) -> str:
         return conv2d_repr(self) + f", input_size={self.input_size}, certified={self.certified}"
