@@ -163,7 +163,8 @@ def conv_bilinear(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, geomet
 # ----------------------------------------------------------------------------------------------------------
 # Reference: one layer at a time, the loop public CPL / LiResNet code runs (the oracle of the stacked path).
 # ----------------------------------------------------------------------------------------------------------
-def _unit(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def _unit(x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / ‖x‖, ‖x‖); ``keep`` (or x) instead of the unit vector when x is zero."""
     norm = torch.linalg.vector_norm(x)
     if norm > 0:
         return x / norm, norm

@@ -159,14 +159,10 @@ if triton_importable():
 _TRITON_MAX_COLS = 4096
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
     batch, rows, cols = matrices.shape
-    block_cols = max(16, _pow2_at_least(cols))
-    block_rows = max(1, min(_pow2_at_least(rows), 4096 // block_cols))
+    block_cols = max(16, triton.next_power_of_2(cols))
+    block_rows = max(1, min(triton.next_power_of_2(rows), 4096 // block_cols))
     as_real = (lambda t: torch.view_as_real(t)) if matrices.is_complex() else (lambda t: t)
     with device_context(matrices):
         _power_iteration_kernel[(batch,)](as_real(matrices), as_real(u), as_real(v), sigma, rows, cols, n_iter,
