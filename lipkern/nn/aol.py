@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern._dispatch import check_finite
 from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.aol import aol_rescale
 
@@ -37,6 +38,11 @@ class _CachedRescale(nn.Module):
     The cache is keyed on the weight's version counter, storage, dtype and device, so an optimizer step
     (an in-place update), ``load_state_dict``, ``.to()`` or ``.half()`` invalidate it, and so does ``train()``.
     It is not part of the state_dict.
+
+    Finite weights: a training step checks nothing on the host (no device synchronization); a NaN/Inf weight
+    makes the rescaled weight and so the output NaN. Filling the eval cache and ``to_vanilla()`` raise a
+    ValueError on a NaN/Inf weight (one synchronization per cache fill), so no certified or exported layer
+    holds one (``LIPKERN_CHECK_FINITE=0`` skips these checks).
     """
 
     groups: int = 1
@@ -61,6 +67,7 @@ class _CachedRescale(nn.Module):
             return aol_rescale(self.weight, self.groups)
         key = self._weight_key()
         if self._cached_weight is None or self._cache_key != key:
+            check_finite(self.weight, type(self).__name__)
             with torch.inference_mode(False), torch.no_grad():
                 self._cached_weight = aol_rescale(self.weight, self.groups)
             self._cache_key = key
@@ -102,6 +109,7 @@ class AOLLinear(_CachedRescale):
     def to_vanilla(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the rescaled weight: identical outputs, no rescaling cost."""
         w = self.weight
+        check_finite(w, "AOLLinear.to_vanilla")
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
                           dtype=w.dtype)
         with torch.no_grad():
@@ -160,6 +168,7 @@ class AOLConv2d(_CachedRescale):
 
     def to_vanilla(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the rescaled kernel and the same geometry: identical outputs."""
+        check_finite(self.weight, "AOLConv2d.to_vanilla")
         with torch.no_grad():
             return vanilla_conv2d(self, aol_rescale(self.weight, self.groups))
 

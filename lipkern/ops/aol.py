@@ -1,40 +1,110 @@
-"""AOL rescaling (Prach & Lampert 2022): W -> W · diag(d), d_i = (Σ_j |WᵀW|_ij)^(-1/2).
+"""AOL rescaling (Prach & Lampert 2022): W -> W · diag(d), d_i = (Σ_j |WᵀW|_ij)^(-1/2), with a proven margin.
 
 For a conv weight (out, in/groups, kh, kw) the sum runs over all output channels of the group and over the
 (2kh-1)(2kw-1) spatial shifts of the kernel's self-correlation, so ‖conv(W·d)‖₂ ≤ 1 for zero, 'same' and
 circular padding, any input size, any dilation; a strided conv is that conv followed by subsampling, so it
 is 1-Lipschitz too. A zero input column gets d_i = 0 (it stays zero, no NaN).
 
-Notation used below, per group g: M_s[i, j] = Σ_o Σ_x W[o, i, x + s] W[o, j, x] for a shift s of the kernel
-(M_{-s} = M_sᵀ), r_i = Σ_s Σ_j |M_s[i, j]|, d_i = r_i^(-1/2). The backward, with a_i = ∂L/∂r_i =
--½ d_i³ (Σ_{o,x} G[o, i, x] W[o, i, x] + ∂L/∂d_i) and G = ∂L/∂W', is
-    ∂L/∂W[o, c, x] = G[o, c, x] d_c + Σ_s Σ_j (a_c + a_j) sign(M_s[c, j]) W[o, j, x - s],
-one conv of W with the kernel T_s[c, j] = (a_c + a_j) sign(M_s[c, j]). The forward saves sign(M_s) for the
-half of the shifts with s ≥ 0 (int8) so the backward need not recompute the Gram correlation.
+Notation, per group: M_s[i, j] = Σ_o Σ_x W[o, i, x + s] W[o, j, x] for a shift s of the kernel (M_{-s} = M_sᵀ),
+r_i = Σ_s Σ_j |M_s[i, j]|; P_s = the same correlation of |W|, S_i = Σ_s Σ_j P_s[i, j] = Σ_o C_oi R_o with
+C_oi = Σ_x |W[o, i, x]|, R_o = Σ_i C_oi (one GEMV).
 
-Layout of this file: reference, Triton kernels, launchers, custom ops, public function.
+**The margin (why the stored weight is 1-Lipschitz, rounding included).** For any positive d and any weight
+W' with |W'ᵀW'|-correlations bounded entrywise by d_i d_j (|M_s| + c P_s)_ij, the weighted Schur test on the
+circular operator (which contains every zero-padded one as a block) gives ‖conv(W')‖² ≤ max_i d_i² (r_i + c S_i).
+The op computes, in float64,  r̂_i = (Σ|M̂_s[i, j]| + (ε_gram + c_out) S_i + ε_abs T_i)·(1 + n·2⁻⁵²)  and
+d_i = RD((r̂_i)^(-1/2)), so d_i² (r_i + c_out S_i) ≤ 1, where
+- ε_gram bounds the error of each computed M̂_s[i, j] relative to P_s[i, j] (K = out_g·kh·kw products):
+  * ``fp64`` (default; float64 tensor-core MMA, or float64 FMA/BLAS): weights of ≤ 24-bit significand have
+    exact products in float64; each accumulation step errs by ≤ 2⁻⁵³ of the running |sum| (2⁻⁵² assumed):
+    ε = (K + 2)·2⁻⁵².
+  * ``tf32x3`` (3 TF32 MMAs, fresh accumulator per chunk of B = 32 output channels, chunks summed in float64):
+    a = a_big + a_small + δ with |a − a_big| ≤ 2⁻¹⁰|a| and |δ| ≤ 2⁻²⁰|a| (round-to-nearest or truncation),
+    so the dropped terms a_small·b_small, δ·b, a·δ' cost ≤ 3.01·2⁻²⁰|a||b|; TF32 products are exact in the
+    FP32 accumulator, whose chain of 3B terms errs by ≤ 2⁻²² per term of Σ|terms| (a hardware model 1.6×
+    looser than the alignment-and-truncation behaviour measured by Fasi et al. 2021, "Numerical behavior of
+    NVIDIA tensor cores"); flushed subnormals cost ≤ 2⁻¹²⁵ per operand and operation: ε_abs = 2⁻¹²⁴ with
+    T_i = in_g·kk·Σ_o C_oi + kk·Σ_o R_o + in_g·out_g·kk². ε = 3.01·2⁻²⁰ + 3.03·B·2⁻²² + (K + 2)·2⁻⁵².
+- c_out = 2u + u² with u = unit roundoff of the stored weight's dtype plus that of the W·d product: the stored
+  W'_oi = W_oi d_i (1 + δ_oi), |δ_oi| ≤ u, is covered (its correlations obey the bound above with c = c_out).
+Costs (r̂/r − 1 = (ε + c_out) S/r): see ``benchmarks/NOTES.md``; ``LIPKERN_AOL_GRAM`` picks the scheme.
+
+Backward, with a_i = ∂L/∂r_i = −½ d_i³ (Σ_{o,x} G[o, i, x] W[o, i, x] + ∂L/∂d_i) and G = ∂L/∂W' (the margin
+terms are treated as constants, gradients are not certified and use TF32 tensor cores):
+    ∂L/∂W[o, c, x] = G[o, c, x] d_c + Σ_s Σ_j T_s[c, j] W[o, j, x − s],  T_s[c, j] = (a_c + a_j) sign(M_s[c, j]).
+The forward saves sign(M_s) for the shifts s ≥ 0 (int8); the backward builds T once (all shifts, one launch),
+then one GEMM-like kernel per (tap, output tile).
+
+Non-finite weights are not checked here (that would synchronize the device in every training step): a NaN or
+±Inf weight makes r̂ non-finite, and d is then NaN, so the rescaled weight, the layer's output and the loss are
+NaN, never a plausible wrong value. Eval caches and exports check (see ``lipkern.nn.aol``).
+
+Layout of this file: error bounds, reference, Triton kernels, launchers, torch path, autograd, public function.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 
-from lipkern import _cuda
-from lipkern._dispatch import check_finite, device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, select_backend, triton_importable
 
-__all__ = ["aol_rescale", "aol_rescale_ref"]
+__all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GRAM_PRECISIONS = ("fp64", "tf32x3")
+_TF32X3_CHUNK = 32  # output channels per fresh TF32 accumulator (B in the error bound)
+_MIN_PROGRAMS = 264  # two waves of a 132-SM GPU
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Reference: the specification, the CPU path and the test oracle.
+# 1. Error bounds (see the module docstring for the derivation).
 # ----------------------------------------------------------------------------------------------------------
+def gram_precision(weight_dtype: torch.dtype) -> str:
+    """The Gram scheme of the Triton path: ``LIPKERN_AOL_GRAM`` (fp64 | tf32x3; float64 weights: fp64)."""
+    choice = os.environ.get("LIPKERN_AOL_GRAM", "fp64").strip().lower() or "fp64"
+    if choice not in GRAM_PRECISIONS:
+        raise ValueError(f"LIPKERN_AOL_GRAM must be one of {GRAM_PRECISIONS}, got {choice!r}")
+    return "fp64" if weight_dtype == torch.float64 else choice
+
+
+def gram_error_bound(precision: str, out_g: int, kk: int, weight_dtype: torch.dtype) -> tuple[float, float]:
+    """(ε_gram, ε_abs): each computed M̂_s[i, j] is within ε_gram·P_s[i, j] + ε_abs·(its share of T_i)."""
+    k_terms = out_g * kk
+    chain = (k_terms + 2) * 2.0**-52
+    if precision == "fp64":
+        return chain, (2.0**-1020 if weight_dtype == torch.float64 else 0.0)
+    if precision == "tf32x3":
+        return 3.01 * 2.0**-20 + 3.03 * _TF32X3_CHUNK * 2.0**-22 + chain, 2.0**-124
+    raise ValueError(f"unknown Gram precision {precision!r}")
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def output_rounding_margin(dtype: torch.dtype) -> float:
+    """c_out = 2u + u²: the stored weight fl(W·d) (product in the accumulation dtype, then cast) is covered."""
+    acc = _acc_dtype(dtype)
+    u = _unit_roundoff(acc) if dtype == acc else _unit_roundoff(dtype) + _unit_roundoff(acc)
+    return 2 * u + u * u
+
+
+def _scale_margin(dtype: torch.dtype) -> float:
+    """d = (1 − m)·(r̂^(-1/2) in float64), then cast: m covers the float64 sqrt and division and the cast."""
+    return 2.0**-49 if dtype == torch.float64 else 2.0**-22
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Reference: the specification, the CPU path of last resort and the test oracle.
+# ----------------------------------------------------------------------------------------------------------
 def _safe_rsqrt(r: torch.Tensor) -> torch.Tensor:
     """r^(-1/2), 0 where r == 0 (differentiable: no inf*0 in the backward), NaN stays NaN."""
     zero = r == 0
@@ -48,8 +118,17 @@ def _self_correlation(w: torch.Tensor) -> torch.Tensor:
     return F.conv2d(wt, wt, padding=(kh - 1, kw - 1))
 
 
-def aol_rescale_ref(weight: torch.Tensor, groups: int = 1, return_scale: bool = False):
-    """Plain PyTorch AOL rescaling (differentiable through autograd). See :func:`aol_rescale`."""
+def _abs_mass(w: torch.Tensor) -> torch.Tensor:
+    """S_i = Σ_o C_oi R_o for one group's weight (out_g, in_g, kh, kw)."""
+    c = w.abs().sum((2, 3))
+    return c.T @ c.sum(1)
+
+
+def aol_rescale_ref(weight: torch.Tensor, groups: int = 1, return_scale: bool = False, margin: float = 0.0):
+    """Plain PyTorch AOL rescaling (differentiable through autograd). See :func:`aol_rescale`.
+
+    ``margin`` = c adds c·S_i to r_i (S_i as in the module docstring, treated as a constant): the exact
+    counterpart of the op's rounding margin, for tests. ``margin=0`` is the paper's formula."""
     w4 = weight if weight.dim() == 4 else weight[:, :, None, None]
     w4 = w4.to(_acc_dtype(weight.dtype))
     out_g = w4.shape[0] // groups
@@ -57,6 +136,8 @@ def aol_rescale_ref(weight: torch.Tensor, groups: int = 1, return_scale: bool = 
     for g in range(groups):
         wg = w4[g * out_g:(g + 1) * out_g]
         r = _self_correlation(wg).abs().sum(dim=(1, 2, 3))
+        if margin:
+            r = r + margin * _abs_mass(wg.detach())
         d = _safe_rsqrt(r)
         scales.append(d)
         scaled.append(wg * d[None, :, None, None])
@@ -65,156 +146,259 @@ def aol_rescale_ref(weight: torch.Tensor, groups: int = 1, return_scale: bool = 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Triton kernels (only defined when triton imports).
+# 3. Triton kernels (only defined when triton imports).
 # ----------------------------------------------------------------------------------------------------------
 if triton_importable():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _tile_product_tn(a, b, USE_DOT: tl.constexpr):
-        """aᵀ @ b for tiles a (R, M), b (R, N); fp64 avoids tl.dot (not supported on every target)."""
-        if USE_DOT:
-            return tl.dot(tl.trans(a), b, input_precision="ieee")
-        else:
-            return tl.sum(a[:, :, None] * b[:, None, :], axis=0)
+    def _aol_prep_kernel(w_ptr, wp_ptr, col_abs_ptr, row_abs_ptr, N_OUT, OUT_G, IN_G,
+                         KK: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One pass over W (out, in_g, kk): wp = W as (groups, kk, in_g, out_g) (output channels contiguous: the
+        reduction axis of the Gram products), C[o, i] = Σ_x |W[o, i, x]| and R[o] = Σ_i C[o, i] in float64."""
+        offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < N_OUT
+        g = offs_o // OUT_G
+        o_in_group = offs_o % OUT_G
+        offs_k = tl.arange(0, BLOCK_K)
+        row_sum = tl.zeros((BLOCK_O,), dtype=tl.float64)
+        for c0 in range(0, IN_G, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = mask_o[:, None, None] & (offs_c < IN_G)[None, :, None] & (offs_k < KK)[None, None, :]
+            src = (offs_o[:, None, None] * IN_G + offs_c[None, :, None]) * KK + offs_k[None, None, :]
+            w = tl.load(w_ptr + src, mask=mask, other=0.0)
+            dst = ((g[:, None, None] * KK + offs_k[None, None, :]) * IN_G + offs_c[None, :, None]) * OUT_G \
+                + o_in_group[:, None, None]
+            tl.store(wp_ptr + dst, w, mask=mask)
+            col = tl.sum(tl.abs(w.to(tl.float64)), axis=2)
+            tl.store(col_abs_ptr + offs_o[:, None] * IN_G + offs_c[None, :], col,
+                     mask=mask_o[:, None] & (offs_c < IN_G)[None, :])
+            row_sum += tl.sum(col, axis=1)
+        tl.store(row_abs_ptr + offs_o, row_sum, mask=mask_o)
 
     @triton.jit
-    def _tile_product_nt(a, b, USE_DOT: tl.constexpr):
-        """a @ bᵀ for tiles a (M, R), b (N, R)."""
-        if USE_DOT:
-            return tl.dot(a, tl.trans(b), input_precision="ieee")
-        else:
-            return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    def _aol_gram_kernel(wp_ptr, col_abs_ptr, row_abs_ptr, partial_ptr, sign_ptr, slack_ptr, OUT_G, IN_G, GROUPS,
+                         EPS_REL, EPS_ABS_BASE, KH: tl.constexpr, KW: tl.constexpr, N_BLOCKS,
+                         BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, TF32X3: tl.constexpr,
+                         EPS_ABS_POWER: tl.constexpr):
+        """One (group × shift s ≥ 0, i-block, j-block) tile of M̂_s: row and column sums of |M̂_s| into partial
+        slots (float64, each written once), sign(M̂_s) (int8). M_0 is symmetric: only j-blocks ≥ i-blocks are
+        computed, the others write zeros. The diagonal tiles of s = 0 also write the margin ε·S_i + ε_abs·T_i
+        (ε_abs = EPS_ABS_BASE^EPS_ABS_POWER, formed in float64: scalar arguments are float32; slack −1 marks a
+        zero column).
 
-    @triton.jit
-    def _aol_fwd_kernel(wp_ptr, partial_ptr, sign_ptr, OUT_G, IN_G, GROUPS,
-                        KH: tl.constexpr, KW: tl.constexpr, N_BLOCKS,
-                        BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, USE_DOT: tl.constexpr):
-        """One (i-block, j-block, group × shift) tile of |M_s|: its row sums and column sums, and sign(M_s).
-
-        wp: weight permuted to (groups, kh, kw, out_g, in_g). Only shifts s ≥ 0 are computed: the row sums of
-        |M_s| count for channel i, the column sums count for channel j as the row sums of |M_{-s}|.
-        partial: (N_HALF * 2 * N_BLOCKS, groups, in_g), each slot written exactly once.
-        """
+        Products: float64 MMA on float64 operands (exact products), or TF32x3 MMAs on chunks of BLOCK_O output
+        channels, each chunk's float32 result added to a float64 accumulator."""
         NW: tl.constexpr = 2 * KW - 1
         CENTER: tl.constexpr = ((2 * KH - 1) * NW - 1) // 2
         N_HALF: tl.constexpr = CENTER + 1
-        ib = tl.program_id(0)
-        jb = tl.program_id(1)
-        pid2 = tl.program_id(2)
-        g = pid2 // N_HALF
-        h = pid2 % N_HALF
+        KK: tl.constexpr = KH * KW
+        g = tl.program_id(0) // N_HALF
+        h = tl.program_id(0) % N_HALF
+        ib = tl.program_id(1)
+        jb = tl.program_id(2)
         f = h + CENTER
         p = f // NW - (KH - 1)
         q = f % NW - (KW - 1)
-        ACC = tl.float64 if wp_ptr.dtype.element_ty == tl.float64 else tl.float32
-
         offs_i = ib * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_j = jb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_i = offs_i < IN_G
         mask_j = offs_j < IN_G
-        plane = OUT_G * IN_G
-        acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=ACC)
-        for a in range(tl.maximum(0, -p), tl.minimum(KH, KH - p)):
-            for b in range(tl.maximum(0, -q), tl.minimum(KW, KW - q)):
-                base_i = wp_ptr + ((g * KH + a + p) * KW + b + q) * plane
-                base_j = wp_ptr + ((g * KH + a) * KW + b) * plane
-                for o0 in range(0, OUT_G, BLOCK_O):
-                    offs_o = o0 + tl.arange(0, BLOCK_O)
-                    mask_o = offs_o < OUT_G
-                    wi = tl.load(base_i + offs_o[:, None] * IN_G + offs_i[None, :],
-                                 mask=mask_o[:, None] & mask_i[None, :], other=0.0).to(ACC)
-                    wj = tl.load(base_j + offs_o[:, None] * IN_G + offs_j[None, :],
-                                 mask=mask_o[:, None] & mask_j[None, :], other=0.0).to(ACC)
-                    acc += _tile_product_tn(wi, wj, USE_DOT)
-
-        magnitude = tl.abs(acc)
         row_slot = (h * 2) * N_BLOCKS + jb
         col_slot = (h * 2 + 1) * N_BLOCKS + ib
+        lower = (h == 0) & (jb < ib)  # mirrored by the (jb, ib) tile
+        plane = IN_G * OUT_G
+        acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float64)
+        if not lower:
+            for a in range(tl.maximum(0, -p), tl.minimum(KH, KH - p)):
+                for b in range(tl.maximum(0, -q), tl.minimum(KW, KW - q)):
+                    base_i = wp_ptr + ((g * KH + a + p) * KW + b + q) * plane
+                    base_j = wp_ptr + ((g * KH + a) * KW + b) * plane
+                    for o0 in range(0, OUT_G, BLOCK_O):
+                        offs_o = o0 + tl.arange(0, BLOCK_O)
+                        mask_o = offs_o < OUT_G
+                        wi = tl.load(base_i + offs_i[:, None] * OUT_G + offs_o[None, :],
+                                     mask=mask_i[:, None] & mask_o[None, :], other=0.0)
+                        wj = tl.load(base_j + offs_j[:, None] * OUT_G + offs_o[None, :],
+                                     mask=mask_j[:, None] & mask_o[None, :], other=0.0)
+                        if TF32X3:
+                            acc += tl.dot(wi.to(tl.float32), tl.trans(wj.to(tl.float32)),
+                                          input_precision="tf32x3").to(tl.float64)
+                        else:
+                            acc = tl.dot(wi.to(tl.float64), tl.trans(wj.to(tl.float64)), acc,
+                                         out_dtype=tl.float64)
+        magnitude = tl.abs(acc)
         tl.store(partial_ptr + (row_slot * GROUPS + g) * IN_G + offs_i, tl.sum(magnitude, axis=1), mask=mask_i)
-        col_sums = tl.sum(magnitude, axis=0) * (h != 0).to(ACC)  # s = 0: M_0 is symmetric, rows cover it
+        col_sums = tl.sum(magnitude, axis=0) * ((h != 0) | (jb != ib)).to(tl.float64)
         tl.store(partial_ptr + (col_slot * GROUPS + g) * IN_G + offs_j, col_sums, mask=mask_j)
-        sign = (acc > 0).to(tl.int8) - (acc < 0).to(tl.int8)
-        sign_tile = sign_ptr + (g * N_HALF + h) * IN_G * IN_G + offs_i[:, None] * IN_G + offs_j[None, :]
-        tl.store(sign_tile, sign, mask=mask_i[:, None] & mask_j[None, :])
+        if not lower:
+            sign = (acc > 0).to(tl.int8) - (acc < 0).to(tl.int8)
+            sign_base = sign_ptr + (g * N_HALF + h).to(tl.int64) * IN_G * IN_G
+            both = mask_i[:, None] & mask_j[None, :]
+            tl.store(sign_base + offs_i[:, None] * IN_G + offs_j[None, :], sign, mask=both)
+            if (h == 0) & (jb != ib):
+                tl.store(sign_base + offs_j[None, :] * IN_G + offs_i[:, None], sign, mask=both)
+        if (h == 0) & (jb == ib):  # S_i = Σ_o C_oi R_o and T_i, once per channel
+            mass = tl.zeros((BLOCK_C,), dtype=tl.float64)
+            col_total = tl.zeros((BLOCK_C,), dtype=tl.float64)
+            row_total = tl.zeros((BLOCK_O,), dtype=tl.float64)
+            for o0 in range(0, OUT_G, BLOCK_O):
+                offs_o = o0 + tl.arange(0, BLOCK_O)
+                mask_o = offs_o < OUT_G
+                rows = g * OUT_G + offs_o
+                col = tl.load(col_abs_ptr + rows[:, None] * IN_G + offs_i[None, :],
+                              mask=mask_o[:, None] & mask_i[None, :], other=0.0)
+                row = tl.load(row_abs_ptr + rows, mask=mask_o, other=0.0)
+                mass += tl.sum(col * row[:, None], axis=0)
+                col_total += tl.sum(col, axis=0)
+                row_total += row
+            zero64 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+            slack = (zero64 + EPS_REL) * mass
+            if EPS_ABS_POWER > 0:
+                eps_abs = zero64 + 1.0
+                for _ in tl.static_range(EPS_ABS_POWER):
+                    eps_abs = eps_abs * EPS_ABS_BASE  # powers of two: exact
+                n_products = (zero64 + IN_G) * OUT_G * (KK * KK)
+                terms = (zero64 + IN_G * KK) * col_total + KK * tl.sum(row_total, axis=0) + n_products
+                slack += eps_abs * terms
+            slack = tl.where(mass == 0, -1.0, slack)
+            tl.store(slack_ptr + g * IN_G + offs_i, slack, mask=mask_i)
 
     @triton.jit
-    def _aol_scale_kernel(w_ptr, partial_ptr, out_ptr, scale_ptr, N_SLOTS, OUT_G, IN_G, GROUPS,
-                          KK: tl.constexpr, ROWS_PER_PROGRAM, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        """d = (Σ partial)^(-1/2) (0 for a zero column), out = W · d for a chunk of output rows."""
+    def _aol_scale_kernel(w_ptr, partial_ptr, slack_ptr, out_ptr, scale_ptr, N_SLOTS, OUT_G, IN_G, GROUPS,
+                          SUM_TERMS, D_MARGIN, KK: tl.constexpr, ROWS_PER_PROGRAM, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """r̂ = (Σ partial + slack)(1 + SUM_TERMS·2⁻⁵²), d = (1 − D_MARGIN) r̂^(-1/2) in float64 (scalar arguments
+        are float32: both factors are formed in float64 here), then the scale dtype; 0 for a zero column, NaN
+        when r̂ is not finite. out = W·d for a chunk of output rows."""
         n_cblocks = tl.cdiv(IN_G, BLOCK_C)
         g = tl.program_id(0) // n_cblocks
         cb = tl.program_id(0) % n_cblocks
         chunk = tl.program_id(1)
-        ACC = tl.float64 if partial_ptr.dtype.element_ty == tl.float64 else tl.float32
         offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < IN_G
-        r = tl.zeros((BLOCK_C,), dtype=ACC)
+        r = tl.zeros((BLOCK_C,), dtype=tl.float64)
         for s in range(0, N_SLOTS):
             r += tl.load(partial_ptr + (s * GROUPS + g) * IN_G + offs_c, mask=mask_c, other=0.0)
-        safe_r = tl.where(r == 0, 1.0, r)
-        if ACC == tl.float64:
-            d = 1.0 / tl.sqrt(safe_r)  # fp64 sqrt and division are IEEE-rounded
-        else:
-            d = tl.div_rn(tl.full(safe_r.shape, 1.0, ACC), tl.sqrt_rn(safe_r))
-        d = tl.where(r == 0, 0.0, d)
+        slack = tl.load(slack_ptr + g * IN_G + offs_c, mask=mask_c, other=0.0)
+        zero = slack < 0
+        zero64 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        sum_factor = 1.0 + (zero64 + SUM_TERMS) * 2.220446049250313e-16  # 2^-52, exact
+        d_factor = (zero64 + 1.0) - (zero64 + D_MARGIN)
+        r_hat = (r + tl.where(zero, 0.0, slack)) * sum_factor
+        safe = tl.where(zero | (r_hat == 0), 1.0, r_hat)
+        d64 = d_factor / tl.sqrt(safe)  # float64 sqrt and division are IEEE round-to-nearest
+        d64 = tl.where(r_hat < float("inf"), d64, float("nan"))  # Inf or NaN weights -> NaN, never a value
+        d = tl.where(zero, 0.0, d64).to(scale_ptr.dtype.element_ty)
         if chunk == 0:
             tl.store(scale_ptr + g * IN_G + offs_c, d, mask=mask_c)
-
         offs_k = tl.arange(0, BLOCK_K)
         mask = mask_c[:, None] & (offs_k[None, :] < KK)
         first = chunk * ROWS_PER_PROGRAM
         for o in range(first, tl.minimum(first + ROWS_PER_PROGRAM, OUT_G)):
             offs = ((g * OUT_G + o) * IN_G + offs_c[:, None]) * KK + offs_k[None, :]
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(scale_ptr.dtype.element_ty)
             tl.store(out_ptr + offs, (w * d[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _aol_bwd_kernel(wp_ptr, grad_out_ptr, scale_ptr, a_ptr, sign_ptr, grad_in_ptr, OUT_G, IN_G,
-                        KH: tl.constexpr, KW: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
-        """grad_in[o, c, x] = G[o, c, x] d_c + Σ_y Σ_j W[o, j, y] (a_c + a_j) sign(M_{x-y}[c, j])."""
+    def _aol_grad_dot_kernel(grad_ptr, w_ptr, gw_partial_ptr, OUT_G, IN_G, GROUPS, KK: tl.constexpr,
+                             BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """partial[ob, g, c] = Σ_{o in block ob} Σ_x G[o, c, x] W[o, c, x] (the ∂L/∂d part of a)."""
+        n_cblocks = tl.cdiv(IN_G, BLOCK_C)
+        g = tl.program_id(0) // n_cblocks
+        cb = tl.program_id(0) % n_cblocks
+        ob = tl.program_id(1)
+        ACC = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask = (offs_o < OUT_G)[:, None, None] & (offs_c < IN_G)[None, :, None] & (offs_k < KK)[None, None, :]
+        offs = ((g * OUT_G + offs_o[:, None, None]) * IN_G + offs_c[None, :, None]) * KK + offs_k[None, None, :]
+        grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
+        total = tl.sum(tl.sum(grad * w, axis=2), axis=0)
+        tl.store(gw_partial_ptr + (ob * GROUPS + g) * IN_G + offs_c, total, mask=offs_c < IN_G)
+
+    @triton.jit
+    def _rescale_grad_block(gw_partial_ptr, grad_scale_ptr, scale_ptr, g, offs, mask, N_PARTIAL, GROUPS, IN_G,
+                            HAS_GRAD_SCALE: tl.constexpr):
+        """a = ∂L/∂r = −½ d³ (Σ partial + ∂L/∂d), 0 for a zero column."""
+        d = tl.load(scale_ptr + g * IN_G + offs, mask=mask, other=0.0)
+        gw = tl.zeros(d.shape, dtype=d.dtype)
+        for s in range(0, N_PARTIAL):
+            gw += tl.load(gw_partial_ptr + (s * GROUPS + g) * IN_G + offs, mask=mask, other=0.0).to(d.dtype)
+        if HAS_GRAD_SCALE:
+            gw += tl.load(grad_scale_ptr + g * IN_G + offs, mask=mask, other=0.0).to(d.dtype)
+        return tl.where(d == 0, 0.0, -0.5 * d * d * d * gw)
+
+    @triton.jit
+    def _aol_coefficient_kernel(sign_ptr, gw_partial_ptr, grad_scale_ptr, scale_ptr, t_ptr, N_PARTIAL, IN_G, GROUPS,
+                                KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
+                                HAS_GRAD_SCALE: tl.constexpr):
+        """T_f[c, j] = (a_c + a_j)·sign(M_f[c, j]) for every shift f (s < 0 read as M_{−s}ᵀ), layout
+        (groups, n_full, in_g, in_g) with j contiguous: the K-major operand of the backward product."""
         NW: tl.constexpr = 2 * KW - 1
         N_FULL: tl.constexpr = (2 * KH - 1) * NW
         CENTER: tl.constexpr = (N_FULL - 1) // 2
         N_HALF: tl.constexpr = CENTER + 1
+        g = tl.program_id(0) // N_FULL
+        f = tl.program_id(0) % N_FULL
+        offs_c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs_j = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        mask_c = offs_c < IN_G
+        mask_j = offs_j < IN_G
+        a_c = _rescale_grad_block(gw_partial_ptr, grad_scale_ptr, scale_ptr, g, offs_c, mask_c, N_PARTIAL, GROUPS,
+                                  IN_G, HAS_GRAD_SCALE)
+        a_j = _rescale_grad_block(gw_partial_ptr, grad_scale_ptr, scale_ptr, g, offs_j, mask_j, N_PARTIAL, GROUPS,
+                                  IN_G, HAS_GRAD_SCALE)
+        upper = f >= CENTER
+        h = tl.where(upper, f - CENTER, CENTER - f)
+        stride_c = tl.where(upper, IN_G, 1)
+        stride_j = tl.where(upper, 1, IN_G)
+        both = mask_c[:, None] & mask_j[None, :]
+        sign_base = sign_ptr + (g * N_HALF + h).to(tl.int64) * IN_G * IN_G
+        sign = tl.load(sign_base + offs_c[:, None] * stride_c + offs_j[None, :] * stride_j, mask=both, other=0)
+        t = sign.to(a_c.dtype) * (a_c[:, None] + a_j[None, :])
+        t_base = t_ptr + (g * N_FULL + f).to(tl.int64) * IN_G * IN_G
+        tl.store(t_base + offs_c[:, None] * IN_G + offs_j[None, :], t.to(t_ptr.dtype.element_ty), mask=both)
+
+    @triton.jit
+    def _aol_bwd_kernel(wp_ptr, t_ptr, grad_out_ptr, scale_ptr, grad_in_ptr, OUT_G, IN_G,
+                        KH: tl.constexpr, KW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_J: tl.constexpr, USE_TF32: tl.constexpr):
+        """grad_in[o, c, x] = G[o, c, x] d_c + Σ_y Σ_j W[o, j, y] T_{x−y}[c, j] for one (tap x, o-tile, c-tile).
+        wp is the forward's (groups, kk, in_g, out_g) copy of W."""
+        NW: tl.constexpr = 2 * KW - 1
         KK: tl.constexpr = KH * KW
-        ob = tl.program_id(0)
-        cb = tl.program_id(1)
-        g = tl.program_id(2) // KK
-        x = tl.program_id(2) % KK
+        N_FULL: tl.constexpr = (2 * KH - 1) * NW
+        g = tl.program_id(0) // KK
+        x = tl.program_id(0) % KK
         xa = x // KW
         xb = x % KW
-        ACC = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-
-        offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        ACC = tl.float64 if wp_ptr.dtype.element_ty == tl.float64 else tl.float32
+        offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_o = offs_o < OUT_G
         mask_c = offs_c < IN_G
-        a_c = tl.load(a_ptr + g * IN_G + offs_c, mask=mask_c, other=0.0)
         acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=ACC)
         for ya in tl.static_range(KH):
             for yb in tl.static_range(KW):
                 f = (xa - ya + KH - 1) * NW + (xb - yb + KW - 1)
-                upper = f >= CENTER  # s = x - y ≥ 0 is stored; otherwise read M_{-s}ᵀ
-                h = tl.where(upper, f - CENTER, (N_FULL - 1 - f) - CENTER)
-                stride_c = tl.where(upper, IN_G, 1)
-                stride_j = tl.where(upper, 1, IN_G)
-                sign_base = sign_ptr + (g * N_HALF + h) * IN_G * IN_G
-                w_base = wp_ptr + ((g * KH + ya) * KW + yb) * OUT_G * IN_G
-                for j0 in range(0, IN_G, BLOCK_C):
-                    offs_j = j0 + tl.arange(0, BLOCK_C)
+                w_base = wp_ptr + ((g * KH + ya) * KW + yb) * IN_G * OUT_G
+                t_base = t_ptr + (g * N_FULL + f).to(tl.int64) * IN_G * IN_G
+                for j0 in range(0, IN_G, BLOCK_J):
+                    offs_j = j0 + tl.arange(0, BLOCK_J)
                     mask_j = offs_j < IN_G
-                    a_j = tl.load(a_ptr + g * IN_G + offs_j, mask=mask_j, other=0.0)
-                    sign = tl.load(sign_base + offs_c[:, None] * stride_c + offs_j[None, :] * stride_j,
-                                   mask=mask_c[:, None] & mask_j[None, :], other=0).to(ACC)
-                    t = sign * (a_c[:, None] + a_j[None, :])
-                    wy = tl.load(w_base + offs_o[:, None] * IN_G + offs_j[None, :],
-                                 mask=mask_o[:, None] & mask_j[None, :], other=0.0).to(ACC)
-                    acc += _tile_product_nt(wy, t, USE_DOT)
-
-        d_c = tl.load(scale_ptr + g * IN_G + offs_c, mask=mask_c, other=0.0)
+                    w = tl.load(w_base + offs_j[:, None] * OUT_G + offs_o[None, :],
+                                mask=mask_j[:, None] & mask_o[None, :], other=0.0).to(ACC)
+                    t = tl.load(t_base + offs_c[:, None] * IN_G + offs_j[None, :],
+                                mask=mask_c[:, None] & mask_j[None, :], other=0.0).to(ACC)
+                    if USE_TF32:
+                        acc = tl.dot(tl.trans(w), tl.trans(t), acc, input_precision="tf32")
+                    else:
+                        acc = tl.dot(tl.trans(w), tl.trans(t), acc, out_dtype=ACC)
+        d_c = tl.load(scale_ptr + g * IN_G + offs_c, mask=mask_c, other=0.0).to(ACC)
         offs = ((g * OUT_G + offs_o[:, None]) * IN_G + offs_c[None, :]) * KK + x
         mask = mask_o[:, None] & mask_c[None, :]
         grad = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -222,111 +406,149 @@ if triton_importable():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Launchers: own layout, dtype, block sizes, grid and output allocation.
+# 4. Launchers: own layout, dtype, block sizes, grid and output allocation.
 # ----------------------------------------------------------------------------------------------------------
+def _float32_up(x: float) -> float:
+    """The smallest float32 value ≥ x (kernel scalar arguments are float32)."""
+    t = torch.tensor(x, dtype=torch.float32)
+    if t.double().item() < x:
+        t = torch.nextafter(t, torch.tensor(math.inf))
+    return t.item()
+
+
+def _power_of_two_factors(value: float) -> tuple[float, int]:
+    """value = base^power with base a power of two representable in float32 (value 0: power 0)."""
+    if value == 0:
+        return 1.0, 0
+    exponent = math.frexp(value)[1] - 1
+    assert value == 2.0**exponent, "absolute error terms are powers of two"
+    power = next(p for p in range(max(1, math.ceil(-exponent / 120)), 1100) if exponent % p == 0)
+    return 2.0 ** (exponent // power), power
+
+
 def _geometry(w4: torch.Tensor, groups: int):
     out_ch, in_g, kh, kw = w4.shape
     n_half = ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
     return out_ch // groups, in_g, kh, kw, n_half
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The power of two ≥ n, clamped to [lo, hi]."""
-    return max(lo, min(hi, 1 << max(0, n - 1).bit_length()))
+def _tile(rows: int, cols: int, programs_per_tile_pair: int, on_gpu: bool) -> int:
+    """The largest square tile (64, 32, 16: tl.dot needs ≥ 16) that still gives two waves of programs on a
+    132-SM GPU; under the interpreter, few large programs."""
+    if not on_gpu:
+        return 64 if min(rows, cols) > 32 else 32 if min(rows, cols) > 16 else 16
+    for tile in (64, 32):
+        if programs_per_tile_pair * triton.cdiv(rows, tile) * triton.cdiv(cols, tile) >= _MIN_PROGRAMS:
+            return tile
+    return 16
 
 
-def _gram_blocks(w4: torch.Tensor, out_g: int, in_g: int):
-    """(BLOCK_C, BLOCK_O, USE_DOT, num_warps). tl.dot needs every tile dimension ≥ 16."""
-    if w4.dtype == torch.float64:
-        return _pow2(in_g, 16, 32), 16, False, 4
-    if w4.device.type == "cuda":
-        return _pow2(in_g, 16, 64), _pow2(out_g, 16, 32), True, 4
-    return _pow2(in_g, 16, 64), _pow2(out_g, 16, 64), True, 4  # interpreter: few, large programs
+def _num_warps(tile: int) -> int:
+    """64-wide tiles need 8 warps to hold their accumulators without spilling on sm_90."""
+    return 8 if tile >= 64 else 4
 
 
-def _permuted(w4: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, in_g, kh, kw) -> contiguous (groups, kh, kw, out_g, in_g): tiles load coalesced along in_g."""
-    out_ch, in_g, kh, kw = w4.shape
-    return w4.view(groups, out_ch // groups, in_g, kh, kw).permute(0, 3, 4, 1, 2).contiguous()
-
-
-def _gram_partials_triton(w4: torch.Tensor, groups: int):
-    """Partial abs row sums (n_slots, groups, in_g) and half-shift signs (groups, n_half, in_g, in_g)."""
+def _forward_triton(w4: torch.Tensor, groups: int):
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
-    block_c, block_o, use_dot, num_warps = _gram_blocks(w4, out_g, in_g)
+    kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
+    precision = gram_precision(w4.dtype)
+    eps_rel, eps_abs = gram_error_bound(precision, out_g, kk, w4.dtype)
+    eps_rel += output_rounding_margin(w4.dtype)
+    abs_base, abs_power = _power_of_two_factors(eps_abs)
+    f64 = torch.float64
+    wp = torch.empty((groups, kk, in_g, out_g), device=dev, dtype=w4.dtype)
+    col_abs = torch.empty((w4.shape[0], in_g), device=dev, dtype=f64)
+    row_abs = torch.empty((w4.shape[0],), device=dev, dtype=f64)
+    block_c = _tile(in_g, in_g, groups * n_half, on_gpu)
+    block_o = _TF32X3_CHUNK if precision == "tf32x3" else 16
     n_blocks = triton.cdiv(in_g, block_c)
-    partial = torch.empty((n_half * 2 * n_blocks, groups, in_g), device=w4.device, dtype=_acc_dtype(w4.dtype))
-    signs = torch.empty((groups, n_half, in_g, in_g), device=w4.device, dtype=torch.int8)
-    grid = (n_blocks, n_blocks, groups * n_half)
+    partial = torch.empty((n_half * 2 * n_blocks, groups, in_g), device=dev, dtype=f64)
+    slack = torch.empty((groups, in_g), device=dev, dtype=f64)
+    signs = torch.empty((groups, n_half, in_g, in_g), device=dev, dtype=torch.int8)
+    acc = _acc_dtype(w4.dtype)
+    out = torch.empty_like(w4)
+    scale = torch.empty((groups, in_g), device=dev, dtype=acc)
+    sum_terms = n_half * 2 * n_blocks + block_c + 8
+    rows = out_g if not on_gpu else 16
+    block_k = triton.next_power_of_2(kk)
+    prep_rows, prep_c = (4, 64) if on_gpu else (16, 64)
     with device_context(w4):
-        _aol_fwd_kernel[grid](_permuted(w4, groups), partial, signs, out_g, in_g, groups, KH=kh, KW=kw,
-                              N_BLOCKS=n_blocks, BLOCK_C=block_c, BLOCK_O=block_o, USE_DOT=use_dot,
-                              num_warps=num_warps)
-    return partial, signs
+        _aol_prep_kernel[(triton.cdiv(w4.shape[0], prep_rows),)](
+            w4, wp, col_abs, row_abs, w4.shape[0], out_g, in_g, KK=kk, BLOCK_O=prep_rows, BLOCK_C=prep_c,
+            BLOCK_K=block_k)
+        _aol_gram_kernel[(groups * n_half, n_blocks, n_blocks)](
+            wp, col_abs, row_abs, partial, signs, slack, out_g, in_g, groups, _float32_up(eps_rel), abs_base,
+            KH=kh, KW=kw, N_BLOCKS=n_blocks, BLOCK_C=block_c, BLOCK_O=block_o, TF32X3=precision == "tf32x3",
+            EPS_ABS_POWER=abs_power, num_warps=_num_warps(block_c))
+        _aol_scale_kernel[(groups * triton.cdiv(in_g, block_c), triton.cdiv(out_g, rows))](
+            w4, partial, slack, out, scale, partial.shape[0], out_g, in_g, groups, sum_terms,
+            _scale_margin(w4.dtype), KK=kk, ROWS_PER_PROGRAM=rows, BLOCK_C=block_c, BLOCK_K=block_k)
+    return out, scale, signs, wp
 
 
-def _scale_triton(w4: torch.Tensor, partial: torch.Tensor, groups: int):
+def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
-    block_c = _pow2(in_g, 16, 64)
-    rows = out_g if w4.device.type != "cuda" else 16
-    out = torch.empty_like(w4)
-    scale = torch.empty((groups, in_g), device=w4.device, dtype=partial.dtype)
-    grid = (groups * triton.cdiv(in_g, block_c), triton.cdiv(out_g, rows))
+    kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
+    n_full = (2 * kh - 1) * (2 * kw - 1)
+    block_k = triton.next_power_of_2(kk)
+    block_c = 64 if not on_gpu else 32
+    rows = 16 if on_gpu else triton.next_power_of_2(min(out_g, 64))
+    n_partial = triton.cdiv(out_g, rows)
+    partial = torch.empty((n_partial, groups, in_g), device=dev, dtype=scale.dtype)
+    t_dtype = scale.dtype
+    coefficients = torch.empty((groups, n_full, in_g, in_g), device=dev, dtype=t_dtype)
+    grad_in = torch.empty_like(w4)
+    block_t = _tile(in_g, in_g, groups * n_full, on_gpu)
+    tile = _tile(out_g, in_g, groups * kk, on_gpu)
     with device_context(w4):
-        _aol_scale_kernel[grid](w4, partial, out, scale, partial.shape[0], out_g, in_g, groups, KK=kh * kw,
-                                ROWS_PER_PROGRAM=rows, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kh * kw))
-    return out, scale
+        _aol_grad_dot_kernel[(groups * triton.cdiv(in_g, block_c), n_partial)](
+            grad_out, w4, partial, out_g, in_g, groups, KK=kk, BLOCK_O=rows, BLOCK_C=block_c, BLOCK_K=block_k)
+        _aol_coefficient_kernel[(groups * n_full, triton.cdiv(in_g, block_t), triton.cdiv(in_g, block_t))](
+            signs, partial, grad_scale if grad_scale is not None else scale, scale, coefficients, n_partial, in_g,
+            groups, KH=kh, KW=kw, BLOCK=block_t, HAS_GRAD_SCALE=grad_scale is not None)
+        _aol_bwd_kernel[(groups * kk, triton.cdiv(out_g, tile), triton.cdiv(in_g, tile))](
+            wp, coefficients, grad_out, scale, grad_in, out_g, in_g, KH=kh, KW=kw, BLOCK_O=tile, BLOCK_C=tile,
+            BLOCK_J=32, USE_TF32=w4.dtype != torch.float64, num_warps=_num_warps(tile))
+    return grad_in
 
 
-def _scale_cuda(w4: torch.Tensor, partial: torch.Tensor, groups: int):
-    out = torch.empty_like(w4)
-    scale = torch.empty((groups, w4.shape[1]), device=w4.device, dtype=partial.dtype)
-    _cuda.aol_scale_epilogue(partial, w4, out, scale, groups)
-    return out, scale
+# ----------------------------------------------------------------------------------------------------------
+# 5. Torch path (no Triton): the same margin with float64 products in a classical (im2col + GEMM) conv.
+# ----------------------------------------------------------------------------------------------------------
+def _classical_conv_flags():
+    """cuDNN may pick FFT/Winograd convolutions, whose error the bound does not model: use im2col + GEMM."""
+    return torch.backends.cudnn.flags(enabled=False)
 
 
-def _gram_torch(w4: torch.Tensor, groups: int):
-    """Reference Gram pass: abs row sums r (groups, in_g) and half-shift signs (groups, n_half, in_g, in_g)."""
+def _forward_torch(w4: torch.Tensor, groups: int):
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
-    wa = w4.to(_acc_dtype(w4.dtype)).view(groups, out_g, in_g, kh, kw)
-    corr = torch.stack([_self_correlation(wa[g]) for g in range(groups)]).flatten(-2)  # (g, in, in, n_full)
+    kk = kh * kw
+    eps_rel, eps_abs = gram_error_bound("fp64", out_g, kk, torch.float64)
+    eps_rel += output_rounding_margin(w4.dtype)
+    w64 = w4.double().view(groups, out_g, in_g, kh, kw)
+    with _classical_conv_flags():
+        corr = torch.stack([_self_correlation(w64[g]) for g in range(groups)]).flatten(-2)  # (g, in, in, n_full)
     signs = torch.sign(corr[..., n_half - 1:]).permute(0, 3, 1, 2).to(torch.int8).contiguous()
-    return corr.abs().sum(dim=(2, 3)), signs
+    col_abs = w64.abs().sum((3, 4))  # (g, out_g, in_g)
+    row_abs = col_abs.sum(2)
+    mass = (col_abs * row_abs[..., None]).sum(1)
+    slack = eps_rel * mass
+    if eps_abs:
+        slack = slack + eps_abs * (in_g * kk * col_abs.sum(1) + kk * row_abs.sum(1, keepdim=True)
+                                   + in_g * out_g * kk * kk)
+    n_terms = corr.shape[2] * corr.shape[3] + 8
+    r_hat = (corr.abs().sum((2, 3)) + slack) * (1 + n_terms * 2.0**-52)
+    d = torch.where(torch.isfinite(r_hat), _safe_rsqrt(r_hat), torch.nan) * (1 - _scale_margin(w4.dtype))
+    acc = _acc_dtype(w4.dtype)
+    scale = torch.where(mass == 0, 0.0, d).to(acc)
+    out = (w4.to(acc).view(groups, out_g, in_g, kh, kw) * scale[:, None, :, None, None]).reshape(w4.shape)
+    return out.to(w4.dtype), scale, signs, _backward_layout(w4, groups)
 
 
-def _scale_torch(w4: torch.Tensor, r: torch.Tensor, groups: int):
-    scale = _safe_rsqrt(r)
-    out_g, in_g, kh, kw, _ = _geometry(w4, groups)
-    wa = w4.to(scale.dtype).view(groups, out_g, in_g, kh, kw)
-    return (wa * scale[:, None, :, None, None]).reshape(w4.shape).to(w4.dtype), scale
-
-
-def _aol_fwd(w4: torch.Tensor, groups: int):
-    w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
-    check_finite(w4, "aol_rescale")
-    backend = select_backend(w4, has_cuda_kernel=True)
-    if backend == "torch" or (backend == "cuda" and not triton_importable()):
-        r, signs = _gram_torch(w4, groups)
-        partial = r[None]  # a single slot
-    else:
-        partial, signs = _gram_partials_triton(w4, groups)
-    if backend == "cuda":
-        out, scale = _scale_cuda(w4, partial.contiguous(), groups)
-    elif backend == "triton":
-        out, scale = _scale_triton(w4, partial, groups)
-    else:
-        out, scale = _scale_torch(w4, r, groups)
-    return out, scale, signs
-
-
-def _rescale_grad(grad_out, grad_scale, w4, scale, groups):
-    """a_i = ∂L/∂r_i = -½ d_i³ (Σ_{o,x} G W + ∂L/∂d_i), 0 for zero columns. Shape (groups, in_g)."""
-    out_g, in_g = w4.shape[0] // groups, w4.shape[1]
-    acc = scale.dtype
-    gw = (grad_out.to(acc) * w4.to(acc)).view(groups, out_g, in_g, -1).sum(dim=(1, 3))
-    if grad_scale is not None:
-        gw = gw + grad_scale.to(acc)
-    return torch.where(scale == 0, torch.zeros_like(scale), -0.5 * scale**3 * gw)
+def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
+    """(out, in_g, kh, kw) -> contiguous (groups, kh·kw, in_g, out_g), the layout the Triton kernels read."""
+    out_ch, in_g, kh, kw = w4.shape
+    return w4.view(groups, out_ch // groups, in_g, kh * kw).permute(0, 3, 2, 1).contiguous()
 
 
 def _full_signs(signs: torch.Tensor) -> torch.Tensor:
@@ -336,9 +558,13 @@ def _full_signs(signs: torch.Tensor) -> torch.Tensor:
     return torch.cat([mirrored[..., 1:].flip(-1), upper], dim=-1)
 
 
-def _aol_bwd_torch(grad_out, w4, scale, a, signs, groups):
+def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
     acc = scale.dtype
+    gw = (grad_out.to(acc) * w4.to(acc)).view(groups, out_g, in_g, -1).sum(dim=(1, 3))
+    if grad_scale is not None:
+        gw = gw + grad_scale.to(acc)
+    a = torch.where(scale == 0, torch.zeros_like(scale), -0.5 * scale**3 * gw)
     t = _full_signs(signs).to(acc) * (a[:, :, None, None] + a[:, None, :, None])
     t = t.view(groups, in_g, in_g, 2 * kh - 1, 2 * kw - 1).flip(-2, -1)
     wa = w4.to(acc).view(groups, out_g, in_g, kh, kw)
@@ -347,76 +573,95 @@ def _aol_bwd_torch(grad_out, w4, scale, a, signs, groups):
     return (direct.reshape(w4.shape) + through_r).to(w4.dtype)
 
 
-def _aol_bwd_triton(grad_out, w4, scale, a, signs, groups):
-    out_g, in_g, kh, kw, _ = _geometry(w4, groups)
-    block_c, block_o, use_dot, num_warps = _gram_blocks(w4, out_g, in_g)
-    if w4.device.type == "cuda" and use_dot:
-        block_o = _pow2(out_g, 16, 64)
-    grad_in = torch.empty_like(w4)
-    grid = (triton.cdiv(out_g, block_o), triton.cdiv(in_g, block_c), groups * kh * kw)
-    with device_context(w4):
-        _aol_bwd_kernel[grid](_permuted(w4, groups), grad_out, scale, a, signs, grad_in, out_g, in_g, KH=kh, KW=kw,
-                              BLOCK_O=block_o, BLOCK_C=block_c, USE_DOT=use_dot, num_warps=num_warps)
-    return grad_in
+def _aol_fwd(w4: torch.Tensor, groups: int):
+    """(rescaled weight, d, half-shift signs, the weight in the layout the backward reads)."""
+    w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
+    if select_backend(w4, has_cuda_kernel=False) == "triton":
+        return _forward_triton(w4, groups)
+    return _forward_torch(w4, groups)
 
 
-def _aol_bwd(grad_out, grad_scale, w4, scale, signs, groups):
+def _aol_bwd(grad_out, grad_scale, w4, scale, signs, wp, groups):
     w4 = w4.contiguous()
     grad_out = grad_out.contiguous()  # stride-0 gradients from .sum().backward() included
-    a = _rescale_grad(grad_out, grad_scale, w4, scale, groups).contiguous()
-    backend = select_backend(w4, has_cuda_kernel=True)
-    if backend == "torch" or not triton_importable():
-        return _aol_bwd_torch(grad_out, w4, scale, a, signs, groups)
-    return _aol_bwd_triton(grad_out, w4, scale, a, signs, groups)
+    if grad_scale is not None:
+        grad_scale = grad_scale.contiguous()
+    if select_backend(w4, has_cuda_kernel=False) == "triton":
+        return _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups)
+    return _backward_torch(grad_out, grad_scale, w4, scale, signs, groups)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Custom ops: the boundary torch.compile and torch.export see.
+# 6. Autograd: a custom op for torch.compile / torch.export, an autograd.Function for the eager fast path
+#    (one Python dispatch instead of the custom op's several layers; both run the same launchers).
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("lipkern::aol_rescale", mutates_args=())
-def _aol_rescale_op(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight (out, in_g, kh, kw) contiguous -> (rescaled weight, scale (groups, in_g), signs)."""
+def _aol_rescale_op(weight: torch.Tensor, groups: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (out, in_g, kh, kw) -> (rescaled weight, scale (groups, in_g), signs, backward layout)."""
     return _aol_fwd(weight, groups)
 
 
 @_aol_rescale_op.register_fake
 def _(weight, groups):
     out_g, in_g, kh, kw, n_half = _geometry(weight, groups)
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((groups, in_g), dtype=_acc_dtype(weight.dtype)),
-            weight.new_empty((groups, n_half, in_g, in_g), dtype=torch.int8))
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty((groups, in_g), dtype=_acc_dtype(weight.dtype)),
+            weight.new_empty((groups, n_half, in_g, in_g), dtype=torch.int8),
+            weight.new_empty((groups, kh * kw, in_g, out_g)))
 
 
 @torch.library.custom_op("lipkern::aol_rescale_backward", mutates_args=())
 def _aol_rescale_backward_op(grad_out: torch.Tensor, grad_scale: torch.Tensor | None, weight: torch.Tensor,
-                             scale: torch.Tensor, signs: torch.Tensor, groups: int) -> torch.Tensor:
-    return _aol_bwd(grad_out, grad_scale, weight, scale, signs, groups)
+                             scale: torch.Tensor, signs: torch.Tensor, layout: torch.Tensor,
+                             groups: int) -> torch.Tensor:
+    return _aol_bwd(grad_out, grad_scale, weight, scale, signs, layout, groups)
 
 
 @_aol_rescale_backward_op.register_fake
-def _(grad_out, grad_scale, weight, scale, signs, groups):
+def _(grad_out, grad_scale, weight, scale, signs, layout, groups):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     weight, groups = inputs
-    _, scale, signs = output
-    ctx.save_for_backward(weight, scale, signs)
+    _, scale, signs, layout = output
+    ctx.save_for_backward(weight, scale, signs, layout)
     ctx.groups = groups
 
 
-def _backward(ctx, grad_out, grad_scale, grad_signs):
-    weight, scale, signs = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_scale, grad_signs, grad_layout):
+    weight, scale, signs, layout = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(weight)
-    grad_weight = _aol_rescale_backward_op(grad_out, grad_scale, weight, scale, signs, ctx.groups)
+    grad_weight = _aol_rescale_backward_op(grad_out, grad_scale, weight, scale, signs, layout, ctx.groups)
     return grad_weight, None
 
 
 _aol_rescale_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _AOLRescale(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom op, without its dispatch layers."""
+
+    @staticmethod
+    def forward(ctx, weight, groups):
+        out, scale, signs, layout = _aol_fwd(weight, groups)
+        ctx.save_for_backward(weight, scale, signs, layout)
+        ctx.groups = groups
+        ctx.mark_non_differentiable(signs, layout)
+        return out, scale, signs, layout
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_scale, grad_signs, grad_layout):
+        weight, scale, signs, layout = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(weight)
+        return _aol_bwd(grad_out, grad_scale, weight, scale, signs, layout, ctx.groups), None
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. Public function.
+# 7. Public function.
 # ----------------------------------------------------------------------------------------------------------
 def _validate(weight: torch.Tensor, groups: int) -> None:
     if not isinstance(weight, torch.Tensor):
@@ -437,7 +682,7 @@ def _validate(weight: torch.Tensor, groups: int) -> None:
 
 
 def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = False):
-    """AOL-rescaled weight ``W · diag(d)`` with ``d_i = (Σ_j |WᵀW|_ij)^(-1/2)``.
+    """AOL-rescaled weight ``W · diag(d)`` with ``d_i ≤ (Σ_j |WᵀW|_ij)^(-1/2)`` (a proven rounding margin).
 
     Args:
         weight: linear weight ``(out, in)`` or conv weight ``(out, in/groups, kh, kw)``; float16, bfloat16,
@@ -448,14 +693,20 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
             float32 (float64 for float64 weights).
 
     Returns:
-        The rescaled weight, same shape and dtype (and ``d`` if asked). The operator it defines, linear or
-        conv with any padding ('zeros', 'same', circular), stride, dilation and input size, has spectral norm
-        ≤ 1 in exact arithmetic; the computed rescaling carries relative floating-point error O(n·eps).
-        Zero columns stay zero. Differentiable; runs the fused Triton kernels on CUDA (or under
-        ``TRITON_INTERPRET=1``) and the PyTorch reference elsewhere (see ``LIPKERN_BACKEND``).
+        The rescaled weight, same shape and dtype (and ``d`` if asked). The operator of the **stored** weight,
+        linear or conv with any padding ('zeros', 'same', circular), stride, dilation and input size, has
+        spectral norm ≤ 1 in exact arithmetic: d includes a proven margin for the rounding of the Gram sums
+        (float64 tensor-core products by default, ``LIPKERN_AOL_GRAM=tf32x3`` for TF32x3), of the square root
+        and of the stored product W·d (module docstring). Zero columns stay zero. A NaN/Inf weight gives a NaN
+        result (no device synchronization to check it). Differentiable (TF32 tensor cores in the backward);
+        runs the fused Triton kernels on CUDA (or under ``TRITON_INTERPRET=1``) and the PyTorch path elsewhere
+        (see ``LIPKERN_BACKEND``).
     """
     _validate(weight, groups)
     w4 = (weight if weight.dim() == 4 else weight[:, :, None, None]).contiguous()
-    out, scale, _ = _aol_rescale_op(w4, groups)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        out, scale, _, _ = _aol_rescale_op(w4, groups)
+    else:
+        out, scale, _, _ = _AOLRescale.apply(w4, groups)
     out = out.view(weight.shape)
     return (out, scale) if return_scale else out
