@@ -68,7 +68,7 @@ class BuildExtWithNvcc(build_ext):
 
     def build_extensions(self):
         nvcc = _find_nvcc()
-        objects = self._compile_cuda(nvcc, Path(self.build_temp) / "cuda")
+        objects = self._compile_cuda(nvcc, (Path(self.build_temp) / "cuda").resolve())  # ninja runs in it
         for ext in self.extensions:
             ext.extra_objects = [str(o) for o in objects]
             ext.library_dirs.extend(_cuda_library_dirs(nvcc))

@@ -7,10 +7,6 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lipkern CUDA launchers (raw device pointers; validation happens in Python)";
-  m.def("aol_scale_epilogue", &lipkern_aol_scale_epilogue, py::arg("partial"), py::arg("n_slots"),
-        py::arg("weight"), py::arg("out"), py::arg("scale"), py::arg("groups"), py::arg("out_per_group"),
-        py::arg("in_per_group"), py::arg("kernel_numel"), py::arg("dtype"), py::arg("stream"),
-        "Sum partial Gram abs row sums, d = r^-1/2 (0 where r == 0), out = weight * d. Returns an error code.");
   m.def("batched_power_iteration", &lipkern_batched_power_iteration, py::arg("matrices"), py::arg("u"),
         py::arg("v"), py::arg("sigma"), py::arg("batch"), py::arg("rows"), py::arg("cols"), py::arg("n_iter"),
         py::arg("dtype"), py::arg("is_complex"), py::arg("stream"),

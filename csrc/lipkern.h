@@ -6,9 +6,6 @@
 enum LipkernDtype { LIPKERN_FLOAT32 = 0, LIPKERN_FLOAT64 = 1, LIPKERN_FLOAT16 = 2, LIPKERN_BFLOAT16 = 3 };
 enum LipkernError { LIPKERN_ERR_NULL_POINTER = 10001, LIPKERN_ERR_BAD_SIZE = 10002, LIPKERN_ERR_BAD_DTYPE = 10003 };
 
-int lipkern_aol_scale_epilogue(uintptr_t partial, int64_t n_slots, uintptr_t weight, uintptr_t out,
-                               uintptr_t scale, int64_t groups, int64_t out_per_group,
-                               int64_t in_per_group, int64_t kernel_numel, int dtype, uintptr_t stream);
 // Batched power iteration (csrc/power_iteration.cu). matrices: (batch, rows, cols) contiguous;
 // u: (batch, cols), read then overwritten; v: (batch, rows) and sigma: (batch,) outputs. Complex data
 // (is_complex != 0) is interleaved (re, im); dtype is the code of the real scalar type (float32 or float64

@@ -17,7 +17,7 @@ needs_extension = pytest.mark.skipif(
 def test_extension_imports_and_exposes_launchers():
     assert _cuda.available(), _cuda.missing_message()
     lib = _cuda.require()
-    for name in ("aol_scale_epilogue", "cuda_device_count", "error_string"):
+    for name in ("batched_power_iteration", "cuda_device_count", "error_string"):
         assert callable(getattr(lib, name))
     assert set(lib.DTYPE_CODES) == {"float32", "float64", "float16", "bfloat16"}
 
@@ -29,16 +29,13 @@ def test_launcher_without_gpu_returns_cuda_error_and_wrapper_raises():
     code, count = lib.cuda_device_count()
     assert code != 0 or count == 0
     # Raw launcher, fake pointers: it must refuse before touching memory and name the CUDA error.
-    code = lib.aol_scale_epilogue(16, 1, 16, 16, 16, 1, 1, 1, 1, 0, 0)
+    code = lib.batched_power_iteration(16, 16, 16, 16, 1, 2, 2, 1, 0, 0, 0)
     assert code != 0
     assert "CUDA" in lib.error_string(code), lib.error_string(code)
-    assert lib.aol_scale_epilogue(0, 1, 16, 16, 16, 1, 1, 1, 1, 0, 0) == 10001
+    assert lib.batched_power_iteration(0, 16, 16, 16, 1, 2, 2, 1, 0, 0, 0) == 10001
     assert "null" in lib.error_string(10001)
-    with pytest.raises(RuntimeError, match="aol_scale_epilogue failed"):
-        _cuda._check(code, "aol_scale_epilogue")
-    w = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="CUDA device"):
-        _cuda.aol_scale_epilogue(torch.zeros(1, 1, 3), w, torch.empty_like(w), torch.empty(1, 3), 1)
+    with pytest.raises(RuntimeError, match="batched_power_iteration failed"):
+        _cuda._check(code, "batched_power_iteration")
 
 
 def test_cpu_dispatch_prefers_triton_under_interpreter_else_torch(monkeypatch):

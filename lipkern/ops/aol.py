@@ -448,7 +448,8 @@ def _num_warps(tile: int) -> int:
     return 8 if tile >= 64 else 4
 
 
-def _forward_triton(w4: torch.Tensor, groups: int):
+def _gram_triton(w4: torch.Tensor, groups: int):
+    """Prep and Gram passes: (partial abs row sums, margin slack, half-shift signs, backward layout, tile)."""
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
     precision = gram_precision(w4.dtype)
@@ -460,29 +461,35 @@ def _forward_triton(w4: torch.Tensor, groups: int):
     col_abs = torch.empty((w4.shape[0], in_g), device=dev, dtype=f64)
     row_abs = torch.empty((w4.shape[0],), device=dev, dtype=f64)
     block_c = _tile(in_g, in_g, groups * n_half, on_gpu)
-    block_o = _TF32X3_CHUNK if precision == "tf32x3" else 16
     n_blocks = triton.cdiv(in_g, block_c)
     partial = torch.empty((n_half * 2 * n_blocks, groups, in_g), device=dev, dtype=f64)
     slack = torch.empty((groups, in_g), device=dev, dtype=f64)
     signs = torch.empty((groups, n_half, in_g, in_g), device=dev, dtype=torch.int8)
-    acc = _acc_dtype(w4.dtype)
-    out = torch.empty_like(w4)
-    scale = torch.empty((groups, in_g), device=dev, dtype=acc)
-    sum_terms = n_half * 2 * n_blocks + block_c + 8
-    rows = out_g if not on_gpu else 16
-    block_k = triton.next_power_of_2(kk)
-    prep_rows, prep_c = (4, 64) if on_gpu else (16, 64)
+    prep_rows = 4 if on_gpu else 16
     with device_context(w4):
         _aol_prep_kernel[(triton.cdiv(w4.shape[0], prep_rows),)](
-            w4, wp, col_abs, row_abs, w4.shape[0], out_g, in_g, KK=kk, BLOCK_O=prep_rows, BLOCK_C=prep_c,
-            BLOCK_K=block_k)
+            w4, wp, col_abs, row_abs, w4.shape[0], out_g, in_g, KK=kk, BLOCK_O=prep_rows, BLOCK_C=64,
+            BLOCK_K=triton.next_power_of_2(kk))
         _aol_gram_kernel[(groups * n_half, n_blocks, n_blocks)](
             wp, col_abs, row_abs, partial, signs, slack, out_g, in_g, groups, _float32_up(eps_rel), abs_base,
-            KH=kh, KW=kw, N_BLOCKS=n_blocks, BLOCK_C=block_c, BLOCK_O=block_o, TF32X3=precision == "tf32x3",
+            KH=kh, KW=kw, N_BLOCKS=n_blocks, BLOCK_C=block_c,
+            BLOCK_O=_TF32X3_CHUNK if precision == "tf32x3" else 16, TF32X3=precision == "tf32x3",
             EPS_ABS_POWER=abs_power, num_warps=_num_warps(block_c))
+    return partial, slack, signs, wp, block_c
+
+
+def _forward_triton(w4: torch.Tensor, groups: int):
+    out_g, in_g, kh, kw, _ = _geometry(w4, groups)
+    partial, slack, signs, wp, block_c = _gram_triton(w4, groups)
+    out = torch.empty_like(w4)
+    scale = torch.empty((groups, in_g), device=w4.device, dtype=_acc_dtype(w4.dtype))
+    rows = 16 if w4.is_cuda else out_g
+    sum_terms = partial.shape[0] + block_c + 8
+    with device_context(w4):
         _aol_scale_kernel[(groups * triton.cdiv(in_g, block_c), triton.cdiv(out_g, rows))](
             w4, partial, slack, out, scale, partial.shape[0], out_g, in_g, groups, sum_terms,
-            _scale_margin(w4.dtype), KK=kk, ROWS_PER_PROGRAM=rows, BLOCK_C=block_c, BLOCK_K=block_k)
+            _scale_margin(w4.dtype), KK=kh * kw, ROWS_PER_PROGRAM=rows, BLOCK_C=block_c,
+            BLOCK_K=triton.next_power_of_2(kh * kw))
     return out, scale, signs, wp
 
 
