@@ -44,6 +44,7 @@ Layout of this file: error bounds, reference, Triton kernels, launchers, torch p
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -520,36 +521,46 @@ def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Torch path (no Triton): the same margin with float64 products in a classical (im2col + GEMM) conv.
+# 5. Torch path (no Triton): the same margin, with the Gram sums as float64 GEMMs (classical dot products).
 # ----------------------------------------------------------------------------------------------------------
-def _classical_conv_flags():
-    """cuDNN may pick FFT/Winograd convolutions, whose error the bound does not model: use im2col + GEMM."""
-    return torch.backends.cudnn.flags(enabled=False)
+@functools.lru_cache(maxsize=None)
+def _shift_index(kh: int, kw: int) -> torch.Tensor:
+    """(kk, kk) int64: entry [y, x] = index in the (2kh−1)(2kw−1) shift grid of the shift x − y."""
+    ya, yb = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    y = torch.stack([ya.flatten(), yb.flatten()], 1)
+    diff = y[None, :, :] - y[:, None, :] + torch.tensor([kh - 1, kw - 1])
+    return diff[..., 0] * (2 * kw - 1) + diff[..., 1]
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_sum_matrix(kh: int, kw: int, device: torch.device) -> torch.Tensor:
+    """(kk·kk, n_full) float64 0/1: P[(i, a), (j, b)] summed over a − b = s gives M_s[i, j]."""
+    index = _shift_index(kh, kw).T.flatten()  # pair (a, b) -> shift a − b
+    n_full = (2 * kh - 1) * (2 * kw - 1)
+    return F.one_hot(index, n_full).to(torch.float64).to(device)
 
 
 def _forward_torch(w4: torch.Tensor, groups: int):
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk = kh * kw
-    eps_rel, eps_abs = gram_error_bound("fp64", out_g, kk, torch.float64)
+    eps_rel, eps_abs = gram_error_bound("fp64", out_g, kk, w4.dtype)
     eps_rel += output_rounding_margin(w4.dtype)
-    w64 = w4.double().view(groups, out_g, in_g, kh, kw)
-    with _classical_conv_flags():
-        corr = torch.stack([_self_correlation(w64[g]) for g in range(groups)]).flatten(-2)  # (g, in, in, n_full)
-    signs = torch.sign(corr[..., n_half - 1:]).permute(0, 3, 1, 2).to(torch.int8).contiguous()
-    col_abs = w64.abs().sum((3, 4))  # (g, out_g, in_g)
-    row_abs = col_abs.sum(2)
-    mass = (col_abs * row_abs[..., None]).sum(1)
+    w64 = w4.double().view(groups, out_g, in_g * kk)
+    pairs = (w64.transpose(1, 2) @ w64).view(groups, in_g, kk, in_g, kk).transpose(2, 3)
+    corr = pairs.reshape(groups, in_g, in_g, kk * kk) @ _shift_sum_matrix(kh, kw, w4.device)  # M_s, all s
+    signs = corr[..., n_half - 1:].sign().to(torch.int8).permute(0, 3, 1, 2).contiguous()
+    col_abs = w64.abs().view(groups, out_g, in_g, kk).sum(3)
+    row_abs = col_abs.sum(2, keepdim=True)
+    mass = (row_abs.transpose(1, 2) @ col_abs).squeeze(1)
     slack = eps_rel * mass
     if eps_abs:
-        slack = slack + eps_abs * (in_g * kk * col_abs.sum(1) + kk * row_abs.sum(1, keepdim=True)
-                                   + in_g * out_g * kk * kk)
-    n_terms = corr.shape[2] * corr.shape[3] + 8
-    r_hat = (corr.abs().sum((2, 3)) + slack) * (1 + n_terms * 2.0**-52)
-    d = torch.where(torch.isfinite(r_hat), _safe_rsqrt(r_hat), torch.nan) * (1 - _scale_margin(w4.dtype))
+        slack += eps_abs * (in_g * kk * col_abs.sum(1) + kk * row_abs.sum(1) + in_g * out_g * kk * kk)
+    r_hat = (corr.abs().sum((2, 3)) + slack) * (1 + (in_g * corr.shape[-1] + 8) * 2.0**-52)
+    d = torch.where(r_hat < math.inf, r_hat.rsqrt(), math.nan) * (1 - _scale_margin(w4.dtype))
     acc = _acc_dtype(w4.dtype)
     scale = torch.where(mass == 0, 0.0, d).to(acc)
-    out = (w4.to(acc).view(groups, out_g, in_g, kh, kw) * scale[:, None, :, None, None]).reshape(w4.shape)
-    return out.to(w4.dtype), scale, signs, _backward_layout(w4, groups)
+    out = w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]
+    return out.view(w4.shape).to(w4.dtype), scale, signs, _backward_layout(w4, groups)
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
@@ -566,18 +577,19 @@ def _full_signs(signs: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
+    """∂L/∂W = G·d + W ⋆ T: T_s[c, j] = (a_c + a_j) sign(M_s[c, j]) as a (2kh−1)×(2kw−1) conv kernel."""
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
     acc = scale.dtype
-    gw = (grad_out.to(acc) * w4.to(acc)).view(groups, out_g, in_g, -1).sum(dim=(1, 3))
+    w = w4.to(acc).view(groups, out_g, in_g, kh, kw)
+    grad = grad_out.to(acc).view(groups, out_g, in_g, kh, kw)
+    gw = (grad * w).sum((1, 3, 4))
     if grad_scale is not None:
-        gw = gw + grad_scale.to(acc)
-    a = torch.where(scale == 0, torch.zeros_like(scale), -0.5 * scale**3 * gw)
-    t = _full_signs(signs).to(acc) * (a[:, :, None, None] + a[:, None, :, None])
+        gw += grad_scale
+    a = scale.pow(3).mul_(gw).mul_(-0.5)  # ∂L/∂r; 0 for a zero column (d = 0)
+    t = _full_signs(signs).to(acc) * (a[:, :, None, None] + a[:, None, :, None])  # [g, c, j, shift]
     t = t.view(groups, in_g, in_g, 2 * kh - 1, 2 * kw - 1).flip(-2, -1)
-    wa = w4.to(acc).view(groups, out_g, in_g, kh, kw)
-    through_r = torch.cat([F.conv2d(wa[g], t[g], padding=(kh - 1, kw - 1)) for g in range(groups)])
-    direct = grad_out.to(acc).view(groups, out_g, in_g, kh, kw) * scale[:, None, :, None, None]
-    return (direct.reshape(w4.shape) + through_r).to(w4.dtype)
+    through_r = torch.stack([F.conv2d(w[g], t[g], padding=(kh - 1, kw - 1)) for g in range(groups)])
+    return torch.addcmul(through_r, grad, scale[:, None, :, None, None]).view(w4.shape).to(w4.dtype)
 
 
 def _aol_fwd(w4: torch.Tensor, groups: int):
@@ -657,6 +669,7 @@ class _AOLRescale(torch.autograd.Function):
         ctx.save_for_backward(weight, scale, signs, layout)
         ctx.groups = groups
         ctx.mark_non_differentiable(signs, layout)
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         return out, scale, signs, layout
 
     @staticmethod
