@@ -48,6 +48,7 @@ import functools
 import math
 import os
 
+import numpy
 import torch
 import torch.nn.functional as F
 
@@ -409,12 +410,13 @@ if triton_importable():
 # ----------------------------------------------------------------------------------------------------------
 # 4. Launchers: own layout, dtype, block sizes, grid and output allocation.
 # ----------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _float32_up(x: float) -> float:
-    """The smallest float32 value ≥ x (kernel scalar arguments are float32)."""
-    t = torch.tensor(x, dtype=torch.float32)
-    if t.double().item() < x:
-        t = torch.nextafter(t, torch.tensor(math.inf))
-    return t.item()
+    """The smallest float32 value ≥ x (kernel scalar arguments are float32); no tensor, no host read."""
+    v = numpy.float32(x)
+    if float(v) < x:
+        v = numpy.nextafter(v, numpy.float32(math.inf))
+    return float(v)
 
 
 def _power_of_two_factors(value: float) -> tuple[float, int]:
