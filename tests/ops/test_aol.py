@@ -27,6 +27,8 @@ SHAPES = [
     ((8, 3, 3, 2), 2),
     ((6, 2, 1, 3), 3),
     ((33, 20, 1, 1), 1),
+    ((9, 70), 1),  # two 64-wide channel blocks under the interpreter: mirrored M_0 tiles, transposed signs
+    ((6, 66, 3, 2), 1),
 ]
 IDS = [f"{'x'.join(map(str, s))}-g{g}" for s, g in SHAPES]
 
