@@ -37,6 +37,12 @@ def nan_poisoned_allocations(monkeypatch):
     yield
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    """Run a test on the CPU (Triton interpreter) and, gpu-marked, on CUDA tensors (the compiled kernels)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ def _layer_norm(layer: nn.Module, example_shape) -> float:
     applied to every basis vector, bias removed) in float64, then the SVD."""
     layer = layer.double().eval()
     numel = torch.Size(example_shape).numel()
-    basis = torch.eye(numel, dtype=torch.float64).reshape(numel, *example_shape)
+    basis = torch.eye(numel, dtype=torch.float64, device=layer.weight.device).reshape(numel, *example_shape)
     with torch.no_grad():
         columns = layer(basis)
         if layer.bias is not None:
@@ -46,7 +46,7 @@ def _randomize(layer: nn.Module, scale: float = 2.0) -> None:
 def _adversarial_steps(layer: nn.Module, example_shape, steps: int = 5) -> None:
     """Push the weight towards a larger operator norm: maximize ‖layer(x)‖ / ‖x‖ over weights and inputs."""
     layer.train()
-    x = torch.randn((4, *example_shape), dtype=layer.weight.dtype, requires_grad=True)
+    x = torch.randn((4, *example_shape), dtype=layer.weight.dtype, device=layer.weight.device, requires_grad=True)
     opt = torch.optim.Adam([layer.weight, x], lr=0.1)
     for _ in range(steps):
         gain = layer(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)  # bias-free layers: linear maps
@@ -56,8 +56,8 @@ def _adversarial_steps(layer: nn.Module, example_shape, steps: int = 5) -> None:
 
 
 @pytest.mark.parametrize("kwargs,n", CONV_CASES, ids=CONV_IDS)
-def test_conv_operator_norm_at_most_one(kwargs, n):
-    layer = AOLConv2d(**kwargs, bias=False, dtype=torch.float64)
+def test_conv_operator_norm_at_most_one(device, kwargs, n):
+    layer = AOLConv2d(**kwargs, bias=False, dtype=torch.float64, device=device)
     shape = (kwargs["in_channels"], n, n)
     assert _layer_norm(layer, shape) <= 1 + 1e-6  # initialization
     _randomize(layer)
@@ -68,8 +68,8 @@ def test_conv_operator_norm_at_most_one(kwargs, n):
 
 
 @pytest.mark.parametrize("features", [(5, 5), (3, 7), (8, 2)])
-def test_linear_operator_norm_at_most_one(features):
-    layer = AOLLinear(*features, bias=False, dtype=torch.float64)
+def test_linear_operator_norm_at_most_one(device, features):
+    layer = AOLLinear(*features, bias=False, dtype=torch.float64, device=device)
     _randomize(layer, 5.0)
     _adversarial_steps(layer, (features[0],))
     assert _layer_norm(layer, (features[0],)) <= 1 + 1e-6

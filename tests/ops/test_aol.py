@@ -82,8 +82,8 @@ def test_rescaled_conv_operator_has_norm_at_most_one(padding_mode, n):
 
 
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=IDS)
-def test_scale_matches_explicit_gram_formula_float64(shape, groups):
-    w = torch.randn(shape, dtype=torch.float64)
+def test_scale_matches_explicit_gram_formula_float64(device, shape, groups):
+    w = torch.randn(shape, dtype=torch.float64, device=device)
     out, scale = aol_rescale(w, groups, return_scale=True)
     expected = _gram_scale_float64(w, groups)
     assert_close(scale, expected)
@@ -178,15 +178,15 @@ def test_gram_error_within_its_bound(monkeypatch, precision, kind):
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["orthogonal", "random"])
-def test_stored_weight_operator_norm_at_most_one(monkeypatch, precision, dtype, kind):
+def test_stored_weight_operator_norm_at_most_one(monkeypatch, device, precision, dtype, kind):
     """The explicit operator of the weight as stored (its dtype's rounding included) has norm ≤ 1."""
     monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
-    w = _adversarial_weight(kind, 12, 6, 3, 0.0, 3).to(dtype)
-    stored = aol_rescale(w)
+    w = _adversarial_weight(kind, 12, 6, 3, 0.0, 3).to(device, dtype)
+    stored = aol_rescale(w).cpu()
     for padding_mode in ("zeros", "circular"):
         assert spectral_norm(_conv_matrix(stored.double(), 5, padding_mode)) <= 1 + 1e-12
-    linear = _adversarial_weight(kind, 24, 40, 1, 0.0, 4)[:, :, 0, 0].to(dtype)
-    assert spectral_norm(aol_rescale(linear).double()) <= 1 + 1e-12
+    linear = _adversarial_weight(kind, 24, 40, 1, 0.0, 4)[:, :, 0, 0].to(device, dtype)
+    assert spectral_norm(aol_rescale(linear).cpu().double()) <= 1 + 1e-12
 
 
 # --- kernels (Triton interpreter) vs reference -------------------------------------------------------------
@@ -240,8 +240,8 @@ def test_low_precision_no_worse_than_twice_pytorch(dtype):
     assert_close(ours, ref, dtype=dtype, same_dtype_torch=theirs)
 
 
-def test_zero_columns_stay_zero_without_nan():
-    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+def test_zero_columns_stay_zero_without_nan(device):
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     with torch.no_grad():
         w[:, 1] = 0
     out, scale = aol_rescale(w, return_scale=True)
@@ -252,20 +252,20 @@ def test_zero_columns_stay_zero_without_nan():
     assert_close(grad, ref_grad)
 
 
-def test_all_zero_weight():
-    w = torch.zeros(3, 2, 3, 3)
+def test_all_zero_weight(device):
+    w = torch.zeros(3, 2, 3, 3, device=device)
     assert torch.equal(aol_rescale(w), w)
 
 
-def test_non_contiguous_weight():
-    base = torch.randn(10, 8, 3, 3, dtype=torch.float64)
+def test_non_contiguous_weight(device):
+    base = torch.randn(10, 8, 3, 3, dtype=torch.float64, device=device)
     w = base[::2, 1:6]
     assert not w.is_contiguous()
     assert_close(aol_rescale(w), aol_rescale_ref(w.contiguous()))
 
 
-def test_stride_zero_grad_output():
-    w = torch.randn(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+def test_stride_zero_grad_output(device):
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     (grad,) = torch.autograd.grad(aol_rescale(w).sum(), w)  # sum() hands backward an expanded (stride-0) grad
     (ref_grad,) = torch.autograd.grad(aol_rescale_ref(w).sum(), w)
     assert_close(grad, ref_grad)
@@ -273,8 +273,8 @@ def test_stride_zero_grad_output():
 
 # --- autograd and op boundary ------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,groups", [((3, 2, 2, 2), 1), ((4, 1, 3, 2), 2), ((3, 4), 1)])
-def test_gradcheck_float64(shape, groups):
-    w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_float64(device, shape, groups):
+    w = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: aol_rescale(x, groups), (w,), fast_mode=True)
     assert torch.autograd.gradcheck(lambda x: aol_rescale(x, groups, return_scale=True)[1], (w,),
                                     fast_mode=True)
@@ -315,9 +315,9 @@ def test_bad_input_raises_clear_error(weight, groups, error, match):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("shape", [(3, 4), (4, 3, 3, 3)])
-def test_non_finite_weight_gives_nan_not_a_value(shape, bad):
+def test_non_finite_weight_gives_nan_not_a_value(device, shape, bad):
     """No host check in the op (it would synchronize every training step): the affected channels are NaN."""
-    w = torch.randn(shape)
+    w = torch.randn(shape, device=device)
     w.view(-1)[0] = bad
     out, scale = aol_rescale(w, return_scale=True)
     assert torch.isnan(scale[0, 0]) and torch.isnan(out[:, 0]).any()
