@@ -500,6 +500,8 @@ def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
     kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
     n_full = (2 * kh - 1) * (2 * kw - 1)
+    if wp.numel() == 0:  # the forward ran on the torch path
+        wp = _backward_layout(w4, groups)
     block_k = triton.next_power_of_2(kk)
     block_c = 64 if not on_gpu else 32
     rows = 16 if on_gpu else triton.next_power_of_2(min(out_g, 64))
@@ -542,7 +544,7 @@ def _shift_sum_matrix(kh: int, kw: int, device: torch.device) -> torch.Tensor:
     return F.one_hot(index, n_full).to(torch.float64).to(device)
 
 
-def _forward_torch(w4: torch.Tensor, groups: int):
+def _forward_torch(w4: torch.Tensor, groups: int, layout: bool):
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk = kh * kw
     eps_rel, eps_abs = gram_error_bound("fp64", out_g, kk, w4.dtype)
@@ -562,7 +564,8 @@ def _forward_torch(w4: torch.Tensor, groups: int):
     acc = _acc_dtype(w4.dtype)
     scale = torch.where(mass == 0, 0.0, d).to(acc)
     out = w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]
-    return out.view(w4.shape).to(w4.dtype), scale, signs, _backward_layout(w4, groups)
+    wp = _backward_layout(w4, groups) if layout else w4.new_empty(0)  # only the Triton backward reads it
+    return out.view(w4.shape).to(w4.dtype), scale, signs, wp
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
@@ -572,7 +575,8 @@ def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _full_signs(signs: torch.Tensor) -> torch.Tensor:
-    """Half-shift signs (g, n_half, in, in) -> all shifts (g, in, in, n_full), using M_{-s} = M_sᵀ."""
+    """Half-shift signs (g, n_half, in, in) -> all shifts (g, in, in, n_full), using M_{-s} = M_sᵀ (a view
+    chain plus one copy)."""
     upper = signs.permute(0, 2, 3, 1)  # [g, c, j, h] = sign M_{h}[c, j]
     mirrored = signs.permute(0, 3, 2, 1)  # [g, c, j, h] = sign M_{h}[j, c] = sign M_{-h}[c, j]
     return torch.cat([mirrored[..., 1:].flip(-1), upper], dim=-1)
@@ -588,18 +592,20 @@ def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
     if grad_scale is not None:
         gw += grad_scale
     a = scale.pow(3).mul_(gw).mul_(-0.5)  # ∂L/∂r; 0 for a zero column (d = 0)
-    t = _full_signs(signs).to(acc) * (a[:, :, None, None] + a[:, None, :, None])  # [g, c, j, shift]
-    t = t.view(groups, in_g, in_g, 2 * kh - 1, 2 * kw - 1).flip(-2, -1)
+    # conv2d correlates, so the kernel is T with both shift axes reversed: the flattened shift order reversed
+    flipped = _full_signs(signs).flip(-1).to(acc)
+    t = (flipped * (a[:, :, None, None] + a[:, None, :, None])).view(groups, in_g, in_g, 2 * kh - 1, 2 * kw - 1)
     through_r = torch.stack([F.conv2d(w[g], t[g], padding=(kh - 1, kw - 1)) for g in range(groups)])
     return torch.addcmul(through_r, grad, scale[:, None, :, None, None]).view(w4.shape).to(w4.dtype)
 
 
-def _aol_fwd(w4: torch.Tensor, groups: int):
-    """(rescaled weight, d, half-shift signs, the weight in the layout the backward reads)."""
+def _aol_fwd(w4: torch.Tensor, groups: int, layout: bool = True):
+    """(rescaled weight, d, half-shift signs, W in the Triton backward's layout, or an empty tensor on the
+    torch path when ``layout`` is False)."""
     w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
     if select_backend(w4, has_cuda_kernel=False) == "triton":
         return _forward_triton(w4, groups)
-    return _forward_torch(w4, groups)
+    return _forward_torch(w4, groups, layout)
 
 
 def _aol_bwd(grad_out, grad_scale, w4, scale, signs, wp, groups):
@@ -667,7 +673,7 @@ class _AOLRescale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, groups):
-        out, scale, signs, layout = _aol_fwd(weight, groups)
+        out, scale, signs, layout = _aol_fwd(weight, groups, layout=False)
         ctx.save_for_backward(weight, scale, signs, layout)
         ctx.groups = groups
         ctx.mark_non_differentiable(signs, layout)
