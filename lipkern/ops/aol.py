@@ -99,6 +99,14 @@ def output_rounding_margin(dtype: torch.dtype) -> float:
     return 2 * u + u * u
 
 
+def _slack_coefficients(precision: str, out_g: int, kk: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(c, ε_abs) of the slack c·S_i + ε_abs·T_i. c = (ε_gram + c_out)(1 + 2⁻²⁰): the factor covers the float64
+    rounding of S_i and of the product (relative ≤ (in_g + out_g + kk + 3)·2⁻⁵³); ε_abs carries a factor 2 of
+    headroom over the modelled 2⁻¹²⁵ for T_i's rounding."""
+    eps, eps_abs = gram_error_bound(precision, out_g, kk, dtype)
+    return (eps + output_rounding_margin(dtype)) * (1 + 2.0**-20), eps_abs
+
+
 def _scale_margin(dtype: torch.dtype) -> float:
     """d = (1 − m)·(r̂^(-1/2) in float64), then cast: m covers the float64 sqrt and division and the cast."""
     return 2.0**-49 if dtype == torch.float64 else 2.0**-22
@@ -456,8 +464,7 @@ def _gram_triton(w4: torch.Tensor, groups: int):
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
     precision = gram_precision(w4.dtype)
-    eps_rel, eps_abs = gram_error_bound(precision, out_g, kk, w4.dtype)
-    eps_rel += output_rounding_margin(w4.dtype)
+    eps_rel, eps_abs = _slack_coefficients(precision, out_g, kk, w4.dtype)
     abs_base, abs_power = _power_of_two_factors(eps_abs)
     f64 = torch.float64
     wp = torch.empty((groups, kk, in_g, out_g), device=dev, dtype=w4.dtype)
@@ -547,8 +554,7 @@ def _shift_sum_matrix(kh: int, kw: int, device: torch.device) -> torch.Tensor:
 def _forward_torch(w4: torch.Tensor, groups: int, layout: bool):
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk = kh * kw
-    eps_rel, eps_abs = gram_error_bound("fp64", out_g, kk, w4.dtype)
-    eps_rel += output_rounding_margin(w4.dtype)
+    eps_rel, eps_abs = _slack_coefficients("fp64", out_g, kk, w4.dtype)
     w64 = w4.double().view(groups, out_g, in_g * kk)
     pairs = (w64.transpose(1, 2) @ w64).view(groups, in_g, kk, in_g, kk).transpose(2, 3)
     corr = pairs.reshape(groups, in_g, in_g, kk * kk) @ _shift_sum_matrix(kh, kw, w4.device)  # M_s, all s
