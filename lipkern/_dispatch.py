@@ -95,8 +95,12 @@ def cuda_built() -> bool:
 
 
 def check_finite(tensor: torch.Tensor, op_name: str) -> None:
-    """Reject NaN/Inf inputs with a clear error, unless LIPKERN_CHECK_FINITE=0 (the check syncs the device).
-    Called inside custom ops, where torch.compile does not trace it."""
+    """Reject NaN/Inf with a clear ValueError, unless LIPKERN_CHECK_FINITE=0.
+
+    It reads a value on the host (a device synchronization), so it is never called in a training step (no
+    op calls it: a NaN/Inf weight there gives a NaN/Inf output, visibly). The layers call it where values are
+    read anyway: when an eval-mode cache (a spectral/CPL norm, an AOL rescaled weight) is recomputed, once
+    per weight version, which ``to_vanilla`` goes through too."""
     if os.environ.get("LIPKERN_CHECK_FINITE", "1") != "0" and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{op_name}: input contains NaN or Inf (LIPKERN_CHECK_FINITE=0 skips this check "
                          "and the device synchronization it costs)")

@@ -8,6 +8,8 @@ approximately 1-Lipschitz, as in the paper's code). Eval: σ is cached per weigh
 estimate, or with ``certified=True`` a guaranteed upper bound, and then h = 2/σ² is rounded down, so the
 eval-mode layer is 1-Lipschitz with proof. The forward and backward are ``lipkern.ops.cpl_linear`` /
 ``cpl_conv2d``, whose backward saves only the input.
+A training step reads no value on the host: a NaN/Inf weight makes σ, h and the output NaN. The eval-mode σ
+rejects it with a ValueError (see ``lipkern.nn.spectral``).
 """
 
 from __future__ import annotations

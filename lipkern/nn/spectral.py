@@ -13,7 +13,10 @@ The vectors start deterministic (a function of the layer's shape only), so every
 ones; their updates depend only on the weight and the vectors, so ranks stay identical.
 torch.compile: training steps compile with fullgraph=True; in eval, a compiled call serves the norm that the
 last eager eval call cached (the eval norm comes from data-dependent loops a graph cannot hold).
-Each training step's op checks that the weight is finite (one device sync; LIPKERN_CHECK_FINITE=0 skips it).
+Host synchronization: none in a training step (no value is read on the host; a NaN/Inf weight makes σ, the
+vectors and the output NaN). The eval norm is computed where values are read anyway: it rejects a NaN/Inf
+weight with a ValueError (``lipkern._dispatch.check_finite``, skipped with LIPKERN_CHECK_FINITE=0; the bounds
+of ``lipkern.bounds`` used there reject it regardless), and so does ``to_vanilla``, which uses it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern._dispatch import check_finite
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
 from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
@@ -75,6 +79,7 @@ class _SpectralNormalized(nn.Module):
             return self._cached_sigma
         key = self._weight_key()
         if self._cached_sigma is None or self._cache_key != key:
+            check_finite(self.weight, f"{type(self).__name__} (eval-mode norm of the weight)")
             with torch.inference_mode(False), torch.no_grad():
                 sigma = self._certified_divisor() if self.certified else self._converged_estimate()
             self._cached_sigma, self._cache_key = sigma, key
@@ -89,9 +94,11 @@ class _SpectralNormalized(nn.Module):
         return self._bilinear()
 
     def normalized_weight(self) -> torch.Tensor:
-        sigma = self.sigma()
-        zero = sigma == 0
-        return self.weight / torch.where(zero, torch.ones_like(sigma), sigma)
+        return self._divide(self.sigma())
+
+    def _divide(self, sigma: torch.Tensor) -> torch.Tensor:
+        """W/σ; σ = 0 only for a zero weight (0/tiny = 0), and raising a certified σ keeps it a bound."""
+        return self.weight / sigma.clamp_min(torch.finfo(self.weight.dtype).tiny)
 
     def _tap_operator_norm(self) -> float:
         """A bound on the norm of the operator of one kernel tap with unit weight matrix (1: a partial
@@ -159,7 +166,7 @@ class SpectralLinear(_SpectralLinearBase):
         layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
                           dtype=self.weight.dtype)
         with torch.no_grad():
-            layer.weight.copy_(self.weight / self._eval_sigma())
+            layer.weight.copy_(self._divide(self._eval_sigma()))
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
@@ -233,7 +240,9 @@ class _SpectralConvBase(_SpectralNormalized):
         conv_power_iteration(self.weight.detach()[None], self.u[None], self.v[None], n_iter, **self._conv_kwargs())
 
     def _bilinear(self) -> torch.Tensor:
-        return conv_bilinear(self.weight[None], self.u.clone()[None], self.v.clone()[None], self.geometry)[0]
+        # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
+        u, v = self.u.clone()[None], self.v.clone()[None]
+        return conv_bilinear(self.weight[None], u, v, self.geometry).reshape(())
 
     def _spectral_norm(self, method: str, **kwargs):
         g = self.geometry
@@ -278,7 +287,7 @@ class SpectralConv2d(_SpectralConvBase):
     def to_vanilla(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the eval-mode normalized kernel and the same geometry."""
         with torch.no_grad():
-            return vanilla_conv2d(self, self.weight / self._eval_sigma())
+            return vanilla_conv2d(self, self._divide(self._eval_sigma()))
 
     def extra_repr(self) -> str:
         return conv2d_repr(self) + f", input_size={self.input_size}, certified={self.certified}"

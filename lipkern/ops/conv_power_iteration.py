@@ -11,8 +11,17 @@ One iteration per layer l (u_l persistent, unit norm):
 
 Layers of equal geometry are stacked as one grouped convolution (L layers × g groups = L·g groups), so an
 iteration for all L layers is one conv2d and one conv_transpose2d launch, however many layers there are.
+Symmetric zero padding goes to the convolution (no padded copy); asymmetric or circular padding pads first.
 
-Layout: geometry, reference (one layer at a time), stacked launcher, custom op, public function.
+On the Triton backend an iteration is four launches: w = A u; one kernel writes v = w/‖w‖; z = Aᵀ v; one
+kernel writes u = z/‖z‖ and σ = ‖z‖ = ‖Aᵀ v‖. The norms are computed as m·‖x/m‖ with m = max|x| (no overflow
+or underflow of the squares, so the weights are not rescaled), and v is unit before Aᵀ is applied (‖z‖ ≤ ‖A‖:
+no overflow of AᵀA u). The PyTorch path rescales the weights by a power of two instead (it runs on CPU
+tensors, and under the Triton interpreter for runs of more than 8 iterations, where each launch is slow).
+No host synchronization and no value check: a NaN/Inf weight gives NaN σ and vectors (visible downstream).
+
+Layout: geometry, reference (one layer at a time), Triton kernel, stacked launchers, custom op, public
+function.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import check_finite
+from lipkern._dispatch import device_context, select_backend, triton_importable
 from lipkern.ops.power_iteration import initial_vectors, power_of_two_scale
 
 __all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_operator", "conv_power_iteration",
@@ -125,18 +134,30 @@ def _unpad_adjoint(y: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     return y.new_zeros(y.shape[:-1] + (w,)).index_add_(-1, cols, y)
 
 
+def conv_padding(g: ConvGeometry) -> tuple[int, int] | None:
+    """The (pad_h, pad_w) argument of F.conv2d / conv_transpose2d that realizes ``g``'s padding, or None when
+    it needs an explicit pad (asymmetric or circular padding)."""
+    t, b, le, r = g.padding
+    if g.padding_mode == "zeros" and t == b and le == r:
+        return (t, le)
+    return None
+
+
 def _apply(x: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
-    mode = "constant" if g.padding_mode == "zeros" else "circular"
-    if any(g.padding):
-        x = F.pad(x, _torch_pad(g), mode=mode)
-    return F.conv2d(x, weight, stride=g.stride, dilation=g.dilation, groups=groups)
+    padding = conv_padding(g)
+    if padding is None:
+        x = F.pad(x, _torch_pad(g), mode="constant" if g.padding_mode == "zeros" else "circular")
+        padding = (0, 0)
+    return F.conv2d(x, weight, stride=g.stride, padding=padding, dilation=g.dilation, groups=groups)
 
 
 def _apply_adjoint(y: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
     out_pad = tuple(p - ((o - 1) * s + d * (k - 1) + 1) for p, o, s, d, k in
                     zip(g.padded_size, g.output_size, g.stride, g.dilation, g.kernel_size))
-    x = F.conv_transpose2d(y, weight, stride=g.stride, output_padding=out_pad, dilation=g.dilation, groups=groups)
-    return _unpad_adjoint(x, g) if any(g.padding) else x
+    padding = conv_padding(g)
+    x = F.conv_transpose2d(y, weight, stride=g.stride, padding=padding or (0, 0), output_padding=out_pad,
+                           dilation=g.dilation, groups=groups)  # padding crops: the adjoint of zero padding
+    return _unpad_adjoint(x, g) if padding is None and any(g.padding) else x
 
 
 def conv_operator(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
@@ -166,7 +187,7 @@ def conv_bilinear(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, geomet
 def _unit(x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / ‖x‖, ‖x‖); ``keep`` (or x) instead of the unit vector when x is zero."""
     norm = torch.linalg.vector_norm(x)
-    if norm > 0:
+    if norm != 0:  # NaN too: NaN/Inf weights give NaN results
         return x / norm, norm
     return (x if keep is None else keep), norm
 
@@ -182,7 +203,7 @@ def conv_power_iteration_ref(weights: torch.Tensor, u: torch.Tensor, n_iter: int
             z = conv_adjoint(w, weight, geometry)
             w_unit, w_norm = _unit(w)
             u_l, z_norm = _unit(z, keep=u_l)
-            sigma = z_norm / w_norm if w_norm > 0 else torch.zeros_like(w_norm)
+            sigma = z_norm / w_norm if w_norm != 0 else torch.zeros_like(w_norm)
         sigmas.append(sigma)
         us.append(u_l[0])
         vs.append(w_unit[0])
@@ -190,7 +211,56 @@ def conv_power_iteration_ref(weights: torch.Tensor, u: torch.Tensor, n_iter: int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stacked launcher: all layers as one grouped convolution.
+# Triton kernel: normalize each layer's vector, one program per layer.
+# ----------------------------------------------------------------------------------------------------------
+# Each launch under the Triton interpreter costs ~25 ms: on CPU tensors, longer runs (the convergence loops of
+# lipkern.bounds, thousands of iterations) take the PyTorch path; training steps (1-8 iterations) the kernel.
+_INTERPRETER_MAX_ITER = 8
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _unit_kernel(x_ptr, out_ptr, norm_ptr, N, KEEP_WHEN_ZERO: tl.constexpr, STORE_NORM: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """Row b of x (B, N): out_b = x_b / ‖x_b‖ and norm_b = ‖x_b‖, in two sweeps (one for the norm, one to
+        write). The norm is m·√s with m = max|x| and s = Σ (x/m)², kept per lane and rescaled when m grows (no
+        overflow or underflow of the squares). A zero row writes x_b (zeros), or nothing when KEEP_WHEN_ZERO
+        (out_b keeps its vector). NaN/Inf in the row make s, the norm and the row NaN."""
+        b = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + b * N
+        offs = tl.arange(0, BLOCK)
+        big = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
+        acc = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
+        for start in range(0, N, BLOCK):
+            x = tl.load(x_row + start + offs, mask=start + offs < N, other=0.0)
+            grown = tl.maximum(big, tl.abs(x))  # NaN x: skipped here, but x / safe below is NaN
+            safe = tl.where(grown > 0.0, grown, 1.0)
+            ratio = big / safe
+            y = x / safe
+            acc = acc * ratio * ratio + y * y
+            big = grown
+        m = tl.max(big, axis=0)
+        scale = tl.where(m > 0.0, m, 1.0)
+        ratio = big / scale
+        root = tl.sqrt(tl.sum(acc * ratio * ratio, axis=0))
+        norm = m * root
+        if STORE_NORM:
+            tl.store(norm_ptr + b, norm)
+        zero = norm == 0.0  # False for NaN: the NaN row is written
+        inv_root = 1.0 / tl.where(zero, 1.0, root)
+        end = N
+        if KEEP_WHEN_ZERO:
+            end = tl.where(zero, 0, N)  # a zero row stores nothing
+        for start in range(0, N, BLOCK):
+            x = tl.load(x_row + start + offs, mask=start + offs < N, other=0.0)
+            y = tl.where(zero, x, (x / scale) * inv_root)
+            tl.store(out_ptr + b * N + start + offs, y, mask=start + offs < end)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stacked launchers: all layers as one grouped convolution.
 # ----------------------------------------------------------------------------------------------------------
 def _stack_weight(weights: torch.Tensor) -> torch.Tensor:
     return weights.reshape(-1, *weights.shape[2:])
@@ -198,7 +268,7 @@ def _stack_weight(weights: torch.Tensor) -> torch.Tensor:
 
 def _per_layer_normalize(x: torch.Tensor, fallback: torch.Tensor | None = None):
     norm = torch.linalg.vector_norm(x.flatten(1), dim=1)
-    positive = (norm > 0).reshape(-1, *([1] * (x.dim() - 1)))
+    positive = (norm != 0).reshape(-1, *([1] * (x.dim() - 1)))  # NaN propagates
     scaled = x / norm.clamp_min(torch.finfo(norm.dtype).tiny).reshape(positive.shape)
     return torch.where(positive, scaled, x if fallback is None else fallback), norm
 
@@ -215,11 +285,37 @@ def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> t
         z = _apply_adjoint(w, stacked, geometry, groups)
         w_unit, w_norm = _per_layer_normalize(w.reshape(v.shape))
         z_unit, z_norm = _per_layer_normalize(z.reshape(u.shape), fallback=x.reshape(u.shape))
-        sigma = torch.where(w_norm > 0, z_norm / w_norm.clamp_min(torch.finfo(w_norm.dtype).tiny), 0.0)
+        sigma = torch.where(w_norm != 0, z_norm / w_norm.clamp_min(torch.finfo(w_norm.dtype).tiny), 0.0)
         x = z_unit.reshape(x.shape)
     u.copy_(x.reshape(u.shape))
     v.copy_(w_unit)
     return torch.ldexp(sigma, exponent.to(sigma.dtype))
+
+
+def _launch_unit(x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, keep_when_zero: bool,
+                 store_norm: bool) -> None:
+    """One program per layer, up to 16 warps (a training step's vectors are at most a few 10⁵ elements: two
+    sweeps of ≤ 16 steps of 8192 float32 elements)."""
+    layers, n = out.shape[0], out[0].numel()
+    per_thread = 16 if out.element_size() <= 4 else 8  # float64 at 16 per thread spills registers (sm_90)
+    block = min(per_thread * 512, max(128, triton.next_power_of_2(n)))
+    _unit_kernel[(layers,)](x, out, norm, n, KEEP_WHEN_ZERO=keep_when_zero, STORE_NORM=store_norm,
+                            BLOCK=block, num_warps=max(4, min(16, block // (32 * per_thread))))
+
+
+def _stacked_iterations_triton(weights, u, v, n_iter: int, geometry: ConvGeometry) -> torch.Tensor:
+    """Four launches per iteration, the vectors written in place (u and v must be contiguous)."""
+    layers = weights.shape[0]
+    stacked = _stack_weight(weights)
+    groups = geometry.groups * layers
+    sigma = torch.empty(layers, dtype=weights.dtype, device=weights.device)
+    with device_context(weights):
+        for _ in range(n_iter):
+            w = _apply(u.reshape(1, -1, *u.shape[-2:]), stacked, geometry, groups).contiguous()
+            _launch_unit(w, v, sigma, keep_when_zero=False, store_norm=False)
+            z = _apply_adjoint(v.reshape(1, -1, *v.shape[-2:]), stacked, geometry, groups).contiguous()
+            _launch_unit(z, u, sigma, keep_when_zero=True, store_norm=True)
+    return sigma
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,9 +330,19 @@ def _geometry_from_args(u, kernel, stride, padding, dilation, groups, padding_mo
 def _conv_power_iteration_op(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
                              stride: list[int], padding: list[int], dilation: list[int], groups: int,
                              padding_mode: str) -> torch.Tensor:
-    check_finite(weights, "conv_power_iteration")
     geometry = _geometry_from_args(u, weights.shape[-2:], stride, padding, dilation, groups, padding_mode)
-    return _stacked_iterations(weights, u, v, n_iter, geometry)
+    interpreted_long_run = not weights.is_cuda and n_iter > _INTERPRETER_MAX_ITER
+    if select_backend(weights, has_cuda_kernel=False) != "triton" or interpreted_long_run:
+        return _stacked_iterations(weights, u, v, n_iter, geometry)
+    weights = weights.contiguous()
+    u_work = u if u.is_contiguous() else u.contiguous()
+    v_work = v if v.is_contiguous() else v.contiguous()
+    sigma = _stacked_iterations_triton(weights, u_work, v_work, n_iter, geometry)
+    if u_work is not u:
+        u.copy_(u_work)
+    if v_work is not v:
+        v.copy_(v_work)
+    return sigma
 
 
 @_conv_power_iteration_op.register_fake
@@ -284,7 +390,8 @@ def conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     (top, bottom, left, right)), dilation, groups and padding_mode ('zeros' | 'circular') are nn.Conv2d's.
 
     Returns (sigma, u, v); sigma (L,) estimates each ‖A_l‖₂ from below. Not differentiable: use
-    :func:`conv_bilinear` with the returned vectors for a differentiable estimate.
+    :func:`conv_bilinear` with the returned vectors for a differentiable estimate. No value is checked (that
+    would synchronize with the device): NaN/Inf weights give their layer a NaN sigma and NaN vectors.
     """
     if not isinstance(weights, torch.Tensor) or not isinstance(u, torch.Tensor) or u.dim() != 4:
         raise ValueError("conv_power_iteration: weights must be a tensor and u a (L, in, H, W) tensor")

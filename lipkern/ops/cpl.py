@@ -11,8 +11,10 @@ This op saves only x (plus the parameters) and recomputes p = Ax + b in the back
 (the last one by adjointness: ⟨g, Aᵀσ(p)⟩ = ⟨A g, σ(p)⟩, so Aᵀσ(p) is never recomputed). Cost: one extra
 application of A against eager autograd.
 The elementwise steps are Triton kernels on the GPU and under the interpreter (forward: bias + ReLU in place,
-then x − h·r; backward: one pass for bias, mask, −h·t, σ(p) and the partial sums of ⟨t, σ(p)⟩); the matrix
-products and convolutions are cuBLAS/cuDNN.
+then x − h·r; backward: one pass for bias, mask, −h·t, −h·σ(p) and the partial sums of −⟨t, σ(p)⟩); the
+matrix products and convolutions are cuBLAS/cuDNN, with symmetric zero padding passed to the convolution.
+No value is read on the host: a NaN/Inf weight, input or h gives a non-finite output (the ReLU propagates
+NaN as torch.relu does); the layers check the weight where they cache their eval-mode step size.
 
 Layout: reference, Triton kernels, operators, forward/backward, custom ops, public functions.
 """
@@ -22,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import check_finite, device_context, select_backend, triton_importable
-from lipkern.ops.conv_power_iteration import ConvGeometry, conv_adjoint, conv_operator
+from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern.ops.conv_power_iteration import ConvGeometry, conv_adjoint, conv_operator, conv_padding
 
 __all__ = ["cpl_conv2d", "cpl_conv2d_ref", "cpl_linear", "cpl_linear_ref"]
 
@@ -59,7 +61,7 @@ if triton_importable():
         p = tl.load(pre_ptr + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             p += tl.load(bias_ptr + (offs // INNER) % CHANNELS, mask=mask, other=0.0)
-        tl.store(pre_ptr + offs, tl.maximum(p, 0.0), mask=mask)
+        tl.store(pre_ptr + offs, tl.maximum(p, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=mask)
 
     @triton.jit
     def _residual_kernel(x_ptr, r_ptr, h_ptr, out_ptr, N, BLOCK: tl.constexpr):
@@ -75,7 +77,7 @@ if triton_importable():
     @triton.jit
     def _backward_elementwise_kernel(pre_ptr, t_ptr, bias_ptr, h_ptr, g_pre_ptr, partial_ptr, N, CHANNELS, INNER,
                                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """p = pre + bias; g_pre = −h·t where p > 0 else 0; pre ← σ(p) in place; partial = Σ t·σ(p)."""
+        """p = pre + bias; g_pre = −h·t where p > 0 else 0; pre ← −h·σ(p) in place; partial = −Σ t·σ(p)."""
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -84,10 +86,10 @@ if triton_importable():
             p += tl.load(bias_ptr + (offs // INNER) % CHANNELS, mask=mask, other=0.0)
         t = tl.load(t_ptr + offs, mask=mask, other=0.0)
         h = tl.load(h_ptr)
-        act = tl.maximum(p, 0.0)
+        act = tl.maximum(p, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(g_pre_ptr + offs, tl.where(p > 0.0, -h * t, 0.0), mask=mask)
-        tl.store(pre_ptr + offs, act, mask=mask)
-        tl.store(partial_ptr + pid, tl.sum(t * act, axis=0))
+        tl.store(pre_ptr + offs, -h * act, mask=mask)
+        tl.store(partial_ptr + pid, -tl.sum(t * act, axis=0))
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -148,10 +150,13 @@ class _Conv:
 
     def weight_grad(self, x, grad_out):
         g = self.geometry
-        if any(g.padding):
+        padding = conv_padding(g)
+        if padding is None:
             t, b, le, r = g.padding
             x = F.pad(x, (le, r, t, b), mode="constant" if g.padding_mode == "zeros" else "circular")
-        return torch.nn.grad.conv2d_weight(x, self.weight.shape, grad_out, g.stride, 0, g.dilation, g.groups)
+            padding = (0, 0)
+        return torch.nn.grad.conv2d_weight(x, self.weight.shape, grad_out, g.stride, padding, g.dilation,
+                                           g.groups)
 
 
 def _channel_sum(t: torch.Tensor) -> torch.Tensor:
@@ -159,18 +164,17 @@ def _channel_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(op, x, bias, h):
-    check_finite(op.weight, "cpl")
     a = _bias_relu_(op.apply(x).contiguous(), bias)
     return _residual(x.contiguous(), op.adjoint(a).contiguous(), h)
 
 
 def _backward_elementwise(pre, t, bias, h):
-    """(g_pre, σ(pre + b), Σ t·σ(pre + b)); ``pre`` is overwritten with σ(pre + b) on the Triton path."""
+    """(g_pre, −h·σ(pre + b), −Σ t·σ(pre + b)); the Triton path overwrites ``pre`` with −h·σ(pre + b)."""
     if not _use_triton(pre):
         if bias is not None:
             pre = pre + bias.reshape(-1, *([1] * (pre.dim() - 2)))
         act = pre.clamp_min(0)
-        return (-h) * torch.where(pre > 0, t, torch.zeros_like(t)), act, (t * act).sum()
+        return (-h) * torch.where(pre > 0, t, torch.zeros_like(t)), (-h) * act, -(t * act).sum()
     n_blocks = triton.cdiv(pre.numel(), _BLOCK)
     g_pre = torch.empty_like(t)
     acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
@@ -186,11 +190,11 @@ def _backward_elementwise(pre, t, bias, h):
 def _backward(op, grad, x, bias, h):
     grad = grad.contiguous()
     t = op.apply(grad).contiguous()
-    g_pre, act, t_dot_act = _backward_elementwise(op.apply(x).contiguous(), t, bias, h)
+    g_pre, act_scaled, grad_h = _backward_elementwise(op.apply(x).contiguous(), t, bias, h)
     grad_x = grad + op.adjoint(g_pre)
-    grad_w = op.weight_grad(x, g_pre) + op.weight_grad((-h) * grad, act)
+    grad_w = op.weight_grad(x, g_pre) + op.weight_grad(grad, act_scaled)  # ⟨A_W(−h g), σ⟩ = ⟨A_W g, −h σ⟩
     grad_b = _channel_sum(g_pre) if bias is not None else None
-    return grad_x, grad_w, grad_b, (-t_dot_act).reshape(h.shape)
+    return grad_x, grad_w, grad_b, grad_h.reshape(h.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,8 +289,8 @@ _cpl_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
 # 5. Public functions.
 # ----------------------------------------------------------------------------------------------------------
 def _as_h(h, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(h, torch.Tensor):
-        h = torch.tensor(float(h), dtype=x.dtype, device=x.device)
+    if not isinstance(h, torch.Tensor):  # a Python number: filled on the device (no host-to-device copy)
+        h = torch.full((), float(h), dtype=x.dtype, device=x.device)
     if h.numel() != 1:
         raise ValueError(f"cpl: h must be a scalar, got shape {tuple(h.shape)}")
     return h.reshape(())

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import check_finite, device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, select_backend, triton_importable
 
 __all__ = ["PowerIteration", "batched_power_iteration", "batched_power_iteration_ref", "initial_vectors"]
 
@@ -52,9 +52,11 @@ def batched_power_iteration_ref(matrices: torch.Tensor, u: torch.Tensor, n_iter:
         z = torch.einsum("bmn,bm->bn", matrices.conj(), w)
         w_norm = torch.linalg.vector_norm(w, dim=1)
         z_norm = torch.linalg.vector_norm(z, dim=1)
-        sigma = torch.where(w_norm > 0, z_norm / w_norm.clamp_min(torch.finfo(w_norm.dtype).tiny), 0.0)
-        w = torch.where(w_norm[:, None] > 0, w / w_norm.clamp_min(torch.finfo(w_norm.dtype).tiny)[:, None], w)
-        u = torch.where(z_norm[:, None] > 0, z / z_norm.clamp_min(torch.finfo(z_norm.dtype).tiny)[:, None], u)
+        # "!= 0", not "> 0": a NaN norm (NaN/Inf in the matrix) gives NaN results, visibly
+        tiny = torch.finfo(w_norm.dtype).tiny
+        sigma = torch.where(w_norm != 0, z_norm / w_norm.clamp_min(tiny), 0.0)
+        w = torch.where(w_norm[:, None] != 0, w / w_norm.clamp_min(tiny)[:, None], w)
+        u = torch.where(z_norm[:, None] != 0, z / z_norm.clamp_min(tiny)[:, None], u)
     return PowerIteration(sigma, u, w)
 
 
@@ -139,14 +141,15 @@ if triton_importable():
             ur = tl.where(keep, ur, zr * inv)
             ui = tl.where(keep, ui, zi * inv)
         w_norm = tl.sqrt(w_sq)
-        sigma = tl.where(w_norm > 0.0, z_norm / tl.where(w_norm > 0.0, w_norm, 1.0), 0.0)
+        nonzero = w_norm != 0.0  # True for NaN: NaN/Inf in the matrix give NaN results
+        sigma = tl.where(nonzero, z_norm / tl.where(nonzero, w_norm, 1.0), 0.0)
         tl.store(sigma_ptr + b, sigma)
         tl.store(u_base + cols * parts, ur, mask=col_mask)
         if IS_COMPLEX:
             tl.store(u_base + cols * parts + 1, ui, mask=col_mask)
         # v = w / ‖w‖ (the unscaled w of the last iteration was stored above by this same program)
         tl.debug_barrier()
-        w_scale = 1.0 / tl.where(w_norm > 0.0, w_norm, 1.0)
+        w_scale = 1.0 / tl.where(nonzero, w_norm, 1.0)
         for r0 in range(0, ROWS * parts, BLOCK_ROWS * BLOCK_COLS):
             idx = r0 + tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
             idx_mask = idx < ROWS * parts
@@ -205,7 +208,6 @@ def _run(matrices, u, v, sigma, n_iter: int) -> None:
 @torch.library.custom_op("lipkern::batched_power_iteration", mutates_args=("u", "v"))
 def _batched_power_iteration_op(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                 n_iter: int) -> torch.Tensor:
-    check_finite(matrices, "batched_power_iteration")
     sigma = torch.empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype), device=matrices.device)
     u_work = u if u.is_contiguous() else u.contiguous()
     v_work = v if v.is_contiguous() else v.contiguous()
@@ -259,6 +261,7 @@ def batched_power_iteration(matrices: torch.Tensor, u: torch.Tensor | None = Non
     it (up to rounding) and converges from below. ‖M_b‖₂² must be representable in the dtype (the kernels
     form MᴴM u); :func:`power_of_two_scale` rescales a stack exactly when it is not. Not differentiable: the vectors are constants of the
     computation (for a differentiable σ use vᴴ M u with the returned vectors).
+    No value is checked (that would synchronize with the device): NaN/Inf in a matrix give it a NaN sigma.
     """
     _validate(matrices, u, v, n_iter)
     batch, rows, cols = matrices.shape

@@ -161,7 +161,6 @@ def test_opcheck_and_compile():
     (lambda: cpl_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.ones(2)), ValueError),
     (lambda: cpl_linear(torch.ones(2, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64), None, 1),
      TypeError),
-    (lambda: cpl_linear(torch.randn(2, 3), torch.full((4, 3), float("nan")), None, 0.1), ValueError),
     (lambda: cpl_conv2d(torch.randn(2, 3, 5, 5), torch.randn(4, 2, 3, 3), None, 0.1), ValueError),
     (lambda: cpl_conv2d(torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3), None, 0.1), ValueError),
     (lambda: cpl_conv2d(torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), None, 0.1, padding_mode="reflect"),
@@ -170,3 +169,18 @@ def test_opcheck_and_compile():
 def test_bad_input_raises(bad, error):
     with pytest.raises(error):
         bad()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_give_non_finite_outputs_not_an_error(value):
+    """No value check (it would synchronize a training step): like the reference, a NaN/Inf weight gives a
+    non-finite output (the ReLU kernels propagate NaN as torch.relu does)."""
+    x = torch.randn(2, 3, 5, 5)
+    w, b, h = _params(4, 3, dtype=torch.float32, kernel=(3, 3))
+    w[1, 0, 1, 1] = value
+    out = cpl_conv2d(x, w, b, h, padding=1)
+    ref = cpl_conv2d_ref(x, w, b, h, ConvGeometry.create((5, 5), 3, padding=1))
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref)) and not torch.isfinite(out).all()
+    wl, bl, hl = _params(4, 3, dtype=torch.float32)
+    wl[1, 0] = value
+    assert not torch.isfinite(cpl_linear(x.reshape(-1, 3)[:7], wl, bl, hl)).all()
