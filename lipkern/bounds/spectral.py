@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from lipkern.bounds.certificate import FrequencyBlocks, certify_max_norm
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
@@ -158,25 +159,24 @@ def _circular_embedding(g: ConvGeometry) -> _Embedding:
 
 
 def _circular_upper(weight, e: _Embedding, g: ConvGeometry, rtol: float, lower: float = 0.0):
-    # Work on the weight scaled by a power of two (largest tap in [0.5, 1)), so that no frequency entry
-    # underflows or overflows; exact, except taps 2^1022 times smaller than the largest, which become
-    # subnormal (≤ 2^-1074 each; `tiny` below covers them).
+    """Guaranteed upper bound of ‖A‖ through the circular operator ``e``: the Cholesky certificate of
+    :mod:`lipkern.bounds.certificate` for all frequencies at once, Gram iteration for those it cannot certify.
+
+    Work on the weight scaled by a power of two (largest tap in [0.5, 1)), so that no frequency entry
+    underflows or overflows; exact, except taps 2^1022 times smaller than the largest, which become subnormal
+    (≤ 2^-1074 each; ``tiny`` below covers them)."""
     w64 = weight.detach().to(torch.float64)
     largest = w64.abs().amax()
-    if largest == 0:
-        return torch.zeros((), dtype=torch.float64, device=weight.device)
-    exponent = torch.frexp(largest).exponent
-    matrices, error, scale = frequency_matrices(torch.ldexp(w64, -exponent), e.size, g.dilation, g.groups,
-                                                e.stride)
+    exponent = torch.where(largest > 0, torch.frexp(largest).exponent, 0)
+    scaled = torch.ldexp(w64, -exponent)
+    freq = FrequencyBlocks(scaled, e.size, g.dilation, g.groups, e.stride)
     kh, kw = weight.shape[-2:]
-    tiny = kh * kw * math.sqrt(matrices.shape[-2] * matrices.shape[-1]) * 2.0 ** -1074
-    # A few power iterations give a lower estimate of the largest frequency norm, so Gram iteration can drop
-    # every frequency whose bound falls below it (they cannot hold the maximum) after a few steps.
-    # Soundness does not depend on it: a dropped frequency keeps its last (valid) bound.
-    estimate = batched_power_iteration(matrices, n_iter=_PRUNING_ITERATIONS).sigma.max().item()
-    scaled_lower = lower * 2.0 ** -exponent.item() / (e.factor * scale)
-    bound = gram_upper_bound(matrices, rtol=rtol, lower=max(scaled_lower, estimate)).max() + error + tiny
-    return torch.ldexp(bound * (scale * e.factor) * (1 + 8 * _U), exponent)
+    tiny = kh * kw * math.sqrt(freq.rows * freq.cols) * 2.0 ** -1074
+    scaled_lower = torch.ldexp(torch.tensor(lower, dtype=torch.float64, device=weight.device), -exponent) / (
+        e.factor * freq.scale)
+    result = certify_max_norm(freq, rtol=rtol, lower=scaled_lower)
+    bound = result.bound + freq.error + tiny
+    return torch.where(largest > 0, torch.ldexp(bound * (freq.scale * e.factor) * (1 + 8 * _U), exponent), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
