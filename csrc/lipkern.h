@@ -10,8 +10,8 @@ enum LipkernError { LIPKERN_ERR_NULL_POINTER = 10001, LIPKERN_ERR_BAD_SIZE = 100
 // u: (batch, cols), read then overwritten; v: (batch, rows) and sigma: (batch,) outputs. Complex data
 // (is_complex != 0) is interleaved (re, im); dtype is the code of the real scalar type (float32 or float64
 // only) and sigma is real.
-// Per matrix, n_iter times: w = M u; ss = |w|^2; z = M^H w; nz = |z|; sigma = ss > 0 ? nz / sqrt(ss) : 0;
-// v = ss > 0 ? w / sqrt(ss) : w; u = nz > 0 ? z / nz : u. Checked before touching the device: null pointers
+// Per matrix, n_iter times: w = M u; ss = |w|^2; z = M^H w; nz = |z|; sigma = ss != 0 ? nz / sqrt(ss) : 0;
+// v = ss != 0 ? w / sqrt(ss) : w; u = nz != 0 ? z / nz : u (NaN propagates). Checked before touching the device: null pointers
 // (LIPKERN_ERR_NULL_POINTER), dtype (LIPKERN_ERR_BAD_DTYPE), batch < 0, rows < 1, cols < 1, n_iter < 1 or a
 // matrix that does not fit (LIPKERN_ERR_BAD_SIZE). batch == 0 returns 0 without launching.
 int lipkern_batched_power_iteration(uintptr_t matrices, uintptr_t u, uintptr_t v, uintptr_t sigma,

@@ -1,7 +1,8 @@
 // Batched power iteration over a stack of dense matrices M: (batch, rows, cols), real or complex (complex
 // stored interleaved (re, im), like torch.view_as_real). For each matrix independently, n_iter times:
 //   w = M u;  ss = ||w||^2;  z = M^H w;  nz = ||z||;
-//   sigma = ss > 0 ? nz / sqrt(ss) : 0;  v = ss > 0 ? w / sqrt(ss) : w;  u = nz > 0 ? z / nz : u.
+//   sigma = ss != 0 ? nz / sqrt(ss) : 0;  v = ss != 0 ? w / sqrt(ss) : w;  u = nz != 0 ? z / nz : u
+// (!= 0, not > 0: a NaN/Inf matrix gives NaN sigma and vectors, never a finite value).
 // u (batch, cols) is read, then overwritten with the last iterate; v (batch, rows) and sigma (batch,) are
 // outputs. Accumulation happens in the storage precision.
 //
@@ -132,14 +133,14 @@ __global__ void __launch_bounds__(kThreads)
     nz = sqrt(block_sum(local_nz, scratch));  // its __syncthreads publish sz; all reads of sw are done
 
     // u = z / ||z||, or the old u when z is zero (nz is the same in every thread: uniform branch).
-    if (nz > T(0)) {
+    if (nz != T(0)) {  // NaN norm: divide, so the NaN propagates
       for (int64_t k = tid; k < cols * C; k += kThreads) su[k] = sz[k] / nz;
     }
     __syncthreads();  // su complete before the next pass 1 (or the write-back) reads it
   }
 
   // sw holds the last w, su the last u: nothing has written them since the last __syncthreads.
-  const bool positive = ss > T(0);
+  const bool positive = ss != T(0);  // NaN ss: NaN out, as in the reference
   const T norm_w = sqrt(ss);
   for (int64_t k = tid; k < rows * C; k += kThreads) vb[k] = positive ? sw[k] / norm_w : sw[k];
   for (int64_t k = tid; k < cols * C; k += kThreads) ub[k] = su[k];

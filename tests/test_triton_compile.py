@@ -23,7 +23,11 @@ FLOAT_SCALARS = {"EPS_REL", "EPS_ABS_BASE", "D_MARGIN"}
 
 
 def _cases():
+    import importlib
+
     from lipkern.ops import aol, cpl, power_iteration
+
+    conv_pi = importlib.import_module("lipkern.ops.conv_power_iteration")  # the package exports its function
 
     return [
         (power_iteration._power_iteration_kernel, dict(IS_COMPLEX=False, BLOCK_ROWS=16, BLOCK_COLS=16)),
@@ -34,6 +38,7 @@ def _cases():
         (aol._aol_grad_dot_kernel, dict(KK=9, BLOCK_O=16, BLOCK_C=32, BLOCK_K=16)),
         (aol._aol_coefficient_kernel, dict(KH=1, KW=3, BLOCK=16, HAS_GRAD_SCALE=True)),
         (aol._aol_bwd_kernel, dict(KH=1, KW=3, BLOCK_O=16, BLOCK_C=16, BLOCK_J=32, USE_TF32=False)),
+        (conv_pi._unit_kernel, dict(KEEP_WHEN_ZERO=True, STORE_NORM=True, BLOCK=1024)),
         (cpl._bias_relu_kernel, dict(HAS_BIAS=True, BLOCK=1024)),
         (cpl._residual_kernel, dict(BLOCK=1024)),
         (cpl._backward_elementwise_kernel, dict(HAS_BIAS=True, BLOCK=1024)),
