@@ -47,7 +47,6 @@ from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors
 __all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "linear_spectral_norm"]
 
 _U = 2.0 ** -53
-_PRUNING_ITERATIONS = 8
 METHODS = ("auto", "power", "fft", "upper")
 
 
