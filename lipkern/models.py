@@ -15,12 +15,15 @@ CPLNet, whose pairwise Lipschitz constants are ‖ŵ_i − ŵ_j‖.
 
 from __future__ import annotations
 
+import types
+
 import torch.nn.functional as F
 from torch import nn
 
 from lipkern.nn import AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SpectralConv2d, SpectralLinear
+from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 
-__all__ = ["CPLNet", "ConvNet", "FirstChannels", "LinearNormalized", "ZeroChannelPad"]
+__all__ = ["CPLNet", "ConvNet", "FirstChannels", "LinearNormalized", "ZeroChannelPad", "use_eager_cpl"]
 
 CONVNET_WIDTHS = {"XS": 16, "S": 32, "M": 64, "L": 128}
 CPL_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}  # n_conv, n_dense, w
@@ -129,3 +132,24 @@ class CPLNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+def _eager_conv_forward(self, x):
+    self._check_input(x)
+    return cpl_conv2d_ref(x, self.weight, self.bias, self.step_size(), self.geometry)
+
+
+def _eager_linear_forward(self, x):
+    return cpl_linear_ref(x, self.weight, self.bias, self.step_size())
+
+
+def use_eager_cpl(model: nn.Module) -> nn.Module:
+    """Switch every CPL layer of ``model`` (in place) to the eager formula x − h·Aᵀσ(Ax + b) in plain autograd
+    (``cpl_conv2d_ref`` / ``cpl_linear_ref``), with the same parameters, power iteration and step size h: the
+    network the lipkern op is compared with in the memory tests and benchmarks. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, CPLConv2d):
+            module.forward = types.MethodType(_eager_conv_forward, module)
+        elif isinstance(module, CPLLinear):
+            module.forward = types.MethodType(_eager_linear_forward, module)
+    return model

@@ -4,7 +4,7 @@ certified layers) are 1-Lipschitz: the dense Jacobian of the whole network at ra
 import pytest
 import torch
 
-from lipkern.models import ConvNet, CPLNet
+from lipkern.models import ConvNet, CPLNet, use_eager_cpl
 from tests.helpers import spectral_norm
 
 
@@ -54,3 +54,46 @@ def test_bad_arguments():
         ConvNet("XS", image_size=64)
     with pytest.raises(ValueError):
         CPLNet("XS")
+
+
+def _saved_activation_bytes(model, x):
+    """Bytes of the distinct storages a forward saves for its backward, parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return sum(n for ptr, n in saved.items() if ptr not in own), out
+
+
+def test_cplnet_saves_half_the_bytes_of_the_eager_network():
+    """CPL-S (8×8 inputs, 64 dense hidden units) against the same network with the eager formula in every CPL
+    layer (same weights, same h): each lipkern layer saves its input only; eager also keeps σ(Ax + b) and
+    Aᵀσ(·) (for ∂h). Measured 0.50 (the power-iteration vectors and the pooling/head are common to both)."""
+    model = CPLNet("S", image_size=8, dense_hidden=64).train()
+    eager = use_eager_cpl(CPLNet("S", image_size=8, dense_hidden=64).train())
+    eager.load_state_dict(model.state_dict())
+    x = torch.randn(16, 3, 8, 8)
+    ours, out = _saved_activation_bytes(model, x)
+    theirs, out_eager = _saved_activation_bytes(eager, x)
+    assert torch.allclose(out, out_eager, rtol=1e-4, atol=1e-5)
+    assert ours <= 0.55 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cplnet_train_step_under_cpu_autocast(dtype):
+    """The CPL ops run in x's dtype under autocast (float32 here), the head in the autocast dtype."""
+    model = CPLNet("S", image_size=8, dense_hidden=32).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype):
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    opt.step()
+    assert logits.dtype == dtype and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

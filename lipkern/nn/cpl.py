@@ -33,6 +33,10 @@ class _StepSize:
     when certified, so h ≤ 2/‖W‖₂² exactly)."""
 
     def step_size(self) -> torch.Tensor:
+        device = self.weight.device.type
+        if torch.is_autocast_enabled(device):  # σ from the weight's own precision, not autocast's
+            with torch.autocast(device, enabled=False):
+                return self.step_size()
         sigma = self.sigma()
         if self.training:
             return 2.0 / sigma.square().clamp_min(torch.finfo(sigma.dtype).tiny)

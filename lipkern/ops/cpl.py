@@ -4,19 +4,38 @@ A is a linear map (x Wᵀ for ``cpl_linear``; a conv with its padding, stride, d
 ``cpl_conv2d``) and Aᵀ its exact adjoint. The map is 1-Lipschitz when 0 ≤ h ≤ 2/‖A‖₂²: its Jacobian
 I − h·AᵀDA (D = diag(σ′) ∈ [0, 1]) has eigenvalues in [1 − h‖A‖², 1] ⊂ [−1, 1].
 
-Memory: eager autograd keeps x, the pre-activation (or its mask), σ(Ax + b) and Aᵀσ(·) for the backward.
-This op saves only x (plus the parameters) and recomputes p = Ax + b in the backward:
-    t = A g,  m = (p > 0),  g_p = −h·(t ⊙ m)
-    ∂x = g + Aᵀ g_p,  ∂W = ∂⟨g_p, A_W x⟩/∂W + ∂⟨A_W(−h g), σ(p)⟩/∂W,  ∂b = Σ g_p,  ∂h = −⟨t, σ(p)⟩
-(the last one by adjointness: ⟨g, Aᵀσ(p)⟩ = ⟨A g, σ(p)⟩, so Aᵀσ(p) is never recomputed). Cost: one extra
-application of A against eager autograd.
-The elementwise steps are Triton kernels on the GPU and under the interpreter (forward: bias + ReLU in place,
-then x − h·r; backward: one pass for bias, mask, −h·t, −h·σ(p) and the partial sums of −⟨t, σ(p)⟩); the
-matrix products and convolutions are cuBLAS/cuDNN, with symmetric zero padding passed to the convolution.
+Memory: eager autograd keeps x, σ(A x + b) and Aᵀσ(·) (for ∂h) for the backward. This op saves only x (plus
+the parameters) and recomputes p = A x + b in the backward:
+    t = A g,  m = (p > 0),  s = t ⊙ m
+    ∂x = g − h·Aᵀ s,  ∂W = −h·(∂⟨s, A_W x⟩/∂W + ∂⟨A_W g, σ(p)⟩/∂W),  ∂b = −h·Σ s,  ∂h = −⟨t, σ(p)⟩
+(the last one by adjointness: ⟨g, Aᵀσ(p)⟩ = ⟨A g, σ(p)⟩, so Aᵀσ(p) is never recomputed; −h scales the small
+results, never an activation). Work per call, A applications counted as convolutions (GEMMs for the linear):
+  forward   A x (bias + ReLU in place: one pass), Aᵀ σ (x − h·r written in place over r: one pass);
+  backward  A g and A x (recompute), one pass (mask, σ(p), per-channel Σ s and the partials of ⟨t, σ(p)⟩, both
+            written in place), the two weight-gradient terms (only when W needs a gradient; the linear's into
+            one buffer with addmm), Aᵀ s (only when x needs a gradient), g − h·Aᵀs written in place (one pass).
+Backward temporaries: t and p, then t and Aᵀs (about two activations of the larger side). Circular padding
+pads each input once (x in the forward; x and g in the backward, shared by the conv and its weight gradient);
+symmetric zero padding is passed to the convolution (no copy).
+The elementwise steps are Triton kernels on the GPU and under the interpreter, in-place PyTorch ops on the CPU;
+the matrix products and convolutions are cuBLAS/cuDNN (the linear's bias + ReLU is cuBLASLt's epilogue).
+
+Paths: eager calls run an ``autograd.Function`` (lowest overhead; works with ``torch.func`` transforms, which
+run a functional PyTorch formulation of the same forward and backward); ``torch.compile`` / ``export`` see the
+custom ops ``lipkern::cpl_linear`` / ``lipkern::cpl_conv2d``. Double backward (``create_graph=True``, gradient
+penalties): the backward then runs the same formulas as differentiable PyTorch ops, so second derivatives are
+exact (ReLU's second derivative is 0, as in autograd).
+
+Precision: the op computes in x's dtype (float64, float32, bfloat16, float16; weight, bias and h must have it
+too). Under ``torch.autocast`` the op runs in the dtype of x with autocast disabled inside: weight, bias and h
+are cast to x's dtype (a float32 residual stream stays float32; a bf16 stream runs the convs in bf16). In
+float32 the GEMMs and convolutions follow PyTorch's TF32 settings (``torch.backends.cuda.matmul.allow_tf32``,
+``torch.backends.cudnn.allow_tf32``; cuDNN convs use TF32 by default) like the eager layer: training only.
+Certification never rests on these products: it uses the eval-mode step size, a float64 guaranteed bound.
 No value is read on the host: a NaN/Inf weight, input or h gives a non-finite output (the ReLU propagates
 NaN as torch.relu does); the layers check the weight where they cache their eval-mode step size.
 
-Layout: reference, Triton kernels, operators, forward/backward, custom ops, public functions.
+Layout: reference, Triton kernels, operators, forward/backward, custom ops and autograd, public functions.
 """
 
 from __future__ import annotations
@@ -45,7 +64,7 @@ def cpl_conv2d_ref(x, weight, bias, h, geometry: ConvGeometry):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Triton kernels: the elementwise steps of the forward.
+# 2. Triton kernels: the elementwise passes.
 # ----------------------------------------------------------------------------------------------------------
 _BLOCK = 1024
 
@@ -64,41 +83,63 @@ if triton_importable():
         tl.store(pre_ptr + offs, tl.maximum(p, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=mask)
 
     @triton.jit
-    def _residual_kernel(x_ptr, r_ptr, h_ptr, out_ptr, N, BLOCK: tl.constexpr):
-        """out = x − h·r, h a one-element tensor."""
+    def _residual_kernel(x_ptr, r_ptr, h_ptr, N, BLOCK: tl.constexpr):
+        """In place: r = x − h·r, h a one-element tensor."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         h = tl.load(h_ptr)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, x - h * r, mask=mask)
-
+        tl.store(r_ptr + offs, x - h * r, mask=mask)
 
     @triton.jit
-    def _backward_elementwise_kernel(pre_ptr, t_ptr, bias_ptr, h_ptr, g_pre_ptr, partial_ptr, N, CHANNELS, INNER,
-                                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """p = pre + bias; g_pre = −h·t where p > 0 else 0; pre ← −h·σ(p) in place; partial = −Σ t·σ(p)."""
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        p = tl.load(pre_ptr + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            p += tl.load(bias_ptr + (offs // INNER) % CHANNELS, mask=mask, other=0.0)
+    def _backward_elementwise_kernel(p_ptr, t_ptr, bias_ptr, bsum_ptr, dot_ptr, ROWS, COLS, CHANNELS,
+                                     HAS_BIAS: tl.constexpr, CHANNEL_IN_ROWS: tl.constexpr, IS_F64: tl.constexpr,
+                                     BR: tl.constexpr, BC: tl.constexpr):
+        """On a (ROWS, COLS) view: p ← σ(p + b), t ← t where p + b > 0 else 0 (both in place); per-channel
+        partial sums of the new t into bsum and the partial of ⟨t, σ(p + b)⟩ into dot[program].
+        The channel of an element is row % CHANNELS (conv: rows are (n, c), columns pixels) or its column
+        (linear: rows are samples)."""
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        rows = pid_r * BR + tl.arange(0, BR)
+        cols = pid_c * BC + tl.arange(0, BC)
+        mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+        offs = rows.to(tl.int64)[:, None] * COLS + cols[None, :]
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         t = tl.load(t_ptr + offs, mask=mask, other=0.0)
-        h = tl.load(h_ptr)
+        if HAS_BIAS:
+            if CHANNEL_IN_ROWS:
+                p += tl.load(bias_ptr + rows % CHANNELS, mask=rows < ROWS, other=0.0)[:, None]
+            else:
+                p += tl.load(bias_ptr + cols, mask=cols < COLS, other=0.0)[None, :]
         act = tl.maximum(p, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(g_pre_ptr + offs, tl.where(p > 0.0, -h * t, 0.0), mask=mask)
-        tl.store(pre_ptr + offs, -h * act, mask=mask)
-        tl.store(partial_ptr + pid, -tl.sum(t * act, axis=0))
+        s = tl.where(p > 0.0, t, 0.0)
+        tl.store(p_ptr + offs, act, mask=mask)
+        tl.store(t_ptr + offs, s, mask=mask)
+        if IS_F64:
+            s_acc, prod = s, t * act
+        else:
+            s_acc, prod = s.to(tl.float32), t.to(tl.float32) * act.to(tl.float32)
+        tl.store(dot_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(tl.sum(prod, axis=1), axis=0))
+        if CHANNEL_IN_ROWS:  # bsum (column blocks, ROWS)
+            tl.store(bsum_ptr + pid_c * ROWS + rows, tl.sum(s_acc, axis=1), mask=rows < ROWS)
+        else:  # bsum (row blocks, COLS)
+            tl.store(bsum_ptr + pid_r * COLS + cols, tl.sum(s_acc, axis=0), mask=cols < COLS)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
+    if t.dtype == torch.bfloat16 and t.device.type != "cuda":  # the interpreter has no bf16 arithmetic
+        return False
     return select_backend(t, has_cuda_kernel=False) == "triton"
 
 
-def _bias_relu_(pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _h_for(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return h.to(like.dtype).reshape(1)
+
+
+def _bias_relu_(pre: torch.Tensor, bias: torch.Tensor | None, triton_path: bool) -> torch.Tensor:
     """σ(pre + b) in place; pre is (N, C) or (N, C, H, W), contiguous."""
-    if not _use_triton(pre):
+    if not triton_path:
         if bias is not None:
             pre.add_(bias.reshape(-1, *([1] * (pre.dim() - 2))))
         return pre.relu_()
@@ -110,14 +151,39 @@ def _bias_relu_(pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return pre
 
 
-def _residual(x: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(x):
-        return x - h * r
-    out = torch.empty_like(x)
+def _residual_(x: torch.Tensor, r: torch.Tensor, h: torch.Tensor, triton_path: bool) -> torch.Tensor:
+    """x − h·r written over r (both contiguous, same shape)."""
+    if not triton_path:
+        return torch.sub(x, r.mul_(h), out=r)
     with device_context(x):
-        _residual_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, r, h.to(x.dtype).reshape(1), out, x.numel(),
-                                                              BLOCK=_BLOCK)
-    return out
+        _residual_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, r, _h_for(h, x), x.numel(), BLOCK=_BLOCK)
+    return r
+
+
+def _backward_elementwise_(p: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, triton_path: bool):
+    """In place: p ← σ(p + b), t ← t ⊙ (p + b > 0). Returns (Σ of the new t per channel, ⟨t, σ(p + b)⟩)."""
+    conv = p.dim() == 4
+    if not triton_path:
+        if bias is not None:
+            p.add_(bias.reshape(-1, *([1] * (p.dim() - 2))))
+        t.masked_fill_((p > 0).logical_not_(), 0)
+        p.relu_()
+        dot = torch.dot(t.view(-1), p.view(-1))  # ⟨t ⊙ m, σ(p)⟩ = ⟨t, σ(p)⟩
+        return (t.sum((0, 2, 3)) if conv else t.sum(0)), dot
+    channels = p.shape[1]
+    rows, cols = (p.shape[0] * channels, p[0, 0].numel()) if conv else (p.shape[0], channels)
+    bc = min(triton.next_power_of_2(cols), 1024 if conv else 128)
+    br = max(1, min(triton.next_power_of_2(rows), 2048 // bc))
+    grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    bsum = torch.empty((grid[1], rows) if conv else (grid[0], cols), dtype=acc, device=p.device)
+    dot = torch.empty(grid[0] * grid[1], dtype=acc, device=p.device)
+    with device_context(p):
+        _backward_elementwise_kernel[grid](p, t, bias if bias is not None else p, bsum, dot, rows, cols, channels,
+                                           HAS_BIAS=bias is not None, CHANNEL_IN_ROWS=conv,
+                                           IS_F64=p.dtype == torch.float64, BR=br, BC=bc)
+    channel_sum = bsum.view(-1, channels).sum(0) if conv else bsum.sum(0)
+    return channel_sum.to(p.dtype), dot.sum().to(p.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,88 +193,188 @@ class _Linear:
     def __init__(self, weight):
         self.weight = weight
 
-    def apply(self, x):
-        return x @ self.weight.T
+    def prepare(self, x):
+        """What ``apply`` and ``weight_grad`` take (the conv pads here; the linear needs nothing)."""
+        return x
+
+    def apply(self, x, bias=None):
+        return F.linear(x, self.weight, bias)
+
+    def apply_relu(self, x, bias):
+        """σ(x Wᵀ + b) with bias and ReLU in the GEMM's epilogue (cuBLASLt on CUDA)."""
+        return torch._addmm_activation(bias, x, self.weight.T) if bias is not None else (x @ self.weight.T).relu_()
 
     def adjoint(self, y):
         return y @ self.weight
 
-    def weight_grad(self, x, grad_out):
-        """∂⟨grad_out, A_W x⟩/∂W."""
-        return grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    def weight_grads(self, x, s, g, act):
+        """∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W, accumulated in one buffer."""
+        return torch.addmm(s.T @ x, act.T, g) if torch.is_grad_enabled() else torch.mm(s.T, x).addmm_(act.T, g)
 
 
 class _Conv:
     def __init__(self, weight, geometry: ConvGeometry):
         self.weight, self.geometry = weight, geometry
+        self.padding = conv_padding(geometry)
 
-    def apply(self, x):
-        return conv_operator(x, self.weight, self.geometry)
+    def prepare(self, x):
+        if self.padding is not None:  # symmetric zero padding: the convolution pads
+            return x
+        t, b, le, r = self.geometry.padding
+        return F.pad(x, (le, r, t, b), mode="constant" if self.geometry.padding_mode == "zeros" else "circular")
+
+    def _conv_padding(self):
+        return self.padding if self.padding is not None else (0, 0)
+
+    def apply(self, xp):
+        g = self.geometry
+        return F.conv2d(xp, self.weight, None, g.stride, self._conv_padding(), g.dilation, g.groups)
 
     def adjoint(self, y):
         return conv_adjoint(y, self.weight, self.geometry)
 
-    def weight_grad(self, x, grad_out):
+    def _weight_grad(self, xp, grad_out):
         g = self.geometry
-        padding = conv_padding(g)
-        if padding is None:
-            t, b, le, r = g.padding
-            x = F.pad(x, (le, r, t, b), mode="constant" if g.padding_mode == "zeros" else "circular")
-            padding = (0, 0)
-        return torch.nn.grad.conv2d_weight(x, self.weight.shape, grad_out, g.stride, padding, g.dilation,
-                                           g.groups)
+        return torch.ops.aten.convolution_backward(grad_out, xp, self.weight, None, list(g.stride),
+                                                  list(self._conv_padding()), list(g.dilation), False, [0, 0],
+                                                  g.groups, [False, True, False])[1]
+
+    def weight_grads(self, xp, s, gp, act):
+        """∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W: two weight-gradient convolutions, their small results summed."""
+        first, second = self._weight_grad(xp, s), self._weight_grad(gp, act)
+        return first + second if torch.is_grad_enabled() else first.add_(second)
 
 
-def _channel_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.sum(0) if t.dim() == 2 else t.sum((0, 2, 3))
-
-
-def _forward(op, x, bias, h):
-    a = _bias_relu_(op.apply(x).contiguous(), bias)
-    return _residual(x.contiguous(), op.adjoint(a).contiguous(), h)
-
-
-def _backward_elementwise(pre, t, bias, h):
-    """(g_pre, −h·σ(pre + b), −Σ t·σ(pre + b)); the Triton path overwrites ``pre`` with −h·σ(pre + b)."""
-    if not _use_triton(pre):
-        if bias is not None:
-            pre = pre + bias.reshape(-1, *([1] * (pre.dim() - 2)))
-        act = pre.clamp_min(0)
-        return (-h) * torch.where(pre > 0, t, torch.zeros_like(t)), (-h) * act, -(t * act).sum()
-    n_blocks = triton.cdiv(pre.numel(), _BLOCK)
-    g_pre = torch.empty_like(t)
-    acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
-    partial = torch.empty(n_blocks, dtype=acc, device=pre.device)
-    with device_context(pre):
-        _backward_elementwise_kernel[(n_blocks,)](pre, t, bias if bias is not None else pre,
-                                                  h.to(pre.dtype).reshape(1), g_pre, partial, pre.numel(),
-                                                  pre.shape[1], pre[0, 0].numel(), HAS_BIAS=bias is not None,
-                                                  BLOCK=_BLOCK)
-    return g_pre, pre, partial.sum().to(pre.dtype)
-
-
-def _backward(op, grad, x, bias, h):
-    grad = grad.contiguous()
-    t = op.apply(grad).contiguous()
-    g_pre, act_scaled, grad_h = _backward_elementwise(op.apply(x).contiguous(), t, bias, h)
-    grad_x = grad + op.adjoint(g_pre)
-    grad_w = op.weight_grad(x, g_pre) + op.weight_grad(grad, act_scaled)  # ⟨A_W(−h g), σ⟩ = ⟨A_W g, −h σ⟩
-    grad_b = _channel_sum(g_pre) if bias is not None else None
-    return grad_x, grad_w, grad_b, grad_h.reshape(h.shape)
+def _make_op(kind: str, weight, geometry):
+    return _Linear(weight) if kind == "linear" else _Conv(weight, geometry)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Custom ops: forward and backward, the autograd formula saves x and the parameters only.
+# 4. Forward and backward: the fast path (in place, Triton) and the functional one (torch.func, create_graph).
+# ----------------------------------------------------------------------------------------------------------
+def _forward(op, x, bias, h, triton_path: bool):
+    x = x.contiguous()
+    if isinstance(op, _Linear):
+        a = op.apply_relu(x, bias)
+    else:
+        a = _bias_relu_(op.apply(op.prepare(x)).contiguous(), bias, triton_path)
+    r = op.adjoint(a).contiguous()
+    del a
+    return _residual_(x, r, h, triton_path)
+
+
+def _backward(op, grad, x, bias, h, needs, triton_path: bool):
+    """(∂x, ∂W, ∂b, ∂h), None where ``needs`` is False; p and t are overwritten in place."""
+    need_x, need_w, need_b, need_h = needs
+    grad = grad.contiguous()
+    gp, xp = op.prepare(grad), op.prepare(x.contiguous())
+    t = op.apply(gp).contiguous()
+    if isinstance(op, _Linear):  # the bias in the GEMM's epilogue
+        p, kernel_bias = op.apply(xp, bias), None
+    else:
+        p, kernel_bias = op.apply(xp).contiguous(), bias
+    kernel_sum, dot = _backward_elementwise_(p, t, kernel_bias, triton_path)  # p ← σ(p + b), t ← s = t ⊙ m
+    neg_h = -h
+    gw = op.weight_grads(xp, t, gp, p).mul_(neg_h) if need_w else None
+    del p, xp, gp
+    gx = None
+    if need_x:
+        r = op.adjoint(t).contiguous()
+        del t
+        gx = _residual_(grad, r, h, triton_path)  # g − h·Aᵀs, over Aᵀs
+    gb = kernel_sum.mul_(neg_h) if need_b and bias is not None else None
+    gh = dot.neg_().reshape(h.shape) if need_h else None
+    return gx, gw, gb, gh
+
+
+def _forward_functional(op, x, bias, h):
+    p = op.apply(op.prepare(x))
+    if bias is not None:
+        p = p + bias.reshape(-1, *([1] * (p.dim() - 2)))
+    return x - h * op.adjoint(F.relu(p))
+
+
+def _backward_functional(op, grad, x, bias, h, needs):
+    """The same formulas as ``_backward`` in differentiable, out-of-place PyTorch ops (no Triton)."""
+    gp, xp = op.prepare(grad), op.prepare(x)
+    t, p = op.apply(gp), op.apply(xp)
+    if bias is not None:
+        p = p + bias.reshape(-1, *([1] * (p.dim() - 2)))
+    act = F.relu(p)
+    s = torch.where(p > 0, t, torch.zeros_like(t))
+    need_x, need_w, need_b, need_h = needs
+    gx = grad - h * op.adjoint(s) if need_x else None
+    gw = -h * op.weight_grads(xp, s, gp, act) if need_w else None
+    gb = -h * (s.sum((0, 2, 3)) if s.dim() == 4 else s.sum(0)) if need_b and bias is not None else None
+    gh = -(t * act).sum().reshape(h.shape) if need_h else None
+    return gx, gw, gb, gh
+
+
+def _functorch_active(*tensors) -> bool:
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _run_backward(op, grad, x, bias, h, needs):
+    if torch.is_autocast_enabled(x.device.type):  # a backward called inside an autocast region
+        with torch.autocast(x.device.type, enabled=False):
+            return _run_backward(op, grad, x, bias, h, needs)
+    if torch.is_grad_enabled() or _functorch_active(grad, x):  # create_graph=True or a torch.func transform
+        return _backward_functional(op, grad, x, bias, h, needs)
+    return _backward(op, grad, x, bias, h, needs, _use_triton(x))
+
+
+class _CPLFunction(torch.autograd.Function):
+    """The eager path: fewer dispatch layers than the custom op; setup_context, so torch.func works."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(kind, x, weight, bias, h, geometry):
+        op = _make_op(kind, weight, geometry)
+        if _functorch_active(x, weight, bias, h):
+            return _forward_functional(op, x, bias, h)
+        return _forward(op, x, bias, h, _use_triton(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kind, x, weight, bias, h, geometry = inputs
+        ctx.kind, ctx.geometry = kind, geometry
+        ctx.save_for_backward(x, weight, bias, h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, h = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[1:5])
+        gx, gw, gb, gh = _run_backward(_make_op(ctx.kind, weight, ctx.geometry), grad, x, bias, h, needs)
+        return None, gx, gw, gb, gh, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Custom ops (the torch.compile / export boundary): the autograd formula saves x and the parameters only.
 # ----------------------------------------------------------------------------------------------------------
 def _geometry(x, weight, stride, padding, dilation, groups, padding_mode) -> ConvGeometry:
     return ConvGeometry(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), tuple(stride), tuple(padding),
                         tuple(dilation), groups, padding_mode)
 
 
+def _outputs(results, x, weight, bias, h):
+    """Custom ops return tensors: an empty one where no gradient was asked for."""
+    return tuple(r if r is not None else like.new_empty(0)
+                 for r, like in zip(results, (x, weight, bias if bias is not None else weight, h)))
+
+
+def _fake_outputs(x, weight, bias, h, needs):
+    likes = (x, weight, bias, h)
+    return tuple(torch.empty_like(like) if need and like is not None else weight.new_empty(0)
+                 for like, need in zip(likes, needs))
+
+
 @torch.library.custom_op("lipkern::cpl_linear", mutates_args=())
 def _cpl_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    h: torch.Tensor) -> torch.Tensor:
-    return _forward(_Linear(weight), x, bias, h)
+    return _forward(_Linear(weight), x, bias, h, _use_triton(x))
 
 
 @_cpl_linear_op.register_fake
@@ -218,15 +384,14 @@ def _(x, weight, bias, h):
 
 @torch.library.custom_op("lipkern::cpl_linear_backward", mutates_args=())
 def _cpl_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gx, gw, gb, gh = _backward(_Linear(weight), grad, x, bias, h)
-    return gx, gw, gb if gb is not None else weight.new_zeros(0), gh
+                            h: torch.Tensor, needs: list[bool]
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _outputs(_backward(_Linear(weight), grad, x, bias, h, needs, _use_triton(x)), x, weight, bias, h)
 
 
 @_cpl_linear_backward_op.register_fake
-def _(grad, x, weight, bias, h):
-    gb = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), gb, torch.empty_like(h)
+def _(grad, x, weight, bias, h, needs):
+    return _fake_outputs(x, weight, bias, h, needs)
 
 
 @torch.library.custom_op("lipkern::cpl_conv2d", mutates_args=())
@@ -234,7 +399,7 @@ def _cpl_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
                    padding_mode: str) -> torch.Tensor:
     g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
-    return _forward(_Conv(weight, g), x, bias, h)
+    return _forward(_Conv(weight, g), x, bias, h, _use_triton(x))
 
 
 @_cpl_conv2d_op.register_fake
@@ -245,17 +410,20 @@ def _(x, weight, bias, h, stride, padding, dilation, groups, padding_mode):
 @torch.library.custom_op("lipkern::cpl_conv2d_backward", mutates_args=())
 def _cpl_conv2d_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             h: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int, padding_mode: str
+                            groups: int, padding_mode: str, needs: list[bool]
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
-    gx, gw, gb, gh = _backward(_Conv(weight, g), grad, x, bias, h)
-    return gx, gw, gb if gb is not None else weight.new_zeros(0), gh
+    return _outputs(_backward(_Conv(weight, g), grad, x, bias, h, needs, _use_triton(x)), x, weight, bias, h)
 
 
 @_cpl_conv2d_backward_op.register_fake
-def _(grad, x, weight, bias, h, stride, padding, dilation, groups, padding_mode):
-    gb = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), gb, torch.empty_like(h)
+def _(grad, x, weight, bias, h, stride, padding, dilation, groups, padding_mode, needs):
+    return _fake_outputs(x, weight, bias, h, needs)
+
+
+def _needs(ctx, bias) -> list[bool]:
+    need_x, need_w, need_b, need_h = (bool(n) for n in ctx.needs_input_grad[:4])
+    return [need_x, need_w, need_b and bias is not None, need_h]
 
 
 def _setup_linear(ctx, inputs, output):
@@ -265,8 +433,11 @@ def _setup_linear(ctx, inputs, output):
 
 def _backward_linear(ctx, grad):
     x, weight, bias, h = ctx.saved_tensors
-    gx, gw, gb, gh = _cpl_linear_backward_op(grad, x, weight, bias, h)
-    return gx, gw, (gb if bias is not None else None), gh
+    needs = _needs(ctx, bias)
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # create_graph=True, autocast
+        return _run_backward(_Linear(weight), grad, x, bias, h, needs)
+    results = _cpl_linear_backward_op(grad, x, weight, bias, h, needs)
+    return tuple(r if need else None for r, need in zip(results, needs))
 
 
 def _setup_conv(ctx, inputs, output):
@@ -277,8 +448,12 @@ def _setup_conv(ctx, inputs, output):
 
 def _backward_conv(ctx, grad):
     x, weight, bias, h = ctx.saved_tensors
-    gx, gw, gb, gh = _cpl_conv2d_backward_op(grad, x, weight, bias, h, *ctx.geometry)
-    return gx, gw, (gb if bias is not None else None), gh, None, None, None, None, None
+    needs = _needs(ctx, bias)
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # create_graph=True, autocast
+        op = _Conv(weight, _geometry(x, weight, *ctx.geometry))
+        return (*_run_backward(op, grad, x, bias, h, needs), None, None, None, None, None)
+    results = _cpl_conv2d_backward_op(grad, x, weight, bias, h, *ctx.geometry, needs)
+    return (*(r if need else None for r, need in zip(results, needs)), None, None, None, None, None)
 
 
 _cpl_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
@@ -286,7 +461,7 @@ _cpl_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Public functions.
+# 6. Public functions.
 # ----------------------------------------------------------------------------------------------------------
 def _as_h(h, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(h, torch.Tensor):  # a Python number: filled on the device (no host-to-device copy)
@@ -311,28 +486,55 @@ def _validate(name: str, x, weight, bias, h, x_dims: tuple[int, ...], w_dims: in
         raise ValueError(f"{name}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _autocast_cast(x, weight, bias, h):
+    """Under autocast: weight, bias and h in x's dtype (the op then runs with autocast disabled)."""
+    if not x.is_floating_point():
+        return weight, bias, h
+    cast = (lambda t: t.to(x.dtype) if t is not None and t.is_floating_point() and t.dtype != x.dtype else t)
+    return cast(weight), cast(bias), cast(h)
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h) -> torch.Tensor:
     """z = x − h·σ(x Wᵀ + b) W for x (..., features), W (hidden, features), b (hidden,), h a scalar (tensor
-    or float; differentiable). 1-Lipschitz when 0 ≤ h ≤ 2/‖W‖₂². The backward saves only x."""
+    or float; differentiable). 1-Lipschitz when 0 ≤ h ≤ 2/‖W‖₂². The backward saves only x. Under autocast
+    it runs in x's dtype (see the module docstring)."""
     h = _as_h(h, x)
+    if _autocast_on(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return cpl_linear(x, *_autocast_cast(x, weight, bias, h))
     _validate("cpl_linear", x, weight, bias, h, (1, 2, 3, 4, 5), 2)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"cpl_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     flat = x.reshape(-1, x.shape[-1])
-    return _cpl_linear_op(flat, weight, bias, h).reshape(x.shape)
+    if torch.compiler.is_compiling():
+        out = _cpl_linear_op(flat, weight, bias, h)
+    else:
+        out = _CPLFunction.apply("linear", flat, weight, bias, h, None)
+    return out.reshape(x.shape)
 
 
 def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h, stride=1, padding=0,
                dilation=1, groups: int = 1, padding_mode: str = "zeros") -> torch.Tensor:
     """z = x − h·Aᵀσ(A x + b) for the conv A with these nn.Conv2d arguments (W (hidden, channels/groups, kh, kw),
     its exact adjoint Aᵀ, so z has x's shape) and x (N, channels, H, W). 1-Lipschitz when 0 ≤ h ≤ 2/‖A‖₂²
-    (‖A‖ at x's size: see lipkern.bounds.conv2d_spectral_norm). The backward saves only x."""
+    (‖A‖ at x's size: see lipkern.bounds.conv2d_spectral_norm). The backward saves only x. Under autocast it
+    runs in x's dtype (see the module docstring)."""
     h = _as_h(h, x)
+    if _autocast_on(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return cpl_conv2d(x, *_autocast_cast(x, weight, bias, h), stride, padding, dilation, groups,
+                              padding_mode)
     _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
     g = ConvGeometry.create(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation, groups,
                             padding_mode)
     g.check_weight(weight, stacked=False)
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * groups}")
-    return _cpl_conv2d_op(x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups,
-                          g.padding_mode)
+    if torch.compiler.is_compiling():
+        return _cpl_conv2d_op(x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups,
+                              g.padding_mode)
+    return _CPLFunction.apply("conv", x, weight, bias, h, g)

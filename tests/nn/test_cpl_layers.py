@@ -79,3 +79,57 @@ def test_compile_fullgraph_eval_after_an_eager_call():
     eager = layer(x)
     got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     assert torch.allclose(got, eager, rtol=0, atol=1e-12)
+
+
+def _layers():
+    return [CPLConv2d(3, 4, input_size=5, dtype=torch.float64), CPLLinear(6, 4, dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("index", [0, 1], ids=["conv", "linear"])
+def test_torch_func_vjp_and_jacrev_on_layers(index, training):
+    layer = _layers()[index].train(training)
+    x = torch.randn((1, 3, 5, 5) if index == 0 else (1, 6), dtype=torch.float64)
+    layer(x)  # the power step: below, both calls see the same vectors
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    jac = torch.func.jacrev(layer)(x)
+    layer.load_state_dict(state)
+    want = torch.autograd.functional.jacobian(layer, x)
+    layer.load_state_dict(state)
+    out, vjp_fn = torch.func.vjp(layer, x)
+    (gx,) = vjp_fn(torch.ones_like(out))
+    assert torch.allclose(jac, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gx, want.reshape(x.numel(), x.numel()).sum(0).reshape(x.shape), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("index", [0, 1], ids=["conv", "linear"])
+def test_train_step_under_cpu_autocast(index, dtype):
+    """float32 layer, float32 x, autocast on: the layer computes in float32 (σ, h and the op) and trains."""
+    layer = _layers()[index].float().train()
+    x = torch.randn((2, 3, 5, 5) if index == 0 else (2, 6))
+    with torch.autocast("cpu", dtype):
+        out = layer(x)
+        loss = out.square().sum()
+    loss.backward()
+    assert out.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("index", [0, 1], ids=["conv", "linear"])
+def test_low_precision_layers(index, dtype):
+    """Layers built in bf16/fp16 train on inputs of their dtype; the eval step size is rounded down in it."""
+    layer = _layers()[index].to(dtype).train()
+    x = torch.randn((2, 3, 5, 5) if index == 0 else (2, 6), dtype=dtype)
+    layer(x).float().square().sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+    out = layer.eval()(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_gradient_penalty_through_a_layer():
+    layer = _layers()[0].train()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0

@@ -2,8 +2,11 @@
 property with the exact norm (dense operator, SVD) and its failure with an under-estimate (papers.md §10,
 checks 5-7), the saved tensors of the backward, op boundary."""
 
+import os
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from lipkern.ops import cpl_conv2d, cpl_linear
 from lipkern.ops.conv_power_iteration import ConvGeometry
@@ -184,3 +187,205 @@ def test_non_finite_weights_give_non_finite_outputs_not_an_error(value):
     wl, bl, hl = _params(4, 3, dtype=torch.float32)
     wl[1, 0] = value
     assert not torch.isfinite(cpl_linear(x.reshape(-1, 3)[:7], wl, bl, hl)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Passes, convolutions and saved bytes per train step (forward + backward), against the eager layer.
+# ----------------------------------------------------------------------------------------------------------
+class _Ops(TorchDispatchMode):
+    """aten ops below autograd: convolutions (a convolution_backward counts its computed outputs), GEMMs, and
+    the other ops that write an activation-sized tensor (passes over the data)."""
+
+    def __init__(self, activation_numel):
+        super().__init__()
+        self.size, self.convs, self.gemms, self.passes = activation_numel, 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name == "convolution":
+            self.convs += 1
+        elif name == "convolution_backward":
+            self.convs += sum(args[-1])
+        elif name in ("mm", "addmm", "_addmm_activation", "bmm", "addmm_"):
+            self.gemms += 1
+        elif not func.is_view and name not in ("empty", "empty_like", "new_empty", "empty_strided", "detach") \
+                and isinstance(out, torch.Tensor) and out.numel() >= self.size:
+            self.passes.append(name)
+        return out
+
+
+def _launches():
+    from triton.runtime import interpreter, jit
+
+    counts = []
+    originals = [(cls, cls.run) for cls in (jit.JITFunction, interpreter.InterpretedFunction)]
+
+    def patch(cls, original):
+        def run(self, *args, **kwargs):
+            counts.append(self.fn.__name__)
+            with _disable_current_modes():  # the interpreter's own copies are not the kernel's passes
+                return original(self, *args, **kwargs)
+        cls.run = run
+
+    for cls, original in originals:
+        patch(cls, original)
+    return counts, lambda: [setattr(cls, "run", original) for cls, original in originals]
+
+
+def _step_counts(fn, inputs, size):
+    counts, restore = _launches()
+    grad = torch.ones_like(inputs[0])
+    try:
+        with _Ops(size) as ops:
+            out = fn(*inputs)
+            grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad)
+    finally:
+        restore()
+    assert all(torch.isfinite(g).all() for g in grads)
+    return ops, counts
+
+
+@pytest.mark.parametrize("needs", ["all", "no-x", "no-weight"])
+def test_conv_train_step_counts(needs):
+    """Convolutions: forward A x and Aᵀσ; backward A g, A x (recompute), the two weight-gradient terms (only
+    when W needs a gradient) and Aᵀs (only when x needs one). Passes: 4 Triton kernels, no activation-sized
+    aten op (symmetric zero padding goes to the conv; every elementwise step writes in place)."""
+    w, b, h = _params(6, 4, dtype=torch.float32, kernel=(3, 3))
+    x = torch.randn(2, 4, 8, 8)
+    inputs = [x.requires_grad_(needs != "no-x"), w.requires_grad_(needs != "no-weight"), b.requires_grad_(),
+              h.requires_grad_()]
+    ours, launches = _step_counts(lambda *a: cpl_conv2d(*a, padding=1), inputs, x.numel() // 2)
+    geometry = ConvGeometry.create(8, 3, padding=1)
+    eager, _ = _step_counts(lambda *a: cpl_conv2d_ref(*a, geometry), inputs, x.numel() // 2)
+    expected = {"all": 7, "no-x": 6, "no-weight": 5}[needs]
+    assert ours.convs == expected, ours.convs
+    assert eager.convs == {"all": 6, "no-x": 5, "no-weight": 4}[needs]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert sorted(launches) == sorted(["_bias_relu_kernel", "_residual_kernel", "_backward_elementwise_kernel"]
+                                          + (["_residual_kernel"] if needs != "no-x" else []))
+        assert ours.passes == [], ours.passes
+        assert len(eager.passes) >= 6, eager.passes  # add, relu, mul, sub; neg/mul, threshold, add, ...
+
+
+def test_linear_train_step_counts():
+    """GEMMs: forward 2 (bias + ReLU in the first one's epilogue), backward 5 (A g, A x, one buffer for both
+    weight-gradient terms: mm then addmm_, Aᵀs); activation-sized passes: the backward's Triton kernel and
+    the two residual kernels only."""
+    w, b, h = (t.requires_grad_() for t in _params(32, 48, dtype=torch.float32))
+    x = torch.randn(64, 48, requires_grad=True)
+    ours, launches = _step_counts(cpl_linear, [x, w, b, h], 64 * 32)
+    eager, _ = _step_counts(cpl_linear_ref, [x, w, b, h], 64 * 32)
+    assert ours.gemms == 7 and eager.gemms == 6, (ours.gemms, eager.gemms)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert sorted(launches) == ["_backward_elementwise_kernel", "_residual_kernel", "_residual_kernel"]
+        assert ours.passes == [], ours.passes
+
+
+def _saved_bytes(fn, inputs):
+    """Bytes of the distinct storages autograd saves for the backward."""
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(),
+                                                                             t.untyped_storage().nbytes()) and t,
+                                                  lambda t: t):
+        out = fn(*inputs)
+    return sum(saved.values()), out
+
+
+def test_saved_bytes_per_step_against_the_eager_layer():
+    """lipkern saves x and the parameters; eager saves x, σ(p) and Aᵀσ(p) (hidden = channels: 3 activations)."""
+    w, b, h = (t.requires_grad_() for t in _params(8, 8, dtype=torch.float32, kernel=(3, 3)))
+    x = torch.randn(4, 8, 8, 8, requires_grad=True)
+    params = sum(t.numel() * 4 for t in (w, b, h))
+    ours, _ = _saved_bytes(lambda *a: cpl_conv2d(*a, padding=1), (x, w, b, h))
+    eager, _ = _saved_bytes(lambda *a: cpl_conv2d_ref(*a, ConvGeometry.create(8, 3, padding=1)), (x, w, b, h))
+    assert ours == x.numel() * 4 + params
+    assert eager >= 3 * x.numel() * 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch features combined with the ops: double backward, torch.func, autocast, low-precision dtypes.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-circular"])
+def test_double_backward_matches_the_reference(kind):
+    """A gradient penalty: ∂/∂(x, W, b, h) of ‖∂⟨z, c⟩/∂x‖² + ‖∂⟨z, c⟩/∂W‖²."""
+    if kind == "linear":
+        w, b, h = _params(5, 4)
+        x = torch.randn(3, 4, dtype=torch.float64)
+        ours_fn, ref_fn = cpl_linear, cpl_linear_ref
+    else:
+        kwargs = dict(padding=1, padding_mode="circular" if kind == "conv-circular" else "zeros")
+        w, b, h = _params(3, 2, kernel=(3, 3))
+        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+        g = ConvGeometry.create(4, 3, **kwargs)
+        ours_fn, ref_fn = (lambda *a: cpl_conv2d(*a, **kwargs)), (lambda *a: cpl_conv2d_ref(*a, g))
+    c = torch.randn_like(x)
+
+    def penalty(fn):
+        inputs = [t.detach().clone().requires_grad_() for t in (x, w, b, h)]
+        gx, gw = torch.autograd.grad((fn(*inputs) * c).sum(), inputs[:2], create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum(), inputs)
+
+    for got, want in zip(penalty(ours_fn), penalty(ref_fn)):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_torch_func_vjp_and_jacrev(kind):
+    if kind == "linear":
+        w, b, h = _params(5, 4)
+        x = torch.randn(3, 4, dtype=torch.float64)
+        ours_fn, ref_fn = cpl_linear, cpl_linear_ref
+    else:
+        w, b, h = _params(3, 2, kernel=(3, 3))
+        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+        g = ConvGeometry.create(4, 3, padding=1)
+        ours_fn, ref_fn = (lambda *a: cpl_conv2d(*a, padding=1)), (lambda *a: cpl_conv2d_ref(*a, g))
+    jac = torch.func.jacrev(ours_fn, argnums=(0, 1, 2, 3))(x, w, b, h)
+    want = torch.func.jacrev(ref_fn, argnums=(0, 1, 2, 3))(x, w, b, h)
+    for a, r in zip(jac, want):
+        assert_close(a, r)
+    out, vjp_fn = torch.func.vjp(ours_fn, x, w, b, h)
+    ct = torch.randn_like(out)
+    for a, r in zip(vjp_fn(ct), torch.autograd.grad(ref_fn(*(t.requires_grad_() for t in (x, w, b, h))),
+                                                     (x, w, b, h), ct)):
+        assert_close(a, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_the_op_in_the_dtype_of_x(dtype):
+    """Under autocast the op casts weight, bias and h to x's dtype and runs with autocast off: a float32 x
+    gives exactly the float32 result, a low-precision x the low-precision one."""
+    w, b, h = _params(4, 3, dtype=torch.float32, kernel=(3, 3))
+    x = torch.randn(2, 3, 5, 5)
+    with torch.autocast("cpu", dtype):
+        got = cpl_conv2d(x, w, b, h, padding=1)
+        low = cpl_conv2d(x.to(dtype), w, b, h, padding=1)
+    assert got.dtype == torch.float32 and torch.allclose(got, cpl_conv2d(x, w, b, h, padding=1), rtol=0, atol=0)
+    assert low.dtype == dtype
+    wl, bl, hl = _params(4, 3, dtype=torch.float32)
+    with torch.autocast("cpu", dtype):
+        lin = cpl_linear(x.reshape(-1, 3)[:6].to(dtype), wl, bl, hl.double())
+    assert lin.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_forward_backward_against_float64(dtype):
+    """bf16/fp16 x, weight, bias and h: no worse than twice PyTorch's own autograd in that dtype (+ a few ulp)."""
+    w, b, h = _params(4, 3, dtype=torch.float64, kernel=(3, 3))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    g = ConvGeometry.create(6, 3, padding=1)
+    grad = torch.randn_like(x)
+
+    def run(fn, dt):
+        inputs = [t.to(dt).requires_grad_() for t in (x, w, b, h)]
+        out = fn(*inputs)
+        return [out, *torch.autograd.grad(out, inputs, grad.to(dt))]
+
+    ours = run(lambda *a: cpl_conv2d(*a, padding=1), dtype)
+    theirs = run(lambda *a: cpl_conv2d_ref(*a, g), dtype)
+    exact = run(lambda *a: cpl_conv2d_ref(*a, g), torch.float64)
+    for got, their, want, name in zip(ours, theirs, exact, ["out", "x", "w", "b", "h"]):
+        assert got.dtype == dtype
+        err, their_err = ((t.double() - want).abs().max().item() for t in (got, their))
+        assert err <= 2 * their_err + 4 * torch.finfo(dtype).eps * want.abs().max().item(), name
