@@ -1,6 +1,9 @@
 """CPL: CPLConv2d / CPLLinear train steps and peak memory against the eager formulation of the reference code
 (conv → ReLU → conv_transpose, h = 2/σ² from one power-iteration step per training step), and a CPL-S train
-step. Group: model-train-step."""
+step against the same network with the eager formula in every CPL layer (``lipkern.models.use_eager_cpl``: same
+weights, same power iteration and h, so the difference is the CPL op: its saved activations, passes and
+launches). TF32: every provider runs under the session's settings, recorded per case in the JSON
+(``tf32_matmul``, ``tf32_cudnn``). Group: model-train-step."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from torch import nn
 
 import lipkern
 from benchmarks.conftest import DEVICE
-from lipkern.models import CPLNet
+from lipkern.models import CPLNet, use_eager_cpl
 
 ON_GPU = DEVICE.type == "cuda"
 CONV = dict(batch=256, size=32, channels=64) if ON_GPU else dict(batch=8, size=8, channels=8)
@@ -86,9 +89,14 @@ def test_cpllinear_train_step(run_timed, provider):
 
 
 @pytest.mark.benchmark(group="model-train-step")
-def test_cpl_s_train_step(run_timed):
+@pytest.mark.parametrize("provider", ["lipkern", "eager"])
+def test_cpl_s_train_step(run_timed, provider):
+    """CPL-S, batch 256 (peak memory recorded): a GPU benchmark."""
     if not ON_GPU:
         pytest.skip("CPL-S (41M parameters) is a GPU benchmark")
+    batch = 256
     model = CPLNet("S", device=DEVICE)
-    x = torch.randn(256, 3, 32, 32, device=DEVICE)
-    run_timed(_train_step(model, x), "lipkern", model="CPL-S", batch=256)
+    if provider == "eager":
+        use_eager_cpl(model)
+    x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+    run_timed(_train_step(model, x), provider, model="CPL-S", batch=batch)
