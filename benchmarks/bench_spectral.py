@@ -55,12 +55,30 @@ def _eager_step(weight, u):
 
 
 @pytest.mark.benchmark(group="power-iteration-step")
-@pytest.mark.parametrize("provider", ["lipkern", "lipkern-prestacked", "eager-loop"])
+@pytest.mark.parametrize("provider", ["lipkern", "lipkern-prestacked", "lipkern-layers", "eager-loop"])
 def test_power_iteration_step_all_layers(run_timed, provider):
+    """lipkern-layers: the 20 layers as SpectralConv2d modules, each asking for its σ = vᵀAu in training mode
+    (lipkern.nn.power groups them: one stacked call, then per layer one buffer copy and vᵀAu); the eager loop
+    computes σ per layer too."""
     weights, u = _network()
     stacked = torch.stack(weights)
     us = [u_l[None].clone() for u_l in u]
     v = None
+    if provider == "lipkern-layers":
+        from lipkern.nn import SpectralConv2d
+
+        c, n = NETWORK["channels"], NETWORK["size"]
+        layers = [SpectralConv2d(c, c, 3, padding=1, bias=False, input_size=n, device=DEVICE) for _ in weights]
+        with torch.no_grad():
+            for layer, weight in zip(layers, weights):
+                layer.weight.copy_(weight)
+
+        def layer_step():
+            with torch.no_grad():
+                return [layer.sigma() for layer in layers]
+
+        run_timed(layer_step, provider, **NETWORK)
+        return
 
     def lipkern_step():
         nonlocal v

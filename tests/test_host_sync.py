@@ -314,6 +314,30 @@ def test_layer_launches_no_more_than_the_eager_formulation(name):
         f"{eager.n_launches} ({dict(eager.ops)})")
 
 
+@pytest.mark.parametrize("name", ["ConvNet-XS-spectral", "CPLNet-S-8x8"])
+def test_model_step_issues_one_stacked_power_iteration_per_geometry_group(name, monkeypatch):
+    """lipkern.nn.power: after the first step (which discovers the groups), each group of layers of equal
+    geometry advances its vectors in ONE conv_power_iteration / batched_power_iteration call per step."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the grouping is under test, not the kernels
+    make, shape = MODELS[name]
+    model, x = make().train(), torch.randn(shape)
+    optimizer = _optimizer(model)
+    _train_step(model, x, optimizer)
+    calls = collections.Counter()
+
+    class _PowerCalls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "power_iteration" in func._schema.name:
+                calls[func._schema.name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _PowerCalls():
+        _train_step(model, x, optimizer)
+    layers = [m for m in model.modules() if hasattr(m, "_power_key")]
+    groups = {m._power_key() for m in layers}
+    assert sum(calls.values()) == len(groups) < len(layers), (dict(calls), len(groups), len(layers))
+
+
 def test_the_harness_sees_reads_inside_custom_ops_and_triton_launches():
     """The counters are not vacuous: a read inside a custom op, a read by ``bool``, a Triton launch."""
     from lipkern._dispatch import check_finite

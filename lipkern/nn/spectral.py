@@ -1,9 +1,17 @@
 """Spectrally normalized layers (LMT / Miyato style): the weight divided by its operator norm.
 
 Training: each forward advances the persistent power-iteration vectors by ``n_power_iterations`` steps (under
-no_grad, declared in-place updates of the buffers ``u`` and ``v``) and divides by σ = vᵀ A u, which is
-differentiable in the weight. σ is an **estimate** from below, so a training-mode layer is only
-approximately 1-Lipschitz.
+no_grad; the buffers ``u`` and ``v`` are written) and divides by σ = vᵀ A u, which is differentiable in the
+weight. σ is an **estimate** from below, so a training-mode layer is only approximately 1-Lipschitz.
+The layers of a model with equal geometry (and dtype, device, n_power_iterations) advance their vectors in ONE
+stacked ``conv_power_iteration`` / ``batched_power_iteration`` call per training step, with no user code and
+the same results as a per-layer step: see ``lipkern.nn.power`` for the mechanism and why it is exact.
+Precision: float32 / float64 weights iterate in their dtype. float16 / bfloat16 weights are accepted: the power
+iteration runs in float32 on an upcast copy (the kernels need the range of ‖A‖² and unit vectors that bf16
+rounds to 3 digits), σ = vᵀAu is formed in float32 and rounded to the weight's dtype, the buffers keep the
+layer's dtype. ``torch.autocast`` (bf16/fp16) leaves float32 layers iterating in float32 (the ops disable it
+inside); the layer's own conv / linear runs in the autocast dtype as for ``nn.Conv2d``. A certified eval norm
+of a half-precision weight is rounded up to that dtype (``certified=True`` works; the rounding slack is bf16's).
 Eval: σ is computed once per weight version and cached: the converged power iteration (an estimate), or
 with ``certified=True`` a guaranteed upper bound of the operator norm (Gram iteration in float64, see
 ``lipkern.bounds``) enlarged by the rounding of W/σ in the weight's dtype, so that the eval-mode layer,
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
+from lipkern.nn import power
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
 from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
@@ -90,8 +99,22 @@ class _SpectralNormalized(nn.Module):
         if not self.training:
             return self._eval_sigma()
         with torch.no_grad():
-            self._power_step(self.n_power_iterations)
-        return self._bilinear()
+            u, v = power.advance(self)  # one stacked call per group of equal geometry (lipkern.nn.power)
+        return self._bilinear(u, v)
+
+    def _power_step(self, n_iter: int) -> None:
+        """Advance this layer's vectors alone by ``n_iter`` steps (not used by training, which groups)."""
+        with torch.no_grad():
+            u, v = power.stacked_power_step([self], n_iter)
+            torch._foreach_copy_([self.u, self.v], [u[0], v[0]])
+
+    def _bilinear_dtype(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma if sigma.dtype == self.weight.dtype else sigma.to(self.weight.dtype)
+
+    def _compute_weight(self) -> torch.Tensor:
+        """The weight in the power iteration's dtype (float32 for float16 / bfloat16 weights), differentiable."""
+        dtype = power._compute_dtype(self.weight.dtype)
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
     def normalized_weight(self) -> torch.Tensor:
         return self._divide(self.sigma())
@@ -136,11 +159,20 @@ class _SpectralLinearBase(_SpectralNormalized):
         self.register_buffer("u", initial_vectors((1, in_features), **factory, key="linear")[0])
         self.register_buffer("v", torch.zeros(out_features, **factory))
 
-    def _power_step(self, n_iter: int) -> None:
-        batched_power_iteration(self.weight.detach()[None], self.u[None], self.v[None], n_iter)
+    def _power_key(self) -> tuple:
+        w = self.weight
+        return ("linear", tuple(w.shape), self.n_power_iterations, w.dtype, w.device)
 
-    def _bilinear(self) -> torch.Tensor:
-        return self.v.clone() @ (self.weight @ self.u.clone())
+    def _new_v_rows(self, layers: int, dtype: torch.dtype) -> torch.Tensor:
+        return power.new_empty((layers, self.out_features), dtype, self.weight.device)
+
+    @staticmethod
+    def _stacked_power(weights, u_rows, v_rows, n_iter: int) -> None:
+        batched_power_iteration(weights, u_rows, v_rows, n_iter)
+
+    def _bilinear(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """σ = vᵀWu, differentiable in W (u and v are never written again: no clone needed)."""
+        return self._bilinear_dtype(v @ (self._compute_weight() @ u))
 
     def _converged_estimate(self) -> torch.Tensor:
         est = linear_spectral_norm(self.weight, "power", n_iter=_EVAL_MAX_ITER, rtol=_EVAL_RTOL,
@@ -236,13 +268,21 @@ class _SpectralConvBase(_SpectralNormalized):
         return dict(stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
                     padding_mode=g.padding_mode)
 
-    def _power_step(self, n_iter: int) -> None:
-        conv_power_iteration(self.weight.detach()[None], self.u[None], self.v[None], n_iter, **self._conv_kwargs())
+    def _power_key(self) -> tuple:
+        w = self.weight
+        return ("conv", tuple(w.shape), self.geometry, self.n_power_iterations, w.dtype, w.device)
 
-    def _bilinear(self) -> torch.Tensor:
+    def _new_v_rows(self, layers: int, dtype: torch.dtype) -> torch.Tensor:
+        return power.new_empty((layers, self.out_channels, *self.geometry.output_size), dtype, self.weight.device)
+
+    def _stacked_power(self, weights, u_rows, v_rows, n_iter: int) -> None:
+        conv_power_iteration(weights, u_rows, v_rows, n_iter, **self._conv_kwargs())
+
+    def _bilinear(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """σ = ⟨v, A u⟩, differentiable in the weight (u and v are never written again: no clone needed)."""
         # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
-        u, v = self.u.clone()[None], self.v.clone()[None]
-        return conv_bilinear(self.weight[None], u, v, self.geometry).reshape(())
+        sigma = conv_bilinear(self._compute_weight()[None], u[None], v[None], self.geometry).reshape(())
+        return self._bilinear_dtype(sigma)
 
     def _spectral_norm(self, method: str, **kwargs):
         g = self.geometry

@@ -330,6 +330,11 @@ def _geometry_from_args(u, kernel, stride, padding, dilation, groups, padding_mo
 def _conv_power_iteration_op(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
                              stride: list[int], padding: list[int], dilation: list[int], groups: int,
                              padding_mode: str) -> torch.Tensor:
+    with torch.autocast(weights.device.type, enabled=False):  # autocast reaches inside custom ops
+        return _conv_power_iteration_impl(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode)
+
+
+def _conv_power_iteration_impl(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode):
     geometry = _geometry_from_args(u, weights.shape[-2:], stride, padding, dilation, groups, padding_mode)
     interpreted_long_run = not weights.is_cuda and n_iter > _INTERPRETER_MAX_ITER
     if select_backend(weights, has_cuda_kernel=False) != "triton" or interpreted_long_run:

@@ -6,8 +6,11 @@ One iteration, for every matrix M_b of the stack independently (u_b is the persi
 limit; `lipkern.bounds` pairs it with a guaranteed upper bound.
 
 The Triton kernel runs one program per matrix and reads each matrix once per iteration: every row tile
-gives its part of w = M u and, in the same sweep, its contribution Mᴴ w to z. The CUDA kernel in
-`csrc/power_iteration.cu` does the same with one thread block per matrix.
+gives its part of w = M u and, in the same sweep, its contribution Mᴴ w to z. Large real matrices (≥ 2²⁰
+entries, e.g. CPLLinear 4096²) split their rows over many programs instead (`_power_split_rows_kernel`: each
+program its rows' block of w and a partial Mᵀw), and a second small launch per iteration sums the partials in
+a fixed order (`_power_split_reduce_kernel`: deterministic, no atomics) and normalizes. The CUDA kernel in
+`csrc/power_iteration.cu` runs one thread block per matrix at every size (the split is Triton's only).
 
 Layout of this file: reference, Triton kernel, launchers, custom op, public function.
 """
@@ -20,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, requested_backend, select_backend, triton_importable
 
 __all__ = ["PowerIteration", "batched_power_iteration", "batched_power_iteration_ref", "initial_vectors"]
 
@@ -156,16 +159,120 @@ if triton_importable():
             tl.store(v_base + idx, tl.load(v_base + idx, mask=idx_mask) * w_scale, mask=idx_mask)
 
 
+    @triton.jit
+    def _power_split_rows_kernel(m_ptr, u_ptr, v_ptr, z_part_ptr, w_sq_ptr, ROWS, COLS, ROWS_PER_PROGRAM,
+                                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """Large real matrices, many programs per matrix: program (b, p) takes rows [p·R, (p+1)·R) of M_b, writes
+        its block of w = M u (unscaled) into v, its partial Mᵀw into partial[b, p] and its Σw² into w_sq[b, p]."""
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
+        programs = tl.num_programs(1)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_mask = cols < COLS
+        u = tl.load(u_ptr + b * COLS + cols, mask=col_mask, other=0.0)
+        m_base = m_ptr + b * ROWS * COLS
+        z = tl.zeros_like(u)
+        w_sq = tl.sum(tl.zeros_like(u), axis=0)
+        row_start = p * ROWS_PER_PROGRAM
+        for r0 in range(row_start, row_start + ROWS_PER_PROGRAM, BLOCK_ROWS):
+            rows = r0 + tl.arange(0, BLOCK_ROWS)
+            row_mask = rows < ROWS
+            mask = row_mask[:, None] & col_mask[None, :]
+            m = tl.load(m_base + rows.to(tl.int64)[:, None] * COLS + cols[None, :], mask=mask, other=0.0)
+            w = tl.sum(m * u[None, :], axis=1)
+            w_sq += tl.sum(w * w, axis=0)
+            z += tl.sum(m * w[:, None], axis=0)
+            tl.store(v_ptr + b * ROWS + rows, w, mask=row_mask)
+        tl.store(z_part_ptr + (b * programs + p) * COLS + cols, z, mask=col_mask)
+        tl.store(w_sq_ptr + b * programs + p, w_sq)
+
+    @triton.jit
+    def _power_split_reduce_kernel(u_ptr, v_ptr, sigma_ptr, z_part_ptr, w_sq_ptr, ROWS, COLS, PROGRAMS,
+                                   SCALE_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                                   BLOCK_V: tl.constexpr):
+        """One program per matrix, after _power_split_rows_kernel: z = Σ_p partial (fixed order: deterministic,
+        no atomics), u ← z/‖z‖ (kept when z = 0), σ = ‖z‖/‖w‖; with SCALE_V (last iteration) v ← w/‖w‖."""
+        b = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_mask = cols < COLS
+        z = tl.zeros([BLOCK_COLS], dtype=u_ptr.dtype.element_ty)
+        for p in range(0, PROGRAMS):
+            z += tl.load(z_part_ptr + (b * PROGRAMS + p) * COLS + cols, mask=col_mask, other=0.0)
+        ps = tl.arange(0, BLOCK_P)
+        w_sq = tl.sum(tl.load(w_sq_ptr + b * PROGRAMS + ps, mask=ps < PROGRAMS, other=0.0), axis=0)
+        z_norm = tl.sqrt(tl.sum(z * z, axis=0))
+        keep = z_norm == 0.0
+        u_old = tl.load(u_ptr + b * COLS + cols, mask=col_mask, other=0.0)
+        u = tl.where(keep, u_old, z * (1.0 / tl.where(keep, 1.0, z_norm)))
+        tl.store(u_ptr + b * COLS + cols, u, mask=col_mask)
+        w_norm = tl.sqrt(w_sq)
+        nonzero = w_norm != 0.0  # True for NaN: NaN/Inf in the matrix give NaN results
+        tl.store(sigma_ptr + b, tl.where(nonzero, z_norm / tl.where(nonzero, w_norm, 1.0), 0.0))
+        if SCALE_V:
+            w_scale = 1.0 / tl.where(nonzero, w_norm, 1.0)
+            for r0 in range(0, ROWS, BLOCK_V):
+                idx = r0 + tl.arange(0, BLOCK_V)
+                v = tl.load(v_ptr + b * ROWS + idx, mask=idx < ROWS)
+                tl.store(v_ptr + b * ROWS + idx, v * w_scale, mask=idx < ROWS)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Launchers (outputs are u, v, sigma, written in place).
 # ----------------------------------------------------------------------------------------------------------
 _TRITON_MAX_COLS = 4096
+_TILE = 4096  # entries of a row tile (registers per program); tests lower it to split small matrices
+# Real matrices of at least this many elements run on many programs per matrix (split rows, two launches per
+# iteration): one program streaming a 4096² matrix uses one SM of 132. Tests lower it to reach the path.
+_SPLIT_MIN_ELEMENTS = 1 << 20
+_SPLIT_TARGET_PROGRAMS = 256  # programs over the whole stack (about 2 per SM on an H100 / H200)
+_SPLIT_MAX_PROGRAMS = 64  # per matrix: the reduce program reads programs × cols partials
+
+
+def _split_rows(batch: int, rows: int, cols: int, block_rows: int, is_complex: bool) -> int:
+    """Rows per program of the split path, or 0 for one program per matrix."""
+    if is_complex or rows * cols < _SPLIT_MIN_ELEMENTS or rows <= block_rows:
+        return 0
+    programs = max(1, min(_SPLIT_MAX_PROGRAMS, -(-_SPLIT_TARGET_PROGRAMS // batch), -(-rows // block_rows)))
+    if programs < 2:
+        return 0
+    per_program = -(-rows // programs)
+    return -(-per_program // block_rows) * block_rows
+
+
+def _launch_triton_split(matrices, u, v, sigma, n_iter: int, block_rows: int, block_cols: int,
+                         rows_per_program: int) -> None:
+    batch, rows, cols = matrices.shape
+    programs = -(-rows // rows_per_program)
+    partial = torch.empty((batch, programs, cols), dtype=matrices.dtype, device=matrices.device)
+    w_sq = torch.empty((batch, programs), dtype=matrices.dtype, device=matrices.device)
+    block_p = max(16, triton.next_power_of_2(programs))
+    with device_context(matrices):
+        for i in range(n_iter):
+            _power_split_rows_kernel[(batch, programs)](matrices, u, v, partial, w_sq, rows, cols,
+                                                        rows_per_program, BLOCK_ROWS=block_rows,
+                                                        BLOCK_COLS=block_cols, num_warps=4)
+            _power_split_reduce_kernel[(batch,)](u, v, sigma, partial, w_sq, rows, cols, programs,
+                                                 SCALE_V=i == n_iter - 1, BLOCK_P=block_p, BLOCK_COLS=block_cols,
+                                                 BLOCK_V=1024, num_warps=8)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _blocks(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS): a row tile of at most _TILE entries spanning all columns."""
+    block_cols = max(16, _next_power_of_2(cols))
+    return max(1, min(_next_power_of_2(rows), _TILE // block_cols)), block_cols
 
 
 def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
     batch, rows, cols = matrices.shape
-    block_cols = max(16, triton.next_power_of_2(cols))
-    block_rows = max(1, min(triton.next_power_of_2(rows), 4096 // block_cols))
+    block_rows, block_cols = _blocks(rows, cols)
+    rows_per_program = _split_rows(batch, rows, cols, block_rows, matrices.is_complex())
+    if rows_per_program:
+        _launch_triton_split(matrices, u, v, sigma, n_iter, block_rows, block_cols, rows_per_program)
+        return
     as_real = (lambda t: torch.view_as_real(t)) if matrices.is_complex() else (lambda t: t)
     with device_context(matrices):
         _power_iteration_kernel[(batch,)](as_real(matrices), as_real(u), as_real(v), sigma, rows, cols, n_iter,
@@ -185,6 +292,9 @@ def _backend(matrices: torch.Tensor) -> str:
     cuda_fits = _cuda.available() and matrices.is_cuda and _cuda.batched_power_iteration_fits(
         rows, cols, matrices.dtype)
     backend = select_backend(matrices, has_cuda_kernel=cuda_fits)
+    if backend == "cuda" and requested_backend() is None and cols <= _TRITON_MAX_COLS and triton_importable() \
+            and _split_rows(matrices.shape[0], rows, cols, _blocks(rows, cols)[0], matrices.is_complex()):
+        return "triton"  # large matrices: many programs per matrix beat one thread block per matrix
     if backend == "triton" and cols > _TRITON_MAX_COLS:
         return "torch"
     return backend
@@ -211,7 +321,8 @@ def _batched_power_iteration_op(matrices: torch.Tensor, u: torch.Tensor, v: torc
     sigma = torch.empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype), device=matrices.device)
     u_work = u if u.is_contiguous() else u.contiguous()
     v_work = v if v.is_contiguous() else v.contiguous()
-    _run(matrices.contiguous(), u_work, v_work, sigma, n_iter)
+    with torch.autocast(matrices.device.type, enabled=False):  # autocast reaches inside custom ops
+        _run(matrices.contiguous(), u_work, v_work, sigma, n_iter)
     if u_work is not u:
         u.copy_(u_work)
     if v_work is not v:

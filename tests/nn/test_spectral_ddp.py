@@ -15,7 +15,10 @@ WORLD = 2
 
 
 def _model() -> nn.Module:
+    # two convs of equal geometry: one stacked power-iteration call for both (lipkern.nn.power)
     return nn.Sequential(SpectralConv2d(3, 4, 3, padding=1, input_size=6), MaxMin(),
+                         SpectralConv2d(4, 4, 3, padding=1, input_size=6), MaxMin(),
+                         SpectralConv2d(4, 4, 3, padding=1, input_size=6), MaxMin(),
                          SpectralConv2d(4, 4, 3, stride=2, padding=1, padding_mode="circular", input_size=6),
                          nn.Flatten(), SpectralLinear(4 * 3 * 3, 5))
 
@@ -46,6 +49,8 @@ def _worker(rank: int, init_file: str) -> None:
         assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
         first_u = model.module[0].u
         assert not torch.equal(first_u, SpectralConv2d(3, 4, 3, padding=1, input_size=6).u), "vectors never moved"
+        # grouped layers keep their own vectors (rows of one stacked call, copied into each layer's buffers)
+        assert not torch.equal(model.module[2].u, model.module[4].u)
     finally:
         dist.destroy_process_group()
 

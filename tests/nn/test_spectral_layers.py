@@ -219,3 +219,161 @@ def test_extreme_weight_scales(scale):
     assert abs(layer.sigma().item() / scale / exact - 1) <= 1e-5
     layer.certified = True
     assert layer.sigma().item() / scale >= exact
+
+
+# --- model-level power iteration: one stacked call per group of equal geometry (lipkern.nn.power) -----------
+from lipkern.nn import CPLConv2d, CPLLinear, MaxMin  # noqa: E402
+from lipkern.nn import power as power_groups  # noqa: E402
+
+
+class _Shared(nn.Module):
+    """Three equal-geometry convs (one used twice per forward), a conv of another geometry, CPL layers."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        kw = dict(dtype=dtype, input_size=5)
+        self.convs = nn.ModuleList([SpectralConv2d(4, 4, 3, padding=1, **kw) for _ in range(3)])
+        self.other = SpectralConv2d(4, 3, 3, padding=1, stride=2, **kw)
+        self.cpl = nn.ModuleList([CPLConv2d(4, 5, 3, **kw) for _ in range(2)])
+        self.dense = nn.ModuleList([CPLLinear(27, 8, dtype=dtype) for _ in range(2)])
+        self.head = SpectralLinear(27, 4, dtype=dtype)
+
+    def forward(self, x, reuse: bool = True):
+        for conv in self.convs:
+            x = MaxMin()(conv(x))
+        if reuse:
+            x = self.convs[0](x)
+        for layer in self.cpl:
+            x = layer(x)
+        x = self.other(x).flatten(1)
+        for layer in self.dense:
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """The grouping logic under test, at the speed of the PyTorch path (the kernels are tested in tests/ops)."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+
+
+def _twins(make):
+    torch.manual_seed(3)
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        pb.data.copy_(pa.data)
+    return a, b
+
+
+def _train(model, steps, reuse=True, seed=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=gen)
+        loss = model(x, reuse).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.detach()
+
+
+def _assert_same_state(a, b):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert_close(ta, tb, msg=name)
+
+
+def test_grouped_power_iteration_equals_per_layer(monkeypatch, torch_backend):
+    """Stacked (grouped) vs per-layer iteration: the same vectors, weights and losses after several steps,
+    with a layer used twice per forward (its second use starts a new step of its group)."""
+    grouped, per_layer = _twins(_Shared)
+    calls = []
+    original = power_groups.stacked_power_step
+    monkeypatch.setattr(power_groups, "stacked_power_step",
+                        lambda layers, n: calls.append(len(layers)) or original(layers, n))
+    loss_grouped = _train(grouped, 4)
+    assert max(calls) >= 2, f"no stacked call groups several layers: {calls}"
+    monkeypatch.setattr(power_groups, "_groupable", lambda layer: False)
+    loss_per_layer = _train(per_layer, 4)
+    assert_close(loss_grouped, loss_per_layer)
+    _assert_same_state(grouped, per_layer)
+
+
+def test_grouped_steady_state_is_one_call_per_group_and_other_models_are_not_touched(monkeypatch, torch_backend):
+    model, reference = _twins(_Shared)
+    bystander = SpectralConv2d(4, 4, 3, padding=1, dtype=torch.float64, input_size=5)  # same geometry, never run
+    idle = bystander.u.clone()
+    evaluated = _Shared().eval()
+    evaluated(torch.randn(1, 4, 5, 5, dtype=torch.float64), False)
+    frozen = {k: v.clone() for k, v in evaluated.state_dict().items()}
+    _train(model, 2, reuse=False)
+    calls = []
+    original = power_groups.stacked_power_step
+    monkeypatch.setattr(power_groups, "stacked_power_step",
+                        lambda layers, n: calls.append(len(layers)) or original(layers, n))
+    _train(model, 1, reuse=False)
+    groups = {m._power_key() for m in model.modules() if hasattr(m, "_power_key")}
+    assert len(calls) == len(groups) == 5 and sum(calls) == 9, calls
+    assert torch.equal(bystander.u, idle), "a layer that does not run keeps its vectors"
+    for key, value in evaluated.state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+    monkeypatch.setattr(power_groups, "_groupable", lambda layer: False)
+    _train(reference, 2, reuse=False)
+    _train(reference, 1, reuse=False)
+    _assert_same_state(model, reference)
+
+
+def test_two_models_of_equal_geometry_trained_alternately_equal_per_layer(monkeypatch, torch_backend):
+    """Results computed for a layer whose weight then changes are discarded (the weight's _version), and a
+    load_state_dict of the vectors between steps is seen (the buffer's _version)."""
+    a, a_ref = _twins(_Shared)
+    b, b_ref = _twins(_Shared)
+
+    def run(x, y):
+        _train(x, 1, seed=1)
+        _train(y, 1, seed=2)
+        x.load_state_dict(y.state_dict())  # vectors and weights replaced in place
+        _train(x, 1, seed=3)
+        _train(y, 2, seed=4)
+
+    run(a, b)
+    monkeypatch.setattr(power_groups, "_groupable", lambda layer: False)
+    run(a_ref, b_ref)
+    _assert_same_state(a, a_ref)
+    _assert_same_state(b, b_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_weights_train_with_a_float32_power_iteration(dtype, torch_backend):
+    conv = SpectralConv2d(3, 4, 3, padding=1, input_size=5, dtype=dtype)
+    linear = SpectralLinear(6, 5, dtype=dtype)
+    for layer, x in ((conv, torch.randn(2, 3, 5, 5, dtype=dtype)), (linear, torch.randn(2, 6, dtype=dtype))):
+        for _ in range(30):
+            out = layer.train()(x)
+            assert out.dtype == dtype and layer.u.dtype == dtype
+            out.float().square().sum().backward()
+        exact = spectral_norm(layer.weight.detach().double()) if layer is linear else \
+            spectral_norm(dense_conv2d(layer.weight.detach().double(), 5, padding=1))
+        assert abs(layer.sigma().float().item() / exact - 1) < 2e-2  # bf16 rounding of σ and the vectors
+        assert torch.isfinite(layer.eval()(x)).all()
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_autocast_bfloat16_train_and_eval(layer):
+    if layer == "conv":
+        module, x = SpectralConv2d(3, 4, 3, padding=1, input_size=5), torch.randn(2, 3, 5, 5)
+    else:
+        module, x = SpectralLinear(6, 5), torch.randn(2, 6)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(2):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = module.train()(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert module.u.dtype == torch.float32 and torch.isfinite(module.u).all()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = module.eval()(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), module(x), atol=3e-2, rtol=3e-2)  # bf16 rounding of x and W

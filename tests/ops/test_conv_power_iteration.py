@@ -175,3 +175,16 @@ def test_non_finite_weights_give_nan_not_an_error(value, n_iter):
     sigma, u, v = conv_power_iteration(weights, u, None, n_iter, padding=1)
     assert torch.isfinite(sigma[0]) and torch.isnan(sigma[1])
     assert torch.isnan(u[1]).all() and torch.isnan(v[1]).all() and torch.isfinite(u[0]).all()
+
+
+def test_autocast_does_not_reach_inside_the_op():
+    """Under torch.autocast the iteration still runs in the weights' dtype (autocast enters custom ops)."""
+    weights, g, kwargs = _setup(GEOMETRIES[0], layers=2)
+    weights = weights.float()
+    u0 = initial_conv_vectors(2, 3, g.input_size, torch.float32, "cpu")
+    u = u0.clone()
+    with torch.autocast("cpu", torch.bfloat16):
+        sigma, _, v = conv_power_iteration(weights, u, None, 2, **kwargs)
+    ref_sigma, ref_u, ref_v = conv_power_iteration_ref(weights.double(), u0.double(), 2, g)
+    assert_close(sigma, ref_sigma, dtype=torch.float32)
+    assert_close(u, ref_u, dtype=torch.float32)

@@ -140,3 +140,45 @@ def test_non_finite_matrices_give_nan_not_an_error(value):
     assert torch.isnan(u[1]).all() and torch.isnan(v[1]).any()
     ref = batched_power_iteration_ref(m, initial_vectors((2, 4), torch.float32, "cpu"), 1)
     assert torch.isnan(ref.sigma[1]) and torch.isnan(ref.u[1]).all()
+
+
+def test_autocast_does_not_reach_inside_the_op():
+    m = torch.randn(2, 9, 7)
+    u0 = initial_vectors((2, 7), torch.float32, "cpu")
+    u = u0.clone()
+    with torch.autocast("cpu", torch.bfloat16):
+        sigma, _, _ = batched_power_iteration(m, u, n_iter=3)
+    ref = batched_power_iteration_ref(m.double(), u0.double(), 3)
+    assert_close(sigma, ref.sigma, dtype=torch.float32)
+    assert_close(u, ref.u, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 37, 20), (3, 64, 16), (2, 5, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_split_rows_kernel_matches_float64_reference(dtype, shape, monkeypatch):
+    """Large matrices run on many programs per matrix (split rows + a reduce launch); small ones forced here."""
+    from lipkern.ops import power_iteration as pi
+
+    monkeypatch.setattr(pi, "_SPLIT_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(pi, "_SPLIT_TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(pi, "_TILE", 64)
+    batch, rows, cols = shape
+    assert pi._split_rows(batch, rows, cols, pi._blocks(rows, cols)[0], False) > 0, "not on the split path"
+    m = torch.randn(shape, dtype=dtype)
+    m[0, 3] = 0.0
+    u0 = initial_vectors((batch, cols), dtype, "cpu")
+    u, v = u0.clone(), torch.empty(batch, rows, dtype=dtype)
+    sigma, _, _ = batched_power_iteration(m, u, v, n_iter=3)
+    ref = batched_power_iteration_ref(m.double(), u0.double(), 3)
+    assert_close(sigma, ref.sigma, dtype=dtype, msg="sigma")
+    assert_close(u, ref.u, dtype=dtype, msg="u")
+    assert_close(v, ref.v, dtype=dtype, msg="v")
+
+
+def test_split_rows_path_is_chosen_for_a_4096_square_matrix():
+    from lipkern.ops import power_iteration as pi
+
+    rows_per_program = pi._split_rows(1, 4096, 4096, pi._blocks(4096, 4096)[0], False)
+    assert rows_per_program and 4096 // rows_per_program == pi._SPLIT_MAX_PROGRAMS
+    assert pi._split_rows(1, 64, 64, pi._blocks(64, 64)[0], False) == 0
+    assert pi._split_rows(1, 4096, 4096, 1, True) == 0, "complex stays on one program per matrix"
