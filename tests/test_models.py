@@ -70,10 +70,11 @@ def _saved_activation_bytes(model, x):
     return sum(n for ptr, n in saved.items() if ptr not in own), out
 
 
-def test_cplnet_saves_half_the_bytes_of_the_eager_network():
+def test_cplnet_saves_about_half_the_bytes_of_the_eager_network():
     """CPL-S (8×8 inputs, 64 dense hidden units) against the same network with the eager formula in every CPL
-    layer (same weights, same h): each lipkern layer saves its input only; eager also keeps σ(Ax + b) and
-    Aᵀσ(·) (for ∂h). Measured 0.50 (the power-iteration vectors and the pooling/head are common to both)."""
+    layer (same weights, same h): each lipkern layer saves its input and σ(Ax + b) (5 channels against 45 in the
+    convs); eager also keeps Aᵀσ(·) (for ∂h). Measured 0.55 (the power-iteration vectors and the pooling/head
+    are common to both)."""
     model = CPLNet("S", image_size=8, dense_hidden=64).train()
     eager = use_eager_cpl(CPLNet("S", image_size=8, dense_hidden=64).train())
     eager.load_state_dict(model.state_dict())
@@ -81,7 +82,7 @@ def test_cplnet_saves_half_the_bytes_of_the_eager_network():
     ours, out = _saved_activation_bytes(model, x)
     theirs, out_eager = _saved_activation_bytes(eager, x)
     assert torch.allclose(out, out_eager, rtol=1e-4, atol=1e-5)
-    assert ours <= 0.55 * theirs, (ours, theirs)
+    assert ours <= 0.6 * theirs, (ours, theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

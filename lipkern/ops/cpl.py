@@ -4,19 +4,20 @@ A is a linear map (x Wᵀ for ``cpl_linear``; a conv with its padding, stride, d
 ``cpl_conv2d``) and Aᵀ its exact adjoint. The map is 1-Lipschitz when 0 ≤ h ≤ 2/‖A‖₂²: its Jacobian
 I − h·AᵀDA (D = diag(σ′) ∈ [0, 1]) has eigenvalues in [1 − h‖A‖², 1] ⊂ [−1, 1].
 
-Memory: eager autograd keeps x, σ(A x + b) and Aᵀσ(·) (for ∂h) for the backward. This op saves only x (plus
-the parameters) and recomputes p = A x + b in the backward:
-    t = A g,  m = (p > 0),  s = t ⊙ m
+Memory: eager autograd keeps x, σ(A x + b) and Aᵀσ(·) (the last for ∂h) for the backward. This op keeps x and
+σ(A x + b) (the hidden activation: the buffer the forward wrote anyway), never Aᵀσ:
+    t = A g,  m = (σ(p) > 0),  s = t ⊙ m
     ∂x = g − h·Aᵀ s,  ∂W = −h·(∂⟨s, A_W x⟩/∂W + ∂⟨A_W g, σ(p)⟩/∂W),  ∂b = −h·Σ s,  ∂h = −⟨t, σ(p)⟩
-(the last one by adjointness: ⟨g, Aᵀσ(p)⟩ = ⟨A g, σ(p)⟩, so Aᵀσ(p) is never recomputed; −h scales the small
-results, never an activation). Work per call, A applications counted as convolutions (GEMMs for the linear):
-  forward   A x (bias + ReLU in place: one pass), Aᵀ σ (x − h·r written in place over r: one pass);
-  backward  A g and A x (recompute), one pass (mask, σ(p), per-channel Σ s and the partials of ⟨t, σ(p)⟩, both
-            written in place), the two weight-gradient terms (only when W needs a gradient; the linear's into
-            one buffer with addmm), Aᵀ s (only when x needs a gradient), g − h·Aᵀs written in place (one pass).
-Backward temporaries: t and p, then t and Aᵀs (about two activations of the larger side). Circular padding
-pads each input once (x in the forward; x and g in the backward, shared by the conv and its weight gradient);
-symmetric zero padding is passed to the convolution (no copy).
+(the last one by adjointness: ⟨g, Aᵀσ(p)⟩ = ⟨A g, σ(p)⟩; −h scales the small results, never an activation).
+Keeping σ(p) instead of recomputing A x costs hidden/channels of an activation (1/9 in CPL-S's convs) and saves a
+convolution per step: the op runs as many convolutions as eager autograd. Work per call, A applications counted
+as convolutions (GEMMs for the linear):
+  forward   A x (bias + ReLU in place: one pass), Aᵀσ (x − h·r written in place over r: one pass);
+  backward  A g, one pass (s = t ⊙ m in place, per-channel Σ s and the partials of ⟨t, σ(p)⟩), the two
+            weight-gradient terms (only when W needs a gradient; the linear's accumulated in one buffer by addmm),
+            Aᵀ s (only when x needs a gradient), g − h·Aᵀs written in place (one pass).
+Backward temporaries: t (hidden-sized), then Aᵀs (input-sized). Circular padding pads x once in the forward and
+x and g once each in the backward; symmetric zero padding is passed to the convolution (no copy).
 The elementwise steps are Triton kernels on the GPU and under the interpreter, in-place PyTorch ops on the CPU;
 the matrix products and convolutions are cuBLAS/cuDNN (the linear's bias + ReLU is cuBLASLt's epilogue).
 
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern._dispatch import device_context, select_backend, triton_importable
-from lipkern.ops.conv_power_iteration import ConvGeometry, conv_adjoint, conv_operator, conv_padding
+from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
 
 __all__ = ["cpl_conv2d", "cpl_conv2d_ref", "cpl_linear", "cpl_linear_ref"]
 
@@ -93,11 +94,11 @@ if triton_importable():
         tl.store(r_ptr + offs, x - h * r, mask=mask)
 
     @triton.jit
-    def _backward_elementwise_kernel(p_ptr, t_ptr, bias_ptr, bsum_ptr, dot_ptr, ROWS, COLS, CHANNELS,
-                                     HAS_BIAS: tl.constexpr, CHANNEL_IN_ROWS: tl.constexpr, IS_F64: tl.constexpr,
-                                     BR: tl.constexpr, BC: tl.constexpr):
-        """On a (ROWS, COLS) view: p ← σ(p + b), t ← t where p + b > 0 else 0 (both in place); per-channel
-        partial sums of the new t into bsum and the partial of ⟨t, σ(p + b)⟩ into dot[program].
+    def _backward_elementwise_kernel(act_ptr, t_ptr, bsum_ptr, dot_ptr, ROWS, COLS, CHANNELS,
+                                     CHANNEL_IN_ROWS: tl.constexpr, IS_F64: tl.constexpr, BR: tl.constexpr,
+                                     BC: tl.constexpr):
+        """On a (ROWS, COLS) view: t ← t where act > 0 else 0 (in place; act = σ(p) is read only); per-channel
+        partial sums of the new t into bsum and the partial of ⟨t, act⟩ into dot[program].
         The channel of an element is row % CHANNELS (conv: rows are (n, c), columns pixels) or its column
         (linear: rows are samples)."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
@@ -105,16 +106,9 @@ if triton_importable():
         cols = pid_c * BC + tl.arange(0, BC)
         mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
         offs = rows.to(tl.int64)[:, None] * COLS + cols[None, :]
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        act = tl.load(act_ptr + offs, mask=mask, other=0.0)
         t = tl.load(t_ptr + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            if CHANNEL_IN_ROWS:
-                p += tl.load(bias_ptr + rows % CHANNELS, mask=rows < ROWS, other=0.0)[:, None]
-            else:
-                p += tl.load(bias_ptr + cols, mask=cols < COLS, other=0.0)[None, :]
-        act = tl.maximum(p, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        s = tl.where(p > 0.0, t, 0.0)
-        tl.store(p_ptr + offs, act, mask=mask)
+        s = tl.where(act > 0.0, t, 0.0)
         tl.store(t_ptr + offs, s, mask=mask)
         if IS_F64:
             s_acc, prod = s, t * act
@@ -160,30 +154,26 @@ def _residual_(x: torch.Tensor, r: torch.Tensor, h: torch.Tensor, triton_path: b
     return r
 
 
-def _backward_elementwise_(p: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, triton_path: bool):
-    """In place: p ← σ(p + b), t ← t ⊙ (p + b > 0). Returns (Σ of the new t per channel, ⟨t, σ(p + b)⟩)."""
-    conv = p.dim() == 4
+def _backward_elementwise_(act: torch.Tensor, t: torch.Tensor, triton_path: bool):
+    """In place: t ← t ⊙ (act > 0); act = σ(p) is only read. Returns (Σ of the new t per channel, ⟨t, act⟩)."""
+    conv = act.dim() == 4
     if not triton_path:
-        if bias is not None:
-            p.add_(bias.reshape(-1, *([1] * (p.dim() - 2))))
-        t.masked_fill_((p > 0).logical_not_(), 0)
-        p.relu_()
-        dot = torch.dot(t.view(-1), p.view(-1))  # ⟨t ⊙ m, σ(p)⟩ = ⟨t, σ(p)⟩
+        t.masked_fill_((act > 0).logical_not_(), 0)
+        dot = torch.dot(t.view(-1), act.view(-1))  # ⟨t ⊙ m, σ(p)⟩ = ⟨t, σ(p)⟩
         return (t.sum((0, 2, 3)) if conv else t.sum(0)), dot
-    channels = p.shape[1]
-    rows, cols = (p.shape[0] * channels, p[0, 0].numel()) if conv else (p.shape[0], channels)
+    channels = act.shape[1]
+    rows, cols = (act.shape[0] * channels, act[0, 0].numel()) if conv else (act.shape[0], channels)
     bc = min(triton.next_power_of_2(cols), 1024 if conv else 128)
     br = max(1, min(triton.next_power_of_2(rows), 2048 // bc))
     grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-    bsum = torch.empty((grid[1], rows) if conv else (grid[0], cols), dtype=acc, device=p.device)
-    dot = torch.empty(grid[0] * grid[1], dtype=acc, device=p.device)
-    with device_context(p):
-        _backward_elementwise_kernel[grid](p, t, bias if bias is not None else p, bsum, dot, rows, cols, channels,
-                                           HAS_BIAS=bias is not None, CHANNEL_IN_ROWS=conv,
-                                           IS_F64=p.dtype == torch.float64, BR=br, BC=bc)
+    acc = torch.float64 if act.dtype == torch.float64 else torch.float32
+    bsum = torch.empty((grid[1], rows) if conv else (grid[0], cols), dtype=acc, device=act.device)
+    dot = torch.empty(grid[0] * grid[1], dtype=acc, device=act.device)
+    with device_context(act):
+        _backward_elementwise_kernel[grid](act, t, bsum, dot, rows, cols, channels, CHANNEL_IN_ROWS=conv,
+                                           IS_F64=act.dtype == torch.float64, BR=br, BC=bc)
     channel_sum = bsum.view(-1, channels).sum(0) if conv else bsum.sum(0)
-    return channel_sum.to(p.dtype), dot.sum().to(p.dtype)
+    return channel_sum.to(act.dtype), dot.sum().to(act.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,6 +196,13 @@ class _Linear:
 
     def adjoint(self, y):
         return y @ self.weight
+
+    def adjoint_of(self, y, xp):
+        return y @ self.weight
+
+    def adjoint_and_weight_grads(self, s, xp, g, act, need_x, need_w):
+        """(Aᵀs, ∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W): the two weight terms accumulated in one buffer."""
+        return (s @ self.weight if need_x else None), (torch.mm(s.T, xp).addmm_(act.T, g) if need_w else None)
 
     def weight_grads(self, x, s, g, act):
         """∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W, accumulated in one buffer."""
@@ -233,11 +230,30 @@ class _Conv:
     def adjoint(self, y):
         return conv_adjoint(y, self.weight, self.geometry)
 
-    def _weight_grad(self, xp, grad_out):
+    def _conv_backward(self, grad_out, xp, need_input, need_weight):
+        """cuDNN/oneDNN's convolution backward: (Aᵀ grad_out on the padded domain, ∂⟨grad_out, A_W xp⟩/∂W)."""
         g = self.geometry
         return torch.ops.aten.convolution_backward(grad_out, xp, self.weight, None, list(g.stride),
                                                   list(self._conv_padding()), list(g.dilation), False, [0, 0],
-                                                  g.groups, [False, True, False])[1]
+                                                  g.groups, [need_input, need_weight, False])[:2]
+
+    def _unpad(self, y):
+        return y if self.padding is not None else _unpad_adjoint(y, self.geometry).contiguous()
+
+    def _weight_grad(self, xp, grad_out):
+        return self._conv_backward(grad_out, xp, False, True)[1]
+
+    def adjoint_of(self, y, xp):
+        """Aᵀ y as the data gradient of the conv at xp (the padded input): one backward-data convolution."""
+        return self._unpad(self._conv_backward(y, xp, True, False)[0])
+
+    def adjoint_and_weight_grads(self, s, xp, gp, act, need_x, need_w):
+        """(Aᵀs, ∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W): Aᵀs and the first term from one convolution backward
+        (as eager autograd computes them), the second term from a weight-gradient convolution."""
+        gi, gw = self._conv_backward(s, xp, need_x, need_w)
+        if need_w:
+            gw = gw.add_(self._weight_grad(gp, act))
+        return (self._unpad(gi) if need_x else None), gw
 
     def weight_grads(self, xp, s, gp, act):
         """∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W: two weight-gradient convolutions, their small results summed."""
@@ -253,36 +269,34 @@ def _make_op(kind: str, weight, geometry):
 # 4. Forward and backward: the fast path (in place, Triton) and the functional one (torch.func, create_graph).
 # ----------------------------------------------------------------------------------------------------------
 def _forward(op, x, bias, h, triton_path: bool):
+    """(z, σ(A x + b)): the activation is kept for the backward."""
     x = x.contiguous()
+    xp = op.prepare(x)
     if isinstance(op, _Linear):
-        a = op.apply_relu(x, bias)
+        act = op.apply_relu(x, bias)
     else:
-        a = _bias_relu_(op.apply(op.prepare(x)).contiguous(), bias, triton_path)
-    r = op.adjoint(a).contiguous()
-    del a
-    return _residual_(x, r, h, triton_path)
+        act = _bias_relu_(op.apply(xp).contiguous(), bias, triton_path)
+    r = op.adjoint_of(act, xp).contiguous()
+    return _residual_(x, r, h, triton_path), act
 
 
-def _backward(op, grad, x, bias, h, needs, triton_path: bool):
-    """(∂x, ∂W, ∂b, ∂h), None where ``needs`` is False; p and t are overwritten in place."""
+def _backward(op, grad, x, act, h, needs, triton_path: bool):
+    """(∂x, ∂W, ∂b, ∂h), None where ``needs`` is False; act = σ(A x + b) from the forward (read only)."""
     need_x, need_w, need_b, need_h = needs
     grad = grad.contiguous()
-    gp, xp = op.prepare(grad), op.prepare(x.contiguous())
+    gp = op.prepare(grad)
     t = op.apply(gp).contiguous()
-    if isinstance(op, _Linear):  # the bias in the GEMM's epilogue
-        p, kernel_bias = op.apply(xp, bias), None
-    else:
-        p, kernel_bias = op.apply(xp).contiguous(), bias
-    kernel_sum, dot = _backward_elementwise_(p, t, kernel_bias, triton_path)  # p ← σ(p + b), t ← s = t ⊙ m
+    bias_sum, dot = _backward_elementwise_(act, t, triton_path)  # t ← s = t ⊙ m
     neg_h = -h
-    gw = op.weight_grads(xp, t, gp, p).mul_(neg_h) if need_w else None
-    del p, xp, gp
-    gx = None
-    if need_x:
-        r = op.adjoint(t).contiguous()
-        del t
-        gx = _residual_(grad, r, h, triton_path)  # g − h·Aᵀs, over Aᵀs
-    gb = kernel_sum.mul_(neg_h) if need_b and bias is not None else None
+    gx = gw = None
+    if need_x or need_w:
+        r, gw = op.adjoint_and_weight_grads(t, op.prepare(x.contiguous()), gp, act, need_x, need_w)
+        del t, gp
+        if need_w:
+            gw.mul_(neg_h)
+        if need_x:
+            gx = _residual_(grad, r.contiguous(), h, triton_path)  # g − h·Aᵀs, over Aᵀs
+    gb = bias_sum.mul_(neg_h) if need_b else None
     gh = dot.neg_().reshape(h.shape) if need_h else None
     return gx, gw, gb, gh
 
@@ -316,17 +330,32 @@ def _functorch_active(*tensors) -> bool:
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _run_backward(op, grad, x, bias, h, needs):
+def _run_backward(op, grad, x, act, bias, h, needs):
     if torch.is_autocast_enabled(x.device.type):  # a backward called inside an autocast region
         with torch.autocast(x.device.type, enabled=False):
-            return _run_backward(op, grad, x, bias, h, needs)
+            return _run_backward(op, grad, x, act, bias, h, needs)
     if torch.is_grad_enabled() or _functorch_active(grad, x):  # create_graph=True or a torch.func transform
-        return _backward_functional(op, grad, x, bias, h, needs)
-    return _backward(op, grad, x, bias, h, needs, _use_triton(x))
+        return _backward_functional(op, grad, x, bias, h, needs)  # recomputes σ(Ax + b), differentiably
+    return _backward(op, grad, x, act, h, needs, _use_triton(x))
+
+
+def _function_backward(ctx, grad):
+    if grad is None:  # no gradient reached the output (materialize_grads is off)
+        return None, None, None, None, None, None
+    x, act, weight, bias, h = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and bias is not None,
+             ctx.needs_input_grad[4])
+    op = _make_op(ctx.kind, weight, ctx.geometry)
+    if act is None or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) \
+            or _functorch_active(grad, x):
+        gx, gw, gb, gh = _run_backward(op, grad, x, act, bias, h, needs)
+    else:
+        gx, gw, gb, gh = _backward(op, grad, x, act, h, needs, ctx.triton_path)
+    return None, gx, gw, gb, gh, None
 
 
 class _CPLFunction(torch.autograd.Function):
-    """The eager path: fewer dispatch layers than the custom op; setup_context, so torch.func works."""
+    """The eager path under torch.func transforms: setup_context (required by functorch) and a vmap rule."""
 
     generate_vmap_rule = True
 
@@ -334,21 +363,43 @@ class _CPLFunction(torch.autograd.Function):
     def forward(kind, x, weight, bias, h, geometry):
         op = _make_op(kind, weight, geometry)
         if _functorch_active(x, weight, bias, h):
-            return _forward_functional(op, x, bias, h)
+            return _forward_functional(op, x, bias, h), None
         return _forward(op, x, bias, h, _use_triton(x))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         kind, x, weight, bias, h, geometry = inputs
-        ctx.kind, ctx.geometry = kind, geometry
-        ctx.save_for_backward(x, weight, bias, h)
+        ctx.kind, ctx.geometry, ctx.triton_path = kind, geometry, _use_triton(x)
+        ctx.save_for_backward(x, output[1], weight, bias, h)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the activation output
+        if output[1] is not None:
+            ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, h = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[1:5])
-        gx, gw, gb, gh = _run_backward(_make_op(ctx.kind, weight, ctx.geometry), grad, x, bias, h, needs)
-        return None, gx, gw, gb, gh, None
+    def backward(ctx, grad, _):
+        return _function_backward(ctx, grad)
+
+
+class _CPLFastFunction(torch.autograd.Function):
+    """The eager path otherwise: forward(ctx, ...) skips the argument binding of setup_context-style apply."""
+
+    @staticmethod
+    def forward(ctx, kind, x, weight, bias, h, geometry):
+        ctx.kind, ctx.geometry, ctx.triton_path = kind, geometry, _use_triton(x)
+        out, act = _forward(_make_op(kind, weight, geometry), x, bias, h, ctx.triton_path)
+        ctx.save_for_backward(x, act, weight, bias, h)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(act)
+        return out, act
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return _function_backward(ctx, grad)
+
+
+def _apply(*args):
+    fn = _CPLFunction if torch._C._functorch.peek_interpreter_stack() is not None else _CPLFastFunction
+    return fn.apply(*args)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,53 +422,60 @@ def _fake_outputs(x, weight, bias, h, needs):
                  for like, need in zip(likes, needs))
 
 
+def _fake_act(x, weight, geometry=None):
+    if geometry is None:
+        return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0], *geometry.output_size)
+
+
 @torch.library.custom_op("lipkern::cpl_linear", mutates_args=())
 def _cpl_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   h: torch.Tensor) -> torch.Tensor:
+                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(_Linear(weight), x, bias, h, _use_triton(x))
 
 
 @_cpl_linear_op.register_fake
 def _(x, weight, bias, h):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_act(x, weight)
 
 
 @torch.library.custom_op("lipkern::cpl_linear_backward", mutates_args=())
-def _cpl_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            h: torch.Tensor, needs: list[bool]
+def _cpl_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, act: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, h: torch.Tensor, needs: list[bool]
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _outputs(_backward(_Linear(weight), grad, x, bias, h, needs, _use_triton(x)), x, weight, bias, h)
+    return _outputs(_backward(_Linear(weight), grad, x, act, h, needs, _use_triton(x)), x, weight, bias, h)
 
 
 @_cpl_linear_backward_op.register_fake
-def _(grad, x, weight, bias, h, needs):
+def _(grad, x, act, weight, bias, h, needs):
     return _fake_outputs(x, weight, bias, h, needs)
 
 
 @torch.library.custom_op("lipkern::cpl_conv2d", mutates_args=())
 def _cpl_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                   padding_mode: str) -> torch.Tensor:
+                   padding_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
     return _forward(_Conv(weight, g), x, bias, h, _use_triton(x))
 
 
 @_cpl_conv2d_op.register_fake
 def _(x, weight, bias, h, stride, padding, dilation, groups, padding_mode):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_act(x, weight, g)
 
 
 @torch.library.custom_op("lipkern::cpl_conv2d_backward", mutates_args=())
-def _cpl_conv2d_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            h: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int, padding_mode: str, needs: list[bool]
+def _cpl_conv2d_backward_op(grad: torch.Tensor, x: torch.Tensor, act: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, h: torch.Tensor, stride: list[int], padding: list[int],
+                            dilation: list[int], groups: int, padding_mode: str, needs: list[bool]
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
-    return _outputs(_backward(_Conv(weight, g), grad, x, bias, h, needs, _use_triton(x)), x, weight, bias, h)
+    return _outputs(_backward(_Conv(weight, g), grad, x, act, h, needs, _use_triton(x)), x, weight, bias, h)
 
 
 @_cpl_conv2d_backward_op.register_fake
-def _(grad, x, weight, bias, h, stride, padding, dilation, groups, padding_mode, needs):
+def _(grad, x, act, weight, bias, h, stride, padding, dilation, groups, padding_mode, needs):
     return _fake_outputs(x, weight, bias, h, needs)
 
 
@@ -428,31 +486,39 @@ def _needs(ctx, bias) -> list[bool]:
 
 def _setup_linear(ctx, inputs, output):
     x, weight, bias, h = inputs
-    ctx.save_for_backward(x, weight, bias, h)
+    ctx.save_for_backward(x, output[1], weight, bias, h)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward_linear(ctx, grad):
-    x, weight, bias, h = ctx.saved_tensors
+def _backward_linear(ctx, grad, _):
+    if grad is None:
+        return None, None, None, None
+    x, act, weight, bias, h = ctx.saved_tensors
     needs = _needs(ctx, bias)
     if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # create_graph=True, autocast
-        return _run_backward(_Linear(weight), grad, x, bias, h, needs)
-    results = _cpl_linear_backward_op(grad, x, weight, bias, h, needs)
+        return _run_backward(_Linear(weight), grad, x, act, bias, h, needs)
+    results = _cpl_linear_backward_op(grad, x, act, weight, bias, h, needs)
     return tuple(r if need else None for r, need in zip(results, needs))
 
 
 def _setup_conv(ctx, inputs, output):
     x, weight, bias, h, *geometry = inputs
     ctx.geometry = geometry
-    ctx.save_for_backward(x, weight, bias, h)
+    ctx.save_for_backward(x, output[1], weight, bias, h)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward_conv(ctx, grad):
-    x, weight, bias, h = ctx.saved_tensors
+def _backward_conv(ctx, grad, _):
+    if grad is None:
+        return (None,) * 9
+    x, act, weight, bias, h = ctx.saved_tensors
     needs = _needs(ctx, bias)
     if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # create_graph=True, autocast
         op = _Conv(weight, _geometry(x, weight, *ctx.geometry))
-        return (*_run_backward(op, grad, x, bias, h, needs), None, None, None, None, None)
-    results = _cpl_conv2d_backward_op(grad, x, weight, bias, h, *ctx.geometry, needs)
+        return (*_run_backward(op, grad, x, act, bias, h, needs), None, None, None, None, None)
+    results = _cpl_conv2d_backward_op(grad, x, act, weight, bias, h, *ctx.geometry, needs)
     return (*(r if need else None for r, need in zip(results, needs)), None, None, None, None, None)
 
 
@@ -511,9 +577,9 @@ def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"cpl_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     flat = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling():
-        out = _cpl_linear_op(flat, weight, bias, h)
+        out = _cpl_linear_op(flat, weight, bias, h)[0]
     else:
-        out = _CPLFunction.apply("linear", flat, weight, bias, h, None)
+        out = _apply("linear", flat, weight, bias, h, None)
     return out.reshape(x.shape)
 
 
@@ -536,5 +602,5 @@ def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * groups}")
     if torch.compiler.is_compiling():
         return _cpl_conv2d_op(x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups,
-                              g.padding_mode)
-    return _CPLFunction.apply("conv", x, weight, bias, h, g)
+                              g.padding_mode)[0]
+    return _apply("conv", x, weight, bias, h, g)
