@@ -7,7 +7,13 @@ h = 2/σ² differentiable through σ = vᵀAu (an estimate from below, so a trai
 approximately 1-Lipschitz, as in the paper's code). Eval: σ is cached per weight version: the converged
 estimate, or with ``certified=True`` a guaranteed upper bound, and then h = 2/σ² is rounded down, so the
 eval-mode layer is 1-Lipschitz with proof. The forward and backward are ``lipkern.ops.cpl_linear`` /
-``cpl_conv2d``, whose backward saves only the input.
+``cpl_conv2d``, whose backward keeps the input and the hidden activation σ(Wx + b) only (eager autograd also
+keeps Wᵀσ(·)).
+Precision: the layers work in float64, float32, bfloat16 and float16 (weight, bias and input of one dtype;
+the eval step size is rounded down in the weight's dtype, so a certified bf16/fp16 layer stays 1-Lipschitz).
+Under ``torch.autocast`` σ and h are computed in the weight's dtype (autocast off) and the op runs in the
+input's dtype: a float32 residual stream stays float32. Training may use TF32 convolutions/GEMMs (PyTorch's
+settings, as the eager layer does); certification uses the eval-time bound computed in float64.
 A training step reads no value on the host: a NaN/Inf weight makes σ, h and the output NaN. The eval-mode σ
 rejects it with a ValueError (see ``lipkern.nn.spectral``).
 """
