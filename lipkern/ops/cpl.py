@@ -158,7 +158,7 @@ def _backward_elementwise_(act: torch.Tensor, t: torch.Tensor, triton_path: bool
     """In place: t ← t ⊙ (act > 0); act = σ(p) is only read. Returns (Σ of the new t per channel, ⟨t, act⟩)."""
     conv = act.dim() == 4
     if not triton_path:
-        t.masked_fill_((act > 0).logical_not_(), 0)
+        torch.ops.aten.threshold_backward.grad_input(t, act, 0, grad_input=t)  # ReLU's backward, in place
         dot = torch.dot(t.view(-1), act.view(-1))  # ⟨t ⊙ m, σ(p)⟩ = ⟨t, σ(p)⟩
         return (t.sum((0, 2, 3)) if conv else t.sum(0)), dot
     channels = act.shape[1]
