@@ -11,7 +11,9 @@ the work tensors plus a snapshot of the inputs the row was computed from (its we
 objects and by ``_version``). When a layer needs σ:
 
 - it holds a credit whose snapshot still matches (same weight and ``u`` tensors, same versions): it consumes
-  it: one ``_foreach_copy_`` writes the row into its ``u`` / ``v`` buffers, and σ = vᵀAu uses the row;
+  it: one ``_foreach_copy_`` writes the row into its ``u`` / ``v`` buffers, and σ = vᵀAu uses the row (for
+  convs the round also computes G_l = ∂(vᵀA u)/∂W_l in one grouped weight-gradient conv, and σ_l = ⟨W_l, G_l⟩
+  is one dot product per layer, differentiable in W_l with gradient G_l);
 - otherwise it starts a round, for itself and for the layers of its group that ran in the previous step and
   have not run in this one (without a valid credit).
 
@@ -52,10 +54,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Credit:
-    __slots__ = ("u_rows", "v_rows", "index", "weight", "weight_version", "u", "u_version", "key")
+    __slots__ = ("rows", "index", "weight", "weight_version", "u", "u_version", "key")
 
-    def __init__(self, layer, key, u_rows, v_rows, index):
-        self.u_rows, self.v_rows, self.index, self.key = u_rows, v_rows, index, key
+    def __init__(self, layer, key, rows, index):
+        self.rows, self.index, self.key = rows, index, key
         self.weight, self.weight_version = weakref.ref(layer.weight), layer.weight._version
         self.u, self.u_version = weakref.ref(layer.u), layer.u._version
 
@@ -72,9 +74,10 @@ class _Group:
         self.previous: list = []  # ... in the step before
 
 
-def stacked_power_step(layers: list, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One stacked call for ``layers`` (equal ``_power_key()``): returns the advanced work tensors (U, V),
-    row i for ``layers[i]``, in the compute dtype; the layers' buffers are not touched."""
+def stacked_power_step(layers: list, n_iter: int) -> tuple:
+    """One stacked call for ``layers`` (equal ``_power_key()``): returns the advanced work tensors (U, V, G),
+    row i for ``layers[i]``, in the compute dtype (G: what the layers' σ needs besides u and v, e.g. the
+    gradient of vᵀAu in the weight for convs, or None); the layers' buffers are not touched."""
     compute = _compute_dtype(layers[0].weight.dtype)
     if len(layers) == 1:  # views and one copy, not a stack
         weights = layers[0].weight.detach()[None]
@@ -87,7 +90,7 @@ def stacked_power_step(layers: list, n_iter: int) -> tuple[torch.Tensor, torch.T
     weights = weights.to(compute)
     v_rows = layers[0]._new_v_rows(len(layers), compute)
     layers[0]._stacked_power(weights, u_rows, v_rows, n_iter)
-    return u_rows, v_rows
+    return u_rows, v_rows, layers[0]._stacked_sigma_data(u_rows, v_rows)
 
 
 def new_empty(shape, dtype, device) -> torch.Tensor:
@@ -96,10 +99,11 @@ def new_empty(shape, dtype, device) -> torch.Tensor:
     return factory(shape, dtype=dtype, device=device)
 
 
-def _consume(layer, u_rows, v_rows, index) -> tuple[torch.Tensor, torch.Tensor]:
+def _consume(layer, rows, index) -> tuple:
+    u_rows, v_rows, extra = rows
     u, v = u_rows[index], v_rows[index]
     torch._foreach_copy_([layer.u, layer.v], [u, v])  # one launch writes both buffers
-    return u, v
+    return u, v, (None if extra is None else extra[index])
 
 
 def _groupable(layer) -> bool:
@@ -113,12 +117,12 @@ def _groupable(layer) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(w)
 
 
-def advance(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def advance(layer) -> tuple:
     """Advance ``layer``'s vectors by ``layer.n_power_iterations`` steps (its buffers ``u`` and ``v`` are
-    written) and return the new (u, v) to compute σ from (tensors that are never written again)."""
+    written) and return (u, v, extra) to compute σ from (tensors that are never written again)."""
     n_iter = layer.n_power_iterations
     if not _groupable(layer):
-        return _consume(layer, *stacked_power_step([layer], n_iter), 0)
+        return _consume(layer, stacked_power_step([layer], n_iter), 0)
     key = layer._power_key()
     with _LOCK:
         credit = _CREDITS.pop(layer, None)
@@ -130,7 +134,7 @@ def advance(layer) -> tuple[torch.Tensor, torch.Tensor]:
             group.previous, group.current, current = group.current, [], []
         group.current.append(weakref.ref(layer))
         if credit is not None and credit.valid(layer, key):
-            return _consume(layer, credit.u_rows, credit.v_rows, credit.index)
+            return _consume(layer, credit.rows, credit.index)
         members = [layer]
         for ref in group.previous:
             m = ref()
@@ -141,11 +145,11 @@ def advance(layer) -> tuple[torch.Tensor, torch.Tensor]:
             if other is not None and other.valid(m, key):
                 continue
             members.append(m)
-        u_rows, v_rows = stacked_power_step(members, n_iter)
+        rows = stacked_power_step(members, n_iter)
         for index, m in enumerate(members[1:], start=1):
-            _CREDITS[m] = _Credit(m, key, u_rows, v_rows, index)
+            _CREDITS[m] = _Credit(m, key, rows, index)
         _prune()
-    return _consume(layer, u_rows, v_rows, 0)
+    return _consume(layer, rows, 0)
 
 
 def _prune() -> None:

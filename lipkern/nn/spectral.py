@@ -42,6 +42,7 @@ from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
     conv_bilinear,
+    conv_bilinear_gradient,
     conv_power_iteration,
     initial_conv_vectors,
 )
@@ -99,13 +100,13 @@ class _SpectralNormalized(nn.Module):
         if not self.training:
             return self._eval_sigma()
         with torch.no_grad():
-            u, v = power.advance(self)  # one stacked call per group of equal geometry (lipkern.nn.power)
-        return self._bilinear(u, v)
+            u, v, extra = power.advance(self)  # one stacked call per group of equal geometry (lipkern.nn.power)
+        return self._bilinear(u, v, extra)
 
     def _power_step(self, n_iter: int) -> None:
         """Advance this layer's vectors alone by ``n_iter`` steps (not used by training, which groups)."""
         with torch.no_grad():
-            u, v = power.stacked_power_step([self], n_iter)
+            u, v, _ = power.stacked_power_step([self], n_iter)
             torch._foreach_copy_([self.u, self.v], [u[0], v[0]])
 
     def _bilinear_dtype(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,11 @@ class _SpectralLinearBase(_SpectralNormalized):
     def _stacked_power(weights, u_rows, v_rows, n_iter: int) -> None:
         batched_power_iteration(weights, u_rows, v_rows, n_iter)
 
-    def _bilinear(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _stacked_sigma_data(u_rows, v_rows) -> None:
+        return None
+
+    def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
         """σ = vᵀWu, differentiable in W (u and v are never written again: no clone needed)."""
         return self._bilinear_dtype(v @ (self._compute_weight() @ u))
 
@@ -278,10 +283,21 @@ class _SpectralConvBase(_SpectralNormalized):
     def _stacked_power(self, weights, u_rows, v_rows, n_iter: int) -> None:
         conv_power_iteration(weights, u_rows, v_rows, n_iter, **self._conv_kwargs())
 
-    def _bilinear(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """σ = ⟨v, A u⟩, differentiable in the weight (u and v are never written again: no clone needed)."""
-        # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
-        sigma = conv_bilinear(self._compute_weight()[None], u[None], v[None], self.geometry).reshape(())
+    def _stacked_sigma_data(self, u_rows, v_rows) -> torch.Tensor:
+        """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round: one grouped weight-gradient convolution."""
+        with torch.autocast(u_rows.device.type, enabled=False):
+            return conv_bilinear_gradient(u_rows, v_rows, tuple(self.weight.shape), self.geometry)
+
+    def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
+        """σ = ⟨v, A u⟩ = ⟨W, G⟩ (the form is linear in W): one dot product per layer, whose gradient in W is G
+        (no per-layer convolution forward or backward). Without G: the convolution."""
+        weight = self._compute_weight()
+        if extra is None:
+            # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
+            sigma = conv_bilinear(weight[None], u[None], v[None], self.geometry).reshape(())
+        else:
+            with torch.autocast(weight.device.type, enabled=False):
+                sigma = torch.dot(weight.reshape(-1), extra.reshape(-1))
         return self._bilinear_dtype(sigma)
 
     def _spectral_norm(self, method: str, **kwargs):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lipkern._dispatch import device_context, select_backend, triton_importable
 from lipkern.ops.power_iteration import initial_vectors, power_of_two_scale
 
-__all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_operator", "conv_power_iteration",
+__all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_bilinear_gradient", "conv_operator", "conv_power_iteration",
            "conv_power_iteration_ref", "initial_conv_vectors"]
 
 PADDING_MODES = ("zeros", "circular")
@@ -179,6 +179,23 @@ def conv_bilinear(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, geomet
     stacked = _stack_weight(weight)
     au = _apply(u.reshape(1, -1, *u.shape[-2:]), stacked, geometry, geometry.groups * layers)
     return (au.reshape(v.shape) * v).flatten(1).sum(1)
+
+
+def conv_bilinear_gradient(u: torch.Tensor, v: torch.Tensor, weight_shape, geometry: ConvGeometry) -> torch.Tensor:
+    """G_l = ∂⟨v_l, A_l u_l⟩/∂W_l for L layers at once (one grouped weight-gradient convolution), shape
+    (L, *weight_shape); ⟨W_l, G_l⟩ = ⟨v_l, A(W_l) u_l⟩ (the bilinear form is linear in W), so σ_l = ⟨W_l, G_l⟩
+    is the differentiable estimate with one dot product per layer. Not differentiable itself."""
+    layers = u.shape[0]
+    x = u.reshape(1, -1, *u.shape[-2:])
+    padding = conv_padding(geometry)
+    if padding is None:
+        x = F.pad(x, _torch_pad(geometry), mode="constant" if geometry.padding_mode == "zeros" else "circular")
+        padding = (0, 0)
+    stacked_shape = (layers * weight_shape[0], *weight_shape[1:])
+    grad = torch.nn.grad.conv2d_weight(x, stacked_shape, v.reshape(1, -1, *v.shape[-2:]), stride=geometry.stride,
+                                       padding=padding, dilation=geometry.dilation,
+                                       groups=geometry.groups * layers)
+    return grad.reshape(layers, *weight_shape)
 
 
 # ----------------------------------------------------------------------------------------------------------

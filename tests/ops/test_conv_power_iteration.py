@@ -188,3 +188,19 @@ def test_autocast_does_not_reach_inside_the_op():
     ref_sigma, ref_u, ref_v = conv_power_iteration_ref(weights.double(), u0.double(), 2, g)
     assert_close(sigma, ref_sigma, dtype=torch.float32)
     assert_close(u, ref_u, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_bilinear_gradient_of_stacked_layers(case):
+    """G = ∂⟨v, A u⟩/∂W for all layers in one grouped weight-gradient conv; ⟨W, G⟩ = ⟨v, A u⟩."""
+    from lipkern.ops.conv_power_iteration import conv_bilinear_gradient
+
+    weights, g, _ = _setup(case, layers=3)
+    u = torch.randn(3, weights.shape[2] * g.groups, *g.input_size, dtype=torch.float64)
+    v = torch.randn(3, weights.shape[1], *g.output_size, dtype=torch.float64)
+    grad = conv_bilinear_gradient(u, v, tuple(weights.shape[1:]), g)
+    w = weights.clone().requires_grad_(True)
+    bilinear = conv_bilinear(w, u, v, g)
+    (expected,) = torch.autograd.grad(bilinear.sum(), w)
+    assert_close(grad, expected)
+    assert_close((weights * grad).flatten(1).sum(1), bilinear.detach())
