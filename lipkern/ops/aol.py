@@ -107,9 +107,16 @@ def _slack_coefficients(precision: str, out_g: int, kk: int, dtype: torch.dtype)
     return (eps + output_rounding_margin(dtype)) * (1 + 2.0**-20), eps_abs
 
 
-def _scale_margin(dtype: torch.dtype) -> float:
-    """d = (1 − m)·(r̂^(-1/2) in float64), then cast: m covers the float64 sqrt and division and the cast."""
-    return 2.0**-49 if dtype == torch.float64 else 2.0**-22
+def _scale_margin(dtype: torch.dtype, out_g: int, in_g: int, kk: int) -> float:
+    """m of d = (1 − m)·r̂^(-1/2) (float64, then cast toward zero): 2⁻⁴⁹ / 2⁻²² covers the float64 sqrt and
+    division; the rest covers stored entries that are subnormal, where rounding errs by an absolute
+    η ≤ half the subnormal spacing (of the product's and the stored dtype) instead of u relative: such an error
+    matrix E has ‖conv(E)‖ ≤ Σ_taps ‖E_tap‖₂ ≤ kk·η·√(out_g·in_g), so ‖conv(W')‖ ≤ (1 − m) + kk·η·√(out_g·in_g)
+    ≤ 1 once m exceeds that term (fp16: 2⁻²⁵·kk·√(out_g·in_g), 1.4e-4 at 512×512×3×3; fp32/bf16 ≈ 1e-37)."""
+    acc = _acc_dtype(dtype)
+    eta = sum(torch.finfo(t).tiny * torch.finfo(t).eps / 2 for t in {dtype, acc})
+    base = 2.0**-49 if dtype == torch.float64 else 2.0**-22
+    return _float32_up((base + kk * eta * math.sqrt(out_g * in_g)) * (1 + 2.0**-20))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,7 +307,16 @@ if triton_importable():
         safe = tl.where(zero | (r_hat == 0), 1.0, r_hat)
         d64 = d_factor / tl.sqrt(safe)  # float64 sqrt and division are IEEE round-to-nearest
         d64 = tl.where(r_hat < float("inf"), d64, float("nan"))  # Inf or NaN weights -> NaN, never a value
-        d = tl.where(zero, 0.0, d64).to(scale_ptr.dtype.element_ty)
+        d64 = tl.where(zero, 0.0, d64)
+        if scale_ptr.dtype.element_ty == tl.float32:
+            # toward zero, so d stays ≤ its float64 value also where it overflows (weights ≈ 1e-40: FLT_MAX, a
+            # finite, smaller scale) or lands subnormal (weights ≈ 1e38); NaN stays NaN
+            d64 = tl.where(d64 > 3.4028234663852886e38, 3.4028234663852886e38, d64)
+            d = d64.to(tl.float32)
+            rose = d.to(tl.float64) > d64
+            d = tl.where(rose, (d.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), d)
+        else:
+            d = d64
         if chunk == 0:
             tl.store(scale_ptr + g * IN_G + offs_c, d, mask=mask_c)
         offs_k = tl.arange(0, BLOCK_K)
@@ -467,7 +483,10 @@ def _gram_triton(w4: torch.Tensor, groups: int):
     eps_rel, eps_abs = _slack_coefficients(precision, out_g, kk, w4.dtype)
     abs_base, abs_power = _power_of_two_factors(eps_abs)
     f64 = torch.float64
-    wp = torch.empty((groups, kk, in_g, out_g), device=dev, dtype=w4.dtype)
+    # 16-bit weights: the copy is float32 (exact), which the float64 MMA path needs on sm_90 (Triton cannot
+    # lower a 16-bit -> float64 dot operand there)
+    wp_dtype = torch.float32 if w4.dtype in (torch.float16, torch.bfloat16) else w4.dtype
+    wp = torch.empty((groups, kk, in_g, out_g), device=dev, dtype=wp_dtype)
     col_abs = torch.empty((w4.shape[0], in_g), device=dev, dtype=f64)
     row_abs = torch.empty((w4.shape[0],), device=dev, dtype=f64)
     block_c = _tile(in_g, in_g, groups * n_half, on_gpu)
@@ -475,11 +494,12 @@ def _gram_triton(w4: torch.Tensor, groups: int):
     partial = torch.empty((n_half * 2 * n_blocks, groups, in_g), device=dev, dtype=f64)
     slack = torch.empty((groups, in_g), device=dev, dtype=f64)
     signs = torch.empty((groups, n_half, in_g, in_g), device=dev, dtype=torch.int8)
-    prep_rows = 4 if on_gpu else 16
+    prep_rows, block_k = (4 if on_gpu else 16), triton.next_power_of_2(kk)
+    prep_c = max(2, 1024 // block_k)  # ≤ 4096 elements per tile on the GPU: no spills up to 11×11 kernels
     with device_context(w4):
         _aol_prep_kernel[(triton.cdiv(w4.shape[0], prep_rows),)](
-            w4, wp, col_abs, row_abs, w4.shape[0], out_g, in_g, KK=kk, BLOCK_O=prep_rows, BLOCK_C=64,
-            BLOCK_K=triton.next_power_of_2(kk))
+            w4, wp, col_abs, row_abs, w4.shape[0], out_g, in_g, KK=kk, BLOCK_O=prep_rows, BLOCK_C=prep_c,
+            BLOCK_K=block_k)
         _aol_gram_kernel[(groups * n_half, n_blocks, n_blocks)](
             wp, col_abs, row_abs, partial, signs, slack, out_g, in_g, groups, _float32_up(eps_rel), abs_base,
             KH=kh, KW=kw, N_BLOCKS=n_blocks, BLOCK_C=block_c,
@@ -498,7 +518,7 @@ def _forward_triton(w4: torch.Tensor, groups: int):
     with device_context(w4):
         _aol_scale_kernel[(groups * triton.cdiv(in_g, block_c), triton.cdiv(out_g, rows))](
             w4, partial, slack, out, scale, partial.shape[0], out_g, in_g, groups, sum_terms,
-            _scale_margin(w4.dtype), KK=kh * kw, ROWS_PER_PROGRAM=rows, BLOCK_C=block_c,
+            _scale_margin(w4.dtype, out_g, in_g, kh * kw), KK=kh * kw, ROWS_PER_PROGRAM=rows, BLOCK_C=block_c,
             BLOCK_K=triton.next_power_of_2(kh * kw))
     return out, scale, signs, wp
 
@@ -510,7 +530,7 @@ def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
     if wp.numel() == 0:  # the forward ran on the torch path
         wp = _backward_layout(w4, groups)
     block_k = triton.next_power_of_2(kk)
-    block_c = 64 if not on_gpu else 32
+    block_c = 64 if not on_gpu else max(2, 512 // block_k)  # 16 × 32 × 16 at 3×3: no spills up to 11×11
     rows = 16 if on_gpu else triton.next_power_of_2(min(out_g, 64))
     n_partial = triton.cdiv(out_g, rows)
     partial = torch.empty((n_partial, groups, in_g), device=dev, dtype=scale.dtype)
@@ -566,18 +586,28 @@ def _forward_torch(w4: torch.Tensor, groups: int, layout: bool):
     if eps_abs:
         slack += eps_abs * (in_g * kk * col_abs.sum(1) + kk * row_abs.sum(1) + in_g * out_g * kk * kk)
     r_hat = (corr.abs().sum((2, 3)) + slack) * (1 + (in_g * corr.shape[-1] + 8) * 2.0**-52)
-    d = torch.where(r_hat < math.inf, r_hat.rsqrt(), math.nan) * (1 - _scale_margin(w4.dtype))
+    d = torch.where(r_hat < math.inf, r_hat.rsqrt(), math.nan) * (1 - _scale_margin(w4.dtype, out_g, in_g, kk))
     acc = _acc_dtype(w4.dtype)
-    scale = torch.where(mass == 0, 0.0, d).to(acc)
+    scale = _round_toward_zero(torch.where(mass == 0, 0.0, d), acc)
     out = w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]
     wp = _backward_layout(w4, groups) if layout else w4.new_empty(0)  # only the Triton backward reads it
     return out.view(w4.shape).to(w4.dtype), scale, signs, wp
 
 
+def _round_toward_zero(d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d (float64, ≥ 0 or NaN) in ``dtype``, never above d (round to nearest, then one step down if it rose).
+    Differentiable as the identity (the path functorch transforms differentiate)."""
+    t = d.to(dtype)
+    t = torch.where(t.double() > d, torch.nextafter(t, torch.zeros_like(t)), t)
+    return d.to(dtype) + (t - d.to(dtype)).detach()
+
+
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, in_g, kh, kw) -> contiguous (groups, kh·kw, in_g, out_g), the layout the Triton kernels read."""
+    """(out, in_g, kh, kw) -> a new contiguous (groups, kh·kw, in_g, out_g), the layout the Triton kernels read
+    (a copy even when the permutation is trivial: a custom op's outputs may not alias its input)."""
     out_ch, in_g, kh, kw = w4.shape
-    return w4.view(groups, out_ch // groups, in_g, kh * kw).permute(0, 3, 2, 1).contiguous()
+    return w4.view(groups, out_ch // groups, in_g, kh * kw).permute(0, 3, 2, 1).clone(
+        memory_format=torch.contiguous_format)
 
 
 def _full_signs(signs: torch.Tensor) -> torch.Tensor:
@@ -738,7 +768,11 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
     """
     _validate(weight, groups)
     w4 = (weight if weight.dim() == 4 else weight[:, :, None, None]).contiguous()
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, jacrev, vmap): the torch path, differentiated by autograd (the kernels take raw
+        # pointers, which functorch's wrapped tensors do not have); same margin, same guarantee
+        out, scale, _, _ = _forward_torch(w4, groups, layout=False)
+    elif torch.compiler.is_compiling():
         out, scale, _, _ = _aol_rescale_op(w4, groups)
     else:
         out, scale, _, _ = _AOLRescale.apply(w4, groups)

@@ -2,6 +2,7 @@
 
 import math
 import os
+from fractions import Fraction
 from unittest import mock
 
 import pytest
@@ -321,6 +322,61 @@ def test_non_finite_weight_gives_nan_not_a_value(device, shape, bad):
     w.view(-1)[0] = bad
     out, scale = aol_rescale(w, return_scale=True)
     assert torch.isnan(scale[0, 0]) and torch.isnan(out[:, 0]).any()
+
+
+# --- extreme magnitudes and half-precision subnormals (found by an independent review) ----------------------
+def test_fp16_subnormal_stored_entries_keep_the_norm_at_most_one(monkeypatch):
+    """Stored fp16 entries below 2⁻¹⁴ round with an absolute error (up to 2⁻²⁵), not a relative one. An
+    all-positive circulant weight makes AOL's bound tight, so only the margin separates its norm from 1 (it was
+    1.00006 before d covered the absolute term); its top singular vector is the constant image."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the shape is large for the interpreter; same margin
+    n, k = 128, 9
+    o = torch.arange(n)
+    big = ((o[:, None] - o[None, :]) % 8 == 0)[:, :, None, None]
+    kernel = torch.full((k, k), 0.12890625)
+    kernel[0, 0] = 0.125
+    stored = aol_rescale(torch.where(big, kernel, 5.245208740234375e-06).half())
+    assert stored[0, 1, 0, 0] != 0  # the tiny entries are stored as subnormals
+    x = torch.ones(1, n, 2 * k, 2 * k, dtype=torch.float64)
+    y = F.conv2d(F.pad(x, (k // 2,) * 4, mode="circular"), stored.double())
+    assert y.norm() <= x.norm()
+
+
+def test_huge_weights_scale_lands_subnormal_and_stays_below(device):
+    """fp32 weights near 1.7e38 give d ≈ 1.8e-40 (subnormal): d is cast toward zero, so the stored column's
+    norm is ≤ 1 exactly (checked in rational arithmetic)."""
+    w = torch.full((1024, 1), float(torch.tensor(2.0**127 * 1.25).float()), device=device)
+    stored, d = aol_rescale(w, return_scale=True)
+    assert 0 < d.item() < torch.finfo(torch.float32).tiny
+    assert 1024 * Fraction(stored[0, 0].item()) ** 2 <= 1
+
+
+def test_subnormal_weights_give_a_finite_smaller_scale(device):
+    """Weights ≈ 1e-40 need d ≈ 1e40 > FLT_MAX: d is FLT_MAX (smaller, so sound), the output finite."""
+    w = torch.randn(4, 3, 3, 3, device=device) * 1e-40
+    out, d = aol_rescale(w, return_scale=True)
+    assert torch.isfinite(out).all() and torch.all(d == torch.finfo(torch.float32).max)
+
+
+def test_torch_func_transforms():
+    """torch.func.grad / jacrev / vmap run the torch path under autograd (the kernels need raw pointers)."""
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    got = torch.func.grad(lambda x: aol_rescale(x).square().sum())(w)
+    ref = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(aol_rescale_ref(ref).square().sum(), ref)
+    assert_close(got, want)
+    jac = torch.func.jacrev(aol_rescale)(w).reshape(w.numel(), w.numel())
+    assert_close(jac @ w.flatten(), torch.func.jvp(aol_rescale, (w,), (w,))[1].flatten())  # rev == fwd mode
+    batch = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64)
+    assert_close(torch.func.vmap(aol_rescale)(batch), torch.stack([aol_rescale(b) for b in batch]))
+
+
+def test_compile_single_input_channel_linear():
+    """(out, 1) weights: the backward layout is a permutation of nothing, still a copy (custom op outputs
+    may not alias inputs)."""
+    w = torch.randn(5, 1, requires_grad=True)
+    out = torch.compile(aol_rescale, backend="aot_eager", fullgraph=True)(w)
+    assert_close(out, aol_rescale_ref(w.detach().double()).float(), dtype=torch.float32)
 
 
 # --- GPU: what the interpreter cannot show (tensor cores, TF32, races, out-of-bounds) ----------------------
