@@ -39,10 +39,26 @@ def _cases():
         (aol._aol_coefficient_kernel, dict(KH=1, KW=3, BLOCK=16, HAS_GRAD_SCALE=True)),
         (aol._aol_bwd_kernel, dict(KH=1, KW=3, BLOCK_O=16, BLOCK_C=16, BLOCK_J=32, USE_TF32=False)),
         (conv_pi._unit_kernel, dict(KEEP_WHEN_ZERO=True, STORE_NORM=True, BLOCK=1024)),
+        (power_iteration._power_split_rows_kernel, dict(BLOCK_ROWS=16, BLOCK_COLS=64)),
+        (power_iteration._power_split_reduce_kernel, dict(SCALE_V=True, BLOCK_P=16, BLOCK_COLS=64, BLOCK_V=64)),
         (cpl._bias_relu_kernel, dict(HAS_BIAS=True, BLOCK=1024)),
         (cpl._residual_kernel, dict(BLOCK=1024)),
-        (cpl._backward_elementwise_kernel, dict(HAS_BIAS=True, BLOCK=1024)),
+        (cpl._backward_elementwise_kernel, dict(CHANNEL_IN_ROWS=True, IS_F64=False, BR=16, BC=64)),
     ]
+
+
+def _aol_half_precision_cases():
+    """AOL with bf16/fp16 weights: 16-bit weight pointers, float32 working copies and scales."""
+    from lipkern.ops import aol
+
+    for half in ("bf16", "fp16"):
+        yield aol._aol_prep_kernel, dict(KK=9, BLOCK_O=4, BLOCK_C=64, BLOCK_K=16), {"w_ptr": f"*{half}"}
+        yield aol._aol_gram_kernel, dict(KH=3, KW=3, BLOCK_C=32, BLOCK_O=16, TF32X3=False, EPS_ABS_POWER=0), {}
+        yield aol._aol_scale_kernel, dict(KK=9, BLOCK_C=32, BLOCK_K=16), {"w_ptr": f"*{half}", "out_ptr": f"*{half}"}
+        yield aol._aol_grad_dot_kernel, dict(KK=9, BLOCK_O=16, BLOCK_C=32, BLOCK_K=16), {
+            "grad_ptr": f"*{half}", "w_ptr": f"*{half}"}
+        yield aol._aol_bwd_kernel, dict(KH=3, KW=3, BLOCK_O=32, BLOCK_C=32, BLOCK_J=32, USE_TF32=True), {
+            "grad_out_ptr": f"*{half}", "grad_in_ptr": f"*{half}"}
 
 
 def _aol_gpu_tiles():
@@ -58,10 +74,12 @@ def _aol_gpu_tiles():
         yield aol._aol_coefficient_kernel, dict(KH=3, KW=3, BLOCK=tile, HAS_GRAD_SCALE=True), 4
 
 
-def _signature(kernel, constexprs: dict, dtype: str) -> dict:
+def _signature(kernel, constexprs: dict, dtype: str, pointers: dict | None = None) -> dict:
     def kind(name):
         if name in constexprs:
             return "constexpr"
+        if name in (pointers or {}):
+            return pointers[name]
         if name.endswith("_ptr"):
             return POINTER_DTYPES.get(name, "*fp64" if name in FLOAT64_POINTERS else f"*{dtype}")
         return "fp32" if name in FLOAT_SCALARS else "i32"
@@ -69,11 +87,11 @@ def _signature(kernel, constexprs: dict, dtype: str) -> dict:
     return {name: kind(name) for name in inspect.signature(kernel.fn).parameters}
 
 
-def _compile(kernel, constexprs, dtype, num_warps=4):
+def _compile(kernel, constexprs, dtype, num_warps=4, pointers=None):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, constexprs, dtype),
+    source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, constexprs, dtype, pointers),
                                        constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm.get("ptx"), "no PTX"
@@ -105,6 +123,12 @@ def compile_all() -> list[str]:
             except Exception as error:  # noqa: BLE001 - report every kernel, not just the first
                 failures.append(f"{kernel.fn.__name__} {constexprs} {dtype}: {type(error).__name__}: "
                                 f"{str(error)[-400:]}")
+    for kernel, constexprs, pointers in _aol_half_precision_cases():
+        try:
+            _compile(kernel, constexprs, "fp32", pointers=pointers)
+        except Exception as error:  # noqa: BLE001
+            failures.append(f"{kernel.fn.__name__} {constexprs} {pointers}: {type(error).__name__}: "
+                            f"{str(error)[-400:]}")
     for kernel, constexprs, warps in _aol_gpu_tiles():
         try:
             stack = _stack_bytes(_compile(kernel, constexprs, "fp32", warps).asm["cubin"])
