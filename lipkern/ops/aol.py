@@ -588,18 +588,21 @@ def _forward_torch(w4: torch.Tensor, groups: int, layout: bool):
     r_hat = (corr.abs().sum((2, 3)) + slack) * (1 + (in_g * corr.shape[-1] + 8) * 2.0**-52)
     d = torch.where(r_hat < math.inf, r_hat.rsqrt(), math.nan) * (1 - _scale_margin(w4.dtype, out_g, in_g, kk))
     acc = _acc_dtype(w4.dtype)
-    scale = _round_toward_zero(torch.where(mass == 0, 0.0, d), acc)
+    scale = _round_down_cast(torch.where(mass == 0, 0.0, d), acc)
     out = w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]
     wp = _backward_layout(w4, groups) if layout else w4.new_empty(0)  # only the Triton backward reads it
     return out.view(w4.shape).to(w4.dtype), scale, signs, wp
 
 
-def _round_toward_zero(d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d (float64, ≥ 0 or NaN) in ``dtype``, never above d (round to nearest, then one step down if it rose).
-    Differentiable as the identity (the path functorch transforms differentiate)."""
-    t = d.to(dtype)
-    t = torch.where(t.double() > d, torch.nextafter(t, torch.zeros_like(t)), t)
-    return d.to(dtype) + (t - d.to(dtype)).detach()
+def _round_down_cast(d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d (float64, ≥ 0 or NaN) cast to ``dtype`` (float32 or float64) without exceeding d, where d already
+    carries the relative margin 2⁻²² ≥ the cast's 2⁻²⁴ for normal results: subtracting the smallest subnormal
+    covers results in the subnormal range (absolute error ≤ 2⁻¹⁵⁰; the float64 subtraction errs by
+    ≤ 2⁻⁵³·d ≤ 2⁻¹⁵⁰ there), the clamp keeps overflow at FLT_MAX (smaller, so sound), NaN stays NaN.
+    Differentiable (the path torch.func transforms differentiate)."""
+    if dtype == torch.float64:
+        return d
+    return (d - torch.finfo(dtype).tiny * torch.finfo(dtype).eps).clamp(0, torch.finfo(dtype).max).to(dtype)
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
