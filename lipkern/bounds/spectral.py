@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from lipkern.bounds.certificate import FrequencyBlocks, certify_max_norm
+from lipkern.bounds.certificate import FrequencyBlocks, _twiddles, certify_max_norm
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
@@ -61,14 +61,6 @@ class SpectralNorm(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 # Frequency matrices of a circular convolution, with a proven error bound.
 # ----------------------------------------------------------------------------------------------------------
-def _twiddles(size: int, taps: int, dilation: int, frequencies: int, device) -> torch.Tensor:
-    """T[f, a] = exp(-2πi f a d / N), the phase reduced mod N in integers first (accurate angles)."""
-    f = torch.arange(frequencies, device=device)[:, None]
-    a = torch.arange(taps, device=device)[None, :] * dilation
-    angle = (2 * math.pi / size) * ((f * a) % size).to(torch.float64)
-    return torch.polar(torch.ones_like(angle), -angle)
-
-
 def frequency_matrices(weight: torch.Tensor, size: tuple[int, int], dilation=(1, 1), groups: int = 1,
                        stride=(1, 1)):
     """The matrices whose largest singular value is the norm of the strided circular convolution on an
