@@ -129,22 +129,24 @@ def advance(layer) -> tuple:
         group = _GROUPS.get(key)
         if group is None:
             group = _GROUPS[key] = _Group()
-        current = [ref() for ref in group.current]
-        if any(m is layer for m in current):  # a layer runs again: a new step begins
-            group.previous, group.current, current = group.current, [], []
+        current = [ref() for ref in group.current]  # strong references: the ids below stay unique
+        current_ids = {id(m) for m in current if m is not None}
+        if id(layer) in current_ids:  # a layer runs again: a new step begins
+            group.previous, group.current, current, current_ids = group.current, [], [], set()
         group.current.append(weakref.ref(layer))
         if credit is not None and credit.valid(layer, key):
             return _consume(layer, credit.rows, credit.index)
-        members = [layer]
-        for ref in group.previous:
+        members, member_ids = [layer], {id(layer)}
+        for ref in group.previous:  # sets, not scans: CPL-XL has 70 layers in one group
             m = ref()
-            if (m is None or m is layer or not m.training or any(m is c for c in current)
-                    or any(m is o for o in members) or not _groupable(m) or m._power_key() != key):
+            if (m is None or id(m) in member_ids or not m.training or id(m) in current_ids
+                    or not _groupable(m) or m._power_key() != key):
                 continue
             other = _CREDITS.get(m)
             if other is not None and other.valid(m, key):
                 continue
             members.append(m)
+            member_ids.add(id(m))
         rows = stacked_power_step(members, n_iter)
         for index, m in enumerate(members[1:], start=1):
             _CREDITS[m] = _Credit(m, key, rows, index)
