@@ -1,0 +1,143 @@
+"""Linear layers of a network as operators on one input shape: the common currency of the whole-network bounds.
+
+A :class:`LinearMap` is one linear layer y = A x with its true geometry (conv padding, stride, dilation, groups,
+padding mode at the real input size), batched over a leading dimension: ``forward`` maps (B, *in_shape) to
+(B, *out_shape) and ``adjoint`` is its exact transpose. A linear layer after a flatten simply has a flat
+``in_shape``: inputs are reshaped, never copied. Biases are dropped (they do not change a Lipschitz constant).
+
+Kinds:
+- ``"conv2d"``: weight (out, in/groups, kh, kw), in_shape (in, H, W), geometry a :class:`ConvGeometry`;
+- ``"dense"``:  weight (out, in), in_shape (in,) or any shape with prod = in (flattened first);
+- ``"diag"``:   weight (C,), a per-channel scale (folded BatchNorm, input normalization): in_shape (C, ...)
+  or (C,), out_shape = in_shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from lipkern.ops.conv_power_iteration import ConvGeometry, conv_adjoint, conv_operator
+
+KINDS = ("conv2d", "dense", "diag")
+
+
+@dataclass(frozen=True, eq=False)
+class LinearMap:
+    kind: str
+    weight: torch.Tensor
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    geometry: ConvGeometry | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"LinearMap: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "conv2d" and self.geometry is None:
+            raise ValueError("LinearMap: a conv2d map needs its ConvGeometry")
+
+    # -- constructors ---------------------------------------------------------------------------------
+    @classmethod
+    def conv2d(cls, weight: torch.Tensor, in_shape, stride=1, padding=0, dilation=1, groups: int = 1,
+               padding_mode: str = "zeros", name: str = "") -> LinearMap:
+        """nn.Conv2d's arguments; in_shape (in, H, W)."""
+        in_shape = tuple(int(s) for s in in_shape)
+        if len(in_shape) != 3:
+            raise ValueError(f"LinearMap.conv2d: in_shape must be (C, H, W), got {in_shape}")
+        if weight.dim() != 4 or weight.shape[1] * groups != in_shape[0]:
+            raise ValueError(f"LinearMap.conv2d: weight {tuple(weight.shape)} with groups={groups} does not take "
+                             f"{in_shape[0]} input channels")
+        g = ConvGeometry.create(in_shape[1:], tuple(weight.shape[-2:]), stride, padding, dilation, groups,
+                                padding_mode)
+        g.check_weight(weight, stacked=False)
+        return cls("conv2d", weight, in_shape, (weight.shape[0], *g.output_size), g, name)
+
+    @classmethod
+    def dense(cls, weight: torch.Tensor, in_shape=None, name: str = "") -> LinearMap:
+        if weight.dim() != 2:
+            raise ValueError(f"LinearMap.dense: weight must be (out, in), got {tuple(weight.shape)}")
+        in_shape = (weight.shape[1],) if in_shape is None else tuple(int(s) for s in in_shape)
+        if math.prod(in_shape) != weight.shape[1]:
+            raise ValueError(f"LinearMap.dense: input shape {in_shape} has {math.prod(in_shape)} features, the "
+                             f"weight takes {weight.shape[1]}")
+        return cls("dense", weight, in_shape, (weight.shape[0],), None, name)
+
+    @classmethod
+    def diag(cls, scale: torch.Tensor, in_shape, name: str = "") -> LinearMap:
+        in_shape = tuple(int(s) for s in in_shape)
+        if scale.dim() != 1 or not in_shape or in_shape[0] != scale.shape[0]:
+            raise ValueError(f"LinearMap.diag: scale {tuple(scale.shape)} must have one entry per channel of "
+                             f"{in_shape}")
+        return cls("diag", scale, in_shape, in_shape, None, name)
+
+    # -- the operator ---------------------------------------------------------------------------------
+    def with_weight(self, weight: torch.Tensor) -> LinearMap:
+        """The same geometry with another weight (|W|, a float64 copy, a differentiable view...)."""
+        return replace(self, weight=weight)
+
+    def abs(self) -> LinearMap:
+        """The map with |W| entrywise: |A x| ≤ |A|·|x| bounds rounding errors of chains."""
+        return self.with_weight(self.weight.abs())
+
+    def to(self, dtype: torch.dtype) -> LinearMap:
+        return self.with_weight(self.weight.to(dtype))
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """A x for x (B, *in_shape) (any shape with B·prod(in_shape) elements); returns (B, *out_shape)."""
+        w = self.weight if weight is None else weight
+        x = x.reshape(-1, *self.in_shape)
+        if self.kind == "conv2d":
+            return conv_operator(x, w, self.geometry)
+        if self.kind == "dense":
+            return x.flatten(1) @ w.T
+        return x * w.reshape(-1, *([1] * (len(self.in_shape) - 1)))
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Aᵀ y for y (B, *out_shape); returns (B, *in_shape)."""
+        w = self.weight if weight is None else weight
+        y = y.reshape(-1, *self.out_shape)
+        if self.kind == "conv2d":
+            return conv_adjoint(y, w, self.geometry)
+        if self.kind == "dense":
+            return (y @ w).reshape(-1, *self.in_shape)
+        return y * w.reshape(-1, *([1] * (len(self.in_shape) - 1)))
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_shape)
+
+    def accumulation_length(self) -> int:
+        """The most products summed into one output entry (for rounding-error bounds)."""
+        if self.kind == "conv2d":
+            return self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
+        if self.kind == "dense":
+            return self.weight.shape[1]
+        return 1
+
+    def dense_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The explicit (out_features, in_features) matrix (small maps only: tests, certificates)."""
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
+        return self.forward(eye, self.weight.to(dtype)).reshape(self.in_features, -1).T
+
+    def upper_bound(self) -> torch.Tensor:
+        """A guaranteed upper bound of ‖A‖₂ (float64, rounding included), from :mod:`lipkern.bounds`."""
+        from lipkern.bounds.spectral import conv2d_spectral_norm, linear_spectral_norm
+
+        w = self.weight.detach()
+        if self.kind == "diag":
+            return w.abs().max().to(torch.float64)  # exact: a max of absolute values does not round
+        if self.kind == "dense":
+            return linear_spectral_norm(w, method="upper").upper
+        g = self.geometry
+        return conv2d_spectral_norm(w, g.input_size, g.stride, g.padding, g.dilation, g.groups, g.padding_mode,
+                                    method="upper").upper
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}{' ' + self.name if self.name else ''}: {self.in_shape} -> {self.out_shape}"
