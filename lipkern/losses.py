@@ -1,4 +1,4 @@
-"""Margin losses for Lipschitz-margin training: LMT, offset cross-entropy (AOL), multi-margin hinge (CPL), CRM.
+"""Margin losses for Lipschitz-margin training: LMT, AOL's offset cross-entropy, CPL's hinge, CRM.
 
 Every loss takes ``logits`` of shape (B, C) (floating point, C >= 2) and ``target`` of shape (B,) (int64 class
 indices in [0, C)), and has ``reduction`` = 'mean' (default) | 'sum' | 'none' (a (B,) tensor). The losses that
@@ -8,10 +8,10 @@ logit difference f_a − f_b (zero diagonal; a global L gives the pairwise matri
 Gradients flow into the Lipschitz tensor, so the loss also pushes the constant down (use the differentiable
 estimate of ``lipkern.bounds.LipschitzBound`` in training, a sound bound only to certify).
 
-No forward reads a tensor value on the host (no ``.item()``, no ``bool(tensor)``): a training step stays free of
-host synchronizations. Targets out of range are reported by the indexing kernel itself (a ``ValueError`` on the
-CPU, a device-side assertion on CUDA); everything that can be checked from shapes, dtypes and hyper-parameters
-raises a ``ValueError`` / ``TypeError`` naming the problem before any computation.
+No forward reads a tensor value on the host (no ``.item()``, no ``bool(tensor)``): a training step stays free
+of host synchronizations. Targets out of range are reported by the indexing kernel itself (a ``ValueError`` on
+the CPU, a device-side assertion on CUDA); everything that can be checked from shapes, dtypes and
+hyper-parameters raises a ``ValueError`` / ``TypeError`` naming the problem before any computation.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 SQRT2 = math.sqrt(2.0)
 
 
-# --- validation (shapes, dtypes and Python numbers only: no tensor value is read) ----------------------------
+# --- validation (shapes, dtypes and Python numbers only: no tensor value is read) ---------------------------
 def _check_reduction(reduction: str) -> str:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -62,8 +62,8 @@ def _check_inputs(logits: Tensor, target: Tensor, loss: str) -> None:
     if target.dtype != torch.int64:
         raise TypeError(f"{loss}: target must hold int64 class indices, got {target.dtype}")
     if target.shape != logits.shape[:1]:
-        raise ValueError(f"{loss}: target must have shape (B,) = ({logits.shape[0]},) to match logits of shape "
-                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+        raise ValueError(f"{loss}: target must have shape (B,) = ({logits.shape[0]},) to match logits of "
+                         f"shape {tuple(logits.shape)}, got {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"{loss}: target is on {target.device}, logits on {logits.device}")
 
@@ -95,7 +95,8 @@ def _target_logit(logits: Tensor, target: Tensor, loss: str) -> Tensor:
     try:
         return logits.gather(1, target[:, None])
     except RuntimeError as error:
-        raise ValueError(f"{loss}: target class indices must lie in [0, {logits.shape[1]}) ({error})") from None
+        raise ValueError(f"{loss}: target class indices must lie in [0, {logits.shape[1]}) "
+                         f"({error})") from None
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -118,7 +119,7 @@ def _pairwise_rows(lipschitz: Tensor, rows: Tensor, pairwise: bool, logits: Tens
     return (SQRT2 * lipschitz).expand_as(logits)
 
 
-# --- LMT ------------------------------------------------------------------------------------------------------
+# --- LMT ----------------------------------------------------------------------------------------------------
 class LMTLoss(nn.Module):
     r"""Lipschitz-margin training (Tsuzuku, Sato & Sugiyama, NeurIPS 2018, arXiv 1802.04034).
 
@@ -163,7 +164,8 @@ class LMTLoss(nn.Module):
         lipschitz = _check_lipschitz(lipschitz, logits, self.pairwise, "LMTLoss")
         target_logit = _target_logit(logits, target, "LMTLoss")
         is_target = _one_hot(target, logits)
-        shift = (self.c * _pairwise_rows(lipschitz, target, self.pairwise, logits)).masked_fill(is_target, 0.0)
+        shift = self.c * _pairwise_rows(lipschitz, target, self.pairwise, logits)
+        shift = shift.masked_fill(is_target, 0.0)
         if self.clip:
             shift = shift * self._official_factor(target_logit - logits, shift, is_target)
         per_sample = F.cross_entropy(logits + shift, target, reduction="none")
@@ -179,7 +181,7 @@ class LMTLoss(nn.Module):
         return factor.masked_fill(is_target, 1.0).amin(dim=1, keepdim=True)
 
 
-# --- AOL: offset cross-entropy --------------------------------------------------------------------------------
+# --- AOL: offset cross-entropy ------------------------------------------------------------------------------
 class OffsetCrossEntropy(nn.Module):
     r"""The offset cross-entropy of AOL (Prach & Lampert, ECCV 2022, arXiv 2208.03160), also used by SLL and
     "1-Lipschitz Layers Compared":
@@ -217,7 +219,7 @@ class OffsetCrossEntropy(nn.Module):
         return _reduce(per_sample, self.reduction)
 
 
-# --- CPL: multi-margin hinge ----------------------------------------------------------------------------------
+# --- CPL: multi-margin hinge --------------------------------------------------------------------------------
 class MultiMarginHinge(nn.Module):
     r"""The multi-class hinge loss CPL trains with (Meunier et al., ICML 2022, arXiv 2110.12690):
 
@@ -250,18 +252,19 @@ class MultiMarginHinge(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_inputs(logits, target, "MultiMarginHinge")
         target_logit = _target_logit(logits, target, "MultiMarginHinge")
-        hinge = (self.margin - (target_logit - logits)).clamp_min(0.0).masked_fill(_one_hot(target, logits), 0.0)
+        hinge = (self.margin - (target_logit - logits)).clamp_min(0.0)
+        hinge = hinge.masked_fill(_one_hot(target, logits), 0.0)
         per_sample = hinge.pow(self.p).sum(dim=1) / logits.shape[1]
         return _reduce(per_sample, self.reduction)
 
 
-# --- CRM ------------------------------------------------------------------------------------------------------
+# --- CRM ----------------------------------------------------------------------------------------------------
 class CRMLoss(nn.Module):
     r"""Certified-radius maximization (Fazlyab, Entesari, Roy & Chellappa, NeurIPS 2023, arXiv 2310.00116).
 
     With ŷ_i = argmax_j f_j(x_i) the predicted class and the per-class radii
 
-        d_ij = (f_ŷ(x_i) − f_j(x_i)) / L[ŷ_i, j]   (pairwise)    or    (f_ŷ − f_j) / (√2·L)   (global),  j ≠ ŷ_i,
+        d_ij = (f_ŷ(x_i) − f_j(x_i)) / L[ŷ_i, j]  (pairwise)   or   (f_ŷ − f_j) / (√2·L)  (global),  j ≠ ŷ_i,
 
     the loss (mean reduction) is
 
@@ -277,9 +280,10 @@ class CRMLoss(nn.Module):
 
     Source: o4lc/CRM-LipLT ``Losses/CrossEntropy.py::CertifiedRadiusCrossEntropy`` (``robustLossType``
     'softMax' / 'max') and ``train.py`` (radii from the argmax class, inf at ŷ, rows of misclassified samples
-    dropped unless ``--regularizeMisclassified``, robust term from ``robustStartingEpoch``). Here the selection is
-    a mask (no data-dependent shapes, no host synchronization); the λ and r₀ schedules of the official code
-    (``schedulerStep``) are left to the caller, who may set ``loss.lam`` and ``loss.r0`` between epochs.
+    dropped unless ``--regularizeMisclassified``, robust term from ``robustStartingEpoch``). Here the
+    selection is a mask (no data-dependent shapes, no host synchronization); the λ and r₀ schedules of the
+    official code (``schedulerStep``) are left to the caller, who may set ``loss.lam`` and ``loss.r0`` between
+    epochs.
 
     Defaults are the paper's CIFAR-10 recipe: t = 5 (the code's ``alpha``), λ = 15, r₀ = 0.2, start epoch 10
     (MNIST: r₀ = 2.2, λ = 30; Tiny-ImageNet: t = 12, λ = 150, r₀ = 0.2).

@@ -1,6 +1,6 @@
-"""lipkern.losses against float64 formulas written out here (loops over samples and classes), gradients against
-finite differences (gradcheck), the properties each loss is for, no host reads in forward + backward, and the
-errors for bad input."""
+"""lipkern.losses against float64 formulas written out here (loops over samples and classes), gradients
+against finite differences (gradcheck), the properties each loss is for, no host reads in forward + backward,
+and the errors for bad input."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _reduce(values, reduction):
     return {"mean": values.mean(), "sum": values.sum(), "none": values}[reduction]
 
 
-# --- float64 oracles, one sample at a time ----------------------------------------------------------------------
+# --- float64 oracles, one sample at a time ------------------------------------------------------------------
 def _ce(row, y):
     return math.log(sum(math.exp(v) for v in row)) - row[y]
 
@@ -94,7 +94,7 @@ def crm_oracle(logits, target, lipschitz, t, lam, r0, pairwise, variant, regular
     return _reduce(out, reduction)
 
 
-# --- values -----------------------------------------------------------------------------------------------------
+# --- values -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("pairwise", [False, True])
 @pytest.mark.parametrize("clip", [False, True])
@@ -107,7 +107,7 @@ def test_lmt_matches_formula(reduction, pairwise, clip):
 
 
 def test_lmt_clip_covers_all_three_cases():
-    """The clip oracle test above only means something if the three cases (full shift, partial, none) occur."""
+    """The clip oracle test above means something only if the 3 cases (full shift, partial, none) occur."""
     logits = torch.tensor([[5.0, 0.0, 0.0], [0.5, 0.0, 0.2], [0.0, 3.0, 0.0]], dtype=torch.float64)
     target = torch.tensor([0, 0, 0])
     lipschitz = torch.tensor(1.0, dtype=torch.float64)
@@ -121,7 +121,8 @@ def test_lmt_clip_covers_all_three_cases():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("offset, temperature", [(SQRT2, 0.25), (SQRT2 / 16, 1 / 64), (16 * SQRT2, 4.0), (0, 1)])
+@pytest.mark.parametrize("offset, temperature",
+                         [(SQRT2, 0.25), (SQRT2 / 16, 1 / 64), (16 * SQRT2, 4.0), (0, 1)])
 def test_offset_cross_entropy_matches_formula(reduction, offset, temperature):
     logits, target = _data()
     loss = OffsetCrossEntropy(offset, temperature, reduction=reduction)(logits, target)
@@ -173,7 +174,7 @@ def test_crm_example_has_both_selected_and_unselected_samples():
     assert ((radius < 0.4) & ~correct).any()  # regularize_misclassified changes the value
 
 
-# --- properties -------------------------------------------------------------------------------------------------
+# --- properties ---------------------------------------------------------------------------------------------
 def test_lmt_with_zero_lipschitz_is_cross_entropy():
     logits, target = _data()
     for pairwise, lip in [(False, torch.tensor(0.0, dtype=torch.float64)),
@@ -252,12 +253,13 @@ def test_crm_robust_term_pushes_radius_up():
     assert logits.grad[0, 0] < 0 and (logits.grad[0, 1:] > 0).all() and lipschitz.grad > 0
 
 
-# --- gradients --------------------------------------------------------------------------------------------------
+# --- gradients ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pairwise", [False, True])
 def test_lmt_gradcheck(pairwise):
     logits, target = _data(batch=4)
     lipschitz = (_pairwise_matrix() if pairwise else torch.tensor(0.6, dtype=torch.float64)).requires_grad_()
-    torch.autograd.gradcheck(lambda f, lip: LMTLoss(0.7, pairwise=pairwise)(f, target, lip), (logits, lipschitz))
+    loss = LMTLoss(0.7, pairwise=pairwise)
+    torch.autograd.gradcheck(lambda f, lip: loss(f, target, lip), (logits, lipschitz))
 
 
 def test_lmt_clip_gradient_treats_factor_as_constant():
@@ -298,7 +300,7 @@ def test_crm_gradcheck(pairwise, variant):
     torch.autograd.gradcheck(lambda f, lip: loss(f, target, lip, 0), (logits, lipschitz))
 
 
-# --- no host reads ----------------------------------------------------------------------------------------------
+# --- no host reads ------------------------------------------------------------------------------------------
 class _CountHostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -314,7 +316,8 @@ class _CountHostReads(TorchDispatchMode):
     (lambda: LMTLoss(0.5), "global"), (lambda: LMTLoss(0.5, pairwise=True, clip=True), "pairwise"),
     (lambda: LMTLoss(0.5, clip=True), "global"), (lambda: OffsetCrossEntropy(), None),
     (lambda: MultiMarginHinge(), None), (lambda: CRMLoss(start_epoch=0), "global"),
-    (lambda: CRMLoss(start_epoch=0, pairwise=True, variant="max", regularize_misclassified=True), "pairwise")])
+    (lambda: CRMLoss(start_epoch=0, pairwise=True, variant="max", regularize_misclassified=True),
+     "pairwise")])
 def test_no_host_read_in_forward_and_backward(make, needs_lipschitz):
     logits, target = _data(dtype=torch.float32)
     args = (logits, target)
@@ -332,7 +335,7 @@ def test_no_host_read_in_forward_and_backward(make, needs_lipschitz):
     assert sanity.reads == 1
 
 
-# --- bad input --------------------------------------------------------------------------------------------------
+# --- bad input ----------------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors():
     logits, target = _data()
     lip = torch.tensor(1.0, dtype=torch.float64)
