@@ -1,0 +1,453 @@
+"""Norms of sub-networks A_k ⋯ A_j of a chain of linear maps: guaranteed bounds and exact head norms.
+
+LipLT (papers.md §1) needs ‖A_k ⋯ A_j‖₂ for all O(K²) sub-chains. Two functions:
+
+- :func:`chain_upper_bounds`: a (K, K) float64 matrix of GUARANTEED upper bounds (floating-point rounding of
+  every step included) of the norms of the exact real-arithmetic operators (the weights as stored).
+- :func:`head_chain_norms`: the norms of the chains that end at the last map (C = its out_features, small:
+  the logits), exactly from C×C Gram matrices: a guaranteed bound (``sound=True``) or a differentiable value.
+
+**Rounding model.** float64, round to nearest, gradual underflow: every product of two numbers errs by
+≤ u·|result| + η (u = 2⁻⁵³, η = 2⁻¹⁰⁷⁵), every sum by ≤ u·|result|. A dot product of n terms computed in ANY
+order (blocked, pairwise, FMA) satisfies |fl(xᵀy) − xᵀy| ≤ γ_n·|x|ᵀ|y| + n·2⁻¹⁰⁷⁴ with γ_n = nu/(1 − nu)
+(Higham 2002, §3.1; terms that are exact zeros — zero padding, the holes of a strided transpose — add
+nothing). n is the most nonzero products summed into one output entry: :meth:`LinearMap.accumulation_length`
+for the forward map, :func:`_adjoint_length` for the adjoint. This assumes a classical convolution/GEMM
+(im2col + GEMM, direct loops), which is what PyTorch runs for float64 on the CPU; on CUDA, cuDNN is disabled
+during the sweeps (no FFT/Winograd algorithms) and cuBLAS's DGEMM is classical. Emulated FP64 GEMMs (opt-in
+on some GPUs) are not covered.
+
+**Sweep error (a posteriori).** A sweep pushes a basis through maps t = j, j+1, … (or adjoints downward):
+X̂_{t+1} = fl(A_t X̂_t) = A_t X̂_t + Δ_t with |Δ_t| ≤ γ_{n_t}·D_t + μ_t entrywise, D_t = |A_t|·|X̂_t| (the
+COMPUTED input; D_t is computed too, by the |W| maps, and its rounding bounded the same way), μ_t = n_t·2⁻¹⁰⁷⁴.
+Unrolling, X̂_{k+1} − A_k⋯A_j = Σ_{t=j..k} (A_k⋯A_{t+1})·Δ_t, hence
+
+    ‖Â_{k..j} − A_{k..j}‖₂ ≤ Σ_t U[t+1, k]·δ_t,    δ_t = γ_{n_t}·√(‖D_t‖₁‖D_t‖_∞) + μ_t·√(rows·cols)
+
+(‖Δ‖₂ ≤ ‖ |Δ| ‖₂ ≤ ‖γD + μ𝟙‖₂, and ‖P‖₂ ≤ √(‖P‖₁‖P‖_∞) for any matrix; the max row/column sums of D are
+sums of nonnegative numbers, computed ones divided by 1 − γ_(terms)). U[t+1, k] bounds a SHORTER chain (U of
+the empty chain is 1), so chains are resolved by increasing length. Unlike an a-priori bound through the
+|A_k|⋯|A_j| chain, the factors do not compound over the chain's length.
+
+Scalars are combined in Python floats rounded upward (math.nextafter after each operation); tensors of
+nonnegative values are multiplied by safety factors that exceed their few roundings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
+from lipkern.bounds.gram import gram_upper_bound
+from lipkern.bounds.operators import LinearMap
+
+__all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
+
+DEFAULT_DENSE_LIMIT = 2**22  # entries of an explicit chain matrix (32 MiB in float64)
+MAX_HEAD_CLASSES = 1024
+_U = 2.0**-53
+_ETA = 2.0**-1074  # the smallest subnormal: twice the absolute rounding of a product in the subnormal range
+_BATCH_ELEMENTS = 2**22  # basis vectors per batch × the widest feature count of a sweep
+_SQUARINGS = 48  # normalized squarings of the C×C Gram in the differentiable λ_max
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Upward-rounded scalar arithmetic (Python floats are IEEE doubles rounded to nearest).
+# ----------------------------------------------------------------------------------------------------------
+def _up(x: float) -> float:
+    """The next double above a round-to-nearest result: ≥ the exact value it rounded (inf and NaN as inf)."""
+    if math.isnan(x):
+        return math.inf
+    return math.nextafter(x, math.inf)
+
+
+def _down(x: float) -> float:
+    return math.nextafter(x, -math.inf)
+
+
+def _add(*terms: float) -> float:
+    total = 0.0
+    for t in terms:
+        total = _up(total + t)
+    return total
+
+
+def _mul(a: float, b: float) -> float:
+    if a == 0.0 or b == 0.0:
+        return 0.0  # exact (also for inf·0: an empty or zero factor)
+    return _up(a * b)
+
+
+def _div(a: float, b: float) -> float:
+    return _up(a / b)
+
+
+def _sqrt(a: float) -> float:
+    return _up(math.sqrt(a))
+
+
+def _gamma(n: int) -> float:
+    """γ_n = nu/(1 − nu) rounded up (nu and 1 − nu are exact for n < 2⁵²)."""
+    nu = n * _U
+    if nu >= 0.5:
+        return math.inf
+    return _div(nu, 1.0 - nu)
+
+
+def _one_minus_gamma(n: int) -> float:
+    """1 − γ_n rounded down (a divisor that makes a quotient an upper bound)."""
+    return _down(1.0 - _gamma(n))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks and accumulation lengths.
+# ----------------------------------------------------------------------------------------------------------
+def _check_maps(maps, name: str, check_values: bool) -> list[LinearMap]:
+    if not isinstance(maps, (list, tuple)) or len(maps) == 0:
+        raise ValueError(f"{name}: maps must be a non-empty list of LinearMap, got {maps!r}")
+    for i, m in enumerate(maps):
+        if not isinstance(m, LinearMap):
+            raise TypeError(f"{name}: maps[{i}] is a {type(m).__name__}, not a LinearMap")
+        if not m.weight.is_floating_point():
+            raise TypeError(f"{name}: maps[{i}] has a {m.weight.dtype} weight (floating point needed)")
+        if m.weight.device != maps[0].weight.device:
+            raise ValueError(f"{name}: maps[{i}] is on {m.weight.device}, maps[0] on {maps[0].weight.device}")
+    for i in range(len(maps) - 1):
+        if maps[i].out_features != maps[i + 1].in_features:
+            raise ValueError(f"{name}: maps[{i}] gives {maps[i].out_features} features ({maps[i].out_shape}), "
+                             f"maps[{i + 1}] takes {maps[i + 1].in_features} ({maps[i + 1].in_shape})")
+    if check_values:
+        for i, m in enumerate(maps):
+            if not torch.isfinite(m.weight).all():
+                raise ValueError(f"{name}: maps[{i}] has NaN or Inf weights")
+    return list(maps)
+
+
+def _adjoint_length(m: LinearMap) -> int:
+    """The most nonzero products summed into one entry of Aᵀy: out/groups channels × kh·kw taps per padded
+    position × the padded positions that wrap onto one input position (circular padding)."""
+    if m.kind == "dense":
+        return m.weight.shape[0]
+    if m.kind == "diag":
+        return 1
+    g = m.geometry
+    wraps = 1
+    if g.padding_mode == "circular":
+        for padded, size in zip(g.padded_size, g.input_size):
+            wraps *= -(-padded // size)
+    kh, kw = g.kernel_size
+    return (m.weight.shape[0] // g.groups) * kh * kw * wraps
+
+
+def _cudnn_off(device: torch.device):
+    """Classical float64 convolutions only (cuDNN may pick FFT/Winograd algorithms); a no-op on the CPU."""
+    return torch.backends.cudnn.flags(enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A guaranteed norm of an explicit float64 matrix (Cholesky certificate, Gram iteration as the fallback).
+# ----------------------------------------------------------------------------------------------------------
+def _lanczos_estimate(mat: torch.Tensor) -> float:
+    from lipkern.bounds.spectral import _lanczos_top
+
+    u0 = torch.ones(mat.shape[1], dtype=mat.dtype, device=mat.device)
+    u0 = u0 + torch.arange(mat.shape[1], dtype=mat.dtype, device=mat.device).sin()  # generic start
+    u, _ = _lanczos_top(lambda x: mat @ x, lambda y: mat.T @ y, u0, 400, 1e-13)
+    return (torch.linalg.vector_norm(mat @ u) / torch.linalg.vector_norm(u)).item()
+
+
+def matrix_norm_upper(mat: torch.Tensor) -> float:
+    """A guaranteed upper bound (Python float) of ‖M‖₂ for an explicit float64 matrix (m, n).
+
+    M is scaled by a power of two (largest entry in [0.5, 1); exact except entries 2¹⁰²² times smaller than
+    the largest, which may become subnormal: ≤ √(mn)·2⁻¹⁰⁷⁴ in norm, added). σ̂ from Lanczos (an estimate),
+    then the Cholesky certificate of ((1+ρ)σ̂)²I − MᵀM ⪰ 0 (:mod:`lipkern.bounds.certificate`, its theorem
+    gives the bound) for ρ = 1e-12, 1e-10, …; if none succeeds, Gram iteration (:func:`gram_upper_bound`)."""
+    if mat.numel() == 0:
+        return 0.0
+    largest = mat.abs().max().item()
+    if not math.isfinite(largest):
+        return math.inf
+    if largest == 0.0:
+        return 0.0
+    exponent = math.frexp(largest)[1]
+    scaled = torch.ldexp(mat, torch.tensor(-exponent, dtype=mat.dtype, device=mat.device))
+    rows, cols = scaled.shape
+    slack = math.sqrt(rows * cols) * _ETA
+    sigma = _lanczos_estimate(scaled)
+    bound = math.inf
+    for rho in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
+        lam0 = ((1 + rho) * sigma) ** 2
+        if not 2.0**-1000 <= lam0 <= 2.0**100:
+            break
+        if cholesky_certificate(scaled[None], torch.tensor(lam0, dtype=torch.float64)).item():
+            square = certified_square_bound(torch.tensor(lam0, dtype=torch.float64), rows, cols).item()
+            bound = _sqrt(_up(square))
+            break
+    if not math.isfinite(bound):
+        bound = gram_upper_bound(scaled[None], rtol=1e-7, lower=sigma).item()
+    return math.ldexp(_add(bound, slack), exponent)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sweeps: push a basis through consecutive maps, keep the requested explicit matrices and the error terms.
+# ----------------------------------------------------------------------------------------------------------
+class _Sweep:
+    """Result of one sweep. ``deltas[t]``: bound on ‖Δ_t‖₂ of the step through map t; ``matrices[t]``: the
+    computed (basis, features) matrix after map t (the transpose of the chain for a forward sweep)."""
+
+    def __init__(self):
+        self.deltas: dict[int, float] = {}
+        self.matrices: dict[int, torch.Tensor] = {}
+
+
+def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: set[int],
+           basis_rows: torch.Tensor | None = None) -> _Sweep:
+    """Push the identity basis (or ``basis_rows``: (n, features) rows) of map ``start``'s input (forward) or
+    output (adjoint) through maps start..stop (forward: increasing; adjoint: decreasing), in float64.
+    Returns the error terms δ_t of every step and the matrices after the steps in ``keep``."""
+    step = 1 if forward else -1
+    order = list(range(start, stop + step, step))
+    device = maps[start].weight.device
+    w64 = {t: maps[t].weight.detach().to(torch.float64) for t in order}
+    wabs = {t: w64[t].abs() for t in order}
+    first = maps[start].in_features if forward else maps[start].out_features
+    count = first if basis_rows is None else basis_rows.shape[0]
+    widest = max([first] + [maps[t].out_features if forward else maps[t].in_features for t in order])
+    batch = max(1, min(count, _BATCH_ELEMENTS // widest))
+    out_features = {t: maps[t].out_features if forward else maps[t].in_features for t in order}
+    row_sums = {t: torch.zeros(out_features[t], dtype=torch.float64, device=device) for t in order}
+    col_max = {t: 0.0 for t in order}
+    kept = {t: [] for t in order if t in keep}
+    for lo in range(0, count, batch):
+        hi = min(count, lo + batch)
+        if basis_rows is None:
+            x = torch.zeros(hi - lo, first, dtype=torch.float64, device=device)
+            x[torch.arange(hi - lo, device=device), torch.arange(lo, hi, device=device)] = 1.0
+        else:
+            x = basis_rows[lo:hi].to(torch.float64)
+        for t in order:
+            m = maps[t]
+            apply = m.forward if forward else m.adjoint
+            y = apply(x, w64[t]).reshape(hi - lo, -1)
+            d = apply(x.abs(), wabs[t]).reshape(hi - lo, -1)
+            row_sums[t] += d.sum(0)
+            col_max[t] = max(col_max[t], d.sum(1).max().item())
+            if t in kept:
+                kept[t].append(y)
+            x = y
+    result = _Sweep()
+    for t in order:
+        n = maps[t].accumulation_length() if forward else _adjoint_length(maps[t])
+        features = out_features[t]
+        mu = n * _ETA
+        # D̂ = fl(|A||X̂|) ≥ (1 − γ_n)·D − μ entrywise, and the computed nonnegative sums ≥ (1 − γ)·exact sums
+        rows_bound = _div(_add(_div(row_sums[t].max().item(), _one_minus_gamma(count)), _mul(count, mu)),
+                          _one_minus_gamma(n))
+        cols_bound = _div(_add(_div(col_max[t], _one_minus_gamma(features)), _mul(features, mu)),
+                          _one_minus_gamma(n))
+        d_norm = _sqrt(_mul(rows_bound, cols_bound))
+        result.deltas[t] = _add(_mul(_gamma(n), d_norm), _mul(mu, _sqrt(float(count) * features)))
+        if t in kept:
+            result.matrices[t] = torch.cat(kept[t])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sub-chain bounds.
+# ----------------------------------------------------------------------------------------------------------
+def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+    """U (K, K) float64: U[j, k] ≥ ‖A_k ⋯ A_j‖₂ for j ≤ k (GUARANTEED, rounding included); U[j, k] = 0 for j > k.
+
+    maps: K :class:`LinearMap` in application order (maps[i+1] takes maps[i]'s output). Not differentiable;
+    reads values on the host. Each U[j, k] is the smallest of
+    (a) single maps: ``maps[i].upper_bound()`` (the layer certificates of :mod:`lipkern.bounds.spectral`),
+        used where the explicit matrix of the map is too large;
+    (b) where in_features_j·out_features_k ≤ ``dense_limit``: the explicit chain matrix Â, computed in float64
+        by pushing the identity basis of the smaller side through the chain (forward maps from j, or adjoints
+        from k, in batches; one sweep serves every chain with the same start/end), bounded by
+        :func:`matrix_norm_upper` (Cholesky certificate) plus the sweep error Σ_t U[t+1, k]·δ_t of the module
+        docstring (the adjoint sweep: Σ_t U[j, t−1]·δ_t). Tight: the error terms are ~1e-12 relative;
+    (c) splits: min_m U[j, m]·U[m+1, k] (submultiplicativity), which contains the product ∏ u_i of (a).
+    Products and sums of bounds are rounded upward. Chains too large for (b) get only (c): sound, looser (the
+    product of norms of the parts). ``dense_limit=0`` disables (b) entirely.
+    The cost of (b) is min(in, out) basis vectors through the chain (and once more through its |W| maps).
+    """
+    maps = _check_maps(maps, "chain_upper_bounds", check_values=True)
+    k_count = len(maps)
+    with torch.no_grad(), _cudnn_off(maps[0].weight.device):
+        dense, errors = _dense_chains(maps, dense_limit)
+        bounds = [[math.inf] * k_count for _ in range(k_count)]
+
+        def norm(j: int, k: int) -> float:
+            return 1.0 if j > k else bounds[j][k]
+
+        for length in range(1, k_count + 1):
+            for j in range(0, k_count - length + 1):
+                k = j + length - 1
+                best = math.inf
+                if (j, k) in dense:
+                    # errors[(j, k)]: (factor chain (a, b), δ) pairs; the chains are shorter: already final
+                    best = _add(dense[(j, k)], *[_mul(norm(a, b), delta) for a, b, delta in errors[(j, k)]])
+                for m in range(j, k):
+                    best = min(best, _mul(bounds[j][m], bounds[m + 1][k]))
+                if length == 1 and not math.isfinite(best):
+                    best = maps[j].upper_bound().item()
+                bounds[j][k] = best
+    out = torch.zeros(k_count, k_count, dtype=torch.float64)
+    for j in range(k_count):
+        for k in range(j, k_count):
+            out[j, k] = bounds[j][k]
+    return out.to(maps[0].weight.device)
+
+
+def _dense_chains(maps: list[LinearMap], dense_limit: int):
+    """Explicit chains within ``dense_limit``: {(j, k): ‖Â‖ bound}, {(j, k): [(a, b, δ)]} with the error
+    ‖Â − A_{k..j}‖ ≤ Σ U[a, b]·δ over the listed pairs (U of an empty chain a > b is 1)."""
+    k_count = len(maps)
+    forward_from: dict[int, set[int]] = {}
+    adjoint_from: dict[int, set[int]] = {}
+    for j in range(k_count):
+        for k in range(j, k_count):
+            n_in, n_out = maps[j].in_features, maps[k].out_features
+            if n_in * n_out > dense_limit:
+                continue
+            if n_in <= n_out:
+                forward_from.setdefault(j, set()).add(k)
+            else:
+                adjoint_from.setdefault(k, set()).add(j)
+    dense: dict[tuple[int, int], float] = {}
+    errors: dict[tuple[int, int], list] = {}
+    for j, ends in forward_from.items():
+        sweep = _sweep(maps, j, max(ends), True, ends)
+        for k in ends:
+            dense[(j, k)] = matrix_norm_upper(sweep.matrices.pop(k))
+            errors[(j, k)] = [(t + 1, k, sweep.deltas[t]) for t in range(j, k + 1)]
+    for k, starts in adjoint_from.items():
+        sweep = _sweep(maps, k, min(starts), False, starts)
+        for j in starts:
+            bound = matrix_norm_upper(sweep.matrices.pop(j))
+            if (j, k) not in dense or bound < dense[(j, k)]:
+                dense[(j, k)] = bound
+                errors[(j, k)] = [(j, t - 1, sweep.deltas[t]) for t in range(j, k + 1)]
+    return dense, errors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chains that end at the last map (the logits).
+# ----------------------------------------------------------------------------------------------------------
+def head_chain_norms(maps: list[LinearMap], pairwise: bool = False, sound: bool = True) -> torch.Tensor:
+    """Norms of the chains A_K ⋯ A_j that end at the last map, for j = 0..K-1 (C = maps[-1].out_features).
+
+    Returns r (K,) with r[j] = ‖A_K ⋯ A_j‖₂, or with ``pairwise=True`` (K, C, C) with
+    r[j, a, b] = ‖(e_a − e_b)ᵀ A_K ⋯ A_j‖₂ (zero diagonal). One adjoint sweep of the C basis vectors from the
+    last map down gives G_j = (A_K⋯A_j)ᵀ[e_1..e_C] (rows: C × in_features_j) for every j; ‖A_K⋯A_j‖₂² is the
+    largest eigenvalue of the C×C Gram G_j G_jᵀ, the pairwise norms are ‖G_j[a] − G_j[b]‖₂ (explicit
+    differences: no cancellation of the Gram form M_aa + M_bb − 2M_ab).
+
+    sound=True: float64, no_grad, GUARANTEED upper bounds: ‖Ĝ_j‖₂ by :func:`matrix_norm_upper`, plus the sweep
+    error e_j = Σ_t (∏_{i=j}^{t−1} u_i)·δ_t (module docstring; u_i = ``maps[i].upper_bound()`` bounds the
+    prefix chains); pairwise: ‖d̂‖₂ of the computed difference rows with its rounding, + √2·e_j.
+    sound=False: differentiable in the weights, computed in their (promoted, at least float32) dtype, no host
+    read: λ_max of the Gram by normalized repeated squaring (48 squarings, then the Rayleigh quotient with the
+    converged projector held fixed: exact up to rounding, gradient v vᵀ for a simple top eigenvalue).
+    C ≤ MAX_HEAD_CLASSES (1024): the sweep costs C passes through the network and keeps C × in_features_j
+    per j, and the Gram/certificate work grows as C³ (use :func:`chain_upper_bounds` beyond).
+    """
+    maps = _check_maps(maps, "head_chain_norms", check_values=sound)
+    classes = maps[-1].out_features
+    if classes > MAX_HEAD_CLASSES:
+        raise ValueError(f"head_chain_norms: the last map has {classes} outputs; the Gram approach is limited to "
+                         f"{MAX_HEAD_CLASSES} (C passes through the network, C×C Gram matrices); use "
+                         "chain_upper_bounds")
+    if sound:
+        return _head_sound(maps, pairwise)
+    return _head_differentiable(maps, pairwise)
+
+
+def _pairs(classes: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.triu_indices(classes, classes, 1, device=device).unbind(0)
+
+
+def _head_sound(maps: list[LinearMap], pairwise: bool) -> torch.Tensor:
+    k_count, classes = len(maps), maps[-1].out_features
+    device = maps[0].weight.device
+    with torch.no_grad(), _cudnn_off(device):
+        sweep = _sweep(maps, k_count - 1, 0, False, set(range(k_count)))
+        singles = [maps[i].upper_bound().item() for i in range(k_count - 1)]
+        errors = []
+        for j in range(k_count):
+            total, prefix = 0.0, 1.0  # prefix: bound of A_{t-1}⋯A_j
+            for t in range(j, k_count):
+                total = _add(total, _mul(prefix, sweep.deltas[t]))
+                if t < k_count - 1:
+                    prefix = _mul(prefix, singles[t])
+            errors.append(total)
+        if not pairwise:
+            values = [_add(matrix_norm_upper(sweep.matrices[j]), errors[j]) for j in range(k_count)]
+            return torch.tensor(values, dtype=torch.float64, device=device)
+        a, b = _pairs(classes, device)
+        out = torch.zeros(k_count, classes, classes, dtype=torch.float64, device=device)
+        for j in range(k_count):
+            g = sweep.matrices[j]
+            upper = _row_norms_upper(g[a] - g[b]) + _mul(math.sqrt(2.0) * (1 + 4 * _U), errors[j])
+            upper = upper * (1 + 4 * _U)  # the addition above
+            out[j, a, b] = upper
+            out[j, b, a] = upper
+        return out
+
+
+def _row_norms_upper(d: torch.Tensor) -> torch.Tensor:
+    """(P,) upper bounds of the Euclidean norms of the EXACT differences whose computed values are the rows of
+    ``d`` (P, n) (one rounded subtraction each: |d_exact| ≤ |d̂|/(1 − u)). Each row is scaled by a power of two
+    (largest entry in [0.5, 1): no overflow; squares below 2⁻¹⁰⁷⁴ add ≤ n·2⁻¹⁰⁷⁴ to the sum), the sum of n
+    squares errs by ≤ γ_n of itself, and the final sqrt, ldexp and factors by a few u (covered by 1 + 16u)."""
+    n = d.shape[1]
+    largest = d.abs().amax(1)
+    exponent = torch.frexp(largest).exponent
+    scaled = torch.ldexp(d, -exponent[:, None].to(d.dtype))
+    squares = (scaled * scaled).sum(1)
+    squares = (squares + n * _ETA) / _one_minus_gamma(n)
+    norms = squares.sqrt() * ((1 + 16 * _U) / (1 - _U))
+    return torch.where(largest > 0, torch.ldexp(norms, exponent.to(d.dtype)), 0.0)
+
+
+def _common_dtype(maps: list[LinearMap]) -> torch.dtype:
+    dtype = torch.float32
+    for m in maps:
+        dtype = torch.promote_types(dtype, m.weight.dtype)
+    return dtype
+
+
+def _top_eigenvalue(gram: torch.Tensor) -> torch.Tensor:
+    """λ_max of a symmetric PSD (C, C) matrix, differentiable and without host synchronization: N ← N²/‖N²‖_F
+    (48 times) converges to the projector on the top eigenspace (weights (λ_i/λ_1)^(2^48)); the Rayleigh
+    quotient tr(N M)/tr(N) with N held fixed is then λ_max up to rounding, with gradient N/tr(N)."""
+    tiny = torch.finfo(gram.dtype).tiny
+    with torch.no_grad():
+        n = gram.detach()
+        for _ in range(_SQUARINGS):
+            n = n / torch.linalg.matrix_norm(n).clamp_min(tiny)
+            n = n @ n
+        n = n / torch.linalg.matrix_norm(n).clamp_min(tiny)
+    return (n * gram).sum() / n.diagonal().sum().clamp_min(tiny)
+
+
+def _head_differentiable(maps: list[LinearMap], pairwise: bool) -> torch.Tensor:
+    dtype = _common_dtype(maps)
+    classes, device = maps[-1].out_features, maps[0].weight.device
+    x = torch.eye(classes, dtype=dtype, device=device)
+    rows = [None] * len(maps)
+    for t in range(len(maps) - 1, -1, -1):
+        x = maps[t].adjoint(x, maps[t].weight.to(dtype)).reshape(classes, -1)
+        rows[t] = x
+    if not pairwise:
+        tiny = torch.finfo(dtype).tiny
+        return torch.stack([_top_eigenvalue(g @ g.T).clamp_min(tiny).sqrt() for g in rows])
+    a, b = _pairs(classes, device)
+    out = torch.zeros(len(maps), classes, classes, dtype=dtype, device=device)
+    norms = torch.stack([torch.linalg.vector_norm(g[a] - g[b], dim=1) for g in rows])  # (K, P)
+    out = out.index_put((torch.arange(len(maps), device=device)[:, None], a, b), norms)
+    return out.index_put((torch.arange(len(maps), device=device)[:, None], b, a), norms)
