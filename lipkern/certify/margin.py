@@ -1,0 +1,256 @@
+"""Margin certificates from Lipschitz constants (LMT, LipLT/CRM): radii and certified accuracy.
+
+With a global ℓ₂ Lipschitz bound L of the logit map f, the predicted class ŷ = argmax f(x) cannot change within
+‖δ‖₂ < (f_ŷ − max_{j≠ŷ} f_j) / (√2·L) (Tsuzuku et al. 2018): every difference f_ŷ − f_j is √2·L-Lipschitz.
+With pairwise bounds L_ab of the differences f_a − f_b (a (C, C) matrix), the radius is
+min_{j≠ŷ} (f_ŷ − f_j) / L_ŷj, never smaller than the global one when L_ab ≤ √2·L.
+
+Row-normalized ("LLN") last layers: unit rows do NOT make the head 1-Lipschitz (‖Ŵ‖₂ can reach √C), so the √2
+form with L = 1 is invalid there. Use :func:`lln_pairwise_lipschitz` (L_ab = L_body·‖ŵ_a − ŵ_b‖) and the pairwise
+form instead.
+
+Rounding. A radius is a guarantee for the exact-arithmetic network evaluated at these logits:
+- the radius is computed in float64 from the given logits and rounded down by an explicit margin (8 units of
+  float64 rounding), so it never exceeds the exact quotient of the given values;
+- the logits themselves carry the rounding of the model's forward pass (float32: about 1e-6 relative). That
+  error is NOT bounded here. ``certified_accuracy(..., dtype=torch.float64)`` evaluates a float64 copy of the
+  model (the same weight values), which shrinks it to about 1e-15 relative; a margin of the size of that
+  rounding is then the only uncertainty left. Prefer it for reported numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from typing import Iterable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["CertifiedAccuracy", "certified_accuracy", "certified_radius", "lln_pairwise_lipschitz"]
+
+_U = 2.0 ** -53
+_ROUND_DOWN = 1.0 - 8 * _U  # margin, √2, product and quotient: < 5 roundings of u, relative
+_SQRT2 = math.sqrt(2.0)
+
+
+class CertifiedAccuracy(NamedTuple):
+    """Result of :func:`certified_accuracy`.
+
+    eps (E,) float64: the radii asked for; accuracy (E,) float64: fraction of points correctly classified with a
+    certified radius > eps; clean_accuracy: fraction correctly classified; radii (N,) float64: certified radius
+    of each point's predicted class (0 for ties, +inf where the bound allows any perturbation); correct (N,)
+    bool: prediction == label."""
+
+    eps: torch.Tensor
+    accuracy: torch.Tensor
+    clean_accuracy: float
+    radii: torch.Tensor
+    correct: torch.Tensor
+
+
+# --- validation ------------------------------------------------------------------------------------------
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"certified_radius: logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"certified_radius: logits must be (B, C) with C >= 2 classes, got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"certified_radius: logits must be floating point, got {logits.dtype}")
+    logits = logits.detach().to(torch.float64)
+    if not torch.isfinite(logits).all():
+        raise ValueError("certified_radius: logits contain NaN or Inf")
+    return logits
+
+
+def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Tensor:
+    """A 0-dim or (C, C) float64 tensor of non-negative, non-NaN Lipschitz bounds."""
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"certified_radius: lipschitz must be a float or a tensor, got {type(lipschitz).__name__}")
+    value = torch.as_tensor(lipschitz).detach().to(device=device, dtype=torch.float64)
+    if value.dim() == 1 and value.numel() == 1:
+        value = value.reshape(())
+    if value.dim() != 0 and tuple(value.shape) != (num_classes, num_classes):
+        raise ValueError(f"certified_radius: lipschitz must be a scalar or a ({num_classes}, {num_classes}) "
+                         f"pairwise matrix for {num_classes} classes, got shape {tuple(value.shape)}")
+    if torch.isnan(value).any():
+        raise ValueError("certified_radius: lipschitz contains NaN")
+    if (value < 0).any():
+        raise ValueError("certified_radius: lipschitz bounds must be non-negative")
+    return value
+
+
+# --- radii -----------------------------------------------------------------------------------------------
+def _safe_quotient(margin: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """margin / denominator rounded down, with 0 for margin 0 (ties) and +inf for margin > 0 over 0."""
+    radius = margin / denominator * _ROUND_DOWN
+    radius = torch.where(denominator == 0, torch.full_like(radius, math.inf), radius)
+    return torch.where(margin <= 0, torch.zeros_like(radius), radius)
+
+
+def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
+    """Certified ℓ₂ radius (B,) float64 of the predicted class of each row of ``logits`` (B, C).
+
+    ``lipschitz``: a float or 0-dim tensor L (a global ℓ₂ Lipschitz bound of the logit map): radius =
+    (f_ŷ − max_{j≠ŷ} f_j)/(√2·L); or a (C, C) tensor of pairwise bounds L_ab of f_a − f_b (diagonal ignored):
+    radius = min_{j≠ŷ} (f_ŷ − f_j)/L_ŷj. Ties (margin 0) give 0; a zero bound with a positive margin gives +inf.
+    The radius is rounded down (float64) and guaranteed for these logit values; see the module docstring about
+    the logits' own rounding. No gradient (certification only)."""
+    logits = _check_logits(logits)
+    num_classes = logits.shape[1]
+    bound = _as_lipschitz(lipschitz, num_classes, logits.device)
+    top = logits.argmax(dim=1)
+    top_value = logits.gather(1, top[:, None])
+    if bound.dim() == 0:
+        others = logits.scatter(1, top[:, None], -math.inf)
+        margin = top_value[:, 0] - others.max(dim=1).values
+        return _safe_quotient(margin, _SQRT2 * bound * (1 + 2 * _U))
+    margins = top_value - logits  # (B, C), >= 0
+    per_class = _safe_quotient(margins, bound[top])
+    per_class = per_class.scatter(1, top[:, None], math.inf)  # j = ŷ does not count
+    return per_class.min(dim=1).values
+
+
+def lln_pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz) -> torch.Tensor:
+    """Pairwise bounds (C, C) float64 for a row-normalized last layer f = Ŵ·h(x) + b, ŵ_a = w_a / ‖w_a‖.
+
+    L_ab = L_body·‖ŵ_a − ŵ_b‖₂ bounds the Lipschitz constant of f_a − f_b when ``body_lipschitz`` bounds that of
+    the body h. The normalization is F.normalize's (rows of norm below 1e-12 are divided by 1e-12). Computed in
+    float64 and rounded up by an explicit margin (for ‖ŵ_a − ŵ_b‖ near 0 an absolute one). Zero diagonal.
+    ``head_weight``: (C, D); ``body_lipschitz``: a non-negative float or 0-dim tensor."""
+    if not isinstance(head_weight, torch.Tensor) or head_weight.dim() != 2 or head_weight.shape[0] < 2:
+        raise ValueError("lln_pairwise_lipschitz: head_weight must be a (C, D) tensor with C >= 2, got "
+                         f"{getattr(head_weight, 'shape', type(head_weight).__name__)}")
+    w = head_weight.detach().to(torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError("lln_pairwise_lipschitz: head_weight contains NaN or Inf")
+    body = torch.as_tensor(body_lipschitz).detach().to(device=w.device, dtype=torch.float64)
+    if body.numel() != 1 or not torch.isfinite(body).all() or (body < 0).any():
+        raise ValueError("lln_pairwise_lipschitz: body_lipschitz must be one finite non-negative number")
+    unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    distances = (unit[:, None, :] - unit[None, :, :]).norm(dim=2)
+    # Each computed unit row is within (D + 3)u of the exact one (norm, sqrt, quotient); the difference norm
+    # has a relative error below (D + 2)u. Generous factors of 4 on both.
+    slack = 4 * (w.shape[1] + 4) * _U
+    distances = distances * (1 + slack) + 2 * slack
+    distances.fill_diagonal_(0.0)
+    return body.reshape(()) * distances * (1 + 2 * _U)
+
+
+# --- certified accuracy ----------------------------------------------------------------------------------
+def _eps_tensor(eps) -> torch.Tensor:
+    values = [eps] if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else eps
+    try:
+        values = torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values,
+                                 dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"certified_accuracy: eps must be a float or a sequence of floats, got {eps!r}") from err
+    if values.numel() == 0 or not torch.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"certified_accuracy: eps must be finite, non-negative and not empty, got {eps!r}")
+    return values
+
+
+def _batches(data, batch_size: int) -> Iterable:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"certified_accuracy: x has {x.shape[0]} inputs but y has {y.shape[0]} labels")
+        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise TypeError("certified_accuracy: data must be (x, y) tensors or an iterable of (x, y) batches")
+    return data
+
+
+def _check_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+            and isinstance(batch[1], torch.Tensor)):
+        raise TypeError("certified_accuracy: every batch must be an (x, y) pair of tensors")
+    x, y = batch[0], batch[1]
+    if y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"certified_accuracy: labels must be (B,) for x {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"certified_accuracy: labels must be integers, got {y.dtype}")
+    return x, y
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _warn_if_lln_head(model: nn.Module, bound: torch.Tensor) -> None:
+    from lipkern.models import LinearNormalized
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    if bound.dim() == 0 and leaves and isinstance(leaves[-1], LinearNormalized):
+        warnings.warn("certified_accuracy: the model ends in a row-normalized (LLN) layer and a global L was "
+                      "given: the √2·L certificate is valid only if L includes the head's spectral norm (unit "
+                      "rows are not 1-Lipschitz). Prefer lln_pairwise_lipschitz and the pairwise form.",
+                      UserWarning, stacklevel=3)
+
+
+def _default_lipschitz(model, input_shape, pairwise: bool):
+    from lipkern.bounds import lipschitz_bound  # lazy: provided by lipkern.bounds.network
+
+    return lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise, sound=True)
+
+
+def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise: bool = False,
+                       input_shape: Sequence[int] | None = None, device=None, batch_size: int = 256,
+                       dtype: torch.dtype | None = None) -> CertifiedAccuracy:
+    """Certified accuracy of ``model`` on ``data`` at each radius of ``eps`` from a Lipschitz certificate.
+
+    data: (x, y) tensors (x (N, *input_shape), y (N,) int), split into batches of ``batch_size``, or an
+    iterable of (x, y) batches (a DataLoader; extra items per batch are ignored). eps: a float or a sequence.
+    lipschitz: a float / 0-dim tensor (global L) or a (C, C) pairwise tensor; None computes the sound bound
+    ``lipkern.bounds.lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise, sound=True)``
+    (input_shape defaults to the first batch's x.shape[1:]). A point counts at ε iff it is correctly classified
+    and its radius (:func:`certified_radius`) is > ε. The model runs in eval mode under inference_mode on
+    ``device`` (default: the model's); its training flag is restored. dtype=torch.float64 evaluates a float64
+    deep copy of the model (same weight values, much smaller logit rounding: see the module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"certified_accuracy: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"certified_accuracy: batch_size must be a positive int, got {batch_size!r}")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"certified_accuracy: dtype must be None, torch.float32 or torch.float64, got {dtype}")
+    eps_values = _eps_tensor(eps)
+    if lipschitz is not None and pairwise and torch.as_tensor(lipschitz).dim() == 0:
+        raise ValueError("certified_accuracy: pairwise=True but a scalar lipschitz was given")
+    device = torch.device(device) if device is not None else _model_device(model)
+    moved = dtype is not None or device != _model_device(model)
+    net = copy.deepcopy(model).to(device=device, dtype=dtype) if moved else model  # the user's model stays
+    was_training = net.training
+    radii, correct = [], []
+    bound = None
+    try:
+        net.eval()
+        for batch in _batches(data, batch_size):
+            x, y = _check_batch(batch)
+            x = x.to(device=device, dtype=dtype) if dtype is not None else x.to(device)
+            if x.shape[0] == 0:
+                continue
+            with torch.inference_mode():
+                logits = net(x)
+            if bound is None:
+                if lipschitz is None:
+                    shape = tuple(input_shape) if input_shape is not None else tuple(x.shape[1:])
+                    lipschitz = _default_lipschitz(model, shape, pairwise)
+                bound = _as_lipschitz(lipschitz, logits.shape[1], device)
+                _warn_if_lln_head(model, bound)
+            y = y.to(device)
+            if ((y < 0) | (y >= logits.shape[1])).any():
+                raise ValueError(f"certified_accuracy: labels must lie in [0, {logits.shape[1]})")
+            radii.append(certified_radius(logits, bound))
+            correct.append(logits.argmax(dim=1) == y)
+    finally:
+        net.train(was_training)
+    if not radii:
+        raise ValueError("certified_accuracy: data contains no inputs")
+    radii_all, correct_all = torch.cat(radii).cpu(), torch.cat(correct).cpu()
+    certified = correct_all[None, :] & (radii_all[None, :] > eps_values[:, None])
+    accuracy = certified.double().mean(dim=1)
+    return CertifiedAccuracy(eps_values, accuracy, correct_all.double().mean().item(), radii_all, correct_all)

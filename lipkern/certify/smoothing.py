@@ -1,0 +1,186 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): CERTIFY and PREDICT with fast Monte Carlo.
+
+The smoothed classifier g(x) = argmax_c P_{δ∼N(0, σ²I)}[base(x + δ) = c] is robust within ℓ₂ radius σ·Φ⁻¹(p̲_A),
+where p̲_A is a lower confidence bound of the top class's probability (Cohen et al., Theorem 1 with p_B = 1 − p_A).
+Both procedures hold with probability ≥ 1 − α over the Monte Carlo noise, which is the only sense in which
+these radii are guarantees (the base model's rounding does not matter: the count is of what the model outputs).
+
+Sampling (one code path for certify and predict): noise is drawn on x's device in batches of ``batch_size``
+(``Tensor.normal_(0, σ, generator=g)`` on a (b, *x.shape) buffer, then ``add_(x)``: x broadcast, never copied),
+with a ``torch.Generator`` on that device seeded by ``seed`` (None: the device's default generator). The base
+model runs under inference_mode (optionally autocast), argmax per row, and the counts are accumulated on the
+device with ``index_add_``; one host read per certify/predict call, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+__all__ = ["ABSTAIN", "RandomizedSmoothing", "clopper_pearson_lower", "smoothing_radius"]
+
+ABSTAIN = -1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_alpha(alpha, where: str) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"{where}: alpha must be a float in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
+    """One-sided (1 − alpha) Clopper–Pearson lower confidence bound of a binomial proportion.
+
+    Equals Beta⁻¹(alpha; k, n − k + 1) (0 when k = 0), i.e. the lower end of statsmodels'
+    ``proportion_confint(k, n, alpha=2·alpha, method="beta")`` used by Cohen et al.; computed with scipy's
+    ``binomtest(k, n, alternative="greater").proportion_ci(1 − alpha, method="exact")``."""
+    from scipy.stats import binomtest
+
+    if not _is_int(trials) or trials <= 0:
+        raise ValueError(f"clopper_pearson_lower: trials must be a positive int, got {trials!r}")
+    if not _is_int(successes) or not 0 <= successes <= trials:
+        raise ValueError(f"clopper_pearson_lower: successes must be an int in [0, {trials}], got {successes!r}")
+    alpha = _check_alpha(alpha, "clopper_pearson_lower")
+    result = binomtest(int(successes), int(trials), alternative="greater")
+    return float(result.proportion_ci(confidence_level=1.0 - alpha, method="exact").low)
+
+
+def smoothing_radius(p_lower: float, sigma: float) -> float:
+    """σ·Φ⁻¹(p̲_A): the certified ℓ₂ radius for a lower bound p̲_A ≥ ½ of the top-class probability."""
+    from scipy.stats import norm
+
+    if not 0.5 <= p_lower <= 1.0:
+        raise ValueError(f"smoothing_radius: p_lower must lie in [0.5, 1], got {p_lower!r}")
+    return float(sigma * norm.ppf(p_lower))
+
+
+class RandomizedSmoothing:
+    """The smoothed classifier of ``base`` (maps (B, *x.shape) to (B, num_classes) logits) with noise level σ.
+
+    ``autocast_dtype``: run the base model under torch.autocast in this dtype (e.g. torch.bfloat16 on a GPU);
+    the certificate is then about that low-precision model, which is what is sampled."""
+
+    ABSTAIN = ABSTAIN
+
+    def __init__(self, base: nn.Module, sigma: float, num_classes: int, *,
+                 autocast_dtype: torch.dtype | None = None):
+        if not callable(base):
+            raise TypeError(f"RandomizedSmoothing: base must be a module or callable, got {type(base).__name__}")
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0 < sigma < math.inf):
+            raise ValueError(f"RandomizedSmoothing: sigma must be a finite float > 0, got {sigma!r}")
+        if not _is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"RandomizedSmoothing: num_classes must be an int >= 2, got {num_classes!r}")
+        self.base = base
+        self.sigma = float(sigma)
+        self.num_classes = int(num_classes)
+        self.autocast_dtype = autocast_dtype
+
+    # -- sampling -----------------------------------------------------------------------------------------
+    def _check_input(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"RandomizedSmoothing: x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.numel() == 0 or not x.is_floating_point():
+            raise ValueError("RandomizedSmoothing: x must be ONE floating-point input without the batch "
+                             f"dimension (e.g. (3, 32, 32)), got {tuple(x.shape)} {x.dtype}")
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise ValueError("RandomizedSmoothing: x contains NaN or Inf")
+        return x
+
+    def _generator(self, x: torch.Tensor, seed) -> torch.Generator | None:
+        if seed is None:
+            return None
+        if not _is_int(seed):
+            raise TypeError(f"RandomizedSmoothing: seed must be an int or None, got {seed!r}")
+        return torch.Generator(device=x.device).manual_seed(int(seed))
+
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, generator=None,
+                      progress=None) -> torch.Tensor:
+        """Counts (num_classes,) int64 ON x's DEVICE of argmax base(x + δ) over ``num`` noise draws; no host
+        read. ``progress``: a tqdm bar to update, or None. Call within inference_mode with base in eval mode
+        (certify and predict do)."""
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
+        ones = torch.ones(min(batch_size, num), dtype=torch.int64, device=x.device)
+        buffer = torch.empty((min(batch_size, num), *x.shape), dtype=x.dtype, device=x.device)
+        remaining = num
+        while remaining > 0:
+            size = min(batch_size, remaining)
+            noisy = buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.autocast_dtype is not None):
+                logits = self.base(noisy)
+            if logits.dim() != 2 or logits.shape[0] != size or logits.shape[1] != self.num_classes:
+                raise ValueError(f"RandomizedSmoothing: base must return ({size}, {self.num_classes}) logits for "
+                                 f"a batch of {size}, got {tuple(logits.shape)}")
+            counts.index_add_(0, logits.argmax(dim=1), ones[:size])
+            remaining -= size
+            if progress is not None:
+                progress.update(size)
+        return counts
+
+    def _run(self, x, draws: list[int], batch_size: int, seed, progress: bool) -> list[list[int]]:
+        """Counts of consecutive groups of draws (same generator stream), read from the device at once."""
+        from tqdm.auto import tqdm
+
+        x = self._check_input(x)
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise ValueError(f"RandomizedSmoothing: batch_size must be a positive int, got {batch_size!r}")
+        generator = self._generator(x, seed)
+        base = self.base
+        was_training = getattr(base, "training", None)
+        bar = tqdm(total=sum(draws), unit="sample", desc="smoothing", disable=not progress)
+        try:
+            if isinstance(base, nn.Module):
+                base.eval()
+            with torch.inference_mode():
+                counts = [self.sample_counts(x, num, batch_size, generator, bar) for num in draws]
+                return torch.stack(counts).tolist()  # the one host read
+        finally:
+            bar.close()
+            if isinstance(base, nn.Module):
+                base.train(was_training)
+
+    # -- Cohen et al.'s procedures ----------------------------------------------------------------------------
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, seed: int | None = None,
+                progress: bool = False) -> tuple[int, float]:
+        """CERTIFY: (class, radius), or (ABSTAIN = −1, 0.0).
+
+        n0 draws select ĉ_A (the most frequent class), n fresh draws count n_A; p̲_A is the one-sided
+        (1 − alpha) Clopper–Pearson bound of n_A/n; abstain if p̲_A < ½, else the radius is σ·Φ⁻¹(p̲_A).
+        With probability ≥ 1 − alpha over the noise, a returned class is g(x) and g is constant on the open
+        ℓ₂ ball of that radius. x: one input without the batch dimension. Requires 0 < n0 ≤ n."""
+        for name, value in (("n0", n0), ("n", n)):
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"RandomizedSmoothing.certify: {name} must be a positive int, got {value!r}")
+        if n0 > n:
+            raise ValueError(f"RandomizedSmoothing.certify: n0 = {n0} > n = {n} (n0 selects the class with a "
+                             f"few draws, n estimates its probability with many)")
+        alpha = _check_alpha(alpha, "RandomizedSmoothing.certify")
+        selection, estimation = self._run(x, [n0, n], batch_size, seed, progress)
+        top = max(range(self.num_classes), key=lambda c: (selection[c], -c))  # argmax, lowest index on ties
+        p_lower = clopper_pearson_lower(estimation[top], n, alpha)
+        if p_lower < 0.5:
+            return ABSTAIN, 0.0
+        return top, smoothing_radius(p_lower, self.sigma)
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, seed: int | None = None) -> int:
+        """PREDICT: the top class of n draws, or ABSTAIN when the two-sided binomial test of the top-two counts
+        (n_1 of n_1 + n_2 at p = ½) has a p-value > alpha. With probability ≥ 1 − alpha a returned class is g(x)."""
+        from scipy.stats import binomtest
+
+        if not _is_int(n) or n <= 0:
+            raise ValueError(f"RandomizedSmoothing.predict: n must be a positive int, got {n!r}")
+        alpha = _check_alpha(alpha, "RandomizedSmoothing.predict")
+        (counts,) = self._run(x, [n], batch_size, seed, False)
+        order = sorted(range(self.num_classes), key=lambda c: (-counts[c], c))
+        first, second = counts[order[0]], counts[order[1]]
+        if binomtest(first, first + second, p=0.5).pvalue > alpha:
+            return ABSTAIN
+        return order[0]

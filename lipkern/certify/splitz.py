@@ -1,0 +1,370 @@
+"""SPLITZ (Zhong & Tandon, arXiv 2407.02811): randomized smoothing of the right half of f = f_R ∘ f_L.
+
+The smoothed classifier is g(x) = argmax_c P_δ[f_R(f_L(x) + δ) = c], δ ∼ N(0, σ²I): the noise enters AFTER the
+left half. Its certificate (Theorem 1 as stated by the authors) is
+
+    R(x) = max_{γ ≥ 0} min{ R_right(f_L(x)) / L_left(x, γ), γ },
+
+where R_right(z) = σ·Φ⁻¹(p̲_A) is Cohen et al.'s radius of the smoothed right half at z = f_L(x) and
+L_left(x, γ) bounds ‖f_L(x') − f_L(x)‖ / ‖x' − x‖ over the ℓ₂ ball B(x, γ). Proof sketch: for ‖x' − x‖ < R(x)
+≤ γ, ‖f_L(x') − f_L(x)‖ ≤ L_left(x, γ)·‖x' − x‖ < R_right, so the smoothed right half predicts the same class
+at f_L(x'). Every γ gives a valid certificate; the search only looks for a good one. The guarantee holds with
+probability ≥ 1 − α over the Monte Carlo noise (as Cohen's), for the exact-arithmetic left half.
+
+Where L_left comes from, in this order:
+1. ``local_lipschitz(x, gamma) -> float``, a user callable (its soundness is the user's responsibility);
+2. :class:`LocalReluLipschitz` when f_L is a sequence of nn.Linear / nn.Conv2d / nn.ReLU / nn.Flatten /
+   nn.Identity (small: the layers become dense float64 matrices), min'd with the global bound below when
+   ``lipkern.bounds.lipschitz_bound`` is available;
+3. the global bound ``lipkern.bounds.lipschitz_bound(f_L, input_shape, sound=True)`` (a constant: R = R_right/L).
+
+Training recipe of the paper (not implemented as a trainer here): Gaussian augmentation with the same σ inside
+the model after f_L (:class:`GaussianNoise`), plus the regularizer λ·relu(L̂_left − θ) on an estimate of f_L's
+(local) Lipschitz constant (:func:`splitz_regularizer`; θ = 0.5 so f_L is not pushed to collapse, λ ∈ [0.7, 1]).
+
+Input normalization pitfall (papers.md §5): a normalization (x − μ)/s inside f_L multiplies its Lipschitz
+constant by 1/min(s). The withdrawn ICLR version omitted it and overstated radii ~5×. Here any such layer must
+be part of f_L's bound: LocalReluLipschitz refuses layers it does not know, and the global bound includes them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from fractions import Fraction
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lipkern.certify.smoothing import ABSTAIN, RandomizedSmoothing
+
+__all__ = ["GaussianNoise", "LocalReluLipschitz", "SplitzCertifier", "splitz_regularizer"]
+
+_U = 2.0 ** -53
+_GAMMA_STEPS = 14
+
+
+def _round_up(value: float, roundings: int = 4) -> float:
+    return value * (1 + roundings * _U) if value > 0 else value
+
+
+# --- the local bound -------------------------------------------------------------------------------------
+def _leaves(module: nn.Module) -> list[nn.Module] | None:
+    """The layers of a (nested) nn.Sequential, or None if any is not supported."""
+    if isinstance(module, nn.Sequential):
+        out: list[nn.Module] = []
+        for child in module:
+            sub = _leaves(child)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Identity)):
+        return [module]
+    return None
+
+
+def _affine(layer: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (out, in), b (out,)) in float64 of a Linear or Conv2d layer on inputs of ``shape`` (flattened)."""
+    from lipkern.bounds.operators import LinearMap
+
+    weight = layer.weight.detach()
+    if isinstance(layer, nn.Linear):
+        matrix = weight.to(torch.float64)
+        if shape != (layer.in_features,):
+            raise ValueError(f"LocalReluLipschitz: {layer} gets inputs of shape {shape}; flatten them first")
+        bias_per_out = torch.zeros(layer.out_features, dtype=torch.float64, device=weight.device)
+    else:
+        if layer.padding == "same" or layer.padding == "valid":
+            raise ValueError("LocalReluLipschitz: give Conv2d padding as numbers, not 'same'/'valid'")
+        op = LinearMap.conv2d(weight, shape, layer.stride, layer.padding, layer.dilation, layer.groups,
+                              layer.padding_mode)
+        matrix = op.dense_matrix(torch.float64)
+        bias_per_out = torch.zeros(op.out_shape, dtype=torch.float64, device=weight.device)
+    if layer.bias is not None:
+        bias = layer.bias.detach().to(torch.float64)
+        bias_per_out = bias_per_out + (bias if bias_per_out.dim() == 1 else bias[:, None, None])
+    return matrix, bias_per_out.reshape(-1)
+
+
+def _dot_gamma(length: int) -> float:
+    """γ_n = n·u/(1 − n·u): relative error bound of a length-n float64 dot product (any order)."""
+    g = (length + 2) * _U
+    return 2 * g / (1 - g)
+
+
+def _norm_upper(matrix: torch.Tensor) -> float:
+    """Guaranteed upper bound of ‖matrix‖₂ (float64 Gram iteration with its rounding term)."""
+    from lipkern.bounds.gram import gram_upper_bound
+
+    if matrix.numel() == 0:
+        return 0.0
+    return float(gram_upper_bound(matrix[None], rtol=1e-7)[0])
+
+
+class LocalReluLipschitz:
+    """Sound local Lipschitz bound L(x, γ) ≥ sup_{x' ∈ B(x, γ)} ‖f(x') − f(x)‖₂ / ‖x' − x‖₂ of a small ReLU
+    network f = a sequence of nn.Linear / nn.Conv2d / nn.ReLU / nn.Flatten / nn.Identity, on inputs of
+    ``input_shape`` (no batch dim).
+
+    Method (all in float64, the exact-arithmetic network): the deviations Δz = z(x') − z(x) of every
+    pre-activation over the ball are enclosed in boxes [lo, hi], each entry the tighter of
+    - interval arithmetic on the previous box: W⁺·hi + W⁻·lo, and
+    - the norm form |Δz_i| ≤ ‖(W P)_i‖·γ·L_prefix, with L_prefix the bound of the layers before;
+    the first layer is exact: |Δz_i| ≤ γ·‖w_i‖. The centre z(x) is computed with an error bound e (γ_n terms).
+    Through a ReLU, Δh has Δz's sign and |Δh| ≤ |Δz|: hi_h = clamp(z + e + hi, 0, hi), lo_h = −clamp(z + e, 0,
+    −lo); a neuron with z + e + hi ≤ 0 is stably inactive on the ball (Δh ≡ 0). P_k = the neurons whose
+    deviation box is not {0}. Then for x', x'' in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖, so
+    L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm a guaranteed Gram-iteration upper bound, the product rounded up.
+    The bound is non-decreasing in γ up to the Gram bounds' relative slack (1e-7): the boxes only grow and a
+    submatrix has a smaller norm. γ = inf gives the global product bound ∏‖A_k‖."""
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int]):
+        layers = _leaves(module)
+        if layers is None:
+            raise ValueError("LocalReluLipschitz: the module must be a (nested) nn.Sequential of nn.Linear, "
+                             "nn.Conv2d, nn.ReLU, nn.Flatten and nn.Identity (or one such layer); got "
+                             f"{type(module).__name__}. Pass local_lipschitz= or rely on the global bound.")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.ops: list[tuple] = []  # ("affine", W, b) | ("relu",)
+        shape = self.input_shape
+        for layer in layers:
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                matrix, bias = _affine(layer, shape)
+                self.ops.append(("affine", matrix, bias))
+            elif isinstance(layer, nn.ReLU):
+                self.ops.append(("relu",))
+            shape = _output_shape(layer, shape)
+        self._global: float | None = None
+
+    def global_bound(self) -> float:
+        """∏_k ‖A_k‖₂ over the affine layers (guaranteed; ReLUs have slope ≤ 1)."""
+        if self._global is None:
+            value = 1.0
+            for op in self.ops:
+                if op[0] == "affine":
+                    value = _round_up(value * _norm_upper(op[1]), 2)
+            self._global = value
+        return self._global
+
+    def __call__(self, x: torch.Tensor, gamma: float) -> float:
+        if gamma < 0 or math.isnan(gamma):
+            raise ValueError(f"LocalReluLipschitz: gamma must be >= 0, got {gamma}")
+        if math.isinf(gamma):
+            return self.global_bound()
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"LocalReluLipschitz: x must have shape {self.input_shape}, got {tuple(x.shape)}")
+        centre = x.detach().to(torch.float64).reshape(-1)
+        error = torch.zeros_like(centre)
+        hi = torch.full_like(centre, gamma)  # the input's deviation box
+        lo = -hi
+        varying = torch.ones_like(centre, dtype=torch.bool)
+        prefix, pending = 1.0, None  # bound of the layers before, and the last affine's W[:, P_{k-1}]
+        for op in self.ops:
+            if op[0] == "affine":
+                if pending is not None:  # two affine maps in a row: no projection in between
+                    prefix = _round_up(prefix * _norm_upper(pending), 2)
+                matrix, bias = op[1], op[2]
+                pending = matrix[:, varying]
+                centre, error, lo, hi = self._affine_step(matrix, bias, centre, error, lo, hi, pending,
+                                                          gamma * prefix)
+                varying = (hi > 0) | (lo < 0)
+            else:
+                lo, hi, centre = self._relu_step(centre, error, lo, hi)
+                varying = (hi > 0) | (lo < 0)
+                if pending is not None:  # (a ReLU first or after a ReLU has slope ≤ 1: nothing to multiply)
+                    prefix = _round_up(prefix * _norm_upper(pending[varying]), 2)
+                    pending = None
+        if pending is not None:
+            prefix = _round_up(prefix * _norm_upper(pending), 2)
+        return prefix
+
+    @staticmethod
+    def _affine_step(matrix, bias, centre, error, lo, hi, masked, radius):
+        length = matrix.shape[1] + 1
+        g = _dot_gamma(length)
+        absolute = matrix.abs()
+        new_centre = matrix @ centre + bias
+        new_error = (absolute @ error) * (1 + g) + g * (absolute @ centre.abs() + bias.abs())
+        new_error = new_error * (1 + 4 * _U) + 1e-300
+        row_norms = masked.norm(dim=1) * (1 + g) * radius * (1 + 4 * _U)
+        positive, negative = matrix.clamp_min(0), matrix.clamp_max(0)
+        slack = g * (absolute @ torch.maximum(lo.abs(), hi.abs()))
+        new_hi = positive @ hi + negative @ lo
+        new_lo = positive @ lo + negative @ hi
+        new_hi = torch.minimum(new_hi + slack + new_hi.abs() * 4 * _U, row_norms)
+        new_lo = torch.maximum(new_lo - slack - new_lo.abs() * 4 * _U, -row_norms)
+        return new_centre, new_error, new_lo, new_hi
+
+    @staticmethod
+    def _relu_step(centre, error, lo, hi):
+        top = centre + error
+        top_plus = top + hi
+        top = top + 4 * _U * (top.abs() + error)  # rounded up
+        top_plus = top_plus + 4 * _U * (centre.abs() + error + hi.abs())
+        new_hi = torch.minimum(top_plus.clamp_min(0.0), hi)
+        new_lo = -torch.minimum(top.clamp_min(0.0), -lo)
+        inactive = top_plus <= 0
+        new_hi = torch.where(inactive, torch.zeros_like(new_hi), new_hi)
+        new_lo = torch.where(inactive, torch.zeros_like(new_lo), new_lo)
+        return new_lo, new_hi, centre.clamp_min(0.0)
+
+
+def _output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape (no batch dim) of the layer's output, from a zero probe in the layer's dtype and device."""
+    params = list(layer.parameters())
+    dtype, device = (params[0].dtype, params[0].device) if params else (torch.float32, None)
+    with torch.no_grad():
+        return tuple(layer(torch.zeros((1, *shape), dtype=dtype, device=device)).shape[1:])
+
+
+def _quotient_down(numerator: float, denominator: float) -> float:
+    """numerator / denominator rounded toward 0 (exact when representable); +inf for a zero denominator."""
+    if denominator == 0:
+        return math.inf
+    quotient = numerator / denominator
+    if Fraction(quotient) * Fraction(denominator) > Fraction(numerator):
+        quotient = math.nextafter(quotient, 0.0)
+    return quotient
+
+
+# --- the certifier ---------------------------------------------------------------------------------------
+class SplitzCertifier:
+    """SPLITZ certificate for f = right ∘ left with noise level σ after ``left`` (see the module docstring).
+
+    ``input_shape``: one input of ``left`` without the batch dim (needed for the global bound; default: the
+    shape of the x given to certify). ``local_lipschitz``: optional callable (x, gamma) -> float bounding
+    left's local Lipschitz constant on B(x, gamma) (the user's responsibility)."""
+
+    def __init__(self, left: nn.Module, right: nn.Module, sigma: float, num_classes: int,
+                 input_shape: Sequence[int] | None = None,
+                 local_lipschitz: Callable[[torch.Tensor, float], float] | None = None, *,
+                 autocast_dtype: torch.dtype | None = None):
+        if not callable(left):
+            raise TypeError(f"SplitzCertifier: left must be a module or callable, got {type(left).__name__}")
+        if local_lipschitz is not None and not callable(local_lipschitz):
+            raise TypeError("SplitzCertifier: local_lipschitz must be a callable (x, gamma) -> float")
+        self.left = left
+        self.smoothing = RandomizedSmoothing(right, sigma, num_classes, autocast_dtype=autocast_dtype)
+        self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+        self.local_lipschitz = local_lipschitz
+        self._local: LocalReluLipschitz | None = None
+        self._global: float | None = None
+
+    @property
+    def sigma(self) -> float:
+        return self.smoothing.sigma
+
+    # -- L_left ----------------------------------------------------------------------------------------------
+    def _global_bound(self, shape: tuple[int, ...]) -> float | None:
+        """lipkern.bounds.lipschitz_bound(left, shape, sound=True), or None when it is not available."""
+        if self._global is None:
+            try:
+                from lipkern.bounds import lipschitz_bound
+            except ImportError:
+                return None
+            self._global = float(lipschitz_bound(self.left, shape, sound=True))
+        return self._global
+
+    def lipschitz_at(self, x: torch.Tensor, gamma: float) -> float:
+        """The bound of left's Lipschitz constant on B(x, gamma) used by :meth:`certify`."""
+        if self.local_lipschitz is not None:
+            value = float(self.local_lipschitz(x, gamma))
+            if not value >= 0:
+                raise ValueError(f"SplitzCertifier: local_lipschitz returned {value}, not a number >= 0")
+            return value
+        shape = self.input_shape or tuple(x.shape)
+        if self._local is None and _leaves(self.left) is not None:
+            self._local = LocalReluLipschitz(self.left, shape)
+        global_value = self._global_bound(shape)
+        if self._local is None:
+            if global_value is None:
+                raise ValueError("SplitzCertifier: left is not a sequence of Linear/Conv2d/ReLU/Flatten layers "
+                                 "and lipkern.bounds.lipschitz_bound is not available: pass local_lipschitz=")
+            return global_value
+        local_value = self._local(x, gamma)
+        return local_value if global_value is None else min(local_value, global_value)
+
+    def best_radius(self, x: torch.Tensor, right_radius: float, steps: int = _GAMMA_STEPS) -> tuple[float, float]:
+        """(radius, gamma) = a γ maximizing min(right_radius / L(x, γ), γ), by bisection on the crossing
+        γ = right_radius / L(x, γ) (exact for a constant L). Every candidate is a valid certificate; the best
+        evaluated one is returned."""
+        if right_radius <= 0:
+            return 0.0, 0.0
+
+        def candidate(gamma: float) -> float:
+            value = self.lipschitz_at(x, gamma)
+            return min(_quotient_down(right_radius, value), gamma)
+
+        l_far = self.lipschitz_at(x, math.inf)
+        if l_far == 0:  # left is constant: any perturbation keeps f_L(x)
+            return math.inf, math.inf
+        low = _quotient_down(right_radius, l_far)  # the crossing is ≥ R / L(∞) ...
+        l_near = self.lipschitz_at(x, low * 1e-3)  # ... and ≤ R / L(γ) for γ below it
+        high = right_radius / l_near if l_near > 0 else 2 * low
+        while high < 1e12 * low and candidate(high) >= high:  # (only when L(γ) = 0 near x)
+            low, high = high, 2 * high
+        best = (candidate(low), low)
+        if self.local_lipschitz is None and self._local is None:  # a constant L: the crossing is exact
+            return best
+        for _ in range(steps):
+            if high <= low * (1 + 1e-12):
+                break
+            mid = 0.5 * (low + high)
+            value = candidate(mid)
+            best = max(best, (value, mid))
+            if value >= mid:  # R/L(mid) ≥ mid: the crossing lies above
+                low = mid
+            else:
+                high = mid
+        return best
+
+    # -- CERTIFY --------------------------------------------------------------------------------------------
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, seed: int | None = None,
+                progress: bool = False) -> tuple[int, float, float]:
+        """(class, radius, gamma), or (ABSTAIN = −1, 0.0, 0.0). The right half is certified by Cohen's CERTIFY
+        at z = left(x) (:class:`RandomizedSmoothing`, same arguments); radius = min(R_right / L(x, γ), γ) at
+        the γ found by :meth:`best_radius`. Holds with probability ≥ 1 − alpha. x: one input, no batch dim."""
+        x = self.smoothing._check_input(x)
+        was_training = getattr(self.left, "training", None)
+        try:
+            if isinstance(self.left, nn.Module):
+                self.left.eval()
+            with torch.inference_mode():
+                z = self.left(x[None])[0]
+        finally:
+            if isinstance(self.left, nn.Module):
+                self.left.train(was_training)
+        label, right_radius = self.smoothing.certify(z.clone(), n0, n, alpha, batch_size, seed, progress)
+        if label == ABSTAIN:
+            return ABSTAIN, 0.0, 0.0
+        radius, gamma = self.best_radius(x, right_radius)
+        return label, radius, gamma
+
+
+# --- training helpers ------------------------------------------------------------------------------------
+def splitz_regularizer(left_lipschitz_estimate, lam: float, theta: float = 0.5):
+    """SPLITZ's penalty λ·relu(L̂ − θ) on an estimate L̂ of the left half's Lipschitz constant (a differentiable
+    tensor, e.g. ``lipkern.bounds.LipschitzBound(left, shape)()``; no host read). Paper: θ = 0.5, λ ∈ [0.7, 1]."""
+    for name, value in (("lam", lam), ("theta", theta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise ValueError(f"splitz_regularizer: {name} must be a float >= 0, got {value!r}")
+    estimate = torch.as_tensor(left_lipschitz_estimate)
+    return lam * torch.relu(estimate - theta)
+
+
+class GaussianNoise(nn.Module):
+    """Adds N(0, σ²) noise in training mode only (SPLITZ's augmentation between f_L and f_R); identity in eval."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma >= 0:
+            raise ValueError(f"GaussianNoise: sigma must be a float >= 0, got {sigma!r}")
+        self.sigma = float(sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x) if self.training and self.sigma > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}"
