@@ -1,9 +1,11 @@
 """Fused ops: one file per op (reference, Triton kernels, launchers, custom op, public function)."""
 
 from lipkern.ops.aol import aol_rescale, aol_rescale_ref
+from lipkern.ops.chain_power_iteration import chain_power_iteration, chain_power_iteration_ref
 from lipkern.ops.conv_power_iteration import conv_power_iteration, initial_conv_vectors
 from lipkern.ops.cpl import cpl_conv2d, cpl_linear
 from lipkern.ops.power_iteration import batched_power_iteration
 
-__all__ = ["aol_rescale", "aol_rescale_ref", "batched_power_iteration", "conv_power_iteration", "cpl_conv2d",
+__all__ = ["aol_rescale", "aol_rescale_ref", "batched_power_iteration", "chain_power_iteration",
+           "chain_power_iteration_ref", "conv_power_iteration", "cpl_conv2d",
            "cpl_linear", "initial_conv_vectors"]
