@@ -38,18 +38,21 @@ def _check_alpha(alpha, where: str) -> float:
 def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     """One-sided (1 − alpha) Clopper–Pearson lower confidence bound of a binomial proportion.
 
-    Equals Beta⁻¹(alpha; k, n − k + 1) (0 when k = 0), i.e. the lower end of statsmodels'
-    ``proportion_confint(k, n, alpha=2·alpha, method="beta")`` used by Cohen et al.; computed with scipy's
-    ``binomtest(k, n, alternative="greater").proportion_ci(1 − alpha, method="exact")``."""
-    from scipy.stats import binomtest
+    Beta⁻¹(alpha; k, n − k + 1) (0 when k = 0), computed with ``scipy.stats.beta.ppf``: the lower end of
+    statsmodels' ``proportion_confint(k, n, alpha=2·alpha, method="beta")`` that Cohen et al. use, and of
+    ``scipy.stats.binomtest(k, n, alternative="greater").proportion_ci(1 − alpha, method="exact")``. The Beta
+    quantile is used because binomtest's root finder is less accurate far in the tail (k = 1, n = 10⁵: 2.5e-5
+    relative, above the exact 1 − (1 − α)^(1/n)); for p ≥ 0.01 the two agree to ~1e-12."""
+    from scipy.stats import beta
 
     if not _is_int(trials) or trials <= 0:
         raise ValueError(f"clopper_pearson_lower: trials must be a positive int, got {trials!r}")
     if not _is_int(successes) or not 0 <= successes <= trials:
         raise ValueError(f"clopper_pearson_lower: successes must be an int in [0, {trials}], got {successes!r}")
     alpha = _check_alpha(alpha, "clopper_pearson_lower")
-    result = binomtest(int(successes), int(trials), alternative="greater")
-    return float(result.proportion_ci(confidence_level=1.0 - alpha, method="exact").low)
+    if successes == 0:
+        return 0.0
+    return float(beta.ppf(alpha, int(successes), int(trials) - int(successes) + 1))
 
 
 def smoothing_radius(p_lower: float, sigma: float) -> float:
@@ -89,10 +92,9 @@ class RandomizedSmoothing:
         if x.dim() == 0 or x.numel() == 0 or not x.is_floating_point():
             raise ValueError("RandomizedSmoothing: x must be ONE floating-point input without the batch "
                              f"dimension (e.g. (3, 32, 32)), got {tuple(x.shape)} {x.dtype}")
-        x = x.detach()
-        if not torch.isfinite(x).all():
+        if x.device.type == "cpu" and not torch.isfinite(x).all():  # on a GPU: checked with the counts' read
             raise ValueError("RandomizedSmoothing: x contains NaN or Inf")
-        return x
+        return x.detach()
 
     def _generator(self, x: torch.Tensor, seed) -> torch.Generator | None:
         if seed is None:
@@ -141,11 +143,15 @@ class RandomizedSmoothing:
                 base.eval()
             with torch.inference_mode():
                 counts = [self.sample_counts(x, num, batch_size, generator, bar) for num in draws]
-                return torch.stack(counts).tolist()  # the one host read
+                finite = torch.isfinite(x).all().to(torch.int64)[None].expand(self.num_classes)
+                *values, x_finite = torch.stack([*counts, finite]).tolist()  # the one host read
         finally:
             bar.close()
             if isinstance(base, nn.Module):
                 base.train(was_training)
+        if not x_finite[0]:
+            raise ValueError("RandomizedSmoothing: x contains NaN or Inf")
+        return values
 
     # -- Cohen et al.'s procedures ----------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, seed: int | None = None,
