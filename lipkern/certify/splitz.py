@@ -303,22 +303,22 @@ class SplitzCertifier:
         low = _quotient_down(right_radius, l_far)  # the crossing is ≥ R / L(∞) ...
         l_near = self.lipschitz_at(x, low * 1e-3)  # ... and ≤ R / L(γ) for γ below it
         high = right_radius / l_near if l_near > 0 else 2 * low
-        while high < 1e12 * low and candidate(high) >= high:  # (only when L(γ) = 0 near x)
+        while l_near == 0 and high < 1e12 * low and candidate(high) >= high:  # L(γ) = 0 near x
             low, high = high, 2 * high
-        best = (candidate(low), low)
+        best = (candidate(low), -low)  # the best radius, then the smallest γ giving it
         if self.local_lipschitz is None and self._local is None:  # a constant L: the crossing is exact
-            return best
+            return best[0], -best[1]
         for _ in range(steps):
             if high <= low * (1 + 1e-12):
                 break
             mid = 0.5 * (low + high)
             value = candidate(mid)
-            best = max(best, (value, mid))
+            best = max(best, (value, -mid))
             if value >= mid:  # R/L(mid) ≥ mid: the crossing lies above
                 low = mid
             else:
                 high = mid
-        return best
+        return best[0], -best[1]
 
     # -- CERTIFY --------------------------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, seed: int | None = None,

@@ -1,0 +1,232 @@
+"""SPLITZ: identity left half = Cohen exactly, left = a·x scales the radius by 1/a (papers.md §10 check 22), the
+γ search against closed forms, the local Lipschitz bound against exact Jacobians and secants sampled in the
+ball (hypothesis), the regularizer and noise module, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lipkern.certify import (ABSTAIN, GaussianNoise, LocalReluLipschitz, RandomizedSmoothing, SplitzCertifier,
+                             splitz_regularizer)
+
+
+def _right(seed: int = 0, features: int = 6, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def _certifiable_input(right: nn.Module, features: int = 6) -> torch.Tensor:
+    """An input far from right's decision boundaries (so that Cohen certifies a positive radius)."""
+    torch.manual_seed(1)
+    candidates = torch.randn(256, features) * 2
+    with torch.no_grad():
+        top2 = right(candidates).topk(2, dim=1).values
+    return candidates[(top2[:, 0] - top2[:, 1]).argmax()]
+
+
+ARGS = dict(n0=50, n=2000, alpha=1e-3, batch_size=500, seed=7)
+
+
+# --- closed forms ------------------------------------------------------------------------------------------
+def test_identity_left_reproduces_cohen_exactly():
+    right = _right()
+    x = _certifiable_input(right)
+    label, radius = RandomizedSmoothing(right, 0.5, 3).certify(x, **ARGS)
+    assert label != ABSTAIN and radius > 0
+    for left in (nn.Identity(), nn.Sequential(nn.Identity(), nn.Flatten())):
+        assert SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS) == (label, radius, radius)
+
+
+def test_scaled_left_scales_radius():
+    """left = a·x (an nn.Linear with weight a·I): the radius is Cohen's radius of right at a·x divided by a
+    (the local bound of a·I is a up to the Gram bound's 1e-7)."""
+    right = _right()
+    z = _certifiable_input(right)
+    for a in (0.5, 3.0):
+        left = nn.Linear(6, 6, bias=False)
+        with torch.no_grad():
+            left.weight.copy_(a * torch.eye(6))
+        x = z / a
+        label, cohen = RandomizedSmoothing(right, 0.5, 3).certify(left(x[None])[0].detach(), **ARGS)
+        got_label, radius, gamma = SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS)
+        assert got_label == label != ABSTAIN
+        assert cohen / a * (1 - 1e-6) <= radius <= cohen / a
+        assert gamma == pytest.approx(radius, rel=1e-6)
+
+
+def test_gamma_search_with_user_bounds():
+    """A constant user bound gives R/L exactly; L(γ) = 1 + γ gives the crossing γ* = (√(1 + 4R) − 1)/2."""
+    right = _right()
+    x = _certifiable_input(right)
+    _, cohen = RandomizedSmoothing(right, 0.5, 3).certify(x, **ARGS)
+    constant = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: 2.0)
+    label, radius, _ = constant.certify(x, **ARGS)
+    assert radius == cohen / 2
+    growing = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: 1.0 + min(g, 1e9))
+    label, radius, gamma = growing.certify(x, **ARGS)
+    best = (math.sqrt(1 + 4 * cohen) - 1) / 2
+    assert radius <= best * (1 + 1e-12)
+    assert radius == pytest.approx(best, rel=2e-3)  # 14 bisection steps
+    assert radius == pytest.approx(min(cohen / (1 + gamma), gamma), rel=1e-12)
+
+
+def test_splitz_with_relu_left_is_sound_against_sampled_secants():
+    """A ReLU left half: the returned (radius, γ) satisfy radius ≤ γ and, for points x' sampled in the ball of
+    that radius, ‖left(x') − left(x)‖ < R_right (the property the certificate rests on)."""
+    torch.manual_seed(2)
+    left = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU())
+    right = _right()
+    x = torch.randn(5)
+    certifier = SplitzCertifier(left, right, 0.5, 3)
+    label, radius, gamma = certifier.certify(x, **ARGS)
+    _, cohen = RandomizedSmoothing(right, 0.5, 3).certify(left(x[None])[0].detach(), **ARGS)
+    if label == ABSTAIN:
+        pytest.skip("right half abstains at this input")
+    assert 0 < radius <= gamma
+    directions = torch.randn(2000, 5, dtype=torch.float64)
+    points = x.double() + directions / directions.norm(dim=1, keepdim=True) * radius
+    left64 = left.double()
+    with torch.no_grad():
+        moved = (left64(points) - left64(x.double()[None])).norm(dim=1)
+    assert (moved < cohen).all()
+    assert radius >= cohen / LocalReluLipschitz(left, (5,)).global_bound() * (1 - 1e-12)
+
+
+# --- the local bound ---------------------------------------------------------------------------------------
+def _jacobian_norms(module: nn.Module, points: torch.Tensor) -> torch.Tensor:
+    """Exact spectral norms of the Jacobian at each point (float64 autograd + SVD)."""
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda p: module(p[None]).reshape(-1)))(points)
+    return torch.linalg.matrix_norm(jacobians.reshape(len(points), -1, points[0].numel()), 2)
+
+
+def _exact_product(module: nn.Module, input_shape) -> float:
+    from tests.helpers import dense_conv2d
+
+    value, shape = 1.0, tuple(input_shape)
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            value *= torch.linalg.matrix_norm(layer.weight.detach().double(), 2).item()
+        elif isinstance(layer, nn.Conv2d):
+            matrix = dense_conv2d(layer.weight.detach(), shape[1:], padding=layer.padding, stride=layer.stride)
+            value *= torch.linalg.matrix_norm(matrix, 2).item()
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.Flatten)):
+            with torch.no_grad():
+                shape = tuple(layer(torch.zeros(1, *shape, dtype=layer.weight.dtype if hasattr(layer, "weight")
+                                                else torch.float32)).shape[1:])
+    return value
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), log_gamma=st.floats(-3.0, 1.0), conv=st.booleans())
+def test_local_bound_is_above_sampled_jacobians_and_below_global(seed, log_gamma, conv):
+    torch.manual_seed(seed)
+    if conv:
+        module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=1),
+                               nn.ReLU(), nn.Flatten(), nn.Linear(8, 5), nn.ReLU())
+        shape = (1, 4, 4)
+    else:
+        module = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
+        shape = (6,)
+    module = module.double()
+    with torch.no_grad():
+        for m in module.modules():
+            if hasattr(m, "bias") and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    x = torch.randn(shape, dtype=torch.float64)
+    gamma = 10.0 ** log_gamma
+    local = LocalReluLipschitz(module, shape)
+    bound = local(x, gamma)
+    global_exact = _exact_product(module, shape)
+    assert bound <= global_exact * (1 + 1e-6)
+    assert local(x, math.inf) >= global_exact and local(x, math.inf) <= global_exact * (1 + 1e-6)
+    directions = torch.randn(40, *shape, dtype=torch.float64)
+    radii = gamma * torch.rand(40, dtype=torch.float64) ** (1 / x.numel())
+    points = x + directions / directions.flatten(1).norm(dim=1).reshape(-1, *[1] * len(shape)) \
+        * radii.reshape(-1, *[1] * len(shape))
+    assert (_jacobian_norms(module, points) <= bound * (1 + 1e-9)).all()
+    with torch.no_grad():
+        secants = (module(points) - module(x[None])).flatten(1).norm(dim=1) / (points - x).flatten(1).norm(dim=1)
+    assert (secants <= bound * (1 + 1e-9)).all()
+    assert local(x, gamma * 2) >= bound * (1 - 1e-6), "non-decreasing in γ (up to the Gram slack)"
+
+
+def test_local_bound_is_tighter_than_global_for_small_balls():
+    """Not only sound: with a small ball the stably inactive neurons are dropped (bound < ∏‖A_k‖)."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    local = LocalReluLipschitz(module, (6,))
+    x = torch.randn(6)
+    assert local(x, 1e-3) < 0.8 * local.global_bound()
+    assert local(x, 0.0) <= local(x, 1e-3) <= local(x, 1.0) <= local(x, 1e3) * (1 + 1e-6)
+
+
+def test_local_bound_rejects_unsupported_layers():
+    with pytest.raises(ValueError, match="nn.Linear"):
+        LocalReluLipschitz(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), (3,))
+    with pytest.raises(ValueError, match="flatten"):
+        LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 1, 3), nn.Linear(1, 2)), (1, 3, 3))
+    with pytest.raises(ValueError, match="gamma"):
+        LocalReluLipschitz(nn.Linear(3, 3), (3,))(torch.zeros(3), -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        LocalReluLipschitz(nn.Linear(3, 3), (3,))(torch.zeros(4), 1.0)
+
+
+def test_unsupported_left_uses_the_global_bound_or_says_why():
+    class Scaled(nn.Module):  # not a Sequential of supported layers
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.relu(self.linear(x))
+
+    right = _right()
+    certifier = SplitzCertifier(Scaled(), right, 0.5, 3)
+    try:
+        from lipkern.bounds import lipschitz_bound
+    except ImportError:
+        with pytest.raises(ValueError, match="local_lipschitz"):
+            certifier.certify(torch.zeros(6), **ARGS)
+        return
+    label, radius, gamma = certifier.certify(torch.zeros(6), **ARGS)
+    if label != ABSTAIN:
+        bound = float(lipschitz_bound(Scaled(), (6,), sound=True))
+        assert radius > 0 and gamma == radius and bound > 0
+
+
+# --- training helpers and bad input --------------------------------------------------------------------------
+def test_regularizer_and_noise():
+    estimate = torch.tensor([0.3, 0.5, 1.25], requires_grad=True)
+    penalty = splitz_regularizer(estimate, lam=0.8, theta=0.5)
+    torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, 0.6]))
+    penalty.sum().backward()
+    torch.testing.assert_close(estimate.grad, torch.tensor([0.0, 0.0, 0.8]))
+    with pytest.raises(ValueError, match="lam"):
+        splitz_regularizer(estimate, lam=-1.0)
+    noise = GaussianNoise(0.5)
+    z = torch.zeros(20000)
+    assert noise(z).std().item() == pytest.approx(0.5, rel=0.05)
+    noise.eval()
+    assert torch.equal(noise(z), z)
+    with pytest.raises(ValueError, match="sigma"):
+        GaussianNoise(-1.0)
+
+
+def test_splitz_bad_input():
+    right = _right()
+    with pytest.raises(TypeError, match="local_lipschitz"):
+        SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=3.0)
+    with pytest.raises(ValueError, match="sigma"):
+        SplitzCertifier(nn.Identity(), right, -0.5, 3)
+    bad = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: float("nan"))
+    x = _certifiable_input(right)
+    with pytest.raises(ValueError, match="local_lipschitz returned"):
+        bad.certify(x, **ARGS)
+    with pytest.raises(ValueError, match="n0"):
+        SplitzCertifier(nn.Identity(), right, 0.5, 3).certify(x, **(ARGS | dict(n0=3000)))
