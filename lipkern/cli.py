@@ -1,4 +1,9 @@
-"""``lipkern bench``: run the benchmark suite on whatever device is present and print the comparison table."""
+"""The ``lipkern`` command line.
+
+- ``lipkern bench``: run the benchmark suite on whatever device is present and print the comparison table.
+- ``lipkern certify``: certified accuracy of a saved model on a saved dataset, from a Lipschitz-margin
+  certificate or randomized smoothing; a table, a JSON file and optionally a plot.
+"""
 
 from __future__ import annotations
 
@@ -236,6 +241,450 @@ def bench(args) -> int:
     return code
 
 
+# --- certify ------------------------------------------------------------------------------------------------
+DEFAULT_EPS = (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5, 1.0)
+
+CERTIFY_HELP = """\
+Certified accuracy of a saved model on a saved dataset.
+
+Model (one of):
+  --model NAME --model-args JSON --state-dict PATH   a class of lipkern.models, built with the JSON keyword
+                                                     arguments, weights from torch.load(weights_only=True)
+  --scripted PATH                                    a TorchScript file (torch.jit.load)
+  --exported PATH                                    a torch.export file (torch.export.load(...).module())
+A scripted or exported model is a black box: certify it with --lipschitz L (a constant YOU declare; it is
+printed as such and not verified) or with --smoothing.
+
+Data: --data PATH, a torch.save file holding {"x": (N, ...), "y": (N,)} or a tuple (x, y); --limit N keeps
+the first N points.
+
+Certificates:
+  Lipschitz margin (default): radius = (f_y - f_j) / (sqrt(2) L), or min_j (f_y - f_j) / L_yj with --pairwise;
+    L is the sound (float64, rounding included) bound lipkern.bounds.lipschitz_bound(..., method=--method,
+    sound=True) unless --lipschitz is given.
+  --smoothing: Cohen et al.'s CERTIFY on every --skip-th point (sigma, n0, n, alpha); the radius holds with
+    probability >= 1 - alpha.
+A point counts as certified at eps iff it is correctly classified and its radius is > eps.
+
+Examples:
+  lipkern certify --model ConvNet --model-args '{"size": "S", "layer": "aol"}' --state-dict model.pt \\
+      --data test.pt --eps 0 0.141 0.282 --output results.json --plot curve.png
+  lipkern certify --scripted model.ts --lipschitz 1 --data test.pt
+  lipkern certify --exported model.pt2 --smoothing --sigma 0.25 --n 10000 --skip 20 --data test.pt
+"""
+
+
+class CertifyError(Exception):
+    """A problem with the user's model, data or options: printed as one message, exit code 2."""
+
+
+def _model_classes() -> dict:
+    """The model classes lipkern.models exports: name -> class (nn.Module subclasses in its __all__)."""
+    from torch import nn
+
+    from lipkern import models
+
+    return {name: getattr(models, name) for name in getattr(models, "__all__", [])
+            if isinstance(getattr(models, name, None), type) and issubclass(getattr(models, name), nn.Module)}
+
+
+def _black_box(module):
+    """Wrap a scripted or exported module so that .eval()/.train() do not reach into it (an exported module
+    refuses them; it runs as it was exported, and TorchScript keeps its own flag)."""
+    from torch import nn
+
+    class BlackBox(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            return self
+
+        def forward(self, x):
+            return self.inner(x)
+
+    return BlackBox(module)
+
+
+def _load_state_dict(path: str):
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CertifyError(f"--state-dict {path}: no such file") from None
+    except Exception as err:  # pickle errors, weights_only refusals, ...
+        raise CertifyError(f"--state-dict {path} could not be read with torch.load(weights_only=True): "
+                           f"{err}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CertifyError(f"--state-dict {path} does not hold a state_dict (a dict of parameter names to "
+                           f"tensors, as model.state_dict() returns); got {type(state).__name__}")
+    return state
+
+
+def load_model(args):
+    """(model, description, structure_known). The model is on the CPU, in eval mode."""
+    import json
+
+    import torch
+
+    if args.model is not None:
+        classes = _model_classes()
+        if args.model not in classes:
+            raise CertifyError(f"unknown --model {args.model!r}; choices (lipkern.models): "
+                               f"{', '.join(sorted(classes))}")
+        if args.state_dict is None:
+            raise CertifyError("--model needs --state-dict PATH (the trained weights, torch.save("
+                               "model.state_dict(), PATH))")
+        try:
+            kwargs = json.loads(args.model_args or "{}")
+        except json.JSONDecodeError as err:
+            raise CertifyError(f"--model-args is not valid JSON ({err}): {args.model_args}") from None
+        if not isinstance(kwargs, dict):
+            raise CertifyError(f"--model-args must be a JSON object of keyword arguments, got "
+                               f"{args.model_args}")
+        description = f"{args.model}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+        try:
+            model = classes[args.model](**kwargs)
+        except (TypeError, ValueError) as err:
+            raise CertifyError(f"could not build {description}: {err}") from None
+        state = _load_state_dict(args.state_dict)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise CertifyError(f"--state-dict {args.state_dict} does not match {description} (same "
+                               f"--model-args as in training?): {err}") from None
+        return model.eval(), description, True
+    if args.state_dict is not None or args.model_args is not None:
+        raise CertifyError("--state-dict and --model-args go with --model, not with --scripted/--exported")
+    if args.lipschitz is None and not args.smoothing:
+        flag = "--scripted" if args.scripted else "--exported"
+        raise CertifyError(f"{flag}: the Lipschitz structure of a scripted or exported model is unknown; "
+                           f"declare its constant with --lipschitz L or use --smoothing (black-box)")
+    path = args.scripted or args.exported
+    try:
+        if args.scripted:
+            model = torch.jit.load(path, map_location="cpu")
+        else:
+            model = torch.export.load(path).module()
+    except FileNotFoundError:
+        raise CertifyError(f"{path}: no such file") from None
+    except Exception as err:
+        loader = "torch.jit.load" if args.scripted else "torch.export.load"
+        raise CertifyError(f"{path} could not be loaded with {loader}: {err}") from None
+    kind = "TorchScript" if args.scripted else "exported"
+    return _black_box(model), f"{kind} model {path}", False
+
+
+def load_data(path: str, limit: int | None):
+    """(x (N, ...) floating point, y (N,) int64) from a torch.save file of {"x", "y"} or (x, y)."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CertifyError(f"--data {path}: no such file") from None
+    except Exception as err:
+        raise CertifyError(f"--data {path} could not be read with torch.load(weights_only=True): "
+                           f"{err}") from None
+    if isinstance(data, dict) and "x" in data and "y" in data:
+        x, y = data["x"], data["y"]
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise CertifyError(f"--data {path} must hold {{'x': inputs, 'y': labels}} or a tuple (x, y); found "
+                           f"{found}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise CertifyError(f"--data {path}: x and y must be tensors, got {type(x).__name__} and "
+                           f"{type(y).__name__}")
+    if not x.is_floating_point() or x.dim() < 2:
+        raise CertifyError(f"--data {path}: x must be a floating-point (N, ...) tensor (e.g. images scaled "
+                           f"to [0, 1]), got {x.dtype} of shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise CertifyError(f"--data {path}: y must be (N,) integer class labels, got {y.dtype} of shape "
+                           f"{tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise CertifyError(f"--data {path}: x has {x.shape[0]} inputs but y has {y.shape[0]} labels")
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if x.shape[0] == 0:
+        raise CertifyError(f"--data {path}: no inputs to certify")
+    return x, y.long()
+
+
+def _num_classes(model, x, device, exported: bool = False) -> int:
+    """Run the model on the first input: (1, C) logits expected. A failure names the shapes."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            logits = model(x[:1].to(device))
+    except Exception as err:
+        raise CertifyError(f"the model does not accept the data's inputs of shape {tuple(x.shape[1:])} "
+                           f"(as a batch of one): {type(err).__name__}: {err}"
+                           + (". An exported model needs a dynamic batch dimension (torch.export.export(..., "
+                              "dynamic_shapes=...) with torch.export.Dim)" if exported else "")) from None
+    valid = isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == 1
+    if not valid or logits.shape[1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CertifyError(f"the model must map a batch of inputs to (B, C) logits with C >= 2; it returned "
+                           f"{shape} for one input")
+    return logits.shape[1]
+
+
+def _curve_counts(radii, correct, eps) -> list[int]:
+    return [int((correct & (radii > e)).sum()) for e in eps]
+
+
+def _lipschitz_for(model, x, args, structure_known: bool):
+    """(lipschitz (float or tensor), JSON description)."""
+    if args.lipschitz is not None:
+        if args.pairwise:
+            raise CertifyError("--pairwise needs the model's structure (--model); --lipschitz declares one "
+                               "global constant")
+        if not args.lipschitz > 0:
+            raise CertifyError(f"--lipschitz must be > 0, got {args.lipschitz}")
+        return args.lipschitz, {"source": "user-declared (--lipschitz), not verified", "pairwise": False,
+                                "value": args.lipschitz}
+    if not structure_known:
+        raise CertifyError("a scripted or exported model needs --lipschitz L or --smoothing")
+    try:
+        from lipkern.bounds import lipschitz_bound
+    except ImportError:
+        raise CertifyError("lipkern.bounds.lipschitz_bound is not available in this installation; pass "
+                           "--lipschitz L (a constant you vouch for) or use --smoothing") from None
+    try:
+        bound = lipschitz_bound(model, tuple(x.shape[1:]), method=args.method, pairwise=args.pairwise,
+                                sound=True)
+    except (TypeError, ValueError, NotImplementedError) as err:
+        raise CertifyError(f"no sound Lipschitz bound for this model ({args.method}): {err}; pass "
+                           f"--lipschitz L or use --smoothing") from None
+    bound = bound.detach().double().cpu()
+    value = bound.item() if bound.dim() == 0 else bound.tolist()
+    source = f"{args.method} bound, sound (guaranteed upper bound, float64, rounding included)"
+    return bound, {"source": source, "method": args.method, "pairwise": bool(args.pairwise), "value": value}
+
+
+def certify_lipschitz(model, x, y, args, device, structure_known: bool) -> dict:
+    from lipkern.certify import certified_accuracy
+
+    lipschitz, lip_info = _lipschitz_for(model, x, args, structure_known)
+    result = certified_accuracy(model, (x, y), list(args.eps), lipschitz=lipschitz, pairwise=args.pairwise,
+                                input_shape=tuple(x.shape[1:]), device=device, batch_size=args.batch_size)
+    radii, correct = result.radii, result.correct.bool()
+    return {"mode": "lipschitz-margin", "eps": [float(e) for e in result.eps],
+            "certified_accuracy": [float(a) for a in result.accuracy],
+            "certified_count": _curve_counts(radii, correct, result.eps.tolist()),
+            "clean_accuracy": float(result.clean_accuracy), "clean_count": int(correct.sum()),
+            "num_points": int(correct.numel()), "lipschitz": lip_info,
+            "points": {"index": list(range(correct.numel())), "label": y.tolist(),
+                       "radius": [_finite_or_none(r) for r in radii.tolist()], "correct": correct.tolist()}}
+
+
+def _finite_or_none(value: float):
+    """JSON has no infinity: an unbounded radius is written as null."""
+    import math
+
+    return value if math.isfinite(value) else None
+
+
+def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
+    import torch
+
+    from lipkern.certify import RandomizedSmoothing
+
+    if args.sigma is None or not args.sigma > 0:
+        raise CertifyError("--smoothing needs --sigma S > 0 (the noise level the model was trained with)")
+    if not 0 < args.n0 <= args.n:
+        raise CertifyError(f"--smoothing needs 0 < --n0 <= --n, got n0 = {args.n0}, n = {args.n}")
+    if not 0 < args.alpha < 1:
+        raise CertifyError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if args.skip < 1:
+        raise CertifyError(f"--skip must be >= 1, got {args.skip}")
+    smoother = RandomizedSmoothing(model, args.sigma, num_classes)
+    indices = list(range(0, x.shape[0], args.skip))
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        def tqdm(iterable, **_):
+            return iterable
+    predictions, radii, seconds = [], [], []
+    for i in tqdm(indices, desc="certify", unit="point", file=sys.stderr):
+        start = time.perf_counter()
+        prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha, args.batch_size,
+                                              seed=args.seed + i)
+        seconds.append(time.perf_counter() - start)
+        predictions.append(int(prediction))
+        radii.append(float(radius))
+    labels = y[indices]
+    correct = torch.tensor(predictions) == labels
+    radius_t = torch.tensor(radii, dtype=torch.float64)
+    counts = _curve_counts(radius_t, correct, args.eps)
+    with torch.inference_mode():
+        base = torch.cat([model(x[indices][j:j + args.batch_size].to(device)).argmax(1).cpu()
+                          for j in range(0, len(indices), args.batch_size)])
+    num = len(indices)
+    return {"mode": "randomized-smoothing", "eps": [float(e) for e in args.eps],
+            "certified_accuracy": [c / num for c in counts], "certified_count": counts,
+            "clean_accuracy": int(correct.sum()) / num, "clean_count": int(correct.sum()), "num_points": num,
+            "base_clean_accuracy": int((base == labels).sum()) / num,
+            "smoothing": {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
+                          "skip": args.skip, "seed": args.seed, "abstained": predictions.count(-1)},
+            "points": {"index": indices, "label": labels.tolist(), "prediction": predictions, "radius": radii,
+                       "correct": correct.tolist(), "seconds": seconds}}
+
+
+def format_certify_table(result: dict) -> str:
+    """The report: what was certified and how, then one row per eps (certified accuracy and count)."""
+    n = result["num_points"]
+    lines = [f"lipkern certify: {result.get('model', '?')} on {result.get('data', '?')} ({n} points, device "
+             f"{result.get('device', '?')})"]
+    if result["mode"] == "lipschitz-margin":
+        lip = result["lipschitz"]
+        value = lip["value"]
+        if isinstance(value, list):
+            off = [v for a, row in enumerate(value) for b, v in enumerate(row) if a != b]
+            shown = (f"pairwise ({len(value)}x{len(value)}), off-diagonal from {min(off):.6g} to "
+                     f"{max(off):.6g}")
+        else:
+            shown = f"L = {value:.6g}"
+        lines.append(f"certificate: Lipschitz margin, {shown} [{lip['source']}]")
+        lines.append(f"clean accuracy: {100 * result['clean_accuracy']:.2f}% ({result['clean_count']}/{n})")
+    else:
+        s = result["smoothing"]
+        lines.append(f"certificate: randomized smoothing, sigma = {s['sigma']}, n0 = {s['n0']}, "
+                     f"n = {s['n']}, alpha = {s['alpha']} (every {s['skip']}-th point; radii hold with "
+                     f"probability >= 1 - alpha)")
+        lines.append(f"smoothed accuracy: {100 * result['clean_accuracy']:.2f}% "
+                     f"({result['clean_count']}/{n}, {s['abstained']} abstained); base model accuracy on "
+                     f"these points: "
+                     f"{100 * result['base_clean_accuracy']:.2f}%")
+    body = [[f"{e:.4f}", f"{100 * a:.2f}%", f"{c}/{n}"] for e, a, c in
+            zip(result["eps"], result["certified_accuracy"], result["certified_count"])]
+    lines += [""] + _format_columns(["eps", "certified accuracy", "count"], body, right={0, 1, 2})
+    lines.append("a point is certified at eps iff it is correctly classified and its certified radius is "
+                 "> eps")
+    return "\n".join(lines)
+
+
+def write_certify_plot(result: dict, path) -> Path:
+    """Certified accuracy against eps: the curve from every point's radius, the asked eps marked. Needs
+    matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    radii = [r if r is not None else float("inf") for r in points["radius"]]
+    certified = sorted(r for r, ok in zip(radii, points["correct"]) if ok)
+    finite = [r for r in certified if r != float("inf")]
+    right = max([*result["eps"], *finite, 1e-3]) * 1.05
+    n = result["num_points"]
+    xs, ys = [0.0], [sum(r > 0 for r in certified) / n]
+    for r in finite:  # the curve drops just after each radius
+        xs += [r, r]
+        ys += [ys[-1], sum(c > r for c in certified) / n]
+    xs.append(right)
+    ys.append(ys[-1])
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, color="tab:blue", label="certified accuracy")
+    ax.scatter(result["eps"], result["certified_accuracy"], color="tab:red", zorder=3, label="asked eps")
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("eps (l2 radius)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_title(f"{result.get('model', '')} ({result['mode']}, {n} points)", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def certify(args) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("lipkern certify --plot needs matplotlib: pip install 'lipkern[plot]' (or pip install "
+              "matplotlib).", file=sys.stderr)
+        return 2
+    try:
+        import torch
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.batch_size < 1:
+            raise CertifyError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.limit is not None and args.limit < 1:
+            raise CertifyError(f"--limit must be >= 1, got {args.limit}")
+        if any(not e >= 0 for e in args.eps):
+            raise CertifyError(f"--eps values must be >= 0, got {args.eps}")
+        model, description, structure_known = load_model(args)
+        x, y = load_data(args.data, args.limit)
+        model = model.to(device)
+        num_classes = _num_classes(model, x, device, exported=args.exported is not None)
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            raise CertifyError(f"--data {args.data}: labels must lie in [0, {num_classes}) for a model with "
+                               f"{num_classes} outputs, found {int(y.min())}..{int(y.max())}")
+        if args.smoothing:
+            result = certify_smoothing(model, x, y, args, device, num_classes)
+        else:
+            result = certify_lipschitz(model, x, y, args, device, structure_known)
+    except CertifyError as err:
+        print(f"lipkern certify: error: {err}", file=sys.stderr)
+        return 2
+    result.update(model=description, data=str(args.data), device=str(device))
+    print(format_certify_table(result))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"\nresults: {out}")
+    if args.plot:
+        print(f"plot: {write_certify_plot(result, args.plot)}")
+    return 0
+
+
+def _add_certify_parser(sub) -> None:
+    p = sub.add_parser("certify", help="certified accuracy of a saved model on saved data",
+                       description=CERTIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="NAME", help="a model class of lipkern.models (with --state-dict)")
+    source.add_argument("--scripted", metavar="PATH", help="a TorchScript model (torch.jit.save)")
+    source.add_argument("--exported", metavar="PATH", help="a torch.export model (torch.export.save)")
+    p.add_argument("--model-args", metavar="JSON",
+                   help="keyword arguments of --model, e.g. '{\"size\": \"S\"}'")
+    p.add_argument("--state-dict", metavar="PATH",
+                   help="the weights of --model (torch.save(model.state_dict()))")
+    p.add_argument("--data", metavar="PATH", required=True,
+                   help="torch.save file: {'x': ..., 'y': ...} or (x, y)")
+    p.add_argument("--limit", type=int, metavar="N", help="certify the first N points only")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs (or noise draws) per forward pass")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS), metavar="EPS",
+                   help="l2 radii of the table (default: 0 36/255 72/255 108/255 0.5 1)")
+    p.add_argument("--method", choices=("liplt", "product"), default="liplt",
+                   help="whole-network bound of lipkern.bounds.lipschitz_bound (default liplt)")
+    p.add_argument("--pairwise", action="store_true", help="pairwise constants L_ab of the logit differences")
+    p.add_argument("--lipschitz", type=float, metavar="L",
+                   help="a global Lipschitz constant you declare (not verified; required for a scripted or "
+                        "exported model unless --smoothing)")
+    p.add_argument("--smoothing", action="store_true", help="randomized smoothing (Cohen et al.) instead")
+    p.add_argument("--sigma", type=float, help="smoothing noise level")
+    p.add_argument("--n0", type=int, default=100, help="draws that select the class (default 100)")
+    p.add_argument("--n", type=int, default=100_000, help="draws that estimate its probability (default 1e5)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--skip", type=int, default=1, metavar="K", help="smoothing: every K-th point (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="smoothing: noise seed (point i uses seed + i)")
+    p.add_argument("--output", metavar="PATH",
+                   help="write the results (table values and per-point radii) as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a certified-accuracy-vs-eps plot (needs matplotlib: "
+                   "pip install 'lipkern[plot]')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipkern")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,12 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", metavar="EXPR",
                    help="select cases by test name, provider or group (pytest -k syntax)")
     p.add_argument("--budget", type=float, metavar="SECONDS", help="time box per case")
+    _add_certify_parser(sub)
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse ``lipkern`` arguments; for ``bench``, everything it does not know (and everything after ``--``)
-    is kept, in order, in ``pytest_args``."""
+    is kept, in order, in ``pytest_args``; ``certify`` rejects unknown arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = []
     if "--" in argv:
@@ -261,12 +711,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         argv, rest = argv[:cut], argv[cut + 1:]
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command != "bench" and (unknown or rest):
+        parser.error(f"unrecognized arguments: {' '.join(unknown + rest)}")
     args.pytest_args = unknown + rest
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "certify":
+        return certify(args)
     return bench(args)
 
 

@@ -168,3 +168,256 @@ def test_time_box_skips_and_records_slow_and_hanging_cases(tmp_path):
     assert ("one call of bench_box.py::test_slow took 0.5 s, over the 0.2 s budget"
             in skipped["test_slow"]["reason"])
     assert "hard limit of 1 s" in skipped["test_hangs"]["reason"]
+
+
+# --- lipkern certify ----------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+EPS = [0.0, 0.02, 0.05, 0.08]
+
+
+class TinyNet(nn.Sequential):
+    """A small ReLU MLP on (2, 3, 2) inputs with 3 classes: what `--model TinyNet` builds in these tests."""
+
+    def __init__(self, hidden: int = 8, num_classes: int = 3):
+        super().__init__(nn.Flatten(), nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def _certify_api():
+    certify = pytest.importorskip("lipkern.certify")
+    if not hasattr(certify, "certified_accuracy"):
+        pytest.skip("lipkern.certify.certified_accuracy is not there yet")
+    return certify
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """TinyNet registered in lipkern.models, its state_dict and a 24-point dataset saved under tmp_path."""
+    from lipkern import models
+
+    monkeypatch.setattr(models, "TinyNet", TinyNet, raising=False)
+    monkeypatch.setattr(models, "__all__", [*models.__all__, "TinyNet"])
+    torch.manual_seed(3)
+    model = TinyNet(hidden=8).eval()
+    x = torch.randn(24, 2, 3, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:5] = (y[:5] + 1) % 3  # some wrong labels
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    return model, x, y, tmp_path
+
+
+def _run(argv, capsys):
+    code = cli.main(["certify", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _tiny_args(tmp_path, *extra):
+    return ["--model", "TinyNet", "--model-args", '{"hidden": 8}', "--state-dict", tmp_path / "weights.pt",
+            "--data", tmp_path / "data.pt", "--device", "cpu", "--eps", *EPS, *extra]
+
+
+def _margin_radius_oracle(model, x, lipschitz):
+    """min_{j != top} (f_top − f_j) / (√2 L) in float64, one point at a time."""
+    with torch.no_grad():
+        logits = model.double()(x.double())
+    model.float()
+    radii = []
+    for row in logits.tolist():
+        top = max(range(len(row)), key=lambda j: row[j])
+        radii.append(min(row[top] - row[j] for j in range(len(row)) if j != top) / (math.sqrt(2) * lipschitz))
+    return torch.tensor(radii, dtype=torch.float64), logits.argmax(1)
+
+
+def test_certify_declared_lipschitz_end_to_end(tiny, capsys):
+    certify = _certify_api()
+    model, x, y, tmp_path = tiny
+    out_json = tmp_path / "out" / "results.json"
+    code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.5, "--output", out_json), capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    direct = certify.certified_accuracy(model, (x, y), EPS, lipschitz=2.5)
+    assert result["eps"] == EPS
+    assert result["certified_accuracy"] == pytest.approx(direct.accuracy.tolist(), abs=0)
+    assert result["clean_accuracy"] == pytest.approx(direct.clean_accuracy, abs=0)
+    assert result["num_points"] == 24 and result["points"]["label"] == y.tolist()
+    assert "user-declared" in result["lipschitz"]["source"] and result["lipschitz"]["value"] == 2.5
+    # Independent oracle: the radii are margin / (√2 L) (rounded down by at most a few float64 units).
+    radii, prediction = _margin_radius_oracle(model, x, 2.5)
+    torch.testing.assert_close(torch.tensor(result["points"]["radius"], dtype=torch.float64), radii,
+                               rtol=1e-6, atol=1e-7)
+    correct = prediction == y
+    assert result["points"]["correct"] == correct.tolist()
+    counts = [int((correct & (radii > e)).sum()) for e in EPS]
+    assert result["certified_count"] == counts
+    assert 0 < counts[-1] < counts[0] < 24  # the grid separates points
+    # The table shows the same numbers.
+    assert "user-declared (--lipschitz), not verified" in out and "L = 2.5" in out
+    for e, c in zip(EPS, counts):
+        assert f"{e:.4f}" in out and f"{100 * c / 24:.2f}%" in out and f"{c}/24" in out
+    assert f"clean accuracy: {100 * correct.double().mean().item():.2f}% ({int(correct.sum())}/24)" in out
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_certify_sound_bound_matches_direct_call(tiny, capsys, pairwise):
+    certify = _certify_api()
+    bounds = pytest.importorskip("lipkern.bounds")
+    if not hasattr(bounds, "lipschitz_bound"):
+        pytest.skip("lipkern.bounds.lipschitz_bound is not there yet")
+    model, x, y, tmp_path = tiny
+    out_json = tmp_path / "results.json"
+    extra = ["--method", "product", "--output", out_json, "--limit", 20] + ["--pairwise"] * pairwise
+    code, out, err = _run(_tiny_args(tmp_path, *extra), capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    bound = bounds.lipschitz_bound(model, (2, 3, 2), method="product", pairwise=pairwise, sound=True)
+    direct = certify.certified_accuracy(model, (x[:20], y[:20]), EPS, lipschitz=bound, pairwise=pairwise)
+    assert result["certified_accuracy"] == pytest.approx(direct.accuracy.tolist(), abs=0)
+    assert result["num_points"] == 20
+    assert result["lipschitz"]["pairwise"] is pairwise and "sound" in result["lipschitz"]["source"]
+    torch.testing.assert_close(torch.tensor(result["lipschitz"]["value"], dtype=torch.float64),
+                               bound.double(), rtol=0, atol=0)
+    # A sound global bound is at least the exact product of the layers' spectral norms' lower neighbour:
+    # the network's true Lipschitz constant is >= the norm of its Jacobian at any input.
+    if not pairwise:
+        jac = torch.autograd.functional.jacobian(lambda v: model(v.reshape(1, 2, 3, 2))[0], x[0].reshape(-1))
+        assert result["lipschitz"]["value"] >= torch.linalg.matrix_norm(jac.double(), ord=2).item()
+    assert "sound" in out
+
+
+def test_certify_plot_writes_png(tiny, capsys):
+    _certify_api()
+    pytest.importorskip("matplotlib")
+    _, _, _, tmp_path = tiny
+    plot = tmp_path / "plots" / "curve.png"
+    code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.0, "--plot", plot), capsys)
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {plot}" in out
+
+
+def test_certify_plot_without_matplotlib_fails_before_running(tiny, monkeypatch, capsys):
+    _, _, _, tmp_path = tiny
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 1.0, "--plot", tmp_path / "x.png"), capsys)
+    assert code == 2 and "lipkern[plot]" in err and out == ""
+
+
+def test_certify_smoothing_matches_direct_calls(tiny, capsys):
+    certify = _certify_api()
+    if not hasattr(certify, "RandomizedSmoothing"):
+        pytest.skip("lipkern.certify.RandomizedSmoothing is not there yet")
+    model, x, y, tmp_path = tiny
+    out_json = tmp_path / "smooth.json"
+    args = ["--smoothing", "--sigma", 0.5, "--n0", 20, "--n", 200, "--alpha", 0.01, "--skip", 3,
+            "--limit", 12, "--batch-size", 64, "--seed", 7, "--output", out_json]
+    code, out, err = _run(_tiny_args(tmp_path, *args), capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    points = result["points"]
+    assert points["index"] == [0, 3, 6, 9]
+    smoother = certify.RandomizedSmoothing(model, 0.5, 3)
+    for k, i in enumerate(points["index"]):
+        prediction, radius = smoother.certify(x[i], 20, 200, 0.01, 64, seed=7 + i)
+        assert points["prediction"][k] == prediction and points["radius"][k] == pytest.approx(radius, abs=0)
+        assert points["correct"][k] == (prediction == int(y[i]))
+    counts = [sum(ok and r > e for ok, r in zip(points["correct"], points["radius"])) for e in EPS]
+    assert result["certified_count"] == counts
+    assert result["certified_accuracy"] == pytest.approx([c / 4 for c in counts])
+    assert result["smoothing"]["abstained"] == points["prediction"].count(-1)
+    assert "randomized smoothing, sigma = 0.5" in out
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_certify_torchscript_and_exported_with_declared_lipschitz(tiny, capsys):
+    certify = _certify_api()
+    model, x, y, tmp_path = tiny
+    scripted = tmp_path / "model.ts"
+    torch.jit.script(model).save(str(scripted))
+    exported = tmp_path / "model.pt2"
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},)), str(exported))
+    direct = certify.certified_accuracy(model, (x, y), EPS, lipschitz=3.0)
+    for flag, path in (("--scripted", scripted), ("--exported", exported)):
+        out_json = tmp_path / f"{flag[2:]}.json"
+        code, out, err = _run([flag, path, "--lipschitz", 3.0, "--data", tmp_path / "data.pt", "--device",
+                               "cpu", "--eps", *EPS, "--output", out_json, "--batch-size", 10], capsys)
+        assert code == 0, err
+        result = json.loads(out_json.read_text())
+        assert result["certified_accuracy"] == pytest.approx(direct.accuracy.tolist(), abs=1e-12)
+        assert "user-declared" in out and ("TorchScript" if flag == "--scripted" else "exported") in out
+
+
+def test_certify_lipkern_model_state_dict_round_trip(tmp_path, capsys, monkeypatch):
+    """A real lipkern.models class (ConvNet with AOL layers, narrow): built from --model-args, weights loaded,
+    logits as the saved model's (same margins, hence the same radii for the declared L = 1)."""
+    certify = _certify_api()
+    from lipkern.models import ConvNet
+
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the Triton interpreter is slow for 26 layers
+    kwargs = {"size": "XS", "layer": "aol", "width": 4, "num_classes": 3}
+    model = ConvNet(**kwargs).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    torch.save(model.state_dict(), tmp_path / "convnet.pt")
+    torch.save((x, y), tmp_path / "data.pt")
+    out_json = tmp_path / "r.json"
+    code, out, err = _run(["--model", "ConvNet", "--model-args", json.dumps(kwargs), "--state-dict",
+                           tmp_path / "convnet.pt", "--data", tmp_path / "data.pt", "--lipschitz", 1,
+                           "--device", "cpu", "--eps", 0, 0.01, "--output", out_json], capsys)
+    assert code == 0, err
+    direct = certify.certified_accuracy(model, (x, y), [0, 0.01], lipschitz=1.0)
+    result = json.loads(out_json.read_text())
+    torch.testing.assert_close(torch.tensor(result["points"]["radius"], dtype=torch.float64), direct.radii,
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_certify_errors(tiny, capsys):
+    _, x, y, tmp_path = tiny
+    data = ["--data", tmp_path / "data.pt"]
+    weights = ["--state-dict", tmp_path / "weights.pt"]
+
+    def error(argv):
+        code, out, err = _run(argv, capsys)
+        assert code == 2 and out == "", (out, err)
+        return err
+
+    err = error(["--model", "NoSuchNet", *weights, *data])
+    assert "unknown --model 'NoSuchNet'" in err and "ConvNet" in err and "TinyNet" in err
+    assert "needs --state-dict" in error(["--model", "TinyNet", *data])
+    assert "not valid JSON" in error(["--model", "TinyNet", "--model-args", "{hidden: 8}", *weights, *data])
+    err = error(["--model", "TinyNet", "--model-args", '{"width": 4}', *weights, *data])
+    assert "could not build TinyNet(width=4)" in err
+    err = error(["--model", "TinyNet", "--model-args", '{"hidden": 5}', *weights, *data, "--lipschitz", 1])
+    assert "does not match TinyNet(hidden=5)" in err and "size mismatch" in err
+    torch.save({"inputs": x, "labels": y}, tmp_path / "bad.pt")
+    err = error(["--model", "TinyNet", *weights, "--data", tmp_path / "bad.pt"])
+    assert "must hold {'x': inputs, 'y': labels}" in err and "inputs" in err
+    torch.save({"x": torch.randn(5, 3, 3), "y": torch.zeros(5, dtype=torch.long)}, tmp_path / "shape.pt")
+    err = error(["--model", "TinyNet", *weights, "--data", tmp_path / "shape.pt", "--lipschitz", 1])
+    assert "does not accept the data's inputs of shape (3, 3)" in err
+    torch.save({"x": x, "y": y.float()}, tmp_path / "float_labels.pt")
+    err = error(["--model", "TinyNet", *weights, "--data", tmp_path / "float_labels.pt"])
+    assert "integer class labels" in err
+    torch.save({"x": x, "y": y + 3}, tmp_path / "range.pt")
+    err = error(["--model", "TinyNet", *weights, "--data", tmp_path / "range.pt", "--lipschitz", 1])
+    assert "labels must lie in [0, 3)" in err
+    assert "no such file" in error(["--model", "TinyNet", "--state-dict", tmp_path / "missing.pt", *data])
+    scripted = tmp_path / "model.ts"
+    torch.jit.script(TinyNet()).save(str(scripted))
+    err = error(["--scripted", scripted, *data])
+    assert "--lipschitz L or use --smoothing" in err
+    assert "go with --model" in error(["--scripted", scripted, *weights, *data, "--lipschitz", 1])
+    assert "--pairwise needs the model's structure" in error(["--scripted", scripted, *data, "--lipschitz", 1,
+                                                              "--pairwise"])
+    assert "--sigma" in error(["--scripted", scripted, *data, "--smoothing"])
+    with pytest.raises(SystemExit):  # certify does not pass unknown arguments anywhere
+        cli.main(["certify", "--scripted", str(scripted), *map(str, data), "--lipschitz", "1", "--bogus"])
+    with pytest.raises(SystemExit):  # one model source only
+        cli.main(["certify", "--scripted", str(scripted), "--model", "TinyNet", *map(str, data)])
