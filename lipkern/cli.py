@@ -415,8 +415,8 @@ def load_data(path: str, limit: int | None):
     return x, y.long()
 
 
-def _num_classes(model, x, device, exported: bool = False) -> int:
-    """Run the model on the first input: (1, C) logits expected. A failure names the shapes."""
+def _probe(model, x, device, exported: bool = False):
+    """Run the model on the first input: its (1, C) logits. A failure names the shapes."""
     import torch
 
     try:
@@ -432,7 +432,7 @@ def _num_classes(model, x, device, exported: bool = False) -> int:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise CertifyError(f"the model must map a batch of inputs to (B, C) logits with C >= 2; it returned "
                            f"{shape} for one input")
-    return logits.shape[1]
+    return logits
 
 
 def _curve_counts(radii, correct, eps) -> list[int]:
@@ -468,18 +468,28 @@ def _lipschitz_for(model, x, args, structure_known: bool):
     return bound, {"source": source, "method": args.method, "pairwise": bool(args.pairwise), "value": value}
 
 
-def certify_lipschitz(model, x, y, args, device, structure_known: bool) -> dict:
+def certify_lipschitz(model, x, y, args, device, structure_known: bool, logits_dtype) -> dict:
+    import torch
+
     from lipkern.certify import certified_accuracy
 
     lipschitz, lip_info = _lipschitz_for(model, x, args, structure_known)
-    result = certified_accuracy(model, (x, y), list(args.eps), lipschitz=lipschitz, pairwise=args.pairwise,
-                                input_shape=tuple(x.shape[1:]), device=device, batch_size=args.batch_size)
+    dtype = torch.float64 if args.float64 else None
+    try:
+        result = certified_accuracy(model, (x, y), list(args.eps), lipschitz=lipschitz,
+                                    pairwise=args.pairwise, input_shape=tuple(x.shape[1:]), device=device,
+                                    batch_size=args.batch_size, dtype=dtype)
+    except RuntimeError as err:
+        if dtype is None:
+            raise
+        raise CertifyError(f"--float64: the model could not run in float64 ({err})") from None
     radii, correct = result.radii, result.correct.bool()
     return {"mode": "lipschitz-margin", "eps": [float(e) for e in result.eps],
             "certified_accuracy": [float(a) for a in result.accuracy],
             "certified_count": _curve_counts(radii, correct, result.eps.tolist()),
             "clean_accuracy": float(result.clean_accuracy), "clean_count": int(correct.sum()),
             "num_points": int(correct.numel()), "lipschitz": lip_info,
+            "logits_dtype": "float64" if args.float64 else str(logits_dtype).removeprefix("torch."),
             "points": {"index": list(range(correct.numel())), "label": y.tolist(),
                        "radius": [_finite_or_none(r) for r in radii.tolist()], "correct": correct.tolist()}}
 
@@ -552,6 +562,11 @@ def format_certify_table(result: dict) -> str:
         else:
             shown = f"L = {value:.6g}"
         lines.append(f"certificate: Lipschitz margin, {shown} [{lip['source']}]")
+        if result["logits_dtype"] == "float64":
+            lines.append("logits: float64 copy of the model (forward rounding about 1e-15 relative)")
+        else:
+            lines.append(f"logits: {result['logits_dtype']} (the forward pass's rounding is not part of the "
+                         f"radius; --float64 evaluates a float64 copy, preferable for reported numbers)")
         lines.append(f"clean accuracy: {100 * result['clean_accuracy']:.2f}% ({result['clean_count']}/{n})")
     else:
         s = result["smoothing"]
@@ -620,19 +635,22 @@ def certify(args) -> int:
             raise CertifyError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.limit is not None and args.limit < 1:
             raise CertifyError(f"--limit must be >= 1, got {args.limit}")
+        if args.float64 and args.smoothing:
+            raise CertifyError("--float64 applies to the Lipschitz-margin certificate, not to --smoothing")
         if any(not e >= 0 for e in args.eps):
             raise CertifyError(f"--eps values must be >= 0, got {args.eps}")
         model, description, structure_known = load_model(args)
         x, y = load_data(args.data, args.limit)
         model = model.to(device)
-        num_classes = _num_classes(model, x, device, exported=args.exported is not None)
+        probe = _probe(model, x, device, exported=args.exported is not None)
+        num_classes = probe.shape[1]
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise CertifyError(f"--data {args.data}: labels must lie in [0, {num_classes}) for a model with "
                                f"{num_classes} outputs, found {int(y.min())}..{int(y.max())}")
         if args.smoothing:
             result = certify_smoothing(model, x, y, args, device, num_classes)
         else:
-            result = certify_lipschitz(model, x, y, args, device, structure_known)
+            result = certify_lipschitz(model, x, y, args, device, structure_known, probe.dtype)
     except CertifyError as err:
         print(f"lipkern certify: error: {err}", file=sys.stderr)
         return 2
@@ -669,6 +687,8 @@ def _add_certify_parser(sub) -> None:
     p.add_argument("--method", choices=("liplt", "product"), default="liplt",
                    help="whole-network bound of lipkern.bounds.lipschitz_bound (default liplt)")
     p.add_argument("--pairwise", action="store_true", help="pairwise constants L_ab of the logit differences")
+    p.add_argument("--float64", action="store_true",
+                   help="Lipschitz margin: evaluate a float64 copy of the model (logit rounding ~1e-15)")
     p.add_argument("--lipschitz", type=float, metavar="L",
                    help="a global Lipschitz constant you declare (not verified; required for a scripted or "
                         "exported model unless --smoothing)")

@@ -263,6 +263,25 @@ def test_certify_declared_lipschitz_end_to_end(tiny, capsys):
     assert f"clean accuracy: {100 * correct.double().mean().item():.2f}% ({int(correct.sum())}/24)" in out
 
 
+def test_certify_float64_logits(tiny, capsys):
+    """--float64: a float64 copy of the model gives the logits; the radii are the float64 oracle's up to the
+    certificate's own rounding-down (a few float64 units), and the user's model is left in float32."""
+    certify = _certify_api()
+    model, x, y, tmp_path = tiny
+    out_json = tmp_path / "r64.json"
+    code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.5, "--float64", "--output", out_json), capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    radii, _ = _margin_radius_oracle(model, x, 2.5)
+    torch.testing.assert_close(torch.tensor(result["points"]["radius"], dtype=torch.float64), radii,
+                               rtol=1e-13, atol=1e-15)
+    direct = certify.certified_accuracy(model, (x, y), EPS, lipschitz=2.5, dtype=torch.float64)
+    assert result["points"]["radius"] == direct.radii.tolist() and result["logits_dtype"] == "float64"
+    assert "float64 copy" in out
+    code, _, err = _run(_tiny_args(tmp_path, "--float64", "--smoothing", "--sigma", 0.1), capsys)
+    assert code == 2 and "not to --smoothing" in err
+
+
 @pytest.mark.parametrize("pairwise", [False, True])
 def test_certify_sound_bound_matches_direct_call(tiny, capsys, pairwise):
     certify = _certify_api()
