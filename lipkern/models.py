@@ -8,6 +8,11 @@
   n_conv CPL convs whose hidden width is ``conv_hidden`` (5 in the reference code, not the channel count),
   AvgPool2d(4, divisor_override=4) (norm exactly 1), n_dense CPL dense layers (hidden 2048) and a
   row-normalized last layer (use pairwise margins to certify it: unit rows do not make it 1-Lipschitz).
+- ``LipLTNet(arch)``: the plain ReLU CNNs of LipLT / CRM (Fazlyab et al. 2023): "6C2F" (CIFAR-10, 32×32) and
+  "4C3F" (MNIST, 28×28), an ``nn.Sequential`` whose Lipschitz constant :func:`lipkern.bounds.lipschitz_bound`
+  bounds (LipLT or product of norms).
+- ``Normalize(mean, std)``: per-channel input standardization (x − mean)/std, a diagonal linear map (its
+  Lipschitz constant 1/min std enters the model's); ``Residual(branch, skip=None)``: skip(x) + branch(x).
 
 Every block here is 1-Lipschitz (permutations, projections, MaxMin, the layers) except the last linear layer of
 CPLNet, whose pairwise Lipschitz constants are ‖ŵ_i − ŵ_j‖.
@@ -17,13 +22,15 @@ from __future__ import annotations
 
 import types
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lipkern.nn import AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SpectralConv2d, SpectralLinear
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 
-__all__ = ["CPLNet", "ConvNet", "FirstChannels", "LinearNormalized", "ZeroChannelPad", "use_eager_cpl"]
+__all__ = ["CPLNet", "ConvNet", "FirstChannels", "LinearNormalized", "LipLTNet", "Normalize", "Residual",
+           "ZeroChannelPad", "use_eager_cpl"]
 
 CONVNET_WIDTHS = {"XS": 16, "S": 32, "M": 64, "L": 128}
 CPL_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}  # n_conv, n_dense, w
@@ -67,6 +74,85 @@ class LinearNormalized(nn.Linear):
 
     def forward(self, x):
         return F.linear(x, F.normalize(self.weight, dim=1), self.bias)
+
+
+class Normalize(nn.Module):
+    """(x − mean)/std per channel (dim 1) for inputs (N, C, ...) or (N, C): input standardization inside the
+    model. ``mean`` and ``std`` (C,) become buffers (a scalar is one value for every channel); std > 0."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.get_default_dtype()).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.get_default_dtype()).reshape(-1)
+        if mean.numel() != std.numel() and min(mean.numel(), std.numel()) != 1:
+            raise ValueError(f"Normalize: mean has {mean.numel()} entries, std {std.numel()}")
+        if not bool((std > 0).all()):
+            raise ValueError("Normalize: std must be positive")
+        channels = max(mean.numel(), std.numel())
+        self.register_buffer("mean", mean.expand(channels).clone())
+        self.register_buffer("std", std.expand(channels).clone())
+
+    def forward(self, x):
+        if x.dim() < 2 or x.shape[1] != self.std.numel():
+            raise ValueError(f"Normalize: expected (N, {self.std.numel()}, ...) inputs, got {tuple(x.shape)}")
+        shape = (-1, *([1] * (x.dim() - 2)))
+        return (x - self.mean.reshape(shape)) / self.std.reshape(shape)
+
+    def extra_repr(self):
+        return f"channels={self.std.numel()}"
+
+
+class Residual(nn.Module):
+    """skip(x) + branch(x); ``skip=None`` is the identity. Its Lipschitz constant is at most L(skip) + L(branch)."""
+
+    def __init__(self, branch: nn.Module, skip: nn.Module | None = None):
+        super().__init__()
+        self.branch, self.skip = branch, skip
+
+    def forward(self, x):
+        return (x if self.skip is None else self.skip(x)) + self.branch(x)
+
+
+LIPLT_ARCHS = {  # convs (out, kernel, stride), dense widths; every conv has padding 1
+    "6C2F": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2), (64, 3, 1), (64, 4, 2)], [512]),
+    "4C3F": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512]),
+}
+_LIPLT_DEFAULTS = {"6C2F": (3, 32), "4C3F": (1, 28)}  # in_channels, input_size
+
+
+class LipLTNet(nn.Sequential):
+    """The plain ReLU CNNs of LipLT / CRM (CRM-LipLT ``NetworkArchitectures.py``): convs with padding 1 and
+    kernels 3 (stride 1) / 4 (stride 2), ReLU after every layer but the last, flatten, dense layers.
+
+    - "6C2F" (CIFAR-10, 32×32): 3→32→32→64→64→64→64 channels, then 1024→512→num_classes;
+    - "4C3F" (MNIST, 28×28): 1→32→32→64→64, then 3136→512→512→num_classes.
+    ``in_channels`` and ``input_size`` default to the dataset's (3/32, 1/28); another input size changes the
+    flattened width (computed here). No normalization layers (add :class:`Normalize` in front if needed).
+    """
+
+    def __init__(self, arch: str = "6C2F", in_channels: int | None = None, num_classes: int = 10,
+                 input_size: int | None = None, device=None, dtype=None):
+        if arch not in LIPLT_ARCHS:
+            raise ValueError(f"LipLTNet: arch must be one of {list(LIPLT_ARCHS)}, got {arch!r}")
+        convs, dense = LIPLT_ARCHS[arch]
+        default_channels, default_size = _LIPLT_DEFAULTS[arch]
+        channels = default_channels if in_channels is None else in_channels
+        size = default_size if input_size is None else input_size
+        factory = {"device": device, "dtype": dtype}
+        modules: list[nn.Module] = []
+        for out, kernel, stride in convs:
+            modules += [nn.Conv2d(channels, out, kernel, stride, 1, **factory), nn.ReLU()]
+            channels, size = out, (size + 2 - kernel) // stride + 1
+            if size < 1:
+                raise ValueError(f"LipLTNet: input_size {input_size} is too small for {arch}")
+        features = channels * size * size
+        modules.append(nn.Flatten())
+        for width in dense:
+            modules += [nn.Linear(features, width, **factory), nn.ReLU()]
+            features = width
+        modules.append(nn.Linear(features, num_classes, **factory))
+        super().__init__(*modules)
+        self.arch = arch
 
 
 def _conv(layer: str, channels: int, kernel: int, size: int, **kwargs) -> nn.Module:

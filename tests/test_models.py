@@ -98,3 +98,36 @@ def test_cplnet_train_step_under_cpu_autocast(dtype):
     opt.step()
     assert logits.dtype == dtype and torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch, channels, size, dense_in", [("6C2F", 3, 32, 1024), ("4C3F", 1, 28, 3136)])
+def test_liplt_nets_have_the_published_shapes(arch, channels, size, dense_in):
+    """CRM-LipLT NetworkArchitectures.py: 6C2F FC 1024→512→10 at 32×32, 4C3F FC 3136→512→512→10 at 28×28."""
+    from torch import nn
+
+    from lipkern.models import LipLTNet
+
+    model = LipLTNet(arch)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert linears[0].in_features == dense_in and linears[-1].out_features == 10
+    assert len([m for m in model if isinstance(m, nn.Conv2d)]) == int(arch[0])
+    assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
+    assert LipLTNet(arch, input_size=16)(torch.zeros(1, channels, 16, 16)).shape == (1, 10)
+
+
+def test_normalize_and_residual():
+    from torch import nn
+
+    from lipkern.models import Normalize, Residual
+
+    norm = Normalize([1.0, 2.0], [0.5, 4.0])
+    x = torch.randn(3, 2, 4, 4)
+    expected = (x - torch.tensor([1.0, 2.0])[:, None, None]) / torch.tensor([0.5, 4.0])[:, None, None]
+    torch.testing.assert_close(norm(x), expected)
+    torch.testing.assert_close(Normalize(0.5, 2.0)(x[:, :1]), (x[:, :1] - 0.5) / 2)
+    with pytest.raises(ValueError, match="positive"):
+        Normalize([0.0], [0.0])
+    branch, skip = nn.Linear(3, 3), nn.Linear(3, 3)
+    y = torch.randn(2, 3)
+    torch.testing.assert_close(Residual(branch)(y), y + branch(y))
+    torch.testing.assert_close(Residual(branch, skip)(y), skip(y) + branch(y))

@@ -1,6 +1,8 @@
 """Spectral norms of layers: estimates (named so) and guaranteed upper bounds (floating-point error included)."""
 
+from lipkern.bounds.chain import chain_upper_bounds, head_chain_norms
 from lipkern.bounds.gram import gram_upper_bound
+from lipkern.bounds.network import LipschitzBound, lipschitz_bound
 from lipkern.bounds.spectral import (
     SpectralNorm,
     conv2d_spectral_norm,
@@ -8,4 +10,5 @@ from lipkern.bounds.spectral import (
     linear_spectral_norm,
 )
 
-__all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "gram_upper_bound", "linear_spectral_norm"]
+__all__ = ["LipschitzBound", "SpectralNorm", "chain_upper_bounds", "conv2d_spectral_norm", "frequency_matrices",
+           "gram_upper_bound", "head_chain_norms", "linear_spectral_norm", "lipschitz_bound"]
