@@ -118,9 +118,12 @@ class LocalReluLipschitz:
     deviation box is not {0}. Then for x', x'' in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖, so
     L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm a guaranteed Gram-iteration upper bound, the product rounded up.
     The bound is non-decreasing in γ up to the Gram bounds' relative slack (1e-7): the boxes only grow and a
-    submatrix has a smaller norm. γ = inf gives the global product bound ∏‖A_k‖."""
+    submatrix has a smaller norm. γ = inf gives the global product bound ∏‖A_k‖.
 
-    def __init__(self, module: nn.Module, input_shape: Sequence[int]):
+    The layers' weights are copied (float64 dense matrices) at construction: build a new instance after the
+    weights change. Layers above ``max_entries`` matrix entries are refused (ValueError)."""
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int], max_entries: int = 10_000_000):
         layers = _leaves(module)
         if layers is None:
             raise ValueError("LocalReluLipschitz: the module must be a (nested) nn.Sequential of nn.Linear, "
@@ -131,6 +134,10 @@ class LocalReluLipschitz:
         shape = self.input_shape
         for layer in layers:
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                out_shape = _output_shape(layer, shape)
+                if math.prod(shape) * math.prod(out_shape) > max_entries:
+                    raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
+                                     f"{math.prod(shape)} matrix, above max_entries={max_entries}")
                 matrix, bias = _affine(layer, shape)
                 self.ops.append(("affine", matrix, bias))
             elif isinstance(layer, nn.ReLU):
@@ -251,40 +258,51 @@ class SplitzCertifier:
         self.local_lipschitz = local_lipschitz
         self._local: LocalReluLipschitz | None = None
         self._global: float | None = None
+        self._prepared = False
 
     @property
     def sigma(self) -> float:
         return self.smoothing.sigma
 
     # -- L_left ----------------------------------------------------------------------------------------------
-    def _global_bound(self, shape: tuple[int, ...]) -> float | None:
-        """lipkern.bounds.lipschitz_bound(left, shape, sound=True), or None when it is not available."""
-        if self._global is None:
+    def _prepare(self, shape: tuple[int, ...]) -> None:
+        """The local and global bounds of the current weights (once per certify call; either may be None)."""
+        if self._prepared:
+            return
+        self._prepared = True
+        errors: list[str] = []
+        try:
+            from lipkern.bounds import lipschitz_bound
+        except ImportError:
+            lipschitz_bound = None
+        if lipschitz_bound is not None:
             try:
-                from lipkern.bounds import lipschitz_bound
-            except ImportError:
-                return None
-            self._global = float(lipschitz_bound(self.left, shape, sound=True))
-        return self._global
+                self._global = float(lipschitz_bound(self.left, shape, sound=True))
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        if _leaves(self.left) is not None:
+            try:
+                self._local = LocalReluLipschitz(self.left, shape)
+            except ValueError as err:  # e.g. too large for dense matrices
+                errors.append(str(err))
+        if self._local is None and self._global is None:
+            raise ValueError("SplitzCertifier: no Lipschitz bound for left (neither LocalReluLipschitz nor "
+                             "lipkern.bounds.lipschitz_bound applies): pass local_lipschitz=. "
+                             + " | ".join(errors))
 
     def lipschitz_at(self, x: torch.Tensor, gamma: float) -> float:
-        """The bound of left's Lipschitz constant on B(x, gamma) used by :meth:`certify`."""
+        """The bound of left's Lipschitz constant on B(x, gamma) used by :meth:`certify`: the user's callable,
+        else min(LocalReluLipschitz, the global bound), whichever exist."""
         if self.local_lipschitz is not None:
             value = float(self.local_lipschitz(x, gamma))
             if not value >= 0:
                 raise ValueError(f"SplitzCertifier: local_lipschitz returned {value}, not a number >= 0")
             return value
-        shape = self.input_shape or tuple(x.shape)
-        if self._local is None and _leaves(self.left) is not None:
-            self._local = LocalReluLipschitz(self.left, shape)
-        global_value = self._global_bound(shape)
+        self._prepare(self.input_shape or tuple(x.shape))
         if self._local is None:
-            if global_value is None:
-                raise ValueError("SplitzCertifier: left is not a sequence of Linear/Conv2d/ReLU/Flatten layers "
-                                 "and lipkern.bounds.lipschitz_bound is not available: pass local_lipschitz=")
-            return global_value
+            return self._global
         local_value = self._local(x, gamma)
-        return local_value if global_value is None else min(local_value, global_value)
+        return local_value if self._global is None else min(local_value, self._global)
 
     def best_radius(self, x: torch.Tensor, right_radius: float, steps: int = _GAMMA_STEPS) -> tuple[float, float]:
         """(radius, gamma) = a γ maximizing min(right_radius / L(x, γ), γ), by bisection on the crossing
@@ -327,6 +345,7 @@ class SplitzCertifier:
         at z = left(x) (:class:`RandomizedSmoothing`, same arguments); radius = min(R_right / L(x, γ), γ) at
         the γ found by :meth:`best_radius`. Holds with probability ≥ 1 − alpha. x: one input, no batch dim."""
         x = self.smoothing._check_input(x)
+        self._local, self._global, self._prepared = None, None, False  # bounds of the current weights
         was_training = getattr(self.left, "training", None)
         try:
             if isinstance(self.left, nn.Module):

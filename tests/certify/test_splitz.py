@@ -60,6 +60,21 @@ def test_scaled_left_scales_radius():
         assert gamma == pytest.approx(radius, rel=1e-6)
 
 
+def test_bounds_follow_the_current_weights():
+    """Weights changed between two certify calls (training) are seen: the radius halves when left doubles."""
+    right = _right()
+    z = _certifiable_input(right)
+    left = nn.Linear(6, 6, bias=False)
+    with torch.no_grad():
+        left.weight.copy_(torch.eye(6))
+    certifier = SplitzCertifier(left, right, 0.5, 3)
+    _, first, _ = certifier.certify(z, **ARGS)
+    with torch.no_grad():
+        left.weight.mul_(2.0)
+    _, second, _ = certifier.certify(z / 2, **ARGS)
+    assert second == pytest.approx(first / 2, rel=1e-6) and second <= first / 2 * (1 + 1e-12)
+
+
 def test_gamma_search_with_user_bounds():
     """A constant user bound gives R/L exactly; L(γ) = 1 + γ gives the crossing γ* = (√(1 + 4R) − 1)/2."""
     right = _right()
@@ -171,6 +186,8 @@ def test_local_bound_rejects_unsupported_layers():
         LocalReluLipschitz(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), (3,))
     with pytest.raises(ValueError, match="flatten"):
         LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 1, 3), nn.Linear(1, 2)), (1, 3, 3))
+    with pytest.raises(ValueError, match="max_entries"):
+        LocalReluLipschitz(nn.Conv2d(3, 16, 3, padding=1), (3, 32, 32))
     with pytest.raises(ValueError, match="gamma"):
         LocalReluLipschitz(nn.Linear(3, 3), (3,))(torch.zeros(3), -1.0)
     with pytest.raises(ValueError, match="shape"):
@@ -178,26 +195,49 @@ def test_local_bound_rejects_unsupported_layers():
 
 
 def test_unsupported_left_uses_the_global_bound_or_says_why():
-    class Scaled(nn.Module):  # not a Sequential of supported layers
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(6, 6)
-
-        def forward(self, x):
-            return torch.relu(self.linear(x))
-
+    """A left half the local bound does not know (Tanh) falls back to the constant global bound
+    lipkern.bounds.lipschitz_bound(left, shape, sound=True): radius = R_right / L exactly (rounded down)."""
+    bounds = pytest.importorskip("lipkern.bounds")
     right = _right()
-    certifier = SplitzCertifier(Scaled(), right, 0.5, 3)
-    try:
-        from lipkern.bounds import lipschitz_bound
-    except ImportError:
+    torch.manual_seed(4)
+    left = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    x = _certifiable_input(right)
+    certifier = SplitzCertifier(left, right, 0.5, 3)
+    if not hasattr(bounds, "lipschitz_bound"):
         with pytest.raises(ValueError, match="local_lipschitz"):
-            certifier.certify(torch.zeros(6), **ARGS)
+            certifier.certify(x, **ARGS)
         return
-    label, radius, gamma = certifier.certify(torch.zeros(6), **ARGS)
-    if label != ABSTAIN:
-        bound = float(lipschitz_bound(Scaled(), (6,), sound=True))
-        assert radius > 0 and gamma == radius and bound > 0
+    with torch.no_grad():
+        z = left(x[None])[0]
+    label, cohen = RandomizedSmoothing(right, 0.5, 3).certify(z, **ARGS)
+    if label == ABSTAIN:
+        pytest.skip("right half abstains at left(x)")
+    bound = float(bounds.lipschitz_bound(left, (6,), sound=True))
+    assert bound >= torch.linalg.matrix_norm(left[0].weight.detach().double(), 2).item()
+    got_label, radius, gamma = certifier.certify(x, **ARGS)
+    assert got_label == label
+    assert radius <= cohen / bound and radius == pytest.approx(cohen / bound, rel=1e-15) and gamma == radius
+
+    class Custom(nn.Module):  # neither bound knows it: a clear error
+        def forward(self, x):
+            return x
+
+    with pytest.raises((TypeError, ValueError), match="unsupported|local_lipschitz"):
+        SplitzCertifier(Custom(), right, 0.5, 3).certify(x, **ARGS)
+
+
+def test_local_bound_is_capped_by_the_global_bound():
+    bounds = pytest.importorskip("lipkern.bounds")
+    if not hasattr(bounds, "lipschitz_bound"):
+        pytest.skip("lipkern.bounds.lipschitz_bound not there yet")
+    torch.manual_seed(5)
+    left = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 6))
+    certifier = SplitzCertifier(left, _right(), 0.5, 3)
+    x = torch.randn(6)
+    global_value = float(bounds.lipschitz_bound(left, (6,), sound=True))
+    local = LocalReluLipschitz(left, (6,))
+    for gamma in (1e-2, 1.0, math.inf):
+        assert certifier.lipschitz_at(x, gamma) == min(local(x, gamma), global_value)
 
 
 # --- training helpers and bad input --------------------------------------------------------------------------
