@@ -1,19 +1,21 @@
-"""Randomized smoothing CERTIFY of one CIFAR-sized input (3×32×32) at n = 100,000 (n0 = 100, α = 1e-3; on a CPU
-n = 2,000 so that a case fits its time box): lipkern's RandomizedSmoothing against a faithful re-implementation
-of Cohen et al.'s reference loop (locuslab/smoothing ``code/core.py``, written from its description here) on the
-same model. Group: smoothing-certify.
+"""Randomized smoothing CERTIFY of one CIFAR-sized input (3×32×32) at n = 100,000 (n0 = 100, α = 1e-3;
+on a CPU n = 2,000 so that a case fits its time box): lipkern's RandomizedSmoothing against a faithful
+re-implementation of Cohen et al.'s reference loop (locuslab/smoothing ``code/core.py``, written from its
+description here) on the same model. Group: smoothing-certify.
 
-Cohen's loop, per batch: ``x.repeat`` the input, ``randn_like`` the noise and scale it (a separate kernel), add
-it, run the model, ``argmax``, copy the predictions to the host (one synchronization per batch) and count them in
-a Python loop over the batch; the Clopper–Pearson bound from the counts. lipkern: the noise drawn in place into
-one reused buffer (``normal_(0, σ)`` then ``add_(x)`` broadcast), inference_mode, counts accumulated on the
-device (``index_add_``), one host read per certify call. Both draw their noise on the model's device.
+Cohen's loop, per batch: ``x.repeat`` the input, ``randn_like`` the noise and scale it (a separate kernel),
+add it, run the model, ``argmax``, copy the predictions to the host (one synchronization per batch) and count
+them in a Python loop over the batch; the Clopper–Pearson bound from the counts. lipkern: the noise drawn in
+place into one reused buffer (``normal_(0, σ)`` then ``add_(x)`` broadcast), inference_mode, counts
+accumulated on the device (``index_add_``), one host read per certify call. Both draw their noise on the
+model's device.
 
 Models: ``pool-linear`` (global average pool + linear 3→10: almost no model work, so the harness's own cost),
 ``cnn`` a plain ReLU CNN (conv 3→16→32→64, strides 1/2/2, global average pool, linear 64→10; 5.6 MFLOP per
-sample) and, on a GPU only, ``convnet-xs`` lipkern.models.ConvNet("XS") with AOL layers. Providers: ``lipkern`` and ``cohen-loop`` at Cohen's default batch of 1000, ``lipkern-b10k``
-at a batch of 10,000, ``lipkern-bf16`` (GPU only) under bf16 autocast. Each case records the model's
-GFLOP for the n0 + n samples and the bytes of noise (``model_gflop``, ``noise_bytes``) for the roofline.
+sample) and, on a GPU only, ``convnet-xs`` lipkern.models.ConvNet("XS") with AOL layers. Providers:
+``lipkern`` and ``cohen-loop`` at Cohen's default batch of 1000, ``lipkern-b10k`` at a batch of 10,000,
+``lipkern-bf16`` (GPU only) under bf16 autocast. Each case records the model's GFLOP for the n0 + n samples
+and the bytes of noise (``model_gflop``, ``noise_bytes``) for the roofline.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Every radius is a guarantee: margin radii for the exact-arithmetic network at th
 over the Monte Carlo noise.
 """
 
-from lipkern.certify.margin import CertifiedAccuracy, certified_accuracy, certified_radius, lln_pairwise_lipschitz
+from lipkern.certify.margin import (CertifiedAccuracy, certified_accuracy, certified_radius,
+                                    lln_pairwise_lipschitz)
 from lipkern.certify.smoothing import ABSTAIN, RandomizedSmoothing, clopper_pearson_lower, smoothing_radius
 from lipkern.certify.splitz import GaussianNoise, LocalReluLipschitz, SplitzCertifier, splitz_regularizer
 

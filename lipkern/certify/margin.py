@@ -1,13 +1,13 @@
 """Margin certificates from Lipschitz constants (LMT, LipLT/CRM): radii and certified accuracy.
 
-With a global ℓ₂ Lipschitz bound L of the logit map f, the predicted class ŷ = argmax f(x) cannot change within
-‖δ‖₂ < (f_ŷ − max_{j≠ŷ} f_j) / (√2·L) (Tsuzuku et al. 2018): every difference f_ŷ − f_j is √2·L-Lipschitz.
-With pairwise bounds L_ab of the differences f_a − f_b (a (C, C) matrix), the radius is
+With a global ℓ₂ Lipschitz bound L of the logit map f, the predicted class ŷ = argmax f(x) cannot change
+within ‖δ‖₂ < (f_ŷ − max_{j≠ŷ} f_j) / (√2·L) (Tsuzuku et al. 2018): every difference f_ŷ − f_j is
+√2·L-Lipschitz. With pairwise bounds L_ab of the differences f_a − f_b (a (C, C) matrix), the radius is
 min_{j≠ŷ} (f_ŷ − f_j) / L_ŷj, never smaller than the global one when L_ab ≤ √2·L.
 
 Row-normalized ("LLN") last layers: unit rows do NOT make the head 1-Lipschitz (‖Ŵ‖₂ can reach √C), so the √2
-form with L = 1 is invalid there. Use :func:`lln_pairwise_lipschitz` (L_ab = L_body·‖ŵ_a − ŵ_b‖) and the pairwise
-form instead.
+form with L = 1 is invalid there. Use :func:`lln_pairwise_lipschitz` (L_ab = L_body·‖ŵ_a − ŵ_b‖) and the
+pairwise form instead.
 
 Rounding. A radius is a guarantee for the exact-arithmetic network evaluated at these logits:
 - the radius is computed in float64 from the given logits and rounded down by an explicit margin (8 units of
@@ -39,10 +39,10 @@ _SQRT2 = math.sqrt(2.0)
 class CertifiedAccuracy(NamedTuple):
     """Result of :func:`certified_accuracy`.
 
-    eps (E,) float64: the radii asked for; accuracy (E,) float64: fraction of points correctly classified with a
-    certified radius > eps; clean_accuracy: fraction correctly classified; radii (N,) float64: certified radius
-    of each point's predicted class (0 for ties, +inf where the bound allows any perturbation); correct (N,)
-    bool: prediction == label."""
+    eps (E,) float64: the radii asked for; accuracy (E,) float64: fraction of points correctly classified with
+    a certified radius > eps; clean_accuracy: fraction correctly classified; radii (N,) float64: certified
+    radius of each point's predicted class (0 for ties, +inf where the bound allows any perturbation); correct
+    (N,) bool: prediction == label."""
 
     eps: torch.Tensor
     accuracy: torch.Tensor
@@ -56,7 +56,8 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"certified_radius: logits must be a tensor, got {type(logits).__name__}")
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"certified_radius: logits must be (B, C) with C >= 2 classes, got {tuple(logits.shape)}")
+        raise ValueError(f"certified_radius: logits must be (B, C) with C >= 2 classes, "
+                         f"got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"certified_radius: logits must be floating point, got {logits.dtype}")
     logits = logits.detach().to(torch.float64)
@@ -68,7 +69,8 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
 def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Tensor:
     """A 0-dim or (C, C) float64 tensor of non-negative, non-NaN Lipschitz bounds."""
     if isinstance(lipschitz, bool) or not isinstance(lipschitz, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"certified_radius: lipschitz must be a float or a tensor, got {type(lipschitz).__name__}")
+        raise TypeError(f"certified_radius: lipschitz must be a float or a tensor, "
+                        f"got {type(lipschitz).__name__}")
     value = torch.as_tensor(lipschitz).detach().to(device=device, dtype=torch.float64)
     if value.dim() == 1 and value.numel() == 1:
         value = value.reshape(())
@@ -95,9 +97,9 @@ def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
 
     ``lipschitz``: a float or 0-dim tensor L (a global ℓ₂ Lipschitz bound of the logit map): radius =
     (f_ŷ − max_{j≠ŷ} f_j)/(√2·L); or a (C, C) tensor of pairwise bounds L_ab of f_a − f_b (diagonal ignored):
-    radius = min_{j≠ŷ} (f_ŷ − f_j)/L_ŷj. Ties (margin 0) give 0; a zero bound with a positive margin gives +inf.
-    The radius is rounded down (float64) and guaranteed for these logit values; see the module docstring about
-    the logits' own rounding. No gradient (certification only)."""
+    radius = min_{j≠ŷ} (f_ŷ − f_j)/L_ŷj. Ties (margin 0) give 0; a zero bound with a positive margin gives
+    +inf. The radius is rounded down (float64) and guaranteed for these logit values; see the module docstring
+    about the logits' own rounding. No gradient (certification only)."""
     logits = _check_logits(logits)
     num_classes = logits.shape[1]
     bound = _as_lipschitz(lipschitz, num_classes, logits.device)
@@ -116,10 +118,10 @@ def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
 def lln_pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz) -> torch.Tensor:
     """Pairwise bounds (C, C) float64 for a row-normalized last layer f = Ŵ·h(x) + b, ŵ_a = w_a / ‖w_a‖.
 
-    L_ab = L_body·‖ŵ_a − ŵ_b‖₂ bounds the Lipschitz constant of f_a − f_b when ``body_lipschitz`` bounds that of
-    the body h. The normalization is F.normalize's (rows of norm below 1e-12 are divided by 1e-12). Computed in
-    float64 and rounded up by an explicit margin (for ‖ŵ_a − ŵ_b‖ near 0 an absolute one). Zero diagonal.
-    ``head_weight``: (C, D); ``body_lipschitz``: a non-negative float or 0-dim tensor."""
+    L_ab = L_body·‖ŵ_a − ŵ_b‖₂ bounds the Lipschitz constant of f_a − f_b when ``body_lipschitz`` bounds that
+    of the body h. The normalization is F.normalize's (rows of norm below 1e-12 are divided by 1e-12).
+    Computed in float64 and rounded up by an explicit margin (for ‖ŵ_a − ŵ_b‖ near 0 an absolute one). Zero
+    diagonal. ``head_weight``: (C, D); ``body_lipschitz``: a non-negative float or 0-dim tensor."""
     if not isinstance(head_weight, torch.Tensor) or head_weight.dim() != 2 or head_weight.shape[0] < 2:
         raise ValueError("lln_pairwise_lipschitz: head_weight must be a (C, D) tensor with C >= 2, got "
                          f"{getattr(head_weight, 'shape', type(head_weight).__name__)}")
@@ -146,7 +148,8 @@ def _eps_tensor(eps) -> torch.Tensor:
         values = torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values,
                                  dtype=torch.float64).reshape(-1)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"certified_accuracy: eps must be a float or a sequence of floats, got {eps!r}") from err
+        raise TypeError(f"certified_accuracy: eps must be a float or a sequence of floats, "
+                        f"got {eps!r}") from err
     if values.numel() == 0 or not torch.isfinite(values).all() or (values < 0).any():
         raise ValueError(f"certified_accuracy: eps must be finite, non-negative and not empty, got {eps!r}")
     return values
@@ -169,7 +172,8 @@ def _check_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("certified_accuracy: every batch must be an (x, y) pair of tensors")
     x, y = batch[0], batch[1]
     if y.dim() != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"certified_accuracy: labels must be (B,) for x {tuple(x.shape)}, got {tuple(y.shape)}")
+        raise ValueError(f"certified_accuracy: labels must be (B,) for x {tuple(x.shape)}, "
+                         f"got {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"certified_accuracy: labels must be integers, got {y.dtype}")
     return x, y
@@ -186,9 +190,9 @@ def _warn_if_lln_head(model: nn.Module, bound: torch.Tensor) -> None:
 
     leaves = [m for m in model.modules() if not list(m.children())]
     if bound.dim() == 0 and leaves and isinstance(leaves[-1], LinearNormalized):
-        warnings.warn("certified_accuracy: the model ends in a row-normalized (LLN) layer and a global L was "
-                      "given: the √2·L certificate is valid only if L includes the head's spectral norm (unit "
-                      "rows are not 1-Lipschitz). Prefer lln_pairwise_lipschitz and the pairwise form.",
+        warnings.warn("certified_accuracy: the model ends in a row-normalized (LLN) layer and a global L "
+                      "was given: the √2·L certificate is valid only if L includes the head's spectral norm "
+                      "(unit rows are not 1-Lipschitz). Prefer lln_pairwise_lipschitz and the pairwise form.",
                       UserWarning, stacklevel=3)
 
 
@@ -207,16 +211,18 @@ def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise:
     iterable of (x, y) batches (a DataLoader; extra items per batch are ignored). eps: a float or a sequence.
     lipschitz: a float / 0-dim tensor (global L) or a (C, C) pairwise tensor; None computes the sound bound
     ``lipkern.bounds.lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise, sound=True)``
-    (input_shape defaults to the first batch's x.shape[1:]). A point counts at ε iff it is correctly classified
-    and its radius (:func:`certified_radius`) is > ε. The model runs in eval mode under inference_mode on
-    ``device`` (default: the model's); its training flag is restored. dtype=torch.float64 evaluates a float64
-    deep copy of the model (same weight values, much smaller logit rounding: see the module docstring)."""
+    (input_shape defaults to the first batch's x.shape[1:]). A point counts at ε iff it is correctly
+    classified and its radius (:func:`certified_radius`) is > ε. The model runs in eval mode under
+    inference_mode on ``device`` (default: the model's); its training flag is restored. dtype=torch.float64
+    evaluates a float64 deep copy of the model (same weight values, much smaller logit rounding: see the
+    module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"certified_accuracy: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"certified_accuracy: batch_size must be a positive int, got {batch_size!r}")
     if dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(f"certified_accuracy: dtype must be None, torch.float32 or torch.float64, got {dtype}")
+        raise ValueError(f"certified_accuracy: dtype must be None, torch.float32 or torch.float64, "
+                         f"got {dtype}")
     eps_values = _eps_tensor(eps)
     if lipschitz is not None and pairwise and torch.as_tensor(lipschitz).dim() == 0:
         raise ValueError("certified_accuracy: pairwise=True but a scalar lipschitz was given")

@@ -1,15 +1,16 @@
 """Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): CERTIFY and PREDICT with fast Monte Carlo.
 
-The smoothed classifier g(x) = argmax_c P_{δ∼N(0, σ²I)}[base(x + δ) = c] is robust within ℓ₂ radius σ·Φ⁻¹(p̲_A),
-where p̲_A is a lower confidence bound of the top class's probability (Cohen et al., Theorem 1 with p_B = 1 − p_A).
-Both procedures hold with probability ≥ 1 − α over the Monte Carlo noise, which is the only sense in which
-these radii are guarantees (the base model's rounding does not matter: the count is of what the model outputs).
+The smoothed classifier g(x) = argmax_c P_{δ∼N(0, σ²I)}[base(x + δ) = c] is robust within ℓ₂ radius
+σ·Φ⁻¹(p̲_A), where p̲_A is a lower confidence bound of the top class's probability (Cohen et al., Theorem 1
+with p_B = 1 − p_A). Both procedures hold with probability ≥ 1 − α over the Monte Carlo noise, which is the
+only sense in which these radii are guarantees (the base model's rounding does not matter: the count is of
+what the model outputs).
 
 Sampling (one code path for certify and predict): noise is drawn on x's device in batches of ``batch_size``
-(``Tensor.normal_(0, σ, generator=g)`` on a (b, *x.shape) buffer, then ``add_(x)``: x broadcast, never copied),
-with a ``torch.Generator`` on that device seeded by ``seed`` (None: the device's default generator). The base
-model runs under inference_mode (optionally autocast), argmax per row, and the counts are accumulated on the
-device with ``index_add_``; one host read per certify/predict call, at the end.
+(``Tensor.normal_(0, σ, generator=g)`` on a (b, *x.shape) buffer, then ``add_(x)``: x broadcast, never
+copied), with a ``torch.Generator`` on that device seeded by ``seed`` (None: the device's default generator).
+The base model runs under inference_mode (optionally autocast), argmax per row, and the counts are accumulated
+on the device with ``index_add_``; one host read per certify/predict call, at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     if not _is_int(trials) or trials <= 0:
         raise ValueError(f"clopper_pearson_lower: trials must be a positive int, got {trials!r}")
     if not _is_int(successes) or not 0 <= successes <= trials:
-        raise ValueError(f"clopper_pearson_lower: successes must be an int in [0, {trials}], got {successes!r}")
+        raise ValueError(f"clopper_pearson_lower: successes must be an int in [0, {trials}], "
+                         f"got {successes!r}")
     alpha = _check_alpha(alpha, "clopper_pearson_lower")
     if successes == 0:
         return 0.0
@@ -75,7 +77,8 @@ class RandomizedSmoothing:
     def __init__(self, base: nn.Module, sigma: float, num_classes: int, *,
                  autocast_dtype: torch.dtype | None = None):
         if not callable(base):
-            raise TypeError(f"RandomizedSmoothing: base must be a module or callable, got {type(base).__name__}")
+            raise TypeError(f"RandomizedSmoothing: base must be a module or callable, got "
+                            f"{type(base).__name__}")
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0 < sigma < math.inf):
             raise ValueError(f"RandomizedSmoothing: sigma must be a finite float > 0, got {sigma!r}")
         if not _is_int(num_classes) or num_classes < 2:
@@ -119,8 +122,8 @@ class RandomizedSmoothing:
                                 enabled=self.autocast_dtype is not None):
                 logits = self.base(noisy)
             if logits.dim() != 2 or logits.shape[0] != size or logits.shape[1] != self.num_classes:
-                raise ValueError(f"RandomizedSmoothing: base must return ({size}, {self.num_classes}) logits for "
-                                 f"a batch of {size}, got {tuple(logits.shape)}")
+                raise ValueError(f"RandomizedSmoothing: base must return ({size}, {self.num_classes}) logits "
+                                 f"for a batch of {size}, got {tuple(logits.shape)}")
             counts.index_add_(0, logits.argmax(dim=1), ones[:size])
             remaining -= size
             if progress is not None:
@@ -153,9 +156,9 @@ class RandomizedSmoothing:
             raise ValueError("RandomizedSmoothing: x contains NaN or Inf")
         return values
 
-    # -- Cohen et al.'s procedures ----------------------------------------------------------------------------
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, seed: int | None = None,
-                progress: bool = False) -> tuple[int, float]:
+    # -- Cohen et al.'s procedures --------------------------------------------------------------------------
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                seed: int | None = None, progress: bool = False) -> tuple[int, float]:
         """CERTIFY: (class, radius), or (ABSTAIN = −1, 0.0).
 
         n0 draws select ĉ_A (the most frequent class), n fresh draws count n_A; p̲_A is the one-sided
@@ -177,8 +180,9 @@ class RandomizedSmoothing:
         return top, smoothing_radius(p_lower, self.sigma)
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, seed: int | None = None) -> int:
-        """PREDICT: the top class of n draws, or ABSTAIN when the two-sided binomial test of the top-two counts
-        (n_1 of n_1 + n_2 at p = ½) has a p-value > alpha. With probability ≥ 1 − alpha a returned class is g(x)."""
+        """PREDICT: the top class of n draws, or ABSTAIN when the two-sided binomial test of the top-two
+        counts (n_1 of n_1 + n_2 at p = ½) has a p-value > alpha. With probability ≥ 1 − alpha a returned
+        class is g(x)."""
         from scipy.stats import binomtest
 
         if not _is_int(n) or n <= 0:

@@ -16,15 +16,18 @@ Where L_left comes from, in this order:
 2. :class:`LocalReluLipschitz` when f_L is a sequence of nn.Linear / nn.Conv2d / nn.ReLU / nn.Flatten /
    nn.Identity (small: the layers become dense float64 matrices), min'd with the global bound below when
    ``lipkern.bounds.lipschitz_bound`` is available;
-3. the global bound ``lipkern.bounds.lipschitz_bound(f_L, input_shape, sound=True)`` (a constant: R = R_right/L).
+3. the global bound ``lipkern.bounds.lipschitz_bound(f_L, input_shape, sound=True)`` (a constant:
+   R = R_right/L).
 
 Training recipe of the paper (not implemented as a trainer here): Gaussian augmentation with the same σ inside
 the model after f_L (:class:`GaussianNoise`), plus the regularizer λ·relu(L̂_left − θ) on an estimate of f_L's
-(local) Lipschitz constant (:func:`splitz_regularizer`; θ = 0.5 so f_L is not pushed to collapse, λ ∈ [0.7, 1]).
+(local) Lipschitz constant (:func:`splitz_regularizer`; θ = 0.5 so f_L is not pushed to collapse,
+λ ∈ [0.7, 1]).
 
 Input normalization pitfall (papers.md §5): a normalization (x − μ)/s inside f_L multiplies its Lipschitz
 constant by 1/min(s). The withdrawn ICLR version omitted it and overstated radii ~5×. Here any such layer must
-be part of f_L's bound: LocalReluLipschitz refuses layers it does not know, and the global bound includes them.
+be part of f_L's bound: LocalReluLipschitz refuses layers it does not know, and the global bound
+includes them.
 """
 
 from __future__ import annotations
@@ -115,10 +118,10 @@ class LocalReluLipschitz:
     the first layer is exact: |Δz_i| ≤ γ·‖w_i‖. The centre z(x) is computed with an error bound e (γ_n terms).
     Through a ReLU, Δh has Δz's sign and |Δh| ≤ |Δz|: hi_h = clamp(z + e + hi, 0, hi), lo_h = −clamp(z + e, 0,
     −lo); a neuron with z + e + hi ≤ 0 is stably inactive on the ball (Δh ≡ 0). P_k = the neurons whose
-    deviation box is not {0}. Then for x', x'' in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖, so
-    L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm a guaranteed Gram-iteration upper bound, the product rounded up.
-    The bound is non-decreasing in γ up to the Gram bounds' relative slack (1e-7): the boxes only grow and a
-    submatrix has a smaller norm. γ = inf gives the global product bound ∏‖A_k‖.
+    deviation box is not {0}. Then for x', x'' in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖,
+    so L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm a guaranteed Gram-iteration upper bound, the product
+    rounded up. The bound is non-decreasing in γ up to the Gram bounds' relative slack (1e-7): the boxes only
+    grow and a submatrix has a smaller norm. γ = inf gives the global product bound ∏‖A_k‖.
 
     The layers' weights are copied (float64 dense matrices) at construction: build a new instance after the
     weights change. Layers above ``max_entries`` matrix entries are refused (ValueError)."""
@@ -161,7 +164,8 @@ class LocalReluLipschitz:
         if math.isinf(gamma):
             return self.global_bound()
         if tuple(x.shape) != self.input_shape:
-            raise ValueError(f"LocalReluLipschitz: x must have shape {self.input_shape}, got {tuple(x.shape)}")
+            raise ValueError(f"LocalReluLipschitz: x must have shape {self.input_shape}, "
+                             f"got {tuple(x.shape)}")
         centre = x.detach().to(torch.float64).reshape(-1)
         error = torch.zeros_like(centre)
         hi = torch.full_like(centre, gamma)  # the input's deviation box
@@ -304,7 +308,8 @@ class SplitzCertifier:
         local_value = self._local(x, gamma)
         return local_value if self._global is None else min(local_value, self._global)
 
-    def best_radius(self, x: torch.Tensor, right_radius: float, steps: int = _GAMMA_STEPS) -> tuple[float, float]:
+    def best_radius(self, x: torch.Tensor, right_radius: float,
+                    steps: int = _GAMMA_STEPS) -> tuple[float, float]:
         """(radius, gamma) = a γ maximizing min(right_radius / L(x, γ), γ), by bisection on the crossing
         γ = right_radius / L(x, γ) (exact for a constant L). Every candidate is a valid certificate; the best
         evaluated one is returned."""
@@ -339,8 +344,8 @@ class SplitzCertifier:
         return best[0], -best[1]
 
     # -- CERTIFY --------------------------------------------------------------------------------------------
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, seed: int | None = None,
-                progress: bool = False) -> tuple[int, float, float]:
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                seed: int | None = None, progress: bool = False) -> tuple[int, float, float]:
         """(class, radius, gamma), or (ABSTAIN = −1, 0.0, 0.0). The right half is certified by Cohen's CERTIFY
         at z = left(x) (:class:`RandomizedSmoothing`, same arguments); radius = min(R_right / L(x, γ), γ) at
         the γ found by :meth:`best_radius`. Holds with probability ≥ 1 − alpha. x: one input, no batch dim."""
@@ -364,8 +369,9 @@ class SplitzCertifier:
 
 # --- training helpers ------------------------------------------------------------------------------------
 def splitz_regularizer(left_lipschitz_estimate, lam: float, theta: float = 0.5):
-    """SPLITZ's penalty λ·relu(L̂ − θ) on an estimate L̂ of the left half's Lipschitz constant (a differentiable
-    tensor, e.g. ``lipkern.bounds.LipschitzBound(left, shape)()``; no host read). Paper: θ = 0.5, λ ∈ [0.7, 1]."""
+    """SPLITZ's penalty λ·relu(L̂ − θ) on an estimate L̂ of the left half's Lipschitz constant (a
+    differentiable tensor, e.g. ``lipkern.bounds.LipschitzBound(left, shape)()``; no host read).
+    Paper: θ = 0.5, λ ∈ [0.7, 1]."""
     for name, value in (("lam", lam), ("theta", theta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
             raise ValueError(f"splitz_regularizer: {name} must be a float >= 0, got {value!r}")
@@ -374,7 +380,8 @@ def splitz_regularizer(left_lipschitz_estimate, lam: float, theta: float = 0.5):
 
 
 class GaussianNoise(nn.Module):
-    """Adds N(0, σ²) noise in training mode only (SPLITZ's augmentation between f_L and f_R); identity in eval."""
+    """Adds N(0, σ²) noise in training mode only (SPLITZ's augmentation between f_L and f_R); the identity
+    in eval mode."""
 
     def __init__(self, sigma: float):
         super().__init__()

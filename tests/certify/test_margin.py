@@ -93,7 +93,7 @@ def test_lln_pairwise_certificate_and_pitfall():
     torch.manual_seed(1)
     head = LinearNormalized(6, 4).double()
     weight = torch.randn(4, 6, dtype=torch.float64)
-    weight[1] = -weight[0] + 0.1 * torch.randn(6, dtype=torch.float64)  # nearly opposite rows: ‖ŵ_0 − ŵ_1‖ ≈ 2
+    weight[1] = -weight[0] + 0.1 * torch.randn(6, dtype=torch.float64)  # ‖ŵ_0 − ŵ_1‖ ≈ 2
     with torch.no_grad():
         head.weight.copy_(weight)
     unit = (head.weight / head.weight.norm(dim=1, keepdim=True)).detach().numpy()
@@ -118,7 +118,8 @@ def test_lln_pairwise_certificate_and_pitfall():
 # --- soundness by attack -----------------------------------------------------------------------------------
 def _mlp(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    layers = [nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)]
+    return nn.Sequential(*layers).double()
 
 
 def _exact_product_bounds(model: nn.Sequential) -> tuple[float, torch.Tensor]:
@@ -170,7 +171,8 @@ def test_certified_accuracy_definition_and_dataloader():
     top2 = logits.topk(2, dim=1).values
     radius = (top2[:, 0] - top2[:, 1]) / (math.sqrt(2) * lip)
     correct = pred == y
-    expected = torch.tensor([(correct & (radius > e)).double().mean().item() for e in eps], dtype=torch.float64)
+    expected = torch.tensor([(correct & (radius > e)).double().mean().item() for e in eps],
+                            dtype=torch.float64)
     torch.testing.assert_close(result.accuracy, expected, atol=0, rtol=0)
     assert result.clean_accuracy == correct.double().mean().item()
     # the float32 model's logits carry ~1e-7 rounding (documented): compare in absolute terms

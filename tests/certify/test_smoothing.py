@@ -65,7 +65,8 @@ def test_clopper_pearson_closed_forms_and_binomtest(n, alpha):
     for k in sorted({1, n // 3, n // 2, n - 1, n}):
         value = clopper_pearson_lower(k, n, alpha)
         assert 0.0 <= value <= k / n
-        interval = binomtest(k, n, alternative="greater").proportion_ci(confidence_level=1 - alpha, method="exact")
+        test = binomtest(k, n, alternative="greater")
+        interval = test.proportion_ci(confidence_level=1 - alpha, method="exact")
         assert interval.high == 1.0
         if interval.low >= 0.01:
             assert value == pytest.approx(interval.low, rel=1e-9)
@@ -104,7 +105,7 @@ def test_certify_tightness_binary_linear():
         label, radius = RandomizedSmoothing(base, sigma, 2).certify(x, 50, n, 1e-3, 4096, seed=1)
         assert label == 1
         assert radius < exact
-        p_a = norm.cdf(exact / sigma)  # close: p̲_A within 7 standard errors of p_A (3.1 from α, rest sampling)
+        p_a = norm.cdf(exact / sigma)  # close: p̲_A within 7 standard errors of p_A (3.1 from α)
         assert norm.cdf(radius / sigma) > p_a - 7 * math.sqrt(p_a * (1 - p_a) / n)
 
 
@@ -194,7 +195,7 @@ def test_predict_binomial_test():
     assert RandomizedSmoothing(boundary, 1.0, 2).predict(x, 400, 1e-3, 100, seed=0) == ABSTAIN
 
 
-# --- one host read per call, eval mode, progress bar ---------------------------------------------------------
+# --- one host read per call, eval mode, progress bar -------------------------------------------------------
 _READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
@@ -248,7 +249,8 @@ def test_bad_input():
     smooth = RandomizedSmoothing(base, 1.0, 3)
     x = torch.zeros(4)
     for kwargs, match in [(dict(n0=0), "n0"), (dict(n=0), "n must"), (dict(n0=11, n=10), "n0 = 11 > n = 10"),
-                          (dict(alpha=0.0), "alpha"), (dict(alpha=1.0), "alpha"), (dict(batch_size=0), "batch_size"),
+                          (dict(alpha=0.0), "alpha"), (dict(alpha=1.0), "alpha"),
+                          (dict(batch_size=0), "batch_size"),
                           (dict(n=2.5), "n must")]:
         args = dict(n0=5, n=10, alpha=0.01, batch_size=4) | kwargs
         with pytest.raises(ValueError, match=match):

@@ -1,6 +1,6 @@
-"""SPLITZ: identity left half = Cohen exactly, left = a·x scales the radius by 1/a (papers.md §10 check 22), the
-γ search against closed forms, the local Lipschitz bound against exact Jacobians and secants sampled in the
-ball (hypothesis), the regularizer and noise module, and bad input."""
+"""SPLITZ: identity left half = Cohen exactly, left = a·x scales the radius by 1/a (papers.md §10 check 22),
+the γ search against closed forms, the local Lipschitz bound against exact Jacobians and secants sampled in
+the ball (hypothesis), the regularizer and noise module, and bad input."""
 
 from __future__ import annotations
 
@@ -128,12 +128,13 @@ def _exact_product(module: nn.Module, input_shape) -> float:
         if isinstance(layer, nn.Linear):
             value *= torch.linalg.matrix_norm(layer.weight.detach().double(), 2).item()
         elif isinstance(layer, nn.Conv2d):
-            matrix = dense_conv2d(layer.weight.detach(), shape[1:], padding=layer.padding, stride=layer.stride)
+            matrix = dense_conv2d(layer.weight.detach(), shape[1:], padding=layer.padding,
+                                  stride=layer.stride)
             value *= torch.linalg.matrix_norm(matrix, 2).item()
         if isinstance(layer, (nn.Linear, nn.Conv2d, nn.Flatten)):
             with torch.no_grad():
-                shape = tuple(layer(torch.zeros(1, *shape, dtype=layer.weight.dtype if hasattr(layer, "weight")
-                                                else torch.float32)).shape[1:])
+                dtype = layer.weight.dtype if hasattr(layer, "weight") else torch.float32
+                shape = tuple(layer(torch.zeros(1, *shape, dtype=dtype)).shape[1:])
     return value
 
 
@@ -142,8 +143,9 @@ def _exact_product(module: nn.Module, input_shape) -> float:
 def test_local_bound_is_above_sampled_jacobians_and_below_global(seed, log_gamma, conv):
     torch.manual_seed(seed)
     if conv:
-        module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=1),
-                               nn.ReLU(), nn.Flatten(), nn.Linear(8, 5), nn.ReLU())
+        module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(),
+                               nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(8, 5), nn.ReLU())
         shape = (1, 4, 4)
     else:
         module = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
@@ -166,7 +168,8 @@ def test_local_bound_is_above_sampled_jacobians_and_below_global(seed, log_gamma
         * radii.reshape(-1, *[1] * len(shape))
     assert (_jacobian_norms(module, points) <= bound * (1 + 1e-9)).all()
     with torch.no_grad():
-        secants = (module(points) - module(x[None])).flatten(1).norm(dim=1) / (points - x).flatten(1).norm(dim=1)
+        moved = (module(points) - module(x[None])).flatten(1).norm(dim=1)
+        secants = moved / (points - x).flatten(1).norm(dim=1)
     assert (secants <= bound * (1 + 1e-9)).all()
     assert local(x, gamma * 2) >= bound * (1 - 1e-6), "non-decreasing in γ (up to the Gram slack)"
 
@@ -240,7 +243,7 @@ def test_local_bound_is_capped_by_the_global_bound():
         assert certifier.lipschitz_at(x, gamma) == min(local(x, gamma), global_value)
 
 
-# --- training helpers and bad input --------------------------------------------------------------------------
+# --- training helpers and bad input ------------------------------------------------------------------------
 def test_regularizer_and_noise():
     estimate = torch.tensor([0.3, 0.5, 1.25], requires_grad=True)
     penalty = splitz_regularizer(estimate, lam=0.8, theta=0.5)
