@@ -353,7 +353,8 @@ def _dense_chains(maps: list[LinearMap], dense_limit: int):
 # ----------------------------------------------------------------------------------------------------------
 # Chains that end at the last map (the logits).
 # ----------------------------------------------------------------------------------------------------------
-def head_chain_norms(maps: list[LinearMap], pairwise: bool = False, sound: bool = True) -> torch.Tensor:
+def head_chain_norms(maps: list[LinearMap], pairwise: bool = False, sound: bool = True, *,
+                     chain_bounds: torch.Tensor | None = None) -> torch.Tensor:
     """Norms of the chains A_K ⋯ A_j that end at the last map, for j = 0..K-1 (C = maps[-1].out_features).
 
     Returns r (K,) with r[j] = ‖A_K ⋯ A_j‖₂, or with ``pairwise=True`` (K, C, C) with
@@ -363,8 +364,10 @@ def head_chain_norms(maps: list[LinearMap], pairwise: bool = False, sound: bool 
     differences: no cancellation of the Gram form M_aa + M_bb − 2M_ab).
 
     sound=True: float64, no_grad, GUARANTEED upper bounds: ‖Ĝ_j‖₂ by :func:`matrix_norm_upper`, plus the sweep
-    error e_j = Σ_t (∏_{i=j}^{t−1} u_i)·δ_t (module docstring; u_i = √(‖A_i‖₁‖A_i‖_∞) bounds the prefix
-    chains: loose, but it only scales δ_t ~ 1e-13, and costs one pass of a ones vector); pairwise: ‖d̂‖₂ of the computed difference rows with its rounding, + √2·e_j.
+    error e_j = Σ_t P[j, t−1]·δ_t (module docstring) with P[j, t−1] ≥ ‖A_{t−1}⋯A_j‖₂: ``chain_bounds[j, t−1]``
+    when given (the U of :func:`chain_upper_bounds`, tightest), else ∏_{i=j}^{t−1} u_i with u_i the smaller of
+    ``maps[i].upper_bound()`` and √(‖A_i‖₁‖A_i‖_∞) (the error term then grows with ∏u_i / ‖A_{t−1}⋯A_j‖);
+    pairwise: ‖d̂‖₂ of the computed difference rows with its rounding, + √2·e_j.
     sound=False: differentiable in the weights, computed in their (promoted, at least float32) dtype, no host
     read: λ_max of the Gram by normalized repeated squaring (48 squarings, then the Rayleigh quotient with the
     converged projector held fixed: exact up to rounding, gradient v vᵀ for a simple top eigenvalue).
@@ -378,7 +381,10 @@ def head_chain_norms(maps: list[LinearMap], pairwise: bool = False, sound: bool 
                          f"{MAX_HEAD_CLASSES} (C passes through the network, C×C Gram matrices); use "
                          "chain_upper_bounds")
     if sound:
-        return _head_sound(maps, pairwise)
+        if chain_bounds is not None and tuple(chain_bounds.shape) != (len(maps), len(maps)):
+            raise ValueError(f"head_chain_norms: chain_bounds must be ({len(maps)}, {len(maps)}), got "
+                             f"{tuple(chain_bounds.shape)}")
+        return _head_sound(maps, pairwise, chain_bounds)
     return _head_differentiable(maps, pairwise)
 
 
@@ -386,19 +392,22 @@ def _pairs(classes: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.triu_indices(classes, classes, 1, device=device).unbind(0)
 
 
-def _head_sound(maps: list[LinearMap], pairwise: bool) -> torch.Tensor:
+def _head_sound(maps: list[LinearMap], pairwise: bool, chain_bounds: torch.Tensor | None) -> torch.Tensor:
     k_count, classes = len(maps), maps[-1].out_features
     device = maps[0].weight.device
     with torch.no_grad(), _cudnn_off(device):
         sweep = _sweep(maps, k_count - 1, 0, False, set(range(k_count)))
-        singles = [_absolute_norm_bound(maps[i]) for i in range(k_count - 1)]
+        if chain_bounds is None:
+            singles = [min(_absolute_norm_bound(maps[i]), maps[i].upper_bound().item()) for i in range(k_count - 1)]
+        else:
+            given = chain_bounds.detach().to(torch.float64).cpu().tolist()
         errors = []
         for j in range(k_count):
             total, prefix = 0.0, 1.0  # prefix: bound of A_{t-1}⋯A_j
             for t in range(j, k_count):
                 total = _add(total, _mul(prefix, sweep.deltas[t]))
                 if t < k_count - 1:
-                    prefix = _mul(prefix, singles[t])
+                    prefix = _mul(prefix, singles[t]) if chain_bounds is None else given[j][t]
             errors.append(total)
         if not pairwise:
             values = [_add(matrix_norm_upper(sweep.matrices[j]), errors[j]) for j in range(k_count)]
