@@ -44,6 +44,8 @@ def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: boo
             return "triton is not installed (pip install triton)"
         if tensor.device.type != "cuda" and not triton_interpreting():
             return f"tensor is on {tensor.device} and TRITON_INTERPRET is not 1"
+        if tensor.is_meta:
+            return "tensor is on the meta device (shapes only: the reference runs)"
         return None
     if not has_cuda_kernel:
         return "this op has no lipkern._C kernel"

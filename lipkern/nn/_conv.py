@@ -7,6 +7,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+            "padding_mode", "_reversed_padding_repeated_twice")
+
+
+class FixedGeometry:
+    """Mixin (before nn.Module): the conv geometry is fixed once set. A rescaled kernel, a normalizing norm or a
+    step size holds for the geometry it was derived for; changing ``padding_mode`` (say to 'reflect') or the
+    stride afterwards would silently void it, so it raises instead."""
+
+    def __setattr__(self, name, value):
+        if name in GEOMETRY and name in self.__dict__ and self.__dict__[name] != value:
+            raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction "
+                                 f"({self.__dict__[name]!r}); build a new layer with {name}={value!r}")
+        super().__setattr__(name, value)
+
+
+def check_conv_arguments(layer: str, kernel_size, stride, dilation) -> None:
+    """nn.Conv2d accepts any tuple and fails only in forward; a 2-D layer takes ints or pairs."""
+    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        ok = isinstance(value, int) and not isinstance(value, bool) or (
+            isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value))
+        if not ok:
+            raise ValueError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
+
+
 def conv2d_forward(layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """nn.Conv2d's forward for ``layer``'s geometry (zeros or circular padding) with another weight."""
     if layer.padding_mode == "circular":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
-from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
+from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.aol import aol_rescale
 
 __all__ = ["AOLLinear", "AOLConv2d"]
@@ -122,7 +122,7 @@ class AOLLinear(_CachedRescale):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class AOLConv2d(_CachedRescale):
+class AOLConv2d(FixedGeometry, _CachedRescale):
     """``nn.Conv2d`` with an AOL-rescaled kernel: the conv operator has spectral norm ≤ 1.
 
     Same signature as ``nn.Conv2d`` (stride, padding incl. 'same'/'valid', dilation, groups, bias,
@@ -138,13 +138,13 @@ class AOLConv2d(_CachedRescale):
         if padding_mode not in _SUPPORTED_PADDING_MODES:
             raise ValueError(f"AOLConv2d: padding_mode must be one of {_SUPPORTED_PADDING_MODES}, got "
                              f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
+        check_conv_arguments("AOLConv2d", kernel_size, stride, dilation)
         # nn.Conv2d on the meta device validates every argument exactly as PyTorch does.
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device="meta", dtype=dtype)
         if padding_mode == "circular":
             _check_circular_padding(proto)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "_reversed_padding_repeated_twice"):
+        for name in GEOMETRY:
             setattr(self, name, getattr(proto, name))
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(proto.weight.shape, **factory))

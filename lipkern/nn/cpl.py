@@ -40,7 +40,7 @@ class _StepSize:
 
     def step_size(self) -> torch.Tensor:
         device = self.weight.device.type
-        if torch.is_autocast_enabled(device):  # σ from the weight's own precision, not autocast's
+        if device != "meta" and torch.is_autocast_enabled(device):  # σ from the weight's own precision, not autocast's
             with torch.autocast(device, enabled=False):
                 return self.step_size()
         sigma = self.sigma()

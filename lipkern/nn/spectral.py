@@ -38,7 +38,7 @@ from torch import nn
 from lipkern._dispatch import check_finite
 from lipkern.nn import power
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
-from lipkern.nn._conv import conv2d_forward, conv2d_repr, vanilla_conv2d
+from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
     conv_bilinear,
@@ -97,6 +97,8 @@ class _SpectralNormalized(nn.Module):
 
     def sigma(self) -> torch.Tensor:
         """The divisor of the weight: in training, vᵀAu after the power step; in eval, the cached value."""
+        if self.weight.is_meta:  # shape propagation (a model built on the meta device): no values to compute
+            return self.weight.new_empty(())
         if not self.training:
             return self._eval_sigma()
         with torch.no_grad():
@@ -213,7 +215,7 @@ class SpectralLinear(_SpectralLinearBase):
                 f", n_power_iterations={self.n_power_iterations}, certified={self.certified}")
 
 
-class _SpectralConvBase(_SpectralNormalized):
+class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
     """A conv weight with its geometry at a fixed input size, persistent vectors and its operator norm."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -221,11 +223,12 @@ class _SpectralConvBase(_SpectralNormalized):
                  input_size=None, n_power_iterations: int = 1, certified: bool = False):
         super().__init__()
         if padding_mode not in ("zeros", "circular"):
-            raise ValueError(f"SpectralConv2d: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+            raise ValueError(f"{type(self).__name__}: padding_mode must be 'zeros' or 'circular', got "
+                             f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
+        check_conv_arguments(type(self).__name__, kernel_size, stride, dilation)
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "_reversed_padding_repeated_twice"):
+        for name in GEOMETRY:
             setattr(self, name, getattr(proto, name))
         self.weight, self.bias = proto.weight, proto.bias
         self._init_spectral(n_power_iterations, certified)
@@ -250,11 +253,18 @@ class _SpectralConvBase(_SpectralNormalized):
     def input_size(self) -> tuple[int, int] | None:
         return None if self.geometry is None else self.geometry.input_size
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         u = state_dict.get(prefix + "u")
-        if u is not None and (self.u is None or self.u.shape != u.shape):
+        if u is not None and self.geometry is None:  # a lazy layer takes the saved input size
             self._set_input_size(tuple(u.shape[-2:]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        elif u is not None and self.u is not None and tuple(u.shape[-2:]) != tuple(self.u.shape[-2:]):
+            error_msgs.append(f"{type(self).__name__} {prefix or '(root)'}: the state was saved at input size "
+                              f"{tuple(u.shape[-2:])}, this layer is built for {self.geometry.input_size} (its "
+                              "norm depends on the input size; build it with input_size=None to take the saved one)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() not in (3, 4):

@@ -331,7 +331,7 @@ def _functorch_active(*tensors) -> bool:
 
 
 def _run_backward(op, grad, x, act, bias, h, needs):
-    if torch.is_autocast_enabled(x.device.type):  # a backward called inside an autocast region
+    if _autocast_on(x):  # a backward called inside an autocast region
         with torch.autocast(x.device.type, enabled=False):
             return _run_backward(op, grad, x, act, bias, h, needs)
     if torch.is_grad_enabled() or _functorch_active(grad, x):  # create_graph=True or a torch.func transform
@@ -346,7 +346,7 @@ def _function_backward(ctx, grad):
     needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and bias is not None,
              ctx.needs_input_grad[4])
     op = _make_op(ctx.kind, weight, ctx.geometry)
-    if act is None or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) \
+    if act is None or torch.is_grad_enabled() or _autocast_on(x) \
             or _functorch_active(grad, x):
         gx, gw, gb, gh = _run_backward(op, grad, x, act, bias, h, needs)
     else:
@@ -496,7 +496,7 @@ def _backward_linear(ctx, grad, _):
         return None, None, None, None
     x, act, weight, bias, h = ctx.saved_tensors
     needs = _needs(ctx, bias)
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # create_graph=True, autocast
+    if torch.is_grad_enabled() or _autocast_on(x):  # create_graph=True, autocast
         return _run_backward(_Linear(weight), grad, x, act, bias, h, needs)
     results = _cpl_linear_backward_op(grad, x, act, weight, bias, h, needs)
     return tuple(r if need else None for r, need in zip(results, needs))
@@ -515,7 +515,7 @@ def _backward_conv(ctx, grad, _):
         return (None,) * 9
     x, act, weight, bias, h = ctx.saved_tensors
     needs = _needs(ctx, bias)
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # create_graph=True, autocast
+    if torch.is_grad_enabled() or _autocast_on(x):  # create_graph=True, autocast
         op = _Conv(weight, _geometry(x, weight, *ctx.geometry))
         return (*_run_backward(op, grad, x, act, bias, h, needs), None, None, None, None, None)
     results = _cpl_conv2d_backward_op(grad, x, act, weight, bias, h, *ctx.geometry, needs)
@@ -561,7 +561,7 @@ def _autocast_cast(x, weight, bias, h):
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type)
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta: shapes only
 
 
 def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h) -> torch.Tensor:
