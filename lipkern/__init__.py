@@ -1,8 +1,8 @@
 """lipkern: fused Triton and CUDA kernels for certifiably robust, Lipschitz-constrained networks."""
 
-from lipkern import bounds, models, nn, ops
+from lipkern import bounds, certify, losses, models, nn, ops
 from lipkern._cuda import available as cuda_extension_available
 from lipkern._dispatch import BackendUnavailableError, select_backend
 
 __version__ = "0.1.0"
-__all__ = ["bounds", "models", "nn", "ops", "cuda_extension_available", "select_backend", "BackendUnavailableError", "__version__"]
+__all__ = ["bounds", "certify", "losses", "models", "nn", "ops", "cuda_extension_available", "select_backend", "BackendUnavailableError", "__version__"]
