@@ -115,7 +115,7 @@ def test_chain_bounds_cover_every_sub_chain_and_are_tight(chain):
             assert bounds[j, k].item() <= exact * (1 + 1e-6) + 1e-9 * scale + 1e-300, (j, k, bounds[j, k].item(), exact)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chains(max_convs=2))
 def test_chain_bounds_without_dense_path_use_products_of_layer_bounds(chain):
     maps, mats = chain
