@@ -33,7 +33,7 @@ machine_info() {
   "$PY" - <<'EOF'
 import importlib.util, sys, torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda)
-for name in ("triton", "xdist", "pytest_benchmark", "matplotlib", "orthogonium"):
+for name in ("triton", "xdist", "pytest_benchmark", "matplotlib", "orthogonium", "scipy", "tqdm", "hypothesis"):
     spec = importlib.util.find_spec(name)
     print(f"{name}: {'yes' if spec else 'no'}", end="  ")
 print()
