@@ -618,15 +618,17 @@ def _sound_bound(plan: _Plan, pairwise: bool, chain_options: dict) -> torch.Tens
         maps = [m.to(torch.float64) if m.weight.dtype != torch.float64 else m for m in maps]
         device = maps[0].weight.device
         maps = [m.with_weight(m.weight.to(device)) for m in maps]
-        norms = chain_upper_bounds(maps, **chain_options).to(cpu)
+        bounds = chain_upper_bounds(maps, **chain_options)
+        norms = bounds.to(cpu)
         head = None
         last = norms[:, -1].clone()
         if pairwise and seg is plan.blocks[-1]:
             off_diagonal = 1 - torch.eye(plan.classes, dtype=torch.float64)
-            head = torch.minimum(head_chain_norms(maps, pairwise=True, sound=True).to(cpu),
+            head = torch.minimum(head_chain_norms(maps, pairwise=True, sound=True, chain_bounds=bounds).to(cpu),
                                  ar.mul(_sqrt_up(2), last)[:, None, None] * off_diagonal)
         elif seg is plan.blocks[-1] and maps[-1].out_features <= _HEAD_LIMIT:
-            norms[:, -1] = torch.minimum(last, head_chain_norms(maps, pairwise=False, sound=True).to(cpu))
+            norms[:, -1] = torch.minimum(last, head_chain_norms(maps, pairwise=False, sound=True,
+                                                                     chain_bounds=bounds).to(cpu))
         seg_values.append(_segment_value(norms, head, _coefficient_tensors(seg, torch.float64, cpu), ar))
     value = _sequence_value(plan.blocks, seg_values, ar, torch.ones((), dtype=torch.float64))
     if pairwise:  # exact zeros on the diagonal (the upward rounding made them the smallest subnormal)
