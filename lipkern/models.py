@@ -1,21 +1,25 @@
-"""Reference architectures built from lipkern layers.
+"""Reference architectures built from lipkern layers; :func:`build_model` builds each by name (see
+:data:`MODEL_FAMILIES`) for a class count, input channels and any input size the architecture admits.
 
 - ``ConvNet(size, layer)``: the common ConvNet of "1-Lipschitz Layers Compared" (Prach et al. 2024), sizes
   XS/S/M/L (width 16/32/64/128), usable with AOL, CPL and Spectral layers: zero channel padding to the
-  width, a 1×1 conv + MaxMin, 5 downsizing blocks [5 × (k×k conv + MaxMin), FirstChannels(t/2),
-  PixelUnshuffle(2)] (k = 3, k = 1 in the last block), flatten, a linear layer and FirstChannels(classes).
+  width, a 1×1 conv + MaxMin, downsizing blocks [5 × (k×k conv + MaxMin), FirstChannels(t/2),
+  PixelUnshuffle(2)] (5 at 32×32; one per halving in general), flatten, a linear layer,
+  FirstChannels(classes).
 - ``CPLNet(size)``: CPL-S/M/L/XL as the CPL code builds them (Meunier et al. 2022): zero channel padding,
   n_conv CPL convs whose hidden width is ``conv_hidden`` (5 in the reference code, not the channel count),
   AvgPool2d(4, divisor_override=4) (norm exactly 1), n_dense CPL dense layers (hidden 2048) and a
   row-normalized last layer (use pairwise margins to certify it: unit rows do not make it 1-Lipschitz).
-- ``LipLTNet(arch)``: the plain ReLU CNNs of LipLT / CRM (Fazlyab et al. 2023): "6C2F" (CIFAR-10, 32×32) and
-  "4C3F" (MNIST, 28×28), an ``nn.Sequential`` whose Lipschitz constant :func:`lipkern.bounds.lipschitz_bound`
-  bounds (LipLT or product of norms).
+- ``AOLNet(size)``: AOL-S/M/L, the patchwise network of Prach & Lampert 2022 (Table 2).
+- ``LipLTNet(arch)``: the plain ReLU CNNs of LipLT / CRM (Fazlyab et al. 2023): "4C3F" (MNIST), "6C2F"
+  (CIFAR-10), "8C2F" (Tiny-ImageNet), ``nn.Sequential``s whose Lipschitz constant
+  :func:`lipkern.bounds.lipschitz_bound` bounds (LipLT or product of norms).
+- ``LMTNet()``: the LeNet-like MNIST network of LMT (Tsuzuku et al. 2018), plain layers.
 - ``Normalize(mean, std)``: per-channel input standardization (x − mean)/std, a diagonal linear map (its
   Lipschitz constant 1/min std enters the model's); ``Residual(branch, skip=None)``: skip(x) + branch(x).
 
-Every block here is 1-Lipschitz (permutations, projections, MaxMin, the layers) except the last linear layer of
-CPLNet, whose pairwise Lipschitz constants are ‖ŵ_i − ŵ_j‖.
+Every block here is 1-Lipschitz (permutations, projections, MaxMin, the layers) except the last linear layer
+of CPLNet, whose pairwise Lipschitz constants are ‖ŵ_i − ŵ_j‖.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from torch import nn
 from lipkern.nn import AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SpectralConv2d, SpectralLinear
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 
-__all__ = ["CPLNet", "ConvNet", "FirstChannels", "LinearNormalized", "LipLTNet", "Normalize", "Residual",
-           "ZeroChannelPad", "use_eager_cpl"]
+__all__ = ["AOLNet", "CPLNet", "ConvNet", "FirstChannels", "LMTNet", "LinearNormalized", "LipLTNet",
+           "MODEL_FAMILIES", "Normalize", "PixelUnshuffle", "Residual", "ZeroChannelPad", "build_model",
+           "use_eager_cpl"]
 
 CONVNET_WIDTHS = {"XS": 16, "S": 32, "M": 64, "L": 128}
-CPL_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}  # n_conv, n_dense, w
+# n_conv, n_dense, w
+CPL_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}
 LAYERS = ("aol", "cpl", "spectral")
 
 
@@ -66,6 +72,38 @@ class FirstChannels(nn.Module):
 
     def extra_repr(self):
         return str(self.channels)
+
+
+class PixelUnshuffle(nn.PixelUnshuffle):
+    """``nn.PixelUnshuffle`` by a reshape and a permutation (the same channel order c·r² + i·r + j): a
+    permutation of the coordinates, so an isometry. torch's ``F.pixel_unshuffle`` returns a wrong shape on an
+    empty batch ((0, 8, 32, 32) stays (0, 8, 32, 32)); this one gives (0, 32, 16, 16). Subclassing
+    ``nn.PixelUnshuffle`` keeps it recognized as the exact 0/1 map by :mod:`lipkern.bounds`."""
+
+    def forward(self, x):
+        r = self.downscale_factor
+        if x.dim() != 4 or x.shape[-2] % r or x.shape[-1] % r:
+            raise ValueError(f"PixelUnshuffle({r}): expected (N, C, H, W) with H, W multiples of {r}, got "
+                             f"{tuple(x.shape)}")
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, h // r, r, w // r, r).permute(0, 1, 3, 5, 2, 4)
+        return x.reshape(n, c * r * r, h // r, w // r)
+
+
+def _size_pair(input_size, who: str) -> tuple[int, int]:
+    """An int or an (H, W) pair of positive ints, as (H, W)."""
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+        raise ValueError(f"{who}: input_size must be a positive int or a pair (H, W) of them, "
+                         f"got {input_size!r}")
+    return size
+
+
+def _check_channels(who: str, in_channels: int, width: int) -> None:
+    if not isinstance(in_channels, int) or in_channels < 1 or in_channels > width:
+        raise ValueError(f"{who}: in_channels must be an int in [1, {width}] (zero-padded to {width} "
+                         "channels), "
+                         f"got {in_channels!r}")
 
 
 class LinearNormalized(nn.Linear):
@@ -103,7 +141,8 @@ class Normalize(nn.Module):
 
 
 class Residual(nn.Module):
-    """skip(x) + branch(x); ``skip=None`` is the identity. Its Lipschitz constant is at most L(skip) + L(branch)."""
+    """skip(x) + branch(x); ``skip=None`` is the identity. Its Lipschitz constant is at most
+    L(skip) + L(branch)."""
 
     def __init__(self, branch: nn.Module, skip: nn.Module | None = None):
         super().__init__()
@@ -113,39 +152,44 @@ class Residual(nn.Module):
         return (x if self.skip is None else self.skip(x)) + self.branch(x)
 
 
-LIPLT_ARCHS = {  # convs (out, kernel, stride), dense widths; every conv has padding 1
-    "6C2F": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2), (64, 3, 1), (64, 4, 2)], [512]),
-    "4C3F": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512]),
+LIPLT_ARCHS = {  # convs (out, kernel, stride, padding), dense widths (CRM-LipLT NetworkArchitectures.py)
+    "4C3F": ([(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512, 512]),
+    "6C2F": ([(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)],
+             [512]),
+    "8C2F": ([(64, 3, 1, 1), (64, 3, 1, 0), (64, 4, 2, 0), (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 0),
+              (256, 3, 1, 1), (256, 4, 2, 0)], [256]),
 }
-_LIPLT_DEFAULTS = {"6C2F": (3, 32), "4C3F": (1, 28)}  # in_channels, input_size
+_LIPLT_DEFAULTS = {"6C2F": (3, 32), "4C3F": (1, 28), "8C2F": (3, 64)}  # in_channels, input_size
 
 
 class LipLTNet(nn.Sequential):
-    """The plain ReLU CNNs of LipLT / CRM (CRM-LipLT ``NetworkArchitectures.py``): convs with padding 1 and
-    kernels 3 (stride 1) / 4 (stride 2), ReLU after every layer but the last, flatten, dense layers.
+    """The plain ReLU CNNs of LipLT / CRM (CRM-LipLT ``NetworkArchitectures.py``): convs, ReLU after every
+    layer but the last, flatten, dense layers.
 
-    - "6C2F" (CIFAR-10, 32×32): 3→32→32→64→64→64→64 channels, then 1024→512→num_classes;
-    - "4C3F" (MNIST, 28×28): 1→32→32→64→64, then 3136→512→512→num_classes.
-    ``in_channels`` and ``input_size`` default to the dataset's (3/32, 1/28); another input size changes the
-    flattened width (computed here). No normalization layers (add :class:`Normalize` in front if needed).
+    - "4C3F" (MNIST, 28×28): 1→32→32→64→64 (kernels 3/4, strides 1/2, padding 1), then 3136→512→512→classes;
+    - "6C2F" (CIFAR-10, 32×32): 3→32→32→64→64→64→64, same alternation, then 1024→512→classes;
+    - "8C2F" (Tiny-ImageNet, 64×64): 3→64 (3, p1), 64→64 (3, p0), 64→64 (4, s2, p0), 64→128 (3, p1),
+      128→128 (3, p1), 128→128 (4, s2, p0), 128→256 (3, p1), 256→256 (4, s2, p0), then 9216→256→classes.
+    ``in_channels`` and ``input_size`` (int or (H, W)) default to the dataset's; another input size changes
+    the flattened width (computed here; a ValueError if a conv gets no output pixel). No normalization layers.
     """
 
     def __init__(self, arch: str = "6C2F", in_channels: int | None = None, num_classes: int = 10,
-                 input_size: int | None = None, device=None, dtype=None):
+                 input_size=None, device=None, dtype=None):
         if arch not in LIPLT_ARCHS:
             raise ValueError(f"LipLTNet: arch must be one of {list(LIPLT_ARCHS)}, got {arch!r}")
         convs, dense = LIPLT_ARCHS[arch]
         default_channels, default_size = _LIPLT_DEFAULTS[arch]
         channels = default_channels if in_channels is None else in_channels
-        size = default_size if input_size is None else input_size
+        h, w = _size_pair(default_size if input_size is None else input_size, f"LipLTNet({arch!r})")
         factory = {"device": device, "dtype": dtype}
         modules: list[nn.Module] = []
-        for out, kernel, stride in convs:
-            modules += [nn.Conv2d(channels, out, kernel, stride, 1, **factory), nn.ReLU()]
-            channels, size = out, (size + 2 - kernel) // stride + 1
-            if size < 1:
+        for out, kernel, stride, pad in convs:
+            modules += [nn.Conv2d(channels, out, kernel, stride, pad, **factory), nn.ReLU()]
+            channels, h, w = out, (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+            if h < 1 or w < 1:
                 raise ValueError(f"LipLTNet: input_size {input_size} is too small for {arch}")
-        features = channels * size * size
+        features = channels * h * w
         modules.append(nn.Flatten())
         for width in dense:
             modules += [nn.Linear(features, width, **factory), nn.ReLU()]
@@ -155,7 +199,7 @@ class LipLTNet(nn.Sequential):
         self.arch = arch
 
 
-def _conv(layer: str, channels: int, kernel: int, size: int, **kwargs) -> nn.Module:
+def _conv(layer: str, channels: int, kernel: int, size, **kwargs) -> nn.Module:
     if layer == "aol":
         return nn.Sequential(AOLConv2d(channels, channels, kernel, padding=kernel // 2, **kwargs), MaxMin())
     if layer == "cpl":  # MaxMin after CPL too ("1-Lipschitz Layers Compared", Remark 1)
@@ -172,25 +216,51 @@ def _linear(layer: str, features: int, **kwargs) -> nn.Module:
     return SpectralLinear(features, features, **kwargs)
 
 
+def convnet_plan(input_size, blocks: int | None = None) -> list[tuple[int, int]]:
+    """The resolutions (H, W) at which ConvNet's downsizing blocks run: one block per 2× halving while both
+    sides are even (at most ``blocks`` of them). 32×32 → 5 blocks (32, 16, 8, 4, 2) as in the paper; 64×64 → 6
+    (the paper's Tiny-ImageNet net); 28×28 → 2 (28, 14; 7×7 remains); 8×8 → 3."""
+    h, w = _size_pair(input_size, "ConvNet")
+    plan = []
+    while h % 2 == 0 and w % 2 == 0 and (blocks is None or len(plan) < blocks):
+        plan.append((h, w))
+        h, w = h // 2, w // 2
+    return plan
+
+
 class ConvNet(nn.Module):
     """ConvNet XS/S/M/L of "1-Lipschitz Layers Compared" with ``layer`` in 'aol' | 'cpl' | 'spectral'.
-    ``image_size`` must be 32 (5 halvings to 1×1); ``width`` overrides the size's width."""
+
+    Zero channel padding to the width t, a 1×1 conv + MaxMin, downsizing blocks [5 × (k×k conv + MaxMin),
+    FirstChannels(t/2), PixelUnshuffle(2)] (t doubles per block; k = 3, k = 1 once a side is ≤ 2), flatten of
+    what remains (t_final·h·w features), a square linear layer and FirstChannels(num_classes).
+    ``image_size`` (int or (H, W)): any size; one block per 2× halving while both sides are even
+    (:func:`convnet_plan`; ``blocks`` caps their number). At 32×32 this is the paper's network exactly.
+    ``width`` overrides the size's width (even). Inputs (N, in_channels, H, W) -> logits (N, num_classes).
+    """
 
     def __init__(self, size: str = "XS", layer: str = "aol", in_channels: int = 3, num_classes: int = 10,
-                 image_size: int = 32, width: int | None = None, **layer_kwargs):
+                 image_size=32, width: int | None = None, blocks: int | None = None, **layer_kwargs):
         if size not in CONVNET_WIDTHS or layer not in LAYERS:
-            raise ValueError(f"ConvNet: size in {list(CONVNET_WIDTHS)}, layer in {LAYERS}; got {size!r}, {layer!r}")
-        if image_size != 32:
-            raise ValueError("ConvNet: image_size must be 32 (five 2× downsizing blocks to 1×1)")
-        t = width or CONVNET_WIDTHS[size]
-        modules: list[nn.Module] = [ZeroChannelPad(t), _conv(layer, t, 1, image_size, **layer_kwargs)]
-        resolution = image_size
-        for block in range(5):
-            kernel = 1 if block == 4 else 3
-            modules += [_conv(layer, t, kernel, resolution, **layer_kwargs) for _ in range(5)]
-            modules += [FirstChannels(t // 2), nn.PixelUnshuffle(2)]
-            t, resolution = 2 * t, resolution // 2
-        modules += [nn.Flatten(), _linear(layer, t, **layer_kwargs), FirstChannels(num_classes)]
+            raise ValueError(f"ConvNet: size in {list(CONVNET_WIDTHS)}, layer in {LAYERS}; got {size!r}, "
+                             f"{layer!r}")
+        t = CONVNET_WIDTHS[size] if width is None else width
+        if not isinstance(t, int) or t < 2 or t % 2:
+            raise ValueError(f"ConvNet: width must be an even int >= 2 (MaxMin halves), got {width!r}")
+        _check_channels("ConvNet", in_channels, t)
+        if blocks is not None and (not isinstance(blocks, int) or blocks < 0):
+            raise ValueError(f"ConvNet: blocks must be a non-negative int or None, got {blocks!r}")
+        h, w = _size_pair(image_size, "ConvNet")
+        modules: list[nn.Module] = [ZeroChannelPad(t), _conv(layer, t, 1, (h, w), **layer_kwargs)]
+        for h, w in convnet_plan((h, w), blocks):
+            kernel = 1 if min(h, w) <= 2 else 3
+            modules += [_conv(layer, t, kernel, (h, w), **layer_kwargs) for _ in range(5)]
+            modules += [FirstChannels(t // 2), PixelUnshuffle(2)]
+            t, h, w = 2 * t, h // 2, w // 2
+        features = t * h * w
+        if num_classes > features:
+            raise ValueError(f"ConvNet: num_classes {num_classes} > {features} features before the head")
+        modules += [nn.Flatten(), _linear(layer, features, **layer_kwargs), FirstChannels(num_classes)]
         super().__init__()
         self.layers = nn.Sequential(*modules)
 
@@ -199,16 +269,24 @@ class ConvNet(nn.Module):
 
 
 class CPLNet(nn.Module):
-    """CPL-S/M/L/XL on 32×32 inputs (see the module docstring): ``body`` (1-Lipschitz) then ``head`` (LLN)."""
+    """CPL-S/M/L/XL (see the module docstring): ``body`` (1-Lipschitz) then ``head`` (LLN). ``image_size``
+    (int or (H, W)) ≥ 4: the CPL convs run at that size, AvgPool2d(4, divisor_override=4) keeps ⌊H/4⌋×⌊W/4⌋
+    windows (dropping border pixels is a projection, still 1-Lipschitz)."""
 
     def __init__(self, size: str = "S", in_channels: int = 3, num_classes: int = 10, conv_hidden: int = 5,
-                 dense_hidden: int = 2048, image_size: int = 32, **layer_kwargs):
+                 dense_hidden: int = 2048, image_size=32, **layer_kwargs):
         if size not in CPL_SIZES:
             raise ValueError(f"CPLNet: size must be one of {list(CPL_SIZES)}, got {size!r}")
         n_conv, n_dense, w = CPL_SIZES[size]
-        features = w * (image_size // 4) ** 2
+        _check_channels("CPLNet", in_channels, w)
+        height, width = _size_pair(image_size, "CPLNet")
+        if min(height, width) < 4:
+            raise ValueError(f"CPLNet: image_size must be at least 4×4 (4×4 average pooling), "
+                             f"got {image_size!r}")
+        features = w * (height // 4) * (width // 4)
         modules: list[nn.Module] = [ZeroChannelPad(w)]
-        modules += [CPLConv2d(w, conv_hidden, 3, input_size=image_size, **layer_kwargs) for _ in range(n_conv)]
+        modules += [CPLConv2d(w, conv_hidden, 3, input_size=(height, width), **layer_kwargs)
+                    for _ in range(n_conv)]
         modules += [nn.AvgPool2d(4, divisor_override=4), nn.Flatten()]
         modules += [CPLLinear(features, dense_hidden, **layer_kwargs) for _ in range(n_dense)]
         factory = {k: v for k, v in layer_kwargs.items() if k in ("device", "dtype")}
@@ -218,6 +296,119 @@ class CPLNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+AOL_WIDTHS = {"S": 16, "M": 32, "L": 48}
+
+
+class AOLNet(nn.Sequential):
+    """AOL-S/M/L, the "patchwise" network of Prach & Lampert 2022 (Table 2), all AOL layers, zero padding:
+    PixelUnshuffle(4) (4×4 concatenation pooling), AOL conv 1×1 → ``conv_channels`` (192) + MaxMin,
+    ``n_conv`` (12) × [AOL conv 3×3 + MaxMin], AOL conv 1×1, FirstChannels(w), flatten (w·H/4·W/4 = 64w at
+    32×32), ``n_dense`` (13) × [AOL dense + MaxMin], AOL dense, FirstChannels(num_classes); w = 16/32/48.
+    ``image_size`` (int or (H, W)): both sides multiples of 4. 1-Lipschitz by construction."""
+
+    def __init__(self, size: str = "S", in_channels: int = 3, num_classes: int = 10, image_size=32,
+                 width: int | None = None, conv_channels: int = 192, n_conv: int = 12, n_dense: int = 13,
+                 device=None, dtype=None):
+        if size not in AOL_WIDTHS:
+            raise ValueError(f"AOLNet: size must be one of {list(AOL_WIDTHS)}, got {size!r}")
+        w = AOL_WIDTHS[size] if width is None else width
+        h, wd = _size_pair(image_size, "AOLNet")
+        if h % 4 or wd % 4:
+            raise ValueError(f"AOLNet: image_size sides must be multiples of 4 (4×4 concatenation pooling), "
+                             f"got "
+                             f"{image_size!r}")
+        if conv_channels % 2 or w > conv_channels or w < 1:
+            raise ValueError(f"AOLNet: need an even conv_channels >= width >= 1, got {conv_channels}, {w}")
+        features = w * (h // 4) * (wd // 4)
+        if features % 2 or num_classes > features:
+            raise ValueError(f"AOLNet: {features} dense features: must be even and >= num_classes "
+                             f"{num_classes}")
+        f = {"device": device, "dtype": dtype}
+        modules: list[nn.Module] = [PixelUnshuffle(4), AOLConv2d(16 * in_channels, conv_channels, 1, **f),
+                                    MaxMin()]
+        for _ in range(n_conv):
+            modules += [AOLConv2d(conv_channels, conv_channels, 3, padding=1, **f), MaxMin()]
+        modules += [AOLConv2d(conv_channels, conv_channels, 1, **f), FirstChannels(w), nn.Flatten()]
+        for _ in range(n_dense):
+            modules += [AOLLinear(features, features, **f), MaxMin()]
+        modules += [AOLLinear(features, features, **f), FirstChannels(num_classes)]
+        super().__init__(*modules)
+
+
+class LMTNet(nn.Sequential):
+    """The LeNet-like MNIST network of LMT (Tsuzuku et al. 2018, ``src/model/lenet.py``, after Peck et al.
+    2017): conv 5×5 → 20, ReLU, MaxPool 2, conv 5×5 → 50, ReLU, MaxPool 2, flatten, dense 500, ReLU, dense
+    num_classes; He-normal weights. Plain layers: its Lipschitz constant comes from
+    :func:`lipkern.bounds.lipschitz_bound` and is pushed down by the LMT loss. ``image_size`` ≥ 16."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size=28, device=None, dtype=None):
+        h, w = _size_pair(image_size, "LMTNet")
+        out_h, out_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"LMTNet: image_size must be at least 16×16 (two 5×5 convs and 2× poolings), "
+                             f"got "
+                             f"{image_size!r}")
+        f = {"device": device, "dtype": dtype}
+        super().__init__(nn.Conv2d(in_channels, 20, 5, **f), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(20, 50, 5, **f), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(50 * out_h * out_w, 500, **f), nn.ReLU(), nn.Linear(500, num_classes, **f))
+        for m in self:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def _model_table() -> dict[str, tuple[str, object]]:
+    """name -> (family, builder(num_classes, in_channels, input_size, **options))."""
+    table: dict[str, tuple[str, object]] = {}
+    for size in CONVNET_WIDTHS:
+        for layer in LAYERS:
+            table[f"convnet-{size.lower()}-{layer}"] = (layer, lambda c, i, s, size=size, layer=layer, **o:
+                                                        ConvNet(size, layer, i, c, s, **o))
+    for size in AOL_WIDTHS:
+        table[f"aol-{size.lower()}"] = ("aol", lambda c, i, s, size=size, **o: AOLNet(size, i, c, s, **o))
+    for size in CPL_SIZES:
+        table[f"cpl-{size.lower()}"] = ("cpl", lambda c, i, s, size=size, **o:
+                                             CPLNet(size, i, c, image_size=s, **o))
+    for arch in LIPLT_ARCHS:
+        table[f"liplt-{arch.lower()}"] = ("liplt", lambda c, i, s, arch=arch, **o:
+                                               LipLTNet(arch, i, c, s, **o))
+    table["lmt"] = ("lmt", lambda c, i, s, **o: LMTNet(i, c, s, **o))
+    return table
+
+
+_MODELS = _model_table()
+MODEL_FAMILIES: dict[str, str] = {name: family for name, (family, _) in _MODELS.items()}
+"""Every name :func:`build_model` knows -> its family in {"aol", "cpl", "spectral", "liplt", "lmt"}
+(the family selects the training recipe)."""
+
+
+def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, input_size=32,
+                **options) -> nn.Module:
+    """A reference network by its lower-case name (see :data:`MODEL_FAMILIES`), for inputs
+    (N, in_channels, H, W) with ``input_size`` = H = W (an int) or (H, W), giving logits (N, num_classes).
+
+    - "convnet-{xs,s,m,l}-{aol,cpl,spectral}": :class:`ConvNet` (options: width, blocks, layer options such
+      as certified=, n_power_iterations=, device=, dtype=);
+    - "aol-{s,m,l}": :class:`AOLNet` (options: width, conv_channels, n_conv, n_dense, device, dtype);
+    - "cpl-{s,m,l,xl}": :class:`CPLNet` (options: conv_hidden, dense_hidden, certified, ...);
+    - "liplt-{4c3f,6c2f,8c2f}": :class:`LipLTNet`; "lmt": :class:`LMTNet` (device, dtype).
+    Raises ValueError for an unknown name (listing the choices) or an input size / option the architecture
+    does not admit, TypeError for an unknown option.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"build_model: unknown model {name!r}; choices: {', '.join(_MODELS)}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"build_model: num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"build_model: in_channels must be a positive int, got {in_channels!r}")
+    _size_pair(input_size, f"build_model({name!r})")
+    try:
+        return _MODELS[name][1](num_classes, in_channels, input_size, **options)
+    except TypeError as err:
+        raise TypeError(f"build_model({name!r}): {err}") from err
 
 
 def _eager_conv_forward(self, x):

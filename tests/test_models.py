@@ -51,7 +51,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         ConvNet("XS", "lot")
     with pytest.raises(ValueError):
-        ConvNet("XS", image_size=64)
+        ConvNet("XS", image_size=0)
     with pytest.raises(ValueError):
         CPLNet("XS")
 
