@@ -198,7 +198,7 @@ def matrix_norm_upper(mat: torch.Tensor) -> float:
     if largest == 0.0:
         return 0.0
     exponent = math.frexp(largest)[1]
-    scaled = torch.ldexp(mat, torch.tensor(-exponent, dtype=mat.dtype, device=mat.device))
+    scaled = _times_power_of_two(mat, torch.tensor(-exponent, device=mat.device))
     rows, cols = scaled.shape
     slack = math.sqrt(rows * cols) * _ETA
     sigma = _norm_estimate(scaled)
@@ -213,7 +213,7 @@ def matrix_norm_upper(mat: torch.Tensor) -> float:
             break
     if not math.isfinite(bound):
         bound = gram_upper_bound(scaled[None], rtol=1e-7, lower=sigma).item()
-    return math.ldexp(_add(bound, slack), exponent)
+    return math.nextafter(math.ldexp(_add(bound, slack), exponent), math.inf)  # subnormal results round
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,6 +390,9 @@ def head_chain_norms(maps: list[LinearMap], pairwise: bool = False, sound: bool 
         if chain_bounds is not None and tuple(chain_bounds.shape) != (len(maps), len(maps)):
             raise ValueError(f"head_chain_norms: chain_bounds must be ({len(maps)}, {len(maps)}), got "
                              f"{tuple(chain_bounds.shape)}")
+        if chain_bounds is not None and not bool(((chain_bounds >= 0) & ~chain_bounds.isnan()).all()):
+            raise ValueError("head_chain_norms: chain_bounds must be upper bounds (>= 0, not NaN), as from "
+                             "chain_upper_bounds")
         return _head_sound(maps, pairwise, chain_bounds)
     return _head_differentiable(maps, pairwise)
 
@@ -429,6 +432,15 @@ def _head_sound(maps: list[LinearMap], pairwise: bool, chain_bounds: torch.Tenso
         return out
 
 
+def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """x·2^e in two halves (torch.ldexp forms 2^e, which overflows for e > 1023 and gives inf·0 = NaN): exact
+    while the result is normal; scaling down into the subnormal range errs by ≤ 2⁻¹⁰⁷⁴ per entry (the
+    intermediate is never smaller than the result)."""
+    exponent = exponent.to(torch.int64)
+    first = torch.div(exponent, 2, rounding_mode="floor")
+    return x * torch.pow(2.0, first.to(x.dtype)) * torch.pow(2.0, (exponent - first).to(x.dtype))
+
+
 def _row_norms_upper(d: torch.Tensor) -> torch.Tensor:
     """(P,) upper bounds of the Euclidean norms of the EXACT differences whose computed values are the rows of
     ``d`` (P, n) (one rounded subtraction each: |d_exact| ≤ |d̂|/(1 − u)). Each row is scaled by a power of two
@@ -437,11 +449,11 @@ def _row_norms_upper(d: torch.Tensor) -> torch.Tensor:
     n = d.shape[1]
     largest = d.abs().amax(1)
     exponent = torch.frexp(largest).exponent
-    scaled = torch.ldexp(d, -exponent[:, None].to(d.dtype))
+    scaled = _times_power_of_two(d, -exponent[:, None])
     squares = (scaled * scaled).sum(1)
     squares = (squares + n * _ETA) / _one_minus_gamma(n)
     norms = squares.sqrt() * ((1 + 16 * _U) / (1 - _U))
-    return torch.where(largest > 0, torch.ldexp(norms, exponent.to(d.dtype)), 0.0)
+    return torch.where(largest > 0, _times_power_of_two(norms, exponent) + _ETA, 0.0)  # subnormal results round
 
 
 def _common_dtype(maps: list[LinearMap]) -> torch.dtype:

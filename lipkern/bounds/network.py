@@ -164,9 +164,27 @@ def _builtin_slopes(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def _plain(module: nn.Module, cls: type) -> bool:
-    """``module`` computes exactly ``cls``'s forward (subclasses that only add parametrizations count)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
+def computes_forward_of(module: nn.Module, *classes: type) -> bool:
+    """``module`` is an instance of one of ``classes`` and runs that class's own forward: a subclass that
+    overrides forward (say ``100 * super().forward(x)``) is not the class it derives from. Parametrizations
+    (torch.nn.utils.parametrize) change the weight, not the forward, and count."""
+    return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in classes)
+
+
+def reject_hooks(module: nn.Module, who: str) -> None:
+    """Forward hooks and pre-hooks can change what a module computes (the classic
+    torch.nn.utils.spectral_norm recomputes the weight in a pre-hook): a bound read from the module's attributes
+    would not be the bound of what runs. Refuse them."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        raise TypeError(f"{who}: global forward hooks are registered (they may change every module's output); "
+                        "remove them to compute a bound")
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise TypeError(f"{who}: {type(module).__name__} has forward hooks or pre-hooks, which may change its "
+                        "output (torch.nn.utils.spectral_norm/weight_norm are hooks: use "
+                        "torch.nn.utils.parametrizations instead), or declare its constant with "
+                        "lipschitz_constants={module: L}")
 
 
 class _Parser:
@@ -218,23 +236,29 @@ class _Parser:
         constant = self._lookup(self.constants, module)
         if constant is not None:
             return [_Constant(float(constant), self.name(module))], self.run(module, shape)
+        reject_hooks(module, f"lipschitz_bound: {self.name(module)}")
         slopes = self._lookup(self.slopes, module) or _builtin_slopes(module)
         if slopes is not None:
             return [_Slope(Fraction(slopes[0]), Fraction(slopes[1]))], shape
-        if isinstance(module, nn.Sequential):
+        if computes_forward_of(module, nn.Sequential):
             return self.parse_sequence(list(module), shape)
-        if isinstance(module, M.ConvNet):
+        if computes_forward_of(module, M.ConvNet):
             return self.parse(module.layers, shape)
-        if isinstance(module, M.CPLNet):
+        if computes_forward_of(module, M.CPLNet):
             return self.parse_sequence([module.body, module.head], shape)
-        if isinstance(module, M.Residual):
+        if computes_forward_of(module, M.Residual):
+            inplace = [m for m in module.modules() if getattr(m, "inplace", False) is True]
+            if inplace:  # an in-place op at the start of a path overwrites the input the other path adds
+                raise ValueError(f"lipschitz_bound: {self.name(module)} contains in-place modules "
+                                 f"({', '.join(self.name(m) for m in inplace)}); they can overwrite the block's "
+                                 "input before the skip adds it: use inplace=False inside residual blocks")
             branch, out = self.parse(module.branch, shape)
             skip, skip_out = (None, shape) if module.skip is None else self.parse(module.skip, shape)
             if skip_out != out:
                 raise ValueError(f"lipschitz_bound: {self.name(module)}: the branch gives {out}, the skip "
                                  f"{skip_out}")
             return [_ResidualBlock(branch, skip)], out
-        if isinstance(module, (nn.Flatten, nn.Unflatten, nn.Identity)):
+        if computes_forward_of(module, nn.Flatten, nn.Unflatten, nn.Identity):
             return [], self.run(module, shape)
         handled = self.parse_layer(module, shape)
         if handled is None:
@@ -263,36 +287,36 @@ class _Parser:
         from lipkern import nn as LN
 
         name = self.name(module)
-        if isinstance(module, (LN.CPLConv2d, LN.CPLLinear)):
+        if computes_forward_of(module, LN.CPLConv2d, LN.CPLLinear):
             if self.sound and (not module.certified or module.training):
                 raise ValueError(f"lipschitz_bound(sound=True): {name} is 1-Lipschitz with proof only with "
                                  "certified=True and in eval mode (its step size uses a guaranteed norm bound)")
             return [_Constant(1.0, name)], self.run(module, shape)
-        if isinstance(module, LN.MaxMin):
+        if computes_forward_of(module, LN.MaxMin):
             return [_Constant(1.0, name)], self.run(module, shape)
-        if isinstance(module, nn.PixelShuffle):
+        if computes_forward_of(module, nn.PixelShuffle):
             return [_Constant(1.0, name)], self.run(module, shape)
-        if isinstance(module, nn.MaxPool2d):
+        if computes_forward_of(module, nn.MaxPool2d):
             return self.max_pool(module, shape)
-        if isinstance(module, (LN.SpectralConv2d, LN.SpectralLinear)):
+        if computes_forward_of(module, LN.SpectralConv2d, LN.SpectralLinear):
             return self.spectral(module, shape)
-        if isinstance(module, M.LinearNormalized):
+        if computes_forward_of(module, M.LinearNormalized):
             return self.dense(module, shape, lambda p: F.normalize(module.weight, dim=1))
-        if isinstance(module, LN.AOLLinear):
+        if computes_forward_of(module, LN.AOLLinear):
             return self.dense(module, shape, lambda p: module.rescaled_weight())
-        if isinstance(module, LN.AOLConv2d):
+        if computes_forward_of(module, LN.AOLConv2d):
             return self.conv(module, shape, lambda p: module.rescaled_weight())
-        if _plain(module, nn.Linear):
+        if computes_forward_of(module, nn.Linear):
             return self.dense(module, shape, lambda p: module.weight)
-        if _plain(module, nn.Conv2d):
+        if computes_forward_of(module, nn.Conv2d):
             return self.conv(module, shape, lambda p: module.weight)
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d):
             return self.batch_norm(module, shape)
-        if isinstance(module, M.Normalize):
+        if computes_forward_of(module, M.Normalize):
             return self.normalize(module, shape)
-        if isinstance(module, nn.AvgPool2d):
+        if computes_forward_of(module, nn.AvgPool2d):
             return self.avg_pool(module, shape)
-        if isinstance(module, (M.FirstChannels, M.ZeroChannelPad, nn.PixelUnshuffle)):
+        if computes_forward_of(module, M.FirstChannels, M.ZeroChannelPad, nn.PixelUnshuffle):
             return self.selection(module, shape)
         return None
 

@@ -81,6 +81,8 @@ def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Te
         raise ValueError("certified_radius: lipschitz contains NaN")
     if (value < 0).any():
         raise ValueError("certified_radius: lipschitz bounds must be non-negative")
+    if value.dim() == 2:  # L_ab bounds f_a − f_b and f_b − f_a alike: a one-sided (triangular) fill is used
+        value = torch.maximum(value, value.T)  # for both, never a missing 0 read as "constant difference"
     return value
 
 
@@ -244,7 +246,7 @@ def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise:
             if bound is None:
                 if lipschitz is None:
                     shape = tuple(input_shape) if input_shape is not None else tuple(x.shape[1:])
-                    lipschitz = _default_lipschitz(model, shape, pairwise)
+                    lipschitz = _default_lipschitz(net, shape, pairwise)  # eval mode (BatchNorm, spectral)
                 bound = _as_lipschitz(lipschitz, logits.shape[1], device)
                 _warn_if_lln_head(model, bound)
             y = y.to(device)

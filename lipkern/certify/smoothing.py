@@ -54,7 +54,11 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     alpha = _check_alpha(alpha, "clopper_pearson_lower")
     if successes == 0:
         return 0.0
-    return float(beta.ppf(alpha, int(successes), int(trials) - int(successes) + 1))
+    # rounded down by ~1e-15 relative: scipy's quantile is accurate to a few ulps, not directed
+    return float(beta.ppf(alpha, int(successes), int(trials) - int(successes) + 1)) * _DOWN
+
+
+_DOWN = 1 - 2.0**-48  # a few ulps of float64 below: the quantile functions round to nearest, not down
 
 
 def smoothing_radius(p_lower: float, sigma: float) -> float:
@@ -63,7 +67,7 @@ def smoothing_radius(p_lower: float, sigma: float) -> float:
 
     if not 0.5 <= p_lower <= 1.0:
         raise ValueError(f"smoothing_radius: p_lower must lie in [0.5, 1], got {p_lower!r}")
-    return float(sigma * norm.ppf(p_lower))
+    return float(sigma * norm.ppf(p_lower)) * _DOWN  # rounded down, as p_lower
 
 
 class RandomizedSmoothing:

@@ -54,8 +54,14 @@ def _round_up(value: float, roundings: int = 4) -> float:
 
 # --- the local bound -------------------------------------------------------------------------------------
 def _leaves(module: nn.Module) -> list[nn.Module] | None:
-    """The layers of a (nested) nn.Sequential, or None if any is not supported."""
-    if isinstance(module, nn.Sequential):
+    """The layers of a (nested) nn.Sequential, or None if any is not supported: a subclass that overrides
+    forward or a module with forward hooks computes something else than its weights say."""
+    from lipkern.bounds.network import computes_forward_of
+
+    if module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks \
+            or nn.modules.module._global_forward_pre_hooks:
+        return None
+    if computes_forward_of(module, nn.Sequential):
         out: list[nn.Module] = []
         for child in module:
             sub = _leaves(child)
@@ -63,7 +69,7 @@ def _leaves(module: nn.Module) -> list[nn.Module] | None:
                 return None
             out += sub
         return out
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Identity)):
+    if computes_forward_of(module, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Identity):
         return [module]
     return None
 

@@ -83,7 +83,9 @@ def test_radius_zero_for_ties_and_inf_for_zero_bound():
     r = certified_radius(logits, pairwise)
     assert r[0] == 0.0  # still a tie between classes 0 and 1
     assert r[1] <= 2.0 and r[1] == pytest.approx(2.0, rel=1e-14)  # min(2/1 for j = 1, +inf for j = 2)
-    pairwise[0, 1] = 0.0
+    pairwise[0, 1] = 0.0  # one-sided: L_10 = 1 still bounds f_0 − f_1 (the same function up to sign)
+    assert certified_radius(logits, pairwise)[1] == pytest.approx(2.0, rel=1e-14)
+    pairwise[1, 0] = 0.0
     assert certified_radius(logits, pairwise)[1] == math.inf
 
 

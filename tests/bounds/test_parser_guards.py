@@ -1,0 +1,104 @@
+"""Ways a model can compute something other than what its weights say; each once gave a bound far below the
+network's true Lipschitz constant (an independent review found them). The bound must refuse, not guess."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipkern.bounds import lipschitz_bound
+from lipkern.bounds.chain import _row_norms_upper, matrix_norm_upper
+from lipkern.certify import SplitzCertifier
+from lipkern.certify.splitz import LocalReluLipschitz
+from lipkern.models import Residual
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+
+
+class ScaledSequential(nn.Sequential):
+    def forward(self, x):
+        return 100 * super().forward(x)
+
+
+class ScaledIdentity(nn.Identity):
+    def forward(self, x):
+        return 50 * x
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 100 * super().forward(x)
+
+
+class ScaledFlatten(nn.Flatten):
+    def forward(self, x):
+        return 7 * super().forward(x)
+
+
+@pytest.mark.parametrize("model", [ScaledSequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4), ScaledIdentity()),
+                                   nn.Sequential(ScaledLinear(4, 4)), nn.Sequential(ScaledFlatten(), nn.Linear(4, 3)),
+                                   Residual(ScaledSequential(nn.Linear(4, 4)))],
+                         ids=["sequential", "identity", "linear", "flatten", "residual"])
+@pytest.mark.parametrize("sound", [True, False])
+def test_a_subclass_that_overrides_forward_is_refused(model, sound):
+    with pytest.raises(TypeError, match="unsupported module"):
+        lipschitz_bound(model, (4,), sound=sound, n_iter=2)
+
+
+def test_a_declared_constant_makes_an_overriding_subclass_usable():
+    layer = ScaledLinear(4, 4)
+    bound = lipschitz_bound(nn.Sequential(layer), (4,), sound=True, lipschitz_constants={layer: 1e3})
+    assert float(bound) == pytest.approx(1e3, rel=1e-12)
+
+
+def test_forward_hooks_are_refused():
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda module, args, out: 30 * out)
+    with pytest.raises(TypeError, match="forward hooks"):
+        lipschitz_bound(nn.Sequential(hooked), (4,), sound=True)
+    classic = torch.nn.utils.spectral_norm(nn.Linear(4, 4))  # recomputes its weight in a pre-hook
+    with pytest.raises(TypeError, match="parametrizations"):
+        lipschitz_bound(nn.Sequential(classic), (4,), sound=True)
+
+
+def test_parametrized_spectral_norm_is_bounded_by_its_computed_weight():
+    layer = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(5, 4, dtype=torch.float64)).eval()
+    exact = torch.linalg.matrix_norm(layer.weight.detach(), 2)
+    bound = lipschitz_bound(nn.Sequential(layer), (5,), sound=True)
+    assert exact <= bound <= exact * (1 + 1e-9)
+
+
+def test_in_place_activations_inside_a_residual_block_are_refused():
+    # LeakyReLU(3, inplace) overwrites x before the identity skip adds it: the block is ~3-Lipschitz, not ~1
+    block = Residual(nn.Sequential(nn.LeakyReLU(3.0, inplace=True), nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="in-place"):
+        lipschitz_bound(block, (4,), sound=True)
+    safe = Residual(nn.Sequential(nn.LeakyReLU(3.0), nn.Linear(4, 4)))
+    assert torch.isfinite(lipschitz_bound(safe, (4,), sound=True))
+
+
+def test_splitz_local_bound_refuses_overriding_subclasses_and_hooks():
+    with pytest.raises(ValueError, match="nested\\) nn.Sequential"):
+        LocalReluLipschitz(nn.Sequential(ScaledLinear(4, 4), nn.ReLU()), (4,))
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda module, args, out: 50 * out)
+    with pytest.raises(ValueError, match="nested\\) nn.Sequential"):
+        LocalReluLipschitz(nn.Sequential(hooked, nn.ReLU()), (4,))
+    # the certifier then has no bound at all for these left halves (the global bound refuses them too)
+    certifier = SplitzCertifier(nn.Sequential(ScaledLinear(4, 4)), nn.Linear(4, 3), 0.25, 3, input_shape=(4,))
+    with pytest.raises(ValueError, match="no Lipschitz bound"):
+        certifier.lipschitz_at(torch.zeros(4), 1.0)
+
+
+@pytest.mark.parametrize("scale", [1e-320, 3e-310, 1e-300])
+def test_norm_bounds_of_tiny_matrices_are_finite_and_above_the_truth(scale):
+    m = torch.tensor([[scale, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    assert matrix_norm_upper(m) >= scale and math.isfinite(matrix_norm_upper(m))
+    rows = torch.tensor([[scale, 0.0], [3e-310, 1e-311]], dtype=torch.float64)
+    norms = _row_norms_upper(rows)
+    assert torch.isfinite(norms).all()
+    assert norms[0] >= scale and norms[1] >= math.hypot(3e-310, 1e-311)
