@@ -217,15 +217,23 @@ class _Parser:
         return None
 
     def run(self, module, shape) -> tuple[int, ...]:
-        """The output shape of ``module`` on one zero input of ``shape``."""
-        x = torch.zeros(1, *shape, dtype=self.dtype, device=self.device)
+        """The output shape of ``module`` on a batch of two zero inputs of ``shape`` (two: BatchNorm in training
+        mode needs more than one value per channel). Buffers are restored afterwards: a bound does not advance
+        a layer's power iteration or a BatchNorm's running statistics."""
+        x = torch.zeros(2, *shape, dtype=self.dtype, device=self.device)
+        saved = [(b, b.detach().clone()) for b in module.buffers()]
         try:
             with torch.no_grad():
                 y = module(x)
         except (RuntimeError, ValueError, IndexError) as err:
             raise ValueError(f"lipschitz_bound: {self.name(module)} does not accept an input of shape {shape} "
                              f"(batch dim excluded): {err}") from err
-        if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != 1:
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    if not torch.equal(buffer, value):
+                        buffer.copy_(value)
+        if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != 2:
             raise ValueError(f"lipschitz_bound: {self.name(module)} changed the batch dimension")
         return tuple(y.shape[1:])
 

@@ -102,3 +102,15 @@ def test_norm_bounds_of_tiny_matrices_are_finite_and_above_the_truth(scale):
     norms = _row_norms_upper(rows)
     assert torch.isfinite(norms).all()
     assert norms[0] >= scale and norms[1] >= math.hypot(3e-310, 1e-311)
+
+
+def test_computing_a_bound_leaves_buffers_unchanged():
+    from lipkern.nn import CPLLinear
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), CPLLinear(4), nn.Linear(4, 3)).train()
+    model[1].running_mean.fill_(0.5)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    lipschitz_bound(model, (4,), method="product", sound=False, n_iter=2,
+                    lipschitz_constants={model[2]: 1.0})
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
