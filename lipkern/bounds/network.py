@@ -324,7 +324,7 @@ class _Parser:
             return self.normalize(module, shape)
         if computes_forward_of(module, nn.AvgPool2d):
             return self.avg_pool(module, shape)
-        if computes_forward_of(module, M.FirstChannels, M.ZeroChannelPad, nn.PixelUnshuffle):
+        if computes_forward_of(module, M.FirstChannels, M.ZeroChannelPad, nn.PixelUnshuffle, M.PixelUnshuffle):
             return self.selection(module, shape)
         return None
 
