@@ -3,6 +3,8 @@
 - ``lipkern bench``: run the benchmark suite on whatever device is present and print the comparison table.
 - ``lipkern certify``: certified accuracy of a saved model on a saved dataset, from a Lipschitz-margin
   certificate or randomized smoothing; a table, a JSON file and optionally a plot.
+- ``lipkern train``: train a reference network (lipkern.models.build_model) on a dataset (lipkern.data) with
+  its paper's recipe, checkpoint and resume, then certify it (lipkern.train); DDP under torchrun.
 """
 
 from __future__ import annotations
@@ -252,11 +254,14 @@ Model (one of):
                                                      arguments, weights from torch.load(weights_only=True)
   --scripted PATH                                    a TorchScript file (torch.jit.load)
   --exported PATH                                    a torch.export file (torch.export.load(...).module())
+  --checkpoint PATH                                  a checkpoint written by lipkern train (the model is
+                                                     rebuilt with lipkern.models.build_model)
 A scripted or exported model is a black box: certify it with --lipschitz L (a constant YOU declare; it is
 printed as such and not verified) or with --smoothing.
 
-Data: --data PATH, a torch.save file holding {"x": (N, ...), "y": (N,)} or a tuple (x, y); --limit N keeps
-the first N points.
+Data: --data PATH, a torch.save file holding {"x": (N, ...), "y": (N,)} or a tuple (x, y), or --dataset NAME
+(the test split of lipkern.data.load_dataset; --data-root DIR for mnist / cifar10; with --checkpoint, the
+training run's dataset and input size by default); --limit N keeps the first N points.
 
 Certificates:
   Lipschitz margin (default): radius = (f_y - f_j) / (sqrt(2) L), or min_j (f_y - f_j) / L_yj with --pairwise;
@@ -270,6 +275,7 @@ Examples:
   lipkern certify --model ConvNet --model-args '{"size": "S", "layer": "aol"}' --state-dict model.pt \\
       --data test.pt --eps 0 0.141 0.282 --output results.json --plot curve.png
   lipkern certify --scripted model.ts --lipschitz 1 --data test.pt
+  lipkern certify --checkpoint runs/convnet-xs-aol-digits/checkpoint.pt --pairwise
   lipkern certify --exported model.pt2 --smoothing --sigma 0.25 --n 10000 --skip 20 --data test.pt
 """
 
@@ -358,7 +364,18 @@ def load_model(args):
                                f"--model-args as in training?): {err}") from None
         return model.eval(), description, True
     if args.state_dict is not None or args.model_args is not None:
-        raise CertifyError("--state-dict and --model-args go with --model, not with --scripted/--exported")
+        raise CertifyError("--state-dict and --model-args go with --model, not with --scripted/--exported/"
+                           "--checkpoint")
+    if args.checkpoint is not None:
+        from lipkern.train import TrainError, certifiable, load_checkpoint_model
+
+        try:
+            model, state = load_checkpoint_model(args.checkpoint)
+        except (TrainError, RuntimeError) as err:
+            raise CertifyError(f"--checkpoint {args.checkpoint}: {err}") from None
+        args.checkpoint_state = state
+        description = f"{state['model']} (checkpoint {args.checkpoint}, epoch {state['epoch']})"
+        return certifiable(model), description, True
     if args.lipschitz is None and not args.smoothing:
         flag = "--scripted" if args.scripted else "--exported"
         raise CertifyError(f"{flag}: the Lipschitz structure of a scripted or exported model is unknown; "
@@ -413,6 +430,27 @@ def load_data(path: str, limit: int | None):
     if x.shape[0] == 0:
         raise CertifyError(f"--data {path}: no inputs to certify")
     return x, y.long()
+
+
+def load_named_data(args):
+    """The test split of --dataset (or, with --checkpoint, of its training dataset, fitted to its input
+    size)."""
+    from lipkern.data import DatasetError, fit_to_size, load_dataset
+
+    config = (getattr(args, "checkpoint_state", None) or {}).get("config", {})
+    name = args.dataset or config.get("dataset")
+    if name is None:
+        raise CertifyError("give the data: --data PATH or --dataset NAME")
+    root = args.data_root if args.data_root is not None else (config.get("data_root") if name ==
+                                                               config.get("dataset") else None)
+    try:
+        x, y = load_dataset(name, root, "test")
+        if config.get("input_size") and name == config.get("dataset"):
+            x = fit_to_size(x, config["input_size"], config.get("fit", "pad"))
+    except (DatasetError, ValueError) as err:
+        raise CertifyError(f"--dataset {name}: {err}") from None
+    args.data = f"{name} test split"
+    return (x, y) if args.limit is None else (x[:args.limit], y[:args.limit])
 
 
 def _probe(model, x, device, exported: bool = False):
@@ -640,7 +678,7 @@ def certify(args) -> int:
         if any(not e >= 0 for e in args.eps):
             raise CertifyError(f"--eps values must be >= 0, got {args.eps}")
         model, description, structure_known = load_model(args)
-        x, y = load_data(args.data, args.limit)
+        x, y = load_named_data(args) if args.data is None else load_data(args.data, args.limit)
         model = model.to(device)
         probe = _probe(model, x, device, exported=args.exported is not None)
         num_classes = probe.shape[1]
@@ -673,12 +711,17 @@ def _add_certify_parser(sub) -> None:
     source.add_argument("--model", metavar="NAME", help="a model class of lipkern.models (with --state-dict)")
     source.add_argument("--scripted", metavar="PATH", help="a TorchScript model (torch.jit.save)")
     source.add_argument("--exported", metavar="PATH", help="a torch.export model (torch.export.save)")
+    source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint of lipkern train (model rebuilt "
+                        "by name from it)")
     p.add_argument("--model-args", metavar="JSON",
                    help="keyword arguments of --model, e.g. '{\"size\": \"S\"}'")
     p.add_argument("--state-dict", metavar="PATH",
                    help="the weights of --model (torch.save(model.state_dict()))")
-    p.add_argument("--data", metavar="PATH", required=True,
+    p.add_argument("--data", metavar="PATH",
                    help="torch.save file: {'x': ..., 'y': ...} or (x, y)")
+    p.add_argument("--dataset", metavar="NAME", help="instead of --data: the test split of a lipkern.data "
+                   "dataset (digits, mnist, cifar10); with --checkpoint, default: the one it was trained on")
+    p.add_argument("--data-root", metavar="DIR", help="folder of the mnist / cifar10 files")
     p.add_argument("--limit", type=int, metavar="N", help="certify the first N points only")
     p.add_argument("--batch-size", type=int, default=256, help="inputs (or noise draws) per forward pass")
     p.add_argument("--device", help="default: cuda when available, else cpu")
@@ -705,6 +748,135 @@ def _add_certify_parser(sub) -> None:
                    "pip install 'lipkern[plot]')")
 
 
+# --- train --------------------------------------------------------------------------------------------------
+TRAIN_HELP = """\
+Train a reference network with its paper's recipe, checkpoint every epoch, and certify it on the test split.
+
+The model's family (lipkern.models.MODEL_FAMILIES) selects the recipe (lipkern.train.RECIPES): loss,
+optimizer, lr, weight decay, schedule, batch size; every option given here overrides it. The inputs keep the
+dataset's size unless --input-size pads them (centered zeros, an isometry) or --fit resize resizes them.
+
+At the end: the certified accuracy on the test split from the sound (guaranteed, float64) Lipschitz bound
+(--certify-method, --certify-pairwise), a table, results.json and certified_accuracy.png in --output-dir
+(a plot needs matplotlib). Under torchrun (WORLD_SIZE > 1) the same command trains with DDP: --batch-size is
+the global batch, split evenly over the processes; rank 0 logs, checkpoints and certifies.
+
+Examples:
+  lipkern train --model convnet-xs-aol --dataset digits --epochs 30 --batch-size 64 --lr 0.05
+  lipkern train --model liplt-4c3f --dataset mnist --data-root ~/data/mnist --epochs 50
+  lipkern train --model convnet-xs-aol --resume runs/convnet-xs-aol-digits/checkpoint.pt --epochs 30
+  torchrun --nproc-per-node 2 -m lipkern.cli train --model convnet-xs-aol --dataset digits
+  lipkern certify --checkpoint runs/convnet-xs-aol-digits/checkpoint.pt --pairwise
+"""
+
+
+def _config_from_args(args):
+    from lipkern.train import TrainConfig
+
+    try:
+        model_args = json.loads(args.model_args or "{}")
+    except json.JSONDecodeError as err:
+        raise CertifyError(f"--model-args is not valid JSON ({err}): {args.model_args}") from None
+    if not isinstance(model_args, dict):
+        raise CertifyError(f"--model-args must be a JSON object of build_model options, got "
+                           f"{args.model_args}")
+    fields = ("model", "dataset", "data_root", "input_size", "fit", "train_limit", "epochs", "batch_size",
+              "lr", "optimizer", "momentum", "weight_decay", "schedule", "loss", "offset", "temperature",
+              "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",
+              "bound_iters", "bound_pairwise", "seed", "device", "threads", "output_dir", "resume",
+              "stop_after", "eps",
+              "certify_method", "certify_pairwise", "certify_limit")
+    values = {name: getattr(args, name) for name in fields}
+    values["progress"] = not args.no_progress
+    values["certify"] = not args.no_certify
+    return TrainConfig(model_args=model_args, **values)
+
+
+def train(args) -> int:
+    from lipkern.train import TrainError, train as run_training
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("lipkern train: --plot needs matplotlib: pip install 'lipkern[plot]'", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        result = run_training(_config_from_args(args))
+    except (CertifyError, TrainError) as err:
+        print(f"lipkern train: error: {err}", file=sys.stderr)
+        return 2
+    certification = result.get("certification")
+    if certification is None:  # not rank 0, or --no-certify
+        return 0
+    out_dir = Path(result["checkpoint"]).parent
+    print(format_certify_table(certification))
+    print(f"training {result['train_seconds']:.0f} s, sound bound {certification['bound_seconds']:.1f} s, "
+          f"total {time.perf_counter() - start:.0f} s; checkpoint: {result['checkpoint']}")
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    print(f"results: {json_path}")
+    plot = args.plot or (out_dir / "certified_accuracy.png"
+                         if importlib.util.find_spec("matplotlib") is not None else None)
+    if plot:
+        print(f"plot: {write_certify_plot(certification, plot)}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from lipkern.train import BOUND_METHODS, LOSSES, OPTIMIZERS, SCHEDULES
+
+    p = sub.add_parser("train", help="train a reference network with its paper's recipe, then certify it",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="convnet-xs-aol",
+                   help="a name of lipkern.models.build_model (default convnet-xs-aol)")
+    p.add_argument("--model-args", metavar="JSON", help="extra build_model options, e.g. '{\"width\": 8}'")
+    p.add_argument("--dataset", default="digits", help="digits (default, bundled), mnist or cifar10")
+    p.add_argument("--data-root", metavar="DIR", help="folder of the mnist / cifar10 files")
+    p.add_argument("--input-size", type=int, metavar="N", help="pad (or --fit resize) inputs to N x N")
+    p.add_argument("--fit", choices=("pad", "resize"), default="pad", help="how --input-size is reached")
+    p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N points only")
+    p.add_argument("--epochs", type=int, default=100, help="epochs in all (default 100)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd, nesterov (SGD with Nesterov momentum), adam")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, help="lr schedule over the whole run")
+    p.add_argument("--loss", choices=LOSSES, help="offset-ce (AOL), hinge (CPL), crm, lmt or ce (plain)")
+    p.add_argument("--offset", type=float, help="offset-ce: margin u subtracted from the true logit")
+    p.add_argument("--temperature", type=float, help="offset-ce: temperature t")
+    p.add_argument("--margin", type=float, help="hinge: margin")
+    p.add_argument("--crm-t", type=float, help="crm: soft-min sharpness t")
+    p.add_argument("--crm-lambda", type=float, help="crm: weight of the radius term")
+    p.add_argument("--crm-r0", type=float, help="crm: radius beyond which points are not penalized")
+    p.add_argument("--crm-start-epoch", type=int, help="crm: first epoch (0-based) of the radius term")
+    p.add_argument("--lmt-c", type=float, help="lmt: target radius c (ramped up over the first 5 epochs)")
+    p.add_argument("--bound-method", choices=BOUND_METHODS, help="crm/lmt: the differentiable training bound")
+    p.add_argument("--bound-iters", type=int, help="crm/lmt: power-iteration steps per training step")
+    p.add_argument("--bound-pairwise", action="store_true",
+                   help="crm/lmt: pairwise constants L_ab in training")
+    p.add_argument("--seed", type=int, default=0, help="initialization and data order (default 0)")
+    p.add_argument("--device",
+                   help="default: cuda (the LOCAL_RANK-th under torchrun) when available, else cpu")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (torch.set_num_threads; on "
+                   "a busy machine 1 can be much faster than the default)")
+    p.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, results.json and the plot go here "
+                   "(default runs/<model>-<dataset>)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="E",
+                   help="stop after epoch E of --epochs (checkpointed; "
+                   "continue later with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-certify", action="store_true", help="skip the certification at the end")
+    p.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS), metavar="EPS",
+                   help="l2 radii of the table (default: 0 36/255 72/255 108/255 0.5 1)")
+    p.add_argument("--certify-method", choices=BOUND_METHODS,
+                   help="sound bound at the end (default: product for aol/cpl/spectral, liplt otherwise)")
+    p.add_argument("--certify-pairwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="pairwise constants L_ab for the certificate (default on)")
+    p.add_argument("--certify-limit", type=int, metavar="N", help="certify the first N test points only")
+    p.add_argument("--plot", metavar="PATH", help="where to write the plot (default: in --output-dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipkern")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -718,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select cases by test name, provider or group (pytest -k syntax)")
     p.add_argument("--budget", type=float, metavar="SECONDS", help="time box per case")
     _add_certify_parser(sub)
+    _add_train_parser(sub)
     return parser
 
 
@@ -741,6 +914,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "certify":
         return certify(args)
+    if args.command == "train":
+        return train(args)
     return bench(args)
 
 

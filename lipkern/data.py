@@ -1,7 +1,7 @@
 """Datasets for ``lipkern train`` and ``lipkern certify``: in-memory tensors, no download.
 
-- ``"digits"`` (default): scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes), pixel values
-  0..16 scaled by 1/16; a fixed train/test split (1,437 / 360 images) from a seeded permutation
+- ``"digits"`` (default): scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes), pixel
+  values 0..16 scaled by 1/16; a fixed train/test split (1,437 / 360 images) from a seeded permutation
   (``numpy.random.RandomState(0)``, whose stream NumPy keeps stable across versions).
 - ``"mnist"``: the four IDX files of MNIST (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``) in ``root`` (or in
@@ -63,7 +63,8 @@ def read_idx(path, expected_dims: int | None = None) -> np.ndarray:
     zero0, zero1, type_code, ndim = raw[:4]
     magic = int.from_bytes(raw[:4], "big")
     if zero0 or zero1 or type_code != _IDX_UBYTE or ndim == 0:
-        raise DatasetError(f"{path}: bad IDX magic number 0x{magic:08x} (expected 0x000008NN: unsigned bytes, "
+        raise DatasetError(f"{path}: bad IDX magic number 0x{magic:08x} (expected 0x000008NN: unsigned "
+                           f"bytes, "
                            f"NN dimensions); not an uncompressed IDX file of bytes")
     if expected_dims is not None and ndim != expected_dims:
         raise DatasetError(f"{path}: IDX magic number 0x{magic:08x} says {ndim} dimensions, expected "
@@ -74,7 +75,8 @@ def read_idx(path, expected_dims: int | None = None) -> np.ndarray:
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64))
     if len(raw) - header != expected:
-        raise DatasetError(f"{path}: the header says shape {shape} ({expected} bytes of data), the file holds "
+        raise DatasetError(f"{path}: the header says shape {shape} ({expected} bytes of data), the file "
+                           f"holds "
                            f"{len(raw) - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
@@ -89,7 +91,8 @@ def _find(root: Path, name: str, subdirs: tuple[str, ...], gz: bool) -> Path | N
 
 def _require_root(name: str, root, url: str) -> Path:
     if root is None:
-        raise DatasetError(f"dataset {name!r} needs root=<folder with its files> (--data-root); get them from "
+        raise DatasetError(f"dataset {name!r} needs root=<folder with its files> (--data-root); get them "
+                           f"from "
                            f"{url}")
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -211,7 +214,8 @@ def fit_to_size(x: torch.Tensor, size: int, mode: str = "pad") -> torch.Tensor:
         return x
     if mode == "pad":
         if size < height or size < width:
-            raise ValueError(f"fit_to_size: cannot pad {height}×{width} images to {size}×{size} (smaller); use "
+            raise ValueError(f"fit_to_size: cannot pad {height}×{width} images to {size}×{size} (smaller); "
+                             f"use "
                              f"mode='resize'")
         top, left = (size - height) // 2, (size - width) // 2
         return F.pad(x, (left, size - width - left, top, size - height - top))

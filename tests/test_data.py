@@ -1,5 +1,5 @@
-"""lipkern.data: IDX and CIFAR-10 files written here byte by byte (the formats' specifications are the oracle),
-read back exactly; scikit-learn's digits against sklearn itself; clear errors."""
+"""lipkern.data: IDX and CIFAR-10 files written here byte by byte (the formats' specifications are the
+oracle), read back exactly; scikit-learn's digits against sklearn itself; clear errors."""
 
 import gzip
 import pickle
@@ -114,7 +114,8 @@ def test_cifar10_round_trip(tmp_path):
     torch.testing.assert_close(x.double(), torch.from_numpy(expect / 255.0), rtol=0, atol=1e-7)
     assert y.tolist() == sum((b[1] for b in batches[:5]), [])
     x, y = load_dataset("cifar10", root=folder, split="test")
-    assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(batches[5][0].reshape(-1, 3, 32, 32)))
+    expect = torch.from_numpy(batches[5][0].reshape(-1, 3, 32, 32))
+    assert torch.equal((x * 255).round().to(torch.uint8), expect)
     assert y.tolist() == batches[5][1]
 
 

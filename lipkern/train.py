@@ -1,0 +1,586 @@
+"""Train a reference network with its paper's recipe, checkpoint it, and certify it (``lipkern train``).
+
+A run is described by a :class:`TrainConfig`; every field left at ``None`` comes from the recipe of the
+model's family (:data:`lipkern.models.MODEL_FAMILIES`), see :data:`RECIPES`:
+
+- aol (Prach & Lampert 2022, papers.md §2): offset cross-entropy (u = √2, t = 1/4), SGD with Nesterov momentum
+  0.9, weight decay 5e-4, batch 250, lr divided by 10 at 90%, 99% and 99.9% of training (900/990/999 of 1000
+  epochs). The paper's lr is 1e-3 over 1000 epochs;
+- cpl (Meunier et al. 2022, §3): multi-margin hinge (margin 0.7), Adam lr 1e-3, batch 256, triangular schedule
+  0 → lr at 40% → lr/20 at 80% → 0;
+- spectral ("1-Lipschitz Layers Compared", §7): offset cross-entropy with u = 2√2·36/255, t = 1/4, SGD
+  momentum 0.9 with PyTorch's OneCycleLR, batch 256; the paper random-searches lr in 10^[−4, −1] and weight
+  decay in 10^[−5.5, −3.5]: the defaults 0.01 and 1e-4 lie in that range (a choice, not the paper's number);
+- liplt (Fazlyab et al. 2023, §1): CRM loss (t = 5, λ = 15, r₀ = 0.2, robust term from epoch 10) with the
+  differentiable LipLT bound :class:`lipkern.bounds.LipschitzBound` (5 power-iteration steps per training
+  step), Adam (eps 1e-7) lr 1e-3 decayed exponentially to 1e-6 at the end ("exponentialWithStopping"),
+  batch 512;
+- lmt (Tsuzuku et al. 2018, §6): LMT loss with c ramped linearly from 1e-5 to 0.1 over the first 5 epochs,
+  the product-of-norms bound advanced by one power-iteration step per training step, SGD Nesterov momentum
+  0.9, lr 0.01 × 0.1 at 50% and 75% of training (80 and 120 of 160 epochs), batch 128.
+
+Schedules are applied per optimizer step as functions of the fraction of training done, so a run of any length
+keeps the recipe's shape. Epoch counts default to 100 (the papers' 200–1000 are long for a first run).
+
+The data are in memory (:func:`lipkern.data.load_dataset`). Each epoch visits a permutation drawn from the
+seed and the epoch in global batches of ``batch_size`` (the last incomplete batch is dropped); under
+``torchrun`` (WORLD_SIZE > 1) rank r trains on the rows r, r + W, r + 2W, … of each global batch, and DDP
+averages the gradients, so W processes follow the same trajectory as one process (up to the all-reduce's
+rounding; MaxMin networks can amplify it through near-ties). Rank 0 logs, writes the checkpoint after every
+epoch and certifies at the end.
+
+Checkpoints (``torch.save`` of plain containers, loadable with ``torch.load(weights_only=True)``):
+``{"format": "lipkern-train-1", "model": name, "model_args": {num_classes, in_channels, input_size, ...},
+"family", "state_dict", "optimizer", "scheduler", "bound" (the power-iteration vectors of the training
+bound), "epoch" (epochs done), "config", "history"}``. :func:`load_checkpoint_model` rebuilds the model;
+``lipkern certify --checkpoint PATH`` reads it.
+
+The certification at the end uses :func:`lipkern.bounds.lipschitz_bound` with ``sound=True`` (a guaranteed
+upper bound) and :func:`lipkern.certify.certified_accuracy` on the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["CHECKPOINT_FORMAT", "RECIPES", "TrainConfig", "TrainError", "certifiable", "certify_model",
+           "load_checkpoint", "load_checkpoint_model", "resolve_config", "train"]
+
+CHECKPOINT_FORMAT = "lipkern-train-1"
+LOSSES = ("offset-ce", "hinge", "crm", "lmt", "ce")
+OPTIMIZERS = ("sgd", "nesterov", "adam")
+SCHEDULES = ("constant", "steps", "triangular", "onecycle", "exponential")
+BOUND_METHODS = ("liplt", "product")
+DEFAULT_EPS = (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5, 1.0)
+SQRT2 = math.sqrt(2.0)
+
+RECIPES: dict[str, dict] = {
+    "aol": dict(loss="offset-ce", offset=SQRT2, temperature=0.25, optimizer="nesterov", lr=1e-3, momentum=0.9,
+                weight_decay=5e-4, batch_size=250, schedule="steps", milestones=(0.9, 0.99, 0.999),
+                source="AOL (Prach & Lampert 2022)"),
+    "cpl": dict(loss="hinge", margin=0.7, optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=256,
+                schedule="triangular", source="CPL (Meunier et al. 2022)"),
+    "spectral": dict(loss="offset-ce", offset=2 * SQRT2 * 36 / 255, temperature=0.25, optimizer="sgd",
+                     lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, schedule="onecycle",
+                     source="1-Lipschitz Layers Compared (Prach et al. 2024)"),
+    "liplt": dict(loss="crm", crm_t=5.0, crm_lambda=15.0, crm_r0=0.2, crm_start_epoch=10, optimizer="adam",
+                  lr=1e-3, adam_eps=1e-7, weight_decay=0.0, batch_size=512, schedule="exponential",
+                  min_lr=1e-6, bound_method="liplt", bound_iters=5,
+                  source="LipLT + CRM (Fazlyab et al. 2023)"),
+    "lmt": dict(loss="lmt", lmt_c=0.1, lmt_ramp_epochs=5, optimizer="nesterov", lr=0.01, momentum=0.9,
+                weight_decay=0.0, batch_size=128, schedule="steps", milestones=(0.5, 0.75),
+                bound_method="product", bound_iters=1, source="LMT (Tsuzuku et al. 2018)"),
+}
+
+
+class TrainError(ValueError):
+    """A problem with the run's options, data or checkpoint: the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``None`` fields are filled from the family's recipe by :func:`resolve_config`."""
+
+    model: str = "convnet-xs-aol"
+    model_args: dict = field(default_factory=dict)  # extra keyword options of build_model
+    dataset: str = "digits"
+    data_root: str | None = None
+    input_size: int | None = None  # None: the dataset's size; larger: zero padding (fit), centered
+    fit: str = "pad"  # 'pad' | 'resize' (see lipkern.data.fit_to_size)
+    train_limit: int | None = None  # use the first N training points only
+    epochs: int = 100
+    batch_size: int | None = None  # global batch (all ranks together)
+    lr: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    adam_eps: float | None = None
+    schedule: str | None = None
+    milestones: tuple | None = None
+    min_lr: float | None = None
+    loss: str | None = None
+    offset: float | None = None
+    temperature: float | None = None
+    margin: float | None = None
+    crm_t: float | None = None
+    crm_lambda: float | None = None
+    crm_r0: float | None = None
+    crm_start_epoch: int | None = None
+    lmt_c: float | None = None
+    lmt_ramp_epochs: int | None = None
+    bound_method: str | None = None
+    bound_iters: int | None = None
+    bound_pairwise: bool = False
+    seed: int = 0
+    device: str | None = None
+    threads: int | None = None  # torch.set_num_threads for the run (None: torch's default)
+    output_dir: str | None = None  # default runs/<model>-<dataset>
+    resume: str | None = None  # a checkpoint path
+    stop_after: int | None = None  # stop (checkpointed, not certified) after this many epochs of ``epochs``
+    progress: bool = True
+    certify: bool = True
+    eps: tuple = DEFAULT_EPS
+    certify_method: str | None = None  # default: 'product' for 1-Lipschitz families, 'liplt' otherwise
+    certify_pairwise: bool = True
+    certify_limit: int | None = None
+    source: str | None = None  # the recipe's citation (filled in)
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+def _families() -> dict[str, str]:
+    from lipkern.models import MODEL_FAMILIES
+
+    return MODEL_FAMILIES
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` with the recipe's values in every ``None`` field, validated (TrainError)."""
+    families = _families()
+    if config.model not in families:
+        raise TrainError(f"unknown model {config.model!r}; choices: {', '.join(families)}")
+    recipe = RECIPES[families[config.model]]
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for key, value in recipe.items():
+        if values.get(key) is None:
+            values[key] = value
+    defaults = dict(momentum=0.0, weight_decay=0.0, adam_eps=1e-8, milestones=(), min_lr=1e-6, offset=SQRT2,
+                    temperature=0.25, margin=0.7, crm_t=5.0, crm_lambda=15.0, crm_r0=0.2, crm_start_epoch=10,
+                    lmt_c=0.1, lmt_ramp_epochs=5, bound_method="liplt", bound_iters=5)
+    for key, value in defaults.items():
+        if values[key] is None:
+            values[key] = value
+    if values["certify_method"] is None:
+        one_lipschitz = families[config.model] in ("aol", "cpl", "spectral")
+        values["certify_method"] = "product" if one_lipschitz else "liplt"
+    values["milestones"] = tuple(values["milestones"])
+    values["eps"] = tuple(float(e) for e in values["eps"])
+    resolved = TrainConfig(**values)
+    _validate(resolved)
+    return resolved
+
+
+def _validate(c: TrainConfig) -> None:
+    def positive_int(name, value, allow_none=False):
+        if allow_none and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TrainError(f"{name} must be a positive integer, got {value!r}")
+
+    positive_int("epochs", c.epochs)
+    positive_int("batch_size", c.batch_size)
+    positive_int("bound_iters", c.bound_iters)
+    positive_int("train_limit", c.train_limit, allow_none=True)
+    positive_int("certify_limit", c.certify_limit, allow_none=True)
+    positive_int("input_size", c.input_size, allow_none=True)
+    positive_int("stop_after", c.stop_after, allow_none=True)
+    positive_int("threads", c.threads, allow_none=True)
+    for name in ("lr", "temperature", "crm_t", "min_lr", "adam_eps"):
+        value = getattr(c, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise TrainError(f"{name} must be a finite number > 0, got {value!r}")
+    for name in ("momentum", "weight_decay", "crm_lambda", "crm_r0", "lmt_c"):
+        value = getattr(c, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise TrainError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name, value, choices in (("loss", c.loss, LOSSES), ("optimizer", c.optimizer, OPTIMIZERS),
+                                 ("schedule", c.schedule, SCHEDULES), ("bound_method", c.bound_method,
+                                                                       BOUND_METHODS),
+                                 ("certify_method", c.certify_method, BOUND_METHODS), ("fit", c.fit,
+                                                                                       ("pad", "resize"))):
+        if value not in choices:
+            raise TrainError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    if not all(0 < m <= 1 for m in c.milestones):
+        raise TrainError(f"milestones are fractions of training in (0, 1], got {c.milestones}")
+    if any(not e >= 0 for e in c.eps):
+        raise TrainError(f"eps values must be >= 0, got {c.eps}")
+    if not isinstance(c.model_args, dict):
+        raise TrainError(f"model_args must be a dict of build_model options, got "
+                         f"{type(c.model_args).__name__}")
+    reserved = {"num_classes", "in_channels", "input_size"} & set(c.model_args)
+    if reserved:
+        raise TrainError(f"model_args may not set {', '.join(sorted(reserved))}: they come from the dataset "
+                         f"(use --input-size for the input size)")
+    if c.loss in ("crm", "lmt") and c.crm_start_epoch < 0:
+        raise TrainError(f"crm_start_epoch must be >= 0, got {c.crm_start_epoch}")
+
+
+# --- pieces -------------------------------------------------------------------------------------------------
+def _build_model(name: str, model_args: dict, device) -> nn.Module:
+    from lipkern.models import build_model
+
+    kwargs = dict(model_args)
+    try:
+        return build_model(name, **kwargs).to(device)
+    except (TypeError, ValueError) as err:
+        raise TrainError(f"could not build {name!r} with {kwargs}: {err}") from None
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`train` (``torch.load(weights_only=True)``), checked for its format."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"checkpoint {path}: no such file") from None
+    except Exception as err:
+        raise TrainError(f"checkpoint {path} could not be read with torch.load(weights_only=True): "
+                         f"{err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path} is not a lipkern train checkpoint (format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def load_checkpoint_model(path_or_state, device="cpu") -> tuple[nn.Module, dict]:
+    """(model with the checkpoint's weights, in eval mode, checkpoint dict): rebuilt by
+    ``build_model(checkpoint["model"], **checkpoint["model_args"])``."""
+    state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state)
+    model = _build_model(state["model"], state["model_args"], device)
+    model.load_state_dict(state["state_dict"])
+    return model.eval(), state
+
+
+def _loss_function(c: TrainConfig, num_classes: int) -> nn.Module:
+    from lipkern.losses import CRMLoss, LMTLoss, MultiMarginHinge, OffsetCrossEntropy
+
+    if c.loss == "offset-ce":
+        return OffsetCrossEntropy(c.offset, c.temperature)
+    if c.loss == "hinge":
+        return MultiMarginHinge(c.margin)
+    if c.loss == "crm":
+        return CRMLoss(c.crm_t, c.crm_lambda, c.crm_r0, c.crm_start_epoch, pairwise=c.bound_pairwise)
+    if c.loss == "lmt":
+        return LMTLoss(c.lmt_c, pairwise=c.bound_pairwise)
+    return nn.CrossEntropyLoss()
+
+
+def _optimizer(c: TrainConfig, params) -> torch.optim.Optimizer:
+    if c.optimizer == "adam":
+        return torch.optim.Adam(params, lr=c.lr, eps=c.adam_eps, weight_decay=c.weight_decay)
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                           nesterov=c.optimizer == "nesterov" and c.momentum > 0)
+
+
+def _lr_factor(c: TrainConfig, progress: float) -> float:
+    """The schedule's lr multiplier after a fraction ``progress`` in [0, 1] of the optimizer steps."""
+    if c.schedule == "steps":
+        return 0.1 ** sum(progress >= m for m in c.milestones)
+    if c.schedule == "triangular":  # CPL: 0 -> 1 at 40%, -> 1/20 at 80%, -> 0 at 100%
+        return _interp(progress, (0.0, 0.4, 0.8, 1.0), (0.0, 1.0, 0.05, 0.0))
+    if c.schedule == "exponential":  # CRM "exponentialWithStopping": lr -> min_lr at the end
+        return max(c.min_lr / c.lr, 1.0) if c.min_lr >= c.lr else (c.min_lr / c.lr) ** progress
+    return 1.0
+
+
+def _interp(x: float, xs, ys) -> float:
+    for (x0, x1), (y0, y1) in zip(zip(xs, xs[1:]), zip(ys, ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def _scheduler(c: TrainConfig, optimizer, total_steps: int):
+    if c.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=c.lr, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(c, step / total_steps))
+
+
+def _prepare(x: torch.Tensor, c: TrainConfig) -> torch.Tensor:
+    from lipkern.data import fit_to_size
+
+    if c.input_size is None:
+        return x
+    try:
+        return fit_to_size(x, c.input_size, c.fit)
+    except ValueError as err:
+        raise TrainError(f"input_size {c.input_size}: {err}") from None
+
+
+# --- distributed --------------------------------------------------------------------------------------------
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # this module initialized the process group (and tears it down)
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30))
+    return _Dist(dist.get_rank(), dist.get_world_size(), owned=True)
+
+
+def _device(c: TrainConfig) -> torch.device:
+    if c.device is not None:
+        return torch.device(c.device)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+def _log(dist_state: _Dist, *args):
+    if dist_state.rank == 0:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def train(config: TrainConfig) -> dict:
+    """Train (or resume) as ``config`` says, checkpoint after every epoch, certify at the end.
+
+    Returns a dict: ``config`` (resolved, as a dict), ``history`` (per epoch: train loss and accuracy, test
+    accuracy, lr, seconds), ``checkpoint`` (path), ``train_seconds``, and on rank 0 with ``config.certify``
+    ``certification`` (the :func:`certify_model` result). Raises :class:`TrainError` for bad options.
+    """
+    c = resolve_config(config)
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
+    device = _device(c)
+    dist_state = _init_distributed(device)
+    try:
+        return _run(c, device, dist_state)
+    finally:
+        if dist_state.owned:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
+    from lipkern.data import DatasetError, load_dataset
+
+    try:
+        x_train, y_train = load_dataset(c.dataset, c.data_root, "train")
+        x_test, y_test = load_dataset(c.dataset, c.data_root, "test")
+    except DatasetError as err:
+        raise TrainError(str(err)) from None
+    if c.train_limit is not None:
+        x_train, y_train = x_train[:c.train_limit], y_train[:c.train_limit]
+    x_train, x_test = _prepare(x_train, c), _prepare(x_test, c)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if c.batch_size % dist_state.world:
+        raise TrainError(f"batch_size {c.batch_size} (global) must be a multiple of the {dist_state.world} "
+                         f"processes")
+    if c.batch_size > len(y_train):
+        raise TrainError(f"batch_size {c.batch_size} is larger than the {len(y_train)} training points")
+    model_args = dict(num_classes=num_classes, in_channels=x_train.shape[1], input_size=x_train.shape[-1],
+                      **c.model_args)
+    torch.manual_seed(c.seed)
+    model = _build_model(c.model, model_args, device)
+    input_shape = tuple(x_train.shape[1:])
+    bound = None
+    if c.loss in ("crm", "lmt"):
+        from lipkern.bounds import LipschitzBound
+
+        try:
+            bound = LipschitzBound(model, input_shape, method=c.bound_method, pairwise=c.bound_pairwise,
+                                   n_iter=c.bound_iters).to(device)
+        except (TypeError, ValueError, NotImplementedError) as err:
+            raise TrainError(f"loss {c.loss!r} needs a Lipschitz bound of {c.model!r}: {err}") from None
+    loss_fn = _loss_function(c, num_classes)
+    optimizer = _optimizer(c, model.parameters())
+    steps_per_epoch = len(y_train) // c.batch_size
+    scheduler = _scheduler(c, optimizer, steps_per_epoch * c.epochs)
+    out_dir = Path(c.output_dir or f"runs/{c.model}-{c.dataset}")
+    checkpoint_path = out_dir / "checkpoint.pt"
+    start_epoch, history = 0, []
+    if c.resume:
+        state = load_checkpoint(c.resume)
+        _check_resumable(state, c, model_args)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if bound is not None and state.get("bound") is not None:
+            bound.load_state_dict(state["bound"])
+        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+        _log(dist_state, f"resumed from {c.resume} after epoch {start_epoch}")
+    net = model
+    if dist_state.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                  else None)
+    _log(dist_state, f"lipkern train: {c.model} ({_families()[c.model]} recipe: {c.source}) on {c.dataset} "
+                     f"{tuple(x_train.shape)}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+                     f"device {device}, {dist_state.world} process(es)")
+    _log(dist_state, f"loss {c.loss}, optimizer {c.optimizer} lr {c.lr} wd {c.weight_decay}, schedule "
+                     f"{c.schedule}, batch {c.batch_size}, epochs {c.epochs}"
+                     + (f", bound {c.bound_method} ({c.bound_iters} power-iteration steps per step)"
+                        if bound is not None else ""))
+    x_test_dev, y_test_dev = x_test.to(device), y_test.to(device)
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    start = time.perf_counter()
+    last_epoch = c.epochs if c.stop_after is None else min(c.epochs, c.stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        record = _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x_train, y_train, epoch,
+                              dist_state, device)
+        record["test_accuracy"] = _accuracy(model, x_test_dev, y_test_dev)
+        history.append(record)
+        _log(dist_state, f"epoch {epoch + 1}/{c.epochs}: loss {record['loss']:.4f}, train acc "
+                         f"{100 * record['train_accuracy']:.1f}%, test acc "
+                         f"{100 * record['test_accuracy']:.1f}%, "
+                         f"lr {record['lr']:.2e}, {record['seconds']:.1f} s")
+        if dist_state.rank == 0:
+            _save_checkpoint(checkpoint_path, c, model_args, model, optimizer, scheduler, bound, epoch + 1,
+                             history)
+    result = {"config": dataclasses.asdict(c), "history": history, "checkpoint": str(checkpoint_path),
+              "train_seconds": time.perf_counter() - start, "model_args": model_args}
+    if c.certify and dist_state.rank == 0 and last_epoch == c.epochs:
+        limit = c.certify_limit or len(y_test)
+        result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
+                                                method=c.certify_method, pairwise=c.certify_pairwise,
+                                                log=lambda *a: _log(dist_state, *a))
+        result["certification"]["model"] = f"{c.model} ({checkpoint_path})"
+        result["certification"]["data"] = f"{c.dataset} test split"
+        result["certification"]["device"] = str(device)
+    return result
+
+
+def _check_resumable(state: dict, c: TrainConfig, model_args: dict) -> None:
+    if state["model"] != c.model or state["model_args"] != model_args:
+        raise TrainError(f"--resume: the checkpoint is {state['model']} {state['model_args']}, this run "
+                         f"{c.model} {model_args}")
+    old = state.get("config", {})
+    for key in ("dataset", "batch_size", "loss", "optimizer", "schedule", "seed", "train_limit"):
+        if key in old and old[key] != getattr(c, key):
+            raise TrainError(f"--resume: {key} was {old[key]!r} in the checkpoint, {getattr(c, key)!r} now")
+    if "epochs" in old and old["epochs"] != c.epochs and c.schedule != "constant":
+        raise TrainError(f"--resume: the schedule {c.schedule!r} was laid out for {old['epochs']} epochs; "
+                         f"resume with --epochs {old['epochs']} (or a constant schedule)")
+    if int(state["epoch"]) >= c.epochs:
+        raise TrainError(f"--resume: the checkpoint has already trained {state['epoch']} of {c.epochs} "
+                         f"epochs")
+
+
+def _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x, y, epoch, dist_state,
+                 device) -> dict:
+    net.train()
+    generator = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(y), generator=generator).to(device)
+    steps = len(y) // c.batch_size
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    begin = time.perf_counter()
+    bar = range(steps)
+    if c.progress and dist_state.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", file=sys.stderr, leave=False)
+    if c.loss == "lmt":  # LMT: c ramps linearly from 1e-5 to c over the first lmt_ramp_epochs epochs
+        ramp = min(1.0, (epoch + 1) / c.lmt_ramp_epochs) if c.lmt_ramp_epochs > 0 else 1.0
+        loss_fn.c = 1e-5 + (c.lmt_c - 1e-5) * ramp if c.lmt_c > 1e-5 else c.lmt_c
+    lr = optimizer.param_groups[0]["lr"]
+    for step in bar:
+        rows = order[step * c.batch_size:(step + 1) * c.batch_size][dist_state.rank::dist_state.world]
+        inputs, targets = x[rows], y[rows]
+        logits = net(inputs)
+        if c.loss == "crm":
+            loss = loss_fn(logits, targets, bound(), epoch)
+        elif c.loss == "lmt":
+            loss = loss_fn(logits, targets, bound())
+        else:
+            loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == targets).sum()
+    totals = torch.stack([loss_sum.double(), correct.double()])
+    if dist_state.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    loss_mean = float(totals[0]) / (steps * dist_state.world)
+    return {"epoch": epoch + 1, "loss": loss_mean,
+            "train_accuracy": float(totals[1]) / (steps * c.batch_size),
+            "lr": lr, "seconds": time.perf_counter() - begin}
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                      for i in range(0, len(y), batch))
+    model.train(was_training)
+    return correct / max(len(y), 1)
+
+
+def _save_checkpoint(path: Path, c, model_args, model, optimizer, scheduler, bound, epochs_done, history):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "model": c.model, "model_args": model_args,
+             "family": _families()[c.model], "state_dict": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "bound": bound.state_dict() if bound is not None else None, "epoch": epochs_done,
+             "config": json.loads(json.dumps(dataclasses.asdict(c))), "history": history}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
+
+
+# --- certification ------------------------------------------------------------------------------------------
+def certifiable(model: nn.Module) -> nn.Module:
+    """The model in eval mode with its CPL layers switched to certified step sizes (a sound bound needs
+    them)."""
+    for module in model.modules():
+        if hasattr(module, "certified") and isinstance(getattr(module, "certified"), bool):
+            module.certified = True
+    return model.eval()
+
+
+def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, method: str = "liplt",
+                  pairwise: bool = True, log=print) -> dict:
+    """Certified accuracy of ``model`` on (x, y) from the sound bound ``lipschitz_bound(model, x.shape[1:],
+    method, pairwise, sound=True)`` (float64, rounding included), timed; the result has the keys of
+    ``lipkern certify``'s JSON (so the CLI prints the same table and plot)."""
+    from lipkern.bounds import lipschitz_bound
+    from lipkern.certify import certified_accuracy
+
+    model = certifiable(model)
+    start = time.perf_counter()
+    log(f"certify: sound {method} bound ({'pairwise' if pairwise else 'global'}) on inputs "
+        f"{tuple(x.shape[1:])} ...")
+    try:
+        lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), method=method, pairwise=pairwise, sound=True)
+    except (TypeError, ValueError, NotImplementedError) as err:
+        raise TrainError(f"no sound Lipschitz bound for this model ({method}): {err}") from None
+    bound_seconds = time.perf_counter() - start
+    lipschitz = lipschitz.detach().double().cpu()
+    start = time.perf_counter()
+    result = certified_accuracy(model, (x, y), list(eps), lipschitz=lipschitz, pairwise=pairwise)
+    margin_seconds = time.perf_counter() - start
+    correct, radii = result.correct.bool(), result.radii
+    value = lipschitz.item() if lipschitz.dim() == 0 else lipschitz.tolist()
+    log(f"certify: bound in {bound_seconds:.1f} s, margins of {len(y)} points in {margin_seconds:.1f} s")
+    return {"mode": "lipschitz-margin", "eps": [float(e) for e in result.eps],
+            "certified_accuracy": [float(a) for a in result.accuracy],
+            "certified_count": [int((correct & (radii > e)).sum()) for e in result.eps.tolist()],
+            "clean_accuracy": float(result.clean_accuracy), "clean_count": int(correct.sum()),
+            "num_points": int(correct.numel()),
+            "lipschitz": {"source": f"{method} bound, sound (guaranteed upper bound, float64, rounding "
+                                    f"included)",
+                          "method": method, "pairwise": bool(pairwise), "value": value},
+            "logits_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "bound_seconds": bound_seconds, "margin_seconds": margin_seconds,
+            "points": {"index": list(range(correct.numel())), "label": y.tolist(),
+                       "radius": [r if math.isfinite(r) else None for r in radii.tolist()],
+                       "correct": correct.tolist()}}
+

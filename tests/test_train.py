@@ -1,0 +1,175 @@
+"""lipkern.train: a short run on digits learns, checkpoint + resume reproduces an uninterrupted run bit for
+bit, two gloo ranks under DDP follow one process on the same global batch, bad options fail clearly."""
+
+import math
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lipkern.train import (TrainConfig, TrainError, load_checkpoint, load_checkpoint_model, resolve_config,
+                           train)
+
+# A small AOL ConvNet on 8x8 digits (width 8, 3 downsizing blocks): about a second per epoch on the CPU.
+SMALL = dict(model="convnet-xs-aol", model_args={"width": 8}, dataset="digits", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_one_thread(monkeypatch):
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the reference math; kernels are tested elsewhere
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: one thread is faster, and much faster on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(path) -> dict:
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_short_run_learns_and_certifies(tmp_path):
+    # CRM recipe with a constant lr: cross-entropy for 3 epochs, then the radius term switches on
+    result = train(TrainConfig(model="liplt-4c3f", dataset="digits", progress=False, epochs=4, batch_size=32,
+                               train_limit=640, schedule="constant", crm_start_epoch=3,
+                               output_dir=str(tmp_path), eps=(0.0, 0.1)))
+    history = result["history"]
+    assert len(history) == 4
+    assert history[2]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["test_accuracy"] > 0.6  # chance is 0.1
+    cert = result["certification"]
+    # independent check of the table: rebuild from the checkpoint, radii from the margins and the sound bound
+    model, _ = load_checkpoint_model(result["checkpoint"])
+    from lipkern.bounds import lipschitz_bound
+    from lipkern.data import load_dataset
+
+    x, y = load_dataset("digits", split="test")
+    bound = lipschitz_bound(model, (1, 8, 8), method="liplt", pairwise=True, sound=True)
+    assert torch.equal(torch.tensor(cert["lipschitz"]["value"], dtype=torch.float64), bound)
+    with torch.no_grad():
+        logits = model(x).double()
+    predicted = logits.argmax(1)
+    margins = logits.gather(1, predicted[:, None]) - logits
+    rows = bound[predicted]
+    radius = torch.where(rows > 0, margins / rows, torch.full_like(margins, math.inf))
+    radius = radius.masked_fill(torch.nn.functional.one_hot(predicted, 10).bool(), math.inf).amin(1)
+    correct = predicted == y
+    assert cert["clean_count"] == int(correct.sum())
+    for e, count in zip(cert["eps"], cert["certified_count"]):
+        expected = int((correct & (radius > e)).sum())
+        assert abs(count - expected) <= 1  # float32 logits in the tool vs float64 here: a point may sit on ε
+    assert cert["certified_count"][0] > 0.3 * len(y)
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+    # the CRM recipe: a schedule, a training bound with persistent power-iteration vectors, the robust term
+    # switching on at epoch 1: all of it must resume exactly
+    common = dict(model="liplt-4c3f", dataset="digits", progress=False, epochs=3, batch_size=64,
+                  train_limit=256, crm_start_epoch=1, certify=False)
+    full = train(TrainConfig(**common, output_dir=str(tmp_path / "full")))
+    train(TrainConfig(**common, output_dir=str(tmp_path / "split"), stop_after=1))
+    first = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert first["epoch"] == 1
+    resumed = train(TrainConfig(**common, output_dir=str(tmp_path / "split"),
+                                resume=str(tmp_path / "split" / "checkpoint.pt")))
+    a, b = _state(full["checkpoint"]), _state(resumed["checkpoint"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["0.weight"], first["state_dict"]["0.weight"])  # epochs 2-3 changed the weights
+    end_a, end_b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    for key, value in end_a["bound"].items():
+        assert torch.equal(value, end_b["bound"][key]), key
+    assert [h["loss"] for h in full["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+def _ddp_worker(rank: int, port: int, config: dict) -> None:
+    os.environ["LIPKERN_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    dist.barrier()
+    try:
+        train(TrainConfig(**config))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    # the CRM recipe (Adam, exponential schedule, the LipLT training bound, the radius term from epoch 0) on a
+    # ReLU network: 2 ranks x 16 rows must follow 1 process x 32 rows up to the all-reduce's rounding.
+    # (MaxMin networks amplify rounding differences through near-ties, so they are not used here.)
+    config = dict(model="liplt-4c3f", dataset="digits", progress=False, epochs=2, batch_size=32,
+                  train_limit=128, crm_start_epoch=0, certify=False)
+    single = train(TrainConfig(**config, output_dir=str(tmp_path / "one")))
+    mp.spawn(_ddp_worker, args=(_free_port(), dict(config, output_dir=str(tmp_path / "two"))), nprocs=2,
+             join=True)
+    one, two = load_checkpoint(single["checkpoint"]), load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    torch.manual_seed(0)
+    from lipkern.models import build_model
+
+    init = build_model("liplt-4c3f", num_classes=10, in_channels=1, input_size=8).state_dict()
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-6)
+        # every tensor trained: not a match between two untrained models
+        assert float((value - init[key]).abs().max()) > 1e-4, key
+    for key, value in one["bound"].items():  # the training bound's power-iteration vectors too
+        torch.testing.assert_close(two["bound"][key], value, rtol=1e-4, atol=1e-6)
+    assert [h["epoch"] for h in two["history"]] == [1, 2]
+
+
+def test_bad_options(tmp_path):
+    with pytest.raises(TrainError, match="unknown model 'resnet'.*convnet-xs-aol"):
+        resolve_config(TrainConfig(model="resnet"))
+    with pytest.raises(TrainError, match="lr must be a finite number > 0"):
+        resolve_config(TrainConfig(lr=-1.0))
+    with pytest.raises(TrainError, match="loss must be one of"):
+        resolve_config(TrainConfig(loss="mse"))
+    with pytest.raises(TrainError, match="epochs must be a positive integer"):
+        resolve_config(TrainConfig(epochs=0))
+    with pytest.raises(TrainError, match="model_args may not set in_channels"):
+        resolve_config(TrainConfig(model_args={"in_channels": 3}))
+    with pytest.raises(TrainError, match="larger than the 100 training points"):
+        train(TrainConfig(**SMALL, train_limit=100, batch_size=128, output_dir=str(tmp_path)))
+    with pytest.raises(TrainError, match="unknown dataset"):
+        train(TrainConfig(**dict(SMALL, dataset="svhn"), output_dir=str(tmp_path)))
+    with pytest.raises(TrainError, match="cannot pad"):
+        train(TrainConfig(**SMALL, input_size=4, output_dir=str(tmp_path)))
+    with pytest.raises(TrainError, match="could not build 'convnet-xs-aol'"):
+        train(TrainConfig(**dict(SMALL, model_args={"width": 7}), output_dir=str(tmp_path)))
+    with pytest.raises(TrainError, match="no such file"):
+        train(TrainConfig(**SMALL, resume=str(tmp_path / "missing.pt"), output_dir=str(tmp_path)))
+    # resuming with another recipe is refused
+    train(TrainConfig(**SMALL, epochs=2, stop_after=1, batch_size=50, train_limit=100,
+                      output_dir=str(tmp_path / "a")))
+    with pytest.raises(TrainError, match="batch_size was 50"):
+        train(TrainConfig(**SMALL, epochs=2, batch_size=25, train_limit=100, output_dir=str(tmp_path / "a"),
+                          resume=str(tmp_path / "a" / "checkpoint.pt")))
+    with pytest.raises(TrainError, match="laid out for 2 epochs"):
+        train(TrainConfig(**SMALL, epochs=3, batch_size=50, train_limit=100, output_dir=str(tmp_path / "a"),
+                          resume=str(tmp_path / "a" / "checkpoint.pt")))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(TrainError, match="not a lipkern train checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_recipes_fill_only_missing_fields():
+    c = resolve_config(TrainConfig(model="convnet-xs-cpl", lr=0.5))
+    assert (c.loss, c.optimizer, c.schedule, c.margin, c.lr) == ("hinge", "adam", "triangular", 0.7, 0.5)
+    c = resolve_config(TrainConfig(model="liplt-4c3f"))
+    assert (c.loss, c.crm_t, c.crm_lambda, c.crm_r0, c.crm_start_epoch, c.bound_iters) == ("crm", 5.0, 15.0,
+                                                                                            0.2, 10, 5)
+    assert c.certify_method == "liplt"
+    c = resolve_config(TrainConfig(model="convnet-xs-aol"))
+    assert (c.loss, c.offset, c.temperature, c.optimizer) == ("offset-ce", math.sqrt(2), 0.25, "nesterov")
+    assert c.certify_method == "product"
