@@ -448,3 +448,73 @@ def test_certify_errors(tiny, capsys):
         cli.main(["certify", "--scripted", str(scripted), *map(str, data), "--lipschitz", "1", "--bogus"])
     with pytest.raises(SystemExit):  # one model source only
         cli.main(["certify", "--scripted", str(scripted), "--model", "TinyNet", *map(str, data)])
+
+
+# --- lipkern train ------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread_torch_backend(monkeypatch):
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # small networks: the reference path, one thread
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_backend):
+    """lipkern train writes a checkpoint, results.json and a plot; lipkern certify --checkpoint rebuilds the
+    model and reproduces the certification; both agree with certified_accuracy called on a model built and
+    loaded independently of the checkpoint loader."""
+    certify = _certify_api()
+    run = tmp_path / "run"
+    code = cli.main(["train", "--model", "convnet-xs-aol", "--model-args", '{"width": 8}', "--epochs", "2",
+                     "--batch-size", "32", "--train-limit", "128", "--lr", "0.05", "--threads", "1",
+                     "--output-dir", str(run), "--no-progress", "--eps", "0", "0.05",
+                     "--certify-limit", "60"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "certified accuracy" in out.out and "sound" in out.out and "epoch 2/2" in out.err
+    assert (run / "checkpoint.pt").is_file() and (run / "certified_accuracy.png").stat().st_size > 0
+    trained = json.loads((run / "results.json").read_text())["certification"]
+
+    code, out, err = _run(["--checkpoint", run / "checkpoint.pt", "--pairwise", "--method", "product",
+                           "--limit", 60, "--eps", 0, 0.05, "--device", "cpu",
+                           "--output", tmp_path / "c.json"], capsys)
+    assert code == 0, err
+    assert "convnet-xs-aol (checkpoint" in out and "digits test split" in out
+    certified = json.loads((tmp_path / "c.json").read_text())
+    assert certified["certified_count"] == trained["certified_count"]
+    assert certified["points"]["radius"] == trained["points"]["radius"]
+
+    from lipkern.bounds import lipschitz_bound
+    from lipkern.data import load_dataset
+    from lipkern.models import build_model
+
+    model = build_model("convnet-xs-aol", num_classes=10, in_channels=1, input_size=8, width=8)
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"])
+    model.eval()
+    x, y = load_dataset("digits", split="test")
+    bound = lipschitz_bound(model, (1, 8, 8), method="product", pairwise=True, sound=True)
+    direct = certify.certified_accuracy(model, (x[:60], y[:60]), [0, 0.05], lipschitz=bound, pairwise=True)
+    assert certified["clean_count"] == int(direct.correct.sum())
+    radii = [math.inf if r is None else r for r in certified["points"]["radius"]]
+    torch.testing.assert_close(torch.tensor(radii, dtype=direct.radii.dtype), direct.radii)
+
+
+def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
+    def error(argv):
+        code = cli.main(["train", "--output-dir", str(tmp_path), "--no-progress", *map(str, argv)])
+        out = capsys.readouterr()
+        assert code == 2, (out.out, out.err)
+        return out.err
+
+    assert "unknown model 'resnet18'" in error(["--model", "resnet18"])
+    assert "not valid JSON" in error(["--model-args", "{width: 8}"])
+    assert "batch_size must be a positive integer" in error(["--batch-size", "0"])
+    assert "needs root" in error(["--dataset", "mnist"])
+    assert "could not build" in error(["--model-args", '{"width": 3}'])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--loss", "mse"])
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
+    code, _, err = _run(["--checkpoint", tmp_path / "w.pt", "--dataset", "digits"], capsys)
+    assert code == 2 and "not a lipkern train checkpoint" in err
+    code, _, err = _run(["--checkpoint", tmp_path / "w.pt", "--state-dict", tmp_path / "w.pt"], capsys)
+    assert code == 2 and "go with --model" in err
