@@ -785,7 +785,7 @@ def _config_from_args(args):
               "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",
               "bound_iters", "bound_pairwise", "seed", "device", "threads", "output_dir", "resume",
               "stop_after", "eps",
-              "certify_method", "certify_pairwise", "certify_limit")
+              "certify_method", "certify_pairwise", "certify_limit", "certify_float64")
     values = {name: getattr(args, name) for name in fields}
     values["progress"] = not args.no_progress
     values["certify"] = not args.no_certify
@@ -874,6 +874,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--certify-pairwise", action=argparse.BooleanOptionalAction, default=True,
                    help="pairwise constants L_ab for the certificate (default on)")
     p.add_argument("--certify-limit", type=int, metavar="N", help="certify the first N test points only")
+    p.add_argument("--certify-float64", action=argparse.BooleanOptionalAction, default=True,
+                   help="margins from a float64 copy of the model (default on)")
     p.add_argument("--plot", metavar="PATH", help="where to write the plot (default: in --output-dir)")
 
 

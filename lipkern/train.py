@@ -134,6 +134,7 @@ class TrainConfig:
     certify_method: str | None = None  # default: 'product' for 1-Lipschitz families, 'liplt' otherwise
     certify_pairwise: bool = True
     certify_limit: int | None = None
+    certify_float64: bool = True  # margins from a float64 copy of the model (logit rounding ~1e-15)
     source: str | None = None  # the recipe's citation (filled in)
 
 
@@ -445,6 +446,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
         limit = c.certify_limit or len(y_test)
         result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
                                                 method=c.certify_method, pairwise=c.certify_pairwise,
+                                                float64=c.certify_float64,
                                                 log=lambda *a: _log(dist_state, *a))
         result["certification"]["model"] = f"{c.model} ({checkpoint_path})"
         result["certification"]["data"] = f"{c.dataset} test split"
@@ -547,10 +549,12 @@ def certifiable(model: nn.Module) -> nn.Module:
 
 
 def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, method: str = "liplt",
-                  pairwise: bool = True, log=print) -> dict:
+                  pairwise: bool = True, float64: bool = True, log=print) -> dict:
     """Certified accuracy of ``model`` on (x, y) from the sound bound ``lipschitz_bound(model, x.shape[1:],
-    method, pairwise, sound=True)`` (float64, rounding included), timed; the result has the keys of
-    ``lipkern certify``'s JSON (so the CLI prints the same table and plot)."""
+    method, pairwise, sound=True)`` (float64, rounding included), timed; the margins come from a float64 copy
+    of the model when ``float64`` (then the logits' own rounding, about 1e-15 relative, is negligible next to
+    the radii). The result has the keys of ``lipkern certify``'s JSON (so the CLI prints the same table and
+    plot)."""
     from lipkern.bounds import lipschitz_bound
     from lipkern.certify import certified_accuracy
 
@@ -565,7 +569,8 @@ def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, me
     bound_seconds = time.perf_counter() - start
     lipschitz = lipschitz.detach().double().cpu()
     start = time.perf_counter()
-    result = certified_accuracy(model, (x, y), list(eps), lipschitz=lipschitz, pairwise=pairwise)
+    result = certified_accuracy(model, (x, y), list(eps), lipschitz=lipschitz, pairwise=pairwise,
+                                dtype=torch.float64 if float64 else None)
     margin_seconds = time.perf_counter() - start
     correct, radii = result.correct.bool(), result.radii
     value = lipschitz.item() if lipschitz.dim() == 0 else lipschitz.tolist()
@@ -578,7 +583,7 @@ def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, me
             "lipschitz": {"source": f"{method} bound, sound (guaranteed upper bound, float64, rounding "
                                     f"included)",
                           "method": method, "pairwise": bool(pairwise), "value": value},
-            "logits_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "logits_dtype": "float64" if float64 else str(x.dtype).removeprefix("torch."),
             "bound_seconds": bound_seconds, "margin_seconds": margin_seconds,
             "points": {"index": list(range(correct.numel())), "label": y.tolist(),
                        "radius": [r if math.isfinite(r) else None for r in radii.tolist()],

@@ -476,7 +476,7 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     trained = json.loads((run / "results.json").read_text())["certification"]
 
     code, out, err = _run(["--checkpoint", run / "checkpoint.pt", "--pairwise", "--method", "product",
-                           "--limit", 60, "--eps", 0, 0.05, "--device", "cpu",
+                           "--float64", "--limit", 60, "--eps", 0, 0.05, "--device", "cpu",
                            "--output", tmp_path / "c.json"], capsys)
     assert code == 0, err
     assert "convnet-xs-aol (checkpoint" in out and "digits test split" in out
@@ -493,7 +493,8 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     model.eval()
     x, y = load_dataset("digits", split="test")
     bound = lipschitz_bound(model, (1, 8, 8), method="product", pairwise=True, sound=True)
-    direct = certify.certified_accuracy(model, (x[:60], y[:60]), [0, 0.05], lipschitz=bound, pairwise=True)
+    direct = certify.certified_accuracy(model, (x[:60], y[:60]), [0, 0.05], lipschitz=bound, pairwise=True,
+                                        dtype=torch.float64)
     assert certified["clean_count"] == int(direct.correct.sum())
     radii = [math.inf if r is None else r for r in certified["points"]["radius"]]
     torch.testing.assert_close(torch.tensor(radii, dtype=direct.radii.dtype), direct.radii)
