@@ -52,6 +52,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed
 from torch import nn
 
 __all__ = ["CHECKPOINT_FORMAT", "RECIPES", "TrainConfig", "TrainError", "certifiable", "certify_model",
@@ -278,7 +279,7 @@ def _lr_factor(c: TrainConfig, progress: float) -> float:
     if c.schedule == "triangular":  # CPL: 0 -> 1 at 40%, -> 1/20 at 80%, -> 0 at 100%
         return _interp(progress, (0.0, 0.4, 0.8, 1.0), (0.0, 1.0, 0.05, 0.0))
     if c.schedule == "exponential":  # CRM "exponentialWithStopping": lr -> min_lr at the end
-        return max(c.min_lr / c.lr, 1.0) if c.min_lr >= c.lr else (c.min_lr / c.lr) ** progress
+        return 1.0 if c.min_lr >= c.lr else (c.min_lr / c.lr) ** progress
     return 1.0
 
 
@@ -356,13 +357,13 @@ def train(config: TrainConfig) -> dict:
     device = _device(c)
     dist_state = _init_distributed(device)
     try:
-        return _run(c, device, dist_state)
+        result = _run(c, device, dist_state)
+        if dist_state.owned:  # no rank tears the group down while another still uses it
+            torch.distributed.barrier()
+        return result
     finally:
         if dist_state.owned:
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
 def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
@@ -382,8 +383,9 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
                          f"processes")
     if c.batch_size > len(y_train):
         raise TrainError(f"batch_size {c.batch_size} is larger than the {len(y_train)} training points")
-    model_args = dict(num_classes=num_classes, in_channels=x_train.shape[1], input_size=x_train.shape[-1],
-                      **c.model_args)
+    height, width = x_train.shape[-2:]
+    model_args = dict(num_classes=num_classes, in_channels=x_train.shape[1],
+                      input_size=height if height == width else (height, width), **c.model_args)
     torch.manual_seed(c.seed)
     model = _build_model(c.model, model_args, device)
     input_shape = tuple(x_train.shape[1:])
