@@ -324,6 +324,9 @@ def _load_state_dict(path: str):
     except Exception as err:  # pickle errors, weights_only refusals, ...
         raise CertifyError(f"--state-dict {path} could not be read with torch.load(weights_only=True): "
                            f"{err}") from None
+    if isinstance(state, dict) and str(state.get("format")).startswith("lipkern-train"):
+        raise CertifyError(f"--state-dict {path} is a checkpoint of lipkern train: certify it with --checkpoint "
+                           f"{path} (the model is rebuilt from it)")
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CertifyError(f"--state-dict {path} does not hold a state_dict (a dict of parameter names to "
                            f"tensors, as model.state_dict() returns); got {type(state).__name__}")

@@ -519,3 +519,7 @@ def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     assert code == 2 and "not a lipkern train checkpoint" in err
     code, _, err = _run(["--checkpoint", tmp_path / "w.pt", "--state-dict", tmp_path / "w.pt"], capsys)
     assert code == 2 and "go with --model" in err
+    torch.save({"format": "lipkern-train-1", "state_dict": {}}, tmp_path / "ckpt.pt")
+    code, _, err = _run(["--model", "ConvNet", "--state-dict", tmp_path / "ckpt.pt", "--dataset", "digits"],
+                        capsys)
+    assert code == 2 and "certify it with --checkpoint" in err
