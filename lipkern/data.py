@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "DatasetError", "fit_to_size", "load_dataset", "read_idx"]
+__all__ = ["DATASETS", "DATASET_CLASSES", "DatasetError", "fit_to_size", "load_dataset", "read_idx"]
 
 DATASETS = ("digits", "mnist", "cifar10")
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
 SPLITS = ("train", "test")
 DIGITS_TEST_SIZE = 360
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -367,7 +367,7 @@ def train(config: TrainConfig) -> dict:
 
 
 def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
-    from lipkern.data import DatasetError, load_dataset
+    from lipkern.data import DATASET_CLASSES, DatasetError, load_dataset
 
     try:
         x_train, y_train = load_dataset(c.dataset, c.data_root, "train")
@@ -377,7 +377,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     if c.train_limit is not None:
         x_train, y_train = x_train[:c.train_limit], y_train[:c.train_limit]
     x_train, x_test = _prepare(x_train, c), _prepare(x_test, c)
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    num_classes = max(DATASET_CLASSES.get(c.dataset.lower(), 0), int(max(y_train.max(), y_test.max())) + 1)
     if c.batch_size % dist_state.world:
         raise TrainError(f"batch_size {c.batch_size} (global) must be a multiple of the {dist_state.world} "
                          f"processes")

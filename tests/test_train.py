@@ -173,3 +173,36 @@ def test_recipes_fill_only_missing_fields():
     c = resolve_config(TrainConfig(model="convnet-xs-aol"))
     assert (c.loss, c.offset, c.temperature, c.optimizer) == ("offset-ce", math.sqrt(2), 0.25, "nesterov")
     assert c.certify_method == "product"
+
+
+def test_trains_on_mnist_and_cifar10_files(tmp_path):
+    """--dataset mnist / cifar10 with a data root: tiny files in the real formats, the model built for their
+    channels and sizes, one epoch each."""
+    import pickle
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        images = rng.integers(0, 256, (n, 12, 12), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (mnist / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">Iiii", 0x0803, n, 12, 12)
+                                                            + images.tobytes())
+        (mnist / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">Ii", 0x0801, n) + labels.tobytes())
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, 8)]}
+        (cifar / name).write_bytes(pickle.dumps(batch, protocol=2))
+    for dataset, root, shape in (("mnist", mnist, (1, 12)), ("cifar10", cifar, (3, 32))):
+        result = train(TrainConfig(model="liplt-4c3f", dataset=dataset, data_root=str(root), progress=False,
+                                   epochs=1, batch_size=16, certify=False, output_dir=str(tmp_path / dataset)))
+        args = result["model_args"]
+        assert (args["in_channels"], args["input_size"], args["num_classes"]) == (*shape, 10)
+        model, state = load_checkpoint_model(result["checkpoint"])
+        assert state["config"]["dataset"] == dataset
+        assert model(torch.rand(2, shape[0], shape[1], shape[1])).shape == (2, 10)
