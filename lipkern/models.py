@@ -35,7 +35,7 @@ from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 
 __all__ = ["AOLNet", "CPLNet", "ConvNet", "FirstChannels", "LMTNet", "LinearNormalized", "LipLTNet",
            "MODEL_FAMILIES", "Normalize", "PixelUnshuffle", "Residual", "ZeroChannelPad", "build_model",
-           "use_eager_cpl"]
+           "to_vanilla", "use_eager_cpl"]
 
 CONVNET_WIDTHS = {"XS": 16, "S": 32, "M": 64, "L": 128}
 # n_conv, n_dense, w
@@ -271,13 +271,17 @@ class ConvNet(nn.Module):
 class CPLNet(nn.Module):
     """CPL-S/M/L/XL (see the module docstring): ``body`` (1-Lipschitz) then ``head`` (LLN). ``image_size``
     (int or (H, W)) ≥ 4: the CPL convs run at that size, AvgPool2d(4, divisor_override=4) keeps ⌊H/4⌋×⌊W/4⌋
-    windows (dropping border pixels is a projection, still 1-Lipschitz)."""
+    windows (dropping border pixels is a projection, still 1-Lipschitz). ``n_conv`` / ``n_dense`` override the
+    size's layer counts (small variants for tests and CPU runs)."""
 
     def __init__(self, size: str = "S", in_channels: int = 3, num_classes: int = 10, conv_hidden: int = 5,
-                 dense_hidden: int = 2048, image_size=32, **layer_kwargs):
+                 dense_hidden: int = 2048, image_size=32, n_conv: int | None = None,
+                 n_dense: int | None = None, **layer_kwargs):
         if size not in CPL_SIZES:
             raise ValueError(f"CPLNet: size must be one of {list(CPL_SIZES)}, got {size!r}")
-        n_conv, n_dense, w = CPL_SIZES[size]
+        default_conv, default_dense, w = CPL_SIZES[size]
+        n_conv = default_conv if n_conv is None else n_conv
+        n_dense = default_dense if n_dense is None else n_dense
         _check_channels("CPLNet", in_channels, w)
         height, width = _size_pair(image_size, "CPLNet")
         if min(height, width) < 4:
@@ -393,7 +397,7 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, input
     - "convnet-{xs,s,m,l}-{aol,cpl,spectral}": :class:`ConvNet` (options: width, blocks, layer options such
       as certified=, n_power_iterations=, device=, dtype=);
     - "aol-{s,m,l}": :class:`AOLNet` (options: width, conv_channels, n_conv, n_dense, device, dtype);
-    - "cpl-{s,m,l,xl}": :class:`CPLNet` (options: conv_hidden, dense_hidden, certified, ...);
+    - "cpl-{s,m,l,xl}": :class:`CPLNet` (options: conv_hidden, dense_hidden, n_conv, n_dense, certified, ...);
     - "liplt-{4c3f,6c2f,8c2f}": :class:`LipLTNet`; "lmt": :class:`LMTNet` (device, dtype).
     Raises ValueError for an unknown name (listing the choices) or an input size / option the architecture
     does not admit, TypeError for an unknown option.
@@ -409,6 +413,45 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, input
         return _MODELS[name][1](num_classes, in_channels, input_size, **options)
     except TypeError as err:
         raise TypeError(f"build_model({name!r}): {err}") from err
+
+
+def to_vanilla(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every lipkern layer replaced by its plain eval-mode equivalent:
+    AOL / Spectral layers by ``nn.Conv2d`` / ``nn.Linear`` holding the rescaled / normalized weight, CPL
+    layers by :class:`lipkern.nn.PlainCPLConv2d` / :class:`~lipkern.nn.PlainCPLLinear` (plain torch ops,
+    constant step size), :class:`LinearNormalized` by an ``nn.Linear`` with unit rows. The parameter-free
+    modules (MaxMin, FirstChannels, ZeroChannelPad, PixelUnshuffle, Normalize) are plain torch ops and stay.
+    The copy computes what the eval-mode model computes (up to float rounding: the same weights, other
+    kernels) at the cost of the plain layers; ``model`` itself is not changed. Certified layers export their
+    certified form (the eval form uses the guaranteed bound)."""
+    import copy
+
+    plain = copy.deepcopy(model).eval()
+    _replace_layers(plain)
+    return plain
+
+
+def _vanilla_of(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, LinearNormalized):
+        layer = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(F.normalize(module.weight, dim=1))
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer.eval()
+    if isinstance(module, (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, SpectralConv2d, SpectralLinear)):
+        return module.to_vanilla().eval()
+    return None
+
+
+def _replace_layers(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        replacement = _vanilla_of(child)
+        if replacement is None:
+            _replace_layers(child)
+        else:
+            setattr(module, name, replacement)
 
 
 def _eager_conv_forward(self, x):

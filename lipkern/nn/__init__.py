@@ -2,7 +2,8 @@
 
 from lipkern.nn.activations import MaxMin
 from lipkern.nn.aol import AOLConv2d, AOLLinear
-from lipkern.nn.cpl import CPLConv2d, CPLLinear
+from lipkern.nn.cpl import CPLConv2d, CPLLinear, PlainCPLConv2d, PlainCPLLinear
 from lipkern.nn.spectral import SpectralConv2d, SpectralLinear
 
-__all__ = ["AOLConv2d", "AOLLinear", "CPLConv2d", "CPLLinear", "MaxMin", "SpectralConv2d", "SpectralLinear"]
+__all__ = ["AOLConv2d", "AOLLinear", "CPLConv2d", "CPLLinear", "MaxMin", "PlainCPLConv2d", "PlainCPLLinear",
+           "SpectralConv2d", "SpectralLinear"]

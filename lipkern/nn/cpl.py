@@ -21,11 +21,14 @@ rejects it with a ValueError (see ``lipkern.nn.spectral``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from lipkern._dispatch import check_finite
 from lipkern.nn.spectral import _SpectralConvBase, _SpectralLinearBase
 from lipkern.ops.cpl import cpl_conv2d, cpl_linear
 
-__all__ = ["CPLConv2d", "CPLLinear"]
+__all__ = ["CPLConv2d", "CPLLinear", "PlainCPLConv2d", "PlainCPLLinear"]
 
 
 def _round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -40,19 +43,32 @@ class _StepSize:
 
     def step_size(self) -> torch.Tensor:
         device = self.weight.device.type
-        if device != "meta" and torch.is_autocast_enabled(device):  # σ from the weight's own precision, not autocast's
+        # σ from the weight's own precision, not autocast's
+        if device != "meta" and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return self.step_size()
-        sigma = self.sigma()
         if self.training:
+            sigma = self.sigma()
             return 2.0 / sigma.square().clamp_min(torch.finfo(sigma.dtype).tiny)
-        s = sigma.detach().double()
+        return self._eval_step_size()
+
+    def _eval_step_size(self) -> torch.Tensor:
+        """The eval-mode h (whatever the mode): 2/σ² of the cached eval σ, rounded down in the weight's
+        dtype."""
+        s = self._eval_sigma().detach().double() if not self.weight.is_meta else self.sigma()
         return _round_down(torch.where(s > 0, 2.0 / (s * s), 0.0), self.weight.dtype)
+
+    def _export_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        check_finite(self.weight, f"{type(self).__name__}.to_vanilla")
+        with torch.no_grad():
+            bias = None if self.bias is None else self.bias.detach().clone()
+            return self.weight.detach().clone(), bias, self._eval_step_size().clone()
 
 
 class CPLLinear(_StepSize, _SpectralLinearBase):
     """z = x − h·Wᵀσ(Wx + b) on (..., features); W (hidden_features, features), hidden_features defaults to
-    features. Knobs: ``n_power_iterations`` per training step, ``certified`` (eval uses a guaranteed bound)."""
+    features. Knobs: ``n_power_iterations`` per training step, ``certified`` (eval uses a guaranteed
+    bound). ``to_vanilla()``: the eval form as :class:`PlainCPLLinear`."""
 
     def __init__(self, features: int, hidden_features: int | None = None, bias: bool = True, device=None,
                  dtype=None, *, n_power_iterations: int = 1, certified: bool = False):
@@ -62,7 +78,14 @@ class CPLLinear(_StepSize, _SpectralLinearBase):
         self.features, self.hidden_features = features, hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() and not self.training:  # the traced graph holds the plain eval form
+            return plain_cpl_linear(x, self.weight, self.bias, self._eval_step_size())
         return cpl_linear(x, self.weight, self.bias, self.step_size())
+
+    def to_vanilla(self) -> "PlainCPLLinear":
+        """The eval-mode layer as plain torch ops with the constant step size h (the certified one with
+        ``certified=True``): :class:`PlainCPLLinear`; same outputs as this layer in eval mode."""
+        return PlainCPLLinear(*self._export_parts())
 
     def extra_repr(self) -> str:
         return (f"{self.features}, hidden_features={self.hidden_features}, bias={self.bias is not None}, "
@@ -85,10 +108,89 @@ class CPLConv2d(_StepSize, _SpectralConvBase):
         self.channels, self.hidden_channels = channels, hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() and not self.training:  # the traced graph holds the plain eval form
+            return plain_cpl_conv2d(x, self.weight, self.bias, self._eval_step_size(),
+                                    self._reversed_padding_repeated_twice, self.padding_mode)
         self._check_input(x)
         return cpl_conv2d(x, self.weight, self.bias, self.step_size(), padding="same",
                           padding_mode=self.padding_mode)
 
+    def to_vanilla(self) -> "PlainCPLConv2d":
+        """The eval-mode layer as plain torch ops with the constant step size h: :class:`PlainCPLConv2d`
+        (any input size runs; h holds for ``input_size``); same outputs as this layer in eval mode."""
+        return PlainCPLConv2d(*self._export_parts(), padding=self._reversed_padding_repeated_twice,
+                              padding_mode=self.padding_mode)
+
     def extra_repr(self) -> str:
         return (f"{self.channels}, hidden_channels={self.hidden_channels}, kernel_size={self.kernel_size}, "
                 f"padding_mode={self.padding_mode}, input_size={self.input_size}, certified={self.certified}")
+
+
+def plain_cpl_linear(x, weight, bias, h):
+    """x − h·Wᵀ relu(Wx + b) in plain torch ops (h a 0-dim tensor)."""
+    return x - h * (F.relu(F.linear(x, weight, bias)) @ weight)
+
+
+def _adjoint_of_padding(y: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
+    """The adjoint of zero / circular padding by (left, right, top, bottom): crop; for circular, first add the
+    wrapped borders back (padded row i < top came from row height − top + i, etc.)."""
+    left, right, top, bottom = padding
+    height, width = y.shape[-2] - top - bottom, y.shape[-1] - left - right
+    if padding_mode == "circular":
+        y = y.clone()
+        y[..., height:top + height, :] += y[..., :top, :]
+        y[..., top:top + bottom, :] += y[..., top + height:, :]
+        y[..., width:left + width] += y[..., :left]
+        y[..., left:left + right] += y[..., left + width:]
+    return y[..., top:top + height, left:left + width]
+
+
+def plain_cpl_conv2d(x, weight, bias, h, padding, padding_mode: str = "zeros"):
+    """x − h·Aᵀ relu(Ax + b) in plain torch ops, A the stride-1 conv after zero / circular padding by
+    ``padding`` = (left, right, top, bottom), Aᵀ its exact adjoint (transposed conv, then the padding's
+    adjoint)."""
+    mode = "constant" if padding_mode == "zeros" else "circular"
+    pre = F.conv2d(F.pad(x, padding, mode=mode), weight, bias)
+    return x - h * _adjoint_of_padding(F.conv_transpose2d(F.relu(pre), weight), padding, padding_mode)
+
+
+class PlainCPLLinear(nn.Module):
+    """z = x − h·Wᵀ relu(Wx + b) with a constant h (a buffer) and plain torch ops: the exported eval form of
+    :class:`CPLLinear`. Parameters ``weight`` (hidden, features), ``bias`` (hidden,) or None; buffer ``h``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.register_buffer("h", h.reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_cpl_linear(x, self.weight, self.bias, self.h)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, hidden_features={self.weight.shape[0]}, h={self.h.item():.6g}"
+
+
+class PlainCPLConv2d(nn.Module):
+    """z = x − h·Aᵀ relu(Ax + b) (:func:`plain_cpl_conv2d`), A the stride-1 conv after ``padding`` (left,
+    right, top, bottom) zero or circular padding, Aᵀ its exact adjoint, h a constant buffer, plain torch ops:
+    the exported eval form of :class:`CPLConv2d`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, padding=(1, 1, 1, 1),
+                 padding_mode: str = "zeros"):
+        super().__init__()
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"PlainCPLConv2d: padding_mode must be 'zeros' or 'circular', got "
+                             f"{padding_mode!r}")
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.register_buffer("h", h.reshape(()))
+        self.padding, self.padding_mode = tuple(int(p) for p in padding), padding_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_cpl_conv2d(x, self.weight, self.bias, self.h, self.padding, self.padding_mode)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1]}, hidden_channels={self.weight.shape[0]}, kernel_size="
+                f"{tuple(self.weight.shape[2:])}, padding={self.padding}, padding_mode={self.padding_mode}, "
+                f"h={self.h.item():.6g}")
