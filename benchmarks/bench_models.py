@@ -1,0 +1,245 @@
+"""Full training steps of the reference networks (issue 11 item 7): forward, the family's loss, backward and
+an optimizer step, with lipkern layers against the same network from the eager formulations and from plain
+nn.Conv2d / nn.Linear layers (the floor: no Lipschitz machinery at all), in one process with the same TF32
+settings. Group: models-train-step. Providers: lipkern, eager, plain.
+
+- convnet-{xs,s}-cpl: eager = ``lipkern.models.use_eager_cpl`` (the formula x − h·Aᵀσ(Ax + b) in plain
+  autograd, same power iteration and h); plain = every CPL layer replaced by an nn.Conv2d / nn.Linear of its
+  shape (one conv instead of CPL's two).
+- convnet-{xs,s}-spectral: eager = each conv normalized by σ = vᵀAu from its own power-iteration step through
+  conv2d / conv_transpose2d (the CPL / LMT reference codes' loop, one layer at a time); plain = nn.Conv2d.
+- aol-s: eager / plain = ``benchmarks.bench_aol.swap_aol_layers`` (the eager rescale in every layer).
+- cpl-s: as the ConvNet CPL case (bench_cpl.py times lipkern against eager for CPL-S; plain is added here).
+- liplt-6c2f (CRM step): the LipLT bound by ``LipschitzBound(n_iter=5)`` vs ``bench_liplt.EagerLipLT`` (one
+  loop per sub-chain), CRMLoss on top; plain = cross-entropy alone (no bound).
+- lmt (LMT step): the product-of-norms bound by ``LipschitzBound(method="product", n_iter=1)`` vs one eager
+  power-iteration step per layer; LMTLoss on top; plain = cross-entropy alone.
+The ConvNet with AOL layers is benchmarked in bench_aol.py (test_convnet_aol_train_step: lipkern, plain,
+eager, orthogonium), not repeated here. Sizes: CIFAR-like 32×32 batch 256 on a GPU; 8×8 inputs, batch 8 and
+the XS / reduced networks on a CPU (a smoke run, not a measurement users compare).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lipkern
+from benchmarks.bench_aol import swap_aol_layers
+from benchmarks.conftest import DEVICE, ON_GPU
+from lipkern.bounds import LipschitzBound
+from lipkern.bounds.network import build_plan
+from lipkern.losses import CRMLoss, LMTLoss, OffsetCrossEntropy
+from lipkern.models import build_model, use_eager_cpl
+
+BATCH, SIZE = (256, 32) if ON_GPU else (8, 8)
+PROVIDERS = ["lipkern", "eager", "plain"]
+SMALL = {} if ON_GPU else {"convnet": {"width": 8}, "aol-s": {"n_conv": 2, "n_dense": 2},
+                            "cpl-s": {"n_conv": 4, "n_dense": 2, "dense_hidden": 256}}
+
+
+# --- eager and plain replacements ---------------------------------------------------------------------------
+class EagerSpectralConv2d(nn.Module):
+    """A conv normalized by σ = vᵀAu after one power-iteration step on persistent u (conv2d, conv_transpose2d,
+    normalize; the reference codes' per-layer loop), differentiable through σ."""
+
+    def __init__(self, layer: lipkern.nn.SpectralConv2d):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.padding = layer.padding
+        self.register_buffer("u", torch.randn(1, layer.in_channels, *layer.input_size,
+                                              device=layer.weight.device))
+
+    def forward(self, x):
+        with torch.no_grad():
+            v = F.conv2d(self.u, self.weight, padding=self.padding)
+            v = v / v.norm()
+            u = F.conv_transpose2d(v, self.weight, padding=self.padding)
+            self.u.copy_(u / u.norm())
+        sigma = (v * F.conv2d(self.u, self.weight, padding=self.padding)).sum()
+        return F.conv2d(x, self.weight / sigma, self.bias, padding=self.padding)
+
+
+class EagerSpectralLinear(nn.Module):
+    def __init__(self, layer: lipkern.nn.SpectralLinear):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        u = torch.randn(layer.in_features, device=layer.weight.device)
+        self.register_buffer("u", F.normalize(u, dim=0))
+
+    def forward(self, x):
+        with torch.no_grad():
+            v = F.normalize(self.weight @ self.u, dim=0)
+            self.u.copy_(F.normalize(self.weight.T @ v, dim=0))
+        return F.linear(x, self.weight / (v @ self.weight @ self.u), self.bias)
+
+
+def _plain_of(layer: nn.Module) -> nn.Module | None:
+    if not isinstance(layer, (lipkern.nn.CPLConv2d, lipkern.nn.SpectralConv2d, lipkern.nn.CPLLinear,
+                              lipkern.nn.SpectralLinear)):
+        return None
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, (lipkern.nn.CPLConv2d, lipkern.nn.SpectralConv2d)):
+        c_in = layer.in_channels
+        c_out = c_in if isinstance(layer, lipkern.nn.CPLConv2d) else layer.out_channels
+        k = layer.kernel_size
+        return nn.Conv2d(c_in, c_out, k, layer.stride, (k[0] // 2, k[1] // 2), **factory)
+    if isinstance(layer, lipkern.nn.CPLLinear):
+        return nn.Linear(layer.features, layer.features, **factory)
+    return nn.Linear(layer.in_features, layer.out_features, **factory)
+
+
+def _swap(module: nn.Module, provider: str) -> nn.Module:
+    """Replace the CPL / Spectral layers of ``module`` in place ('eager' CPL goes through use_eager_cpl)."""
+    for name, child in module.named_children():
+        if provider == "plain":
+            new = _plain_of(child)
+        elif isinstance(child, lipkern.nn.SpectralConv2d):
+            new = EagerSpectralConv2d(child)
+        elif isinstance(child, lipkern.nn.SpectralLinear):
+            new = EagerSpectralLinear(child)
+        else:
+            new = None
+        if new is None:
+            _swap(child, provider)
+        else:
+            setattr(module, name, new)
+    return module
+
+
+def _network(name: str, provider: str) -> nn.Module:
+    torch.manual_seed(0)
+    options = SMALL.get("convnet" if name.startswith("convnet") else name, {})
+    model = build_model(name, in_channels=3, input_size=SIZE, device=DEVICE, **options)
+    if name.startswith("aol"):
+        return swap_aol_layers(model, provider)
+    if provider == "eager" and (name.endswith("-cpl") or name == "cpl-s"):
+        return use_eager_cpl(model)
+    return model if provider == "lipkern" else _swap(model, provider)
+
+
+def _data(classes: int = 10):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.rand(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE)
+    y = torch.randint(0, classes, (BATCH,), generator=g).to(DEVICE)
+    return x, y
+
+
+def _step(model: nn.Module, loss_fn, bound=None):
+    """One SGD step on loss_fn(logits, y[, L]) with L from ``bound()`` (None: no bound)."""
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = loss_fn(logits, y) if bound is None else loss_fn(logits, y, bound())
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# --- 1-Lipschitz networks -----------------------------------------------------------------------------------
+NETWORKS = ["convnet-xs-cpl", "convnet-xs-spectral", "aol-s", "cpl-s"] if not ON_GPU else \
+    ["convnet-xs-cpl", "convnet-s-cpl", "convnet-xs-spectral", "convnet-s-spectral", "aol-s", "cpl-s"]
+
+
+@pytest.mark.benchmark(group="models-train-step")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_lipschitz_network_train_step(run_timed, name, provider):
+    """Offset cross-entropy (AOL's u = √2, t = 1/4) and SGD momentum: the 1-Lipschitz families' step."""
+    model = _network(name, provider)
+    loss = OffsetCrossEntropy(math.sqrt(2), 0.25)
+    run_timed(_step(model, loss), provider, model=name, batch=BATCH, size=SIZE)
+
+
+# --- certified training of plain networks: the bound is the Lipschitz cost ----------------------------------
+class EagerProductBound:
+    """∏ σ_l over the linear maps: one power-iteration step per layer on persistent vectors, the σ's
+    differentiable (the LMT reference's per-layer hook, one layer at a time)."""
+
+    def __init__(self, model: nn.Module, input_shape):
+        self.maps = [m for segment in build_plan(model, input_shape).segments for m in segment.maps]
+        maps = [m.current() for m in self.maps]
+        g = torch.Generator(device="cpu").manual_seed(2)
+        self.u = [F.normalize(torch.randn(op.in_shape, generator=g).to(DEVICE).flatten(), dim=0)
+                  .reshape(1, *op.in_shape) for op in maps]
+
+    def __call__(self):
+        maps = [m.current() for m in self.maps]
+        total = None
+        for i, op in enumerate(maps):
+            with torch.no_grad():
+                detached = op.with_weight(op.weight.detach())
+                v = detached.forward(self.u[i])
+                v = v / v.norm()
+                u = detached.adjoint(v)
+                self.u[i] = u / u.norm()
+            sigma = (v * op.forward(self.u[i])).sum()
+            total = sigma if total is None else total * sigma
+        return total
+
+
+def _certified_step(name: str, provider: str):
+    from benchmarks.bench_liplt import EagerLipLT
+
+    torch.manual_seed(0)
+    size = max(SIZE, 16) if name == "lmt" else SIZE
+    channels = 1 if name == "lmt" else 3
+    model = build_model(name, in_channels=channels, input_size=size, device=DEVICE)
+    shape = (channels, size, size)
+    if provider == "plain":
+        return model, nn.CrossEntropyLoss(), None, shape
+    if name == "lmt":
+        loss = LMTLoss(0.1)
+        bound = (LipschitzBound(model, shape, method="product", n_iter=1).to(DEVICE) if provider == "lipkern"
+                 else EagerProductBound(model, shape))
+        return model, loss, bound, shape
+    crm = CRMLoss(5.0, 15.0, 0.2, 0)
+
+    def loss(logits, y, lipschitz):
+        return crm(logits, y, lipschitz, 1)
+
+    if provider == "lipkern":
+        bound = LipschitzBound(model, shape, n_iter=5).to(DEVICE)
+    else:
+        import benchmarks.bench_liplt as bl
+
+        original = bl.INPUT
+        bl.INPUT = shape  # EagerLipLT plans the network at bench_liplt.INPUT
+        try:
+            bound = EagerLipLT(model, 5)
+        finally:
+            bl.INPUT = original
+    return model, loss, bound, shape
+
+
+@pytest.mark.benchmark(group="models-train-step")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("name", ["liplt-6c2f", "lmt"])
+def test_certified_training_step(run_timed, name, provider):
+    """liplt-6c2f: CRM with the LipLT bound (5 power steps); lmt: LMT loss with the product bound (1 step);
+    plain: cross-entropy without a bound."""
+    model, loss, bound, shape = _certified_step(name, provider)
+    x, y = _data()
+    x = x[:, :shape[0]]
+    if shape[1] != SIZE:
+        x = F.interpolate(x, size=shape[1:])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        value = loss(logits, y) if bound is None else loss(logits, y, bound())
+        value.backward()
+        opt.step()
+
+    run_timed(step, provider, model=name, batch=BATCH, size=shape[1])
