@@ -18,7 +18,8 @@ def _count(model):
 
 
 def test_parameter_counts_match_the_papers():
-    # "1-Lipschitz Layers Compared": XS 1.57M parameters; CPL-XL 236M (CPL Table 1, via 1-Lip-Compared Table 4)
+    # "1-Lipschitz Layers Compared": XS 1.57M parameters; CPL-XL 236M (CPL Table 1, via 1-Lip-Compared
+    # Table 4)
     assert round(_count(ConvNet("XS", "aol", device="meta")) / 1e6, 2) == 1.57
     assert round(_count(ConvNet("S", "cpl", device="meta")) / 1e6, 2) == 6.28
     assert round(_count(CPLNet("XL", device="meta")) / 1e6) == 236
@@ -72,9 +73,9 @@ def _saved_activation_bytes(model, x):
 
 def test_cplnet_saves_about_half_the_bytes_of_the_eager_network():
     """CPL-S (8×8 inputs, 64 dense hidden units) against the same network with the eager formula in every CPL
-    layer (same weights, same h): each lipkern layer saves its input and σ(Ax + b) (5 channels against 45 in the
-    convs); eager also keeps Aᵀσ(·) (for ∂h). Measured 0.55 (the power-iteration vectors and the pooling/head
-    are common to both)."""
+    layer (same weights, same h): each lipkern layer saves its input and σ(Ax + b) (5 channels against 45 in
+    the convs); eager also keeps Aᵀσ(·) (for ∂h). Measured 0.55 (the power-iteration vectors and the
+    pooling/head are common to both)."""
     model = CPLNet("S", image_size=8, dense_hidden=64).train()
     eager = use_eager_cpl(CPLNet("S", image_size=8, dense_hidden=64).train())
     eager.load_state_dict(model.state_dict())
@@ -100,9 +101,11 @@ def test_cplnet_train_step_under_cpu_autocast(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch, channels, size, dense_in", [("6C2F", 3, 32, 1024), ("4C3F", 1, 28, 3136)])
+@pytest.mark.parametrize("arch, channels, size, dense_in",
+                         [("6C2F", 3, 32, 1024), ("4C3F", 1, 28, 3136), ("8C2F", 3, 64, 9216)])
 def test_liplt_nets_have_the_published_shapes(arch, channels, size, dense_in):
-    """CRM-LipLT NetworkArchitectures.py: 6C2F FC 1024→512→10 at 32×32, 4C3F FC 3136→512→512→10 at 28×28."""
+    """CRM-LipLT NetworkArchitectures.py: 6C2F FC 1024→512→10 at 32×32, 4C3F FC 3136→512→512→10 at 28×28,
+    8C2F FC 9216→256→classes at 64×64 (Tiny-ImageNet)."""
     from torch import nn
 
     from lipkern.models import LipLTNet
@@ -112,7 +115,8 @@ def test_liplt_nets_have_the_published_shapes(arch, channels, size, dense_in):
     assert linears[0].in_features == dense_in and linears[-1].out_features == 10
     assert len([m for m in model if isinstance(m, nn.Conv2d)]) == int(arch[0])
     assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
-    assert LipLTNet(arch, input_size=16)(torch.zeros(1, channels, 16, 16)).shape == (1, 10)
+    half = size // 2
+    assert LipLTNet(arch, input_size=half)(torch.zeros(1, channels, half, half)).shape == (1, 10)
 
 
 def test_normalize_and_residual():
@@ -131,3 +135,102 @@ def test_normalize_and_residual():
     y = torch.randn(2, 3)
     torch.testing.assert_close(Residual(branch)(y), y + branch(y))
     torch.testing.assert_close(Residual(branch, skip)(y), skip(y) + branch(y))
+
+
+# --- issue 11: build_model, any input size, empty batches, initialization -----------------------------------
+def test_build_model_names_and_families():
+    from lipkern.models import MODEL_FAMILIES, build_model
+
+    assert set(MODEL_FAMILIES.values()) == {"aol", "cpl", "spectral", "liplt", "lmt"}
+    for name in ("convnet-xs-aol", "convnet-l-spectral", "aol-l", "cpl-xl", "liplt-8c2f", "lmt"):
+        assert name in MODEL_FAMILIES
+    for name, family in MODEL_FAMILIES.items():
+        model = build_model(name, num_classes=7, in_channels=1, input_size=32, device="meta")
+        assert model(torch.empty(2, 1, 32, 32, device="meta")).shape == (2, 7), name
+    # AOL-L has 136M parameters (AOL paper / 1-Lip-Compared Table 4); LMT's LeNet at 28×28: dense 800 → 500
+    assert round(_count(build_model("aol-l", device="meta")) / 1e6) == 136
+    lenet = build_model("lmt", in_channels=1, input_size=28)
+    assert [m.in_features for m in lenet if isinstance(m, torch.nn.Linear)] == [800, 500]
+
+
+def test_build_model_errors():
+    from lipkern.models import build_model
+
+    with pytest.raises(ValueError, match="convnet-xs-aol.*lmt"):
+        build_model("convnet-xxl-aol")
+    bad = [("aol-s", {"input_size": 30}, "multiples of 4"), ("lmt", {"input_size": 8}, "16"),
+           ("cpl-s", {"input_size": 3}, "4"), ("liplt-8c2f", {"input_size": 8}, "too small"),
+           ("convnet-xs-aol", {"input_size": 0}, "positive"),
+           ("convnet-xs-aol", {"in_channels": 17}, "in_channels"),
+           ("convnet-xs-aol", {"input_size": 1, "num_classes": 20}, "num_classes"),
+           ("convnet-xs-aol", {"width": 7}, "even")]
+    for name, options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build_model(name, device="meta", **options)
+    with pytest.raises(TypeError, match="convnet-xs-aol"):
+        build_model("convnet-xs-aol", colour="red")
+
+
+def test_pixel_unshuffle_matches_torch_and_handles_empty_batches():
+    from torch import nn
+
+    from lipkern.models import PixelUnshuffle
+
+    x = torch.randn(2, 3, 8, 12)
+    torch.testing.assert_close(PixelUnshuffle(2)(x), nn.functional.pixel_unshuffle(x, 2), rtol=0, atol=0)
+    torch.testing.assert_close(PixelUnshuffle(4)(x), nn.functional.pixel_unshuffle(x, 4), rtol=0, atol=0)
+    assert PixelUnshuffle(2)(torch.empty(0, 8, 32, 32)).shape == (0, 32, 16, 16)
+    assert isinstance(PixelUnshuffle(2), nn.PixelUnshuffle)  # lipkern.bounds treats it as the exact 0/1 map
+    with pytest.raises(ValueError, match="multiples"):
+        PixelUnshuffle(2)(torch.randn(1, 1, 5, 4))
+
+
+@pytest.mark.parametrize("size, blocks", [(32, 5), (64, 6), (28, 2), (8, 3), (7, 0), ((8, 4), 2)])
+def test_convnet_takes_any_input_size(size, blocks):
+    """One 2× downsizing block per halving while both sides are even: 32×32 is the paper's 5 blocks."""
+    from lipkern.models import PixelUnshuffle, convnet_plan
+
+    assert len(convnet_plan(size)) == blocks
+    model = ConvNet("XS", "aol", in_channels=1, image_size=size, width=4)
+    assert sum(isinstance(m, PixelUnshuffle) for m in model.modules()) == blocks
+    h, w = (size, size) if isinstance(size, int) else size
+    for batch in (0, 2):
+        assert model(torch.rand(batch, 1, h, w)).shape == (batch, 10)
+
+
+@pytest.mark.parametrize("layer", ["aol", "cpl", "spectral"])
+def test_convnet_other_sizes_are_one_lipschitz_and_take_empty_batches(layer):
+    kwargs = {} if layer == "aol" else {"certified": True}
+    model = ConvNet("XS", layer, in_channels=2, width=4, image_size=(8, 4), dtype=torch.float64, **kwargs)
+    for p in model.parameters():  # away from the identity init
+        p.data.add_(0.3 * torch.randn_like(p))
+    model.eval()
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(model, x).reshape(10, -1)
+    assert spectral_norm(jac) <= 1 + 1e-9
+    assert model(x[:0]).shape == (0, 10)
+
+
+def test_aolnet_small_is_one_lipschitz():
+    from lipkern.models import AOLNet
+
+    model = AOLNet("S", in_channels=1, image_size=8, width=4, conv_channels=8, n_conv=2, n_dense=2,
+                   dtype=torch.float64)
+    for p in model.parameters():
+        p.data.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(model, x).reshape(10, -1)
+    assert spectral_norm(jac) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("layer", ["aol", "spectral"])
+def test_convnet_starts_as_an_isometry_on_images(layer):
+    """Regression for the collapse diagnosis: at init the AOL and Spectral ConvNets (Dirac / identity layers)
+    keep distances between non-negative images exactly while every pixel fits in the kept channels (8×8, one
+    channel, width 8: 64 features). With nn.Conv2d's default init the Spectral stack shrank them ~1e-6."""
+    model = ConvNet("XS", layer, in_channels=1, width=8, image_size=8).eval()
+    body = model.layers[:-1]  # all but FirstChannels(num_classes)
+    x, y = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        ratio = (body(x) - body(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    torch.testing.assert_close(ratio, torch.ones(8), atol=1e-5, rtol=0)
