@@ -18,6 +18,17 @@
 - ``Normalize(mean, std)``: per-channel input standardization (x − mean)/std, a diagonal linear map (its
   Lipschitz constant 1/min std enters the model's); ``Residual(branch, skip=None)``: skip(x) + branch(x).
 
+Initialization and training (measured on scikit-learn's digits, see tests/test_training_families.py): the AOL
+and Spectral layers of ConvNet start as the identity (Dirac kernels), so the body is an isometry on images
+as long as the pixels fit in the kept channels; the 10 logits then read 10 input coordinates, so on random
+inputs the network contracts by about √(10/d) (d = input size): expected for any 1-Lipschitz map to 10 logits.
+A deep AOL stack must not be trained with Adam at lr 1e-3 (or SGD at lr 0.1): the steps add small dense
+entries to the Dirac kernels, AOL's bound Σ|WᵀW| charges every one of them, each layer's scale drops (mean
+column energy 1 → 0.65 in 10 Adam steps) and 26 layers multiply to ~1e-6: the output becomes constant. The
+Spectral ConvNet does the same under Adam at 1e-3 (dense updates raise each layer's top singular value above
+the rest). Use SGD (Nesterov, lr 1e-3 to 1e-2 for AOL, ≤ 3e-3 for Spectral at 32×32) with the offset
+cross-entropy (temperature 1/4), and train at the data's own size rather than zero-padding small images.
+
 Every block here is 1-Lipschitz (permutations, projections, MaxMin, the layers) except the last linear layer
 of CPLNet, whose pairwise Lipschitz constants are ‖ŵ_i − ŵ_j‖.
 """
