@@ -300,6 +300,8 @@ class _Parser:
                 raise ValueError(f"lipschitz_bound(sound=True): {name} is 1-Lipschitz with proof only with "
                                  "certified=True and in eval mode (its step size uses a guaranteed norm bound)")
             return [_Constant(1.0, name)], self.run(module, shape)
+        if computes_forward_of(module, LN.PlainCPLConv2d, LN.PlainCPLLinear):
+            return self.plain_cpl(module, shape)
         if computes_forward_of(module, LN.MaxMin):
             return [_Constant(1.0, name)], self.run(module, shape)
         if computes_forward_of(module, nn.PixelShuffle):
@@ -329,6 +331,25 @@ class _Parser:
         return None
 
     # -- layer types ---------------------------------------------------------------------------------------
+    def plain_cpl(self, module, shape):
+        """x − h·Wᵀrelu(Wx + b) (an exported CPL layer): its Jacobian I − h·WᵀDW (0 ≤ D ≤ I) has eigenvalues in
+        [1 − h‖W‖², 1], so its norm is ≤ max(1, h·U² − 1) for any U ≥ ‖W‖₂ (a guaranteed bound here)."""
+        weight = module.weight.detach()
+        try:
+            if weight.dim() == 2:
+                operator = LinearMap.dense(weight, shape)
+            else:
+                left, right, top, bottom = module.padding
+                operator = LinearMap.conv2d(weight, shape, padding=(top, bottom, left, right),
+                                            padding_mode=module.padding_mode)
+        except ValueError as err:
+            raise ValueError(f"lipschitz_bound: {self.name(module)}: {err}") from err
+        upper, h = float(operator.upper_bound()), float(module.h)
+        if not (math.isfinite(upper) and math.isfinite(h) and h >= 0):
+            raise ValueError(f"lipschitz_bound: {self.name(module)} has a non-finite weight or step size")
+        value = max(1.0, h * upper * upper * (1 + 8 * 2.0**-53) - 1.0)  # rounded up: 3 products, 1 difference
+        return [_Constant(value, self.name(module))], self.run(module, shape)
+
     def dense(self, module, shape, weight_fn):
         if len(shape) != 1:
             raise ValueError(f"lipschitz_bound: {self.name(module)} gets inputs of shape {shape}; a linear layer "

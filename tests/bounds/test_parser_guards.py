@@ -114,3 +114,23 @@ def test_computing_a_bound_leaves_buffers_unchanged():
                     lipschitz_constants={model[2]: 1.0})
     for name, b in model.named_buffers():
         assert torch.equal(b, before[name]), name
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_exported_cpl_layers_are_bounded(conv):
+    from lipkern.nn import CPLConv2d, CPLLinear, PlainCPLConv2d, PlainCPLLinear
+
+    torch.manual_seed(0)
+    layer = (CPLConv2d(2, 3, input_size=4, certified=True) if conv else CPLLinear(5, 4, certified=True)).double()
+    plain = layer.eval().to_vanilla()
+    shape = (2, 4, 4) if conv else (5,)
+    assert float(lipschitz_bound(nn.Sequential(plain), shape, sound=True)) <= 1 + 1e-12  # h ≤ 2/‖W‖², proven
+    # a step size 3x too large: the layer is not 1-Lipschitz, the bound must cover its Jacobians
+    big = (PlainCPLConv2d if conv else PlainCPLLinear)(plain.weight.detach(), plain.bias.detach(), plain.h * 3,
+                                                       *((plain.padding, plain.padding_mode) if conv else ()))
+    bound = float(lipschitz_bound(nn.Sequential(big), shape, sound=True))
+    for seed in range(5):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda t: big(t[None])[0], x).reshape(x.numel(), x.numel())
+        assert torch.linalg.matrix_norm(jac, 2) <= bound
+    assert bound > 1.5
