@@ -2,6 +2,7 @@
 alignment whatever the names' lengths), the plot, the time box and its record in the JSON, and one tiny
 end-to-end CPU run."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -472,7 +473,9 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "certified accuracy" in out.out and "sound" in out.out and "epoch 2/2" in out.err
-    assert (run / "checkpoint.pt").is_file() and (run / "certified_accuracy.png").stat().st_size > 0
+    assert (run / "checkpoint.pt").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is an optional extra
+        assert (run / "certified_accuracy.png").stat().st_size > 0
     trained = json.loads((run / "results.json").read_text())["certification"]
 
     code, out, err = _run(["--checkpoint", run / "checkpoint.pt", "--pairwise", "--method", "product",
