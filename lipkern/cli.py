@@ -444,11 +444,11 @@ def load_named_data(args):
     name = args.dataset or config.get("dataset")
     if name is None:
         raise CertifyError("give the data: --data PATH or --dataset NAME")
-    root = args.data_root if args.data_root is not None else (config.get("data_root") if name ==
-                                                               config.get("dataset") else None)
+    same = name.lower() == str(config.get("dataset", "")).lower()  # load_dataset ignores the case of names
+    root = args.data_root if args.data_root is not None else (config.get("data_root") if same else None)
     try:
         x, y = load_dataset(name, root, "test")
-        if config.get("input_size") and name == config.get("dataset"):
+        if config.get("input_size") and same:
             x = fit_to_size(x, config["input_size"], config.get("fit", "pad"))
     except (DatasetError, ValueError) as err:
         raise CertifyError(f"--dataset {name}: {err}") from None

@@ -206,3 +206,11 @@ def test_trains_on_mnist_and_cifar10_files(tmp_path):
         model, state = load_checkpoint_model(result["checkpoint"])
         assert state["config"]["dataset"] == dataset
         assert model(torch.rand(2, shape[0], shape[1], shape[1])).shape == (2, 10)
+
+
+def test_resume_refuses_other_input_preprocessing(tmp_path):
+    """Resuming with another --input-size/--fit would train the rest on differently prepared inputs."""
+    first = train(TrainConfig(**SMALL, input_size=10, output_dir=str(tmp_path), certify=False, stop_after=1))
+    with pytest.raises(TrainError, match="fit was 'pad' in the checkpoint, 'resize' now"):
+        train(TrainConfig(**SMALL, input_size=10, fit="resize", output_dir=str(tmp_path), certify=False,
+                          resume=str(first["checkpoint"])))
