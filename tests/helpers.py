@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Absolute/relative tolerance of a result computed in `dtype` against a float64 reference.
@@ -50,3 +52,33 @@ def dense_conv2d(weight: torch.Tensor, input_size, **conv_args) -> torch.Tensor:
         conv.weight.copy_(weight.double())
         eye = torch.eye(c_in * h * w, dtype=torch.float64).reshape(-1, c_in, h, w)
         return conv(eye).reshape(c_in * h * w, -1).T
+
+
+def pgd_flips(model, x: torch.Tensor, radius: torch.Tensor, steps: int = 25,
+              restarts: int = 3) -> torch.Tensor:
+    """Tiny ℓ₂ PGD with random restarts (the attack of the soundness tests): True where some δ with
+    ‖δ‖ ≤ radius (per row of x, any input shape) changes the model's prediction."""
+    with torch.no_grad():
+        label = model(x).argmax(1)
+    flipped = torch.zeros(len(x), dtype=torch.bool)
+    r = radius.to(x.dtype).clamp_max(1e3).reshape(-1, *([1] * (x.dim() - 1)))
+
+    def norm(t):
+        return t.flatten(1).norm(dim=1).reshape(r.shape).clamp_min(1e-30)
+
+    for restart in range(restarts):
+        generator = torch.Generator().manual_seed(restart)
+        delta = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        delta = delta / norm(delta) * r * torch.rand(r.shape, generator=generator, dtype=x.dtype)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            logits = model(x + delta)
+            others = logits.scatter(1, label[:, None], -math.inf)
+            loss = (others.max(1).values - logits.gather(1, label[:, None])[:, 0]).sum()
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = delta + 0.25 * r * grad / norm(grad)
+                delta = delta * (r / norm(delta)).clamp_max(1.0)
+        with torch.no_grad():
+            flipped |= model(x + delta).argmax(1) != label
+    return flipped

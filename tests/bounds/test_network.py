@@ -44,8 +44,9 @@ def _layer_matrix(module, shape) -> torch.Tensor:
     raise TypeError(module)
 
 
-def _dense_liplt(mats, slopes) -> float:
-    """Plain-Python LipLT with [α, β] slopes (slopes[i] after mats[i]) on explicit matrices, min with product."""
+def _liplt_recursion(mats, slopes, norm):
+    """LipLT with [α, β] slopes (slopes[i] after mats[i]) on explicit matrices with the operator norm ``norm``:
+    (the recursion's value m_K, the memoized chain norm ‖A_k⋯A_j‖)."""
     norms = {}
 
     def chain(j, k):
@@ -53,7 +54,7 @@ def _dense_liplt(mats, slopes) -> float:
             m = mats[j]
             for t in range(j + 1, k + 1):
                 m = mats[t] @ m
-            norms[(j, k)] = spectral_norm(m)
+            norms[(j, k)] = norm(m)
         return norms[(j, k)]
 
     a = [abs(al + be) / 2 for al, be in slopes]
@@ -62,8 +63,14 @@ def _dense_liplt(mats, slopes) -> float:
     for k in range(1, len(mats)):
         m.append(math.prod(a[:k]) * chain(0, k)
                  + sum(b[j] * math.prod(a[j + 1:k]) * chain(j + 1, k) * m[j] for j in range(k)))
+    return m[-1], chain
+
+
+def _dense_liplt(mats, slopes) -> float:
+    """Plain-Python LipLT on explicit matrices, min with the product of the same norms."""
+    value, chain = _liplt_recursion(mats, slopes, spectral_norm)
     product = math.prod(chain(i, i) for i in range(len(mats))) * math.prod(max(abs(x), abs(y)) for x, y in slopes)
-    return min(m[-1], product)
+    return min(value, product)
 
 
 def _max_jacobian_norm(model, shape, samples=30, row=None) -> float:
@@ -232,23 +239,7 @@ def _dense_value_torch(model, shape, slopes):
         elif isinstance(module, nn.Linear):
             mats.append(module.weight)
         x = module(x)
-    norm = {}
-
-    def chain(j, k):
-        if (j, k) not in norm:
-            m = mats[j]
-            for t in range(j + 1, k + 1):
-                m = mats[t] @ m
-            norm[(j, k)] = torch.linalg.matrix_norm(m, 2)
-        return norm[(j, k)]
-
-    a = [abs(al + be) / 2 for al, be in slopes]
-    b = [(be - al) / 2 for al, be in slopes]
-    m = [chain(0, 0)]
-    for k in range(1, len(mats)):
-        m.append(math.prod(a[:k]) * chain(0, k)
-                 + sum(b[j] * math.prod(a[j + 1:k]) * chain(j + 1, k) * m[j] for j in range(k)))
-    return m[-1]
+    return _liplt_recursion(mats, slopes, lambda m: torch.linalg.matrix_norm(m, 2))[0]
 
 
 def test_gradient_matches_autograd_of_the_dense_value():

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import pgd_flips
+
 from lipkern.certify import CertifiedAccuracy, certified_accuracy, certified_radius, lln_pairwise_lipschitz
 from lipkern.models import LinearNormalized
 
@@ -24,32 +26,6 @@ def _exact_linear_distance(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) 
         out[i] = min((logits[i, c] - logits[i, j]) / np.linalg.norm(weight[c] - weight[j])
                      for j in range(weight.shape[0]) if j != c)
     return out
-
-
-def _pgd_flips(model: nn.Module, x: torch.Tensor, radius: torch.Tensor, steps: int = 25,
-               restarts: int = 3) -> torch.Tensor:
-    """Tiny ℓ₂ PGD with random restarts: True where some δ with ‖δ‖ ≤ radius changes the prediction."""
-    with torch.no_grad():
-        label = model(x).argmax(1)
-    flipped = torch.zeros(len(x), dtype=torch.bool)
-    r = radius.to(x.dtype).clamp_max(1e3)[:, None]
-    for restart in range(restarts):
-        generator = torch.Generator().manual_seed(restart)
-        delta = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        delta = delta / delta.norm(dim=1, keepdim=True) * r * torch.rand(len(x), 1, generator=generator,
-                                                                      dtype=x.dtype)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            others = logits.scatter(1, label[:, None], -math.inf)
-            loss = (others.max(1).values - logits.gather(1, label[:, None])[:, 0]).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = delta + 0.25 * r * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                delta = delta * (r / delta.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp_max(1.0)
-        with torch.no_grad():
-            flipped |= model(x + delta).argmax(1) != label
-    return flipped
 
 
 # --- closed forms on linear classifiers --------------------------------------------------------------------
@@ -144,9 +120,9 @@ def test_pgd_never_flips_inside_certified_radius():
     for bound in (global_l, pairwise):
         radius = certified_radius(logits, bound)
         assert (radius > 0).all()
-        assert not _pgd_flips(model, x, radius * (1 - 1e-9)).any()
+        assert not pgd_flips(model, x, radius * (1 - 1e-9)).any()
     # the attack is not toothless: far outside the certificate it finds flips
-    assert _pgd_flips(model, x, certified_radius(logits, pairwise) * 50).float().mean() > 0.5
+    assert pgd_flips(model, x, certified_radius(logits, pairwise) * 50).float().mean() > 0.5
 
 
 # --- certified accuracy ------------------------------------------------------------------------------------

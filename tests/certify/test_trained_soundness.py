@@ -2,8 +2,6 @@
 prediction inside the radius certified from lipkern's own sound bounds (LipLT and product, global and pairwise),
 and the same attack does find flips well outside it (so it is not toothless)."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -11,6 +9,7 @@ from torch import nn
 from lipkern.bounds import lipschitz_bound
 from lipkern.certify import certified_radius
 from lipkern.losses import OffsetCrossEntropy
+from tests.helpers import pgd_flips
 
 sklearn = pytest.importorskip("sklearn.datasets")
 
@@ -39,30 +38,6 @@ def _train(model: nn.Module, x, y, steps: int = 150) -> nn.Module:
     return model.eval()
 
 
-def _pgd_flips(model, x, radius, steps=20, restarts=3):
-    with torch.no_grad():
-        label = model(x).argmax(1)
-    flipped = torch.zeros(len(x), dtype=torch.bool)
-    r = radius.to(x.dtype).clamp_max(1e3).reshape(-1, *([1] * (x.dim() - 1)))
-    norm = lambda t: t.flatten(1).norm(dim=1).reshape(r.shape).clamp_min(1e-30)  # noqa: E731
-    for restart in range(restarts):
-        g = torch.Generator().manual_seed(restart)
-        delta = torch.randn(x.shape, generator=g, dtype=x.dtype)
-        delta = delta / norm(delta) * r * torch.rand(r.shape, generator=g, dtype=x.dtype)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            others = logits.scatter(1, label[:, None], -math.inf)
-            loss = (others.max(1).values - logits.gather(1, label[:, None])[:, 0]).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = delta + 0.25 * r * grad / norm(grad)
-                delta = delta * (r / norm(delta)).clamp_max(1.0)
-        with torch.no_grad():
-            flipped |= model(x + delta).argmax(1) != label
-    return flipped
-
-
 MODELS = {
     "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                                  nn.Linear(32, 10)),
@@ -89,6 +64,6 @@ def test_pgd_never_flips_inside_the_certified_radius_of_a_trained_network(arch):
     for name, bound in bounds.items():
         radius = certified_radius(logits, bound)
         assert (radius > 0).float().mean() > 0.5, name
-        assert not _pgd_flips(model, test_x, radius * (1 - 1e-9)).any(), name
+        assert not pgd_flips(model, test_x, radius * (1 - 1e-9), steps=20).any(), name
     far = certified_radius(logits, bounds["pairwise"]) * 30
-    assert _pgd_flips(model, test_x, far).float().mean() > 0.3  # the attack finds flips well outside
+    assert pgd_flips(model, test_x, far, steps=20).float().mean() > 0.3  # the attack finds flips well outside
