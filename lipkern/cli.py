@@ -335,8 +335,6 @@ def _load_state_dict(path: str):
 
 def load_model(args):
     """(model, description, structure_known). The model is on the CPU, in eval mode."""
-    import json
-
     import torch
 
     if args.model is not None:
@@ -347,13 +345,7 @@ def load_model(args):
         if args.state_dict is None:
             raise CertifyError("--model needs --state-dict PATH (the trained weights, torch.save("
                                "model.state_dict(), PATH))")
-        try:
-            kwargs = json.loads(args.model_args or "{}")
-        except json.JSONDecodeError as err:
-            raise CertifyError(f"--model-args is not valid JSON ({err}): {args.model_args}") from None
-        if not isinstance(kwargs, dict):
-            raise CertifyError(f"--model-args must be a JSON object of keyword arguments, got "
-                               f"{args.model_args}")
+        kwargs = _model_args(args)
         description = f"{args.model}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
         try:
             model = classes[args.model](**kwargs)
@@ -396,6 +388,17 @@ def load_model(args):
         raise CertifyError(f"{path} could not be loaded with {loader}: {err}") from None
     kind = "TorchScript" if args.scripted else "exported"
     return _black_box(model), f"{kind} model {path}", False
+
+
+def _model_args(args) -> dict:
+    """--model-args: a JSON object of keyword arguments (of the model class or of build_model)."""
+    try:
+        kwargs = json.loads(args.model_args or "{}")
+    except json.JSONDecodeError as err:
+        raise CertifyError(f"--model-args is not valid JSON ({err}): {args.model_args}") from None
+    if not isinstance(kwargs, dict):
+        raise CertifyError(f"--model-args must be a JSON object of keyword arguments, got {args.model_args}")
+    return kwargs
 
 
 def load_data(path: str, limit: int | None):
@@ -776,13 +779,7 @@ Examples:
 def _config_from_args(args):
     from lipkern.train import TrainConfig
 
-    try:
-        model_args = json.loads(args.model_args or "{}")
-    except json.JSONDecodeError as err:
-        raise CertifyError(f"--model-args is not valid JSON ({err}): {args.model_args}") from None
-    if not isinstance(model_args, dict):
-        raise CertifyError(f"--model-args must be a JSON object of build_model options, got "
-                           f"{args.model_args}")
+    model_args = _model_args(args)
     fields = ("model", "dataset", "data_root", "input_size", "fit", "train_limit", "epochs", "batch_size",
               "lr", "optimizer", "momentum", "weight_decay", "schedule", "loss", "offset", "temperature",
               "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",

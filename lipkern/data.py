@@ -101,13 +101,20 @@ def _require_root(name: str, root, url: str) -> Path:
     return root
 
 
-def _load_mnist(root, split: str) -> tuple[np.ndarray, np.ndarray]:
-    root = _require_root("mnist", root, MNIST_URL)
-    paths = [_find(root, f, ("MNIST/raw",), gz=True) for f in MNIST_FILES[split]]
-    missing = [f for f, p in zip(MNIST_FILES[split], paths) if p is None]
+def _split_files(dataset: str, root, split: str, files, subdir: str, url: str, gz: bool) -> list[Path]:
+    """The paths of a split's files under ``root`` or ``root/subdir`` (``.gz`` too when ``gz``), or a
+    DatasetError naming every missing file and where to download it."""
+    root = _require_root(dataset, root, url)
+    paths = [_find(root, f, (subdir,), gz=gz) for f in files]
+    missing = [f for f, p in zip(files, paths) if p is None]
     if missing:
-        raise DatasetError(f"mnist {split} split: {', '.join(missing)} (or .gz) not found in {root} or "
-                           f"{root / 'MNIST/raw'}; download them from {MNIST_URL}")
+        raise DatasetError(f"{dataset} {split} split: {', '.join(missing)}{' (or .gz)' if gz else ''} not found "
+                           f"in {root} or {root / subdir}; download them from {url}")
+    return paths
+
+
+def _load_mnist(root, split: str) -> tuple[np.ndarray, np.ndarray]:
+    paths = _split_files("mnist", root, split, MNIST_FILES[split], "MNIST/raw", MNIST_URL, gz=True)
     images, labels = read_idx(paths[0], expected_dims=3), read_idx(paths[1], expected_dims=1)
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(f"mnist: {paths[0]} holds {images.shape[0]} images but {paths[1]} "
@@ -151,12 +158,8 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_cifar10(root, split: str) -> tuple[np.ndarray, np.ndarray]:
-    root = _require_root("cifar10", root, CIFAR10_URL)
-    paths = [_find(root, f, ("cifar-10-batches-py",), gz=False) for f in CIFAR10_FILES[split]]
-    missing = [f for f, p in zip(CIFAR10_FILES[split], paths) if p is None]
-    if missing:
-        raise DatasetError(f"cifar10 {split} split: {', '.join(missing)} not found in {root} or "
-                           f"{root / 'cifar-10-batches-py'}; download {CIFAR10_URL}")
+    paths = _split_files("cifar10", root, split, CIFAR10_FILES[split], "cifar-10-batches-py", CIFAR10_URL,
+                         gz=False)
     batches = [_cifar_batch(p) for p in paths]
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
