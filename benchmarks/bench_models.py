@@ -131,9 +131,10 @@ def _data(classes: int = 10):
     return x, y
 
 
-def _step(model: nn.Module, loss_fn, bound=None):
-    """One SGD step on loss_fn(logits, y[, L]) with L from ``bound()`` (None: no bound)."""
-    x, y = _data()
+def _step(model: nn.Module, loss_fn, bound=None, data=None):
+    """One SGD step on loss_fn(logits, y[, L]) with L from ``bound()`` (None: no bound) on ``data`` (x, y)
+    (default: :func:`_data`)."""
+    x, y = _data() if data is None else data
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():
@@ -233,13 +234,4 @@ def test_certified_training_step(run_timed, name, provider):
     x = x[:, :shape[0]]
     if shape[1] != SIZE:
         x = F.interpolate(x, size=shape[1:])
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        value = loss(logits, y) if bound is None else loss(logits, y, bound())
-        value.backward()
-        opt.step()
-
-    run_timed(step, provider, model=name, batch=BATCH, size=shape[1])
+    run_timed(_step(model, loss, bound, (x, y)), provider, model=name, batch=BATCH, size=shape[1])
