@@ -26,7 +26,7 @@ from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.nn.spectral import _SpectralConvBase, _SpectralLinearBase
-from lipkern.ops.cpl import cpl_conv2d, cpl_linear
+from lipkern.ops.cpl import _autocast_on, cpl_conv2d, cpl_linear
 
 __all__ = ["CPLConv2d", "CPLLinear", "PlainCPLConv2d", "PlainCPLLinear"]
 
@@ -44,7 +44,7 @@ class _StepSize:
     def step_size(self) -> torch.Tensor:
         device = self.weight.device.type
         # σ from the weight's own precision, not autocast's
-        if device != "meta" and torch.is_autocast_enabled(device):
+        if _autocast_on(self.weight):
             with torch.autocast(device, enabled=False):
                 return self.step_size()
         if self.training:

@@ -307,19 +307,22 @@ def test_saved_bytes_per_step_against_the_eager_layer():
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch features combined with the ops: double backward, torch.func, autocast, low-precision dtypes.
 # ----------------------------------------------------------------------------------------------------------
+def _small_case(kind: str):
+    """(x, w, b, h, op, reference) of a small float64 CPL case: 'linear', 'conv' or 'conv-circular'."""
+    if kind == "linear":
+        w, b, h = _params(5, 4)
+        return (torch.randn(3, 4, dtype=torch.float64), w, b, h, cpl_linear, cpl_linear_ref)
+    kwargs = dict(padding=1, padding_mode="circular" if kind == "conv-circular" else "zeros")
+    w, b, h = _params(3, 2, kernel=(3, 3))
+    g = ConvGeometry.create(4, 3, **kwargs)
+    return (torch.randn(2, 2, 4, 4, dtype=torch.float64), w, b, h, lambda *a: cpl_conv2d(*a, **kwargs),
+            lambda *a: cpl_conv2d_ref(*a, g))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv-circular"])
 def test_double_backward_matches_the_reference(kind):
     """A gradient penalty: ∂/∂(x, W, b, h) of ‖∂⟨z, c⟩/∂x‖² + ‖∂⟨z, c⟩/∂W‖²."""
-    if kind == "linear":
-        w, b, h = _params(5, 4)
-        x = torch.randn(3, 4, dtype=torch.float64)
-        ours_fn, ref_fn = cpl_linear, cpl_linear_ref
-    else:
-        kwargs = dict(padding=1, padding_mode="circular" if kind == "conv-circular" else "zeros")
-        w, b, h = _params(3, 2, kernel=(3, 3))
-        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
-        g = ConvGeometry.create(4, 3, **kwargs)
-        ours_fn, ref_fn = (lambda *a: cpl_conv2d(*a, **kwargs)), (lambda *a: cpl_conv2d_ref(*a, g))
+    x, w, b, h, ours_fn, ref_fn = _small_case(kind)
     c = torch.randn_like(x)
 
     def penalty(fn):
@@ -333,15 +336,7 @@ def test_double_backward_matches_the_reference(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_torch_func_vjp_and_jacrev(kind):
-    if kind == "linear":
-        w, b, h = _params(5, 4)
-        x = torch.randn(3, 4, dtype=torch.float64)
-        ours_fn, ref_fn = cpl_linear, cpl_linear_ref
-    else:
-        w, b, h = _params(3, 2, kernel=(3, 3))
-        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
-        g = ConvGeometry.create(4, 3, padding=1)
-        ours_fn, ref_fn = (lambda *a: cpl_conv2d(*a, padding=1)), (lambda *a: cpl_conv2d_ref(*a, g))
+    x, w, b, h, ours_fn, ref_fn = _small_case(kind)
     jac = torch.func.jacrev(ours_fn, argnums=(0, 1, 2, 3))(x, w, b, h)
     want = torch.func.jacrev(ref_fn, argnums=(0, 1, 2, 3))(x, w, b, h)
     for a, r in zip(jac, want):
