@@ -111,3 +111,19 @@ def check_finite(tensor: torch.Tensor, op_name: str) -> None:
 def device_context(tensor: torch.Tensor):
     """Triton launches go to the current CUDA device: make it the tensor's (multi-GPU safe)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def direct_call() -> bool:
+    """True where an op may run its implementation directly instead of through its ``torch.library`` custom
+    op: eager calls, outside ``torch.compile`` tracing and functorch transforms. The custom op is the
+    compile/export boundary; in eager mode it only adds Python dispatch (≈ 0.2 ms per call on a CPU)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def autocast_off(tensor: torch.Tensor):
+    """A context with autocast disabled on ``tensor``'s device where it is enabled (custom ops see autocast
+    too), else a no-op context."""
+    device = tensor.device.type
+    if device != "meta" and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()

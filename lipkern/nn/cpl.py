@@ -26,7 +26,7 @@ from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.nn.spectral import _SpectralConvBase, _SpectralLinearBase
-from lipkern.ops.cpl import _autocast_on, cpl_conv2d, cpl_linear
+from lipkern.ops.cpl import _autocast_on, cpl_conv2d_with_geometry, cpl_linear
 
 __all__ = ["CPLConv2d", "CPLLinear", "PlainCPLConv2d", "PlainCPLLinear"]
 
@@ -112,8 +112,9 @@ class CPLConv2d(_StepSize, _SpectralConvBase):
             return plain_cpl_conv2d(x, self.weight, self.bias, self._eval_step_size(),
                                     self._reversed_padding_repeated_twice, self.padding_mode)
         self._check_input(x)
-        return cpl_conv2d(x, self.weight, self.bias, self.step_size(), padding="same",
-                          padding_mode=self.padding_mode)
+        if x.dim() == 3:  # an unbatched input, as nn.Conv2d takes
+            return self.forward(x[None])[0]
+        return cpl_conv2d_with_geometry(x, self.weight, self.bias, self.step_size(), self.geometry)
 
     def to_vanilla(self) -> "PlainCPLConv2d":
         """The eval-mode layer as plain torch ops with the constant step size h: :class:`PlainCPLConv2d`

@@ -41,12 +41,12 @@ from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, l
 from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
+    advance_conv_power_iteration,
     conv_bilinear,
     conv_bilinear_gradient,
-    conv_power_iteration,
     initial_conv_vectors,
 )
-from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors, power_of_two_scale
+from lipkern.ops.power_iteration import advance_power_iteration, initial_vectors, power_of_two_scale
 
 __all__ = ["SpectralConv2d", "SpectralLinear"]
 
@@ -171,7 +171,7 @@ class _SpectralLinearBase(_SpectralNormalized):
 
     @staticmethod
     def _stacked_power(weights, u_rows, v_rows, n_iter: int) -> None:
-        batched_power_iteration(weights, u_rows, v_rows, n_iter)
+        advance_power_iteration(weights, u_rows, v_rows, n_iter)
 
     @staticmethod
     def _stacked_sigma_data(u_rows, v_rows) -> None:
@@ -291,7 +291,7 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         return power.new_empty((layers, self.out_channels, *self.geometry.output_size), dtype, self.weight.device)
 
     def _stacked_power(self, weights, u_rows, v_rows, n_iter: int) -> None:
-        conv_power_iteration(weights, u_rows, v_rows, n_iter, **self._conv_kwargs())
+        advance_conv_power_iteration(weights, u_rows, v_rows, n_iter, self.geometry)
 
     def _stacked_sigma_data(self, u_rows, v_rows) -> torch.Tensor:
         """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round: one grouped weight-gradient convolution."""

@@ -16,8 +16,9 @@ Symmetric zero padding goes to the convolution (no padded copy); asymmetric or c
 On the Triton backend an iteration is four launches: w = A u; one kernel writes v = w/‖w‖; z = Aᵀ v; one
 kernel writes u = z/‖z‖ and σ = ‖z‖ = ‖Aᵀ v‖. The norms are computed as m·‖x/m‖ with m = max|x| (no overflow
 or underflow of the squares, so the weights are not rescaled), and v is unit before Aᵀ is applied (‖z‖ ≤ ‖A‖:
-no overflow of AᵀA u). The PyTorch path rescales the weights by a power of two instead (it runs on CPU
-tensors, and under the Triton interpreter for runs of more than 8 iterations, where each launch is slow).
+no overflow of AᵀA u). The PyTorch path runs in the same order on each layer's weight divided by its largest
+|entry| instead (it runs on CPU tensors, and under the Triton interpreter for runs of more than 8 iterations,
+where each launch is slow).
 No host synchronization and no value check: a NaN/Inf weight gives NaN σ and vectors (visible downstream).
 
 Layout: geometry, reference (one layer at a time), Triton kernel, stacked launchers, custom op, public
@@ -31,11 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import device_context, select_backend, triton_importable
-from lipkern.ops.power_iteration import initial_vectors, power_of_two_scale
+from lipkern._dispatch import autocast_off, device_context, direct_call, select_backend, triton_importable
+from lipkern.ops.power_iteration import initial_vectors
 
-__all__ = ["ConvGeometry", "conv_adjoint", "conv_bilinear", "conv_bilinear_gradient", "conv_operator", "conv_power_iteration",
-           "conv_power_iteration_ref", "initial_conv_vectors"]
+__all__ = ["ConvGeometry", "advance_conv_power_iteration", "conv_adjoint", "conv_bilinear", "conv_bilinear_gradient",
+           "conv_operator", "conv_power_iteration", "conv_power_iteration_ref", "initial_conv_vectors"]
 
 PADDING_MODES = ("zeros", "circular")
 
@@ -291,22 +292,26 @@ def _per_layer_normalize(x: torch.Tensor, fallback: torch.Tensor | None = None):
 
 
 def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> torch.Tensor:
+    """The PyTorch path, in the Triton path's order (v unit before Aᵀ is applied), on each layer's weight
+    divided by its largest |entry| (σ is multiplied back): the squares in the norms cannot overflow (an entry
+    of A u is at most ‖A‖ ≤ Σ|W|) and do not underflow while ‖A‖ is not ~1e-19 of that entry."""
     layers = weights.shape[0]
-    weights, exponent = power_of_two_scale(weights, batch_dims=1)  # AᵀA u must not overflow; σ scales back
-    stacked = _stack_weight(weights)
+    tiny = torch.finfo(weights.dtype).tiny
+    scale = torch.linalg.vector_norm(weights, ord=float("inf"), dim=(1, 2, 3, 4)).clamp_min(tiny)  # NaN: NaN
+    stacked = _stack_weight(weights / scale.reshape(-1, 1, 1, 1, 1))
     groups = geometry.groups * layers
     x = u.reshape(1, -1, *u.shape[-2:])
-    sigma = torch.zeros(layers, dtype=weights.dtype, device=weights.device)
     for _ in range(n_iter):
         w = _apply(x, stacked, geometry, groups)
-        z = _apply_adjoint(w, stacked, geometry, groups)
-        w_unit, w_norm = _per_layer_normalize(w.reshape(v.shape))
-        z_unit, z_norm = _per_layer_normalize(z.reshape(u.shape), fallback=x.reshape(u.shape))
-        sigma = torch.where(w_norm != 0, z_norm / w_norm.clamp_min(torch.finfo(w_norm.dtype).tiny), 0.0)
-        x = z_unit.reshape(x.shape)
+        w_norm = torch.linalg.vector_norm(w.reshape(layers, -1), dim=1)
+        v_unit = w.reshape(layers, -1) / w_norm.clamp_min(tiny)[:, None]  # a zero w stays zero
+        z = _apply_adjoint(v_unit.reshape(w.shape), stacked, geometry, groups).reshape(layers, -1)
+        z_norm = torch.linalg.vector_norm(z, dim=1)  # σ = ‖Aᵀ v‖
+        x = torch.where((z_norm != 0)[:, None], z / z_norm.clamp_min(tiny)[:, None], x.reshape(layers, -1))
+        x = x.reshape(1, -1, *u.shape[-2:])
     u.copy_(x.reshape(u.shape))
-    v.copy_(w_unit)
-    return torch.ldexp(sigma, exponent.to(sigma.dtype))
+    v.copy_(v_unit.reshape(v.shape))
+    return z_norm * scale
 
 
 def _launch_unit(x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, keep_when_zero: bool,
@@ -347,12 +352,12 @@ def _geometry_from_args(u, kernel, stride, padding, dilation, groups, padding_mo
 def _conv_power_iteration_op(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
                              stride: list[int], padding: list[int], dilation: list[int], groups: int,
                              padding_mode: str) -> torch.Tensor:
-    with torch.autocast(weights.device.type, enabled=False):  # autocast reaches inside custom ops
-        return _conv_power_iteration_impl(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode)
-
-
-def _conv_power_iteration_impl(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode):
     geometry = _geometry_from_args(u, weights.shape[-2:], stride, padding, dilation, groups, padding_mode)
+    with torch.autocast(weights.device.type, enabled=False):  # autocast reaches inside custom ops
+        return _conv_power_iteration_impl(weights, u, v, n_iter, geometry)
+
+
+def _conv_power_iteration_impl(weights, u, v, n_iter, geometry: ConvGeometry):
     interpreted_long_run = not weights.is_cuda and n_iter > _INTERPRETER_MAX_ITER
     if select_backend(weights, has_cuda_kernel=False) != "triton" or interpreted_long_run:
         return _stacked_iterations(weights, u, v, n_iter, geometry)
@@ -370,6 +375,20 @@ def _conv_power_iteration_impl(weights, u, v, n_iter, stride, padding, dilation,
 @_conv_power_iteration_op.register_fake
 def _(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode):
     return weights.new_empty(weights.shape[0])
+
+
+def advance_conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
+                                 geometry: ConvGeometry) -> torch.Tensor:
+    """:func:`conv_power_iteration` without its argument checks, for callers whose arguments are valid by
+    construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
+    directly; torch.compile sees the custom op."""
+    weights = weights.detach()
+    with torch.no_grad():
+        if direct_call():
+            with autocast_off(weights):
+                return _conv_power_iteration_impl(weights, u, v, n_iter, geometry)
+        return _conv_power_iteration_op(weights, u, v, n_iter, list(geometry.stride), list(geometry.padding),
+                                        list(geometry.dilation), geometry.groups, geometry.padding_mode)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,8 +442,4 @@ def conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     if v is None:
         v = torch.zeros((weights.shape[0], weights.shape[1], *geometry.output_size), dtype=weights.dtype,
                         device=weights.device)
-    with torch.no_grad():
-        sigma = _conv_power_iteration_op(weights.detach(), u, v, n_iter, list(geometry.stride),
-                                         list(geometry.padding), list(geometry.dilation), geometry.groups,
-                                         geometry.padding_mode)
-    return sigma, u, v
+    return advance_conv_power_iteration(weights, u, v, n_iter, geometry), u, v

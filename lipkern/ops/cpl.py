@@ -200,7 +200,11 @@ class _Linear:
     def adjoint_of(self, y, xp):
         return y @ self.weight
 
-    def adjoint_and_weight_grads(self, s, xp, g, act, need_x, need_w):
+    def apply_and_weight_grad(self, g, act, need_w):
+        """(A g, None): the linear accumulates both weight terms in ``adjoint_and_weight_grads``."""
+        return F.linear(g, self.weight), None
+
+    def adjoint_and_weight_grads(self, s, xp, g, act, partial, need_x, need_w):
         """(Aᵀs, ∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W): the two weight terms accumulated in one buffer."""
         return (s @ self.weight if need_x else None), (torch.mm(s.T, xp).addmm_(act.T, g) if need_w else None)
 
@@ -237,6 +241,13 @@ class _Conv:
                                                   list(self._conv_padding()), list(g.dilation), False, [0, 0],
                                                   g.groups, [need_input, need_weight, False])[:2]
 
+    def _output_padding(self, xp) -> list[int]:
+        """The output_padding under which the transposed convolution returns xp's (padded) spatial size."""
+        g, pad = self.geometry, self._conv_padding()
+        out = g.output_size
+        return [size - ((o - 1) * s - 2 * p + d * (k - 1) + 1) for size, o, s, p, d, k in
+                zip(xp.shape[-2:], out, g.stride, pad, g.dilation, g.kernel_size)]
+
     def _unpad(self, y):
         return y if self.padding is not None else _unpad_adjoint(y, self.geometry).contiguous()
 
@@ -244,15 +255,27 @@ class _Conv:
         return self._conv_backward(grad_out, xp, False, True)[1]
 
     def adjoint_of(self, y, xp):
-        """Aᵀ y as the data gradient of the conv at xp (the padded input): one backward-data convolution."""
-        return self._unpad(self._conv_backward(y, xp, True, False)[0])
+        """Aᵀ y: one transposed convolution to xp's (padded) size, then the padding's adjoint."""
+        g = self.geometry
+        return self._unpad(F.conv_transpose2d(y, self.weight, None, g.stride, self._conv_padding(),
+                                              self._output_padding(xp), g.groups, g.dilation))
 
-    def adjoint_and_weight_grads(self, s, xp, gp, act, need_x, need_w):
-        """(Aᵀs, ∂⟨s, A_W x⟩/∂W + ∂⟨act, A_W g⟩/∂W): Aᵀs and the first term from one convolution backward
-        (as eager autograd computes them), the second term from a weight-gradient convolution."""
+    def apply_and_weight_grad(self, gp, act, need_w):
+        """(A g, ∂⟨act, A_W g⟩/∂W or None) from ONE call: the backward of the transposed convolution
+        y ↦ Aᵀy at act (its data gradient is A g, its weight gradient ∂⟨A_W g, act⟩/∂W), as eager autograd
+        computes the backward of conv_transpose2d."""
+        g = self.geometry
+        t, w_act = torch.ops.aten.convolution_backward(
+            gp, act, self.weight, None, list(g.stride), list(self._conv_padding()), list(g.dilation), True,
+            self._output_padding(gp), g.groups, [True, need_w, False])[:2]
+        return t, w_act
+
+    def adjoint_and_weight_grads(self, s, xp, gp, act, partial, need_x, need_w):
+        """(Aᵀs, ∂⟨s, A_W x⟩/∂W + partial): Aᵀs and the first weight term from one convolution backward
+        (as eager autograd computes them); ``partial`` = ∂⟨act, A_W g⟩/∂W from ``apply_and_weight_grad``."""
         gi, gw = self._conv_backward(s, xp, need_x, need_w)
         if need_w:
-            gw = gw.add_(self._weight_grad(gp, act))
+            gw = gw.add_(partial)
         return (self._unpad(gi) if need_x else None), gw
 
     def weight_grads(self, xp, s, gp, act):
@@ -285,12 +308,13 @@ def _backward(op, grad, x, act, h, needs, triton_path: bool):
     need_x, need_w, need_b, need_h = needs
     grad = grad.contiguous()
     gp = op.prepare(grad)
-    t = op.apply(gp).contiguous()
+    t, partial = op.apply_and_weight_grad(gp, act, need_w)
+    t = t.contiguous()
     bias_sum, dot = _backward_elementwise_(act, t, triton_path)  # t ← s = t ⊙ m
     neg_h = -h
     gx = gw = None
     if need_x or need_w:
-        r, gw = op.adjoint_and_weight_grads(t, op.prepare(x.contiguous()), gp, act, need_x, need_w)
+        r, gw = op.adjoint_and_weight_grads(t, op.prepare(x.contiguous()), gp, act, partial, need_x, need_w)
         del t, gp
         if need_w:
             gw.mul_(neg_h)
@@ -600,6 +624,17 @@ def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     g.check_weight(weight, stacked=False)
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * groups}")
+    return cpl_conv2d_with_geometry(x, weight, bias, h, g)
+
+
+def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                             g: ConvGeometry) -> torch.Tensor:
+    """:func:`cpl_conv2d` for a geometry checked by the caller (the layer: x at its input size, the weight its
+    own); x, weight, bias and h must have one dtype and device (checked) and h be 0-dim."""
+    if _autocast_on(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return cpl_conv2d_with_geometry(x, *_autocast_cast(x, weight, bias, h), g)
+    _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
     if torch.compiler.is_compiling():
         return _cpl_conv2d_op(x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups,
                               g.padding_mode)[0]

@@ -23,9 +23,11 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import device_context, requested_backend, select_backend, triton_importable
+from lipkern._dispatch import (autocast_off, device_context, direct_call, requested_backend, select_backend,
+                               triton_importable)
 
-__all__ = ["PowerIteration", "batched_power_iteration", "batched_power_iteration_ref", "initial_vectors"]
+__all__ = ["PowerIteration", "advance_power_iteration", "batched_power_iteration", "batched_power_iteration_ref",
+           "initial_vectors"]
 
 _DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
@@ -281,10 +283,20 @@ def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
 
 
 def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
-    result = batched_power_iteration_ref(matrices, u, n_iter)
-    sigma.copy_(result.sigma)
-    u.copy_(result.u)
-    v.copy_(result.v)
+    """The PyTorch path, in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖: only ‖M‖, not ‖M‖², must be
+    representable); a zero w leaves v zero and σ 0, a zero z keeps u."""
+    tiny = torch.finfo(sigma.dtype).tiny
+    adjoint = matrices.mH
+    x = u
+    for _ in range(n_iter):
+        w = torch.bmm(matrices, x.unsqueeze(-1)).squeeze(-1)
+        w = w / torch.linalg.vector_norm(w, dim=1).clamp_min(tiny)[:, None]
+        z = torch.bmm(adjoint, w.unsqueeze(-1)).squeeze(-1)
+        z_norm = torch.linalg.vector_norm(z, dim=1)
+        x = torch.where((z_norm != 0)[:, None], z / z_norm.clamp_min(tiny)[:, None], x)
+    sigma.copy_(z_norm)
+    u.copy_(x)
+    v.copy_(w)
 
 
 def _backend(matrices: torch.Tensor) -> str:
@@ -318,11 +330,15 @@ def _run(matrices, u, v, sigma, n_iter: int) -> None:
 @torch.library.custom_op("lipkern::batched_power_iteration", mutates_args=("u", "v"))
 def _batched_power_iteration_op(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                 n_iter: int) -> torch.Tensor:
+    with torch.autocast(matrices.device.type, enabled=False):  # autocast reaches inside custom ops
+        return _batched_power_iteration_impl(matrices, u, v, n_iter)
+
+
+def _batched_power_iteration_impl(matrices, u, v, n_iter: int) -> torch.Tensor:
     sigma = torch.empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype), device=matrices.device)
     u_work = u if u.is_contiguous() else u.contiguous()
     v_work = v if v.is_contiguous() else v.contiguous()
-    with torch.autocast(matrices.device.type, enabled=False):  # autocast reaches inside custom ops
-        _run(matrices.contiguous(), u_work, v_work, sigma, n_iter)
+    _run(matrices.contiguous(), u_work, v_work, sigma, n_iter)
     if u_work is not u:
         u.copy_(u_work)
     if v_work is not v:
@@ -333,6 +349,18 @@ def _batched_power_iteration_op(matrices: torch.Tensor, u: torch.Tensor, v: torc
 @_batched_power_iteration_op.register_fake
 def _(matrices, u, v, n_iter):
     return matrices.new_empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype))
+
+
+def advance_power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """:func:`batched_power_iteration` without its argument checks, for callers whose arguments are valid by
+    construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
+    directly; torch.compile sees the custom op."""
+    matrices = matrices.detach()
+    with torch.no_grad():
+        if direct_call():
+            with autocast_off(matrices):
+                return _batched_power_iteration_impl(matrices, u, v, n_iter)
+        return _batched_power_iteration_op(matrices, u, v, n_iter)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,6 +408,4 @@ def batched_power_iteration(matrices: torch.Tensor, u: torch.Tensor | None = Non
         u = initial_vectors((batch, cols), matrices.dtype, matrices.device)
     if v is None:
         v = torch.zeros((batch, rows), dtype=matrices.dtype, device=matrices.device)
-    with torch.no_grad():
-        sigma = _batched_power_iteration_op(matrices.detach(), u, v, n_iter)
-    return PowerIteration(sigma, u, v)
+    return PowerIteration(advance_power_iteration(matrices, u, v, n_iter), u, v)

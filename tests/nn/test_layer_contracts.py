@@ -1,6 +1,8 @@
 """What a user relies on beyond the math: fixed geometry, argument checks that name the layer, state_dicts that
 refuse the wrong input size, and shape propagation on the meta device."""
 
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,18 @@ def test_meta_device_forward_gives_the_shape(build, train):
     expected = build("cpu").train(train)(torch.zeros(shape)).shape  # the same layer with values
     out = layer(torch.empty(shape, device="meta"))
     assert out.is_meta and out.shape == expected
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", CONVS)
+def test_unbatched_input_as_nn_conv2d(name, train):
+    """A (C, H, W) input is one sample, as for nn.Conv2d: the result is the batched one's first row (a copy of
+    the layer runs the batched input: in training each call advances the power iteration)."""
+    torch.manual_seed(0)
+    layer = CONVS[name](dtype=torch.float64).train(train)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 5, 5, dtype=torch.float64)
+    out = layer(x)
+    batched = twin(x[None])[0]
+    assert out.shape == batched.shape
+    torch.testing.assert_close(out, batched, rtol=1e-12, atol=1e-12)
