@@ -12,6 +12,7 @@ reported bound/reference ratio over-states the gap, never under-states it)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 
 import pytest
@@ -55,11 +56,17 @@ def _eager_step(weight, u):
 
 
 @pytest.mark.benchmark(group="power-iteration-step")
-@pytest.mark.parametrize("provider", ["lipkern", "lipkern-prestacked", "lipkern-layers", "eager-loop"])
-def test_power_iteration_step_all_layers(run_timed, provider):
+@pytest.mark.parametrize("provider", ["lipkern", "lipkern-prestacked", "lipkern-grouped-conv", "lipkern-layers",
+                                      "lipkern-layers-grouped-conv", "eager-loop"])
+def test_power_iteration_step_all_layers(run_timed, provider, monkeypatch):
     """lipkern-layers: the 20 layers as SpectralConv2d modules, each asking for its σ = vᵀAu in training mode
     (lipkern.nn.power groups them: one stacked call, then per layer one buffer copy and vᵀAu); the eager loop
-    computes σ per layer too."""
+    computes σ per layer too. On CUDA the stacked operator is batched GEMMs on unfolded vectors; the
+    *-grouped-conv providers force the other form (one grouped convolution with 20 groups) to compare."""
+    label = provider
+    if provider.endswith("grouped-conv"):
+        monkeypatch.setattr(importlib.import_module("lipkern.ops.conv_power_iteration"), "_GEMM_MAX_BYTES", 0)
+        provider = "lipkern-layers" if provider.startswith("lipkern-layers") else "lipkern"
     weights, u = _network()
     stacked = torch.stack(weights)
     us = [u_l[None].clone() for u_l in u]
@@ -77,7 +84,7 @@ def test_power_iteration_step_all_layers(run_timed, provider):
             with torch.no_grad():
                 return [layer.sigma() for layer in layers]
 
-        run_timed(layer_step, provider, **NETWORK)
+        run_timed(layer_step, label, **NETWORK)
         return
 
     def lipkern_step():
@@ -91,7 +98,7 @@ def test_power_iteration_step_all_layers(run_timed, provider):
             for i, weight in enumerate(weights):
                 us[i], _ = _eager_step(weight, us[i])
 
-    run_timed(eager_loop if provider == "eager-loop" else lipkern_step, provider, **NETWORK)
+    run_timed(eager_loop if provider == "eager-loop" else lipkern_step, label, **NETWORK)
 
 
 # --- references (setup phase, cached: outside the timed and time-boxed call) --------------------------------

@@ -327,11 +327,12 @@ def test_model_step_issues_one_stacked_power_iteration_per_geometry_group(name, 
     calls = collections.Counter()
     conv_pi = importlib.import_module("lipkern.ops.conv_power_iteration")
     dense_pi = importlib.import_module("lipkern.ops.power_iteration")
-    for module, attribute in ((conv_pi, "_conv_power_iteration_impl"), (dense_pi, "_batched_power_iteration_impl")):
+    implementations = ((conv_pi, "_conv_power_iteration_impl"), (dense_pi, "_batched_power_iteration_impl"))
+    for module, attribute in implementations:
         def counted(*args, _impl=getattr(module, attribute), _name=attribute):
             calls[_name] += 1
             return _impl(*args)
-        monkeypatch.setattr(module, attribute, counted)  # eager calls run the implementation, not the custom op
+        monkeypatch.setattr(module, attribute, counted)  # eager calls run the implementation, not the op
 
     _train_step(model, x, optimizer)
     layers = [m for m in model.modules() if hasattr(m, "_power_key")]

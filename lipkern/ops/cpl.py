@@ -627,8 +627,8 @@ def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return cpl_conv2d_with_geometry(x, weight, bias, h, g)
 
 
-def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
-                             g: ConvGeometry) -> torch.Tensor:
+def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             h: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     """:func:`cpl_conv2d` for a geometry checked by the caller (the layer: x at its input size, the weight its
     own); x, weight, bias and h must have one dtype and device (checked) and h be 0-dim."""
     if _autocast_on(x):

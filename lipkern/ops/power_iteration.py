@@ -26,8 +26,8 @@ from lipkern import _cuda
 from lipkern._dispatch import (autocast_off, device_context, direct_call, requested_backend, select_backend,
                                triton_importable)
 
-__all__ = ["PowerIteration", "advance_power_iteration", "batched_power_iteration", "batched_power_iteration_ref",
-           "initial_vectors"]
+__all__ = ["PowerIteration", "advance_power_iteration", "batched_power_iteration",
+           "batched_power_iteration_ref", "initial_vectors"]
 
 _DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
@@ -351,7 +351,8 @@ def _(matrices, u, v, n_iter):
     return matrices.new_empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype))
 
 
-def advance_power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int) -> torch.Tensor:
+def advance_power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                            n_iter: int) -> torch.Tensor:
     """:func:`batched_power_iteration` without its argument checks, for callers whose arguments are valid by
     construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
     directly; torch.compile sees the custom op."""

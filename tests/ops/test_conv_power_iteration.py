@@ -1,6 +1,8 @@
 """lipkern.ops.conv_power_iteration: the operator and its adjoint against PyTorch's dense conv matrix, the stacked
 (one grouped conv for all layers) path against one layer at a time, convergence to the SVD norm, op boundary."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -204,3 +206,27 @@ def test_bilinear_gradient_of_stacked_layers(case):
     (expected,) = torch.autograd.grad(bilinear.sum(), w)
     assert_close(grad, expected)
     assert_close((weights * grad).flatten(1).sum(1), bilinear.detach())
+
+
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm-form", "grouped-conv-form"])
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_stacked_operator_forms_are_the_dense_matrices(case, gemm, monkeypatch):
+    """Both forms of the stacked operator (batched GEMMs on unfolded vectors; one grouped conv) apply each
+    layer's dense conv matrix and its transpose, and give each layer's bilinear gradient (autograd oracle)."""
+    cpi = importlib.import_module("lipkern.ops.conv_power_iteration")
+    monkeypatch.setattr(cpi, "_GEMM_MAX_BYTES", (1 << 40) if gemm else 0)
+    monkeypatch.setattr(cpi, "_GEMM_DEVICES", ("cpu", "cuda"))
+    weights, g, kwargs = _setup(case, layers=3)
+    operator = cpi._StackedOperator(weights, g)
+    assert operator.gemm == (gemm and g.groups == 1)
+    u = torch.randn(3, weights.shape[2] * g.groups, *g.input_size, dtype=torch.float64)
+    v = torch.randn(3, weights.shape[1], *g.output_size, dtype=torch.float64)
+    au, atv = operator.apply(u), operator.adjoint(v)
+    grad = cpi.conv_bilinear_gradient(u, v, tuple(weights.shape[1:]), g)
+    for layer in range(3):
+        a = dense_conv2d(weights[layer], g.input_size, **kwargs)
+        assert_close(au[layer].flatten(), a @ u[layer].flatten())
+        assert_close(atv[layer].flatten(), a.T @ v[layer].flatten())
+        w = weights[layer].clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad((conv_operator(u[layer][None], w, g) * v[layer]).sum(), w)
+        assert_close(grad[layer], expected)
