@@ -15,6 +15,7 @@ import os
 import warnings
 
 import torch
+from torch.utils import _python_dispatch
 
 BACKENDS = ("cuda", "triton", "torch")
 
@@ -113,11 +114,26 @@ def device_context(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def tracing() -> bool:
+    """True under ``torch.compile`` tracing, a FakeTensorMode or make_fx's proxy mode (export, shape
+    propagation): the ops must then be their ``torch.library`` custom ops (kernels cannot run on fake or proxy
+    tensors). Other dispatch modes (FlopCounterMode, op counters) see the implementation's aten ops."""
+    if torch.compiler.is_compiling():
+        return True
+    modes = _python_dispatch._get_current_dispatch_mode_stack()
+    if not modes:
+        return False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+
+    return any(isinstance(mode, (FakeTensorMode, ProxyTorchDispatchMode)) for mode in modes)
+
+
 def direct_call() -> bool:
-    """True where an op may run its implementation directly instead of through its ``torch.library`` custom
-    op: eager calls, outside ``torch.compile`` tracing and functorch transforms. The custom op is the
-    compile/export boundary; in eager mode it only adds Python dispatch (≈ 0.2 ms per call on a CPU)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+    """True where an op may run its implementation directly instead of through its custom op: eager calls,
+    outside tracing (above) and functorch transforms. The custom op is the compile/export boundary; in eager
+    mode it only adds Python dispatch (≈ 0.2 ms per call on a CPU)."""
+    return not tracing() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def autocast_off(tensor: torch.Tensor):

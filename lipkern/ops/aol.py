@@ -52,7 +52,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, select_backend, tracing, triton_importable
 
 __all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
 
@@ -775,7 +775,7 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
         # torch.func (grad, vjp, jacrev, vmap): the torch path, differentiated by autograd (the kernels take raw
         # pointers, which functorch's wrapped tensors do not have); same margin, same guarantee
         out, scale, _, _ = _forward_torch(w4, groups, layout=False)
-    elif torch.compiler.is_compiling():
+    elif tracing():  # torch.compile, export, FakeTensorMode, make_fx: the custom op
         out, scale, _, _ = _aol_rescale_op(w4, groups)
     else:
         out, scale, _, _ = _AOLRescale.apply(w4, groups)

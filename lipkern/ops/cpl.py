@@ -22,8 +22,9 @@ The elementwise steps are Triton kernels on the GPU and under the interpreter, i
 the matrix products and convolutions are cuBLAS/cuDNN (the linear's bias + ReLU is cuBLASLt's epilogue).
 
 Paths: eager calls run an ``autograd.Function`` (lowest overhead; works with ``torch.func`` transforms, which
-run a functional PyTorch formulation of the same forward and backward); ``torch.compile`` / ``export`` see the
-custom ops ``lipkern::cpl_linear`` / ``lipkern::cpl_conv2d``. Double backward (``create_graph=True``, gradient
+run a functional PyTorch formulation of the same forward and backward); ``torch.compile``, ``export`` and
+Python dispatch modes (FakeTensorMode, make_fx) see the custom ops ``lipkern::cpl_linear`` /
+``lipkern::cpl_conv2d``. Double backward (``create_graph=True``, gradient
 penalties): the backward then runs the same formulas as differentiable PyTorch ops, so second derivatives are
 exact (ReLU's second derivative is 0, as in autograd).
 
@@ -44,7 +45,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, select_backend, tracing, triton_importable
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
 
 __all__ = ["cpl_conv2d", "cpl_conv2d_ref", "cpl_linear", "cpl_linear_ref"]
@@ -600,7 +601,7 @@ def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"cpl_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     flat = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling():
+    if tracing():
         out = _cpl_linear_op(flat, weight, bias, h)[0]
     else:
         out = _apply("linear", flat, weight, bias, h, None)
@@ -618,24 +619,27 @@ def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         with torch.autocast(x.device.type, enabled=False):
             return cpl_conv2d(x, *_autocast_cast(x, weight, bias, h), stride, padding, dilation, groups,
                               padding_mode)
-    _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
+    _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)  # before the geometry reads their shapes
     g = ConvGeometry.create(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation, groups,
                             padding_mode)
     g.check_weight(weight, stacked=False)
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * groups}")
     return cpl_conv2d_with_geometry(x, weight, bias, h, g)
 
 
 def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              h: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
-    """:func:`cpl_conv2d` for a geometry checked by the caller (the layer: x at its input size, the weight its
-    own); x, weight, bias and h must have one dtype and device (checked) and h be 0-dim."""
+    """:func:`cpl_conv2d` for a ``ConvGeometry`` built by the caller (the layer keeps its own) that fits the
+    weight; h a 0-dim tensor. x, weight, bias and h: one dtype and device; x's channels and size: the geometry's
+    (checked)."""
     if _autocast_on(x):
         with torch.autocast(x.device.type, enabled=False):
             return cpl_conv2d_with_geometry(x, *_autocast_cast(x, weight, bias, h), g)
     _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
-    if torch.compiler.is_compiling():
+    if x.shape[1] != weight.shape[1] * g.groups:
+        raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * g.groups}")
+    if tuple(x.shape[-2:]) != g.input_size:
+        raise ValueError(f"cpl_conv2d: x has size {tuple(x.shape[-2:])}, the geometry is for {g.input_size}")
+    if tracing():
         return _cpl_conv2d_op(x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups,
                               g.padding_mode)[0]
     return _apply("conv", x, weight, bias, h, g)

@@ -283,9 +283,13 @@ def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
 
 
 def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
-    """The PyTorch path, in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖: only ‖M‖, not ‖M‖², must be
-    representable); a zero w leaves v zero and σ 0, a zero z keeps u."""
+    """The PyTorch path, in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖), on each matrix divided by its
+    largest |entry| (σ multiplied back): the squares in the norms neither overflow nor underflow at any scale
+    (an entry of M u is at most ‖M‖ ≤ Σ|M|, and ‖M‖ ≥ the largest entry). A zero w leaves v zero and σ 0, a
+    zero z keeps u; NaN/Inf entries give NaN results."""
     tiny = torch.finfo(sigma.dtype).tiny
+    scale = torch.linalg.vector_norm(matrices, ord=float("inf"), dim=(1, 2)).clamp_min(tiny)
+    matrices = matrices / scale[:, None, None]
     adjoint = matrices.mH
     x = u
     for _ in range(n_iter):
@@ -294,7 +298,7 @@ def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
         z = torch.bmm(adjoint, w.unsqueeze(-1)).squeeze(-1)
         z_norm = torch.linalg.vector_norm(z, dim=1)
         x = torch.where((z_norm != 0)[:, None], z / z_norm.clamp_min(tiny)[:, None], x)
-    sigma.copy_(z_norm)
+    sigma.copy_(z_norm * scale)
     u.copy_(x)
     v.copy_(w)
 

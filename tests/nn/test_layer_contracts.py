@@ -86,3 +86,24 @@ def test_unbatched_input_as_nn_conv2d(name, train):
     batched = twin(x[None])[0]
     assert out.shape == batched.shape
     torch.testing.assert_close(out, batched, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("build", META_LAYERS)
+def test_train_step_under_fake_tensor_mode(build):
+    """FakeTensorMode (shape propagation, export) runs the custom ops, not kernels on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = build("cpu").train()
+    conv = isinstance(layer, (AOLConv2d, SpectralConv2d, CPLConv2d))
+    shape = (2, 2, 5, 5) if conv else (2, 4)
+    expected = build("cpu").train()(torch.zeros(shape)).shape
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = layer(torch.empty(shape))
+        out.sum().backward()
+    assert out.shape == expected
+
+
+def test_cpl_conv_refuses_inputs_that_do_not_fit_the_layer():
+    layer = CPLConv2d(2, 3, input_size=5)
+    with pytest.raises(ValueError, match="x has 4 channels, weight expects 2"):
+        layer(torch.randn(1, 4, 5, 5))

@@ -182,3 +182,32 @@ def test_split_rows_path_is_chosen_for_a_4096_square_matrix():
     assert rows_per_program and 4096 // rows_per_program == pi._SPLIT_MAX_PROGRAMS
     assert pi._split_rows(1, 64, 64, pi._blocks(64, 64)[0], False) == 0
     assert pi._split_rows(1, 4096, 4096, 1, True) == 0, "complex stays on one program per matrix"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_path_matches_float64_reference(dtype, monkeypatch):
+    """The PyTorch path (CPU tensors without the interpreter; columns beyond the Triton kernel's tile)."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    m = torch.randn(5, 17, 33, dtype=dtype)
+    m[1] = 0  # a zero matrix: sigma 0, v zero, u kept
+    u0 = initial_vectors((5, 33), dtype, "cpu")
+    u, v = u0.clone(), torch.empty(5, 17, dtype=dtype)
+    sigma, _, _ = batched_power_iteration(m, u, v, n_iter=5)
+    ref = batched_power_iteration_ref(m.to(_wide(dtype)), u0.to(_wide(dtype)), 5)
+    tol_dtype = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+    assert_close(sigma, ref.sigma, dtype=tol_dtype, msg="sigma")
+    assert_close(_as_real(u), _as_real(ref.u), dtype=tol_dtype, msg="u")
+    assert_close(_as_real(v), _as_real(ref.v), dtype=tol_dtype, msg="v")
+    assert sigma[1] == 0 and (v[1] == 0).all() and torch.equal(u[1], u0[1])
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e170])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_torch_path_at_extreme_scales(dtype, scale, monkeypatch):
+    """Matrices whose ‖M‖² under- or overflows: the PyTorch path scales each matrix by its largest entry."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    m = torch.randn(2, 6, 5, dtype=dtype)
+    exact = torch.linalg.matrix_norm(m, 2)
+    result = batched_power_iteration(m * scale, n_iter=200)
+    assert_close(result.sigma / scale, exact, dtype=torch.float32)
+    assert_close(torch.linalg.vector_norm(result.v, dim=1), torch.ones(2, dtype=torch.float64))
