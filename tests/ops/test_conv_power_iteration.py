@@ -55,15 +55,16 @@ def test_operator_and_adjoint_are_the_dense_conv_matrix_and_its_transpose(case):
 
 
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
-def test_stacked_layers_equal_one_layer_at_a_time(case):
+def test_stacked_layers_equal_one_layer_at_a_time(case, device):
+    """On CUDA the stacked operator of groups=1 layers is the GEMM form, on the CPU the grouped conv."""
     weights, g, kwargs = _setup(case, layers=4)
     u0 = initial_conv_vectors(4, weights.shape[2] * g.groups, g.input_size, torch.float64, "cpu")
     ref_sigma, ref_u, ref_v = conv_power_iteration_ref(weights, u0, 3, g)
-    u = u0.clone()
-    sigma, _, v = conv_power_iteration(weights, u, None, 3, **kwargs)
-    assert_close(sigma, ref_sigma)
-    assert_close(u, ref_u)
-    assert_close(v, ref_v)
+    u = u0.to(device)
+    sigma, _, v = conv_power_iteration(weights.to(device), u, None, 3, **kwargs)
+    assert_close(sigma.cpu(), ref_sigma)
+    assert_close(u.cpu(), ref_u)
+    assert_close(v.cpu(), ref_v)
 
 
 def _converged(weights, u, kwargs, chunk=50, max_iter=5000):
@@ -210,19 +211,19 @@ def test_bilinear_gradient_of_stacked_layers(case):
 
 @pytest.mark.parametrize("gemm", [True, False], ids=["gemm-form", "grouped-conv-form"])
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
-def test_stacked_operator_forms_are_the_dense_matrices(case, gemm, monkeypatch):
+def test_stacked_operator_forms_are_the_dense_matrices(case, gemm, device, monkeypatch):
     """Both forms of the stacked operator (batched GEMMs on unfolded vectors; one grouped conv) apply each
     layer's dense conv matrix and its transpose, and give each layer's bilinear gradient (autograd oracle)."""
     cpi = importlib.import_module("lipkern.ops.conv_power_iteration")
     monkeypatch.setattr(cpi, "_GEMM_MAX_BYTES", (1 << 40) if gemm else 0)
     monkeypatch.setattr(cpi, "_GEMM_DEVICES", ("cpu", "cuda"))
     weights, g, kwargs = _setup(case, layers=3)
-    operator = cpi._StackedOperator(weights, g)
+    operator = cpi._StackedOperator(weights.to(device), g)
     assert operator.gemm == (gemm and g.groups == 1)
     u = torch.randn(3, weights.shape[2] * g.groups, *g.input_size, dtype=torch.float64)
     v = torch.randn(3, weights.shape[1], *g.output_size, dtype=torch.float64)
-    au, atv = operator.apply(u), operator.adjoint(v)
-    grad = cpi.conv_bilinear_gradient(u, v, tuple(weights.shape[1:]), g)
+    au, atv = operator.apply(u.to(device)).cpu(), operator.adjoint(v.to(device)).cpu()
+    grad = cpi.conv_bilinear_gradient(u.to(device), v.to(device), tuple(weights.shape[1:]), g).cpu()
     for layer in range(3):
         a = dense_conv2d(weights[layer], g.input_size, **kwargs)
         assert_close(au[layer].flatten(), a @ u[layer].flatten())
