@@ -368,7 +368,7 @@ def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> t
     of A u is at most ‖A‖ ≤ Σ|W|) and do not underflow while ‖A‖ is not ~1e-19 of that entry."""
     layers = weights.shape[0]
     tiny = torch.finfo(weights.dtype).tiny
-    scale = torch.linalg.vector_norm(weights, ord=float("inf"), dim=(1, 2, 3, 4)).clamp_min(tiny)  # NaN: NaN
+    scale = weights.abs().amax(dim=(1, 2, 3, 4)).clamp_min(tiny)  # NaN propagates
     operator = _StackedOperator(weights / scale.reshape(-1, 1, 1, 1, 1), geometry)
     x = u
     for _ in range(n_iter):

@@ -283,22 +283,23 @@ def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
 
 
 def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
-    """The PyTorch path, in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖), on each matrix divided by its
-    largest |entry| (σ multiplied back): the squares in the norms neither overflow nor underflow at any scale
-    (an entry of M u is at most ‖M‖ ≤ Σ|M|, and ‖M‖ ≥ the largest entry). A zero w leaves v zero and σ 0, a
-    zero z keeps u; NaN/Inf entries give NaN results."""
+    """The PyTorch path, in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖). M u and Mᴴ v are divided by
+    s, the largest |real or imaginary part| of M (two reductions, no scaled copy of M; σ multiplied back): an
+    entry of M u is at most ‖M‖ ≤ √(mn)·√2·s, and ‖M‖ ≥ s, so the squares in the norms neither overflow nor
+    underflow at any scale. A zero w leaves v zero and σ 0, a zero z keeps u; NaN/Inf give NaN results."""
     tiny = torch.finfo(sigma.dtype).tiny
-    scale = torch.linalg.vector_norm(matrices, ord=float("inf"), dim=(1, 2)).clamp_min(tiny)
-    matrices = matrices / scale[:, None, None]
+    parts = torch.view_as_real(matrices) if matrices.is_complex() else matrices
+    dims = tuple(range(1, parts.dim()))
+    scale = torch.maximum(parts.amax(dims), parts.amin(dims).neg()).clamp_min(tiny)[:, None]  # NaN propagates
     adjoint = matrices.mH
     x = u
     for _ in range(n_iter):
-        w = torch.bmm(matrices, x.unsqueeze(-1)).squeeze(-1)
-        w = w / torch.linalg.vector_norm(w, dim=1).clamp_min(tiny)[:, None]
-        z = torch.bmm(adjoint, w.unsqueeze(-1)).squeeze(-1)
-        z_norm = torch.linalg.vector_norm(z, dim=1)
-        x = torch.where((z_norm != 0)[:, None], z / z_norm.clamp_min(tiny)[:, None], x)
-    sigma.copy_(z_norm * scale)
+        w = torch.bmm(matrices, x.unsqueeze(-1)).squeeze(-1) / scale
+        w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(tiny)
+        z = torch.bmm(adjoint, w.unsqueeze(-1)).squeeze(-1) / scale
+        z_norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+        x = torch.where(z_norm != 0, z / z_norm.clamp_min(tiny), x)
+    sigma.copy_((z_norm * scale).squeeze(1))
     u.copy_(x)
     v.copy_(w)
 
