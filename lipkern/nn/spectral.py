@@ -294,7 +294,8 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         advance_conv_power_iteration(weights, u_rows, v_rows, n_iter, self.geometry)
 
     def _stacked_sigma_data(self, u_rows, v_rows) -> torch.Tensor:
-        """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round: one grouped weight-gradient convolution."""
+        """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round: one grouped weight-gradient convolution (on CUDA with
+        several layers: one batched GEMM on the unfolded vectors)."""
         with torch.autocast(u_rows.device.type, enabled=False):
             return conv_bilinear_gradient(u_rows, v_rows, tuple(self.weight.shape), self.geometry)
 

@@ -10,7 +10,8 @@ One iteration per layer l (u_l persistent, unit norm):
 σ is an **estimate** of ‖A‖₂, never above it up to rounding, converging from below.
 
 Layers of equal geometry are stacked as one grouped convolution (L layers × g groups = L·g groups), so an
-iteration for all L layers is one conv2d and one conv_transpose2d launch, however many layers there are.
+iteration for all L layers is one conv2d and one conv_transpose2d launch, however many layers there are; on
+CUDA, several groups=1 layers use batched GEMMs on unfolded vectors instead (``_StackedOperator``).
 Symmetric zero padding goes to the convolution (no padded copy); asymmetric or circular padding pads first.
 
 On the Triton backend an iteration is four launches: w = A u; one kernel writes v = w/‖w‖; z = Aᵀ v; one
@@ -37,7 +38,8 @@ from lipkern._dispatch import autocast_off, device_context, direct_call, select_
 from lipkern.ops.power_iteration import initial_vectors
 
 __all__ = ["ConvGeometry", "advance_conv_power_iteration", "conv_adjoint", "conv_bilinear",
-           "conv_bilinear_gradient", "conv_operator", "conv_power_iteration", "conv_power_iteration_ref", "initial_conv_vectors"]
+           "conv_bilinear_gradient", "conv_operator", "conv_power_iteration", "conv_power_iteration_ref",
+           "initial_conv_vectors"]
 
 PADDING_MODES = ("zeros", "circular")
 
@@ -197,8 +199,8 @@ class _StackedOperator:
 
     - GEMM form (CUDA, several layers, groups = 1, unfolded vectors ≤ _GEMM_MAX_BYTES):
       A u = bmm(W_mat, unfold(u)), Aᵀ v = fold(bmm(W_matᵀ, v)) with W_mat (L, out, in·kh·kw): batched GEMMs
-      instead of a grouped convolution
-      with L groups at batch 1 (slow in cuDNN: 0.4 ms per conv at L = 20, c = 64, 32², on an H200);
+      instead of a grouped convolution with L groups at batch 1 (slow in cuDNN: 0.4 ms per conv at L = 20,
+      c = 64, 32², on an H200);
     - grouped-convolution form otherwise (one layer; grouped or depthwise convs; very large vectors).
     fold is the exact adjoint of unfold (copies vs sums), so Aᵀ is exact in both forms."""
 
@@ -229,7 +231,6 @@ class _StackedOperator:
         if padding is not None:  # fold crops the padding: the adjoint of zero padding
             return F.fold(cols, g.input_size, g.kernel_size, g.dilation, padding, g.stride)
         return _unpad_adjoint(F.fold(cols, g.padded_size, g.kernel_size, g.dilation, 0, g.stride), g)
-
 
 
 def conv_operator(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
@@ -353,13 +354,6 @@ if triton_importable():
 # ----------------------------------------------------------------------------------------------------------
 def _stack_weight(weights: torch.Tensor) -> torch.Tensor:
     return weights.reshape(-1, *weights.shape[2:])
-
-
-def _per_layer_normalize(x: torch.Tensor, fallback: torch.Tensor | None = None):
-    norm = torch.linalg.vector_norm(x.flatten(1), dim=1)
-    positive = (norm != 0).reshape(-1, *([1] * (x.dim() - 1)))  # NaN propagates
-    scaled = x / norm.clamp_min(torch.finfo(norm.dtype).tiny).reshape(positive.shape)
-    return torch.where(positive, scaled, x if fallback is None else fallback), norm
 
 
 def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> torch.Tensor:

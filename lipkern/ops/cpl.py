@@ -15,7 +15,9 @@ as convolutions (GEMMs for the linear):
   forward   A x (bias + ReLU in place: one pass), Aᵀσ (x − h·r written in place over r: one pass);
   backward  A g, one pass (s = t ⊙ m in place, per-channel Σ s and the partials of ⟨t, σ(p)⟩), the two
             weight-gradient terms (only when W needs a gradient; the linear's accumulated in one buffer by addmm),
-            Aᵀ s (only when x needs a gradient), g − h·Aᵀs written in place (one pass).
+            Aᵀ s (only when x needs a gradient), g − h·Aᵀs written in place (one pass). For the conv, A g and
+            the second weight term come from one transposed-conv backward, Aᵀ s and the first from one conv
+            backward: the convolution calls of eager autograd (2 forward, 2 backward).
 Backward temporaries: t (hidden-sized), then Aᵀs (input-sized). Circular padding pads x once in the forward and
 x and g once each in the backward; symmetric zero padding is passed to the convolution (no copy).
 The elementwise steps are Triton kernels on the GPU and under the interpreter, in-place PyTorch ops on the CPU;

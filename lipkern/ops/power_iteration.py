@@ -41,7 +41,7 @@ class PowerIteration(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Reference: the specification, the CPU path and the test oracle.
+# 1. Reference: the specification and the test oracle (the CPU path is `_launch_torch`, section 3).
 # ----------------------------------------------------------------------------------------------------------
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype
