@@ -54,9 +54,14 @@ def test_operator_and_adjoint_are_the_dense_conv_matrix_and_its_transpose(case):
     assert_close(conv_adjoint(basis_out, w, g).reshape(a.shape[0], -1).T, a.T)
 
 
+@pytest.mark.parametrize("gemm_on_cpu", [False, True], ids=["default-forms", "gemm-form-on-cpu"])
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
-def test_stacked_layers_equal_one_layer_at_a_time(case, device):
-    """On CUDA the stacked operator of groups=1 layers is the GEMM form, on the CPU the grouped conv."""
+def test_stacked_layers_equal_one_layer_at_a_time(case, device, gemm_on_cpu, monkeypatch):
+    """On CUDA the stacked operator of groups=1 layers is the GEMM form, on the CPU the grouped conv (forced to
+    the GEMM form too: under the interpreter, the Triton path with the GEMM form)."""
+    if gemm_on_cpu:
+        monkeypatch.setattr(importlib.import_module("lipkern.ops.conv_power_iteration"), "_GEMM_DEVICES",
+                            ("cpu", "cuda"))
     weights, g, kwargs = _setup(case, layers=4)
     u0 = initial_conv_vectors(4, weights.shape[2] * g.groups, g.input_size, torch.float64, "cpu")
     ref_sigma, ref_u, ref_v = conv_power_iteration_ref(weights, u0, 3, g)
