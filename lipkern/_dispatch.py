@@ -136,6 +136,16 @@ def direct_call() -> bool:
     return not tracing() and torch._C._functorch.peek_interpreter_stack() is None
 
 
+def call_op(direct, custom_op, like: torch.Tensor):
+    """``direct()`` (the implementation, autocast off on ``like``'s device) where :func:`direct_call` allows,
+    else ``custom_op()``; both under no_grad (the power iterations' mutating ops are not differentiable)."""
+    with torch.no_grad():
+        if direct_call():
+            with autocast_off(like):
+                return direct()
+        return custom_op()
+
+
 def autocast_off(tensor: torch.Tensor):
     """A context with autocast disabled on ``tensor``'s device where it is enabled (custom ops see autocast
     too), else a no-op context."""

@@ -315,15 +315,9 @@ def _black_box(module):
 
 
 def _load_state_dict(path: str):
-    import torch
+    from lipkern.data import read_torch_file
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CertifyError(f"--state-dict {path}: no such file") from None
-    except Exception as err:  # pickle errors, weights_only refusals, ...
-        raise CertifyError(f"--state-dict {path} could not be read with torch.load(weights_only=True): "
-                           f"{err}") from None
+    state = read_torch_file(path, f"--state-dict {path}", CertifyError)
     if isinstance(state, dict) and str(state.get("format")).startswith("lipkern-train"):
         raise CertifyError(f"--state-dict {path} is a checkpoint of lipkern train: certify it with --checkpoint "
                            f"{path} (the model is rebuilt from it)")
@@ -404,14 +398,9 @@ def _model_args(args) -> dict:
 def load_data(path: str, limit: int | None):
     """(x (N, ...) floating point, y (N,) int64) from a torch.save file of {"x", "y"} or (x, y)."""
     import torch
+    from lipkern.data import read_torch_file
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CertifyError(f"--data {path}: no such file") from None
-    except Exception as err:
-        raise CertifyError(f"--data {path} could not be read with torch.load(weights_only=True): "
-                           f"{err}") from None
+    data = read_torch_file(path, f"--data {path}", CertifyError)
     if isinstance(data, dict) and "x" in data and "y" in data:
         x, y = data["x"], data["y"]
     elif isinstance(data, (tuple, list)) and len(data) == 2:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "DATASET_CLASSES", "DatasetError", "fit_to_size", "load_dataset", "read_idx"]
+__all__ = ["DATASETS", "DATASET_CLASSES", "DatasetError", "fit_to_size", "load_dataset", "read_idx",
+           "read_torch_file"]
 
 DATASETS = ("digits", "mnist", "cifar10")
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
@@ -227,3 +228,14 @@ def fit_to_size(x: torch.Tensor, size: int, mode: str = "pad") -> torch.Tensor:
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                              antialias=size < max(height, width))
     raise ValueError(f"fit_to_size: mode must be 'pad' or 'resize', got {mode!r}")
+
+
+def read_torch_file(path, label: str, error: type[Exception] = ValueError):
+    """``torch.load(path, map_location="cpu", weights_only=True)``; a missing or unreadable file raises
+    ``error`` with ``label`` (e.g. "--data FILE") and the reason."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{label}: no such file") from None
+    except Exception as err:  # pickle errors, weights_only refusals, ...
+        raise error(f"{label} could not be read with torch.load(weights_only=True): {err}") from None

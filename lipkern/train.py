@@ -230,13 +230,9 @@ def _build_model(name: str, model_args: dict, device) -> nn.Module:
 
 def load_checkpoint(path) -> dict:
     """A checkpoint written by :func:`train` (``torch.load(weights_only=True)``), checked for its format."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainError(f"checkpoint {path}: no such file") from None
-    except Exception as err:
-        raise TrainError(f"checkpoint {path} could not be read with torch.load(weights_only=True): "
-                         f"{err}") from None
+    from lipkern.data import read_torch_file
+
+    state = read_torch_file(path, f"checkpoint {path}", TrainError)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path} is not a lipkern train checkpoint (format {CHECKPOINT_FORMAT!r})")
     return state

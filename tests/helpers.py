@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import torch
 
@@ -82,3 +83,10 @@ def pgd_flips(model, x: torch.Tensor, radius: torch.Tensor, steps: int = 25,
         with torch.no_grad():
             flipped |= model(x + delta).argmax(1) != label
     return flipped
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous of the DDP tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@ bit, two gloo ranks under DDP follow one process on the same global batch, bad o
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from lipkern.train import (TrainConfig, TrainError, load_checkpoint, load_checkpoint_model, resolve_config,
                            train)
+from tests.helpers import free_port
 
 # A small AOL ConvNet on 8x8 digits (width 8, 3 downsizing blocks): about a second per epoch on the CPU.
 SMALL = dict(model="convnet-xs-aol", model_args={"width": 8}, dataset="digits", progress=False)
@@ -99,12 +99,6 @@ def _ddp_worker(rank: int, port: int, config: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_process(tmp_path):
     # the CRM recipe (Adam, exponential schedule, the LipLT training bound, the radius term from epoch 0) on a
     # ReLU network: 2 ranks x 16 rows must follow 1 process x 32 rows up to the all-reduce's rounding.
@@ -112,7 +106,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     config = dict(model="liplt-4c3f", dataset="digits", progress=False, epochs=2, batch_size=32,
                   train_limit=128, crm_start_epoch=0, certify=False)
     single = train(TrainConfig(**config, output_dir=str(tmp_path / "one")))
-    mp.spawn(_ddp_worker, args=(_free_port(), dict(config, output_dir=str(tmp_path / "two"))), nprocs=2,
+    mp.spawn(_ddp_worker, args=(free_port(), dict(config, output_dir=str(tmp_path / "two"))), nprocs=2,
              join=True)
     one, two = load_checkpoint(single["checkpoint"]), load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import autocast_off, device_context, direct_call, select_backend, triton_importable
+from lipkern._dispatch import call_op, device_context, select_backend, triton_importable
 from lipkern.ops.power_iteration import initial_vectors
 
 __all__ = ["ConvGeometry", "advance_conv_power_iteration", "conv_adjoint", "conv_bilinear",
@@ -441,13 +441,10 @@ def advance_conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torc
     """:func:`conv_power_iteration` without its argument checks, for callers whose arguments are valid by
     construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
     directly; torch.compile sees the custom op."""
-    weights = weights.detach()
-    with torch.no_grad():
-        if direct_call():
-            with autocast_off(weights):
-                return _conv_power_iteration_impl(weights, u, v, n_iter, geometry)
-        return _conv_power_iteration_op(weights, u, v, n_iter, list(geometry.stride), list(geometry.padding),
-                                        list(geometry.dilation), geometry.groups, geometry.padding_mode)
+    w, g = weights.detach(), geometry
+    return call_op(lambda: _conv_power_iteration_impl(w, u, v, n_iter, g),
+                   lambda: _conv_power_iteration_op(w, u, v, n_iter, list(g.stride), list(g.padding),
+                                                    list(g.dilation), g.groups, g.padding_mode), w)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -625,7 +625,7 @@ def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     g = ConvGeometry.create(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation, groups,
                             padding_mode)
     g.check_weight(weight, stacked=False)
-    return cpl_conv2d_with_geometry(x, weight, bias, h, g)
+    return _cpl_conv2d_validated(x, weight, bias, h, g)
 
 
 def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -637,6 +637,11 @@ def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         with torch.autocast(x.device.type, enabled=False):
             return cpl_conv2d_with_geometry(x, *_autocast_cast(x, weight, bias, h), g)
     _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
+    return _cpl_conv2d_validated(x, weight, bias, h, g)
+
+
+def _cpl_conv2d_validated(x, weight, bias, h, g: ConvGeometry) -> torch.Tensor:
+    """Dtypes, devices and dims checked: x's channels and size against the geometry, then the op."""
     if x.shape[1] != weight.shape[1] * g.groups:
         raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * g.groups}")
     if tuple(x.shape[-2:]) != g.input_size:

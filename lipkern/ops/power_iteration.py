@@ -23,8 +23,7 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import (autocast_off, device_context, direct_call, requested_backend, select_backend,
-                               triton_importable)
+from lipkern._dispatch import call_op, device_context, requested_backend, select_backend, triton_importable
 
 __all__ = ["PowerIteration", "advance_power_iteration", "batched_power_iteration",
            "batched_power_iteration_ref", "initial_vectors"]
@@ -361,12 +360,9 @@ def advance_power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Te
     """:func:`batched_power_iteration` without its argument checks, for callers whose arguments are valid by
     construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
     directly; torch.compile sees the custom op."""
-    matrices = matrices.detach()
-    with torch.no_grad():
-        if direct_call():
-            with autocast_off(matrices):
-                return _batched_power_iteration_impl(matrices, u, v, n_iter)
-        return _batched_power_iteration_op(matrices, u, v, n_iter)
+    m = matrices.detach()
+    return call_op(lambda: _batched_power_iteration_impl(m, u, v, n_iter),
+                   lambda: _batched_power_iteration_op(m, u, v, n_iter), m)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 while each rank trains on its own data."""
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lipkern.nn import MaxMin, SpectralConv2d, SpectralLinear
+from tests.helpers import free_port
 
 WORLD = 2
 
@@ -60,14 +60,8 @@ def _worker(rank: int, init_method: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_stay_identical():
     # CI once saw a rank abort ("terminate called without an active exception", 1 run in ~70 with a file
     # store, cause not pinned down): a TCP store and barriers at both ends of the group's life remove the races
     # known for gloo (group creation is no synchronization point; teardown while the peer still talks)
-    mp.spawn(_worker, args=(f"tcp://127.0.0.1:{_free_port()}",), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(f"tcp://127.0.0.1:{free_port()}",), nprocs=WORLD, join=True)
