@@ -27,6 +27,11 @@ d_i = RD((r̂_i)^(-1/2)), so d_i² (r_i + c_out S_i) ≤ 1, where
     T_i = in_g·kk·Σ_o C_oi + kk·Σ_o R_o + in_g·out_g·kk². ε = 3.01·2⁻²⁰ + 3.03·B·2⁻²² + (K + 2)·2⁻⁵².
 - c_out = 2u + u² with u = unit roundoff of the stored weight's dtype plus that of the W·d product: the stored
   W'_oi = W_oi d_i (1 + δ_oi), |δ_oi| ≤ u, is covered (its correlations obey the bound above with c = c_out).
+  * ``fp32`` (the CPU path's float32 GEMMs, IEEE products): an entry of P[i, a, b, j] = Σ_o W[o, i, a] W[o, j, b]
+    is a dot product of out_g terms, M_s sums ≤ kk entries of P: ε = γ_{out_g+kk} (any summation order);
+    underflow costs ≤ 2⁻¹²⁶ per flushed operand, product or sum: ε_abs = 2⁻¹²⁴ with T_i as in
+    ``_torch_path_constants``. The CPU's ``auto`` keeps it where ε·S_i + ε_abs·T_i ≤ 2⁻¹²·r̂_i for every i (a
+    host read, free on the CPU), else redoes the sums in float64.
 Costs (r̂/r − 1 = (ε + c_out) S/r): see ``benchmarks/NOTES.md``; ``LIPKERN_AOL_GRAM`` picks the scheme.
 
 Backward, with a_i = ∂L/∂r_i = −½ d_i³ (Σ_{o,x} G[o, i, x] W[o, i, x] + ∂L/∂d_i) and G = ∂L/∂W' (the margin
@@ -57,7 +62,7 @@ from lipkern._dispatch import device_context, select_backend, tracing, triton_im
 __all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-GRAM_PRECISIONS = ("fp64", "tf32x3")
+GRAM_PRECISIONS = ("auto", "fp64", "fp32", "tf32x3")
 _TF32X3_CHUNK = 32  # output channels per fresh TF32 accumulator (B in the error bound)
 _MIN_PROGRAMS = 264  # two waves of a 132-SM GPU
 
@@ -65,20 +70,33 @@ _MIN_PROGRAMS = 264  # two waves of a 132-SM GPU
 # ----------------------------------------------------------------------------------------------------------
 # 1. Error bounds (see the module docstring for the derivation).
 # ----------------------------------------------------------------------------------------------------------
-def gram_precision(weight_dtype: torch.dtype) -> str:
-    """The Gram scheme of the Triton path: ``LIPKERN_AOL_GRAM`` (fp64 | tf32x3; float64 weights: fp64)."""
-    choice = os.environ.get("LIPKERN_AOL_GRAM", "fp64").strip().lower() or "fp64"
+def _requested_gram() -> str:
+    choice = os.environ.get("LIPKERN_AOL_GRAM", "auto").strip().lower() or "auto"
     if choice not in GRAM_PRECISIONS:
         raise ValueError(f"LIPKERN_AOL_GRAM must be one of {GRAM_PRECISIONS}, got {choice!r}")
-    return "fp64" if weight_dtype == torch.float64 else choice
+    return choice
+
+
+def gram_precision(weight_dtype: torch.dtype) -> str:
+    """The Gram scheme of the Triton path: tf32x3 when ``LIPKERN_AOL_GRAM=tf32x3`` (not for float64 weights),
+    else fp64. (The torch path's scheme: ``_torch_scheme``.)"""
+    return "tf32x3" if _requested_gram() == "tf32x3" and weight_dtype != torch.float64 else "fp64"
 
 
 def gram_error_bound(precision: str, out_g: int, kk: int, weight_dtype: torch.dtype) -> tuple[float, float]:
-    """(ε_gram, ε_abs): each computed M̂_s[i, j] is within ε_gram·P_s[i, j] + ε_abs·(its share of T_i)."""
+    """(ε_gram, ε_abs): each computed M̂_s[i, j] is within ε_gram·P_s[i, j] + ε_abs·(its share of T_i).
+
+    fp32 (the torch path's GEMM form, IEEE float32 products): an entry of P is a dot product of out_g terms
+    (γ_{out_g}), M_s sums ≤ kk of them (γ_{kk−1}), so ε = γ_{out_g+kk} = n·2⁻²⁴/(1 − n·2⁻²⁴); flushed or
+    gradual underflow costs ≤ 2⁻¹²⁶ per operand and operation, covered by ε_abs = 2⁻¹²⁴ (T_i in the docstring
+    of ``_torch_path_constants``)."""
     k_terms = out_g * kk
     chain = (k_terms + 2) * 2.0**-52
     if precision == "fp64":
         return chain, (2.0**-1020 if weight_dtype == torch.float64 else 0.0)
+    if precision == "fp32":
+        n = (out_g + kk) * 2.0**-24
+        return n / (1 - n), 2.0**-124
     if precision == "tf32x3":
         return 3.01 * 2.0**-20 + 3.03 * _TF32X3_CHUNK * 2.0**-22 + chain, 2.0**-124
     raise ValueError(f"unknown Gram precision {precision!r}")
@@ -527,7 +545,7 @@ def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
     kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
     n_full = (2 * kh - 1) * (2 * kw - 1)
-    if wp.numel() == 0:  # the forward ran on the torch path
+    if wp is None or wp.numel() == 0:  # the forward ran on the torch path
         wp = _backward_layout(w4, groups)
     block_k = triton.next_power_of_2(kk)
     block_c = 64 if not on_gpu else max(2, 512 // block_k)  # 16 × 32 × 16 at 3×3: no spills up to 11×11
@@ -552,8 +570,14 @@ def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Torch path (no Triton): the same margin, with the Gram sums as float64 GEMMs (classical dot products).
+# 5. Torch path (CPU, and any device without Triton): the Gram sums as GEMMs with the same kind of margin.
+#    P[i, a, b, j] = Σ_o W[o, i, a] W[o, j, b] (one GEMM per group), then M_s = Σ_{a − b = s} P[·, a, b, ·] by a
+#    0/1 matrix over the contiguous (a, b) axis (no copy of P).
 # ----------------------------------------------------------------------------------------------------------
+_FP32_GRAM_MAX_COST = 2.0**-12  # auto: fp32 products while their margin costs ≤ 2.4e-4 of r (1.2e-4 of d)
+_FP32_GRAM_MAX_TERMS = 320  # auto: fp64 at once when γ_{out_g+kk} > 1.9e-5 (typical S/r ≥ 13 would fail)
+
+
 @functools.lru_cache(maxsize=None)
 def _shift_index(kh: int, kw: int) -> torch.Tensor:
     """(kk, kk) int64: entry [y, x] = index in the (2kh−1)(2kw−1) shift grid of the shift x − y."""
@@ -564,45 +588,137 @@ def _shift_index(kh: int, kw: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _shift_sum_matrix(kh: int, kw: int, device: torch.device) -> torch.Tensor:
-    """(kk·kk, n_full) float64 0/1: P[(i, a), (j, b)] summed over a − b = s gives M_s[i, j]."""
-    index = _shift_index(kh, kw).T.flatten()  # pair (a, b) -> shift a − b
+def _shift_sum(kh: int, kw: int, dtype: torch.dtype, device: torch.device, half: bool) -> torch.Tensor:
+    """(kk·kk, n) 0/1: row a·kk + b has its one at the shift a − b; all n_full shifts, or (``half``) the
+    n_half shifts ≥ 0 (in the order of the half-shift signs; rows of negative shifts are zero)."""
     n_full = (2 * kh - 1) * (2 * kw - 1)
-    return F.one_hot(index, n_full).to(torch.float64).to(device)
+    index = _shift_index(kh, kw).T.flatten()  # pair (a, b) -> shift a − b
+    return F.one_hot(index, n_full)[:, (n_full - 1) // 2 if half else 0:].to(dtype=dtype, device=device)
 
 
-def _forward_torch(w4: torch.Tensor, groups: int, layout: bool):
-    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
+@functools.lru_cache(maxsize=None)
+def _positive_shift_mask(n_half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return (torch.arange(n_half) > 0).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_path_constants(out_g: int, in_g: int, kh: int, kw: int, dtype: torch.dtype, scheme: str) -> dict:
+    """The numbers of the torch path's margin for one geometry and scheme: c and ε_abs of the slack, T_i's
+    coefficients, the factor of r̂ (float64 sums of ≤ in_g·n_full terms), 1 − m, ε_gram alone (the auto
+    check), and the cast's constants. T_i = in_g·kk·Σ_o C_oi + kk·Σ_o R_o + (out_g + 2)·in_g·kk²: each operand
+    of the entries P[i, a, b, j] and P[j, a, b, i] in row i's sum, weighted by the other operand, and the
+    ≤ (2·out_g + 4)·in_g·kk² products and sums behind them (P's dot products, the ≤ kk-term shift sums);
+    ε_abs = 2⁻¹²⁴ = 4·2⁻¹²⁶ covers ≤ 2⁻¹²⁶ per flushed operand, product or sum, with room for later roundings."""
     kk = kh * kw
-    eps_rel, eps_abs = _slack_coefficients("fp64", out_g, kk, w4.dtype)
-    w64 = w4.double().view(groups, out_g, in_g * kk)
-    pairs = (w64.transpose(1, 2) @ w64).view(groups, in_g, kk, in_g, kk).transpose(2, 3)
-    corr = pairs.reshape(groups, in_g, in_g, kk * kk) @ _shift_sum_matrix(kh, kw, w4.device)  # M_s, all s
-    signs = corr[..., n_half - 1:].sign().to(torch.int8).permute(0, 3, 1, 2).contiguous()
-    col_abs = w64.abs().view(groups, out_g, in_g, kk).sum(3)
-    row_abs = col_abs.sum(2, keepdim=True)
-    mass = (row_abs.transpose(1, 2) @ col_abs).squeeze(1)
-    slack = eps_rel * mass
-    if eps_abs:
-        slack += eps_abs * (in_g * kk * col_abs.sum(1) + kk * row_abs.sum(1) + in_g * out_g * kk * kk)
-    r_hat = (corr.abs().sum((2, 3)) + slack) * (1 + (in_g * corr.shape[-1] + 8) * 2.0**-52)
-    d = torch.where(r_hat < math.inf, r_hat.rsqrt(), math.nan) * (1 - _scale_margin(w4.dtype, out_g, in_g, kk))
-    acc = _acc_dtype(w4.dtype)
-    scale = _round_down_cast(torch.where(mass == 0, 0.0, d), acc)
-    out = w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]
-    wp = _backward_layout(w4, groups) if layout else w4.new_empty(0)  # only the Triton backward reads it
-    return out.view(w4.shape).to(w4.dtype), scale, signs, wp
+    eps_rel, eps_abs = _slack_coefficients(scheme, out_g, kk, dtype)
+    n_full = (2 * kh - 1) * (2 * kw - 1)
+    acc = torch.finfo(_acc_dtype(dtype))
+    return dict(eps_rel=eps_rel, t_mass=eps_abs * (in_g * kk + kk),
+                t_count=eps_abs * in_g * (out_g + 2) * kk * kk, sum_factor=1 + (in_g * n_full + 8) * 2.0**-52,
+                keep=1 - _scale_margin(dtype, out_g, in_g, kk), eps_gram=gram_error_bound(scheme, out_g, kk, dtype)[0],
+                tiny=acc.tiny * acc.eps, largest=acc.max)
 
 
-def _round_down_cast(d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d (float64, ≥ 0 or NaN) cast to ``dtype`` (float32 or float64) without exceeding d, where d already
-    carries the relative margin 2⁻²² ≥ the cast's 2⁻²⁴ for normal results: subtracting the smallest subnormal
-    covers results in the subnormal range (absolute error ≤ 2⁻¹⁵⁰; the float64 subtraction errs by
-    ≤ 2⁻⁵³·d ≤ 2⁻¹⁵⁰ there), the clamp keeps overflow at FLT_MAX (smaller, so sound), NaN stays NaN.
-    Differentiable (the path torch.func transforms differentiate)."""
-    if dtype == torch.float64:
-        return d
-    return (d - torch.finfo(dtype).tiny * torch.finfo(dtype).eps).clamp(0, torch.finfo(dtype).max).to(dtype)
+def _gram_pairs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (groups, out_g, in_g, kk) -> (w viewed (g, out_g, in_g·kk), its (g, out_g, kk·in_g) copy): the two
+    factors of P (rows (i, a), columns (b, j))."""
+    groups, out_g, in_g, kk = w.shape
+    return w.view(groups, out_g, in_g * kk), w.transpose(2, 3).reshape(groups, out_g, kk * in_g)
+
+
+def _correlations(w: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """M_s for all shifts, (groups, in_g, n_full, in_g) with entry [g, i, s, j] = M_s[i, j] (s in the order of
+    the flattened (2kh−1)×(2kw−1) grid; the shifts ≥ 0 are the last n_half)."""
+    groups, _, in_g, kk = w.shape
+    left, right = _gram_pairs(w)
+    pairs = torch.bmm(left.transpose(1, 2), right)  # (g, in_g·kk, kk·in_g)
+    if kk == 1:
+        return pairs.view(groups, in_g, 1, in_g)
+    shifts = _shift_sum(kh, kw, w.dtype, w.device, False).T
+    return torch.bmm(shifts.expand(groups * in_g, -1, -1), pairs.view(groups * in_g, kk * kk, in_g)).view(
+        groups, in_g, -1, in_g)
+
+
+def _row_sums(correlations: torch.Tensor) -> torch.Tensor:
+    """r_i = Σ_s Σ_j |M_s[i, j]|, summed in float64 (vector_norm(·, 1, dtype=float64) is 10× slower on the CPU)."""
+    return correlations.abs().sum((2, 3), dtype=torch.float64)
+
+
+def _scale_from_sums(r: torch.Tensor, col_abs: torch.Tensor, k: dict, check: bool):
+    """d (float64, before the cast) from r_i and C_oi (float64, (groups, out_g, in_g)): the margin of the module
+    docstring, vectorized (any device, differentiable). With ``check``, None when the Gram margin alone
+    (ε_gram·S_i + ε_abs·T_i) would exceed ``_FP32_GRAM_MAX_COST``·r̂_i for some i or r̂ is not finite: the
+    caller redoes it in fp64."""
+    row_abs = col_abs.sum(2)  # R_o
+    mass = (row_abs[:, None, :] @ col_abs)[:, 0]  # S_i = Σ_o C_oi R_o
+    # ε_abs·T_i ≤ ε_abs·((in_g·kk + kk)·Σ_o R_o + count), as Σ_o C_oi ≤ Σ_o R_o
+    extra = row_abs.sum(1, keepdim=True) * k["t_mass"] + k["t_count"] if k["t_mass"] else 0.0
+    r_hat = (r + mass * k["eps_rel"] + extra) * k["sum_factor"]
+    if check and not bool(((mass * k["eps_gram"] + extra <= _FP32_GRAM_MAX_COST * r_hat)
+                           & (r_hat < math.inf)).all()):
+        return None
+    d = torch.where(r_hat < math.inf, r_hat.rsqrt(), math.nan) * k["keep"]
+    # The cast to the scale dtype must not round d up: d carries the relative margin 2⁻²² ≥ the cast's 2⁻²⁴
+    # for normal results; subtracting the smallest subnormal covers subnormal results (the float64 subtraction
+    # errs by ≤ 2⁻⁵³·d ≤ 2⁻¹⁵⁰ there); the clip keeps overflow at the largest finite value; NaN stays NaN.
+    return (torch.where(mass == 0, 0.0, d) - k["tiny"]).clip(0, k["largest"])
+
+
+def _scale_from_sums_cpu(r: torch.Tensor, col_abs: torch.Tensor, k: dict, check: bool) -> list | None:
+    """:func:`_scale_from_sums` on the CPU, per channel in Python floats (IEEE binary64, correctly rounded √ and
+    division): at the sizes where it matters a dozen vectorized ops on vectors of in_g entries cost more."""
+    groups, _, in_g = col_abs.shape
+    row_abs = col_abs.sum(2)
+    mass = torch.bmm(row_abs[:, None, :], col_abs).view(-1).tolist()
+    extras = (row_abs.sum(1) * k["t_mass"] + k["t_count"]).tolist() if k["t_mass"] else [0.0] * groups
+    eps_rel, eps_gram, factor, keep = k["eps_rel"], k["eps_gram"], k["sum_factor"], k["keep"]
+    tiny, largest, limit, inf, sqrt = k["tiny"], k["largest"], _FP32_GRAM_MAX_COST, math.inf, math.sqrt
+    scale = []
+    for n, (r_i, s_i) in enumerate(zip(r.view(-1).tolist(), mass)):
+        extra = extras[n // in_g]
+        r_hat = (r_i + s_i * eps_rel + extra) * factor
+        if check and not (s_i * eps_gram + extra <= limit * r_hat < inf):
+            return None
+        if s_i == 0:
+            d = 0.0
+        elif r_hat < inf:  # NaN fails both tests
+            d = keep / sqrt(r_hat) - tiny
+            d = 0.0 if d < 0 else largest if d > largest else d
+        else:
+            d = math.nan
+        scale.append(d)
+    return scale
+
+
+def _forward_torch(w4: torch.Tensor, groups: int, layout: bool, scheme: str = "fp64", signs: bool = True):
+    """The torch path's forward. ``scheme``: 'fp64' (float64 products), 'fp32' (float32 products, margin
+    γ_{out_g+kk}), or 'auto': fp32, redone in fp64 when the fp32 margin would cost more than
+    ``_FP32_GRAM_MAX_COST`` of some r_i or r̂ is not finite (one host read: CPU). Returns (rescaled weight, d,
+    half-shift signs or None, backward layout or None, the scheme that ran). Differentiable by autograd (the
+    path torch.func transforms differentiate)."""
+    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
+    kk, acc = kh * kw, _acc_dtype(w4.dtype)
+    ran = "fp32" if scheme == "auto" else scheme
+    k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
+    w = w4.to(torch.float64 if ran == "fp64" else acc).view(groups, out_g, in_g, kk)
+    correlations = _correlations(w, kh, kw)
+    r = _row_sums(correlations)
+    col_abs = w4.abs().view(groups, out_g, in_g, kk).sum(3, dtype=torch.float64)  # C_oi
+    if w4.device.type == "cpu" and not r.requires_grad and not torch._C._are_functorch_transforms_active():
+        d = _scale_from_sums_cpu(r, col_abs, k, scheme == "auto")
+        scale = None if d is None else torch.from_numpy(numpy.array(d, dtype=numpy.float64)).view(groups, in_g).to(acc)
+    else:
+        d = _scale_from_sums(r, col_abs, k, scheme == "auto")
+        scale = None if d is None else d.to(acc)
+    if scale is None:
+        return _forward_torch(w4, groups, layout, "fp64", signs)
+    out = (w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
+    sign_out = None
+    if signs:  # the backward's (g, n_half, in_g, in_g) int8
+        sign_out = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8, device=w4.device)
+        sign_out.copy_(correlations.detach()[:, :, correlations.shape[2] - n_half:].permute(0, 2, 1, 3).sign())
+    wp = _backward_layout(w4, groups) if layout else None  # only the Triton backward reads it
+    return out, scale, sign_out, wp, ran
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
@@ -613,38 +729,58 @@ def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
         memory_format=torch.contiguous_format)
 
 
-def _full_signs(signs: torch.Tensor) -> torch.Tensor:
-    """Half-shift signs (g, n_half, in, in) -> all shifts (g, in, in, n_full), using M_{-s} = M_sᵀ (a view
-    chain plus one copy)."""
-    upper = signs.permute(0, 2, 3, 1)  # [g, c, j, h] = sign M_{h}[c, j]
-    mirrored = signs.permute(0, 3, 2, 1)  # [g, c, j, h] = sign M_{h}[j, c] = sign M_{-h}[c, j]
-    return torch.cat([mirrored[..., 1:].flip(-1), upper], dim=-1)
-
-
 def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
-    """∂L/∂W = G·d + W ⋆ T: T_s[c, j] = (a_c + a_j) sign(M_s[c, j]) as a (2kh−1)×(2kw−1) conv kernel."""
-    out_g, in_g, kh, kw, _ = _geometry(w4, groups)
-    acc = scale.dtype
-    w = w4.to(acc).view(groups, out_g, in_g, kh, kw)
-    grad = grad_out.to(acc).view(groups, out_g, in_g, kh, kw)
-    gw = (grad * w).sum((1, 3, 4))
+    """∂L/∂W = G·d + ∂r/∂W·a by the GEMM form: Γ[i, s, j] = ∂L/∂M_s[i, j] = sign(M_s[i, j])·(a_i + a_j·[s > 0])
+    for s ≥ 0, ∂L/∂P = the 0/1 shift matrix times Γ, then both factors of P = W_leftᵀ W_right (two GEMMs)."""
+    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
+    kk, acc = kh * kw, scale.dtype
+    w = w4.to(acc).view(groups, out_g, in_g, kk)
+    grad = grad_out.to(acc).view(groups, out_g, in_g, kk)
+    gw = (grad * w).sum((1, 3))
     if grad_scale is not None:
-        gw += grad_scale
+        gw = gw + grad_scale
     a = scale.pow(3).mul_(gw).mul_(-0.5)  # ∂L/∂r; 0 for a zero column (d = 0)
-    # conv2d correlates, so the kernel is T with both shift axes reversed: the flattened shift order reversed
-    flipped = _full_signs(signs).flip(-1).to(acc)
-    t = (flipped * (a[:, :, None, None] + a[:, None, :, None])).view(groups, in_g, in_g, 2 * kh - 1, 2 * kw - 1)
-    through_r = torch.stack([F.conv2d(w[g], t[g], padding=(kh - 1, kw - 1)) for g in range(groups)])
-    return torch.addcmul(through_r, grad, scale[:, None, :, None, None]).view(w4.shape).to(w4.dtype)
+    coefficient = a[:, :, None, None] + a[:, None, None, :] * _positive_shift_mask(n_half, acc, w.device)[:, None]
+    gamma = coefficient.mul_(signs.permute(0, 2, 1, 3))  # (g, i, s, j)
+    if kk > 1:
+        gamma = torch.matmul(_shift_sum(kh, kw, acc, w.device, True), gamma.view(groups * in_g, n_half, in_g))
+    d_pairs = gamma.view(groups, in_g * kk, kk * in_g)
+    left, right = _gram_pairs(w)
+    grad_w = torch.bmm(right, d_pairs.transpose(1, 2)).view(groups, out_g, in_g, kk)
+    grad_w += torch.bmm(left, d_pairs).view(groups, out_g, kk, in_g).transpose(2, 3)
+    return grad_w.addcmul_(grad, scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
 
 
-def _aol_fwd(w4: torch.Tensor, groups: int, layout: bool = True):
+def _torch_scheme(w4: torch.Tensor, groups: int = 1) -> str:
+    """The torch path's Gram scheme: 'fp64' for float64 weights, off the CPU (no host read there), when
+    ``LIPKERN_AOL_GRAM=fp64``, or when float32 products may not be IEEE float32 (PyTorch's matmul precision
+    below 'highest', oneDNN set to bf16/tf32 math): the fp32 margin assumes IEEE products; or when
+    out_g + kk > ``_FP32_GRAM_MAX_TERMS`` (the fp32 margin would exceed the auto limit for typical weights).
+    Else 'auto', or 'fp32' when asked for."""
+    choice = _requested_gram()
+    if w4.dtype == torch.float64 or w4.device.type != "cpu" or choice == "fp64" or not _ieee_float32_math():
+        return "fp64"
+    if choice == "fp32":
+        return "fp32"
+    out_g, _, kh, kw, _ = _geometry(w4, groups)
+    return "auto" if out_g + kh * kw <= _FP32_GRAM_MAX_TERMS else "fp64"
+
+
+def _ieee_float32_math() -> bool:
+    mkldnn = torch.backends.mkldnn
+    modes = (getattr(mkldnn, "fp32_precision", "none"), getattr(mkldnn.matmul, "fp32_precision", "none"))
+    fpmath = os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", os.environ.get("DNNL_DEFAULT_FPMATH_MODE", "strict"))
+    return (torch.get_float32_matmul_precision() == "highest" and all(m in ("none", "ieee") for m in modes)
+            and fpmath.strip().lower() in ("strict", ""))
+
+
+def _aol_fwd(w4: torch.Tensor, groups: int, layout: bool = True, signs: bool = True):
     """(rescaled weight, d, half-shift signs, W in the Triton backward's layout, or an empty tensor on the
-    torch path when ``layout`` is False)."""
+    torch path when ``layout`` is False; the torch path leaves the signs empty when ``signs`` is False)."""
     w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
     if select_backend(w4, has_cuda_kernel=False) == "triton":
         return _forward_triton(w4, groups)
-    return _forward_torch(w4, groups, layout)
+    return _forward_torch(w4, groups, layout, _torch_scheme(w4, groups), signs)[:4]
 
 
 def _aol_bwd(grad_out, grad_scale, w4, scale, signs, wp, groups):
@@ -713,6 +849,7 @@ class _AOLRescale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, groups):
         out, scale, signs, layout = _aol_fwd(weight, groups, layout=False)
+        layout = weight.new_empty(0) if layout is None else layout
         ctx.save_for_backward(weight, scale, signs, layout)
         ctx.groups = groups
         ctx.mark_non_differentiable(signs, layout)
@@ -774,9 +911,11 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vjp, jacrev, vmap): the torch path, differentiated by autograd (the kernels take raw
         # pointers, which functorch's wrapped tensors do not have); same margin, same guarantee
-        out, scale, _, _ = _forward_torch(w4, groups, layout=False)
+        out, scale, _, _, _ = _forward_torch(w4, groups, layout=False, signs=False)
     elif tracing():  # torch.compile, export, FakeTensorMode, make_fx: the custom op
         out, scale, _, _ = _aol_rescale_op(w4, groups)
+    elif not (torch.is_grad_enabled() and weight.requires_grad):  # no backward: no autograd node, no signs
+        out, scale, _, _ = _aol_fwd(w4, groups, layout=False, signs=False)
     else:
         out, scale, _, _ = _AOLRescale.apply(w4, groups)
     out = out.view(weight.shape)

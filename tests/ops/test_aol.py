@@ -452,3 +452,120 @@ def test_gpu_stored_weight_operator_norm_at_most_one(monkeypatch, precision, dty
         stored = aol_rescale(w).cpu().double()
         for padding_mode in ("zeros", "circular"):
             assert spectral_norm(_conv_matrix(stored, 5, padding_mode)) <= 1 + 1e-12
+
+
+# --- the CPU path (what users without a GPU run): float32 or float64 Gram GEMMs with their proven margin ------
+CPU_SCHEMES = ["fp32", "fp64", "auto"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["orthogonal", "random", "identity_noise"]), scheme=st.sampled_from(CPU_SCHEMES),
+       out=st.integers(1, 20), inp=st.integers(1, 20), k=st.sampled_from([1, 2, 3]),
+       log_scale=st.floats(-30, 15), seed=st.integers(0, 2**16))
+def test_cpu_path_scale_never_exceeds_the_exact_value(kind, scheme, out, inp, k, log_scale, seed):
+    """d_i ≤ r_i^(-1/2) (r summed in float64: products of float32 values are exact there) on the torch path in
+    every scheme, extreme magnitudes included (fp32 products underflow below ~1e-19: the ε_abs term or the
+    switch to fp64 covers it); and the margin is no larger than documented where the underflow term is zero."""
+    w = _adversarial_weight(kind, out, inp, k, log_scale, seed).float()
+    with mock.patch.dict(os.environ, {"LIPKERN_AOL_GRAM": scheme, "LIPKERN_BACKEND": "torch"}):
+        _, scale = aol_rescale(w, return_scale=True)
+    r, mass = _exact_r_and_mass(w)
+    d = scale[0].double()
+    exact = torch.where(r > 0, r.rsqrt(), torch.zeros_like(r))
+    assert torch.all(d <= exact), (d / exact - 1).max()
+    if scheme == "fp64":
+        margin = _documented_margin_of(w, "fp64")
+        documented = torch.where(r > 0, (r + margin * mass).rsqrt(), torch.zeros_like(r))
+        assert torch.all(d >= documented * (1 - 2.0**-20)), (d / documented - 1).min()
+
+
+def _documented_margin_of(weight: torch.Tensor, scheme: str) -> float:
+    kk = weight[0, 0].numel() if weight.dim() == 4 else 1
+    return gram_error_bound(scheme, weight.shape[0], kk, weight.dtype)[0] + output_rounding_margin(weight.dtype)
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "random"])
+@pytest.mark.parametrize("shape", [(40, 5, 3, 3), (7, 6, 2, 3), (30, 12, 1, 1)])
+def test_cpu_fp32_gram_error_within_its_bound(kind, shape):
+    """The fp32 GEMM form of every M_s[i, j] (one float32 GEMM, then ≤ kk-term shift sums) errs by at most
+    γ_{out+kk}·P_s[i, j] from the float64 value (exact products of float32 values, float64 sums: ~1e-16)."""
+    from lipkern.ops import aol
+
+    out, inp, kh, kw = shape
+    w = _adversarial_weight(kind, out, inp * kh * kw, 1, 0.0, 5).reshape(shape).float()
+    computed = aol._correlations(w.view(1, out, inp, kh * kw), kh, kw)[0].double()  # (i, s, j)
+    w64 = w.double().transpose(0, 1)
+    exact = F.conv2d(w64, w64, padding=(kh - 1, kw - 1)).flatten(2).permute(0, 2, 1)  # [i, s, j] = M_s[i, j]
+    magnitude = F.conv2d(w64.abs(), w64.abs(), padding=(kh - 1, kw - 1)).flatten(2).permute(0, 2, 1)
+    eps, _ = gram_error_bound("fp32", out, kh * kw, torch.float32)
+    error = (computed - exact).abs()
+    assert torch.all(error <= eps * magnitude + 1e-15 * magnitude), (error / magnitude).max() / eps
+    assert (error / magnitude).max() > 2.0**-30  # float32 products do round: the bound is what is tested
+
+
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["orthogonal", "random"])
+def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, dtype, kind):
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    monkeypatch.setenv("LIPKERN_AOL_GRAM", scheme)
+    w = _adversarial_weight(kind, 12, 6, 3, 0.0, 3).to(dtype)
+    stored = aol_rescale(w)
+    for padding_mode in ("zeros", "circular"):
+        assert spectral_norm(_conv_matrix(stored.double(), 5, padding_mode)) <= 1 + 1e-12
+    linear = _adversarial_weight(kind, 24, 40, 1, 0.0, 4)[:, :, 0, 0].to(dtype)
+    assert spectral_norm(aol_rescale(linear).double()) <= 1 + 1e-12
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=IDS)
+def test_cpu_path_forward_backward_match_reference_float32(monkeypatch, shape, groups):
+    """The GEMM-form backward (signs of M_s, the 0/1 shift matrix, two GEMMs) against autograd of the paper's
+    formula in float64."""
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    w64 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(shape, dtype=torch.float64)
+    ref, ref_scale = aol_rescale_ref(w64, groups, return_scale=True)
+    g_scale = torch.randn_like(ref_scale)
+    (ref_grad,) = torch.autograd.grad((ref * grad).sum() + (ref_scale * g_scale).sum(), w64)
+    w32 = w64.detach().float().requires_grad_()
+    out, scale = aol_rescale(w32, groups, return_scale=True)
+    (out_grad,) = torch.autograd.grad((out * grad.float()).sum() + (scale * g_scale.float()).sum(), w32)
+    assert_close(out, ref, msg="forward")
+    assert_close(out_grad, ref_grad, dtype=torch.float32, msg="backward")
+
+
+def test_cpu_auto_scheme_takes_fp64_where_fp32_would_cost():
+    """auto: float32 products where their margin costs ≤ 2⁻¹² of r, float64 elsewhere (orthogonal wide linear
+    weights: S/r ≈ 0.64·c; weights so small that float32 products underflow; products that overflow)."""
+    from lipkern.ops import aol
+
+    def scheme(w):
+        w4 = w if w.dim() == 4 else w[:, :, None, None]
+        return aol._forward_torch(w4, 1, False, "auto", False)[4]
+
+    assert scheme(torch.randn(16, 16, 3, 3)) == "fp32"
+    q, _ = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64))
+    assert scheme(q.float()) == "fp64"
+    assert scheme(torch.randn(8, 8, 3, 3) * 1e-25) == "fp64"
+    assert scheme(torch.randn(8, 8, 3, 3) * 1e25) == "fp64"
+    huge = torch.randn(8, 8, 3, 3) * 1e25  # finite weights whose float32 products overflow: a finite d
+    assert torch.isfinite(aol_rescale(huge, return_scale=True)[1]).all()
+
+
+def test_cpu_scheme_is_fp64_when_float32_math_is_not_ieee(monkeypatch):
+    """The fp32 margin assumes IEEE float32 products: with PyTorch's matmul precision below 'highest' (oneDNN
+    may use bf16 there) or float64 weights the torch path takes float64 products."""
+    from lipkern.ops import aol
+
+    w = torch.randn(4, 4, 3, 3)
+    assert aol._torch_scheme(w) == "auto"
+    assert aol._torch_scheme(w.double()) == "fp64"
+    assert aol._torch_scheme(torch.randn(512, 512, 1, 1)) == "fp64"  # γ_{513}·S/r: over the limit for typical S/r
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert aol._torch_scheme(w) == "fp64"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    monkeypatch.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16")
+    assert aol._torch_scheme(w) == "fp64"
