@@ -18,9 +18,11 @@ from lipkern.models import ConvNet
 from lipkern.ops import aol_rescale
 
 CHANNELS = [64, 256, 512] if ON_GPU else [16, 32]
-TRAIN = dict(batch=256, size=32, channels=64) if ON_GPU else dict(batch=8, size=8, channels=16)
+# CPU: the tiny size of a quick smoke run and a realistic one (b64, 32², 64 channels).
+TRAIN = [dict(batch=256, size=32, channels=64)] if ON_GPU else [dict(batch=8, size=8, channels=16),
+                                                                 dict(batch=64, size=32, channels=64)]
 LINEAR = dict(batch=1024, features=1024) if ON_GPU else dict(batch=32, features=64)
-CONVNET = dict(sizes=["S", "M"], batch=256) if ON_GPU else dict(sizes=["XS"], batch=8)
+CONVNET = dict(sizes=["S", "M"], batch=[256]) if ON_GPU else dict(sizes=["XS"], batch=[8, 64])
 COMPILE_QUICK_CHANNELS = CHANNELS[len(CHANNELS) // 2]
 PROVIDERS = ["lipkern", "eager", "compile", "orthogonium"]
 TRAIN_PROVIDERS = ["lipkern", "plain", "eager", "orthogonium"]
@@ -180,10 +182,15 @@ def test_aol_rescale_forward_backward(run_timed, provider, channels):
 
 
 # --- layer and network train steps --------------------------------------------------------------------------
+def _size_id(size: dict) -> str:
+    return f"b{size['batch']}-{size['size']}px-c{size['channels']}"
+
+
 @pytest.mark.benchmark(group="model-train-step")
 @pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
-def test_aolconv2d_train_step(run_timed, provider):
-    c, b, n = TRAIN["channels"], TRAIN["batch"], TRAIN["size"]
+@pytest.mark.parametrize("size", TRAIN, ids=_size_id)
+def test_aolconv2d_train_step(run_timed, provider, size):
+    c, b, n = size["channels"], size["batch"], size["size"]
     layer = swap_aol_layers(nn.Sequential(lipkern.nn.AOLConv2d(c, c, 3, padding=1, device=DEVICE)), provider)
     x = torch.randn(b, c, n, n, device=DEVICE)
     run_timed(_train_step(layer, x), provider, batch=b, size=n, channels=c)
@@ -200,12 +207,13 @@ def test_aollinear_train_step(run_timed, provider):
 
 @pytest.mark.benchmark(group="model-train-step")
 @pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
+@pytest.mark.parametrize("batch", CONVNET["batch"], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("size", CONVNET["sizes"], ids=lambda s: f"convnet-{s}")
-def test_convnet_aol_train_step(run_timed, provider, size):
+def test_convnet_aol_train_step(run_timed, provider, size, batch):
     """ConvNet (1-Lipschitz Layers Compared) with AOL layers, 32×32 inputs: SGD step on a squared loss."""
     torch.manual_seed(0)
     model = swap_aol_layers(ConvNet(size, layer="aol", device=DEVICE), provider)
-    x = torch.randn(CONVNET["batch"], 3, 32, 32, device=DEVICE)
+    x = torch.randn(batch, 3, 32, 32, device=DEVICE)
     linear = "eager" if provider == "orthogonium" else provider
-    run_timed(_train_step(model, x), provider, model=f"ConvNet-{size}", batch=CONVNET["batch"], size=32,
+    run_timed(_train_step(model, x), provider, model=f"ConvNet-{size}", batch=batch, size=32,
               linear_layer=linear)

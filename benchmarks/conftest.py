@@ -94,8 +94,11 @@ def environment_info() -> dict:
     except ImportError:
         info["triton"] = None
     import lipkern
+    from lipkern import _dispatch
 
     info["lipkern_C"] = lipkern.cuda_extension_available()
+    info["knobs"] = _dispatch.knobs()  # LIPKERN_* and TRITON_INTERPRET as set for this run
+    info["autocast"] = {"cuda": torch.is_autocast_enabled("cuda"), "cpu": torch.is_autocast_enabled("cpu")}
     return info
 
 
@@ -273,7 +276,12 @@ def run_timed(benchmark, request):
     def run(fn, provider: str, **extra):
         case = request.node.nodeid.split("/")[-1]
         start = time.perf_counter()
+        from lipkern import _dispatch
+
+        _dispatch.implementations(clear=True)
         first = _timed_call(fn)
+        if provider.startswith("lipkern"):  # which implementation and precision scheme lipkern's ops ran
+            extra.setdefault("implementation", _dispatch.implementations())
         if first > BUDGET_S:
             pytest.skip(f"time box: one call of {case} took {first:.1f} s, over the {BUDGET_S:g} s budget")
         # Calls after the first (which may compile or autotune): always one, more while within half the

@@ -91,6 +91,27 @@ def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool) -> str:
     return "torch"
 
 
+_IMPLEMENTATIONS: dict[str, str] = {}
+
+
+def record_implementation(op: str, implementation: str) -> None:
+    """Note which implementation (and precision scheme) an op ran last, for benchmarks and reports."""
+    _IMPLEMENTATIONS[op] = implementation
+
+
+def implementations(clear: bool = False) -> dict[str, str]:
+    """The implementations recorded since the last ``clear``: {op: implementation}."""
+    recorded = dict(_IMPLEMENTATIONS)
+    if clear:
+        _IMPLEMENTATIONS.clear()
+    return recorded
+
+
+def knobs() -> dict[str, str]:
+    """The environment settings lipkern reads (LIPKERN_*, TRITON_INTERPRET) that are set, for the record."""
+    return {k: v for k, v in os.environ.items() if k.startswith("LIPKERN_") or k == "TRITON_INTERPRET"}
+
+
 def cuda_built() -> bool:
     from lipkern import _cuda
 

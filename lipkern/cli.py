@@ -76,7 +76,8 @@ def comparison_rows(results: dict) -> list[dict]:
         cases.setdefault((bench.get("group") or "", _case_name(bench)), {})[provider] = {
             "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
             "rounds": info.get("rounds", bench["stats"].get("rounds")), "peak": info.get("peak_bytes"),
-            "time_boxed": bool(info.get("time_boxed")), "accuracy": _accuracy(info)}
+            "time_boxed": bool(info.get("time_boxed")), "accuracy": _accuracy(info),
+            "implementation": info.get("implementation")}
     rows = []
     for (group, case), providers in sorted(cases.items()):
         ref = _reference_provider(providers)
@@ -99,37 +100,63 @@ def _format_columns(header: list[str], body: list[list[str]], right: set[int]) -
     return [line(header), "  ".join("-" * w for w in widths), *map(line, body)]
 
 
+TABLE_WIDTH = 120
+
+
 def format_table(results: dict) -> str:
-    """The comparison table, columns as wide as their longest entry, then the skipped cases with reasons."""
+    """The comparison table, one block per group (so that no line exceeds ``TABLE_WIDTH`` columns: long case
+    names are shortened with '…'), columns that are empty everywhere left out, then the skipped cases."""
     env = (results.get("machine_info") or {}).get("lipkern") or {}
     lines = []
     if env:
-        lines.append(f"device: {env.get('device')} | torch {env.get('torch')} | triton {env.get('triton')} | "
-                     f"mode {env.get('mode')} | TF32 matmul={env.get('tf32_matmul')} "
-                     f"cudnn={env.get('tf32_cudnn')} | CPU threads {env.get('cpu_threads')} | "
-                     f"time box {env.get('budget_s')} s per case")
+        knobs = " ".join(f"{k}={v}" for k, v in sorted((env.get("knobs") or {}).items())) or "none"
+        lines += [f"device: {env.get('device')} | torch {env.get('torch')} | triton {env.get('triton')} | "
+                  f"mode {env.get('mode')}",
+                  f"TF32 matmul={env.get('tf32_matmul')} cudnn={env.get('tf32_cudnn')} | CPU threads "
+                  f"{env.get('cpu_threads')} | time box {env.get('budget_s')} s per case | knobs: {knobs}"]
     rows = comparison_rows(results)
     if rows:
-        header = ["group", "case", "provider", "median ms", "IQR %", "rounds", "ratio", "peak MiB", "accuracy"]
-        body = []
-        for r in rows:
-            iqr = f"{100 * r['iqr'] / r['median']:.0f}" if r["iqr"] is not None and r["median"] else "-"
-            rounds = f"{r['rounds']}{' (time-boxed)' if r['time_boxed'] else ''}" if r["rounds"] else "-"
-            body.append([r["group"], r["case"], r["provider"], f"{r['median'] * 1e3:.3f}", iqr, rounds,
-                         f"{r['ratio']:.2f}" if r["ratio"] is not None else "",
-                         f"{r['peak'] / 2**20:.1f}" if r["peak"] is not None else "-", r["accuracy"]])
-        lines += _format_columns(header, body, right={3, 4, 5, 6, 7})
-        lines.append("ratio = provider median / lipkern median (> 1: lipkern is faster); "
-                     "plain = no Lipschitz constraint at all (the limit)")
+        show_peak = any(r["peak"] is not None for r in rows)
+        show_accuracy = any(r["accuracy"] for r in rows)
+        header = ["case", "provider", "median ms", "IQR %", "rounds", "ratio"] + (["peak MiB"] if show_peak else []) \
+            + (["accuracy"] if show_accuracy else [])
+        for group in dict.fromkeys(r["group"] for r in rows):
+            body = []
+            for r in (r for r in rows if r["group"] == group):
+                iqr = f"{100 * r['iqr'] / r['median']:.0f}" if r["iqr"] is not None and r["median"] else "-"
+                rounds = f"{r['rounds']}{'*' if r['time_boxed'] else ''}" if r["rounds"] else "-"
+                row = [r["case"], r["provider"], f"{r['median'] * 1e3:.3f}", iqr, rounds,
+                       f"{r['ratio']:.2f}" if r["ratio"] is not None else ""]
+                row += [f"{r['peak'] / 2**20:.1f}" if r["peak"] is not None else "-"] if show_peak else []
+                row += [r["accuracy"]] if show_accuracy else []
+                body.append(row)
+            fixed = sum(max(len(row[i]) for row in [header, *body]) + 2 for i in range(1, len(header)))
+            room = max(TABLE_WIDTH - fixed, 16)
+            for row in body:
+                row[0] = row[0] if len(row[0]) <= room else row[0][:room - 1] + "…"
+            lines += ["", f"[{group}]", *_format_columns(header, body, right=set(range(2, 7)))]
+        lines += ["ratio = provider median / lipkern median (> 1: lipkern is faster)",
+                  "plain = no Lipschitz constraint at all (the limit); * = time-boxed (fewer rounds than asked)"]
     else:
         lines.append("no benchmark case ran")
     skipped = results.get("skipped") or []
     if skipped:
         boxed = sum(bool(s.get("time_box")) for s in skipped)
         lines.append(f"\nskipped ({len(skipped)}, {boxed} by the time box):")
-        body = [[s.get("group") or "", s.get("name", ""), s.get("reason", "")] for s in skipped]
-        lines += _format_columns(["group", "case", "reason"], body, right=set())
+        lines += [_shorten(f"{s.get('name', '')}: {s.get('reason', '')}", TABLE_WIDTH) for s in skipped]
     return "\n".join(lines)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def comparison_json(results: dict) -> dict:
+    """The comparison as plain JSON: the machine and settings, one row per (group, case, provider) with its
+    median, IQR, rounds, ratio to lipkern, peak memory, accuracy and the implementation lipkern ran, and the
+    skipped cases."""
+    return {"environment": (results.get("machine_info") or {}).get("lipkern") or {},
+            "rows": comparison_rows(results), "skipped": results.get("skipped") or []}
 
 
 def write_plot(results: dict, path: str | Path) -> Path:
@@ -238,6 +265,10 @@ def bench(args) -> int:
         results = json.loads(out.read_text())
         print(format_table(results))
         print(f"\nresults: {out}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(comparison_json(results), indent=2))
+            print(f"comparison JSON: {args.json}")
         if args.plot:
             print(f"plot: {write_plot(results, args.plot)}")
     return code
@@ -875,6 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="more rounds and warm-up, 60 s time box per case")
     p.add_argument("--output", help="where to write the pytest-benchmark JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the comparison (rows with ratios, environment, "
+                   "skipped cases) as plain JSON")
     p.add_argument("--plot", metavar="PATH", help="also write a bar chart of the ratios (needs matplotlib: "
                    "pip install 'lipkern[plot]')")
     p.add_argument("-k", metavar="EXPR",

@@ -61,26 +61,37 @@ def test_ratios_are_provider_median_over_lipkern_median():
 def test_table_columns_aligned_with_long_names():
     table = cli.format_table(RESULTS)
     lines = table.splitlines()
-    header_at = next(i for i, line in enumerate(lines) if line.startswith("group"))
-    separator = lines[header_at + 1]
-    spans, pos = [], 0
-    for dashes in separator.split("  "):
-        spans.append((pos, pos + len(dashes)))
-        pos += len(dashes) + 2
-    rows = lines[header_at + 2:header_at + 2 + len(RESULTS["benchmarks"])]
-    assert len(rows) == 5
-    for line in [lines[header_at], *rows]:
-        for start, end in spans:
-            if start >= len(line):  # trailing empty cells are stripped
-                continue
-            assert start == 0 or line[start - 2:start] == "  ", (line, start)  # each column on its span
-            assert len(line) <= end or line[end:end + 2] == "  ", (line, end)
+    assert all(len(line) <= cli.TABLE_WIDTH for line in lines), max(map(len, lines))
+    blocks = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert [lines[i] for i in blocks] == ["[a-much-longer-group-name-here]", "[model-train-step]"]
+    for at, n_rows in zip(blocks, (2, 3)):
+        header, separator, rows = lines[at + 1], lines[at + 2], lines[at + 3:at + 3 + n_rows]
+        assert header.startswith("case")
+        spans, pos = [], 0
+        for dashes in separator.split("  "):
+            spans.append((pos, pos + len(dashes)))
+            pos += len(dashes) + 2
+        for line in [header, *rows]:
+            for start, end in spans:
+                if start >= len(line):  # trailing empty cells are stripped
+                    continue
+                assert start == 0 or line[start - 2:start] == "  ", (line, start)  # each column on its span
+                assert len(line) <= end or line[end:end + 2] == "  ", (line, end)
     assert "an-unusually-long-provider-name" in table and "a-much-longer-group-name-here" in table
     assert "1.50" in table and "0.50" in table and "0.25" in table
     assert "30.0" in table  # peak MiB
-    assert "(time-boxed)" in table
+    assert "4.000  " in table and "20*" in table  # the time-boxed row is marked
     assert "TF32 matmul=False cudnn=True" in table
     assert "time box: one call took 20.0 s" in table and "1 by the time box" in table
+
+
+def test_table_shortens_a_case_name_to_fit_and_writes_plain_json(tmp_path):
+    long = dict(RESULTS, benchmarks=[_bench("test_" + "x" * 200 + "[lipkern]", "g", "lipkern", 1e-3),
+                                     _bench("test_" + "x" * 200 + "[eager]", "g", "eager", 2e-3)])
+    lines = cli.format_table(long).splitlines()
+    assert all(len(line) <= cli.TABLE_WIDTH for line in lines) and any("…" in line for line in lines)
+    rows = json.loads(json.dumps(cli.comparison_json(long)))["rows"]
+    assert [(r["provider"], r["ratio"]) for r in rows] == [("lipkern", None), ("eager", 2.0)]
 
 
 def test_bench_arguments_pass_through_to_pytest(tmp_path):

@@ -57,7 +57,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import device_context, select_backend, tracing, triton_importable
+from lipkern._dispatch import device_context, record_implementation, select_backend, tracing, triton_importable
 
 __all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
 
@@ -779,8 +779,12 @@ def _aol_fwd(w4: torch.Tensor, groups: int, layout: bool = True, signs: bool = T
     torch path when ``layout`` is False; the torch path leaves the signs empty when ``signs`` is False)."""
     w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
     if select_backend(w4, has_cuda_kernel=False) == "triton":
+        record_implementation("aol_rescale", f"triton/{gram_precision(w4.dtype)}")
         return _forward_triton(w4, groups)
-    return _forward_torch(w4, groups, layout, _torch_scheme(w4, groups), signs)[:4]
+    scheme = _torch_scheme(w4, groups)
+    out, scale, sign_out, wp, ran = _forward_torch(w4, groups, layout, scheme, signs)
+    record_implementation("aol_rescale", f"torch-gemm/{ran}" + (" (auto)" if scheme == "auto" else ""))
+    return out, scale, sign_out, wp
 
 
 def _aol_bwd(grad_out, grad_scale, w4, scale, signs, wp, groups):
