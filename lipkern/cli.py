@@ -73,9 +73,11 @@ def comparison_rows(results: dict) -> list[dict]:
     for bench in results.get("benchmarks", []):
         info = bench.get("extra_info", {})
         provider = info.get("provider") or (bench.get("params") or {}).get("provider") or "?"
-        cases.setdefault((bench.get("group") or "", _case_name(bench)), {})[provider] = {
-            "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
-            "rounds": info.get("rounds", bench["stats"].get("rounds")), "peak": info.get("peak_bytes"),
+        cases.setdefault((bench.get("group") or "", _case_name(bench)), {})[provider] = {  # CUDA-event timings
+            "median": info.get("median_s", bench["stats"]["median"]),  # when the run had them
+            "iqr": info.get("iqr_s", bench["stats"].get("iqr")),
+            "rounds": info.get("event_rounds", info.get("rounds", bench["stats"].get("rounds"))),
+            "peak": info.get("peak_bytes"),
             "time_boxed": bool(info.get("time_boxed")), "accuracy": _accuracy(info),
             "implementation": info.get("implementation")}
     rows = []

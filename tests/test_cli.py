@@ -85,6 +85,18 @@ def test_table_columns_aligned_with_long_names():
     assert "time box: one call took 20.0 s" in table and "1 by the time box" in table
 
 
+def test_cuda_event_timings_replace_the_synchronized_rounds():
+    """A GPU run records median / IQR of CUDA-event timings (no synchronize inside the timed region): the
+    comparison uses them, not pytest-benchmark's few synchronized rounds."""
+    lipkern, eager = _bench("test_s[lipkern]", "g", "lipkern", 9.0), _bench("test_s[eager]", "g", "eager", 9.0)
+    lipkern["extra_info"].update(median_s=1e-3, iqr_s=1e-4, event_rounds=500)
+    eager["extra_info"].update(median_s=3e-3, iqr_s=1e-4, event_rounds=400)
+    gpu = dict(RESULTS, benchmarks=[lipkern, eager])
+    rows = cli.comparison_rows(gpu)
+    assert [(r["median"], r["rounds"]) for r in rows] == [(1e-3, 500), (3e-3, 400)]
+    assert rows[1]["ratio"] == pytest.approx(3.0)
+
+
 def test_table_shortens_a_case_name_to_fit_and_writes_plain_json(tmp_path):
     long = dict(RESULTS, benchmarks=[_bench("test_" + "x" * 200 + "[lipkern]", "g", "lipkern", 1e-3),
                                      _bench("test_" + "x" * 200 + "[eager]", "g", "eager", 2e-3)])

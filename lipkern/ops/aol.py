@@ -865,6 +865,9 @@ class _AOLRescale(torch.autograd.Function):
         weight, scale, signs, layout = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(weight)
+        if torch.is_grad_enabled():  # create_graph: the torch path's backward, whose ops autograd differentiates
+            return _backward_torch(grad_out.contiguous(), grad_scale, weight.contiguous(), scale, signs,
+                                   ctx.groups), None
         return _aol_bwd(grad_out, grad_scale, weight, scale, signs, layout, ctx.groups), None
 
 

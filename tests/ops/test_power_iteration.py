@@ -211,3 +211,29 @@ def test_torch_path_at_extreme_scales(dtype, scale, monkeypatch):
     result = batched_power_iteration(m * scale, n_iter=200)
     assert_close(result.sigma / scale, exact, dtype=torch.float32)
     assert_close(torch.linalg.vector_norm(result.v, dim=1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_path_by_gram_squaring_matches_float64_reference(dtype, monkeypatch):
+    """Many steps on small matrices: the CPU path reaches (MᴴM)^(n−1)u by repeated squaring (log2 n matrix
+    products) and takes the last step as usual; same sigma, u and v as n steps of the reference; a zero matrix
+    keeps u, a NaN matrix gives NaN."""
+    from lipkern.ops.power_iteration import _squaring_pays
+
+    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    m = torch.randn(6, 12, 10, dtype=dtype)
+    m[1] = 0
+    m[2, 0, 0] = float("nan")
+    n_iter = 37
+    assert _squaring_pays(m, n_iter)
+    u0 = initial_vectors((6, 10), dtype, "cpu")
+    u, v = u0.clone(), torch.empty(6, 12, dtype=dtype)
+    sigma, _, _ = batched_power_iteration(m, u, v, n_iter=n_iter)
+    ref = batched_power_iteration_ref(m.to(_wide(dtype)), u0.to(_wide(dtype)), n_iter)
+    keep = [0, 3, 4, 5]
+    tol_dtype = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+    assert_close(sigma[keep], ref.sigma[keep], dtype=tol_dtype, msg="sigma")
+    assert_close(_as_real(u[keep]), _as_real(ref.u[keep]), dtype=tol_dtype, msg="u")
+    assert_close(_as_real(v[keep]), _as_real(ref.v[keep]), dtype=tol_dtype, msg="v")
+    assert sigma[1] == 0 and torch.equal(u[1], u0[1])
+    assert torch.isnan(sigma[2])
