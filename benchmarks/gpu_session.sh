@@ -3,13 +3,14 @@
 # tests, the quick benchmarks and a profile of the AOL kernels; logs and results go to ${OUT}.
 # No network: nothing is downloaded (pip --no-build-isolation --no-deps).
 #
-# Stages, each under `timeout` (SIGINT, then SIGKILL after a grace period); budgets sum to 530 s (< 9.5 min),
-# 575 s with every grace period used:
-#   1 machine   15 s (+5)   GPU, driver, versions, which optional packages import     -> machine.txt
-#   2 build    110 s (+10)  lipkern._C for the present compute capability only        -> build.log
-#   3 tests    150 s (+10)  pytest -m gpu tests, -n 8 when pytest-xdist imports       -> gpu-tests.log
-#   4 bench    225 s (+15)  lipkern bench (quick): table, JSON, ratio plot            -> bench.log bench.json ratios.png
-#   5 profile   30 s (+5)   torch.profiler key_averages of the AOL kernels            -> profile.txt
+# Stages, each under `timeout` (SIGINT, then SIGKILL after a grace period); budgets sum to 440 s, 480 s (8 min)
+# with every grace period used:
+#   1 machine   10 s (+5)   GPU, driver, versions, which optional packages import     -> machine.txt
+#   2 build     80 s (+10)  lipkern._C for the present compute capability only        -> build.log
+#   3 tests    130 s (+10)  pytest -m gpu tests, -n 8 when pytest-xdist imports       -> gpu-tests.log
+#   4 bench    200 s (+10)  lipkern bench (quick; CUDA-event timings): table, JSON,   -> bench.log bench.json ratios.png
+#                           ratio plot
+#   5 profile   20 s (+5)   torch.profiler key_averages of the AOL kernels            -> profile.txt
 # session.log has each stage's exit code and duration (124: it ran out of its budget). 8 files at most.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/latest}
@@ -67,10 +68,10 @@ profile_aol() {
 
 export OUT PY
 export -f machine_info build gpu_tests bench profile_aol
-stage machine 15 5 "$OUT/machine.txt" machine_info
-stage build 110 10 "$OUT/build.log" build
-stage tests 150 10 "$OUT/gpu-tests.log" gpu_tests
-stage bench 225 15 "$OUT/bench.log" bench
-stage profile 30 5 "$OUT/profile.txt" profile_aol
+stage machine 10 5 "$OUT/machine.txt" machine_info
+stage build 80 10 "$OUT/build.log" build
+stage tests 130 10 "$OUT/gpu-tests.log" gpu_tests
+stage bench 200 10 "$OUT/bench.log" bench
+stage profile 20 5 "$OUT/profile.txt" profile_aol
 echo "== session: $((SECONDS - START)) s; files in $OUT:" | tee -a "$OUT/session.log"
 ls -la "$OUT" | tee -a "$OUT/session.log"
