@@ -575,6 +575,7 @@ def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
 #    0/1 matrix over the contiguous (a, b) axis (no copy of P).
 # ----------------------------------------------------------------------------------------------------------
 _FP32_GRAM_MAX_COST = 2.0**-12  # auto: fp32 products while their margin costs ≤ 2.4e-4 of r (1.2e-4 of d)
+_NUMPY = {torch.float32: numpy.float32, torch.float64: numpy.float64}
 _FP32_GRAM_MAX_TERMS = 320  # auto: fp64 at once when γ_{out_g+kk} > 1.9e-5 (typical S/r ≥ 13 would fail)
 
 
@@ -664,30 +665,23 @@ def _scale_from_sums(r: torch.Tensor, col_abs: torch.Tensor, k: dict, check: boo
     return (torch.where(mass == 0, 0.0, d) - k["tiny"]).clip(0, k["largest"])
 
 
-def _scale_from_sums_cpu(r: torch.Tensor, col_abs: torch.Tensor, k: dict, check: bool) -> list | None:
-    """:func:`_scale_from_sums` on the CPU, per channel in Python floats (IEEE binary64, correctly rounded √ and
-    division): at the sizes where it matters a dozen vectorized ops on vectors of in_g entries cost more."""
-    groups, _, in_g = col_abs.shape
-    row_abs = col_abs.sum(2)
-    mass = torch.bmm(row_abs[:, None, :], col_abs).view(-1).tolist()
-    extras = (row_abs.sum(1) * k["t_mass"] + k["t_count"]).tolist() if k["t_mass"] else [0.0] * groups
-    eps_rel, eps_gram, factor, keep = k["eps_rel"], k["eps_gram"], k["sum_factor"], k["keep"]
-    tiny, largest, limit, inf, sqrt = k["tiny"], k["largest"], _FP32_GRAM_MAX_COST, math.inf, math.sqrt
-    scale = []
-    for n, (r_i, s_i) in enumerate(zip(r.view(-1).tolist(), mass)):
-        extra = extras[n // in_g]
-        r_hat = (r_i + s_i * eps_rel + extra) * factor
-        if check and not (s_i * eps_gram + extra <= limit * r_hat < inf):
+def _scale_from_sums_cpu(r: torch.Tensor, col_abs: torch.Tensor, k: dict, check: bool):
+    """:func:`_scale_from_sums` on the CPU in NumPy (float64, IEEE: correctly rounded √ and division; about
+    20 operations of ~1 µs on vectors of in_g entries, where each torch op costs 5–15 µs), d cast to the
+    scale dtype (round to nearest, covered by the margin)."""
+    r, col_abs = r.numpy(), col_abs.numpy()  # C_oi: float64, or |W| itself (float32, exact) for 1×1 kernels
+    row_abs = col_abs.sum(2, dtype=numpy.float64)  # R_o
+    mass = numpy.matmul(row_abs[:, None, :], col_abs.astype(numpy.float64, copy=False))[:, 0]  # S_i
+    extra = (row_abs.sum(1, keepdims=True) * k["t_mass"] + k["t_count"]) if k["t_mass"] else 0.0
+    with numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        r_hat = (r + mass * k["eps_rel"] + extra) * k["sum_factor"]
+        if check and not (bool(numpy.all(mass * k["eps_gram"] + extra <= _FP32_GRAM_MAX_COST * r_hat))
+                          and float(r_hat.max()) < math.inf):
             return None
-        if s_i == 0:
-            d = 0.0
-        elif r_hat < inf:  # NaN fails both tests
-            d = keep / sqrt(r_hat) - tiny
-            d = 0.0 if d < 0 else largest if d > largest else d
-        else:
-            d = math.nan
-        scale.append(d)
-    return scale
+        d = k["keep"] / numpy.sqrt(r_hat)
+        # NaN for r̂ = NaN or +inf (d = 0 there is not a bound of anything), 0 for a zero column
+        d = numpy.where(mass == 0, 0.0, numpy.where(d > 0, d, math.nan))
+        return numpy.clip(d - k["tiny"], 0.0, k["largest"])
 
 
 def _forward_torch(w4: torch.Tensor, groups: int, layout: bool, scheme: str = "fp64", signs: bool = True):
@@ -703,12 +697,14 @@ def _forward_torch(w4: torch.Tensor, groups: int, layout: bool, scheme: str = "f
     w = w4.to(torch.float64 if ran == "fp64" else acc).view(groups, out_g, in_g, kk)
     correlations = _correlations(w, kh, kw)
     r = _row_sums(correlations)
-    col_abs = w4.abs().view(groups, out_g, in_g, kk).sum(3, dtype=torch.float64)  # C_oi
+    col_abs = w4.abs().view(groups, out_g, in_g, kk)
     if w4.device.type == "cpu" and not r.requires_grad and not torch._C._are_functorch_transforms_active():
+        col_abs = col_abs[..., 0] if kk == 1 and w4.dtype == torch.float32 else col_abs.sum(3, dtype=torch.float64)
         d = _scale_from_sums_cpu(r, col_abs, k, scheme == "auto")
-        scale = None if d is None else torch.from_numpy(numpy.array(d, dtype=numpy.float64)).view(groups, in_g).to(acc)
+        # numpy rounds float64 to float32 to nearest, as .to() does: the margin in d covers it
+        scale = None if d is None else torch.from_numpy(d.astype(_NUMPY[acc]))
     else:
-        d = _scale_from_sums(r, col_abs, k, scheme == "auto")
+        d = _scale_from_sums(r, col_abs.sum(3, dtype=torch.float64), k, scheme == "auto")  # C_oi
         scale = None if d is None else d.to(acc)
     if scale is None:
         return _forward_torch(w4, groups, layout, "fp64", signs)
@@ -740,6 +736,10 @@ def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
     if grad_scale is not None:
         gw = gw + grad_scale
     a = scale.pow(3).mul_(gw).mul_(-0.5)  # ∂L/∂r; 0 for a zero column (d = 0)
+    if kk == 1:  # P = WᵀW itself: ∂L/∂W = W (Γ + Γᵀ), one GEMM
+        gamma = signs[:, 0] * a[:, :, None]
+        grad_w = torch.bmm(w.view(groups, out_g, in_g), gamma + gamma.transpose(1, 2))
+        return grad_w.view(grad.shape).addcmul_(grad, scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
     coefficient = a[:, :, None, None] + a[:, None, None, :] * _positive_shift_mask(n_half, acc, w.device)[:, None]
     gamma = coefficient.mul_(signs.permute(0, 2, 1, 3))  # (g, i, s, j)
     if kk > 1:
