@@ -1,7 +1,8 @@
 """What AOL's proven rounding margin costs: r̂/r − 1 and 1 − d/d_exact per Gram scheme, weight family and size.
 
 The margin is a formula of r and S (lipkern/ops/aol.py): r̂ = r + (ε_gram + c_out)·S, d = (1 − m)·r̂^(-1/2).
-This script evaluates it in float64 on the CPU (no GPU needed: the margin does not depend on the machine;
+The last column marks the scheme the CPU path's ``auto`` takes (fp32 where out + kk ≤ 320 and its Gram
+margin is ≤ 2⁻¹² of every r_i). This script evaluates it in float64 on the CPU (no GPU needed: the margin does not depend on the machine;
 the computed Gram sums differ from the exact ones by far less than the margin) and prints a Markdown table.
 
     python benchmarks/aol_margin_cost.py [--sizes 64 256 512]
@@ -14,7 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from lipkern.ops.aol import _scale_margin, gram_error_bound, output_rounding_margin
+from lipkern.ops.aol import (_FP32_GRAM_MAX_COST, _FP32_GRAM_MAX_TERMS, _scale_margin, gram_error_bound,
+                              output_rounding_margin)
 
 
 def weight(kind: str, c: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -41,19 +43,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
     args = parser.parse_args(argv)
-    print("| c | k | weights | S/r (max) | scheme | ε_gram | r̂/r − 1 (max) | 1 − d/d_exact (max) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| c | k | weights | S/r (max) | scheme | ε_gram | r̂/r − 1 (max) | 1 − d/d_exact (max) | CPU auto |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in args.sizes:
         for k in (3, 1):
             for kind in ("random", "identity+noise", "orthogonal"):
                 w = weight(kind, c, k)
                 r, mass = gram_sums(w)
-                for scheme in ("fp64", "tf32x3"):
+                eps32, _ = gram_error_bound("fp32", c, k * k, torch.float32)
+                fits = c + k * k <= _FP32_GRAM_MAX_TERMS and bool((eps32 * mass <= _FP32_GRAM_MAX_COST * r).all())
+                for scheme in ("fp64", "fp32", "tf32x3"):
                     eps, _ = gram_error_bound(scheme, c, k * k, torch.float32)
                     r_hat = r + (eps + output_rounding_margin(torch.float32)) * mass
-                    d_cost = 1 - (1 - _scale_margin(torch.float32)) * (r / r_hat).sqrt()
+                    d_cost = 1 - (1 - _scale_margin(torch.float32, c, c, k * k)) * (r / r_hat).sqrt()
+                    auto = "" if scheme == "tf32x3" else "yes" if (scheme == "fp32") == fits else ""
                     print(f"| {c} | {k} | {kind} | {(mass / r).max():.3g} | {scheme} | {eps:.3g} | "
-                          f"{(r_hat / r - 1).max():.3g} | {d_cost.max():.3g} |")
+                          f"{(r_hat / r - 1).max():.3g} | {d_cost.max():.3g} | {auto} |")
 
 
 if __name__ == "__main__":

@@ -233,4 +233,15 @@ def test_convnet_starts_as_an_isometry_on_images(layer):
     x, y = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         ratio = (body(x) - body(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
-    torch.testing.assert_close(ratio, torch.ones(8), atol=1e-5, rtol=0)
+    # AOL's proven rounding margin makes each identity layer contract by its documented cost: on the CPU path
+    # at most (ε_fp32 + c_out)/2 + m with r_i = S_i = 1 (module docstring of lipkern.ops.aol); 1 − 1e-5 else
+    lowest = 1 - 1e-5
+    if layer == "aol":
+        from lipkern.nn import AOLConv2d
+        from lipkern.ops.aol import _scale_margin, gram_error_bound, output_rounding_margin
+
+        for conv in (m for m in body.modules() if isinstance(m, AOLConv2d)):
+            out, inp, kh, kw = conv.weight.shape
+            eps = gram_error_bound("fp32", out, kh * kw, torch.float32)[0] + output_rounding_margin(torch.float32)
+            lowest *= (1 - _scale_margin(torch.float32, out, inp, kh * kw)) / (1 + eps * (1 + 2.0**-20)) ** 0.5
+    assert torch.all(ratio >= lowest - 1e-6) and torch.all(ratio <= 1 + 1e-6), (ratio.min(), lowest)

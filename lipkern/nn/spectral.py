@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkern._dispatch import check_finite
+from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
 from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
@@ -296,7 +296,7 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
     def _stacked_sigma_data(self, u_rows, v_rows) -> torch.Tensor:
         """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round: one grouped weight-gradient convolution (on CUDA with
         several layers: one batched GEMM on the unfolded vectors)."""
-        with torch.autocast(u_rows.device.type, enabled=False):
+        with autocast_off(u_rows):
             return conv_bilinear_gradient(u_rows, v_rows, tuple(self.weight.shape), self.geometry)
 
     def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
@@ -307,7 +307,7 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
             # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
             sigma = conv_bilinear(weight[None], u[None], v[None], self.geometry).reshape(())
         else:
-            with torch.autocast(weight.device.type, enabled=False):
+            with autocast_off(weight):
                 sigma = torch.dot(weight.reshape(-1), extra.reshape(-1))
         return self._bilinear_dtype(sigma)
 
