@@ -727,7 +727,9 @@ def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
     """∂L/∂W = G·d + ∂r/∂W·a by the GEMM form: Γ[i, s, j] = ∂L/∂M_s[i, j] = sign(M_s[i, j])·(a_i + a_j·[s > 0])
-    for s ≥ 0, ∂L/∂P = the 0/1 shift matrix times Γ, then both factors of P = W_leftᵀ W_right (two GEMMs)."""
+    for s ≥ 0, ∂L/∂P = the 0/1 shift matrix times Γ, then both factors of P = W_leftᵀ W_right (two GEMMs: one
+    GEMM on ∂L/∂P + its transpose in W_left's order would need a copy of ∂L/∂P, dearer than the second GEMM at
+    c = 64, k = 3). 1×1 kernels: P = WᵀW, ∂L/∂W = W(Γ + Γᵀ), one GEMM."""
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk, acc = kh * kw, scale.dtype
     w = w4.to(acc).view(groups, out_g, in_g, kk)
@@ -736,15 +738,14 @@ def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
     if grad_scale is not None:
         gw = gw + grad_scale
     a = scale.pow(3).mul_(gw).mul_(-0.5)  # ∂L/∂r; 0 for a zero column (d = 0)
-    if kk == 1:  # P = WᵀW itself: ∂L/∂W = W (Γ + Γᵀ), one GEMM
+    if kk == 1:
         gamma = signs[:, 0] * a[:, :, None]
-        grad_w = torch.bmm(w.view(groups, out_g, in_g), gamma + gamma.transpose(1, 2))
-        return grad_w.view(grad.shape).addcmul_(grad, scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
+        grad_w = torch.bmm(w.view(groups, out_g, in_g), gamma + gamma.transpose(1, 2)).view(grad.shape)
+        return grad_w.addcmul_(grad, scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
     coefficient = a[:, :, None, None] + a[:, None, None, :] * _positive_shift_mask(n_half, acc, w.device)[:, None]
     gamma = coefficient.mul_(signs.permute(0, 2, 1, 3))  # (g, i, s, j)
-    if kk > 1:
-        gamma = torch.matmul(_shift_sum(kh, kw, acc, w.device, True), gamma.view(groups * in_g, n_half, in_g))
-    d_pairs = gamma.view(groups, in_g * kk, kk * in_g)
+    d_pairs = torch.matmul(_shift_sum(kh, kw, acc, w.device, True), gamma.view(groups * in_g, n_half, in_g))
+    d_pairs = d_pairs.view(groups, in_g * kk, kk * in_g)
     left, right = _gram_pairs(w)
     grad_w = torch.bmm(right, d_pairs.transpose(1, 2)).view(groups, out_g, in_g, kk)
     grad_w += torch.bmm(left, d_pairs).view(groups, out_g, kk, in_g).transpose(2, 3)
