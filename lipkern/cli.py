@@ -45,8 +45,16 @@ settings are the same for every provider (LIPKERN_BENCH_TF32 = default | on | of
 
 
 # --- results ------------------------------------------------------------------------------------------------
+def _param_text(value) -> str:
+    """A parameter as the table shows it: dicts (a case's size) as key=value pairs without quotes or braces."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _case_name(bench: dict) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in (bench.get("params") or {}).items() if k != "provider")
+    params = ", ".join(_param_text(v) if isinstance(v, dict) else f"{k}={v}"
+                       for k, v in (bench.get("params") or {}).items() if k != "provider")
     case = bench["name"].split("[")[0].removeprefix("test_")
     return f"{case} {params}".strip()
 

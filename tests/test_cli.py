@@ -97,6 +97,12 @@ def test_cuda_event_timings_replace_the_synchronized_rounds():
     assert rows[1]["ratio"] == pytest.approx(3.0)
 
 
+def test_a_size_parameter_reads_as_key_value_pairs():
+    bench = _bench("test_step[b64-lipkern]", "g", "lipkern", 1e-3)
+    bench["params"]["size"] = {"batch": 64, "channels": 8}
+    assert cli._case_name(bench) == "step batch=64 channels=8"
+
+
 def test_table_shortens_a_case_name_to_fit_and_writes_plain_json(tmp_path):
     long = dict(RESULTS, benchmarks=[_bench("test_" + "x" * 200 + "[lipkern]", "g", "lipkern", 1e-3),
                                      _bench("test_" + "x" * 200 + "[eager]", "g", "eager", 2e-3)])
