@@ -31,7 +31,9 @@ d_i = RD((r̂_i)^(-1/2)), so d_i² (r_i + c_out S_i) ≤ 1, where
     is a dot product of out_g terms, M_s sums ≤ kk entries of P: ε = γ_{out_g+kk} (any summation order);
     underflow costs ≤ 2⁻¹²⁶ per flushed operand, product or sum: ε_abs = 2⁻¹²⁴ with T_i as in
     ``_torch_path_constants``. The CPU's ``auto`` keeps it where ε·S_i + ε_abs·T_i ≤ 2⁻¹²·r̂_i for every i (a
-    host read, free on the CPU), else redoes the sums in float64.
+    host read, free on the CPU), else redoes the sums in float64. With ``torch.set_flush_denormal(True)``
+    (denormals-are-zero) the float32 → float64 conversion reads a subnormal weight as 0: the torch path's fp64
+    scheme adds the operand terms of T_i with ε_abs = 2⁻¹²⁴ too (tested with flushed denormals).
 Costs (r̂/r − 1 = (ε + c_out) S/r): see ``benchmarks/NOTES.md``; ``LIPKERN_AOL_GRAM`` picks the scheme.
 
 Backward, with a_i = ∂L/∂r_i = −½ d_i³ (Σ_{o,x} G[o, i, x] W[o, i, x] + ∂L/∂d_i) and G = ∂L/∂W' (the margin
@@ -606,16 +608,23 @@ def _positive_shift_mask(n_half: int, dtype: torch.dtype, device: torch.device) 
 def _torch_path_constants(out_g: int, in_g: int, kh: int, kw: int, dtype: torch.dtype, scheme: str) -> dict:
     """The numbers of the torch path's margin for one geometry and scheme: c and ε_abs of the slack, T_i's
     coefficients, the factor of r̂ (float64 sums of ≤ in_g·n_full terms), 1 − m, ε_gram alone (the auto
-    check), and the cast's constants. T_i = in_g·kk·Σ_o C_oi + kk·Σ_o R_o + (out_g + 2)·in_g·kk²: each operand
-    of the entries P[i, a, b, j] and P[j, a, b, i] in row i's sum, weighted by the other operand, and the
-    ≤ (2·out_g + 4)·in_g·kk² products and sums behind them (P's dot products, the ≤ kk-term shift sums);
-    ε_abs = 2⁻¹²⁴ = 4·2⁻¹²⁶ covers ≤ 2⁻¹²⁶ per flushed operand, product or sum, with room for later roundings."""
+    check), and the cast's constants. Underflow (gradual: ≤ 2⁻¹⁵⁰ per product; flush-to-zero and
+    denormals-are-zero: ≤ 2⁻¹²⁶ per operand, product or sum) in row i's sum of |M̂_s[i, j]| over all s and j:
+    T_i = in_g·kk·Σ_o C_oi + kk·Σ_o R_o (each operand of the P[i, a, b, j] entries, weighted by the other
+    operand) + in_g·kk²·(out_g + n_full) (counts: 2·out_g operations per P entry, in_g·kk² of them; 2·kk²
+    per entry of the 0/1 shift GEMM, in_g·n_full of them, halved); ε_abs = 2⁻¹²⁴ = 4·2⁻¹²⁶ leaves a factor
+    ≥ 2 for the later roundings. Σ_o C_oi ≤ Σ_o R_o bounds the first term by in_g·kk·Σ_o R_o."""
     kk = kh * kw
     eps_rel, eps_abs = _slack_coefficients(scheme, out_g, kk, dtype)
     n_full = (2 * kh - 1) * (2 * kw - 1)
     acc = torch.finfo(_acc_dtype(dtype))
+    count = in_g * kk * kk * (out_g + n_full)
+    if scheme == "fp64" and dtype != torch.float64:
+        # float64 products of float32 values never underflow, but with denormals-are-zero set
+        # (torch.set_flush_denormal) a subnormal weight is read as 0 by the conversion: ≤ 2⁻¹²⁶·|other operand|
+        eps_abs, count = 2.0**-124, 0
     return dict(eps_rel=eps_rel, t_mass=eps_abs * (in_g * kk + kk),
-                t_count=eps_abs * in_g * (out_g + 2) * kk * kk, sum_factor=1 + (in_g * n_full + 8) * 2.0**-52,
+                t_count=eps_abs * count, sum_factor=1 + (in_g * n_full + 8) * 2.0**-52,
                 keep=1 - _scale_margin(dtype, out_g, in_g, kk), eps_gram=gram_error_bound(scheme, out_g, kk, dtype)[0],
                 tiny=acc.tiny * acc.eps, largest=acc.max)
 
@@ -698,7 +707,8 @@ def _forward_torch(w4: torch.Tensor, groups: int, layout: bool, scheme: str = "f
     correlations = _correlations(w, kh, kw)
     r = _row_sums(correlations)
     col_abs = w4.abs().view(groups, out_g, in_g, kk)
-    if w4.device.type == "cpu" and not r.requires_grad and not torch._C._are_functorch_transforms_active():
+    if (w4.device.type == "cpu" and not r.requires_grad and not torch._C._are_functorch_transforms_active()
+            and not torch.jit.is_tracing()):  # (a jit trace records torch ops only; its sizes are tensors)
         col_abs = col_abs[..., 0] if kk == 1 and w4.dtype == torch.float32 else col_abs.sum(3, dtype=torch.float64)
         d = _scale_from_sums_cpu(r, col_abs, k, scheme == "auto")
         # numpy rounds float64 to float32 to nearest, as .to() does: the margin in d covers it
@@ -759,7 +769,8 @@ def _torch_scheme(w4: torch.Tensor, groups: int = 1) -> str:
     out_g + kk > ``_FP32_GRAM_MAX_TERMS`` (the fp32 margin would exceed the auto limit for typical weights).
     Else 'auto', or 'fp32' when asked for."""
     choice = _requested_gram()
-    if w4.dtype == torch.float64 or w4.device.type != "cpu" or choice == "fp64" or not _ieee_float32_math():
+    if (w4.dtype == torch.float64 or w4.device.type != "cpu" or choice == "fp64" or not _ieee_float32_math()
+            or torch.jit.is_tracing()):  # a trace cannot hold the auto check's host read
         return "fp64"
     if choice == "fp32":
         return "fp32"
