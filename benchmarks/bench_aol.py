@@ -5,6 +5,7 @@ Groups: aol-fwd, aol-fwdbwd, model-train-step."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -25,7 +26,8 @@ LINEAR = dict(batch=1024, features=1024) if ON_GPU else dict(batch=32, features=
 CONVNET = dict(sizes=["S", "M"], batch=[256]) if ON_GPU else dict(sizes=["XS"], batch=[8, 64])
 COMPILE_QUICK_CHANNELS = CHANNELS[len(CHANNELS) // 2]
 PROVIDERS = ["lipkern", "eager", "compile", "orthogonium"]
-TRAIN_PROVIDERS = ["lipkern", "plain", "eager", "orthogonium"]
+# compile: torch.compile of the eager layer / network; *-bf16: the step under bf16 autocast (GPU cases)
+TRAIN_PROVIDERS = ["lipkern", "plain", "eager", "compile", "lipkern-bf16", "eager-bf16", "orthogonium"]
 
 
 # --- the eager formulation (what public AOL code does, in plain PyTorch) ------------------------------------
@@ -123,15 +125,38 @@ def swap_aol_layers(module: nn.Module, provider: str) -> nn.Module:
     return module
 
 
-def _train_step(model: nn.Module, x: torch.Tensor):
+def _train_step(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None = None):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    cast = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+            else contextlib.nullcontext())
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
+        with cast:
+            loss = model(x).float().square().mean()
+        loss.backward()
         opt.step()
 
     return step
+
+
+def train_provider(provider: str) -> tuple[str, bool, torch.dtype | None]:
+    """(the layers to build: lipkern / plain / eager / orthogonium, whether to torch.compile the model, the
+    autocast dtype) of a train-step provider; skips the cases a CPU quick run cannot time meaningfully."""
+    if provider == "compile":
+        if not ON_GPU and QUICK:
+            pytest.skip("torch.compile on CPU is skipped in quick mode (compilation dominates); --full runs it")
+        return "eager", True, None
+    if provider.endswith("-bf16"):
+        if not ON_GPU:
+            pytest.skip("bf16 autocast train steps are GPU cases (CPU autocast runs bf16 convolutions slowly)")
+        return provider.removesuffix("-bf16"), False, torch.bfloat16
+    return provider, False, None
+
+
+def _built(model: nn.Module, compiled: bool) -> nn.Module:
+    return torch.compile(model) if compiled else model
 
 
 # --- the rescale op -----------------------------------------------------------------------------------------
@@ -190,10 +215,11 @@ def _size_id(size: dict) -> str:
 @pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
 @pytest.mark.parametrize("size", TRAIN, ids=_size_id)
 def test_aolconv2d_train_step(run_timed, provider, size):
+    layers, compiled, autocast_dtype = train_provider(provider)
     c, b, n = size["channels"], size["batch"], size["size"]
-    layer = swap_aol_layers(nn.Sequential(lipkern.nn.AOLConv2d(c, c, 3, padding=1, device=DEVICE)), provider)
+    layer = swap_aol_layers(nn.Sequential(lipkern.nn.AOLConv2d(c, c, 3, padding=1, device=DEVICE)), layers)
     x = torch.randn(b, c, n, n, device=DEVICE)
-    run_timed(_train_step(layer, x), provider, batch=b, size=n, channels=c)
+    run_timed(_train_step(_built(layer, compiled), x, autocast_dtype), provider, batch=b, size=n, channels=c)
 
 
 @pytest.mark.benchmark(group="model-train-step")
@@ -211,9 +237,10 @@ def test_aollinear_train_step(run_timed, provider):
 @pytest.mark.parametrize("size", CONVNET["sizes"], ids=lambda s: f"convnet-{s}")
 def test_convnet_aol_train_step(run_timed, provider, size, batch):
     """ConvNet (1-Lipschitz Layers Compared) with AOL layers, 32×32 inputs: SGD step on a squared loss."""
+    layers, compiled, autocast_dtype = train_provider(provider)
     torch.manual_seed(0)
-    model = swap_aol_layers(ConvNet(size, layer="aol", device=DEVICE), provider)
+    model = swap_aol_layers(ConvNet(size, layer="aol", device=DEVICE), layers)
     x = torch.randn(batch, 3, 32, 32, device=DEVICE)
-    linear = "eager" if provider == "orthogonium" else provider
-    run_timed(_train_step(model, x), provider, model=f"ConvNet-{size}", batch=batch, size=32,
-              linear_layer=linear)
+    linear = "eager" if layers == "orthogonium" else layers
+    run_timed(_train_step(_built(model, compiled), x, autocast_dtype), provider, model=f"ConvNet-{size}",
+              batch=batch, size=32, linear_layer=linear)

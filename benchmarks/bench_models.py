@@ -14,6 +14,8 @@ settings. Group: models-train-step. Providers: lipkern, eager, plain.
   loop per sub-chain), CRMLoss on top; plain = cross-entropy alone (no bound).
 - lmt (LMT step): the product-of-norms bound by ``LipschitzBound(method="product", n_iter=1)`` vs one eager
   power-iteration step per layer; LMTLoss on top; plain = cross-entropy alone.
+- spectral peers (test_spectral_network_peers_train_step): the Spectral ConvNet with lipkern's layers against
+  torch.nn.utils.parametrizations.spectral_norm and deel-torchlip (when installed).
 The ConvNet with AOL layers is benchmarked in bench_aol.py (test_convnet_aol_train_step: lipkern, plain,
 eager, orthogonium), not repeated here. Sizes: CIFAR-like 32×32 batch 256 on a GPU; 8×8 inputs, batch 8 and
 the XS / reduced networks on a CPU (a smoke run, not a measurement users compare).
@@ -158,6 +160,47 @@ NETWORKS = ["convnet-xs-cpl", "convnet-xs-spectral", "aol-s", "cpl-s"] if not ON
 def test_lipschitz_network_train_step(run_timed, name, provider):
     """Offset cross-entropy (AOL's u = √2, t = 1/4) and SGD momentum: the 1-Lipschitz families' step."""
     model = _network(name, provider)
+    loss = OffsetCrossEntropy(math.sqrt(2), 0.25)
+    run_timed(_step(model, loss), provider, model=name, batch=BATCH, size=SIZE)
+
+
+# --- the Spectral ConvNet against the peers' spectral normalization ------------------------------------------
+def _peer_spectral(model: nn.Module, provider: str) -> nn.Module:
+    """Every lipkern Spectral layer of ``model`` replaced, in place, by the peer's layer of the same shape:
+    'torch-spectral-norm': nn.Conv2d / nn.Linear under torch.nn.utils.parametrizations.spectral_norm (the norm
+    of the weight reshaped to a matrix: not the conv operator's norm, so not a Lipschitz bound of the conv);
+    'deel-torchlip': deel.torchlip's SpectralConv2d / SpectralLinear (when installed)."""
+    if provider == "deel-torchlip":
+        torchlip = pytest.importorskip("deel.torchlip")
+    for name, child in list(model.named_children()):
+        if isinstance(child, lipkern.nn.SpectralConv2d):
+            k, factory = child.kernel_size, {"bias": child.bias is not None}
+            if provider == "torch-spectral-norm":
+                new = torch.nn.utils.parametrizations.spectral_norm(
+                    nn.Conv2d(child.in_channels, child.out_channels, k, child.stride, child.padding, **factory))
+            else:
+                new = torchlip.SpectralConv2d(child.in_channels, child.out_channels, k, child.stride,
+                                              child.padding, **factory)
+        elif isinstance(child, lipkern.nn.SpectralLinear):
+            cls = (lambda *a, **kw: torch.nn.utils.parametrizations.spectral_norm(nn.Linear(*a, **kw))) \
+                if provider == "torch-spectral-norm" else torchlip.SpectralLinear
+            new = cls(child.in_features, child.out_features, bias=child.bias is not None)
+        else:
+            _peer_spectral(child, provider)
+            continue
+        setattr(model, name, new.to(DEVICE))
+    return model
+
+
+@pytest.mark.benchmark(group="models-train-step")
+@pytest.mark.parametrize("provider", ["lipkern", "torch-spectral-norm", "deel-torchlip"])
+@pytest.mark.parametrize("name", [n for n in NETWORKS if n.endswith("-spectral")])
+def test_spectral_network_peers_train_step(run_timed, name, provider):
+    """The Spectral ConvNet with lipkern's layers (the conv operator's norm at the input size, one stacked
+    power step) against the peers' spectral normalization, same step as above."""
+    model = _network(name, "lipkern")
+    if provider != "lipkern":
+        model = _peer_spectral(model, provider)
     loss = OffsetCrossEntropy(math.sqrt(2), 0.25)
     run_timed(_step(model, loss), provider, model=name, batch=BATCH, size=SIZE)
 
