@@ -51,7 +51,11 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
     ‖G_T‖_F^(2^-T)/r^(2^-(T+1)), or ``lower``), or for at most ``max_iter`` steps (default: enough for rtol
     whatever the spectrum). Matrices whose bound already falls below that lower bound stop iterating (their
     last bound is kept): the maximum over the stack is unaffected, the work shrinks.
+
+    NaN or ±Inf entries raise a ValueError (one host read): no finite number bounds such a matrix.
     """
+    if not bool(torch.isfinite(matrices).all()):
+        raise ValueError("gram_upper_bound: the matrices contain NaN or Inf; no finite bound exists")
     work = matrices.to(torch.complex128 if matrices.is_complex() else torch.float64)
     if work.shape[-2] < work.shape[-1]:
         work = work.mH  # same singular values, smaller Gram matrices

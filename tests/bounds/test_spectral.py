@@ -237,3 +237,12 @@ def test_linear_spectral_norm(shape):
     result = linear_spectral_norm(w, rtol=1e-10, n_iter=5000)
     assert exact <= result.upper.item() <= exact * (1 + 1e-9)
     assert math.isclose(result.estimate.item(), exact, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_gram_bound_rejects_non_finite_matrices(value):
+    """A NaN matrix used to get the 'guaranteed' bound 0 (issue: nothing silently wrong): a clear error now."""
+    m = torch.ones(2, 3, 3)
+    m[1, 0, 2] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gram_upper_bound(m)
