@@ -322,8 +322,8 @@ def _gram_power_direction(matrices, scale, x, steps: int):
     return x
 
 
-def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
-    """The PyTorch path, in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖). M u and Mᴴ v are divided by
+def _launch_torch(matrices, u, v, sigma, n_iter: int) -> str:
+    """The PyTorch path (returns which form ran), in place, with v unit before Mᴴ is applied (σ = ‖Mᴴ v‖). M u and Mᴴ v are divided by
     s, the largest |real or imaginary part| of M (two reductions, no scaled copy of M; σ multiplied back): an
     entry of M u is at most ‖M‖ ≤ √(mn)·√2·s, and ‖M‖ ≥ s, so the squares in the norms neither overflow nor
     underflow at any scale. A zero w leaves v zero and σ 0, a zero z keeps u; NaN/Inf give NaN results."""
@@ -332,9 +332,9 @@ def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
     dims = tuple(range(1, parts.dim()))
     scale = torch.maximum(parts.amax(dims), parts.amin(dims).neg()).clamp_min(tiny)[:, None]  # NaN propagates
     adjoint = matrices.mH
-    x = u
+    x, form = u, "torch/steps"
     if _squaring_pays(matrices, n_iter):  # the first n_iter − 1 steps' direction, then the last step below
-        x, n_iter = _gram_power_direction(matrices, scale, x, n_iter - 1), 1
+        x, n_iter, form = _gram_power_direction(matrices, scale, x, n_iter - 1), 1, "torch/gram-squaring"
     for _ in range(n_iter):
         w = torch.bmm(matrices, x.unsqueeze(-1)).squeeze(-1) / scale
         w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(tiny)
@@ -344,6 +344,7 @@ def _launch_torch(matrices, u, v, sigma, n_iter: int) -> None:
     sigma.copy_((z_norm * scale).squeeze(1))
     u.copy_(x)
     v.copy_(w)
+    return form
 
 
 def _backend(matrices: torch.Tensor) -> str:
@@ -368,9 +369,8 @@ def _run(matrices, u, v, sigma, n_iter: int) -> None:
     elif backend == "triton":
         _launch_triton(matrices, u, v, sigma, n_iter)
     else:
-        _launch_torch(matrices, u, v, sigma, n_iter)
-    record_implementation("batched_power_iteration", backend if backend != "torch" else
-                          "torch/gram-squaring" if _squaring_pays(matrices, n_iter) else "torch/steps")
+        backend = _launch_torch(matrices, u, v, sigma, n_iter)
+    record_implementation("batched_power_iteration", backend)
 
 
 # ----------------------------------------------------------------------------------------------------------
