@@ -5,11 +5,17 @@ Backends, in order of preference:
 - ``triton``: when the tensor is on a CUDA device, or when ``TRITON_INTERPRET=1`` (CPU tests run the real kernels);
 - ``torch``: the plain PyTorch reference, everywhere else.
 ``LIPKERN_BACKEND=cuda|triton|torch`` forces one; forcing one that cannot run raises ``BackendUnavailableError``.
+
+Settings: the environment is read once, at import, into a :class:`Config` (``config()``). Ops read the config
+where they run (inside the custom op under ``torch.compile``, so a compiled graph follows a later change).
+``configure(**changes)`` changes it for the process (a context manager restores it), ``reload_config()`` reads
+the environment again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import warnings
@@ -18,10 +24,89 @@ import torch
 from torch.utils import _python_dispatch
 
 BACKENDS = ("cuda", "triton", "torch")
+AOL_GRAM_SCHEMES = ("auto", "fp64", "fp32", "tf32x3")
 
 
 class BackendUnavailableError(RuntimeError):
     """LIPKERN_BACKEND asked for a backend that cannot run this call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The settings lipkern reads from the environment (README, "Environment variables").
+
+    backend: ``LIPKERN_BACKEND`` (None = auto); aol_gram: ``LIPKERN_AOL_GRAM``; check_finite:
+    ``LIPKERN_CHECK_FINITE`` != 0; triton_interpret: ``TRITON_INTERPRET`` == 1 (Triton reads it when the
+    kernels are defined, at import, too); onednn_fpmath: ``ONEDNN_DEFAULT_FPMATH_MODE`` (or ``DNNL_…``), which
+    oneDNN reads once at start-up."""
+
+    backend: str | None = None
+    aol_gram: str = "auto"
+    check_finite: bool = True
+    triton_interpret: bool = False
+    onednn_fpmath: str = "strict"
+
+    def __post_init__(self):
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise BackendUnavailableError(f"LIPKERN_BACKEND must be one of {BACKENDS} or auto, "
+                                          f"got {self.backend!r}")
+        if self.aol_gram not in AOL_GRAM_SCHEMES:
+            raise ValueError(f"LIPKERN_AOL_GRAM must be one of {AOL_GRAM_SCHEMES}, got {self.aol_gram!r}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> Config:
+        env = os.environ if environ is None else environ
+        backend = env.get("LIPKERN_BACKEND", "").strip().lower()
+        fpmath = env.get("ONEDNN_DEFAULT_FPMATH_MODE", env.get("DNNL_DEFAULT_FPMATH_MODE", "strict"))
+        return cls(backend=None if backend in ("", "auto") else backend,
+                   aol_gram=env.get("LIPKERN_AOL_GRAM", "auto").strip().lower() or "auto",
+                   check_finite=env.get("LIPKERN_CHECK_FINITE", "1").strip() != "0",
+                   triton_interpret=env.get("TRITON_INTERPRET", "0").strip() == "1",
+                   onednn_fpmath=fpmath.strip().lower() or "strict")
+
+
+def _initial_config() -> Config | Exception:
+    try:
+        return Config.from_env()
+    except (ValueError, BackendUnavailableError) as error:  # a bad setting: raised where it is used, not at import
+        return error
+
+
+_CONFIG: Config | Exception = _initial_config()
+
+
+def config() -> Config:
+    """The settings in force (raises the error of a bad environment value here, not at import)."""
+    if isinstance(_CONFIG, Exception):
+        raise _CONFIG
+    return _CONFIG
+
+
+class configure:
+    """Change settings (``Config`` fields) for the process: ``configure(backend="torch")``; as a context
+    manager (``with configure(...):``) the previous settings come back at the end."""
+
+    def __init__(self, **changes):
+        global _CONFIG
+        self._previous = _CONFIG
+        base = _CONFIG if isinstance(_CONFIG, Config) else Config()
+        _CONFIG = dataclasses.replace(base, **changes)
+
+    def __enter__(self):
+        return _CONFIG
+
+    def __exit__(self, *exc):
+        global _CONFIG
+        _CONFIG = self._previous
+        return False
+
+
+def reload_config() -> Config:
+    """Read the environment again (after changing ``os.environ`` in a running process). A bad value raises
+    here and leaves the settings as they were."""
+    global _CONFIG
+    _CONFIG = Config.from_env()
+    return _CONFIG
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,10 +119,11 @@ def triton_importable() -> bool:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config().triton_interpret
 
 
-def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: bool) -> str | None:
+def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: bool,
+                        triton_reason: str | None) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
@@ -47,9 +133,9 @@ def _unavailable_reason(backend: str, tensor: torch.Tensor, has_cuda_kernel: boo
             return f"tensor is on {tensor.device} and TRITON_INTERPRET is not 1"
         if tensor.is_meta:
             return "tensor is on the meta device (shapes only: the reference runs)"
-        return None
+        return triton_reason
     if not has_cuda_kernel:
-        return "this op has no lipkern._C kernel"
+        return "this op has no lipkern._C kernel for this call"
     if tensor.device.type != "cuda":
         return f"tensor is on {tensor.device}, not a CUDA device"
     from lipkern import _cuda
@@ -66,24 +152,26 @@ def _warn_once(message: str) -> None:
 
 
 def requested_backend() -> str | None:
-    value = os.environ.get("LIPKERN_BACKEND", "").strip().lower()
-    if not value or value == "auto":
-        return None
-    if value not in BACKENDS:
-        raise BackendUnavailableError(f"LIPKERN_BACKEND must be one of {BACKENDS} or auto, got {value!r}")
-    return value
+    return config().backend
 
 
-def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool) -> str:
-    """Return the backend that runs an op whose main input is ``tensor``."""
+def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool = False, triton_reason: str | None = None,
+                   prefer_triton: bool = False) -> str:
+    """Return the backend that runs an op whose main input is ``tensor``.
+
+    The op says what it has for this call: ``has_cuda_kernel`` (a ``lipkern._C`` kernel that fits it),
+    ``triton_reason`` (why its Triton kernels cannot take it, None when they can) and ``prefer_triton`` (its
+    size model says its Triton kernels beat the CUDA kernel here; auto mode only)."""
     forced = requested_backend()
     if forced is not None:
-        reason = _unavailable_reason(forced, tensor, has_cuda_kernel)
+        reason = _unavailable_reason(forced, tensor, has_cuda_kernel, triton_reason)
         if reason is not None:
             raise BackendUnavailableError(f"LIPKERN_BACKEND={forced} cannot run here: {reason}")
         return forced
+    if prefer_triton and _unavailable_reason("triton", tensor, False, triton_reason) is None:
+        return "triton"
     for backend in BACKENDS:
-        reason = _unavailable_reason(backend, tensor, has_cuda_kernel)
+        reason = _unavailable_reason(backend, tensor, has_cuda_kernel, triton_reason)
         if reason is None:
             return backend
         if backend == "cuda" and has_cuda_kernel and tensor.is_cuda and cuda_built():
@@ -125,7 +213,7 @@ def check_finite(tensor: torch.Tensor, op_name: str) -> None:
     op calls it: a NaN/Inf weight there gives a NaN/Inf output, visibly). The layers call it where values are
     read anyway: when an eval-mode cache (a spectral/CPL norm, an AOL rescaled weight) is recomputed, once
     per weight version, which ``to_vanilla`` goes through too."""
-    if os.environ.get("LIPKERN_CHECK_FINITE", "1") != "0" and not bool(torch.isfinite(tensor).all()):
+    if config().check_finite and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{op_name}: input contains NaN or Inf (LIPKERN_CHECK_FINITE=0 skips this check "
                          "and the device synchronization it costs)")
 
@@ -148,23 +236,6 @@ def tracing() -> bool:
     from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
     return any(isinstance(mode, (FakeTensorMode, ProxyTorchDispatchMode)) for mode in modes)
-
-
-def direct_call() -> bool:
-    """True where an op may run its implementation directly instead of through its custom op: eager calls,
-    outside tracing (above) and functorch transforms. The custom op is the compile/export boundary; in eager
-    mode it only adds Python dispatch (≈ 0.2 ms per call on a CPU)."""
-    return not tracing() and torch._C._functorch.peek_interpreter_stack() is None
-
-
-def call_op(direct, custom_op, like: torch.Tensor):
-    """``direct()`` (the implementation, autocast off on ``like``'s device) where :func:`direct_call` allows,
-    else ``custom_op()``; both under no_grad (the power iterations' mutating ops are not differentiable)."""
-    with torch.no_grad():
-        if direct_call():
-            with autocast_off(like):
-                return direct()
-        return custom_op()
 
 
 def autocast_off(tensor: torch.Tensor):

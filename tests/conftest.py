@@ -55,3 +55,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def knobs(monkeypatch):
+    """Change lipkern's settings (``lipkern._dispatch.Config`` fields) for one test: ``knobs(backend="torch")``;
+    restored after it. (lipkern reads the environment once, at import.)"""
+    import dataclasses
+
+    from lipkern import _dispatch
+
+    def change(**changes):
+        monkeypatch.setattr(_dispatch, "_CONFIG", dataclasses.replace(_dispatch.config(), **changes))
+
+    return change

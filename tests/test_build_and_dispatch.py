@@ -38,36 +38,32 @@ def test_launcher_without_gpu_returns_cuda_error_and_wrapper_raises():
         _cuda._check(code, "batched_power_iteration")
 
 
-def test_cpu_dispatch_prefers_triton_under_interpreter_else_torch(monkeypatch):
+def test_cpu_dispatch_prefers_triton_under_interpreter_else_torch(monkeypatch, knobs):
     t = torch.zeros(2)
-    monkeypatch.delenv("LIPKERN_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    knobs(backend=None, triton_interpret=True)
     assert select_backend(t, has_cuda_kernel=True) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    knobs(triton_interpret=False)
     assert select_backend(t, has_cuda_kernel=True) == "torch"
 
 
-def test_forced_backend(monkeypatch):
+def test_forced_backend(monkeypatch, knobs):
     t = torch.zeros(2)
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     assert select_backend(t, has_cuda_kernel=True) == "torch"
-    monkeypatch.setenv("LIPKERN_BACKEND", "cuda")
+    knobs(backend="cuda")
     with pytest.raises(BackendUnavailableError, match="not a CUDA device"):
         select_backend(t, has_cuda_kernel=True)
     with pytest.raises(BackendUnavailableError, match="no lipkern._C kernel"):
         select_backend(t, has_cuda_kernel=False)
-    monkeypatch.setenv("LIPKERN_BACKEND", "fast")
     with pytest.raises(BackendUnavailableError, match="must be one of"):
-        select_backend(t, has_cuda_kernel=True)
-    monkeypatch.setenv("LIPKERN_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+        knobs(backend="fast")
+    knobs(backend="triton", triton_interpret=False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         lipkern.ops.aol_rescale(torch.randn(3, 3))
 
 
-def test_pure_torch_path_without_interpreter(monkeypatch):
-    monkeypatch.delenv("LIPKERN_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_pure_torch_path_without_interpreter(monkeypatch, knobs):
+    knobs(backend=None, triton_interpret=False)
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(lipkern.ops.aol_rescale(w), lipkern.ops.aol_rescale_ref(w))
 

@@ -411,13 +411,13 @@ def test_certify_torchscript_and_exported_with_declared_lipschitz(tiny, capsys):
         assert "user-declared" in out and ("TorchScript" if flag == "--scripted" else "exported") in out
 
 
-def test_certify_lipkern_model_state_dict_round_trip(tmp_path, capsys, monkeypatch):
+def test_certify_lipkern_model_state_dict_round_trip(tmp_path, capsys, monkeypatch, knobs):
     """A real lipkern.models class (ConvNet with AOL layers, narrow): built from --model-args, weights loaded,
     logits as the saved model's (same margins, hence the same radii for the declared L = 1)."""
     certify = _certify_api()
     from lipkern.models import ConvNet
 
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the Triton interpreter is slow for 26 layers
+    knobs(backend="torch")  # the Triton interpreter is slow for 26 layers
     kwargs = {"size": "XS", "layer": "aol", "width": 4, "num_classes": 3}
     model = ConvNet(**kwargs).eval()
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
@@ -482,8 +482,8 @@ def test_certify_errors(tiny, capsys):
 
 # --- lipkern train ------------------------------------------------------------------------------------------
 @pytest.fixture
-def one_thread_torch_backend(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # small networks: the reference path, one thread
+def one_thread_torch_backend(knobs):
+    knobs(backend="torch")  # small networks: the reference path, one thread
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

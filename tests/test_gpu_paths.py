@@ -97,8 +97,8 @@ def test_cpl_ops_in_half_precision_no_worse_than_twice_pytorch(kind, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64], ids=str)
 @pytest.mark.parametrize("shape", [(3, 100, 70), (2, 1, 513), (5, 33, 1)], ids=lambda s: "x".join(map(str, s)))
-def test_triton_batched_power_iteration_matches_float64_reference(monkeypatch, dtype, shape):
-    monkeypatch.setenv("LIPKERN_BACKEND", "triton")
+def test_triton_batched_power_iteration_matches_float64_reference(monkeypatch, dtype, shape, knobs):
+    knobs(backend="triton")
     batch, rows, cols = shape
     m = torch.randn(shape, dtype=dtype)
     u0 = initial_vectors((batch, cols), dtype, "cpu")

@@ -316,10 +316,10 @@ def test_layer_launches_no_more_than_the_eager_formulation(name):
 
 
 @pytest.mark.parametrize("name", ["ConvNet-XS-spectral", "CPLNet-S-8x8"])
-def test_model_step_issues_one_stacked_power_iteration_per_geometry_group(name, monkeypatch):
+def test_model_step_issues_one_stacked_power_iteration_per_geometry_group(name, monkeypatch, knobs):
     """lipkern.nn.power: after the first step (which discovers the groups), each group of layers of equal
     geometry advances its vectors in ONE conv_power_iteration / batched_power_iteration call per step."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the grouping is under test, not the kernels
+    knobs(backend="torch")  # the grouping is under test, not the kernels
     make, shape = MODELS[name]
     model, x = make().train(), torch.randn(shape)
     optimizer = _optimizer(model)
@@ -327,12 +327,11 @@ def test_model_step_issues_one_stacked_power_iteration_per_geometry_group(name, 
     calls = collections.Counter()
     conv_pi = importlib.import_module("lipkern.ops.conv_power_iteration")
     dense_pi = importlib.import_module("lipkern.ops.power_iteration")
-    implementations = ((conv_pi, "_conv_power_iteration_impl"), (dense_pi, "_batched_power_iteration_impl"))
-    for module, attribute in implementations:
-        def counted(*args, _impl=getattr(module, attribute), _name=attribute):
+    for op in (conv_pi._CONV_POWER_OP, dense_pi._POWER_OP):
+        def counted(*args, _impl=op.forward, _name=op.name, **kwargs):
             calls[_name] += 1
-            return _impl(*args)
-        monkeypatch.setattr(module, attribute, counted)  # eager calls run the implementation, not the op
+            return _impl(*args, **kwargs)
+        monkeypatch.setattr(op, "forward", counted)  # eager calls run the implementation, not the custom op
 
     _train_step(model, x, optimizer)
     layers = [m for m in model.modules() if hasattr(m, "_power_key")]

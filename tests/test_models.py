@@ -9,8 +9,8 @@ from tests.helpers import spectral_norm
 
 
 @pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # whole networks: the kernels are tested in tests/ops
+def torch_backend(knobs):
+    knobs(backend="torch")  # whole networks: the kernels are tested in tests/ops
 
 
 def _count(model):

@@ -18,8 +18,8 @@ def test_readme_has_python_examples():
     assert len(_blocks("python")) >= 3
 
 
-def test_python_blocks_run_as_written(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # what a CPU user runs (the interpreter is a test device)
+def test_python_blocks_run_as_written(monkeypatch, knobs):
+    knobs(backend="torch")  # what a CPU user runs (the interpreter is a test device)
     namespace: dict = {"__name__": "__readme__"}
     for index, block in enumerate(_blocks("python")):
         try:
@@ -33,12 +33,12 @@ def _lipkern_commands(sub: str) -> list[list[str]]:
     return [shlex.split(line)[1:] for line in lines if line.startswith(f"lipkern {sub}")]
 
 
-def test_quick_start_train_command_runs(tmp_path, monkeypatch):
+def test_quick_start_train_command_runs(tmp_path, monkeypatch, knobs):
     from lipkern import cli
 
     commands = _lipkern_commands("train")
     assert commands, "the README has no `lipkern train` quick start"
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     monkeypatch.chdir(tmp_path)
     args = commands[0]
     if "--epochs" in args:

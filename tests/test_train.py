@@ -7,6 +7,8 @@ from datetime import timedelta
 
 import pytest
 import torch
+
+from lipkern._dispatch import configure
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -19,8 +21,8 @@ SMALL = dict(model="convnet-xs-aol", model_args={"width": 8}, dataset="digits", 
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the reference math; kernels are tested elsewhere
+def _torch_backend_one_thread(monkeypatch, knobs):
+    knobs(backend="torch")  # the reference math; kernels are tested elsewhere
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: one thread is faster, and much faster on a busy machine
     yield
@@ -87,7 +89,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
 
 
 def _ddp_worker(rank: int, port: int, config: dict) -> None:
-    os.environ["LIPKERN_BACKEND"] = "torch"
+    configure(backend="torch")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))

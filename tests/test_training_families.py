@@ -40,8 +40,8 @@ SLOW = {"convnet-xs-cpl"}  # the slowest case; cpl-s covers the family in the fa
 
 
 @pytest.fixture(autouse=True)
-def torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the kernels are tested in tests/ops
+def torch_backend_one_thread(monkeypatch, knobs):
+    knobs(backend="torch")  # the kernels are tested in tests/ops
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops on a busy 2-core machine: threads only contend
     yield

@@ -46,25 +46,26 @@ Non-finite weights are not checked here (that would synchronize the device in ev
 ±Inf weight makes r̂ non-finite, and d is then NaN, so the rescaled weight, the layer's output and the loss are
 NaN, never a plausible wrong value. Eval caches and exports check (see ``lipkern.nn.aol``).
 
-Layout of this file: error bounds, reference, Triton kernels, launchers, torch path, autograd, public function.
+Layout of this file: error bounds, reference, Triton kernels, launchers, torch path, registration, public
+function.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import device_context, record_implementation, select_backend, tracing, triton_importable
+from lipkern._dispatch import AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend, triton_importable
+from lipkern.ops._registration import define_op
 
 __all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-GRAM_PRECISIONS = ("auto", "fp64", "fp32", "tf32x3")
+GRAM_PRECISIONS = AOL_GRAM_SCHEMES
 _TF32X3_CHUNK = 32  # output channels per fresh TF32 accumulator (B in the error bound)
 _MIN_PROGRAMS = 264  # two waves of a 132-SM GPU
 
@@ -73,10 +74,7 @@ _MIN_PROGRAMS = 264  # two waves of a 132-SM GPU
 # 1. Error bounds (see the module docstring for the derivation).
 # ----------------------------------------------------------------------------------------------------------
 def _requested_gram() -> str:
-    choice = os.environ.get("LIPKERN_AOL_GRAM", "auto").strip().lower() or "auto"
-    if choice not in GRAM_PRECISIONS:
-        raise ValueError(f"LIPKERN_AOL_GRAM must be one of {GRAM_PRECISIONS}, got {choice!r}")
-    return choice
+    return config().aol_gram
 
 
 def gram_precision(weight_dtype: torch.dtype) -> str:
@@ -540,15 +538,16 @@ def _forward_triton(w4: torch.Tensor, groups: int):
             w4, partial, slack, out, scale, partial.shape[0], out_g, in_g, groups, sum_terms,
             _scale_margin(w4.dtype, out_g, in_g, kh * kw), KK=kh * kw, ROWS_PER_PROGRAM=rows, BLOCK_C=block_c,
             BLOCK_K=triton.next_power_of_2(kh * kw))
-    return out, scale, signs, wp
+    return out, scale, signs
 
 
-def _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups):
+def _backward_triton(grad_out, grad_scale, w4, scale, signs, groups):
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
     kk, dev, on_gpu = kh * kw, w4.device, w4.is_cuda
     n_full = (2 * kh - 1) * (2 * kw - 1)
-    if wp is None or wp.numel() == 0:  # the forward ran on the torch path
-        wp = _backward_layout(w4, groups)
+    # W in the layout the kernel reads: a copy of W (the forward's Gram copy is not kept: one more read and
+    # write of W, against a residual whose shape would depend on the backend)
+    wp = _backward_layout(w4, groups)
     block_k = triton.next_power_of_2(kk)
     block_c = 64 if not on_gpu else max(2, 512 // block_k)  # 16 × 32 × 16 at 3×3: no spills up to 11×11
     rows = 16 if on_gpu else triton.next_power_of_2(min(out_g, 64))
@@ -693,11 +692,11 @@ def _scale_from_sums_cpu(r: torch.Tensor, col_abs: torch.Tensor, k: dict, check:
         return numpy.clip(d - k["tiny"], 0.0, k["largest"])
 
 
-def _forward_torch(w4: torch.Tensor, groups: int, layout: bool, scheme: str = "fp64", signs: bool = True):
+def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: bool = True):
     """The torch path's forward. ``scheme``: 'fp64' (float64 products), 'fp32' (float32 products, margin
     γ_{out_g+kk}), or 'auto': fp32, redone in fp64 when the fp32 margin would cost more than
     ``_FP32_GRAM_MAX_COST`` of some r_i or r̂ is not finite (one host read: CPU). Returns (rescaled weight, d,
-    half-shift signs or None, backward layout or None, the scheme that ran). Differentiable by autograd (the
+    half-shift signs or None, the scheme that ran). Differentiable by autograd (the
     path torch.func transforms differentiate)."""
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk, acc = kh * kw, _acc_dtype(w4.dtype)
@@ -717,22 +716,21 @@ def _forward_torch(w4: torch.Tensor, groups: int, layout: bool, scheme: str = "f
         d = _scale_from_sums(r, col_abs.sum(3, dtype=torch.float64), k, scheme == "auto")  # C_oi
         scale = None if d is None else d.to(acc)
     if scale is None:
-        return _forward_torch(w4, groups, layout, "fp64", signs)
+        return _forward_torch(w4, groups, "fp64", signs)
     out = (w4.to(acc).view(groups, out_g, in_g, kk) * scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
     sign_out = None
     if signs:  # the backward's (g, n_half, in_g, in_g) int8
         sign_out = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8, device=w4.device)
         sign_out.copy_(correlations.detach()[:, :, correlations.shape[2] - n_half:].permute(0, 2, 1, 3).sign())
-    wp = _backward_layout(w4, groups) if layout else None  # only the Triton backward reads it
-    return out, scale, sign_out, wp, ran
+    return out, scale, sign_out, ran
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, in_g, kh, kw) -> a new contiguous (groups, kh·kw, in_g, out_g), the layout the Triton kernels read
-    (a copy even when the permutation is trivial: a custom op's outputs may not alias its input)."""
+    """(out, in_g, kh, kw) -> contiguous (groups, kh·kw, in_g, out_g), the layout the Triton backward reads (16-bit
+    weights as float32, exact, as the forward's Gram copy)."""
     out_ch, in_g, kh, kw = w4.shape
-    return w4.view(groups, out_ch // groups, in_g, kh * kw).permute(0, 3, 2, 1).clone(
-        memory_format=torch.contiguous_format)
+    wp = w4.view(groups, out_ch // groups, in_g, kh * kw).permute(0, 3, 2, 1)
+    return wp.to(torch.float32 if w4.dtype in (torch.float16, torch.bfloat16) else w4.dtype).contiguous()
 
 
 def _backward_torch(grad_out, grad_scale, w4, scale, signs, groups):
@@ -781,106 +779,61 @@ def _torch_scheme(w4: torch.Tensor, groups: int = 1) -> str:
 def _ieee_float32_math() -> bool:
     mkldnn = torch.backends.mkldnn
     modes = (getattr(mkldnn, "fp32_precision", "none"), getattr(mkldnn.matmul, "fp32_precision", "none"))
-    fpmath = os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", os.environ.get("DNNL_DEFAULT_FPMATH_MODE", "strict"))
     return (torch.get_float32_matmul_precision() == "highest" and all(m in ("none", "ieee") for m in modes)
-            and fpmath.strip().lower() in ("strict", ""))
+            and config().onednn_fpmath == "strict")
 
 
-def _aol_fwd(w4: torch.Tensor, groups: int, layout: bool = True, signs: bool = True):
-    """(rescaled weight, d, half-shift signs, W in the Triton backward's layout, or an empty tensor on the
-    torch path when ``layout`` is False; the torch path leaves the signs empty when ``signs`` is False)."""
+def _aol_fwd(w4: torch.Tensor, groups: int, save: bool = True):
+    """(rescaled weight, d, half-shift signs: the backward's, None when ``save`` is False on the torch path)."""
     w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
-    if select_backend(w4, has_cuda_kernel=False) == "triton":
+    if select_backend(w4) == "triton":
         record_implementation("aol_rescale", f"triton/{gram_precision(w4.dtype)}")
         return _forward_triton(w4, groups)
     scheme = _torch_scheme(w4, groups)
-    out, scale, sign_out, wp, ran = _forward_torch(w4, groups, layout, scheme, signs)
+    out, scale, sign_out, ran = _forward_torch(w4, groups, scheme, save)
     record_implementation("aol_rescale", f"torch-gemm/{ran}" + (" (auto)" if scheme == "auto" else ""))
-    return out, scale, sign_out, wp
+    return out, scale, sign_out
 
 
-def _aol_bwd(grad_out, grad_scale, w4, scale, signs, wp, groups):
+def _aol_bwd(grads, inputs, saved, needs):
+    (grad_out, grad_scale), (w4, groups), (scale, signs) = grads, inputs, saved
     w4 = w4.contiguous()
-    grad_out = grad_out.contiguous()  # stride-0 gradients from .sum().backward() included
+    grad_out = torch.zeros_like(w4) if grad_out is None else grad_out.contiguous()  # stride-0 ones included
     if grad_scale is not None:
         grad_scale = grad_scale.contiguous()
-    if select_backend(w4, has_cuda_kernel=False) == "triton":
-        return _backward_triton(grad_out, grad_scale, w4, scale, signs, wp, groups)
-    return _backward_torch(grad_out, grad_scale, w4, scale, signs, groups)
+    if select_backend(w4) == "triton":
+        return (_backward_triton(grad_out, grad_scale, w4, scale, signs, groups),)
+    return (_backward_torch(grad_out, grad_scale, w4, scale, signs, groups),)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. Autograd: a custom op for torch.compile / torch.export, an autograd.Function for the eager fast path
-#    (one Python dispatch instead of the custom op's several layers; both run the same launchers).
-# ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("lipkern::aol_rescale", mutates_args=())
-def _aol_rescale_op(weight: torch.Tensor, groups: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight (out, in_g, kh, kw) -> (rescaled weight, scale (groups, in_g), signs, backward layout)."""
-    return _aol_fwd(weight, groups)
+def _aol_functional(w4, groups):
+    """The torch path as plain autograd ops (torch.func transforms differentiate and vmap it; same margin)."""
+    return _forward_torch(w4, groups, signs=False)[:2]
 
 
-@_aol_rescale_op.register_fake
-def _(weight, groups):
+def _aol_functional_backward(grads, inputs, saved, needs):
+    """The torch path's backward in differentiable ops (create_graph: exact second derivatives on every
+    backend; the signs are locally constant)."""
+    (grad_out, grad_scale), (w4, groups), (scale, signs) = grads, inputs, saved
+    grad_out = torch.zeros_like(w4) if grad_out is None else grad_out
+    return (_backward_torch(grad_out.contiguous(), grad_scale, w4.contiguous(), scale, signs, groups),)
+
+
+def _aol_fake(weight, groups):
     out_g, in_g, kh, kw, n_half = _geometry(weight, groups)
     return (torch.empty_like(weight, memory_format=torch.contiguous_format),
             weight.new_empty((groups, in_g), dtype=_acc_dtype(weight.dtype)),
-            weight.new_empty((groups, n_half, in_g, in_g), dtype=torch.int8),
-            weight.new_empty((groups, kh * kw, in_g, out_g)))
+            weight.new_empty((groups, n_half, in_g, in_g), dtype=torch.int8))
 
 
-@torch.library.custom_op("lipkern::aol_rescale_backward", mutates_args=())
-def _aol_rescale_backward_op(grad_out: torch.Tensor, grad_scale: torch.Tensor | None, weight: torch.Tensor,
-                             scale: torch.Tensor, signs: torch.Tensor, layout: torch.Tensor,
-                             groups: int) -> torch.Tensor:
-    return _aol_bwd(grad_out, grad_scale, weight, scale, signs, layout, groups)
-
-
-@_aol_rescale_backward_op.register_fake
-def _(grad_out, grad_scale, weight, scale, signs, layout, groups):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    weight, groups = inputs
-    _, scale, signs, layout = output
-    ctx.save_for_backward(weight, scale, signs, layout)
-    ctx.groups = groups
-
-
-def _backward(ctx, grad_out, grad_scale, grad_signs, grad_layout):
-    weight, scale, signs, layout = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(weight)
-    grad_weight = _aol_rescale_backward_op(grad_out, grad_scale, weight, scale, signs, layout, ctx.groups)
-    return grad_weight, None
-
-
-_aol_rescale_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _AOLRescale(torch.autograd.Function):
-    """The eager path: the same forward and backward as the custom op, without its dispatch layers."""
-
-    @staticmethod
-    def forward(ctx, weight, groups):
-        out, scale, signs, layout = _aol_fwd(weight, groups, layout=False)
-        layout = weight.new_empty(0) if layout is None else layout
-        ctx.save_for_backward(weight, scale, signs, layout)
-        ctx.groups = groups
-        ctx.mark_non_differentiable(signs, layout)
-        ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
-        return out, scale, signs, layout
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_scale, grad_signs, grad_layout):
-        weight, scale, signs, layout = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(weight)
-        if torch.is_grad_enabled():  # create_graph: the torch path's backward, whose ops autograd differentiates
-            return _backward_torch(grad_out.contiguous(), grad_scale, weight.contiguous(), scale, signs,
-                                   ctx.groups), None
-        return _aol_bwd(grad_out, grad_scale, weight, scale, signs, layout, ctx.groups), None
+# ----------------------------------------------------------------------------------------------------------
+# 6. Registration (lipkern/ops/_registration.py): the custom op lipkern::aol_rescale (+ its backward op) for
+#    torch.compile / export, the eager autograd path, the torch.func and double-backward fallbacks.
+#    Outputs: the rescaled weight and d (differentiable), the half-shift signs (kept for the backward).
+# ----------------------------------------------------------------------------------------------------------
+_AOL_OP = define_op("aol_rescale", "(Tensor weight, int groups) -> (Tensor, Tensor, Tensor)", _aol_fwd, _aol_fake,
+                    visible=2, saved_outputs=(1,), backward=_aol_bwd, functional=_aol_functional,
+                    functional_backward=_aol_functional_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -927,15 +880,6 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
     """
     _validate(weight, groups)
     w4 = (weight if weight.dim() == 4 else weight[:, :, None, None]).contiguous()
-    if torch._C._are_functorch_transforms_active():
-        # torch.func (grad, vjp, jacrev, vmap): the torch path, differentiated by autograd (the kernels take raw
-        # pointers, which functorch's wrapped tensors do not have); same margin, same guarantee
-        out, scale, _, _, _ = _forward_torch(w4, groups, layout=False, signs=False)
-    elif tracing():  # torch.compile, export, FakeTensorMode, make_fx: the custom op
-        out, scale, _, _ = _aol_rescale_op(w4, groups)
-    elif not (torch.is_grad_enabled() and weight.requires_grad):  # no backward: no autograd node, no signs
-        out, scale, _, _ = _aol_fwd(w4, groups, layout=False, signs=False)
-    else:
-        out, scale, _, _ = _AOLRescale.apply(w4, groups)
+    out, scale = _AOL_OP(w4, groups)
     out = out.view(weight.shape)
     return (out, scale) if return_scale else out

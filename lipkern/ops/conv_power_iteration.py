@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import call_op, device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern.ops._registration import define_op
 from lipkern.ops.power_iteration import initial_vectors
 
 __all__ = ["ConvGeometry", "advance_conv_power_iteration", "conv_adjoint", "conv_bilinear",
@@ -399,52 +400,39 @@ def _stacked_iterations_triton(weights, u, v, n_iter: int, geometry: ConvGeometr
     return sigma
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Custom op: u and v are declared mutations (persistent buffers), sigma is the output.
-# ----------------------------------------------------------------------------------------------------------
-def _geometry_from_args(u, kernel, stride, padding, dilation, groups, padding_mode) -> ConvGeometry:
-    return ConvGeometry(tuple(u.shape[-2:]), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
-                        groups, padding_mode)
-
-
-@torch.library.custom_op("lipkern::conv_power_iteration", mutates_args=("u", "v"))
-def _conv_power_iteration_op(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
-                             stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                             padding_mode: str) -> torch.Tensor:
-    geometry = _geometry_from_args(u, weights.shape[-2:], stride, padding, dilation, groups, padding_mode)
-    with torch.autocast(weights.device.type, enabled=False):  # autocast reaches inside custom ops
-        return _conv_power_iteration_impl(weights, u, v, n_iter, geometry)
-
-
-def _conv_power_iteration_impl(weights, u, v, n_iter, geometry: ConvGeometry):
+def _conv_power_iteration(weights, u, v, n_iter, geometry: ConvGeometry, *, save: bool = False):
     interpreted_long_run = not weights.is_cuda and n_iter > _INTERPRETER_MAX_ITER
-    if select_backend(weights, has_cuda_kernel=False) != "triton" or interpreted_long_run:
+    reason = f"the interpreter runs ≤ {_INTERPRETER_MAX_ITER} iterations per call" if interpreted_long_run else None
+    if select_backend(weights, triton_reason=reason) != "triton":
         return _stacked_iterations(weights, u, v, n_iter, geometry)
-    weights = weights.contiguous()
-    u_work = u if u.is_contiguous() else u.contiguous()
-    v_work = v if v.is_contiguous() else v.contiguous()
-    sigma = _stacked_iterations_triton(weights, u_work, v_work, n_iter, geometry)
-    if u_work is not u:
-        u.copy_(u_work)
-    if v_work is not v:
-        v.copy_(v_work)
-    return sigma
+    return _stacked_iterations_triton(weights.contiguous(), u, v, n_iter, geometry)
 
 
-@_conv_power_iteration_op.register_fake
-def _(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode):
-    return weights.new_empty(weights.shape[0])
+# ----------------------------------------------------------------------------------------------------------
+# Registration (lipkern/ops/_registration.py): the custom op lipkern::conv_power_iteration, u and v declared
+# mutations (persistent buffers), sigma the output; eager calls run the implementation directly.
+# ----------------------------------------------------------------------------------------------------------
+def _op_args(weights, u, v, n_iter, g: ConvGeometry):
+    return weights, u, v, n_iter, list(g.stride), list(g.padding), list(g.dilation), g.groups, g.padding_mode
+
+
+def _call_args(weights, u, v, n_iter, stride, padding, dilation, groups, padding_mode):
+    geometry = ConvGeometry(tuple(u.shape[-2:]), tuple(weights.shape[-2:]), tuple(stride), tuple(padding),
+                            tuple(dilation), groups, padding_mode)
+    return weights, u, v, n_iter, geometry
+
+
+_CONV_POWER_OP = define_op(
+    "conv_power_iteration", "(Tensor weights, Tensor(a!) u, Tensor(b!) v, int n_iter, int[] stride, int[] padding, "
+    "int[] dilation, int groups, str padding_mode) -> Tensor", _conv_power_iteration,
+    lambda weights, u, v, *args: weights.new_empty(weights.shape[0]), to_op_args=_op_args, from_op_args=_call_args)
 
 
 def advance_conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iter: int,
                                  geometry: ConvGeometry) -> torch.Tensor:
     """:func:`conv_power_iteration` without its argument checks, for callers whose arguments are valid by
-    construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
-    directly; torch.compile sees the custom op."""
-    w, g = weights.detach(), geometry
-    return call_op(lambda: _conv_power_iteration_impl(w, u, v, n_iter, g),
-                   lambda: _conv_power_iteration_op(w, u, v, n_iter, list(g.stride), list(g.padding),
-                                                    list(g.dilation), g.groups, g.padding_mode), w)
+    construction (the layers): advances u and v in place, returns sigma."""
+    return _CONV_POWER_OP(weights.detach(), u, v, n_iter, geometry)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ x and g once each in the backward; symmetric zero padding is passed to the convo
 The elementwise steps are Triton kernels on the GPU and under the interpreter, in-place PyTorch ops on the CPU;
 the matrix products and convolutions are cuBLAS/cuDNN (the linear's bias + ReLU is cuBLASLt's epilogue).
 
-Paths: eager calls run an ``autograd.Function`` (lowest overhead; works with ``torch.func`` transforms, which
-run a functional PyTorch formulation of the same forward and backward); ``torch.compile``, ``export`` and
-Python dispatch modes (FakeTensorMode, make_fx) see the custom ops ``lipkern::cpl_linear`` /
+Paths (built by ``lipkern/ops/_registration.py``): eager calls run one ``autograd.Function`` (lowest overhead);
+``torch.func`` transforms a functional PyTorch formulation of the same forward and backward; ``torch.compile``,
+``export`` and Python dispatch modes (FakeTensorMode, make_fx) see the custom ops ``lipkern::cpl_linear`` /
 ``lipkern::cpl_conv2d``. Double backward (``create_graph=True``, gradient
 penalties): the backward then runs the same formulas as differentiable PyTorch ops, so second derivatives are
 exact (ReLU's second derivative is 0, as in autograd).
@@ -47,7 +47,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lipkern._dispatch import device_context, select_backend, tracing, triton_importable
+from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern.ops._registration import define_op
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
 
 __all__ = ["cpl_conv2d", "cpl_conv2d_ref", "cpl_linear", "cpl_linear_ref"]
@@ -125,9 +126,9 @@ if triton_importable():
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if t.dtype == torch.bfloat16 and t.device.type != "cuda":  # the interpreter has no bf16 arithmetic
-        return False
-    return select_backend(t, has_cuda_kernel=False) == "triton"
+    no_bf16 = t.dtype == torch.bfloat16 and t.device.type != "cuda"
+    return select_backend(t, triton_reason="the Triton interpreter has no bfloat16 arithmetic" if no_bf16 else None
+                          ) == "triton"
 
 
 def _h_for(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -351,206 +352,73 @@ def _backward_functional(op, grad, x, bias, h, needs):
     return gx, gw, gb, gh
 
 
-def _functorch_active(*tensors) -> bool:
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+def _op_forward(kind):
+    def forward(x, weight, bias, h, geometry=None, *, save: bool):
+        return _forward(_make_op(kind, weight, geometry), x, bias, h, _use_triton(x))
+    return forward
 
 
-def _run_backward(op, grad, x, act, bias, h, needs):
-    if _autocast_on(x):  # a backward called inside an autocast region
-        with torch.autocast(x.device.type, enabled=False):
-            return _run_backward(op, grad, x, act, bias, h, needs)
-    if torch.is_grad_enabled() or _functorch_active(grad, x):  # create_graph=True or a torch.func transform
-        return _backward_functional(op, grad, x, bias, h, needs)  # recomputes σ(Ax + b), differentiably
-    return _backward(op, grad, x, act, h, needs, _use_triton(x))
+def _op_backward(kind):
+    def backward(grads, inputs, saved, needs):
+        x, weight, bias, h, *geometry = inputs
+        op = _make_op(kind, weight, geometry[0] if geometry else None)
+        return _backward(op, grads[0], x, saved[0], h, needs, _use_triton(x))
+    return backward
 
 
-def _function_backward(ctx, grad):
-    if grad is None:  # no gradient reached the output (materialize_grads is off)
-        return None, None, None, None, None, None
-    x, act, weight, bias, h = ctx.saved_tensors
-    needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and bias is not None,
-             ctx.needs_input_grad[4])
-    op = _make_op(ctx.kind, weight, ctx.geometry)
-    if act is None or torch.is_grad_enabled() or _autocast_on(x) \
-            or _functorch_active(grad, x):
-        gx, gw, gb, gh = _run_backward(op, grad, x, act, bias, h, needs)
-    else:
-        gx, gw, gb, gh = _backward(op, grad, x, act, h, needs, ctx.triton_path)
-    return None, gx, gw, gb, gh, None
+def _op_functional(kind):
+    def functional(x, weight, bias, h, geometry=None):
+        return _forward_functional(_make_op(kind, weight, geometry), x, bias, h)
+    return functional
 
 
-class _CPLFunction(torch.autograd.Function):
-    """The eager path under torch.func transforms: setup_context (required by functorch) and a vmap rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(kind, x, weight, bias, h, geometry):
-        op = _make_op(kind, weight, geometry)
-        if _functorch_active(x, weight, bias, h):
-            return _forward_functional(op, x, bias, h), None
-        return _forward(op, x, bias, h, _use_triton(x))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        kind, x, weight, bias, h, geometry = inputs
-        ctx.kind, ctx.geometry, ctx.triton_path = kind, geometry, _use_triton(x)
-        ctx.save_for_backward(x, output[1], weight, bias, h)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the activation output
-        if output[1] is not None:
-            ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        return _function_backward(ctx, grad)
-
-
-class _CPLFastFunction(torch.autograd.Function):
-    """The eager path otherwise: forward(ctx, ...) skips the argument binding of setup_context-style apply."""
-
-    @staticmethod
-    def forward(ctx, kind, x, weight, bias, h, geometry):
-        ctx.kind, ctx.geometry, ctx.triton_path = kind, geometry, _use_triton(x)
-        out, act = _forward(_make_op(kind, weight, geometry), x, bias, h, ctx.triton_path)
-        ctx.save_for_backward(x, act, weight, bias, h)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(act)
-        return out, act
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        return _function_backward(ctx, grad)
-
-
-def _apply(*args):
-    fn = _CPLFunction if torch._C._functorch.peek_interpreter_stack() is not None else _CPLFastFunction
-    return fn.apply(*args)[0]
+def _op_functional_backward(kind):
+    def functional_backward(grads, inputs, saved, needs):
+        x, weight, bias, h, *geometry = inputs
+        return _backward_functional(_make_op(kind, weight, geometry[0] if geometry else None), grads[0], x, bias,
+                                    h, needs)
+    return functional_backward
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Custom ops (the torch.compile / export boundary): the autograd formula saves x and the parameters only.
+# 5. Registration (lipkern/ops/_registration.py): the custom ops lipkern::cpl_linear / lipkern::cpl_conv2d
+#    (+ backward ops) for torch.compile / export, the eager autograd path, the torch.func and double-backward
+#    fallbacks. Outputs: z (differentiable) and σ(A x + b), kept for the backward (with x and the parameters).
 # ----------------------------------------------------------------------------------------------------------
 def _geometry(x, weight, stride, padding, dilation, groups, padding_mode) -> ConvGeometry:
     return ConvGeometry(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), tuple(stride), tuple(padding),
                         tuple(dilation), groups, padding_mode)
 
 
-def _outputs(results, x, weight, bias, h):
-    """Custom ops return tensors: an empty one where no gradient was asked for."""
-    return tuple(r if r is not None else like.new_empty(0)
-                 for r, like in zip(results, (x, weight, bias if bias is not None else weight, h)))
+def _fake_linear(x, weight, bias, h):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _fake_outputs(x, weight, bias, h, needs):
-    likes = (x, weight, bias, h)
-    return tuple(torch.empty_like(like) if need and like is not None else weight.new_empty(0)
-                 for like, need in zip(likes, needs))
-
-
-def _fake_act(x, weight, geometry=None):
-    if geometry is None:
-        return x.new_empty(x.shape[0], weight.shape[0])
-    return x.new_empty(x.shape[0], weight.shape[0], *geometry.output_size)
-
-
-@torch.library.custom_op("lipkern::cpl_linear", mutates_args=())
-def _cpl_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(_Linear(weight), x, bias, h, _use_triton(x))
-
-
-@_cpl_linear_op.register_fake
-def _(x, weight, bias, h):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_act(x, weight)
-
-
-@torch.library.custom_op("lipkern::cpl_linear_backward", mutates_args=())
-def _cpl_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, act: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None, h: torch.Tensor, needs: list[bool]
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _outputs(_backward(_Linear(weight), grad, x, act, h, needs, _use_triton(x)), x, weight, bias, h)
-
-
-@_cpl_linear_backward_op.register_fake
-def _(grad, x, act, weight, bias, h, needs):
-    return _fake_outputs(x, weight, bias, h, needs)
-
-
-@torch.library.custom_op("lipkern::cpl_conv2d", mutates_args=())
-def _cpl_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
-                   stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                   padding_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fake_conv(x, weight, bias, h, stride, padding, dilation, groups, padding_mode):
     g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
-    return _forward(_Conv(weight, g), x, bias, h, _use_triton(x))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[0], weight.shape[0], *g.output_size))
 
 
-@_cpl_conv2d_op.register_fake
-def _(x, weight, bias, h, stride, padding, dilation, groups, padding_mode):
-    g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_act(x, weight, g)
+def _conv_op_args(x, weight, bias, h, g: ConvGeometry):
+    return x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups, g.padding_mode
 
 
-@torch.library.custom_op("lipkern::cpl_conv2d_backward", mutates_args=())
-def _cpl_conv2d_backward_op(grad: torch.Tensor, x: torch.Tensor, act: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None, h: torch.Tensor, stride: list[int], padding: list[int],
-                            dilation: list[int], groups: int, padding_mode: str, needs: list[bool]
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = _geometry(x, weight, stride, padding, dilation, groups, padding_mode)
-    return _outputs(_backward(_Conv(weight, g), grad, x, act, h, needs, _use_triton(x)), x, weight, bias, h)
+def _conv_call_args(x, weight, bias, h, *geometry):
+    return x, weight, bias, h, _geometry(x, weight, *geometry)
 
 
-@_cpl_conv2d_backward_op.register_fake
-def _(grad, x, act, weight, bias, h, stride, padding, dilation, groups, padding_mode, needs):
-    return _fake_outputs(x, weight, bias, h, needs)
+def _define(kind: str, schema: str, fake, **conversions):
+    return define_op(f"cpl_{kind if kind == 'linear' else 'conv2d'}", schema, _op_forward(kind), fake,
+                     backward=_op_backward(kind), functional=_op_functional(kind),
+                     functional_backward=_op_functional_backward(kind), **conversions)
 
 
-def _needs(ctx, bias) -> list[bool]:
-    need_x, need_w, need_b, need_h = (bool(n) for n in ctx.needs_input_grad[:4])
-    return [need_x, need_w, need_b and bias is not None, need_h]
-
-
-def _setup_linear(ctx, inputs, output):
-    x, weight, bias, h = inputs
-    ctx.save_for_backward(x, output[1], weight, bias, h)
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward_linear(ctx, grad, _):
-    if grad is None:
-        return None, None, None, None
-    x, act, weight, bias, h = ctx.saved_tensors
-    needs = _needs(ctx, bias)
-    if torch.is_grad_enabled() or _autocast_on(x):  # create_graph=True, autocast
-        return _run_backward(_Linear(weight), grad, x, act, bias, h, needs)
-    results = _cpl_linear_backward_op(grad, x, act, weight, bias, h, needs)
-    return tuple(r if need else None for r, need in zip(results, needs))
-
-
-def _setup_conv(ctx, inputs, output):
-    x, weight, bias, h, *geometry = inputs
-    ctx.geometry = geometry
-    ctx.save_for_backward(x, output[1], weight, bias, h)
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward_conv(ctx, grad, _):
-    if grad is None:
-        return (None,) * 9
-    x, act, weight, bias, h = ctx.saved_tensors
-    needs = _needs(ctx, bias)
-    if torch.is_grad_enabled() or _autocast_on(x):  # create_graph=True, autocast
-        op = _Conv(weight, _geometry(x, weight, *ctx.geometry))
-        return (*_run_backward(op, grad, x, act, bias, h, needs), None, None, None, None, None)
-    results = _cpl_conv2d_backward_op(grad, x, act, weight, bias, h, *ctx.geometry, needs)
-    return (*(r if need else None for r, need in zip(results, needs)), None, None, None, None, None)
-
-
-_cpl_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
-_cpl_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
+_CPL_LINEAR = _define("linear", "(Tensor x, Tensor weight, Tensor? bias, Tensor h) -> (Tensor, Tensor)",
+                      _fake_linear)
+_CPL_CONV2D = _define("conv", "(Tensor x, Tensor weight, Tensor? bias, Tensor h, int[] stride, int[] padding, "
+                      "int[] dilation, int groups, str padding_mode) -> (Tensor, Tensor)", _fake_conv,
+                      to_op_args=_conv_op_args, from_op_args=_conv_call_args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -597,17 +465,11 @@ def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     it runs in x's dtype (see the module docstring)."""
     h = _as_h(h, x)
     if _autocast_on(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return cpl_linear(x, *_autocast_cast(x, weight, bias, h))
+        weight, bias, h = _autocast_cast(x, weight, bias, h)
     _validate("cpl_linear", x, weight, bias, h, (1, 2, 3, 4, 5), 2)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"cpl_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
-    flat = x.reshape(-1, x.shape[-1])
-    if tracing():
-        out = _cpl_linear_op(flat, weight, bias, h)[0]
-    else:
-        out = _apply("linear", flat, weight, bias, h, None)
-    return out.reshape(x.shape)
+    return _CPL_LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, h).reshape(x.shape)
 
 
 def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h, stride=1, padding=0,
@@ -618,9 +480,7 @@ def cpl_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     runs in x's dtype (see the module docstring)."""
     h = _as_h(h, x)
     if _autocast_on(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return cpl_conv2d(x, *_autocast_cast(x, weight, bias, h), stride, padding, dilation, groups,
-                              padding_mode)
+        weight, bias, h = _autocast_cast(x, weight, bias, h)
     _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)  # before the geometry reads their shapes
     g = ConvGeometry.create(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation, groups,
                             padding_mode)
@@ -634,8 +494,7 @@ def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     weight; h a 0-dim tensor. x, weight, bias and h: one dtype and device; x's channels and size: the geometry's
     (checked)."""
     if _autocast_on(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return cpl_conv2d_with_geometry(x, *_autocast_cast(x, weight, bias, h), g)
+        weight, bias, h = _autocast_cast(x, weight, bias, h)
     _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
     return _cpl_conv2d_validated(x, weight, bias, h, g)
 
@@ -646,7 +505,4 @@ def _cpl_conv2d_validated(x, weight, bias, h, g: ConvGeometry) -> torch.Tensor:
         raise ValueError(f"cpl_conv2d: x has {x.shape[1]} channels, weight expects {weight.shape[1] * g.groups}")
     if tuple(x.shape[-2:]) != g.input_size:
         raise ValueError(f"cpl_conv2d: x has size {tuple(x.shape[-2:])}, the geometry is for {g.input_size}")
-    if tracing():
-        return _cpl_conv2d_op(x, weight, bias, h, list(g.stride), list(g.padding), list(g.dilation), g.groups,
-                              g.padding_mode)[0]
-    return _apply("conv", x, weight, bias, h, g)
+    return _CPL_CONV2D(x, weight, bias, h, g)

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cuda
-from lipkern._dispatch import (call_op, device_context, record_implementation, requested_backend, select_backend,
-                               triton_importable)
+from lipkern._dispatch import device_context, record_implementation, select_backend, triton_importable
+from lipkern.ops._registration import define_op
 
 __all__ = ["PowerIteration", "advance_power_iteration", "batched_power_iteration",
            "batched_power_iteration_ref", "initial_vectors"]
@@ -351,18 +351,18 @@ def _backend(matrices: torch.Tensor) -> str:
     rows, cols = matrices.shape[1:]
     cuda_fits = _cuda.available() and matrices.is_cuda and _cuda.batched_power_iteration_fits(
         rows, cols, matrices.dtype)
-    backend = select_backend(matrices, has_cuda_kernel=cuda_fits)
-    if backend == "cuda" and requested_backend() is None and cols <= _TRITON_MAX_COLS and triton_importable() \
-            and _split_rows(matrices.shape[0], rows, cols, _blocks(rows, cols)[0], matrices.is_complex()):
-        return "triton"  # large matrices: many programs per matrix beat one thread block per matrix
-    if backend == "triton" and cols > _TRITON_MAX_COLS:
-        return "torch"
-    return backend
+    too_wide = f"matrices wider than {_TRITON_MAX_COLS} columns" if cols > _TRITON_MAX_COLS else None
+    # large matrices: many programs per matrix beat one thread block per matrix
+    split = _split_rows(matrices.shape[0], rows, cols, _blocks(rows, cols)[0], matrices.is_complex())
+    return select_backend(matrices, has_cuda_kernel=cuda_fits, triton_reason=too_wide,
+                          prefer_triton=cuda_fits and split)
 
 
-def _run(matrices, u, v, sigma, n_iter: int) -> None:
+def _batched_power_iteration(matrices, u, v, n_iter: int, *, save: bool = False) -> torch.Tensor:
+    sigma = torch.empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype), device=matrices.device)
     if matrices.shape[0] == 0:
-        return
+        return sigma
+    matrices = matrices.contiguous()
     backend = _backend(matrices)
     if backend == "cuda":
         _cuda.batched_power_iteration(matrices, u, v, sigma, n_iter)
@@ -371,43 +371,24 @@ def _run(matrices, u, v, sigma, n_iter: int) -> None:
     else:
         backend = _launch_torch(matrices, u, v, sigma, n_iter)
     record_implementation("batched_power_iteration", backend)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Custom op: u and v are declared mutations (persistent buffers), sigma is the output.
-# ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("lipkern::batched_power_iteration", mutates_args=("u", "v"))
-def _batched_power_iteration_op(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                                n_iter: int) -> torch.Tensor:
-    with torch.autocast(matrices.device.type, enabled=False):  # autocast reaches inside custom ops
-        return _batched_power_iteration_impl(matrices, u, v, n_iter)
-
-
-def _batched_power_iteration_impl(matrices, u, v, n_iter: int) -> torch.Tensor:
-    sigma = torch.empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype), device=matrices.device)
-    u_work = u if u.is_contiguous() else u.contiguous()
-    v_work = v if v.is_contiguous() else v.contiguous()
-    _run(matrices.contiguous(), u_work, v_work, sigma, n_iter)
-    if u_work is not u:
-        u.copy_(u_work)
-    if v_work is not v:
-        v.copy_(v_work)
     return sigma
 
 
-@_batched_power_iteration_op.register_fake
-def _(matrices, u, v, n_iter):
-    return matrices.new_empty(matrices.shape[0], dtype=_real_dtype(matrices.dtype))
+# ----------------------------------------------------------------------------------------------------------
+# 4. Registration (lipkern/ops/_registration.py): the custom op lipkern::batched_power_iteration, u and v
+#    declared mutations (persistent buffers), sigma the output; eager calls run the implementation directly.
+# ----------------------------------------------------------------------------------------------------------
+_POWER_OP = define_op("batched_power_iteration",
+                      "(Tensor matrices, Tensor(a!) u, Tensor(b!) v, int n_iter) -> Tensor", _batched_power_iteration,
+                      lambda matrices, u, v, n_iter: matrices.new_empty(matrices.shape[0],
+                                                                       dtype=_real_dtype(matrices.dtype)))
 
 
 def advance_power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                             n_iter: int) -> torch.Tensor:
     """:func:`batched_power_iteration` without its argument checks, for callers whose arguments are valid by
-    construction (the layers): advances u and v in place, returns sigma. Eager calls run the implementation
-    directly; torch.compile sees the custom op."""
-    m = matrices.detach()
-    return call_op(lambda: _batched_power_iteration_impl(m, u, v, n_iter),
-                   lambda: _batched_power_iteration_op(m, u, v, n_iter), m)
+    construction (the layers): advances u and v in place, returns sigma."""
+    return _POWER_OP(matrices.detach(), u, v, n_iter)
 
 
 # ----------------------------------------------------------------------------------------------------------

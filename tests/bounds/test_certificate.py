@@ -10,6 +10,8 @@ from unittest import mock
 
 import pytest
 import torch
+
+from lipkern._dispatch import configure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +28,7 @@ from lipkern.bounds.certificate import (
 from tests.bounds.test_spectral import conv_cases
 from tests.helpers import dense_conv2d, spectral_norm
 
-TORCH = {"LIPKERN_BACKEND": "torch"}
+TORCH = {"backend": "torch"}
 
 
 def _random(shape, rank, complex_, generator):
@@ -125,7 +127,7 @@ def test_frequency_blocks_are_the_frequency_matrices(size, kwargs):
 def test_chunked_certificate_equals_one_chunk():
     g = torch.Generator().manual_seed(4)
     freq = FrequencyBlocks(torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64), (9, 8))
-    with mock.patch.dict(os.environ, TORCH):
+    with configure(**TORCH):
         whole = certify_max_norm(freq, rtol=1e-4)
         chunked = certify_max_norm(freq, rtol=1e-4, chunk_bytes=freq.matrix_bytes)  # one grid row per chunk
     assert whole.failed == chunked.failed == 0
@@ -149,7 +151,7 @@ def test_upper_bound_reads_the_device_a_constant_number_of_times(mode):
     """Input validation (one read) plus the certificate (one read, one more per retry): not one per step."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(8, 8, 3, 3, generator=g) / 8
-    with mock.patch.dict(os.environ, TORCH), _HostReads() as reads:
+    with configure(**TORCH), _HostReads() as reads:
         conv2d_spectral_norm(w, 12, padding=1, padding_mode=mode, method="upper")
     assert reads.count <= 2 + certificate.RETRIES
 
@@ -187,7 +189,7 @@ def test_conv_upper_bound_holds_on_every_path(case, seed, path, log_scale):
     results, spy = _spy()
     real_refined = certificate.refined_estimate
     low = mock.patch.object(certificate, "refined_estimate", lambda a: real_refined(a) / 4)
-    with mock.patch.dict(os.environ, TORCH), spy, (low if path == "fallback" else mock.MagicMock()):
+    with configure(**TORCH), spy, (low if path == "fallback" else mock.MagicMock()):
         upper = conv2d_spectral_norm(unit * 10.0**log_scale, case["n"], **kwargs, method="upper").upper.item()
     assert upper >= exact * 10.0**log_scale, (upper, exact)
     if path == "certificate" and exact > 0:
@@ -210,7 +212,7 @@ def test_conv_upper_bound_rank_deficient_kernels_at_extreme_scales(kwargs, scale
     for unit in (rank_one, dead):
         exact = _exact(unit, 6, kwargs)
         results, spy = _spy()
-        with mock.patch.dict(os.environ, TORCH), spy:
+        with configure(**TORCH), spy:
             upper = conv2d_spectral_norm(unit * scale, 6, **kwargs, method="upper").upper.item()
         assert upper >= exact * scale
         assert upper <= exact * scale * 1.5  # zero padding: the enlarged circular operator
@@ -225,7 +227,7 @@ def test_circular_upper_bound_is_within_rtol(kwargs):
     n = 6
     exact = _exact(w, n, dict(kwargs, padding_mode="circular"))
     for rtol in (1e-4, 1e-7):
-        with mock.patch.dict(os.environ, TORCH):
+        with configure(**TORCH):
             upper = conv2d_spectral_norm(w, n, padding_mode="circular", **kwargs, method="upper", rtol=rtol).upper
         assert exact <= upper.item() <= exact * (1 + rtol)
 
@@ -237,7 +239,7 @@ def test_auto_estimate_reaches_rtol_on_zero_padded_convs(c, n):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64)
         exact = _exact(w, n, dict(padding=1))
-        with mock.patch.dict(os.environ, TORCH):
+        with configure(**TORCH):
             result = conv2d_spectral_norm(w, n, padding=1)
         assert abs(result.estimate.item() / exact - 1) <= 1e-4, (seed, result.estimate.item() / exact - 1)
         assert result.estimate.item() <= exact * (1 + 1e-12) <= result.upper.item()

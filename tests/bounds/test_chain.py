@@ -18,9 +18,9 @@ _U = 2.0**-53
 
 
 @pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
+def torch_backend(knobs):
     """The layer certificates' power iterations on the torch path (not the Triton interpreter: 100x slower)."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
 
 
 # ----------------------------------------------------------------------------------------------------------

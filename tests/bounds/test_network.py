@@ -23,8 +23,8 @@ D = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def setup(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # whole networks; the kernels are tested in tests/ops
+def setup(monkeypatch, knobs):
+    knobs(backend="torch")  # whole networks; the kernels are tested in tests/ops
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny operators: OpenMP threads on a busy machine cost 50x here
     yield

@@ -15,8 +15,8 @@ from lipkern.models import Residual
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+def _torch_backend(monkeypatch, knobs):
+    knobs(backend="torch")
 
 
 class ScaledSequential(nn.Sequential):

@@ -7,6 +7,8 @@ from unittest import mock
 
 import pytest
 import torch
+
+from lipkern._dispatch import configure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,10 +18,10 @@ from tests.helpers import dense_conv2d, spectral_norm
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
+def torch_backend(knobs):
     """The batched power iteration runs many iterations here; the kernels are compared with the reference in
     tests/ops, so these tests of the mathematics use the PyTorch path (fast on CPU)."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
 
 
 # --- Gram iteration -----------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def test_upper_bound_holds_and_estimate_is_below(case, log_scale, seed):
         exact = spectral_norm(dense_conv2d(unit, case["n"], **kwargs)) * 10.0**log_scale
     except RuntimeError:
         return  # PyTorch rejects the geometry (e.g. empty output): nothing to bound
-    with mock.patch.dict(os.environ, {"LIPKERN_BACKEND": "torch"}):
+    with configure(backend="torch"):
         result = conv2d_spectral_norm(w, case["n"], **kwargs, n_iter=300)
     assert result.upper.item() >= exact, (result.upper.item(), exact)
     assert result.estimate.item() <= exact * (1 + 1e-9)
@@ -130,7 +132,7 @@ def _check_asymmetric_padding(unit, w, log_scale, n, kwargs):
     except RuntimeError:
         return  # empty output: nothing to bound
     exact = spectral_norm(out.reshape(basis.shape[0], -1).T) * 10.0**log_scale
-    with mock.patch.dict(os.environ, {"LIPKERN_BACKEND": "torch"}):
+    with configure(backend="torch"):
         result = conv2d_spectral_norm(w, n, **kwargs, n_iter=300)
     assert result.upper.item() >= exact, (result.upper.item(), exact)
     assert result.estimate.item() <= exact * (1 + 1e-9)

@@ -15,8 +15,8 @@ sklearn = pytest.importorskip("sklearn.datasets")
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+def _torch_backend(monkeypatch, knobs):
+    knobs(backend="torch")
 
 
 def _digits():

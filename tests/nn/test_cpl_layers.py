@@ -9,9 +9,9 @@ from tests.helpers import spectral_norm
 
 
 @pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
+def torch_backend(knobs):
     """Dense Jacobians need one backward per output; the kernels are compared with the reference in tests/ops."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
 
 
 def _adversarial(layer, shape, steps=10):

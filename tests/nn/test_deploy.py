@@ -21,8 +21,8 @@ LIPKERN_LAYERS = (LN.AOLConv2d, LN.AOLLinear, LN.CPLConv2d, LN.CPLLinear, LN.Spe
 
 
 @pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # whole networks: the kernels are tested in tests/ops
+def torch_backend(knobs):
+    knobs(backend="torch")  # whole networks: the kernels are tested in tests/ops
 
 
 def _randomize(model, seed=0):

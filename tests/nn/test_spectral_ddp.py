@@ -5,6 +5,8 @@ import os
 from datetime import timedelta
 
 import torch
+
+from lipkern._dispatch import configure
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -29,7 +31,7 @@ def _flat_state(model: nn.Module) -> torch.Tensor:
 
 
 def _worker(rank: int, init_method: str) -> None:
-    os.environ["LIPKERN_BACKEND"] = "torch"  # the math under test; kernels are compared elsewhere
+    configure(backend="torch")  # the math under test; kernels are compared elsewhere
     # a failing rank leaves the other waiting in a collective: fail after a minute rather than hang
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))

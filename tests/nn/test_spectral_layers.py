@@ -206,7 +206,7 @@ def test_certified_rank_one_linear_is_at_most_one_exactly(dtype):
 
 
 @pytest.mark.parametrize("scale", [1e-170, 1e170])
-def test_extreme_weight_scales(scale):
+def test_extreme_weight_scales(scale, knobs):
     """Power and Gram iterations are rescaled by powers of two: no overflow to inf/NaN, no underflow to 0."""
     layer = SpectralConv2d(2, 3, 3, padding=1, dtype=torch.float64, input_size=4)
     with torch.no_grad():
@@ -252,9 +252,9 @@ class _Shared(nn.Module):
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
+def torch_backend(knobs):
     """The grouping logic under test, at the speed of the PyTorch path (the kernels are tested in tests/ops)."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
 
 
 def _twins(make):

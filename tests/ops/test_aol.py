@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lipkern.ops import aol_rescale, aol_rescale_ref
 from lipkern.ops.aol import gram_error_bound, gram_precision, output_rounding_margin
-from lipkern._dispatch import select_backend
+from lipkern._dispatch import configure, select_backend
 from tests.helpers import assert_close, spectral_norm
 
 # (weight shape, groups): linear, odd sizes, non-square kernels, groups, channel counts around tile edges.
@@ -126,7 +126,7 @@ def test_scale_never_exceeds_the_exact_value(kind, precision, out, inp, k, log_s
     """d_i ≤ r_i^(-1/2) for float32 weights, r_i computed exactly (float64); and the margin is no larger than
     the documented one (ε + c_out)·S_i (checked where the absolute underflow term is zero)."""
     w = _adversarial_weight(kind, out, inp, k, log_scale, seed).float()
-    with mock.patch.dict(os.environ, {"LIPKERN_AOL_GRAM": precision}):
+    with configure(aol_gram=precision):
         _, scale = aol_rescale(w, return_scale=True)
         margin = _documented_margin(w)
     r, mass = _exact_r_and_mass(w)
@@ -157,12 +157,12 @@ def _exact_gram_row_sums(weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("kind", ["orthogonal", "random"])
-def test_gram_error_within_its_bound(monkeypatch, precision, kind):
+def test_gram_error_within_its_bound(monkeypatch, precision, kind, knobs):
     """The Gram pass alone: |Σ partial − r| ≤ ε_gram·S, r summed exactly. (The interpreter's float32 dot
     stands in for TF32x3 here; the gpu-marked copy of this test checks the tensor cores.)"""
     from lipkern.ops import aol
 
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
+    knobs(aol_gram=precision)
     w = _adversarial_weight(kind, 40, 5, 3, 0.0, 5).float()
     if select_backend(w, has_cuda_kernel=False) != "triton":
         pytest.skip("the Triton kernels' Gram pass needs TRITON_INTERPRET=1 on a CPU")
@@ -179,9 +179,9 @@ def test_gram_error_within_its_bound(monkeypatch, precision, kind):
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["orthogonal", "random"])
-def test_stored_weight_operator_norm_at_most_one(monkeypatch, device, precision, dtype, kind):
+def test_stored_weight_operator_norm_at_most_one(monkeypatch, device, precision, dtype, kind, knobs):
     """The explicit operator of the weight as stored (its dtype's rounding included) has norm ≤ 1."""
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
+    knobs(aol_gram=precision)
     w = _adversarial_weight(kind, 12, 6, 3, 0.0, 3).to(device, dtype)
     stored = aol_rescale(w).cpu()
     for padding_mode in ("zeros", "circular"):
@@ -208,8 +208,8 @@ def test_forward_backward_match_reference_float32(shape, groups):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("shape,groups", [((5, 3, 3, 3), 1), ((4, 2, 2, 3), 2), ((4, 6), 1)])
-def test_both_backends_match_autograd_of_reference_float64(monkeypatch, backend, shape, groups):
-    monkeypatch.setenv("LIPKERN_BACKEND", backend)
+def test_both_backends_match_autograd_of_reference_float64(monkeypatch, backend, shape, groups, knobs):
+    knobs(backend=backend)
     w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     out, scale = aol_rescale(w, groups, return_scale=True)
     ref, ref_scale = aol_rescale_ref(w, groups, return_scale=True)
@@ -325,11 +325,11 @@ def test_non_finite_weight_gives_nan_not_a_value(device, shape, bad):
 
 
 # --- extreme magnitudes and half-precision subnormals (found by an independent review) ----------------------
-def test_fp16_subnormal_stored_entries_keep_the_norm_at_most_one(monkeypatch):
+def test_fp16_subnormal_stored_entries_keep_the_norm_at_most_one(monkeypatch, knobs):
     """Stored fp16 entries below 2⁻¹⁴ round with an absolute error (up to 2⁻²⁵), not a relative one. An
     all-positive circulant weight makes AOL's bound tight, so only the margin separates its norm from 1 (it was
     1.00006 before d covered the absolute term); its top singular vector is the constant image."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")  # the shape is large for the interpreter; same margin
+    knobs(backend="torch")  # the shape is large for the interpreter; same margin
     n, k = 128, 9
     o = torch.arange(n)
     big = ((o[:, None] - o[None, :]) % 8 == 0)[:, :, None, None]
@@ -387,11 +387,11 @@ GPU_SHAPES = [((64, 64, 3, 3), 1), ((256, 128, 3, 3), 2), ((127, 33, 1, 5), 1), 
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,groups", GPU_SHAPES)
-def test_gpu_kernels_match_reference(monkeypatch, precision, dtype, shape, groups):
+def test_gpu_kernels_match_reference(monkeypatch, precision, dtype, shape, groups, knobs):
     """Forward: the margin formula (float64) within float32 rounding (low precision: no worse than twice
     PyTorch). Backward (TF32 tensor cores): no worse than twice PyTorch's own float32 autograd of the eager
     formula under its default TF32 settings, against float64."""
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
+    knobs(aol_gram=precision)
     w64 = torch.randn(shape, dtype=torch.float64, device="cuda")
     g64 = torch.randn(shape, dtype=torch.float64, device="cuda")
     w = w64.to(dtype).requires_grad_()
@@ -417,8 +417,8 @@ def test_gpu_kernels_match_reference(monkeypatch, precision, dtype, shape, group
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("kind", ["orthogonal", "random", "identity_noise"])
 @pytest.mark.parametrize("log_scale", [-25.0, 0.0, 12.0])
-def test_gpu_scale_never_exceeds_the_exact_value(monkeypatch, precision, kind, log_scale):
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
+def test_gpu_scale_never_exceeds_the_exact_value(monkeypatch, precision, kind, log_scale, knobs):
+    knobs(aol_gram=precision)
     for out, inp, k in ((64, 64, 3), (256, 96, 3), (512, 512, 1)):
         w = _adversarial_weight(kind, out, inp, k, log_scale, out).float()
         _, scale = aol_rescale(w.cuda(), return_scale=True)
@@ -430,10 +430,10 @@ def test_gpu_scale_never_exceeds_the_exact_value(monkeypatch, precision, kind, l
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("kind", ["orthogonal", "random"])
-def test_gpu_gram_error_within_its_bound(monkeypatch, precision, kind):
+def test_gpu_gram_error_within_its_bound(monkeypatch, precision, kind, knobs):
     from lipkern.ops import aol
 
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
+    knobs(aol_gram=precision)
     w = _adversarial_weight(kind, 40, 5, 3, 0.0, 5).float()
     partial, _, _, _, _ = aol._gram_triton(w.cuda(), 1)
     error = (partial.sum(0)[0].cpu() - _exact_gram_row_sums(w)).abs()
@@ -445,8 +445,8 @@ def test_gpu_gram_error_within_its_bound(monkeypatch, precision, kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp64", "tf32x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_stored_weight_operator_norm_at_most_one(monkeypatch, precision, dtype):
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", precision)
+def test_gpu_stored_weight_operator_norm_at_most_one(monkeypatch, precision, dtype, knobs):
+    knobs(aol_gram=precision)
     for kind in ("orthogonal", "random"):
         w = _adversarial_weight(kind, 32, 32, 3, 0.0, 7).to(dtype).cuda()
         stored = aol_rescale(w).cpu().double()
@@ -467,7 +467,7 @@ def test_cpu_path_scale_never_exceeds_the_exact_value(kind, scheme, out, inp, k,
     every scheme, extreme magnitudes included (fp32 products underflow below ~1e-19: the ε_abs term or the
     switch to fp64 covers it); and the margin is no larger than documented where the underflow term is zero."""
     w = _adversarial_weight(kind, out, inp, k, log_scale, seed).float()
-    with mock.patch.dict(os.environ, {"LIPKERN_AOL_GRAM": scheme, "LIPKERN_BACKEND": "torch"}):
+    with configure(aol_gram=scheme, backend="torch"):
         _, scale = aol_rescale(w, return_scale=True)
     r, mass = _exact_r_and_mass(w)
     d = scale[0].double()
@@ -507,9 +507,9 @@ def test_cpu_fp32_gram_error_within_its_bound(kind, shape):
 @pytest.mark.parametrize("scheme", CPU_SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["orthogonal", "random"])
-def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, dtype, kind):
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
-    monkeypatch.setenv("LIPKERN_AOL_GRAM", scheme)
+def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, dtype, kind, knobs):
+    knobs(backend="torch")
+    knobs(aol_gram=scheme)
     w = _adversarial_weight(kind, 12, 6, 3, 0.0, 3).to(dtype)
     stored = aol_rescale(w)
     for padding_mode in ("zeros", "circular"):
@@ -519,10 +519,10 @@ def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, d
 
 
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=IDS)
-def test_cpu_path_forward_backward_match_reference_float32(monkeypatch, shape, groups):
+def test_cpu_path_forward_backward_match_reference_float32(monkeypatch, shape, groups, knobs):
     """The GEMM-form backward (signs of M_s, the 0/1 shift matrix, two GEMMs) against autograd of the paper's
     formula in float64."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     w64 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(shape, dtype=torch.float64)
     ref, ref_scale = aol_rescale_ref(w64, groups, return_scale=True)
@@ -542,7 +542,7 @@ def test_cpu_auto_scheme_takes_fp64_where_fp32_would_cost():
 
     def scheme(w):
         w4 = w if w.dim() == 4 else w[:, :, None, None]
-        return aol._forward_torch(w4, 1, False, "auto", False)[4]
+        return aol._forward_torch(w4, 1, "auto", False)[3]
 
     assert scheme(torch.randn(16, 16, 3, 3)) == "fp32"
     q, _ = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64))
@@ -553,7 +553,7 @@ def test_cpu_auto_scheme_takes_fp64_where_fp32_would_cost():
     assert torch.isfinite(aol_rescale(huge, return_scale=True)[1]).all()
 
 
-def test_cpu_scheme_is_fp64_when_float32_math_is_not_ieee(monkeypatch):
+def test_cpu_scheme_is_fp64_when_float32_math_is_not_ieee(knobs):
     """The fp32 margin assumes IEEE float32 products: with PyTorch's matmul precision below 'highest' (oneDNN
     may use bf16 there) or float64 weights the torch path takes float64 products."""
     from lipkern.ops import aol
@@ -568,17 +568,17 @@ def test_cpu_scheme_is_fp64_when_float32_math_is_not_ieee(monkeypatch):
         assert aol._torch_scheme(w) == "fp64"
     finally:
         torch.set_float32_matmul_precision(previous)
-    monkeypatch.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16")
+    knobs(onednn_fpmath="bf16")  # ONEDNN_DEFAULT_FPMATH_MODE=BF16 at start-up
     assert aol._torch_scheme(w) == "fp64"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("shape,groups", [((5, 3, 3, 3), 1), ((4, 2, 2, 3), 2), ((4, 6), 1)])
-def test_double_backward_matches_reference(monkeypatch, backend, shape, groups):
+def test_double_backward_matches_reference(monkeypatch, backend, shape, groups, knobs):
     """Hessian-vector products (create_graph=True) exist on every backend (the Triton path differentiates the
     torch path's backward) and equal autograd's of the paper's formula in float64 (the margin terms are
     constants of the backward, as in the first derivative: a relative difference of ~1e-13 here)."""
-    monkeypatch.setenv("LIPKERN_BACKEND", backend)
+    knobs(backend=backend)
     w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     g_out, direction = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
 
@@ -590,7 +590,7 @@ def test_double_backward_matches_reference(monkeypatch, backend, shape, groups):
     assert_close(hvp(aol_rescale), hvp(aol_rescale_ref))
 
 
-def test_cpu_path_with_flushed_denormals_keeps_the_bound(monkeypatch):
+def test_cpu_path_with_flushed_denormals_keeps_the_bound(monkeypatch, knobs):
     """torch.set_flush_denormal(True) (flush-to-zero and denormals-are-zero): subnormal weights read as 0 and
     float32 products that underflow are flushed; the ε_abs terms cover both, in every scheme."""
     g = torch.Generator().manual_seed(1)
@@ -599,13 +599,13 @@ def test_cpu_path_with_flushed_denormals_keeps_the_bound(monkeypatch):
         w = torch.randn(6, 5, 3, 3, generator=g) * scale
         w[0, 0, 0, 0] = 1e-40  # a subnormal entry beside normal ones
         weights.append(w)
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
         scales = []
         for scheme in CPU_SCHEMES:
-            monkeypatch.setenv("LIPKERN_AOL_GRAM", scheme)
+            knobs(aol_gram=scheme)
             scales += [(scheme, w, aol_rescale(w, return_scale=True)[1][0].double()) for w in weights]
     finally:
         torch.set_flush_denormal(False)

@@ -85,7 +85,7 @@ def _jacobian_norm(fn, x):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_linear_is_one_lipschitz_with_the_exact_norm(seed):
+def test_linear_is_one_lipschitz_with_the_exact_norm(seed, knobs):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
     b = torch.randn(6, generator=g, dtype=torch.float64)
@@ -96,9 +96,9 @@ def test_linear_is_one_lipschitz_with_the_exact_norm(seed):
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
+def torch_backend(knobs):
     """Jacobians need one backward per output; the math is under test here, the kernels elsewhere."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
 
 
 @pytest.mark.parametrize("kwargs", CONV_CASES, ids=CONV_IDS)

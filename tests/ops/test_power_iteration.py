@@ -185,9 +185,9 @@ def test_split_rows_path_is_chosen_for_a_4096_square_matrix():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_path_matches_float64_reference(dtype, monkeypatch):
+def test_torch_path_matches_float64_reference(dtype, monkeypatch, knobs):
     """The PyTorch path (CPU tensors without the interpreter; columns beyond the Triton kernel's tile)."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     m = torch.randn(5, 17, 33, dtype=dtype)
     m[1] = 0  # a zero matrix: sigma 0, v zero, u kept
     u0 = initial_vectors((5, 33), dtype, "cpu")
@@ -203,9 +203,9 @@ def test_torch_path_matches_float64_reference(dtype, monkeypatch):
 
 @pytest.mark.parametrize("scale", [1e-170, 1e170])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
-def test_torch_path_at_extreme_scales(dtype, scale, monkeypatch):
+def test_torch_path_at_extreme_scales(dtype, scale, monkeypatch, knobs):
     """Matrices whose ‖M‖² under- or overflows: the PyTorch path scales each matrix by its largest entry."""
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     m = torch.randn(2, 6, 5, dtype=dtype)
     exact = torch.linalg.matrix_norm(m, 2)
     result = batched_power_iteration(m * scale, n_iter=200)
@@ -214,13 +214,13 @@ def test_torch_path_at_extreme_scales(dtype, scale, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_path_by_gram_squaring_matches_float64_reference(dtype, monkeypatch):
+def test_torch_path_by_gram_squaring_matches_float64_reference(dtype, monkeypatch, knobs):
     """Many steps on small matrices: the CPU path reaches (MᴴM)^(n−1)u by repeated squaring (log2 n matrix
     products) and takes the last step as usual; same sigma, u and v as n steps of the reference; a zero matrix
     keeps u, a NaN matrix gives NaN."""
     from lipkern.ops.power_iteration import _squaring_pays
 
-    monkeypatch.setenv("LIPKERN_BACKEND", "torch")
+    knobs(backend="torch")
     m = torch.randn(6, 12, 10, dtype=dtype)
     m[1] = 0
     m[2, 0, 0] = float("nan")
