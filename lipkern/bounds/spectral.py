@@ -213,6 +213,8 @@ def _lanczos_top(apply, adjoint, u0: torch.Tensor, n_iter: int, rtol: float):
             alpha = torch.linalg.vector_norm(v).item()
             done += 1
             if alpha <= floor * (max(alphas) if alphas else 0.0) or alpha == 0.0:
+                if alphas:  # A u_{k+1} ∈ span(v_1..v_k): the pair of spans is invariant, B̃ = [B_k | β_k e_k] exact
+                    return _invariant_top(apply, us, alphas, betas, dtype)
                 break
             v = v / alpha
             vs.append(v)
@@ -246,6 +248,23 @@ def _lanczos_top(apply, adjoint, u0: torch.Tensor, n_iter: int, rtol: float):
         if (error <= max(rtol / 2, floor) * top**2 and stable) or done >= n_iter or betas[k - 1] <= floor * max(alphas):
             v = apply(u)
             return u, v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(dtype).tiny)
+
+
+def _invariant_top(apply, us, alphas, betas, dtype):
+    """The top singular pair when the left Krylov space stopped growing after k steps (rank ≤ k, e.g. a
+    rank-1 operator after one step): A U_{k+1} = V_k B̃ with B̃ the k × (k+1) upper bidiagonal matrix of the
+    alphas and the k betas, so B̃'s top singular value is ‖A‖ on these spans, which A and Aᵀ map into each
+    other. Restarting from the top Ritz vector of the square B_k instead (which ignores u_{k+1}) would loop on
+    the start vector (rank-1: an estimate of ‖A u_1‖, 20× low for ones(1, 512))."""
+    k = len(alphas)
+    b = torch.zeros(k, k + 1, dtype=torch.float64)
+    b[range(k), range(k)] = torch.tensor(alphas, dtype=torch.float64)
+    b[range(k), range(1, k + 1)] = torch.tensor(betas[:k], dtype=torch.float64)
+    _, _, qh = torch.linalg.svd(b)
+    u = torch.stack(us[:k + 1]).T @ qh[0].to(dtype)
+    u = u / torch.linalg.vector_norm(u)
+    v = apply(u)
+    return u, v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(dtype).tiny)
 
 
 def _power_estimate(weight, g: ConvGeometry, u, n_iter: int, rtol: float):

@@ -10,7 +10,9 @@ Sampling (one code path for certify and predict): noise is drawn on x's device i
 (``Tensor.normal_(0, σ, generator=g)`` on a (b, *x.shape) buffer, then ``add_(x)``: x broadcast, never
 copied), with a ``torch.Generator`` on that device seeded by ``seed`` (None: the device's default generator).
 The base model runs under inference_mode (optionally autocast), argmax per row, and the counts are accumulated
-on the device with ``index_add_``; one host read per certify/predict call, at the end.
+on the device with ``index_add_``; one host read per certify/predict call, at the end. A draw whose logits are
+not all finite counts for no class (a vote against the top class: the guarantee holds for any base model);
+when every draw is such a draw the call raises a ValueError.
 """
 
 from __future__ import annotations
@@ -112,10 +114,15 @@ class RandomizedSmoothing:
 
     def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, generator=None,
                       progress=None) -> torch.Tensor:
-        """Counts (num_classes,) int64 ON x's DEVICE of argmax base(x + δ) over ``num`` noise draws; no host
-        read. ``progress``: a tqdm bar to update, or None. Call within inference_mode with base in eval mode
-        (certify and predict do)."""
-        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
+        """Counts (num_classes,) int64 ON x's DEVICE of argmax base(x + δ) over ``num`` noise draws (draws with
+        a NaN or Inf logit count for no class, so the counts may sum to less than ``num``); no host read.
+        ``progress``: a tqdm bar to update, or None. Call within inference_mode with base in eval mode (certify
+        and predict do)."""
+        return self._counts(x, num, batch_size, generator, progress)[:self.num_classes]
+
+    def _counts(self, x, num, batch_size, generator, progress) -> torch.Tensor:
+        """:meth:`sample_counts` and, last, the number of draws without a class."""
+        counts = torch.zeros(self.num_classes + 1, dtype=torch.int64, device=x.device)
         ones = torch.ones(min(batch_size, num), dtype=torch.int64, device=x.device)
         buffer = torch.empty((min(batch_size, num), *x.shape), dtype=x.dtype, device=x.device)
         remaining = num
@@ -128,7 +135,10 @@ class RandomizedSmoothing:
             if logits.dim() != 2 or logits.shape[0] != size or logits.shape[1] != self.num_classes:
                 raise ValueError(f"RandomizedSmoothing: base must return ({size}, {self.num_classes}) logits "
                                  f"for a batch of {size}, got {tuple(logits.shape)}")
-            counts.index_add_(0, logits.argmax(dim=1), ones[:size])
+            # a draw whose logits are not all finite has no class (argmax of NaN is an index, not a
+            # prediction): it goes to the extra bin, a vote against every class (sound for any base model)
+            labels = torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), self.num_classes)
+            counts.index_add_(0, labels, ones[:size])
             remaining -= size
             if progress is not None:
                 progress.update(size)
@@ -149,8 +159,8 @@ class RandomizedSmoothing:
             if isinstance(base, nn.Module):
                 base.eval()
             with torch.inference_mode():
-                counts = [self.sample_counts(x, num, batch_size, generator, bar) for num in draws]
-                finite = torch.isfinite(x).all().to(torch.int64)[None].expand(self.num_classes)
+                counts = [self._counts(x, num, batch_size, generator, bar) for num in draws]
+                finite = torch.isfinite(x).all().to(torch.int64)[None].expand(self.num_classes + 1)
                 *values, x_finite = torch.stack([*counts, finite]).tolist()  # the one host read
         finally:
             bar.close()
@@ -158,7 +168,11 @@ class RandomizedSmoothing:
                 base.train(was_training)
         if not x_finite[0]:
             raise ValueError("RandomizedSmoothing: x contains NaN or Inf")
-        return values
+        for num, group in zip(draws, values):
+            if group[-1] == num:
+                raise ValueError(f"RandomizedSmoothing: the base model returned NaN or Inf logits for all {num} "
+                                 "noise draws (a diverged or broken model); nothing to certify")
+        return [group[:-1] for group in values]
 
     # -- Cohen et al.'s procedures --------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,

@@ -366,6 +366,8 @@ class SplitzCertifier:
         finally:
             if isinstance(self.left, nn.Module):
                 self.left.train(was_training)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("SplitzCertifier: left(x) contains NaN or Inf (a diverged left half?)")
         label, right_radius = self.smoothing.certify(z.clone(), n0, n, alpha, batch_size, seed, progress)
         if label == ABSTAIN:
             return ABSTAIN, 0.0, 0.0

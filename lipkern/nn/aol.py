@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
+from lipkern.nn._cache import WeightSnapshot
 from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.aol import aol_rescale
 
@@ -35,9 +36,9 @@ def _check_circular_padding(conv: nn.Conv2d) -> None:
 class _CachedRescale(nn.Module):
     """Serves the rescaled weight; in eval mode, when no gradient to the weight is needed, from a cache.
 
-    The cache is keyed on the weight's version counter, storage, dtype and device, so an optimizer step
-    (an in-place update), ``load_state_dict``, ``.to()`` or ``.half()`` invalidate it, and so does ``train()``.
-    It is not part of the state_dict.
+    The cache is keyed on the weight itself (``lipkern.nn._cache``: version counter, storage, dtype, device and
+    contents, so an optimizer step, ``load_state_dict``, ``.to()``, ``.half()`` and writes through
+    ``weight.data`` invalidate it), and ``train()`` clears it. It is not part of the state_dict.
 
     Finite weights: a training step checks nothing on the host (no device synchronization); a NaN/Inf weight
     makes the rescaled weight and so the output NaN. Filling the eval cache and ``to_vanilla()`` raise a
@@ -50,11 +51,7 @@ class _CachedRescale(nn.Module):
     def __init__(self):
         super().__init__()
         self._cached_weight: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
-
-    def _weight_key(self) -> tuple:
-        w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device)
+        self._snapshot: WeightSnapshot | None = None
 
     def _cache_usable(self) -> bool:
         needs_weight_grad = torch.is_grad_enabled() and self.weight.requires_grad
@@ -65,16 +62,15 @@ class _CachedRescale(nn.Module):
         """The weight the layer applies: ``aol_rescale(self.weight)``."""
         if not self._cache_usable():
             return aol_rescale(self.weight, self.groups)
-        key = self._weight_key()
-        if self._cached_weight is None or self._cache_key != key:
+        if self._cached_weight is None or not self._snapshot.matches(self.weight):
             check_finite(self.weight, type(self).__name__)
             with torch.inference_mode(False), torch.no_grad():
                 self._cached_weight = aol_rescale(self.weight, self.groups)
-            self._cache_key = key
+            self._snapshot = WeightSnapshot(self.weight)
         return self._cached_weight
 
     def train(self, mode: bool = True):
-        self._cached_weight, self._cache_key = None, None
+        self._cached_weight, self._snapshot = None, None
         return super().train(mode)
 
 

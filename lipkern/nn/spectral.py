@@ -12,7 +12,7 @@ rounds to 3 digits), σ = vᵀAu is formed in float32 and rounded to the weight'
 layer's dtype. ``torch.autocast`` (bf16/fp16) leaves float32 layers iterating in float32 (the ops disable it
 inside); the layer's own conv / linear runs in the autocast dtype as for ``nn.Conv2d``. A certified eval norm
 of a half-precision weight is rounded up to that dtype (``certified=True`` works; the rounding slack is bf16's).
-Eval: σ is computed once per weight version and cached: the converged power iteration (an estimate), or
+Eval: σ is computed once per weight (``lipkern.nn._cache``: writes through ``weight.data`` included) and cached: the converged power iteration (an estimate), or
 with ``certified=True`` a guaranteed upper bound of the operator norm (Gram iteration in float64, see
 ``lipkern.bounds``) enlarged by the rounding of W/σ in the weight's dtype, so that the eval-mode layer,
 with the weights it stores, is 1-Lipschitz with proof.
@@ -37,6 +37,7 @@ from torch import nn
 
 from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
+from lipkern.nn._cache import WeightSnapshot
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
 from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
 from lipkern.ops.conv_power_iteration import (
@@ -73,11 +74,7 @@ class _SpectralNormalized(nn.Module):
         self.n_power_iterations = n_power_iterations
         self.certified = bool(certified)
         self._cached_sigma: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
-
-    def _weight_key(self) -> tuple:
-        w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device, self.certified)
+        self._snapshot: WeightSnapshot | None = None
 
     def _eval_sigma(self) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -87,12 +84,11 @@ class _SpectralNormalized(nn.Module):
                 raise RuntimeError(f"{type(self).__name__}: run one eager forward in eval mode before compiling "
                                    "an eval-mode model (it computes and caches the layer's norm)")
             return self._cached_sigma
-        key = self._weight_key()
-        if self._cached_sigma is None or self._cache_key != key:
+        if self._cached_sigma is None or not self._snapshot.matches(self.weight, self.certified):
             check_finite(self.weight, f"{type(self).__name__} (eval-mode norm of the weight)")
             with torch.inference_mode(False), torch.no_grad():
                 sigma = self._certified_divisor() if self.certified else self._converged_estimate()
-            self._cached_sigma, self._cache_key = sigma, key
+            self._cached_sigma, self._snapshot = sigma, WeightSnapshot(self.weight, self.certified)
         return self._cached_sigma
 
     def sigma(self) -> torch.Tensor:
@@ -144,7 +140,7 @@ class _SpectralNormalized(nn.Module):
         return _round_up((upper + slack) * (1 + 1e-12), self.weight.dtype).to(self.weight.device)
 
     def train(self, mode: bool = True):
-        self._cached_sigma, self._cache_key = None, None
+        self._cached_sigma, self._snapshot = None, None
         return super().train(mode)
 
 

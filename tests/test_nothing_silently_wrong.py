@@ -1,0 +1,133 @@
+"""Issue 20's findings, each reproduced: a right answer or a clear error, never a plausible wrong value.
+Oracles: the dense Jacobian of the layer and its SVD (tests.helpers), float64 formulas, exact arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipkern.nn as LN
+from tests.helpers import dense_jacobian, spectral_norm
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(knobs):
+    knobs(backend="torch")  # the layers' logic is under test; the kernels are compared in tests/ops
+
+
+# --- 1. eval caches follow every change of the weight ---------------------------------------------------------
+def _layers():
+    d = dict(dtype=torch.float64)
+    return {
+        "SpectralLinear": (lambda: LN.SpectralLinear(6, 5, certified=True, **d), (6,)),
+        "SpectralConv2d": (lambda: LN.SpectralConv2d(2, 3, 3, padding=1, input_size=5, certified=True, **d),
+                           (2, 5, 5)),
+        "CPLLinear": (lambda: LN.CPLLinear(6, 4, certified=True, **d), (6,)),
+        "CPLConv2d": (lambda: LN.CPLConv2d(2, 3, input_size=5, certified=True, **d), (2, 5, 5)),
+        "AOLLinear": (lambda: LN.AOLLinear(6, 5, **d), (6,)),
+        "AOLConv2d": (lambda: LN.AOLConv2d(2, 3, 3, padding=1, **d), (2, 5, 5)),
+    }
+
+
+def _edit(layer: nn.Module, how: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    new = 3 * torch.randn(layer.weight.shape, generator=gen, dtype=layer.weight.dtype)
+    if how == "data-inplace":
+        layer.weight.data.mul_(3).add_(new)
+    elif how == "data-assign":
+        layer.weight.data = new
+    elif how == "copy-no-grad":
+        with torch.no_grad():
+            layer.weight.copy_(new)
+    elif how == "load-state-dict":
+        state = layer.state_dict()
+        state["weight"] = new
+        layer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("how", ["data-inplace", "data-assign", "copy-no-grad", "load-state-dict"])
+@pytest.mark.parametrize("name", list(_layers()))
+def test_eval_layer_stays_one_lipschitz_after_a_weight_edit(name, how):
+    make, shape = _layers()[name]
+    layer = make().eval()
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    layer(x)  # fills the eval cache
+    _edit(layer, how)
+    fresh = make().eval()
+    fresh.load_state_dict(layer.state_dict())  # the same weights, no cache history
+    torch.testing.assert_close(layer(x), fresh(x), rtol=1e-12, atol=1e-12)
+    jac = dense_jacobian(lambda z: layer(z.reshape(1, *shape)), x[0])
+    assert spectral_norm(jac) <= 1 + 1e-9, (name, how, spectral_norm(jac))
+
+
+# --- 2. the eval estimate of low-rank operators ---------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 512), (1, 7), (2, 300), (300, 1), (3, 3)])
+def test_lanczos_estimate_of_low_rank_matrices(shape):
+    from lipkern.bounds import linear_spectral_norm
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    for w in (torch.ones(shape, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)):
+        exact = torch.linalg.matrix_norm(w, 2).item()
+        estimate = linear_spectral_norm(w, "power").estimate.item()
+        assert exact * (1 - 1e-6) <= estimate <= exact * (1 + 1e-12), (shape, estimate, exact)
+
+
+def test_rank_one_eval_layers_are_normalized_by_their_norm():
+    torch.manual_seed(0)
+    cpl = LN.CPLLinear(16, 1, dtype=torch.float64).eval()
+    h = cpl.step_size().item()
+    assert h * spectral_norm(cpl.weight.detach()) ** 2 <= 2 * (1 + 1e-6)
+    linear = LN.SpectralLinear(16, 1, dtype=torch.float64).eval().to_vanilla()
+    assert spectral_norm(linear.weight.detach()) <= 1 + 1e-6
+    conv = LN.SpectralConv2d(3, 1, 3, input_size=3, dtype=torch.float64).eval()
+    x = torch.randn(3, 3, 3, dtype=torch.float64)
+    assert spectral_norm(dense_jacobian(lambda z: conv(z[None]), x)) <= 1 + 1e-6
+
+
+# --- 3. smoothing of a model with non-finite logits -----------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_smoothing_refuses_a_model_without_finite_logits(value):
+    from lipkern.certify import RandomizedSmoothing
+
+    smooth = RandomizedSmoothing(lambda z: torch.full((len(z), 3), value), 0.25, 3)
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="NaN or Inf logits for all"):
+        smooth.certify(x, 100, 1000, 1e-3, 500, seed=0)
+    with pytest.raises(ValueError, match="NaN or Inf logits for all"):
+        smooth.predict(x, 100, 1e-3, 500, seed=0)
+
+
+def test_smoothing_counts_a_non_finite_draw_against_the_top_class():
+    """Class 0 wins every finite draw, but 30% of the draws are NaN: p̲_A comes from 70%, not 100%."""
+    from scipy.stats import beta, norm
+
+    from lipkern.certify import RandomizedSmoothing
+
+    def base(z):  # NaN exactly where the first noise coordinate is below its 30% quantile
+        logits = torch.tensor([[1.0, 0.0]]).repeat(len(z), 1)
+        logits[z[:, 0] < 0.25 * norm.ppf(0.3)] = math.nan
+        return logits
+
+    smooth = RandomizedSmoothing(base, 0.25, 2)
+    label, radius = smooth.certify(torch.zeros(1), 100, 4000, 1e-3, 1000, seed=1)
+    with torch.inference_mode():
+        generator = torch.Generator().manual_seed(1)
+        smooth.sample_counts(torch.zeros(1), 100, 1000, generator)
+        n_a = int(smooth.sample_counts(torch.zeros(1), 4000, 1000, generator)[0])
+    assert 0.66 * 4000 < n_a < 0.74 * 4000
+    p_lower = beta.ppf(1e-3, n_a, 4000 - n_a + 1)
+    assert label == 0 and radius == pytest.approx(0.25 * norm.ppf(p_lower), rel=1e-9)
+
+
+def test_splitz_refuses_a_non_finite_left_half():
+    from lipkern.certify import SplitzCertifier
+
+    left = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        left[0].weight.fill_(math.nan)
+    certifier = SplitzCertifier(left, nn.Linear(2, 3), 0.25, 3, local_lipschitz=lambda x, g: 1.0)
+    with pytest.raises(ValueError, match="left"):
+        certifier.certify(torch.zeros(2), 10, 100, 1e-3, 50, seed=0)
