@@ -86,6 +86,16 @@ def _check_lipschitz(lipschitz, logits: Tensor, pairwise: bool, loss: str) -> Te
     return lipschitz.to(device=logits.device, dtype=logits.dtype)
 
 
+def _nan_if_invalid(per_sample: Tensor, lipschitz: Tensor, pairwise: bool) -> Tensor:
+    """per_sample, NaN everywhere when a Lipschitz constant that enters is NaN or negative (a NaN loss shows
+    it without a host read; a plain cross-entropy or a negative radius would not). The diagonal of a pairwise
+    matrix never enters."""
+    invalid = ~(lipschitz.detach() >= 0)
+    if pairwise:
+        invalid &= ~torch.eye(lipschitz.shape[0], dtype=torch.bool, device=lipschitz.device)
+    return torch.where(invalid.any(), math.nan, per_sample)
+
+
 def _target_logit(logits: Tensor, target: Tensor, loss: str) -> Tensor:
     """f_y, shape (B, 1). The gather checks the index range in its kernel (no host read)."""
     if logits.is_cuda:
@@ -101,6 +111,8 @@ def _target_logit(logits: Tensor, target: Tensor, loss: str) -> Tensor:
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
+        if per_sample.numel() == 0:
+            raise ValueError("logits: an empty batch has no mean loss (skip it, or use reduction='sum')")
         return per_sample.mean()
     if reduction == "sum":
         return per_sample.sum()
@@ -169,7 +181,7 @@ class LMTLoss(nn.Module):
         if self.clip:
             shift = shift * self._official_factor(target_logit - logits, shift, is_target)
         per_sample = F.cross_entropy(logits + shift, target, reduction="none")
-        return _reduce(per_sample, self.reduction)
+        return _reduce(_nan_if_invalid(per_sample, lipschitz, self.pairwise), self.reduction)
 
     @staticmethod
     def _official_factor(margin: Tensor, shift: Tensor, is_target: Tensor) -> Tensor:
@@ -215,7 +227,10 @@ class OffsetCrossEntropy(nn.Module):
         _check_inputs(logits, target, "OffsetCrossEntropy")
         _target_logit(logits, target, "OffsetCrossEntropy")  # the index range check
         shifted = logits - self.offset * _one_hot(target, logits).to(logits.dtype)
-        per_sample = self.temperature * F.cross_entropy(shifted / self.temperature, target, reduction="none")
+        # t·CE(z/t) = t·logsumexp((z − m)/t) + m − z_y with m = max_j z_j: no overflow of z/t for small t
+        top = shifted.detach().amax(dim=1, keepdim=True)
+        per_sample = (self.temperature * torch.logsumexp((shifted - top) / self.temperature, dim=1)
+                      + (top - shifted.gather(1, target[:, None]))[:, 0])
         return _reduce(per_sample, self.reduction)
 
 
@@ -319,10 +334,13 @@ class CRMLoss(nn.Module):
         predicted = logits.argmax(dim=1)
         is_predicted = _one_hot(predicted, logits)
         denominator = _pairwise_rows(lipschitz, predicted, self.pairwise, logits)
-        # 1 at ŷ (where L[ŷ, ŷ] = 0) so that no 0/0 enters the graph; the entry is replaced by +inf.
-        denominator = denominator.masked_fill(is_predicted, 1.0)
         margin = logits.gather(1, predicted[:, None]) - logits
-        return predicted, (margin / denominator).masked_fill(is_predicted, math.inf)
+        # L = 0: f_ŷ − f_j is constant, its radius +inf (margin > 0) or 0; the division sees 1 there (and at ŷ,
+        # replaced by +inf) so that no 0/0 or x/0 enters the graph (its gradient would be NaN)
+        constant = denominator == 0
+        radii = margin / denominator.masked_fill(constant, 1.0)
+        radii = torch.where(constant, torch.where(margin > 0, math.inf, 0.0), radii)
+        return predicted, radii.masked_fill(is_predicted, math.inf)
 
     def forward(self, logits: Tensor, target: Tensor, lipschitz, epoch: int) -> Tensor:
         _check_inputs(logits, target, "CRMLoss")
@@ -343,4 +361,4 @@ class CRMLoss(nn.Module):
         else:
             robust = torch.exp(-self.t * radius) / self.t
         per_sample = cross_entropy + self.lam * torch.where(selected, robust, torch.zeros_like(robust))
-        return _reduce(per_sample, self.reduction)
+        return _reduce(_nan_if_invalid(per_sample, lipschitz, self.pairwise), self.reduction)

@@ -131,3 +131,72 @@ def test_splitz_refuses_a_non_finite_left_half():
     certifier = SplitzCertifier(left, nn.Linear(2, 3), 0.25, 3, local_lipschitz=lambda x, g: 1.0)
     with pytest.raises(ValueError, match="left"):
         certifier.certify(torch.zeros(2), 10, 100, 1e-3, 50, seed=0)
+
+
+# --- 5. losses: L = 0, NaN or negative L, tiny temperatures, empty batches ------------------------------------
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_crm_loss_with_a_zero_lipschitz_constant_has_finite_gradients(pairwise):
+    from lipkern.losses import CRMLoss
+
+    logits = torch.tensor([[2.0, 0.5, 0.5], [0.1, 0.3, 0.2]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1])
+    lipschitz = torch.zeros(3, 3, dtype=torch.float64) if pairwise else torch.tensor(0.0, dtype=torch.float64)
+    if pairwise:
+        lipschitz[0, 1] = lipschitz[1, 0] = 1.0  # one pair with a finite radius, the others constant
+    loss = CRMLoss(start_epoch=0, r0=10.0, pairwise=pairwise)(logits, target, lipschitz, epoch=0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all(), (loss, logits.grad)
+    _, radii = CRMLoss(pairwise=pairwise).radii(logits.detach(), lipschitz)
+    off = ~torch.eye(3, dtype=torch.bool)[[0, 1]]
+    expected = torch.full((2, 3), math.inf, dtype=torch.float64)  # constant differences with a positive margin
+    if pairwise:
+        expected[0, 1] = 1.5  # (2 − 0.5)/1
+        expected[1, 0] = 0.3 - 0.1
+    assert torch.equal(radii[off], expected[off]), radii
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0])
+@pytest.mark.parametrize("name", ["CRMLoss", "LMTLoss"])
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_losses_with_a_nan_or_negative_lipschitz_constant_are_nan(name, bad, pairwise):
+    """No host read in a training step, so no error: the loss is NaN (visible), not a plain cross-entropy."""
+    from lipkern import losses
+
+    loss = losses.CRMLoss(start_epoch=0, pairwise=pairwise) if name == "CRMLoss" else losses.LMTLoss(
+        0.5, pairwise=pairwise)
+    lipschitz = torch.ones(3, 3) if pairwise else torch.tensor(1.0)
+    lipschitz[(0, 2) if pairwise else ()] = bad
+    args = (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), lipschitz)
+    good = loss(*args[:2], torch.ones(3, 3) if pairwise else torch.tensor(1.0), *((0,) if name == "CRMLoss" else ()))
+    assert torch.isfinite(good)
+    assert torch.isnan(loss(*args, *((0,) if name == "CRMLoss" else ())))
+
+
+def test_offset_cross_entropy_with_a_tiny_temperature_is_the_hinge_limit():
+    """t·CE(z/t) → max_j (z_j) − z_y as t → 0 (float64 oracle: the same formula at t = 1e-3 and the limit)."""
+    from lipkern.losses import OffsetCrossEntropy
+
+    logits = torch.tensor([[1.0, 3.0, 0.0], [2.0, -1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 0])
+    loss = OffsetCrossEntropy(offset=1.0, temperature=1e-300, reduction="none")(logits, target)
+    shifted = logits.detach() - torch.tensor([[1.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64)
+    limit = shifted.amax(1) - shifted[:, 0]
+    torch.testing.assert_close(loss.detach(), limit, rtol=0, atol=1e-12)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    usual = OffsetCrossEntropy(offset=1.0, temperature=0.25, reduction="none")(logits.detach(), target)
+    reference = 0.25 * torch.nn.functional.cross_entropy(shifted / 0.25, target, reduction="none")
+    torch.testing.assert_close(usual, reference, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["CRMLoss", "LMTLoss", "OffsetCrossEntropy", "MultiMarginHinge"])
+def test_mean_loss_of_an_empty_batch_is_an_error(name):
+    from lipkern import losses
+
+    loss = losses.LMTLoss(0.5) if name == "LMTLoss" else getattr(losses, name)()
+    logits, target = torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)
+    args = (logits, target) if name in ("OffsetCrossEntropy", "MultiMarginHinge") else (logits, target, 1.0)
+    with pytest.raises(ValueError, match="empty batch"):
+        loss(*args, epoch=20) if name == "CRMLoss" else loss(*args)
+    summed = losses.LMTLoss(0.5, reduction="sum") if name == "LMTLoss" else getattr(losses, name)(reduction="sum")
+    assert summed(*args, epoch=20).item() == 0.0 if name == "CRMLoss" else summed(*args).item() == 0.0
