@@ -200,3 +200,50 @@ def test_mean_loss_of_an_empty_batch_is_an_error(name):
         loss(*args, epoch=20) if name == "CRMLoss" else loss(*args)
     summed = losses.LMTLoss(0.5, reduction="sum") if name == "LMTLoss" else getattr(losses, name)(reduction="sum")
     assert summed(*args, epoch=20).item() == 0.0 if name == "CRMLoss" else summed(*args).item() == 0.0
+
+
+# --- 6. a Spectral layer's fixed input size -------------------------------------------------------------------
+def test_lipschitz_bound_refuses_a_spectral_layer_at_another_size():
+    from lipkern.bounds import lipschitz_bound
+
+    model = nn.Sequential(LN.SpectralConv2d(1, 2, 3, padding=1, input_size=8, certified=True)).eval()
+    with pytest.raises(ValueError, match="input"):
+        model(torch.zeros(1, 1, 5, 5))  # the layer itself refuses
+    with pytest.raises(ValueError, match=r"normalized for inputs of size \(8, 8\)"):
+        lipschitz_bound(model, (1, 5, 5), sound=True)
+    assert lipschitz_bound(model, (1, 8, 8), sound=True) <= 1 + 1e-6
+
+
+# --- 7. zero power-iteration vectors --------------------------------------------------------------------------
+def test_power_estimates_from_a_zero_start_vector():
+    from lipkern.bounds import conv2d_spectral_norm, linear_spectral_norm
+    from tests.helpers import dense_conv2d
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    exact = spectral_norm(dense_conv2d(w, 6, padding=1))
+    estimate = conv2d_spectral_norm(w, 6, padding=1, method="power", u=torch.zeros(2, 6, 6, dtype=torch.float64))
+    assert exact * (1 - 1e-4) <= estimate.estimate.item() <= exact * (1 + 1e-9)
+    m = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    result = linear_spectral_norm(m, "power", u=torch.zeros(4, dtype=torch.float64))
+    assert result.estimate.item() == pytest.approx(spectral_norm(m), rel=1e-6)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: LN.SpectralLinear(6, 4, dtype=torch.float64), (6,)),
+                                        (lambda: LN.SpectralConv2d(2, 3, 3, padding=1, input_size=5,
+                                                                   dtype=torch.float64), (2, 5, 5))])
+def test_a_loaded_zero_vector_restarts_and_training_recovers(make, shape):
+    layer = make()
+    state = layer.state_dict()
+    state["u"] = torch.zeros_like(state["u"])
+    with pytest.warns(RuntimeWarning, match="zero or not finite"):
+        layer.load_state_dict(state)
+    assert layer.u.abs().amax() > 0
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    for _ in range(30):
+        out = layer.train()(x)
+    assert torch.isfinite(out).all()
+    jac = dense_jacobian(lambda z: layer.eval()(z[None]), x[0])
+    exact = spectral_norm(layer.weight.detach() if len(shape) == 1 else jac * layer.sigma().item())
+    sigma = layer.train().sigma().item()
+    assert 0.9 * exact < sigma <= exact * (1 + 1e-9), (sigma, exact)  # recovered: an estimate from below

@@ -385,6 +385,9 @@ class _Parser:
         if isinstance(module, nn.Module) and hasattr(module, "geometry"):
             if module.geometry is None:
                 raise ValueError(f"lipschitz_bound: {self.name(module)} has no input size yet (pass input_size)")
+            if len(shape) == 3 and tuple(shape[1:]) != tuple(module.geometry.input_size):
+                raise ValueError(f"lipschitz_bound: {self.name(module)} is normalized for inputs of size "
+                                 f"{tuple(module.geometry.input_size)} and refuses others; it gets {tuple(shape[1:])}")
             return self.conv(module, shape, weight_fn)
         return self.dense(module, shape, weight_fn)
 

@@ -197,7 +197,10 @@ def _lanczos_top(apply, adjoint, u0: torch.Tensor, n_iter: int, rtol: float):
     Returns (u, v): unit right and left vectors (v = A u/‖A u‖), or (u0, 0) for a zero operator."""
     dtype = u0.dtype
     floor = 16 * torch.finfo(dtype).eps
-    u = u0 / torch.linalg.vector_norm(u0).clamp_min(torch.finfo(dtype).tiny)
+    start_norm = torch.linalg.vector_norm(u0)
+    if not 0 < start_norm.item() < math.inf:  # a zero (or non-finite) start vector: the Krylov space would be {0}
+        u0, start_norm = torch.ones_like(u0), torch.linalg.vector_norm(torch.ones_like(u0))
+    u = u0 / start_norm.clamp_min(torch.finfo(dtype).tiny)
     done, previous = 0, None
     while True:
         us, vs, alphas, betas = [u], [], [], []

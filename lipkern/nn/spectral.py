@@ -30,6 +30,7 @@ of ``lipkern.bounds`` used there reject it regardless), and so does ``to_vanilla
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,16 @@ class _SpectralNormalized(nn.Module):
         self._cached_sigma, self._snapshot = None, None
         return super().train(mode)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        u = self.u
+        if u is not None and not bool(torch.isfinite(u).all() & (u.abs().amax() > 0)):  # (a read at load time)
+            warnings.warn(f"{type(self).__name__} {prefix or '(root)'}: the loaded power-iteration vector u is "
+                          "zero or not finite (a power iteration from it stays there, σ = 0); it restarts from "
+                          "the initial vector", RuntimeWarning, stacklevel=2)
+            with torch.no_grad():
+                u.copy_(self._initial_u())
+
 
 class _SpectralLinearBase(_SpectralNormalized):
     """A weight (out, in) with persistent power-iteration vectors and its spectral norm (train / eval)."""
@@ -157,6 +168,9 @@ class _SpectralLinearBase(_SpectralNormalized):
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.register_buffer("u", initial_vectors((1, in_features), **factory, key="linear")[0])
         self.register_buffer("v", torch.zeros(out_features, **factory))
+
+    def _initial_u(self) -> torch.Tensor:
+        return initial_vectors((1, self.in_features), self.weight.dtype, self.weight.device, key="linear")[0]
 
     def _power_key(self) -> tuple:
         w = self.weight
@@ -239,10 +253,14 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         return ConvGeometry.create(input_size, self.kernel_size, self.stride, self.padding, self.dilation,
                                    self.groups, self.padding_mode)
 
+    def _initial_u(self) -> torch.Tensor:
+        return initial_conv_vectors(1, self.in_channels, self.geometry.input_size, self.weight.dtype,
+                                    self.weight.device, key="conv")[0]
+
     def _set_input_size(self, input_size) -> None:
         self.geometry = self._make_geometry(input_size)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.u = initial_conv_vectors(1, self.in_channels, self.geometry.input_size, **factory, key="conv")[0]
+        self.u = self._initial_u()
         self.v = torch.zeros(self.out_channels, *self.geometry.output_size, **factory)
 
     @property
