@@ -247,3 +247,19 @@ def test_a_loaded_zero_vector_restarts_and_training_recovers(make, shape):
     exact = spectral_norm(layer.weight.detach() if len(shape) == 1 else jac * layer.sigma().item())
     sigma = layer.train().sigma().item()
     assert 0.9 * exact < sigma <= exact * (1 + 1e-9), (sigma, exact)  # recovered: an estimate from below
+
+
+# --- 8. the power iteration needs ‖M‖² representable, not ‖M‖⁴ -----------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scale", [1e10, 1e-12, 1e-18, 1e18])
+def test_power_iteration_at_extreme_scales(knobs, backend, scale):
+    from lipkern import _dispatch
+    from lipkern.ops import batched_power_iteration
+
+    if backend == "triton" and not _dispatch.triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on a CPU")
+    knobs(backend=backend)
+    m = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(m, 2) * scale  # ‖M‖² ≤ 1e38 · ... representable in float32, ‖M‖⁴ not
+    sigma = batched_power_iteration((m * scale).float(), n_iter=60).sigma.double()
+    torch.testing.assert_close(sigma / exact, torch.ones(3, dtype=torch.float64), rtol=1e-5, atol=0)

@@ -100,6 +100,16 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
+    def _vector_norm(xr, xi):
+        """‖x‖ of a register vector (real and imaginary parts), scaled by its largest |part| first: the squares
+        cannot overflow or underflow while ‖x‖ is representable (x here is MᴴM u, of size ‖M‖²)."""
+        big = tl.maximum(tl.max(tl.abs(xr), axis=0), tl.max(tl.abs(xi), axis=0))
+        inv = 1.0 / tl.where(big > 0.0, big, 1.0)  # NaN/Inf: the sum below is NaN
+        sr = xr * inv
+        si = xi * inv
+        return big * tl.sqrt(tl.sum(sr * sr + si * si, axis=0))
+
+    @triton.jit
     def _power_iteration_kernel(m_ptr, u_ptr, v_ptr, sigma_ptr, ROWS, COLS, N_ITER,
                                 IS_COMPLEX: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -141,7 +151,7 @@ if triton_importable():
                 tl.store(v_base + rows * parts, wr, mask=row_mask)
                 if IS_COMPLEX:
                     tl.store(v_base + rows * parts + 1, wi, mask=row_mask)
-            z_norm = tl.sqrt(tl.sum(zr * zr + zi * zi, axis=0))
+            z_norm = _vector_norm(zr, zi)
             keep = z_norm == 0.0
             inv = 1.0 / tl.where(keep, 1.0, z_norm)
             ur = tl.where(keep, ur, zr * inv)
@@ -203,7 +213,7 @@ if triton_importable():
             z += tl.load(z_part_ptr + (b * PROGRAMS + p) * COLS + cols, mask=col_mask, other=0.0)
         ps = tl.arange(0, BLOCK_P)
         w_sq = tl.sum(tl.load(w_sq_ptr + b * PROGRAMS + ps, mask=ps < PROGRAMS, other=0.0), axis=0)
-        z_norm = tl.sqrt(tl.sum(z * z, axis=0))
+        z_norm = _vector_norm(z, tl.zeros_like(z))
         keep = z_norm == 0.0
         u_old = tl.load(u_ptr + b * COLS + cols, mask=col_mask, other=0.0)
         u = tl.where(keep, u_old, z * (1.0 / tl.where(keep, 1.0, z_norm)))
@@ -426,7 +436,7 @@ def batched_power_iteration(matrices: torch.Tensor, u: torch.Tensor | None = Non
 
     Returns ``PowerIteration(sigma, u, v)``: sigma (B,) real, an estimate of each ‖M_b‖₂ that is never above
     it (up to rounding) and converges from below. ‖M_b‖₂² must be representable in the dtype (the kernels
-    form MᴴM u); :func:`power_of_two_scale` rescales a stack exactly when it is not. Not differentiable: the vectors are constants of the
+    form MᴴM u and take its norm by a scaled sum of squares, so ‖M_b‖⁴ need not be); :func:`power_of_two_scale` rescales a stack exactly when it is not. Not differentiable: the vectors are constants of the
     computation (for a differentiable σ use vᴴ M u with the returned vectors).
     No value is checked (that would synchronize with the device): NaN/Inf in a matrix give it a NaN sigma.
     """
