@@ -263,3 +263,90 @@ def test_power_iteration_at_extreme_scales(knobs, backend, scale):
     exact = torch.linalg.matrix_norm(m, 2) * scale  # ‖M‖² ≤ 1e38 · ... representable in float32, ‖M‖⁴ not
     sigma = batched_power_iteration((m * scale).float(), n_iter=60).sigma.double()
     torch.testing.assert_close(sigma / exact, torch.ones(3, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+# --- 9. smaller: arguments taken at face value, estimates of changed models, AOL eval with NaN ----------------
+def test_arguments_are_not_silently_converted():
+    from lipkern.bounds import conv2d_spectral_norm, gram_upper_bound, lipschitz_bound, linear_spectral_norm
+    from lipkern.certify import smoothing_radius
+    from lipkern.ops import cpl_linear, initial_conv_vectors
+
+    w, x = torch.randn(3, 4), torch.randn(2, 4)
+    for h in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="h must be a finite number >= 0"):
+            cpl_linear(x, w, None, h)
+    with pytest.raises(ValueError, match="padding"):
+        conv2d_spectral_norm(torch.randn(2, 2, 3, 3), 5, padding=1.9)
+    with pytest.raises((ValueError, TypeError), match="padding"):
+        conv2d_spectral_norm(torch.randn(2, 2, 3, 3), 5, padding=(1, 1.9, 1, 1))
+    with pytest.raises(ValueError, match="groups"):
+        conv2d_spectral_norm(torch.randn(2, 2, 3, 3), 5, groups=True)
+    with pytest.raises(ValueError, match="input_shape"):
+        lipschitz_bound(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), (1, 4.7, 4), sound=True)
+    for n_iter in (0, -3):
+        with pytest.raises(ValueError, match="n_iter"):
+            linear_spectral_norm(w, "power", n_iter=n_iter)
+    for rtol in (0, -1e-3, math.nan):
+        with pytest.raises(ValueError, match="rtol"):
+            gram_upper_bound(w[None], rtol=rtol)
+        with pytest.raises(ValueError, match="rtol"):
+            conv2d_spectral_norm(torch.randn(2, 2, 3, 3), 5, rtol=rtol)
+    with pytest.raises(TypeError, match="certified must be a bool"):
+        LN.SpectralLinear(3, 3, certified="no")
+    with pytest.raises(TypeError, match="dtype"):
+        initial_conv_vectors(1, 2, 3, torch.int64, "cpu")
+    with pytest.raises(ValueError, match="sigma"):
+        smoothing_radius(0.9, sigma=-1)
+    with pytest.raises(ValueError, match="groups"):
+        from lipkern.ops import aol_rescale_ref
+        aol_rescale_ref(torch.randn(4, 4, 3, 3), groups=0)
+
+
+def test_certified_radius_takes_a_python_float_lipschitz_constant_exactly():
+    """A Python float L went through a float32 tensor: 1 + 1e-9 became 1 (a radius too large), 5e-324 zero."""
+    from fractions import Fraction
+
+    from lipkern.certify import certified_radius
+
+    lipschitz = 1 + 1e-9
+    radius = certified_radius(torch.tensor([[1.0, 0.0]], dtype=torch.float64), lipschitz).item()
+    # exact: 1/(√2·L); compare squares in rationals: radius² · 2 · L² ≤ 1
+    assert Fraction(radius) ** 2 * 2 * Fraction(lipschitz) ** 2 <= 1
+
+
+def test_certified_radius_of_a_tiny_lipschitz_constant_is_finite():
+    """1/(√2·5e-324) overflows float64: the radius is the largest float (below the true quotient), not inf."""
+    from lipkern.certify import certified_radius
+
+    radius = certified_radius(torch.tensor([[1.0, 0.0]], dtype=torch.float64), 5e-324).item()
+    assert math.isfinite(radius) and radius > 1e307
+
+
+def test_a_lipschitz_estimate_of_a_changed_model_says_so():
+    from lipkern.bounds import LipschitzBound
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    estimate = LipschitzBound(model, (4,))
+    estimate()
+    model[3] = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="layers changed"):
+        estimate()
+
+
+def test_aol_eval_with_a_nan_weight_raises_like_the_other_layers():
+    layer = LN.AOLLinear(3, 3).eval()
+    with torch.no_grad():
+        layer.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(torch.randn(2, 3))  # with grad enabled: the uncached eval path
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or Inf"):
+        layer(torch.randn(2, 3))
+
+
+def test_splitz_with_an_infinite_local_bound_certifies_radius_zero():
+    from lipkern.certify import SplitzCertifier
+
+    certifier = SplitzCertifier(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 3), 0.5, 3,
+                                local_lipschitz=lambda x, g: math.inf)
+    label, radius, gamma = certifier.certify(torch.zeros(2), 10, 100, 1e-3, 50, seed=0)
+    assert radius == 0.0

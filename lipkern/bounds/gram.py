@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from lipkern._checks import as_int, as_positive_float
+
 __all__ = ["gram_iterations_for", "gram_upper_bound"]
 
 _U = 2.0 ** -53
@@ -54,6 +56,12 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
 
     NaN or ±Inf entries raise a ValueError (one host read): no finite number bounds such a matrix.
     """
+    if not isinstance(matrices, torch.Tensor) or matrices.dim() != 3:
+        raise ValueError("gram_upper_bound: matrices must be a (B, m, n) tensor, got "
+                         f"{getattr(matrices, 'shape', type(matrices).__name__)}")
+    rtol = as_positive_float(rtol, "gram_upper_bound: rtol")
+    if max_iter is not None:
+        max_iter = as_int(max_iter, "gram_upper_bound: max_iter", minimum=0)
     if not bool(torch.isfinite(matrices).all()):
         raise ValueError("gram_upper_bound: the matrices contain NaN or Inf; no finite bound exists")
     work = matrices.to(torch.complex128 if matrices.is_complex() else torch.float64)

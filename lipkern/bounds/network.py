@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern._checks import as_shape
 from lipkern.bounds.operators import LinearMap
 from lipkern.ops.chain_power_iteration import chain_norm_estimates, chain_power_iteration, initial_chain_vectors
 from lipkern.ops.conv_power_iteration import conv_operator
@@ -549,7 +550,7 @@ def build_plan(model: nn.Module, input_shape, method: str = "liplt", pairwise: b
     if not isinstance(model, nn.Module):
         raise TypeError(f"lipschitz_bound: model must be an nn.Module, got {type(model).__name__}")
     try:
-        shape = tuple(int(s) for s in input_shape)
+        shape = as_shape(input_shape, "input_shape", minimum=0)
     except TypeError:
         raise ValueError(f"lipschitz_bound: input_shape must be a tuple of ints, got {input_shape!r}") from None
     if not shape or min(shape) < 1:
@@ -718,8 +719,9 @@ class LipschitzBound(nn.Module):
         self._plan = build_plan(model, input_shape, method, pairwise, False, activation_slopes,
                                 lipschitz_constants)
         object.__setattr__(self, "_model", model)  # a plain reference: not a submodule, not in state_dict
+        object.__setattr__(self, "_parsed_layers", tuple(model.modules()))  # what the plan was built from
         self.method, self.pairwise, self.n_iter = method, bool(pairwise), n_iter
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = as_shape(input_shape, "input_shape")
         tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
         dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -742,6 +744,10 @@ class LipschitzBound(nn.Module):
         return self._model
 
     def forward(self) -> torch.Tensor:
+        layers = tuple(self._model.modules())
+        if len(layers) != len(self._parsed_layers) or any(a is not b for a, b in zip(layers, self._parsed_layers)):
+            raise ValueError("LipschitzBound: the model's layers changed after this estimate was built (a replaced "
+                             "or added submodule): build a new LipschitzBound for the model as it is now")
         dtype, device = self._dtype, self._device
         if self._plan.segments:
             dtype, device = self.u_0_0.dtype, self.u_0_0.device

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lipkern._checks import as_shape
 from lipkern.ops.conv_power_iteration import ConvGeometry, conv_adjoint, conv_operator
 
 KINDS = ("conv2d", "dense", "diag")
@@ -44,7 +45,7 @@ class LinearMap:
     def conv2d(cls, weight: torch.Tensor, in_shape, stride=1, padding=0, dilation=1, groups: int = 1,
                padding_mode: str = "zeros", name: str = "") -> LinearMap:
         """nn.Conv2d's arguments; in_shape (in, H, W)."""
-        in_shape = tuple(int(s) for s in in_shape)
+        in_shape = as_shape(in_shape, "in_shape")
         if len(in_shape) != 3:
             raise ValueError(f"LinearMap.conv2d: in_shape must be (C, H, W), got {in_shape}")
         if weight.dim() != 4 or weight.shape[1] * groups != in_shape[0]:
@@ -59,7 +60,7 @@ class LinearMap:
     def dense(cls, weight: torch.Tensor, in_shape=None, name: str = "") -> LinearMap:
         if weight.dim() != 2:
             raise ValueError(f"LinearMap.dense: weight must be (out, in), got {tuple(weight.shape)}")
-        in_shape = (weight.shape[1],) if in_shape is None else tuple(int(s) for s in in_shape)
+        in_shape = (weight.shape[1],) if in_shape is None else as_shape(in_shape, "in_shape")
         if math.prod(in_shape) != weight.shape[1]:
             raise ValueError(f"LinearMap.dense: input shape {in_shape} has {math.prod(in_shape)} features, the "
                              f"weight takes {weight.shape[1]}")
@@ -67,7 +68,7 @@ class LinearMap:
 
     @classmethod
     def diag(cls, scale: torch.Tensor, in_shape, name: str = "") -> LinearMap:
-        in_shape = tuple(int(s) for s in in_shape)
+        in_shape = as_shape(in_shape, "in_shape")
         if scale.dim() != 1 or not in_shape or in_shape[0] != scale.shape[0]:
             raise ValueError(f"LinearMap.diag: scale {tuple(scale.shape)} must have one entry per channel of "
                              f"{in_shape}")

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from lipkern._checks import as_int, as_positive_float
 from lipkern.bounds.certificate import FrequencyBlocks, _twiddles, certify_max_norm
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.ops.conv_power_iteration import (
@@ -323,6 +324,10 @@ def _check_weight(weight: torch.Tensor, dims: int, name: str) -> None:
         raise ValueError(f"{name}: weight contains NaN or Inf")
 
 
+def _check_iteration(name: str, n_iter, rtol) -> tuple[int, float]:
+    return as_int(n_iter, f"{name}: n_iter", minimum=1), as_positive_float(rtol, f"{name}: rtol")
+
+
 def conv2d_spectral_norm(weight: torch.Tensor, input_size, stride=1, padding=0, dilation=1, groups: int = 1,
                          padding_mode: str = "zeros", method: str = "auto", *, n_iter: int = 1000,
                          rtol: float = 1e-4, u: torch.Tensor | None = None) -> SpectralNorm:
@@ -339,6 +344,7 @@ def conv2d_spectral_norm(weight: torch.Tensor, input_size, stride=1, padding=0, 
     'fft' estimate and the upper bound are not. The upper bound is float64; the estimate has the weight's dtype.
     """
     _check_weight(weight, 4, "conv2d_spectral_norm")
+    n_iter, rtol = _check_iteration("conv2d_spectral_norm", n_iter, rtol)
     if method not in METHODS:
         raise ValueError(f"conv2d_spectral_norm: method must be one of {METHODS}, got {method!r}")
     g = ConvGeometry.create(input_size, tuple(weight.shape[-2:]), stride, padding, dilation, groups, padding_mode)
@@ -367,6 +373,7 @@ def linear_spectral_norm(weight: torch.Tensor, method: str = "auto", *, n_iter: 
     """Spectral norm of a (out, in) matrix: 'power' estimate (differentiable, vᵀ W u), 'upper' (Gram
     iteration in float64 with its rounding term), or both ('auto'). ``u`` (in,) warm-starts and is updated."""
     _check_weight(weight, 2, "linear_spectral_norm")
+    n_iter, rtol = _check_iteration("linear_spectral_norm", n_iter, rtol)
     if method not in ("auto", "power", "upper"):
         raise ValueError(f"linear_spectral_norm: method must be 'auto', 'power' or 'upper', got {method!r}")
     estimate = upper = None

@@ -71,7 +71,10 @@ def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Te
     if isinstance(lipschitz, bool) or not isinstance(lipschitz, (numbers.Real, torch.Tensor)):
         raise TypeError(f"certified_radius: lipschitz must be a float or a tensor, "
                         f"got {type(lipschitz).__name__}")
-    value = torch.as_tensor(lipschitz).detach().to(device=device, dtype=torch.float64)
+    if isinstance(lipschitz, numbers.Real):  # straight to float64: a float32 tensor would round L (maybe down)
+        value = torch.tensor(float(lipschitz), dtype=torch.float64, device=device)
+    else:
+        value = lipschitz.detach().to(device=device, dtype=torch.float64)
     if value.dim() == 1 and value.numel() == 1:
         value = value.reshape(())
     if value.dim() != 0 and tuple(value.shape) != (num_classes, num_classes):
@@ -88,8 +91,9 @@ def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Te
 
 # --- radii -----------------------------------------------------------------------------------------------
 def _safe_quotient(margin: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """margin / denominator rounded down, with 0 for margin 0 (ties) and +inf for margin > 0 over 0."""
-    radius = margin / denominator * _ROUND_DOWN
+    """margin / denominator rounded down, with 0 for margin 0 (ties) and +inf for margin > 0 over 0 (a tiny
+    denominator whose quotient overflows gives the largest finite float64, below the true quotient)."""
+    radius = (margin / denominator).clamp(max=torch.finfo(torch.float64).max) * _ROUND_DOWN
     radius = torch.where(denominator == 0, torch.full_like(radius, math.inf), radius)
     return torch.where(margin <= 0, torch.zeros_like(radius), radius)
 

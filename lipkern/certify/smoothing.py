@@ -23,6 +23,8 @@ import numbers
 import torch
 from torch import nn
 
+from lipkern._checks import as_positive_float
+
 __all__ = ["ABSTAIN", "RandomizedSmoothing", "clopper_pearson_lower", "smoothing_radius"]
 
 ABSTAIN = -1
@@ -69,6 +71,7 @@ def smoothing_radius(p_lower: float, sigma: float) -> float:
 
     if not 0.5 <= p_lower <= 1.0:
         raise ValueError(f"smoothing_radius: p_lower must lie in [0.5, 1], got {p_lower!r}")
+    sigma = as_positive_float(sigma, "smoothing_radius: sigma")
     return float(sigma * norm.ppf(p_lower)) * _DOWN  # rounded down, as p_lower
 
 

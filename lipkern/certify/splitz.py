@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from fractions import Fraction
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from lipkern._checks import as_shape
 from lipkern.certify.smoothing import ABSTAIN, RandomizedSmoothing
 
 __all__ = ["GaussianNoise", "LocalReluLipschitz", "SplitzCertifier", "splitz_regularizer"]
@@ -138,7 +140,7 @@ class LocalReluLipschitz:
             raise ValueError("LocalReluLipschitz: the module must be a (nested) nn.Sequential of nn.Linear, "
                              "nn.Conv2d, nn.ReLU, nn.Flatten and nn.Identity (or one such layer); got "
                              f"{type(module).__name__}. Pass local_lipschitz= or rely on the global bound.")
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = as_shape(input_shape, "input_shape")
         self.ops: list[tuple] = []  # ("affine", W, b) | ("relu",)
         shape = self.input_shape
         for layer in layers:
@@ -237,10 +239,15 @@ def _output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _quotient_down(numerator: float, denominator: float) -> float:
-    """numerator / denominator rounded toward 0 (exact when representable); +inf for a zero denominator."""
+    """numerator / denominator rounded toward 0 (exact when representable); +inf for a zero denominator, 0 for
+    an infinite one, the largest float for an overflowing quotient."""
     if denominator == 0:
         return math.inf
+    if math.isinf(denominator):
+        return 0.0
     quotient = numerator / denominator
+    if math.isinf(quotient):
+        return sys.float_info.max
     if Fraction(quotient) * Fraction(denominator) > Fraction(numerator):
         quotient = math.nextafter(quotient, 0.0)
     return quotient
@@ -264,7 +271,7 @@ class SplitzCertifier:
             raise TypeError("SplitzCertifier: local_lipschitz must be a callable (x, gamma) -> float")
         self.left = left
         self.smoothing = RandomizedSmoothing(right, sigma, num_classes, autocast_dtype=autocast_dtype)
-        self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+        self.input_shape = as_shape(input_shape, "input_shape") if input_shape is not None else None
         self.local_lipschitz = local_lipschitz
         self._local: LocalReluLipschitz | None = None
         self._global: float | None = None

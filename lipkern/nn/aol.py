@@ -41,9 +41,10 @@ class _CachedRescale(nn.Module):
     ``weight.data`` invalidate it), and ``train()`` clears it. It is not part of the state_dict.
 
     Finite weights: a training step checks nothing on the host (no device synchronization); a NaN/Inf weight
-    makes the rescaled weight and so the output NaN. Filling the eval cache and ``to_vanilla()`` raise a
-    ValueError on a NaN/Inf weight (one synchronization per cache fill), so no certified or exported layer
-    holds one (``LIPKERN_CHECK_FINITE=0`` skips these checks).
+    makes the rescaled weight and so the output NaN. In eval mode (cached or not) and in ``to_vanilla()`` a
+    NaN/Inf weight raises a ValueError (one synchronization per eval forward without the cache, per cache
+    fill with it), so no certified or exported layer holds one (``LIPKERN_CHECK_FINITE=0`` skips these
+    checks).
     """
 
     groups: int = 1
@@ -61,6 +62,8 @@ class _CachedRescale(nn.Module):
     def rescaled_weight(self) -> torch.Tensor:
         """The weight the layer applies: ``aol_rescale(self.weight)``."""
         if not self._cache_usable():
+            if not self.training and not torch.compiler.is_compiling():  # eval: a NaN/Inf weight raises, as
+                check_finite(self.weight, type(self).__name__)             # the Spectral / CPL layers do
             return aol_rescale(self.weight, self.groups)
         if self._cached_weight is None or not self._snapshot.matches(self.weight):
             check_finite(self.weight, type(self).__name__)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern._checks import as_bool
 from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
@@ -73,7 +74,7 @@ class _SpectralNormalized(nn.Module):
         if not isinstance(n_power_iterations, int) or n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
         self.n_power_iterations = n_power_iterations
-        self.certified = bool(certified)
+        self.certified = as_bool(certified, f"{type(self).__name__}: certified")
         self._cached_sigma: torch.Tensor | None = None
         self._snapshot: WeightSnapshot | None = None
 

@@ -164,6 +164,7 @@ def aol_rescale_ref(weight: torch.Tensor, groups: int = 1, return_scale: bool = 
 
     ``margin`` = c adds c·S_i to r_i (S_i as in the module docstring, treated as a constant): the exact
     counterpart of the op's rounding margin, for tests. ``margin=0`` is the paper's formula."""
+    _validate(weight, groups)
     w4 = weight if weight.dim() == 4 else weight[:, :, None, None]
     w4 = w4.to(_acc_dtype(weight.dtype))
     out_g = w4.shape[0] // groups

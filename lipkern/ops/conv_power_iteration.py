@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lipkern._checks import as_shape, is_int
 from lipkern._dispatch import device_context, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.power_iteration import initial_vectors
@@ -46,9 +47,9 @@ PADDING_MODES = ("zeros", "circular")
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
 
@@ -77,7 +78,7 @@ class ConvGeometry:
                              f"{input_size}, {kernel_size}, {stride}, {dilation}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        if not isinstance(groups, int) or groups < 1:
+        if not is_int(groups) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
         span = tuple(d * (k - 1) for d, k in zip(dilation, kernel_size))
         if padding == "valid":
@@ -87,7 +88,7 @@ class ConvGeometry:
                 raise ValueError("padding='same' needs stride 1 (as in nn.Conv2d)")
             pads = (span[0] // 2, span[0] - span[0] // 2, span[1] // 2, span[1] - span[1] // 2)
         elif isinstance(padding, (tuple, list)) and len(padding) == 4:
-            pads = tuple(int(p) for p in padding)
+            pads = as_shape(padding, "padding", minimum=0)
         else:
             ph, pw = _pair(padding, "padding")
             pads = (ph, ph, pw, pw)

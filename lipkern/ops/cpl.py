@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lipkern._checks import as_positive_float
 from lipkern._dispatch import device_context, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
@@ -426,7 +427,7 @@ _CPL_CONV2D = _define("conv", "(Tensor x, Tensor weight, Tensor? bias, Tensor h,
 # ----------------------------------------------------------------------------------------------------------
 def _as_h(h, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(h, torch.Tensor):  # a Python number: filled on the device (no host-to-device copy)
-        h = torch.full((), float(h), dtype=x.dtype, device=x.device)
+        h = torch.full((), as_positive_float(h, "cpl: h", allow_zero=True), dtype=x.dtype, device=x.device)
     if h.numel() != 1:
         raise ValueError(f"cpl: h must be a scalar, got shape {tuple(h.shape)}")
     return h.reshape(())

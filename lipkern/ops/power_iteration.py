@@ -69,6 +69,8 @@ def batched_power_iteration_ref(matrices: torch.Tensor, u: torch.Tensor, n_iter:
 def initial_vectors(shape: tuple[int, ...], dtype: torch.dtype, device, key: str = "") -> torch.Tensor:
     """Unit vectors along the last dimension, pseudo-random but a function of ``shape`` and ``key`` only,
     so every process (every DDP rank) starts from the same vectors."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"initial_vectors: dtype must be floating point or complex, got {dtype}")
     seed = zlib.crc32(f"lipkern:{tuple(shape)}:{key}".encode())
     generator = torch.Generator().manual_seed(seed)
     real = _real_dtype(dtype)
