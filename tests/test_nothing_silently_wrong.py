@@ -350,3 +350,54 @@ def test_splitz_with_an_infinite_local_bound_certifies_radius_zero():
                                 local_lipschitz=lambda x, g: math.inf)
     label, radius, gamma = certifier.certify(torch.zeros(2), 10, 100, 1e-3, 50, seed=0)
     assert radius == 0.0
+
+
+# --- crashes and unclear errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: LN.AOLLinear(0, 4), lambda: LN.AOLLinear(3, 0),
+                                  lambda: LN.AOLConv2d(0, 2, 3), lambda: LN.SpectralLinear(3, 0),
+                                  lambda: LN.SpectralConv2d(2, 0, 3), lambda: LN.CPLLinear(0),
+                                  lambda: LN.CPLConv2d(2, 0), lambda: LN.SpectralLinear(True, 3)])
+def test_zero_width_layers_are_refused_at_construction(make):
+    with pytest.raises((ValueError, TypeError), match="features|channels"):
+        make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_aol_layers_initialize(dtype):
+    layer = LN.AOLLinear(3, 4, dtype=dtype)
+    w = layer.weight.detach().double()
+    assert layer.weight.dtype == dtype
+    torch.testing.assert_close(w.T @ w, torch.eye(3, dtype=torch.float64), rtol=0, atol=2e-2)  # orthonormal columns
+
+
+def test_training_works_after_a_layer_was_first_sized_in_inference_mode():
+    layer = LN.SpectralConv2d(2, 3, 3, padding=1, dtype=torch.float64)  # lazy input size
+    with torch.inference_mode():
+        layer.eval()(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    out = layer.train()(torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    out.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_empty_inputs_and_stacks(knobs):
+    from lipkern import _dispatch
+    from lipkern.ops import conv_power_iteration, cpl_conv2d
+
+    sigma, _, _ = conv_power_iteration(torch.randn(0, 2, 2, 3, 3), torch.randn(0, 2, 5, 5))
+    assert sigma.shape == (0,)
+    if _dispatch.triton_interpreting():
+        knobs(backend=None)  # the Triton path under the interpreter
+    out = cpl_conv2d(torch.randn(0, 2, 5, 5), torch.randn(3, 2, 3, 3), None, 0.1, padding=1)
+    assert out.shape == (0, 2, 5, 5)
+
+
+def test_meta_tensors_get_a_clear_error():
+    from lipkern.bounds import conv2d_spectral_norm, lipschitz_bound
+    from lipkern.certify import certified_radius
+
+    with pytest.raises(ValueError, match="meta"):
+        conv2d_spectral_norm(torch.randn(2, 2, 3, 3, device="meta"), 5, method="upper")
+    with pytest.raises(ValueError, match="meta"):
+        certified_radius(torch.randn(2, 3, device="meta"), 1.0)
+    with pytest.raises(ValueError, match="meta"):
+        lipschitz_bound(nn.Sequential(nn.Linear(3, 2, device="meta")), (3,), sound=True)

@@ -549,6 +549,9 @@ def build_plan(model: nn.Module, input_shape, method: str = "liplt", pairwise: b
         raise ValueError(f"lipschitz_bound: method must be one of {METHODS}, got {method!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"lipschitz_bound: model must be an nn.Module, got {type(model).__name__}")
+    if sound and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("lipschitz_bound(sound=True): the model is on the meta device (shapes only): a bound "
+                         "needs values")
     try:
         shape = as_shape(input_shape, "input_shape", minimum=0)
     except TypeError:

@@ -320,6 +320,8 @@ def _check_weight(weight: torch.Tensor, dims: int, name: str) -> None:
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)}")
     if not weight.is_floating_point():
         raise TypeError(f"{name}: weight must be floating point, got {weight.dtype}")
+    if weight.is_meta:
+        raise ValueError(f"{name}: weight is on the meta device (shapes only): a norm needs values")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name}: weight contains NaN or Inf")
 

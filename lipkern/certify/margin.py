@@ -60,6 +60,8 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
                          f"got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"certified_radius: logits must be floating point, got {logits.dtype}")
+    if logits.is_meta:
+        raise ValueError("certified_radius: logits are on the meta device (shapes only): a radius needs values")
     logits = logits.detach().to(torch.float64)
     if not torch.isfinite(logits).all():
         raise ValueError("certified_radius: logits contain NaN or Inf")
@@ -73,6 +75,8 @@ def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Te
                         f"got {type(lipschitz).__name__}")
     if isinstance(lipschitz, numbers.Real):  # straight to float64: a float32 tensor would round L (maybe down)
         value = torch.tensor(float(lipschitz), dtype=torch.float64, device=device)
+    elif lipschitz.is_meta:
+        raise ValueError("certified_radius: lipschitz is on the meta device (shapes only)")
     else:
         value = lipschitz.detach().to(device=device, dtype=torch.float64)
     if value.dim() == 1 and value.numel() == 1:

@@ -1,4 +1,4 @@
-"""What every lipkern conv layer shares with nn.Conv2d: the forward with its padding and the repr."""
+"""What every lipkern conv layer shares with nn.Conv2d: the forward with its padding, the repr, the checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern._checks import as_int
 
 GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
             "padding_mode", "_reversed_padding_repeated_twice")
@@ -21,6 +22,12 @@ class FixedGeometry:
             raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction "
                                  f"({self.__dict__[name]!r}); build a new layer with {name}={value!r}")
         super().__setattr__(name, value)
+
+
+def check_sizes(layer: str, **sizes) -> None:
+    """Feature / channel counts: ints >= 1 (a zero-width layer has no operator to normalize)."""
+    for name, value in sizes.items():
+        as_int(value, f"{layer}: {name}", minimum=1)
 
 
 def check_conv_arguments(layer: str, kernel_size, stride, dilation) -> None:

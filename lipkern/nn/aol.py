@@ -15,7 +15,8 @@ from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.nn._cache import WeightSnapshot
-from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
+from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_sizes, conv2d_forward,
+                              conv2d_repr, vanilla_conv2d)
 from lipkern.ops.aol import aol_rescale
 
 __all__ = ["AOLLinear", "AOLConv2d"]
@@ -31,6 +32,14 @@ def _check_circular_padding(conv: nn.Conv2d) -> None:
         if total > span:
             raise ValueError(f"AOLConv2d: circular padding {total} along dim {axis} exceeds dilation*(k-1) = "
                              f"{span}; the wrapped copies make the layer not 1-Lipschitz")
+
+
+def _orthogonal_(weight: torch.Tensor) -> None:
+    """nn.init.orthogonal_ (QR), in float32 for 16-bit weights (the CPU has no half-precision QR)."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        weight.copy_(nn.init.orthogonal_(torch.empty_like(weight, dtype=torch.float32)))
+    else:
+        nn.init.orthogonal_(weight)
 
 
 class _CachedRescale(nn.Module):
@@ -86,6 +95,7 @@ class AOLLinear(_CachedRescale):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
+        check_sizes("AOLLinear", in_features=in_features, out_features=out_features)
         proto = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)  # validates
         self.in_features, self.out_features = proto.in_features, proto.out_features
         factory = {"device": device, "dtype": dtype}
@@ -98,7 +108,7 @@ class AOLLinear(_CachedRescale):
             if self.in_features == self.out_features:
                 nn.init.eye_(self.weight)
             else:
-                nn.init.orthogonal_(self.weight)
+                _orthogonal_(self.weight)
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -138,6 +148,7 @@ class AOLConv2d(FixedGeometry, _CachedRescale):
             raise ValueError(f"AOLConv2d: padding_mode must be one of {_SUPPORTED_PADDING_MODES}, got "
                              f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
         check_conv_arguments("AOLConv2d", kernel_size, stride, dilation)
+        check_sizes("AOLConv2d", in_channels=in_channels, out_channels=out_channels)
         # nn.Conv2d on the meta device validates every argument exactly as PyTorch does.
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device="meta", dtype=dtype)
@@ -155,7 +166,7 @@ class AOLConv2d(FixedGeometry, _CachedRescale):
             if self.in_channels == self.out_channels:
                 nn.init.dirac_(self.weight, groups=self.groups)
             else:
-                nn.init.orthogonal_(self.weight)
+                _orthogonal_(self.weight)
             if self.bias is not None:
                 self.bias.zero_()
 

@@ -41,7 +41,8 @@ from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
-from lipkern.nn._conv import GEOMETRY, FixedGeometry, check_conv_arguments, conv2d_forward, conv2d_repr, vanilla_conv2d
+from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_sizes, conv2d_forward,
+                              conv2d_repr, vanilla_conv2d)
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
     advance_conv_power_iteration,
@@ -162,6 +163,7 @@ class _SpectralLinearBase(_SpectralNormalized):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  n_power_iterations: int = 1, certified: bool = False):
         super().__init__()
+        check_sizes(type(self).__name__, in_features=in_features, out_features=out_features)
         proto = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self.weight, self.bias = proto.weight, proto.bias
@@ -236,6 +238,7 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         if padding_mode not in ("zeros", "circular"):
             raise ValueError(f"{type(self).__name__}: padding_mode must be 'zeros' or 'circular', got "
                              f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
+        check_sizes(type(self).__name__, in_channels=in_channels, out_channels=out_channels)
         check_conv_arguments(type(self).__name__, kernel_size, stride, dilation)
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
@@ -261,8 +264,9 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
     def _set_input_size(self, input_size) -> None:
         self.geometry = self._make_geometry(input_size)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.u = self._initial_u()
-        self.v = torch.zeros(self.out_channels, *self.geometry.output_size, **factory)
+        with torch.inference_mode(False):  # first sized inside inference_mode (certification): normal buffers
+            self.u = self._initial_u()
+            self.v = torch.zeros(self.out_channels, *self.geometry.output_size, **factory)
 
     @property
     def input_size(self) -> tuple[int, int] | None:

@@ -402,6 +402,8 @@ def _stacked_iterations_triton(weights, u, v, n_iter: int, geometry: ConvGeometr
 
 
 def _conv_power_iteration(weights, u, v, n_iter, geometry: ConvGeometry, *, save: bool = False):
+    if weights.shape[0] == 0:  # no layers
+        return weights.new_empty(0)
     interpreted_long_run = not weights.is_cuda and n_iter > _INTERPRETER_MAX_ITER
     reason = f"the interpreter runs ≤ {_INTERPRETER_MAX_ITER} iterations per call" if interpreted_long_run else None
     if select_backend(weights, triton_reason=reason) != "triton":

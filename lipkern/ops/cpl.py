@@ -127,6 +127,8 @@ if triton_importable():
 
 
 def _use_triton(t: torch.Tensor) -> bool:
+    if t.numel() == 0:  # an empty batch: nothing to launch (the torch path's in-place ops take it)
+        return False
     no_bf16 = t.dtype == torch.bfloat16 and t.device.type != "cuda"
     return select_backend(t, triton_reason="the Triton interpreter has no bfloat16 arithmetic" if no_bf16 else None
                           ) == "triton"
