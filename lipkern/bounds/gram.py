@@ -59,9 +59,10 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
     if not isinstance(matrices, torch.Tensor) or matrices.dim() != 3:
         raise ValueError("gram_upper_bound: matrices must be a (B, m, n) tensor, got "
                          f"{getattr(matrices, 'shape', type(matrices).__name__)}")
-    rtol = as_positive_float(rtol, "gram_upper_bound: rtol")
     if max_iter is not None:
         max_iter = as_int(max_iter, "gram_upper_bound: max_iter", minimum=0)
+    # rtol = 0 runs exactly max_iter steps; without max_iter it would never stop
+    rtol = as_positive_float(rtol, "gram_upper_bound: rtol", allow_zero=max_iter is not None)
     if not bool(torch.isfinite(matrices).all()):
         raise ValueError("gram_upper_bound: the matrices contain NaN or Inf; no finite bound exists")
     work = matrices.to(torch.complex128 if matrices.is_complex() else torch.float64)

@@ -71,8 +71,8 @@ class _CachedRescale(nn.Module):
     def rescaled_weight(self) -> torch.Tensor:
         """The weight the layer applies: ``aol_rescale(self.weight)``."""
         if not self._cache_usable():
-            if not self.training and not torch.compiler.is_compiling():  # eval: a NaN/Inf weight raises, as
-                check_finite(self.weight, type(self).__name__)             # the Spectral / CPL layers do
+            if not (self.training or self.weight.is_meta or torch.compiler.is_compiling()):  # eval: NaN raises as
+                check_finite(self.weight, type(self).__name__)  # in the Spectral / CPL layers
             return aol_rescale(self.weight, self.groups)
         if self._cached_weight is None or not self._snapshot.matches(self.weight):
             check_finite(self.weight, type(self).__name__)

@@ -210,13 +210,15 @@ def test_direct_op_call_with_channels_last_weight():
 @pytest.mark.parametrize("make", [lambda: AOLLinear(3, 3), lambda: AOLConv2d(3, 3, 3, padding=1)],
                          ids=["linear", "conv"])
 def test_non_finite_weight_is_never_a_silent_value(make, bad):
-    """Training: no host check (no device sync), the output is NaN. Eval cache and export: a clear error."""
+    """Training: no host check (no device sync), the output is NaN. Eval (cached or not, as the Spectral and
+    CPL layers) and export: a clear error."""
     layer = make()
     with torch.no_grad():
         layer.weight.view(-1)[1] = bad
     x = torch.randn(2, 3) if isinstance(layer, AOLLinear) else torch.randn(2, 3, 4, 4)
     assert torch.isnan(layer(x)).any()
-    assert torch.isnan(layer.eval()(x)).any()  # eval with weight gradients: not cached, still NaN
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer.eval()(x)  # eval with weight gradients: not cached, checked
     with torch.no_grad(), pytest.raises(ValueError, match="NaN or Inf"):
         layer(x)  # the cached eval weight (what certification uses) is checked
     with pytest.raises(ValueError, match="NaN or Inf"):
