@@ -229,7 +229,10 @@ class OffsetCrossEntropy(nn.Module):
         shifted = logits - self.offset * _one_hot(target, logits).to(logits.dtype)
         # t·CE(z/t) = t·logsumexp((z − m)/t) + m − z_y with m = max_j z_j: no overflow of z/t for small t
         top = shifted.detach().amax(dim=1, keepdim=True)
-        per_sample = (self.temperature * torch.logsumexp((shifted - top) / self.temperature, dim=1)
+        # a temperature below the dtype's smallest normal would round to 0 in it; at that scale the loss is the
+        # hinge limit max_j z_j − z_y to within t·log(C)
+        t = max(self.temperature, torch.finfo(logits.dtype).tiny)
+        per_sample = (t * torch.logsumexp((shifted - top) / t, dim=1)
                       + (top - shifted.gather(1, target[:, None]))[:, 0])
         return _reduce(per_sample, self.reduction)
 

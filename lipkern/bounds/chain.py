@@ -42,6 +42,7 @@ import torch
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.bounds.operators import LinearMap
+from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
 
@@ -198,7 +199,7 @@ def matrix_norm_upper(mat: torch.Tensor) -> float:
     if largest == 0.0:
         return 0.0
     exponent = math.frexp(largest)[1]
-    scaled = _times_power_of_two(mat, torch.tensor(-exponent, device=mat.device))
+    scaled = times_power_of_two(mat, torch.tensor(-exponent, device=mat.device))
     rows, cols = scaled.shape
     slack = math.sqrt(rows * cols) * _ETA
     sigma = _norm_estimate(scaled)
@@ -432,15 +433,6 @@ def _head_sound(maps: list[LinearMap], pairwise: bool, chain_bounds: torch.Tenso
         return out
 
 
-def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """x·2^e in two halves (torch.ldexp forms 2^e, which overflows for e > 1023 and gives inf·0 = NaN): exact
-    while the result is normal; scaling down into the subnormal range errs by ≤ 2⁻¹⁰⁷⁴ per entry (the
-    intermediate is never smaller than the result)."""
-    exponent = exponent.to(torch.int64)
-    first = torch.div(exponent, 2, rounding_mode="floor")
-    return x * torch.pow(2.0, first.to(x.dtype)) * torch.pow(2.0, (exponent - first).to(x.dtype))
-
-
 def _row_norms_upper(d: torch.Tensor) -> torch.Tensor:
     """(P,) upper bounds of the Euclidean norms of the EXACT differences whose computed values are the rows of
     ``d`` (P, n) (one rounded subtraction each: |d_exact| ≤ |d̂|/(1 − u)). Each row is scaled by a power of two
@@ -449,11 +441,11 @@ def _row_norms_upper(d: torch.Tensor) -> torch.Tensor:
     n = d.shape[1]
     largest = d.abs().amax(1)
     exponent = torch.frexp(largest).exponent
-    scaled = _times_power_of_two(d, -exponent[:, None])
+    scaled = times_power_of_two(d, -exponent[:, None])
     squares = (scaled * scaled).sum(1)
     squares = (squares + n * _ETA) / _one_minus_gamma(n)
     norms = squares.sqrt() * ((1 + 16 * _U) / (1 - _U))
-    return torch.where(largest > 0, _times_power_of_two(norms, exponent) + _ETA, 0.0)  # subnormal results round
+    return torch.where(largest > 0, times_power_of_two(norms, exponent) + _ETA, 0.0)  # subnormal results round
 
 
 def _common_dtype(maps: list[LinearMap]) -> torch.dtype:

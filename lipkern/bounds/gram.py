@@ -18,6 +18,7 @@ import math
 import torch
 
 from lipkern._checks import as_int, as_positive_float
+from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["gram_iterations_for", "gram_upper_bound"]
 
@@ -65,6 +66,8 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
     rtol = as_positive_float(rtol, "gram_upper_bound: rtol", allow_zero=max_iter is not None)
     if not bool(torch.isfinite(matrices).all()):
         raise ValueError("gram_upper_bound: the matrices contain NaN or Inf; no finite bound exists")
+    if matrices.numel() == 0:  # no matrices, or empty ones (norm 0)
+        return torch.zeros(matrices.shape[0], dtype=torch.float64, device=matrices.device)
     work = matrices.to(torch.complex128 if matrices.is_complex() else torch.float64)
     if work.shape[-2] < work.shape[-1]:
         work = work.mH  # same singular values, smaller Gram matrices
@@ -76,7 +79,7 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
     largest = torch.maximum(work.real.abs().amax((1, 2)), work.imag.abs().amax((1, 2))) if work.is_complex() \
         else work.abs().amax((1, 2))
     pre_exponent = torch.where(largest > 0, torch.frexp(largest).exponent, 0).to(torch.float64)
-    work = work * torch.ldexp(torch.ones_like(pre_exponent), -pre_exponent)[:, None, None]
+    work = times_power_of_two(work, -pre_exponent[:, None, None])
     subnormal_slack = math.sqrt(rows * cols) * 2.0 ** -1074
     if max_iter is None:
         max_iter = gram_iterations_for(cols, rtol)
@@ -91,10 +94,10 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
         fro = torch.linalg.matrix_norm(work)
         steps = [e[p] for e, p in zip(exponents, positions)]
         # bounds of the original matrices (the pre-scaling undone), comparable across the batch
-        upper = torch.ldexp(_unroll(fro * norm_slack, steps, gammas, True), pre_exponent[active])
+        upper = times_power_of_two(_unroll(fro * norm_slack, steps, gammas, True), pre_exponent[active])
         bounds[active] = upper
-        lower_now = torch.ldexp(_unroll(fro / (norm_slack * math.sqrt(cols)), steps, gammas, False),
-                                pre_exponent[active])
+        lower_now = times_power_of_two(_unroll(fro / (norm_slack * math.sqrt(cols)), steps, gammas, False),
+                                       pre_exponent[active])
         best_lower = max(lower, lower_now.max().item() if lower_now.numel() else 0.0)
         if step >= max_iter or bounds.max().item() <= (1 + rtol) * best_lower:
             break
@@ -110,5 +113,5 @@ def gram_upper_bound(matrices: torch.Tensor, max_iter: int | None = None, rtol: 
         gammas.append(_gamma(scaled.shape[-2]))
         work = scaled.mH @ scaled
         step += 1
-    slack = torch.ldexp(torch.full_like(bounds, subnormal_slack), pre_exponent)
+    slack = times_power_of_two(torch.full_like(bounds, subnormal_slack), pre_exponent)
     return torch.where(largest > 0, (bounds + slack) * (1 + 64 * (step + 1) * _U), 0.0)

@@ -43,7 +43,8 @@ from lipkern.ops.conv_power_iteration import (
     conv_operator,
     initial_conv_vectors,
 )
-from lipkern.ops.power_iteration import batched_power_iteration, initial_vectors, power_of_two_scale
+from lipkern.ops.power_iteration import (batched_power_iteration, initial_vectors, power_of_two_scale,
+                                         times_power_of_two)
 
 __all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "linear_spectral_norm"]
 
@@ -109,7 +110,7 @@ def _frobenius(t: torch.Tensor) -> torch.Tensor:
     if largest == 0 or not torch.isfinite(largest):
         return torch.linalg.matrix_norm(t)
     exponent = torch.frexp(largest).exponent
-    return torch.ldexp(torch.linalg.matrix_norm(torch.ldexp(t, -exponent)), exponent)
+    return times_power_of_two(torch.linalg.matrix_norm(times_power_of_two(t, -exponent)), exponent)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,15 +165,16 @@ def _circular_upper(weight, e: _Embedding, g: ConvGeometry, rtol: float, lower: 
     w64 = weight.detach().to(torch.float64)
     largest = w64.abs().amax()
     exponent = torch.where(largest > 0, torch.frexp(largest).exponent, 0)
-    scaled = torch.ldexp(w64, -exponent)
+    scaled = times_power_of_two(w64, -exponent)
     freq = FrequencyBlocks(scaled, e.size, g.dilation, g.groups, e.stride)
     kh, kw = weight.shape[-2:]
     tiny = kh * kw * math.sqrt(freq.rows * freq.cols) * 2.0 ** -1074
-    scaled_lower = torch.ldexp(torch.tensor(lower, dtype=torch.float64, device=weight.device), -exponent) / (
+    scaled_lower = times_power_of_two(torch.tensor(lower, dtype=torch.float64, device=weight.device), -exponent) / (
         e.factor * freq.scale)
     result = certify_max_norm(freq, rtol=rtol, lower=scaled_lower)
     bound = result.bound + freq.error + tiny
-    return torch.where(largest > 0, torch.ldexp(bound * (freq.scale * e.factor) * (1 + 8 * _U), exponent), 0.0)
+    return torch.where(largest > 0, times_power_of_two(bound * (freq.scale * e.factor) * (1 + 8 * _U), exponent),
+                       0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def _fft_estimate(weight, e: _Embedding, g: ConvGeometry, n_iter: int, rtol: flo
         done += chunk
         if math.ldexp(sigma.max().item(), exponent.item()) * (1 + rtol) >= upper.item():
             break
-    return torch.ldexp(sigma.max().double(), exponent.double()).to(weight.dtype)
+    return times_power_of_two(sigma.max().double(), exponent).to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,6 +324,8 @@ def _check_weight(weight: torch.Tensor, dims: int, name: str) -> None:
         raise TypeError(f"{name}: weight must be floating point, got {weight.dtype}")
     if weight.is_meta:
         raise ValueError(f"{name}: weight is on the meta device (shapes only): a norm needs values")
+    if weight.numel() == 0:
+        raise ValueError(f"{name}: weight is empty, shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name}: weight contains NaN or Inf")
 
@@ -376,6 +380,9 @@ def linear_spectral_norm(weight: torch.Tensor, method: str = "auto", *, n_iter: 
     iteration in float64 with its rounding term), or both ('auto'). ``u`` (in,) warm-starts and is updated."""
     _check_weight(weight, 2, "linear_spectral_norm")
     n_iter, rtol = _check_iteration("linear_spectral_norm", n_iter, rtol)
+    if u is not None and (not isinstance(u, torch.Tensor) or u.numel() != weight.shape[1]):
+        raise ValueError(f"linear_spectral_norm: u must be a tensor of {weight.shape[1]} entries (the weight's "
+                         f"input size), got {getattr(u, 'shape', type(u).__name__)}")
     if method not in ("auto", "power", "upper"):
         raise ValueError(f"linear_spectral_norm: method must be 'auto', 'power' or 'upper', got {method!r}")
     estimate = upper = None

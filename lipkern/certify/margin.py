@@ -32,6 +32,7 @@ from torch import nn
 __all__ = ["CertifiedAccuracy", "certified_accuracy", "certified_radius", "lln_pairwise_lipschitz"]
 
 _U = 2.0 ** -53
+_SUBNORMAL_SLACK = 2.0 ** -1073
 _ROUND_DOWN = 1.0 - 8 * _U  # margin, √2, product and quotient: < 5 roundings of u, relative
 _SQRT2 = math.sqrt(2.0)
 
@@ -96,8 +97,11 @@ def _as_lipschitz(lipschitz, num_classes: int, device: torch.device) -> torch.Te
 # --- radii -----------------------------------------------------------------------------------------------
 def _safe_quotient(margin: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """margin / denominator rounded down, with 0 for margin 0 (ties) and +inf for margin > 0 over 0 (a tiny
-    denominator whose quotient overflows gives the largest finite float64, below the true quotient)."""
+    denominator whose quotient overflows gives the largest finite float64, below the true quotient). The
+    relative factor covers normal results; a subnormal quotient errs by ≤ 2⁻¹⁰⁷⁵ absolute per rounding (two:
+    the quotient and the factor), hence the 2⁻¹⁰⁷³ taken off (a no-op on normal results)."""
     radius = (margin / denominator).clamp(max=torch.finfo(torch.float64).max) * _ROUND_DOWN
+    radius = (radius - _SUBNORMAL_SLACK).clamp_min(0.0)
     radius = torch.where(denominator == 0, torch.full_like(radius, math.inf), radius)
     return torch.where(margin <= 0, torch.zeros_like(radius), radius)
 
@@ -118,7 +122,9 @@ def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
     if bound.dim() == 0:
         others = logits.scatter(1, top[:, None], -math.inf)
         margin = top_value[:, 0] - others.max(dim=1).values
-        return _safe_quotient(margin, _SQRT2 * bound * (1 + 2 * _U))
+        # √2·L rounded up: relative 2u for a normal product, one subnormal unit (absolute) for a subnormal one
+        denominator = torch.where(bound == 0, 0.0, _SQRT2 * bound * (1 + 2 * _U) + 2.0 ** -1074)
+        return _safe_quotient(margin, denominator)
     margins = top_value - logits  # (B, C), >= 0
     per_class = _safe_quotient(margins, bound[top])
     per_class = per_class.scatter(1, top[:, None], math.inf)  # j = ŷ does not count

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkern._checks import as_int
+from lipkern._checks import as_int, is_int
 
 GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
             "padding_mode", "_reversed_padding_repeated_twice")
@@ -30,13 +30,28 @@ def check_sizes(layer: str, **sizes) -> None:
         as_int(value, f"{layer}: {name}", minimum=1)
 
 
-def check_conv_arguments(layer: str, kernel_size, stride, dilation) -> None:
-    """nn.Conv2d accepts any tuple and fails only in forward; a 2-D layer takes ints or pairs."""
+def check_conv_arguments(layer: str, kernel_size, stride, dilation, padding=0, groups=1, dtype=None) -> None:
+    """nn.Conv2d accepts any tuple and fails only in forward (or reads True as 1): a 2-D layer takes ints or
+    pairs of ints, ≥ 1 (kernel, stride, dilation, groups) or ≥ 0 (padding, also 'same' / 'valid')."""
+    def is_pair(value, minimum):
+        if is_int(value):
+            return value >= minimum
+        return (isinstance(value, (tuple, list)) and len(value) == 2
+                and all(is_int(v) and v >= minimum for v in value))
+
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-        ok = isinstance(value, int) and not isinstance(value, bool) or (
-            isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value))
-        if not ok:
-            raise ValueError(f"{layer}: {name} must be an int or a pair of ints, got {value!r}")
+        if not is_pair(value, 1):
+            raise ValueError(f"{layer}: {name} must be an int >= 1 or a pair of them, got {value!r}")
+    if not (padding in ("same", "valid") or is_pair(padding, 0)):
+        raise ValueError(f"{layer}: padding must be 'same', 'valid', an int >= 0 or a pair of them, got "
+                         f"{padding!r}")
+    as_int(groups, f"{layer}: groups", minimum=1)
+    check_dtype(layer, dtype)
+
+
+def check_dtype(layer: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{layer}: dtype must be a floating-point dtype, got {dtype}")
 
 
 def conv2d_forward(layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

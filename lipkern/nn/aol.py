@@ -15,8 +15,8 @@ from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.nn._cache import WeightSnapshot
-from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_sizes, conv2d_forward,
-                              conv2d_repr, vanilla_conv2d)
+from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
+                              conv2d_forward, conv2d_repr, vanilla_conv2d)
 from lipkern.ops.aol import aol_rescale
 
 __all__ = ["AOLLinear", "AOLConv2d"]
@@ -96,6 +96,7 @@ class AOLLinear(_CachedRescale):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         check_sizes("AOLLinear", in_features=in_features, out_features=out_features)
+        check_dtype("AOLLinear", dtype)
         proto = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)  # validates
         self.in_features, self.out_features = proto.in_features, proto.out_features
         factory = {"device": device, "dtype": dtype}
@@ -147,7 +148,7 @@ class AOLConv2d(FixedGeometry, _CachedRescale):
         if padding_mode not in _SUPPORTED_PADDING_MODES:
             raise ValueError(f"AOLConv2d: padding_mode must be one of {_SUPPORTED_PADDING_MODES}, got "
                              f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
-        check_conv_arguments("AOLConv2d", kernel_size, stride, dilation)
+        check_conv_arguments("AOLConv2d", kernel_size, stride, dilation, padding, groups, dtype)
         check_sizes("AOLConv2d", in_channels=in_channels, out_channels=out_channels)
         # nn.Conv2d on the meta device validates every argument exactly as PyTorch does.
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,

@@ -41,8 +41,8 @@ from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
-from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_sizes, conv2d_forward,
-                              conv2d_repr, vanilla_conv2d)
+from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
+                              conv2d_forward, conv2d_repr, vanilla_conv2d)
 from lipkern.ops.conv_power_iteration import (
     ConvGeometry,
     advance_conv_power_iteration,
@@ -164,6 +164,7 @@ class _SpectralLinearBase(_SpectralNormalized):
                  n_power_iterations: int = 1, certified: bool = False):
         super().__init__()
         check_sizes(type(self).__name__, in_features=in_features, out_features=out_features)
+        check_dtype(type(self).__name__, dtype)
         proto = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self.weight, self.bias = proto.weight, proto.bias
@@ -239,7 +240,7 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
             raise ValueError(f"{type(self).__name__}: padding_mode must be 'zeros' or 'circular', got "
                              f"{padding_mode!r} ('reflect' and 'replicate' padding are not 1-Lipschitz)")
         check_sizes(type(self).__name__, in_channels=in_channels, out_channels=out_channels)
-        check_conv_arguments(type(self).__name__, kernel_size, stride, dilation)
+        check_conv_arguments(type(self).__name__, kernel_size, stride, dilation, padding, groups, dtype)
         proto = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
         for name in GEOMETRY:

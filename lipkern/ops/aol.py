@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from lipkern._dispatch import AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend, triton_importable
 from lipkern.ops._registration import define_op
+from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
 
@@ -858,6 +859,15 @@ def _validate(weight: torch.Tensor, groups: int) -> None:
         raise ValueError(f"aol_rescale: groups={groups} does not divide the {weight.shape[0]} output channels")
 
 
+def _extreme_range_scale(w4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 weights beyond 2^±256: (W·2⁻ᵉ, e) with the largest |entry| in [0.5, 1), else (W, 0); device ops
+    only. The Gram sums are squares: |W| ≈ 1e155 overflows them (NaN scale), |W| ≈ 1e-160 underflows them."""
+    largest = w4.detach().abs().amax()
+    exponent = torch.frexp(largest).exponent
+    exponent = torch.where((largest > 0) & (exponent.abs() > 256), exponent, 0)
+    return times_power_of_two(w4, -exponent), exponent
+
+
 def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = False):
     """AOL-rescaled weight ``W · diag(d)`` with ``d_i ≤ (Σ_j |WᵀW|_ij)^(-1/2)`` (a proven rounding margin).
 
@@ -881,6 +891,11 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
     """
     _validate(weight, groups)
     w4 = (weight if weight.dim() == 4 else weight[:, :, None, None]).contiguous()
-    out, scale = _AOL_OP(w4, groups)
+    if w4.dtype == torch.float64 and not w4.is_meta:
+        w4, exponent = _extreme_range_scale(w4)
+        out, scale = _AOL_OP(w4, groups)  # W·d = (W·2⁻ᵉ)·(d·2ᵉ): the same rescaled weight
+        scale = times_power_of_two(scale, -exponent)
+    else:
+        out, scale = _AOL_OP(w4, groups)
     out = out.view(weight.shape)
     return (out, scale) if return_scale else out

@@ -118,6 +118,8 @@ class ConvGeometry:
                              f" conv weight, got shape {tuple(weight.shape)}")
         if tuple(weight.shape[-2:]) != self.kernel_size:
             raise ValueError(f"weight kernel {tuple(weight.shape[-2:])} does not match {self.kernel_size}")
+        if weight.shape[-4] == 0 or weight.shape[-3] == 0:
+            raise ValueError(f"the conv weight has no channels, shape {tuple(weight.shape)}")
         if weight.shape[-4] % self.groups:
             raise ValueError(f"out_channels {weight.shape[-4]} is not divisible by groups={self.groups}")
 

@@ -448,6 +448,8 @@ def _validate(name: str, x, weight, bias, h, x_dims: tuple[int, ...], w_dims: in
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{name}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"{name}: weight is empty (no features or hidden channels), shape {tuple(weight.shape)}")
 
 
 def _autocast_cast(x, weight, bias, h):
