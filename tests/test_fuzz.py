@@ -174,10 +174,18 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _exact_norm(matrix: torch.Tensor) -> float:
+    """‖M‖₂ by LAPACK's SVD in double precision, on M scaled by a power of two (2^e in two exact halves): an
+    SVD of entries near 1e300 or 1e-320 overflows or loses them."""
     if matrix.numel() == 0:
         return 0.0
-    return torch.linalg.matrix_norm(matrix.to(torch.complex128 if matrix.is_complex() else torch.float64),
-                                    ord=2).item()
+    m = matrix.to(torch.complex128 if matrix.is_complex() else torch.float64)
+    largest = m.abs().max().item()
+    if largest == 0 or not math.isfinite(largest):
+        return largest if largest == 0 else NAN
+    exponent = math.frexp(largest)[1]
+    half = exponent // 2
+    scaled = m * 2.0 ** -half * 2.0 ** -(exponent - half)
+    return math.ldexp(torch.linalg.matrix_norm(scaled, ord=2).item(), exponent)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,7 +431,22 @@ def _oracle_conv_norm(case) -> float:
         return 0.0  # no output channel: the zero map (nn.Conv2d refuses to build it)
     size = case["input_size"]
     args = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")}
+    padding = args["padding"]
+    if isinstance(padding, (tuple, list)) and len(padding) == 4 and args["padding_mode"] == "zeros" \
+            and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in padding):
+        return _padded_conv_norm(case["weight"].double(), size, padding, args)  # lipkern's (top, bottom, left, right)
     return spectral_norm(dense_conv2d(case["weight"].double(), size, **args))
+
+
+def _padded_conv_norm(weight, size, padding, args) -> float:
+    """The dense operator of F.pad(x, (left, right, top, bottom)) followed by an unpadded conv2d."""
+    h, w = (size, size) if isinstance(size, int) else size
+    c_in = weight.shape[1] * args["groups"]
+    top, bottom, left, right = padding
+    eye = torch.eye(c_in * h * w, dtype=torch.float64).reshape(-1, c_in, h, w)
+    out = F.conv2d(F.pad(eye, (left, right, top, bottom)), weight, stride=args["stride"], dilation=args["dilation"],
+                   groups=args["groups"])
+    return spectral_norm(out.reshape(c_in * h * w, -1).T)
 
 
 def _try_oracle(case) -> float | None:
@@ -746,8 +769,8 @@ def _gate(kind: str, hyper: dict, logits: torch.Tensor, lip: torch.Tensor, c: in
     lmax = float(off.max()) if off.numel() else 0.0
     positive = off[off > 0]
     lmin = float(positive.min()) if positive.numel() else INF
-    if kind == "LMT":
-        return (big + 2 * hyper["c"] * lmax + 1) * 4 * c
+    if kind == "LMT":  # the loss, and its gradient in L (c·√2 per class)
+        return (big + 2 * hyper["c"] * lmax + 1) * 4 * c + 2 * hyper["c"] * c
     if kind == "Offset":
         return 2 * (big + abs(hyper["offset"])) + hyper["t"] * math.log(c) + 2
     if kind == "Hinge":
@@ -860,9 +883,12 @@ def test_aol_rescale_has_operator_norm_at_most_one(data, conv, dtype, groups, me
 
 
 def _representable(norm: float, x: torch.Tensor, b) -> bool:
-    """Aᵀσ(Ax + b) (of size ≤ ‖A‖·(‖A‖·|x| + |b|)) fits in float64 with room: else h·Aᵀσ(·) is 0·inf."""
-    size = norm * (norm * x.abs().max().item() + (b.abs().max().item() if b is not None and b.numel() else 0.0))
-    return size * x.numel() < 1e300
+    """r = Aᵀσ(Ax + b) (of size ≤ ‖A‖·(‖A‖·|x| + |b|)) and h·r (≤ 2/‖A‖² times that) fit in float64 with
+    room; else the exact output is not representable (or h·r is computed as 0·inf)."""
+    inner = norm * x.abs().max().item() + (b.abs().max().item() if b is not None and b.numel() else 0.0)
+    size = norm * inner
+    step = 2 * inner / norm if norm > 0 else 0.0
+    return max(size, step) * x.numel() < 1e300
 
 
 H_CHOICES = ["fraction", "fraction", "max", 0.0, -1.0, NAN, INF, 1e30, "tensor", "wrong"]

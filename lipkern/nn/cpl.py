@@ -56,7 +56,9 @@ class _StepSize:
         """The eval-mode h (whatever the mode): 2/σ² of the cached eval σ, rounded down in the weight's
         dtype."""
         s = self._eval_sigma().detach().double() if not self.weight.is_meta else self.sigma()
-        return _round_down(torch.where(s > 0, 2.0 / (s * s), 0.0), self.weight.dtype)
+        # a tiny σ (subnormal weights): 2/σ² overflows; the largest finite h is below it, so still safe
+        h = (2.0 / (s * s)).clamp(max=torch.finfo(torch.float64).max)
+        return _round_down(torch.where(s > 0, h, 0.0), self.weight.dtype)
 
     def _export_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         check_finite(self.weight, f"{type(self).__name__}.to_vanilla")

@@ -149,7 +149,7 @@ class _SpectralNormalized(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         super()._load_from_state_dict(state_dict, prefix, *args)
         u = self.u
-        if u is not None and not bool(torch.isfinite(u).all() & (u.abs().amax() > 0)):  # (a read at load time)
+        if u is not None and not u.is_meta and not bool(torch.isfinite(u).all() & (u.abs().amax() > 0)):
             warnings.warn(f"{type(self).__name__} {prefix or '(root)'}: the loaded power-iteration vector u is "
                           "zero or not finite (a power iteration from it stays there, σ = 0); it restarts from "
                           "the initial vector", RuntimeWarning, stacklevel=2)

@@ -39,7 +39,7 @@ def test_padding_mode_error_names_the_layer(name):
 @pytest.mark.parametrize("build", [lambda: AOLConv2d(2, 2, (3, 3, 3)), lambda: SpectralConv2d(2, 2, (3, 3, 3)),
                                    lambda: CPLConv2d(2, 2, (3, 3, 3)), lambda: AOLConv2d(2, 2, 3, stride=(1, 1, 1))])
 def test_three_dimensional_arguments_fail_at_construction(build):
-    with pytest.raises(ValueError, match="must be an int or a pair of ints"):
+    with pytest.raises(ValueError, match="must be an int >= 1 or a pair of them"):
         build()
 
 
