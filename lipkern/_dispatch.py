@@ -211,11 +211,11 @@ def check_finite(tensor: torch.Tensor, op_name: str) -> None:
 
     It reads a value on the host (a device synchronization), so it is never called in a training step (no
     op calls it: a NaN/Inf weight there gives a NaN/Inf output, visibly). The layers call it where values are
-    read anyway: when an eval-mode cache (a spectral/CPL norm, an AOL rescaled weight) is recomputed, once
-    per weight version, which ``to_vanilla`` goes through too."""
+    read anyway: in eval mode (when a spectral/CPL norm or an AOL rescaled weight is cached, once per weight;
+    an uncached AOL eval forward too) and in ``to_vanilla``. LIPKERN_CHECK_FINITE=0 skips it."""
     if config().check_finite and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{op_name}: input contains NaN or Inf (LIPKERN_CHECK_FINITE=0 skips this check "
-                         "and the device synchronization it costs)")
+        raise ValueError(f"{op_name}: the weight contains NaN or Inf (a diverged training run? lower the "
+                         "learning rate or resume from an earlier checkpoint)")
 
 
 def device_context(tensor: torch.Tensor):

@@ -4,7 +4,7 @@
 ‖W‖ comes from the spectral-norm machinery of ``lipkern.nn.spectral`` (for the conv: the true operator of the
 'same'-padded conv at the layer's input size). Training: one power iteration per step on persistent vectors,
 h = 2/σ² differentiable through σ = vᵀAu (an estimate from below, so a training-mode layer is only
-approximately 1-Lipschitz, as in the paper's code). Eval: σ is cached per weight version: the converged
+approximately 1-Lipschitz, as in the paper's code). Eval: σ is cached per weight (``lipkern.nn._cache``): the converged
 estimate, or with ``certified=True`` a guaranteed upper bound, and then h = 2/σ² is rounded down, so the
 eval-mode layer is 1-Lipschitz with proof. The forward and backward are ``lipkern.ops.cpl_linear`` /
 ``cpl_conv2d``, whose backward keeps the input and the hidden activation σ(Wx + b) only (eager autograd also
