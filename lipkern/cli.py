@@ -704,7 +704,10 @@ def certify(args) -> int:
     try:
         import torch
 
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from lipkern.train import usable_device
+
+        device = usable_device(args.device, CertifyError) if args.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         if args.batch_size < 1:
             raise CertifyError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.limit is not None and args.limit < 1:

@@ -332,11 +332,14 @@ class CRMLoss(nn.Module):
                 f"pairwise={self.pairwise}, variant={self.variant!r}, "
                 f"regularize_misclassified={self.regularize_misclassified}, reduction={self.reduction!r}")
 
-    def radii(self, logits: Tensor, lipschitz: Tensor) -> tuple[Tensor, Tensor]:
-        """(predicted class ŷ (B,), radii d (B, C) with +inf at ŷ). ``lipschitz`` already validated."""
+    def radii(self, logits: Tensor, lipschitz: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(predicted class ŷ (B,), radii d (B, C) with +inf at ŷ). ``lipschitz`` already validated. ``rows``:
+        a (B,) mask; the other rows' radii are computed with L = 1 (placeholders)."""
         predicted = logits.argmax(dim=1)
         is_predicted = _one_hot(predicted, logits)
         denominator = _pairwise_rows(lipschitz, predicted, self.pairwise, logits)
+        if rows is not None:
+            denominator = torch.where(rows[:, None], denominator, 1.0)
         margin = logits.gather(1, predicted[:, None]) - logits
         # L = 0: f_ŷ − f_j is constant, its radius +inf (margin > 0) or 0; the division sees 1 there (and at ŷ,
         # replaced by +inf) so that no 0/0 or x/0 enters the graph (its gradient would be NaN)
@@ -354,11 +357,15 @@ class CRMLoss(nn.Module):
         cross_entropy = F.cross_entropy(logits, target, reduction="none")
         if epoch < self.start_epoch:
             return _reduce(cross_entropy, self.reduction)
-        predicted, radii = self.radii(logits, lipschitz)
+        with torch.no_grad():
+            predicted, radii = self.radii(logits, lipschitz)
+            selected = radii.amin(dim=1) < self.r0
+            if not self.regularize_misclassified:
+                selected = selected & (predicted == target)
+        # the radii with gradients, of the selected rows only (the others divide by 1: the robust term of a
+        # masked row is multiplied by 0 in the backward, and 0·inf from a tiny L would be NaN)
+        _, radii = self.radii(logits, lipschitz, rows=selected)
         radius = radii.amin(dim=1)
-        selected = radius < self.r0
-        if not self.regularize_misclassified:
-            selected = selected & (predicted == target)
         if self.variant == "softmax":
             robust = torch.logsumexp(-self.t * radii, dim=1) / self.t
         else:

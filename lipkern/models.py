@@ -377,8 +377,7 @@ class LMTNet(nn.Sequential):
         out_h, out_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
         if out_h < 1 or out_w < 1:
             raise ValueError(f"LMTNet: image_size must be at least 16×16 (two 5×5 convs and 2× poolings), "
-                             f"got "
-                             f"{image_size!r}")
+                             f"got {image_size!r} (lipkern train: --input-size 16 pads smaller images)")
         f = {"device": device, "dtype": dtype}
         super().__init__(nn.Conv2d(in_channels, 20, 5, **f), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(20, 50, 5, **f), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),

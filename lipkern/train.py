@@ -228,6 +228,18 @@ def _build_model(name: str, model_args: dict, device) -> nn.Module:
         raise TrainError(f"could not build {name!r} with {kwargs}: {err}") from None
 
 
+def usable_device(name: str, error: type[Exception]) -> torch.device:
+    """torch.device(name), or ``error`` saying why this torch cannot use it (a CPU build asked for CUDA)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise error(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise error(f"--device {name}: {build}; use --device cpu")
+    return device
+
+
 def load_checkpoint(path) -> dict:
     """A checkpoint written by :func:`train` (``torch.load(weights_only=True)``), checked for its format."""
     from lipkern.data import read_torch_file
@@ -326,7 +338,7 @@ def _init_distributed(device: torch.device) -> _Dist:
 
 def _device(c: TrainConfig) -> torch.device:
     if c.device is not None:
-        return torch.device(c.device)
+        return usable_device(c.device, TrainError)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -544,6 +544,11 @@ def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     assert "batch_size must be a positive integer" in error(["--batch-size", "0"])
     assert "needs root" in error(["--dataset", "mnist"])
     assert "could not build" in error(["--model-args", '{"width": 3}'])
+    assert "--input-size 16" in error(["--model", "lmt", "--dataset", "digits", "--epochs", "1"])
+    if not torch.cuda.is_available():  # a CUDA device on this torch: a clear message, not an AssertionError
+        assert "use --device cpu" in error(["--device", "cuda", "--epochs", "1"])
+        code, _, err = _run(["--model", "TinyNet", "--device", "cuda", "--data", tmp_path / "none.pt"], capsys)
+        assert code == 2 and "use --device cpu" in err, err
     with pytest.raises(SystemExit):
         cli.main(["train", "--loss", "mse"])
     torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")

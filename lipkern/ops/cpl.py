@@ -429,6 +429,8 @@ _CPL_CONV2D = _define("conv", "(Tensor x, Tensor weight, Tensor? bias, Tensor h,
 # ----------------------------------------------------------------------------------------------------------
 def _as_h(h, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(h, torch.Tensor):  # a Python number: filled on the device (no host-to-device copy)
+        if not x.is_floating_point():
+            raise TypeError(f"cpl: x must be floating point, got {x.dtype}")
         value = as_positive_float(h, "cpl: h", allow_zero=True)
         if x.is_floating_point() and value > torch.finfo(x.dtype).max:
             raise ValueError(f"cpl: h = {value:.3g} does not fit in x's dtype {x.dtype}")
