@@ -334,12 +334,13 @@ class CRMLoss(nn.Module):
 
     def radii(self, logits: Tensor, lipschitz: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(predicted class ŷ (B,), radii d (B, C) with +inf at ŷ). ``lipschitz`` already validated. ``rows``:
-        a (B,) mask; the other rows' radii are computed with L = 1 (placeholders)."""
+        a (B,) mask; the other rows' radii are placeholders (+inf, no gradient)."""
         predicted = logits.argmax(dim=1)
         is_predicted = _one_hot(predicted, logits)
         denominator = _pairwise_rows(lipschitz, predicted, self.pairwise, logits)
         if rows is not None:
             denominator = torch.where(rows[:, None], denominator, 1.0)
+            is_predicted = is_predicted | ~rows[:, None]  # masked rows: placeholders, +inf like ŷ below
         margin = logits.gather(1, predicted[:, None]) - logits
         # L = 0: f_ŷ − f_j is constant, its radius +inf (margin > 0) or 0; the division sees 1 there (and at ŷ,
         # replaced by +inf) so that no 0/0 or x/0 enters the graph (its gradient would be NaN)

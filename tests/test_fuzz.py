@@ -508,6 +508,7 @@ def test_linear_spectral_norm_upper_is_at_least_the_exact_norm(data, m, n, dtype
     assert weight.is_floating_point() and torch.isfinite(weight).all(), (
         f"linear_spectral_norm accepted a {weight.dtype} weight with NaN/Inf or no float values: {result}")
     exact = _exact_norm(weight)
+    assume(math.isfinite(exact))  # (NaN: LAPACK's SVD failed on it, no oracle)
     if result.upper is not None:
         assert result.upper.item() >= exact, f"upper {result.upper.item()!r} < exact {exact!r}"
     if result.estimate is not None:
@@ -535,7 +536,8 @@ def test_gram_upper_bound_is_at_least_the_exact_norm(data, b, m, n, dtype, optio
     assert result.shape == (b,) and result.dtype == torch.float64
     for i in range(b):
         exact = _exact_norm(matrices[i])
-        assert result[i].item() >= exact, f"matrix {i}: bound {result[i].item()!r} < exact {exact!r}"
+        if math.isfinite(exact):  # (NaN: LAPACK's SVD failed on it, no oracle)
+            assert result[i].item() >= exact, f"matrix {i}: bound {result[i].item()!r} < exact {exact!r}"
 
 
 # --- whole networks ------------------------------------------------------------------------------------------
@@ -890,9 +892,11 @@ def test_aol_rescale_has_operator_norm_at_most_one(data, conv, dtype, groups, me
 def _representable(norm: float, x: torch.Tensor, b) -> bool:
     """r = Aᵀσ(Ax + b) (of size ≤ ‖A‖·(‖A‖·|x| + |b|)) and h·r (≤ 2/‖A‖² times that) fit in float64 with
     room; else the exact output is not representable (or h·r is computed as 0·inf)."""
+    if not 1e-150 < norm < 1e150:
+        return False  # a known limit: h = 2/‖A‖² and AᵀA g (the backward) under/overflow float64 there
     inner = norm * x.abs().max().item() + (b.abs().max().item() if b is not None and b.numel() else 0.0)
     size = norm * inner
-    step = 2 * inner / norm if norm > 0 else 0.0
+    step = 2 * inner / norm
     return max(size, step) * x.numel() < 1e300
 
 
@@ -1010,6 +1014,8 @@ def test_batched_power_iteration_never_exceeds_the_norm(data, b, m, n, dtype, n_
             assert torch.isnan(sigma[i]), f"matrix {i} with NaN/Inf got sigma {sigma[i].item()!r} (documented: NaN)"
             continue
         exact = _exact_norm(matrices[i])
+        if not math.isfinite(exact):
+            continue  # LAPACK's SVD failed on it (subnormal complex entries): no oracle
         if exact * exact >= torch.finfo(real).max / 4:
             continue  # documented precondition: ||M||^2 representable in the dtype
         s = sigma[i].item()
