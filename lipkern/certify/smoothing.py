@@ -23,15 +23,11 @@ import numbers
 import torch
 from torch import nn
 
-from lipkern._checks import as_positive_float
+from lipkern._checks import as_positive_float, is_int
 
 __all__ = ["ABSTAIN", "RandomizedSmoothing", "clopper_pearson_lower", "smoothing_radius"]
 
 ABSTAIN = -1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_alpha(alpha, where: str) -> float:
@@ -50,9 +46,9 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     relative, above the exact 1 − (1 − α)^(1/n)); for p ≥ 0.01 the two agree to ~1e-12."""
     from scipy.stats import beta
 
-    if not _is_int(trials) or trials <= 0:
+    if not is_int(trials) or trials <= 0:
         raise ValueError(f"clopper_pearson_lower: trials must be a positive int, got {trials!r}")
-    if not _is_int(successes) or not 0 <= successes <= trials:
+    if not is_int(successes) or not 0 <= successes <= trials:
         raise ValueError(f"clopper_pearson_lower: successes must be an int in [0, {trials}], "
                          f"got {successes!r}")
     alpha = _check_alpha(alpha, "clopper_pearson_lower")
@@ -90,7 +86,7 @@ class RandomizedSmoothing:
                             f"{type(base).__name__}")
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0 < sigma < math.inf):
             raise ValueError(f"RandomizedSmoothing: sigma must be a finite float > 0, got {sigma!r}")
-        if not _is_int(num_classes) or num_classes < 2:
+        if not is_int(num_classes) or num_classes < 2:
             raise ValueError(f"RandomizedSmoothing: num_classes must be an int >= 2, got {num_classes!r}")
         self.base = base
         self.sigma = float(sigma)
@@ -111,7 +107,7 @@ class RandomizedSmoothing:
     def _generator(self, x: torch.Tensor, seed) -> torch.Generator | None:
         if seed is None:
             return None
-        if not _is_int(seed):
+        if not is_int(seed):
             raise TypeError(f"RandomizedSmoothing: seed must be an int or None, got {seed!r}")
         return torch.Generator(device=x.device).manual_seed(int(seed))
 
@@ -152,7 +148,7 @@ class RandomizedSmoothing:
         from tqdm.auto import tqdm
 
         x = self._check_input(x)
-        if not _is_int(batch_size) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise ValueError(f"RandomizedSmoothing: batch_size must be a positive int, got {batch_size!r}")
         generator = self._generator(x, seed)
         base = self.base
@@ -187,7 +183,7 @@ class RandomizedSmoothing:
         With probability ≥ 1 − alpha over the noise, a returned class is g(x) and g is constant on the open
         ℓ₂ ball of that radius. x: one input without the batch dimension. Requires 0 < n0 ≤ n."""
         for name, value in (("n0", n0), ("n", n)):
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"RandomizedSmoothing.certify: {name} must be a positive int, got {value!r}")
         if n0 > n:
             raise ValueError(f"RandomizedSmoothing.certify: n0 = {n0} > n = {n} (n0 selects the class with a "
@@ -206,7 +202,7 @@ class RandomizedSmoothing:
         class is g(x)."""
         from scipy.stats import binomtest
 
-        if not _is_int(n) or n <= 0:
+        if not is_int(n) or n <= 0:
             raise ValueError(f"RandomizedSmoothing.predict: n must be a positive int, got {n!r}")
         alpha = _check_alpha(alpha, "RandomizedSmoothing.predict")
         (counts,) = self._run(x, [n], batch_size, seed, False)
