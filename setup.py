@@ -1,8 +1,10 @@
-"""Build lipkern, optionally with the CUDA extension lipkern._C.
+"""Build lipkern with its C++ CPU kernels lipkern._cpu and, optionally, the CUDA extension lipkern._C.
 
-LIPKERN_BUILD_CUDA=auto (default) builds csrc/ when nvcc is found, 1 requires it, 0 skips it.
-The extension includes no PyTorch headers (raw-pointer launchers), so a CPU-only torch is enough
-to compile, link and import it; running its kernels needs a CUDA GPU.
+lipkern._cpu (csrc/cpu/, any C++17 compiler) is optional: when it does not compile, the install goes on
+and lipkern runs its PyTorch paths instead (LIPKERN_BUILD_CPU=0 skips it).
+LIPKERN_BUILD_CUDA=auto (default) builds csrc/*.cu when nvcc is found, 1 requires it, 0 skips it.
+Neither extension includes PyTorch headers (raw-pointer launchers), so a CPU-only torch is enough
+to compile, link and import them; running the CUDA kernels needs a CUDA GPU.
 """
 
 import os
@@ -70,6 +72,8 @@ class BuildExtWithNvcc(build_ext):
         nvcc = _find_nvcc()
         objects = self._compile_cuda(nvcc, (Path(self.build_temp) / "cuda").resolve())  # ninja runs in it
         for ext in self.extensions:
+            if ext.name != "lipkern._C":
+                continue
             ext.extra_objects = [str(o) for o in objects]
             ext.library_dirs.extend(_cuda_library_dirs(nvcc))
         super().build_extensions()
@@ -93,18 +97,32 @@ class BuildExtWithNvcc(build_ext):
         return objects
 
 
+def _cpu_extensions():
+    """lipkern._cpu: IEEE arithmetic (no -ffast-math, no FMA contraction: the AOL margin's proof counts the
+    roundings of the operations as written); optional, a failed compile leaves the PyTorch paths."""
+    if os.environ.get("LIPKERN_BUILD_CPU", "1").strip() == "0":
+        _say("LIPKERN_BUILD_CPU=0: no lipkern._cpu (the PyTorch paths run on the CPU).")
+        return []
+    from pybind11.setup_helpers import Pybind11Extension
+
+    sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
+    return [Pybind11Extension("lipkern._cpu", sources, include_dirs=[str(CSRC / "cpu")], cxx_std=17,
+                              extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"], optional=True)]
+
+
 def _extensions():
     mode = _cuda_mode()
     nvcc = _find_nvcc()
+    cpu = _cpu_extensions()
     if mode == "0":
-        _say("LIPKERN_BUILD_CUDA=0: installing pure Python + Triton (no lipkern._C).")
-        return [], {}
+        _say("LIPKERN_BUILD_CUDA=0: no lipkern._C (the Triton and PyTorch paths run on a GPU).")
+        return cpu, {}
     if nvcc is None:
         if mode == "1":
             raise SystemExit("LIPKERN_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME or put nvcc on PATH.")
-        _say("nvcc not found: installing pure Python + Triton (no lipkern._C). To build the CUDA kernels, "
-             "install the CUDA toolkit, then reinstall with LIPKERN_BUILD_CUDA=1.")
-        return [], {}
+        _say("nvcc not found: no lipkern._C (the Triton and PyTorch paths run on a GPU). To build the CUDA "
+             "kernels, install the CUDA toolkit, then reinstall with LIPKERN_BUILD_CUDA=1.")
+        return cpu, {}
     from pybind11.setup_helpers import Pybind11Extension
 
     ext = Pybind11Extension(
@@ -114,7 +132,7 @@ def _extensions():
         libraries=["cudart_static", "dl", "rt", "pthread"],
         cxx_std=17,
     )
-    return [ext], {"build_ext": BuildExtWithNvcc}
+    return [ext, *cpu], {"build_ext": BuildExtWithNvcc}
 
 
 ext_modules, cmdclass = _extensions()

@@ -36,13 +36,15 @@ class Config:
     """The settings lipkern reads from the environment (README, "Environment variables").
 
     backend: ``LIPKERN_BACKEND`` (None = auto); aol_gram: ``LIPKERN_AOL_GRAM``; check_finite:
-    ``LIPKERN_CHECK_FINITE`` != 0; triton_interpret: ``TRITON_INTERPRET`` == 1 (Triton reads it when the
+    ``LIPKERN_CHECK_FINITE`` != 0; cpu_kernels: ``LIPKERN_CPU_KERNELS`` != 0 (the C++ CPU kernels of
+    ``lipkern._cpu`` where built; off: the PyTorch paths); triton_interpret: ``TRITON_INTERPRET`` == 1 (Triton reads it when the
     kernels are defined, at import, too); onednn_fpmath: ``ONEDNN_DEFAULT_FPMATH_MODE`` (or ``DNNL_…``), which
     oneDNN reads once at start-up."""
 
     backend: str | None = None
     aol_gram: str = "auto"
     check_finite: bool = True
+    cpu_kernels: bool = True
     triton_interpret: bool = False
     onednn_fpmath: str = "strict"
 
@@ -61,6 +63,7 @@ class Config:
         return cls(backend=None if backend in ("", "auto") else backend,
                    aol_gram=env.get("LIPKERN_AOL_GRAM", "auto").strip().lower() or "auto",
                    check_finite=env.get("LIPKERN_CHECK_FINITE", "1").strip() != "0",
+                   cpu_kernels=env.get("LIPKERN_CPU_KERNELS", "1").strip() != "0",
                    triton_interpret=env.get("TRITON_INTERPRET", "0").strip() == "1",
                    onednn_fpmath=fpmath.strip().lower() or "strict")
 

@@ -17,7 +17,10 @@ differentiable PyTorch ops. From that, :class:`Op` builds:
 
 A call takes the first path that applies: autocast → go on with it off; a torch.func transform →
 ``functional`` (mutating ops: the custom op); tracing (compile, export, FakeTensorMode, make_fx) → the custom
-op; no gradient asked for → ``forward(..., save=False)`` directly; else the autograd.Function.
+op; no gradient asked for → ``forward(..., save=False)`` directly; ``composite_when(*args)`` true (the op's
+size model: on the CPU at small sizes PyTorch's own autograd of the functional form beats a Python
+``autograd.Function`` whose backward issues the same kernels one by one) → ``functional``; else the
+autograd.Function.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch._C import _functorch
 
-from lipkern._dispatch import tracing
+from lipkern._dispatch import record_implementation, tracing
 
 __all__ = ["Op", "define_op"]
 
@@ -62,6 +65,8 @@ class Op:
         outputs (None where none reached them), inputs the call's arguments, saved the outputs named in
         ``saved_outputs`` then the residuals, needs one bool per tensor argument.
     functional(*args) -> the visible outputs, and functional_backward(...) as backward, in differentiable ops.
+    composite_when(*args) -> bool: run ``functional`` under autograd instead of the fast path (recorded as
+        '<name>: torch-composite').
     """
 
     name: str
@@ -75,6 +80,7 @@ class Op:
     functional_backward: Callable | None = None
     to_op_args: Callable | None = None
     from_op_args: Callable | None = None
+    composite_when: Callable | None = None
 
     def __post_init__(self):
         parsed = torch._C.parse_schema(f"lipkern::{self.name}{self.schema}")
@@ -116,6 +122,9 @@ class Op:
             return self._visible(self.custom_op(*self._op_args(args)))
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:self.n_tensors])):
             return self._visible(self.forward(*args, save=False))
+        if self.composite_when is not None and self.composite_when(*args):
+            record_implementation(self.name, "torch-composite")
+            return self.functional(*args)
         return self._visible(_EagerFunction.apply(self, *args))
 
     def _op_args(self, args) -> tuple:

@@ -59,6 +59,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
+from lipkern import _cpu_kernels
 from lipkern._dispatch import AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.power_iteration import times_power_of_two
@@ -704,12 +705,16 @@ def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: b
     kk, acc = kh * kw, _acc_dtype(w4.dtype)
     ran = "fp32" if scheme == "auto" else scheme
     k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
+    on_host = (w4.device.type == "cpu" and not (torch.is_grad_enabled() and w4.requires_grad)
+               and not torch._C._are_functorch_transforms_active()
+               and not torch.jit.is_tracing())  # (a jit trace records torch ops only; its sizes are tensors)
+    if on_host and _cpu_kernels.available():
+        return _forward_cpu_kernel(w4, groups, scheme, signs)
     w = w4.to(torch.float64 if ran == "fp64" else acc).view(groups, out_g, in_g, kk)
     correlations = _correlations(w, kh, kw)
     r = _row_sums(correlations)
     col_abs = w4.abs().view(groups, out_g, in_g, kk)
-    if (w4.device.type == "cpu" and not r.requires_grad and not torch._C._are_functorch_transforms_active()
-            and not torch.jit.is_tracing()):  # (a jit trace records torch ops only; its sizes are tensors)
+    if on_host:
         col_abs = col_abs[..., 0] if kk == 1 and w4.dtype == torch.float32 else col_abs.sum(3, dtype=torch.float64)
         d = _scale_from_sums_cpu(r, col_abs, k, scheme == "auto")
         # numpy rounds float64 to float32 to nearest, as .to() does: the margin in d covers it
@@ -725,6 +730,40 @@ def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: b
         sign_out = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8, device=w4.device)
         sign_out.copy_(correlations.detach()[:, :, correlations.shape[2] - n_half:].permute(0, 2, 1, 3).sign())
     return out, scale, sign_out, ran
+
+
+def _forward_cpu_kernel(w4: torch.Tensor, groups: int, scheme: str, signs: bool):
+    """:func:`_forward_torch` on the CPU with the C++ kernel: one GEMM P = W_leftᵀW_right (rows (i, a), columns
+    (b, j)), then one call forms the shift sums M_s in float64 from P, r_i, C_oi, S_i, the margin and d (the
+    float64 operations of :func:`_scale_from_sums_cpu`, in its order: the same proof), W·d and the signs."""
+    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
+    kk, acc = kh * kw, _acc_dtype(w4.dtype)
+    ran = "fp32" if scheme == "auto" else scheme
+    k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
+    w4 = w4.detach().contiguous()
+    w = w4.to(acc).view(groups, out_g, in_g, kk)  # 16-bit weights: exact in float32
+    left, right = _gram_pairs(w4.to(torch.float64 if ran == "fp64" else acc).view(groups, out_g, in_g, kk))
+    pairs = torch.bmm(left.transpose(1, 2), right)  # columns (b, j): the kernel's shift sums read rows in order
+    scale = torch.empty((groups, in_g), dtype=acc)
+    out = torch.empty_like(w)
+    sign_out = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8) if signs else None
+    if not _cpu_kernels.aol_forward(pairs, w, kh, kw, k, _FP32_GRAM_MAX_COST, scheme == "auto", scale, out,
+                                    sign_out):
+        return _forward_cpu_kernel(w4, groups, "fp64", signs)
+    return out.view(w4.shape).to(w4.dtype), scale, sign_out, ran
+
+
+def _backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups):
+    """:func:`_backward_torch` on the CPU with the C++ kernel: ∂L/∂r, then Γ placed at its (i, a), (b, j)
+    entries and symmetrized in one call, then ONE GEMM ∂L/∂W_left = W_right(∂P + ∂Pᵀ)ᵀ and G·d."""
+    out_g, in_g, kh, kw, _ = _geometry(w4, groups)
+    kk, acc = kh * kw, scale.dtype
+    w = w4.to(acc).view(groups, out_g, in_g, kk)
+    grad = grad_out.to(acc).view(groups, out_g, in_g, kk)
+    gsym = _cpu_kernels.aol_backward(grad, None if grad_scale is None else grad_scale.to(acc), w, scale, signs, kh,
+                                     kw)  # rows (i, a), columns (b, j)
+    grad_w = torch.bmm(_gram_pairs(w)[1], gsym.transpose(1, 2)).view(grad.shape)
+    return grad_w.addcmul_(grad, scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
@@ -793,7 +832,8 @@ def _aol_fwd(w4: torch.Tensor, groups: int, save: bool = True):
         return _forward_triton(w4, groups)
     scheme = _torch_scheme(w4, groups)
     out, scale, sign_out, ran = _forward_torch(w4, groups, scheme, save)
-    record_implementation("aol_rescale", f"torch-gemm/{ran}" + (" (auto)" if scheme == "auto" else ""))
+    form = "cpp" if w4.device.type == "cpu" and _cpu_kernels.available() else "torch-gemm"
+    record_implementation("aol_rescale", f"{form}/{ran}" + (" (auto)" if scheme == "auto" else ""))
     return out, scale, sign_out
 
 
@@ -805,6 +845,8 @@ def _aol_bwd(grads, inputs, saved, needs):
         grad_scale = grad_scale.contiguous()
     if select_backend(w4) == "triton":
         return (_backward_triton(grad_out, grad_scale, w4, scale, signs, groups),)
+    if w4.device.type == "cpu" and _cpu_kernels.available() and not torch.is_grad_enabled():
+        return (_backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups),)
     return (_backward_torch(grad_out, grad_scale, w4, scale, signs, groups),)
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern._checks import as_positive_float
-from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, record_implementation, requested_backend, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
 
@@ -356,9 +356,27 @@ def _backward_functional(op, grad, x, bias, h, needs):
 
 
 def _op_forward(kind):
+    name = f"cpl_{'linear' if kind == 'linear' else 'conv2d'}"
+
     def forward(x, weight, bias, h, geometry=None, *, save: bool):
-        return _forward(_make_op(kind, weight, geometry), x, bias, h, _use_triton(x))
+        triton_path = _use_triton(x)
+        record_implementation(name, "triton" if triton_path else "torch")
+        return _forward(_make_op(kind, weight, geometry), x, bias, h, triton_path)
     return forward
+
+
+# Below this many multiply-adds in A x, a CPU train step runs the functional form under PyTorch's autograd: its
+# C++ backward beats this op's Python one there (b32, 64 features: 228 against 419 µs fwd+bwd; b8, 16 ch, 8²:
+# 0.98 against 1.26 ms); above it they tie until the op's fewer passes win (b64, 64 ch, 32²: 348 against 383 ms,
+# and the op keeps less memory). benchmarks/NOTES.md, "CPU paths".
+_COMPOSITE_MAX_MACS = 1 << 24
+
+
+def _composite_pays(x, weight, bias, h, geometry=None) -> bool:
+    """Auto mode on the CPU's PyTorch path (a forced backend runs the op itself) at small sizes."""
+    if x.device.type != "cpu" or requested_backend() is not None or _use_triton(x):
+        return False
+    return x.numel() // max(1, x.shape[1]) * weight.numel() <= _COMPOSITE_MAX_MACS
 
 
 def _op_backward(kind):
@@ -414,7 +432,8 @@ def _conv_call_args(x, weight, bias, h, *geometry):
 def _define(kind: str, schema: str, fake, **conversions):
     return define_op(f"cpl_{kind if kind == 'linear' else 'conv2d'}", schema, _op_forward(kind), fake,
                      backward=_op_backward(kind), functional=_op_functional(kind),
-                     functional_backward=_op_functional_backward(kind), **conversions)
+                     functional_backward=_op_functional_backward(kind), composite_when=_composite_pays,
+                     **conversions)
 
 
 _CPL_LINEAR = _define("linear", "(Tensor x, Tensor weight, Tensor? bias, Tensor h) -> (Tensor, Tensor)",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lipkern import _cpu_kernels
 from lipkern.ops import aol_rescale, aol_rescale_ref
 from lipkern.ops.aol import gram_error_bound, gram_precision, output_rounding_margin
 from lipkern._dispatch import configure, select_backend
@@ -456,18 +457,22 @@ def test_gpu_stored_weight_operator_norm_at_most_one(monkeypatch, precision, dty
 
 # --- the CPU path (what users without a GPU run): float32 or float64 Gram GEMMs with their proven margin ------
 CPU_SCHEMES = ["fp32", "fp64", "auto"]
+# the C++ kernel of lipkern._cpu (where built) and the PyTorch/NumPy path it replaces: the same margin
+CPU_KERNELS = [pytest.param(True, id="cpp", marks=pytest.mark.skipif(_cpu_kernels._cpu is None,
+                                                                      reason="lipkern._cpu is not built")),
+               pytest.param(False, id="torch")]
 
 
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(["orthogonal", "random", "identity_noise"]), scheme=st.sampled_from(CPU_SCHEMES),
        out=st.integers(1, 20), inp=st.integers(1, 20), k=st.sampled_from([1, 2, 3]),
-       log_scale=st.floats(-30, 15), seed=st.integers(0, 2**16))
-def test_cpu_path_scale_never_exceeds_the_exact_value(kind, scheme, out, inp, k, log_scale, seed):
+       log_scale=st.floats(-30, 15), seed=st.integers(0, 2**16), cpu_kernels=st.booleans())
+def test_cpu_path_scale_never_exceeds_the_exact_value(kind, scheme, out, inp, k, log_scale, seed, cpu_kernels):
     """d_i ≤ r_i^(-1/2) (r summed in float64: products of float32 values are exact there) on the torch path in
     every scheme, extreme magnitudes included (fp32 products underflow below ~1e-19: the ε_abs term or the
     switch to fp64 covers it); and the margin is no larger than documented where the underflow term is zero."""
     w = _adversarial_weight(kind, out, inp, k, log_scale, seed).float()
-    with configure(aol_gram=scheme, backend="torch"):
+    with configure(aol_gram=scheme, backend="torch", cpu_kernels=cpu_kernels):
         _, scale = aol_rescale(w, return_scale=True)
     r, mass = _exact_r_and_mass(w)
     d = scale[0].double()
@@ -504,11 +509,12 @@ def test_cpu_fp32_gram_error_within_its_bound(kind, shape):
     assert (error / magnitude).max() > 2.0**-30  # float32 products do round: the bound is what is tested
 
 
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
 @pytest.mark.parametrize("scheme", CPU_SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["orthogonal", "random"])
-def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, dtype, kind, knobs):
-    knobs(backend="torch")
+def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, dtype, kind, cpu_kernels, knobs):
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
     knobs(aol_gram=scheme)
     w = _adversarial_weight(kind, 12, 6, 3, 0.0, 3).to(dtype)
     stored = aol_rescale(w)
@@ -518,11 +524,12 @@ def test_cpu_path_stored_weight_operator_norm_at_most_one(monkeypatch, scheme, d
     assert spectral_norm(aol_rescale(linear).double()) <= 1 + 1e-12
 
 
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=IDS)
-def test_cpu_path_forward_backward_match_reference_float32(monkeypatch, shape, groups, knobs):
-    """The GEMM-form backward (signs of M_s, the 0/1 shift matrix, two GEMMs) against autograd of the paper's
-    formula in float64."""
-    knobs(backend="torch")
+def test_cpu_path_forward_backward_match_reference_float32(monkeypatch, shape, groups, cpu_kernels, knobs):
+    """The GEMM-form backward (signs of M_s, the 0/1 shift matrix and two GEMMs; or the C++ kernel's symmetric
+    ∂P and one GEMM) against autograd of the paper's formula in float64."""
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
     w64 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(shape, dtype=torch.float64)
     ref, ref_scale = aol_rescale_ref(w64, groups, return_scale=True)
@@ -590,7 +597,8 @@ def test_double_backward_matches_reference(monkeypatch, backend, shape, groups, 
     assert_close(hvp(aol_rescale), hvp(aol_rescale_ref))
 
 
-def test_cpu_path_with_flushed_denormals_keeps_the_bound(monkeypatch, knobs):
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+def test_cpu_path_with_flushed_denormals_keeps_the_bound(monkeypatch, cpu_kernels, knobs):
     """torch.set_flush_denormal(True) (flush-to-zero and denormals-are-zero): subnormal weights read as 0 and
     float32 products that underflow are flushed; the ε_abs terms cover both, in every scheme."""
     g = torch.Generator().manual_seed(1)
@@ -599,7 +607,7 @@ def test_cpu_path_with_flushed_denormals_keeps_the_bound(monkeypatch, knobs):
         w = torch.randn(6, 5, 3, 3, generator=g) * scale
         w[0, 0, 0, 0] = 1e-40  # a subnormal entry beside normal ones
         weights.append(w)
-    knobs(backend="torch")
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
@@ -636,3 +644,36 @@ def test_cpu_margin_arithmetic_equals_the_vectorized_torch_form(scheme):
     finite[1, 2:] = 1.0
     assert (aol._scale_from_sums(finite, col_abs, k, check=True) is None) == \
         (aol._scale_from_sums_cpu(finite, col_abs, k, check=True) is None)
+
+
+@pytest.mark.skipif(_cpu_kernels._cpu is None, reason="lipkern._cpu is not built")
+@pytest.mark.parametrize("scheme", ["fp32", "fp64"])
+@pytest.mark.parametrize("shape,groups", [((6, 5, 3, 3), 1), ((8, 3, 2, 3), 2), ((7, 9, 1, 1), 1), ((4, 2, 3, 1), 1)])
+def test_cpu_kernel_equals_the_torch_path(scheme, shape, groups, knobs):
+    """The C++ kernel and the PyTorch/NumPy path it replaces: the same d (the same margin arithmetic; the shift
+    sums are float64 in C++, so fp32-scheme sums may differ in their last float64 bits), the same half-shift
+    signs, the same backward; a zero column gives d = 0, a NaN weight NaN."""
+    from lipkern.ops import aol
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(shape, generator=g)
+    w[:, 1] = 0  # a zero input channel: d = 0 there
+    w4 = w.contiguous()
+    knobs(backend="torch", aol_gram=scheme)
+    results = {}
+    for on in (True, False):
+        knobs(cpu_kernels=on)
+        out, scale, signs, ran = aol._forward_torch(w4, groups, scheme, True)
+        grad = aol._aol_bwd((torch.ones_like(w4), torch.ones_like(scale)), (w4, groups), (scale, signs), (True,))[0]
+        results[on] = out, scale, signs, grad, ran
+    (out, scale, signs, grad, ran), (out_t, scale_t, signs_t, grad_t, ran_t) = results[True], results[False]
+    assert ran == ran_t == scheme
+    torch.testing.assert_close(scale, scale_t, rtol=2.0**-50, atol=0)
+    assert torch.all(scale[:, 1] == 0)
+    assert torch.equal(signs, signs_t)
+    torch.testing.assert_close(out, out_t, rtol=2.0**-50, atol=0)
+    torch.testing.assert_close(grad, grad_t, rtol=1e-5, atol=1e-6)
+    knobs(cpu_kernels=True)
+    bad = w4.clone()
+    bad[0, 0, 0, 0] = math.nan
+    assert torch.isnan(aol._forward_torch(bad, groups, scheme, False)[1][0, 0])

@@ -1,0 +1,251 @@
+// C++ CPU kernels of lipkern._cpu (see kernels.h). Plain loops over contiguous host memory, float64
+// accumulation; small problems are what they are for (the Python side sends large ones to PyTorch's GEMMs).
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+double max_or_nan(double a, double b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b)); }
+
+template <typename T>
+void power_iteration(const T* m, T* u, T* v, T* sigma, int64_t rows, int64_t cols, int64_t n_iter) {
+  const double tiny = std::numeric_limits<T>::min();
+  double s = 0.0;
+  for (int64_t e = 0; e < rows * cols; ++e) s = max_or_nan(s, std::fabs(static_cast<double>(m[e])));
+  s = max_or_nan(s, tiny);
+  std::vector<double> x(u, u + cols), w(rows), z(cols);
+  double nz = 0.0;
+  for (int64_t step = 0; step < n_iter; ++step) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = m + i * cols;
+      double acc = 0.0;
+      for (int64_t j = 0; j < cols; ++j) acc += static_cast<double>(row[j]) * x[j];
+      w[i] = acc / s;
+      ss += w[i] * w[i];
+    }
+    const double nw = max_or_nan(std::sqrt(ss), tiny);
+    for (int64_t i = 0; i < rows; ++i) w[i] /= nw;
+    std::fill(z.begin(), z.end(), 0.0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = m + i * cols;
+      const double wi = w[i];
+      for (int64_t j = 0; j < cols; ++j) z[j] += static_cast<double>(row[j]) * wi;
+    }
+    double zz = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      z[j] /= s;
+      zz += z[j] * z[j];
+    }
+    nz = std::sqrt(zz);
+    if (nz != 0.0) {  // NaN != 0: NaN propagates into u
+      const double denom = max_or_nan(nz, tiny);
+      for (int64_t j = 0; j < cols; ++j) x[j] = z[j] / denom;
+    }
+  }
+  *sigma = static_cast<T>(nz * s);
+  for (int64_t j = 0; j < cols; ++j) u[j] = static_cast<T>(x[j]);
+  for (int64_t i = 0; i < rows; ++i) v[i] = static_cast<T>(w[i]);
+}
+
+struct AolShape {
+  int64_t groups, out_g, in_g, kh, kw, kk, n, n_full, half_start;
+  AolShape(int64_t g, int64_t o, int64_t i, int64_t h, int64_t w)
+      : groups(g), out_g(o), in_g(i), kh(h), kw(w), kk(h * w), n(i * h * w), n_full((2 * h - 1) * (2 * w - 1)),
+        half_start(((2 * h - 1) * (2 * w - 1) - 1) / 2) {}
+  // the index of the shift a - b in the (2kh-1) x (2kw-1) grid (row-major), taps a, b row-major in kh x kw
+  int64_t shift(int64_t a, int64_t b) const {
+    return (a / kw - b / kw + kh - 1) * (2 * kw - 1) + (a % kw - b % kw + kw - 1);
+  }
+};
+
+// Σ|x| by four interleaved partial sums (no serial dependence chain); any order of a float64 sum of n terms
+// errs by at most (n − 1)·2⁻⁵³·Σ|x|, the bound the margin's sum_factor covers.
+double abs_sum(const std::vector<double>& x) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  const size_t n = x.size(), n4 = n - n % 4;
+  for (size_t e = 0; e < n4; e += 4)
+    for (size_t t = 0; t < 4; ++t) part[t] += std::fabs(x[e + t]);
+  for (size_t e = n4; e < n; ++e) part[e - n4] += std::fabs(x[e]);
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+int8_t sign_of(double x) { return static_cast<int8_t>((x > 0) - (x < 0)); }
+
+// r_i (float64) of group g; signs of the half shifts written when asked.
+template <typename P>
+void aol_row_sums(const P* p, const AolShape& sh, std::vector<double>& r, int8_t* signs) {
+  const int64_t in_g = sh.in_g, kk = sh.kk, n = sh.n, n_half = sh.n_full - sh.half_start;
+  std::vector<double> corr(sh.n_full * in_g);  // M_s[i, j] for one i: [s * in_g + j]
+  std::vector<int64_t> shift(kk * kk);
+  for (int64_t a = 0; a < kk; ++a)
+    for (int64_t b = 0; b < kk; ++b) shift[a * kk + b] = sh.shift(a, b) * in_g;
+  for (int64_t i = 0; i < in_g; ++i) {
+    std::fill(corr.begin(), corr.end(), 0.0);
+    for (int64_t a = 0; a < kk; ++a) {
+      const P* row = p + (i * kk + a) * n;  // columns (b, j)
+      for (int64_t b = 0; b < kk; ++b) {
+        double* to = corr.data() + shift[a * kk + b];
+        const P* from = row + b * in_g;
+        for (int64_t j = 0; j < in_g; ++j) to[j] += static_cast<double>(from[j]);
+      }
+    }
+    r[i] = abs_sum(corr);
+    if (signs != nullptr)
+      for (int64_t s = 0; s < n_half; ++s)
+        for (int64_t j = 0; j < in_g; ++j)
+          signs[(s * in_g + i) * in_g + j] = sign_of(corr[(sh.half_start + s) * in_g + j]);
+  }
+}
+
+// d (float64) of one group from r and W: _scale_from_sums's operations, in its order. false: the check failed.
+template <typename W>
+bool aol_scale(const W* w, const AolShape& sh, const std::vector<double>& r, const AolConstants& k, bool check,
+               std::vector<double>& d) {
+  const int64_t out_g = sh.out_g, in_g = sh.in_g, kk = sh.kk;
+  std::vector<double> col(out_g * in_g), row_abs(out_g, 0.0), mass(in_g, 0.0);
+  double total = 0.0;
+  for (int64_t o = 0; o < out_g; ++o) {
+    for (int64_t i = 0; i < in_g; ++i) {
+      const W* taps = w + (o * in_g + i) * kk;
+      double c = 0.0;
+      for (int64_t a = 0; a < kk; ++a) c += std::fabs(static_cast<double>(taps[a]));
+      col[o * in_g + i] = c;  // C_oi
+      row_abs[o] += c;        // R_o
+    }
+    total += row_abs[o];
+  }
+  for (int64_t o = 0; o < out_g; ++o)
+    for (int64_t i = 0; i < in_g; ++i) mass[i] += row_abs[o] * col[o * in_g + i];  // S_i
+  const double extra = k.t_mass != 0.0 ? total * k.t_mass + k.t_count : 0.0;
+  std::vector<double> r_hat(in_g);
+  for (int64_t i = 0; i < in_g; ++i) {
+    r_hat[i] = (r[i] + mass[i] * k.eps_rel + extra) * k.sum_factor;
+    if (check && !(mass[i] * k.eps_gram + extra <= k.max_cost * r_hat[i] && r_hat[i] < HUGE_VAL)) return false;
+  }
+  for (int64_t i = 0; i < in_g; ++i) {
+    double di = k.keep / std::sqrt(r_hat[i]);
+    di = mass[i] == 0.0 ? 0.0 : (di > 0.0 ? di : std::numeric_limits<double>::quiet_NaN());
+    di -= k.tiny;
+    d[i] = std::isnan(di) ? di : std::min(std::max(di, 0.0), k.largest);
+  }
+  return true;
+}
+
+template <typename P, typename W>
+int aol_forward(const P* p, const W* w, const AolShape& sh, const AolConstants& k, bool check, W* scale, W* out,
+                int8_t* signs) {
+  const int64_t in_g = sh.in_g, kk = sh.kk, n_half = sh.n_full - sh.half_start;
+  std::vector<double> r(in_g), d(in_g);
+  std::vector<W> rounded(sh.groups * in_g);
+  for (int64_t g = 0; g < sh.groups; ++g) {
+    const W* wg = w + g * sh.out_g * in_g * kk;
+    aol_row_sums(p + g * sh.n * sh.n, sh, r, signs != nullptr ? signs + g * n_half * in_g * in_g : nullptr);
+    if (!aol_scale(wg, sh, r, k, check, d)) return 1;
+    for (int64_t i = 0; i < in_g; ++i) rounded[g * in_g + i] = static_cast<W>(d[i]);  // round to nearest
+  }
+  std::copy(rounded.begin(), rounded.end(), scale);
+  if (out != nullptr)
+    for (int64_t g = 0; g < sh.groups; ++g)
+      for (int64_t o = 0; o < sh.out_g; ++o)
+        for (int64_t i = 0; i < in_g; ++i) {
+          const int64_t base = ((g * sh.out_g + o) * in_g + i) * kk;
+          const W di = rounded[g * in_g + i];
+          for (int64_t a = 0; a < kk; ++a) out[base + a] = w[base + a] * di;
+        }
+  return 0;
+}
+
+template <typename T>
+void aol_backward(const T* grad, const T* grad_scale, const T* w, const T* scale, const int8_t* signs,
+                  const AolShape& sh, T* gsym) {
+  const int64_t in_g = sh.in_g, kk = sh.kk, n = sh.n, n_half = sh.n_full - sh.half_start;
+  std::vector<double> a(in_g);
+  std::vector<int64_t> shift(kk * kk);
+  for (int64_t x = 0; x < kk; ++x)
+    for (int64_t y = 0; y < kk; ++y) shift[x * kk + y] = sh.shift(x, y) - sh.half_start;  // < 0: not a half shift
+  for (int64_t g = 0; g < sh.groups; ++g) {
+    std::fill(a.begin(), a.end(), 0.0);
+    for (int64_t o = 0; o < sh.out_g; ++o)
+      for (int64_t i = 0; i < in_g; ++i) {
+        const int64_t base = ((g * sh.out_g + o) * in_g + i) * kk;
+        for (int64_t t = 0; t < kk; ++t) a[i] += static_cast<double>(grad[base + t]) * w[base + t];
+      }
+    for (int64_t i = 0; i < in_g; ++i) {
+      const double gw = a[i] + (grad_scale != nullptr ? static_cast<double>(grad_scale[g * in_g + i]) : 0.0);
+      const double di = scale[g * in_g + i];
+      a[i] = di * di * di * gw * -0.5;  // dL/dr_i
+    }
+    // gsym[(i, ta), (tb, j)] = dP[(i, ta), (j, tb)] + dP[(j, tb), (i, ta)]; the shifts ta − tb and tb − ta are
+    // opposite, so one of the two terms is zero unless ta = tb (shift 0): for s = ta − tb > 0 it is
+    // sign(M_s[i, j])(a_i + a_j), for s < 0 sign(M_{−s}[j, i])(a_j + a_i), for s = 0 the sum of both.
+    const int8_t* sg = signs + g * n_half * in_g * in_g;
+    T* out = gsym + g * n * n;
+    for (int64_t i = 0; i < in_g; ++i)
+      for (int64_t ta = 0; ta < kk; ++ta)
+        for (int64_t tb = 0; tb < kk; ++tb) {
+          const int64_t s = shift[ta * kk + tb];
+          T* to = out + (i * kk + ta) * n + tb * in_g;  // columns (tb, j)
+          const double ai = a[i];
+          if (s > 0) {
+            const int8_t* sij = sg + (s * in_g + i) * in_g;
+            for (int64_t j = 0; j < in_g; ++j) to[j] = static_cast<T>(sij[j] * (ai + a[j]));
+          } else if (s < 0) {
+            const int8_t* sji = sg + (-s * in_g) * in_g + i;
+            for (int64_t j = 0; j < in_g; ++j) to[j] = static_cast<T>(sji[j * in_g] * (a[j] + ai));
+          } else {
+            const int8_t* sij = sg + i * in_g;
+            const int8_t* sji = sg + i;
+            for (int64_t j = 0; j < in_g; ++j) to[j] = static_cast<T>(sij[j] * ai + sji[j * in_g] * a[j]);
+          }
+        }
+  }
+}
+
+template <typename T>
+const T* ptr(uintptr_t address) { return reinterpret_cast<const T*>(address); }
+template <typename T>
+T* mut(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+}  // namespace
+
+void lipkern_cpu_power_iteration(uintptr_t matrices, uintptr_t u, uintptr_t v, uintptr_t sigma, int64_t batch,
+                                 int64_t rows, int64_t cols, int64_t n_iter, int is_f64) {
+  for (int64_t b = 0; b < batch; ++b) {
+    if (is_f64)
+      power_iteration(ptr<double>(matrices) + b * rows * cols, mut<double>(u) + b * cols, mut<double>(v) + b * rows,
+                      mut<double>(sigma) + b, rows, cols, n_iter);
+    else
+      power_iteration(ptr<float>(matrices) + b * rows * cols, mut<float>(u) + b * cols, mut<float>(v) + b * rows,
+                      mut<float>(sigma) + b, rows, cols, n_iter);
+  }
+}
+
+int lipkern_cpu_aol_forward(uintptr_t p, int p_f64, uintptr_t w, int w_f64, int64_t groups, int64_t out_g,
+                            int64_t in_g, int64_t kh, int64_t kw, const AolConstants& k, int check, uintptr_t scale,
+                            uintptr_t out, uintptr_t signs) {
+  const AolShape sh(groups, out_g, in_g, kh, kw);
+  int8_t* sg = mut<int8_t>(signs);
+  if (w_f64) {
+    return p_f64 ? aol_forward(ptr<double>(p), ptr<double>(w), sh, k, check, mut<double>(scale), mut<double>(out), sg)
+                 : aol_forward(ptr<float>(p), ptr<double>(w), sh, k, check, mut<double>(scale), mut<double>(out), sg);
+  }
+  return p_f64 ? aol_forward(ptr<double>(p), ptr<float>(w), sh, k, check, mut<float>(scale), mut<float>(out), sg)
+               : aol_forward(ptr<float>(p), ptr<float>(w), sh, k, check, mut<float>(scale), mut<float>(out), sg);
+}
+
+void lipkern_cpu_aol_backward(uintptr_t grad, uintptr_t grad_scale, uintptr_t w, uintptr_t scale, uintptr_t signs,
+                              int f64, int64_t groups, int64_t out_g, int64_t in_g, int64_t kh, int64_t kw,
+                              uintptr_t gsym) {
+  const AolShape sh(groups, out_g, in_g, kh, kw);
+  if (f64)
+    aol_backward(ptr<double>(grad), ptr<double>(grad_scale), ptr<double>(w), ptr<double>(scale),
+                 ptr<int8_t>(signs), sh, mut<double>(gsym));
+  else
+    aol_backward(ptr<float>(grad), ptr<float>(grad_scale), ptr<float>(w), ptr<float>(scale), ptr<int8_t>(signs), sh,
+                 mut<float>(gsym));
+}

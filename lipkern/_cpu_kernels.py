@@ -1,0 +1,78 @@
+"""Guarded access to the C++ CPU kernels ``lipkern._cpu`` (csrc/cpu/) and the checks their raw pointers need.
+
+The kernels take host pointers, so every shape, dtype, device and contiguity is checked here before a call (a
+mismatch raises instead of reading out of bounds). Without the extension (no C++ compiler at install time,
+``LIPKERN_BUILD_CPU=0``) ``available()`` is False and the ops run their PyTorch paths; so does
+``lipkern.configure(cpu_kernels=False)`` (``LIPKERN_CPU_KERNELS=0``), which tests use to compare both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lipkern._dispatch import config
+
+try:
+    from lipkern import _cpu
+except ImportError:  # not built: the PyTorch paths run
+    _cpu = None
+
+_REAL = (torch.float32, torch.float64)
+
+
+def available() -> bool:
+    return _cpu is not None and config().cpu_kernels
+
+
+def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> int:
+    if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+        raise ValueError(f"lipkern._cpu: {name} must be a contiguous {dtype} CPU tensor of shape {tuple(shape)}, "
+                         f"got {t.dtype} on {t.device}, shape {tuple(t.shape)}, contiguous={t.is_contiguous()}")
+    return t.data_ptr()
+
+
+def power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                    n_iter: int) -> None:
+    """The PyTorch path's power iteration (``_launch_torch``) on real float32/float64 CPU matrices, in place."""
+    batch, rows, cols = matrices.shape
+    dtype = matrices.dtype
+    if dtype not in _REAL:
+        raise ValueError(f"lipkern._cpu.power_iteration: real float32/float64 matrices only, got {dtype}")
+    _cpu.power_iteration(_expect("matrices", matrices, (batch, rows, cols), dtype),
+                         _expect("u", u, (batch, cols), dtype), _expect("v", v, (batch, rows), dtype),
+                         _expect("sigma", sigma, (batch,), dtype), batch, rows, cols, int(n_iter),
+                         int(dtype == torch.float64))
+
+
+def aol_forward(pairs: torch.Tensor, w: torch.Tensor, kh: int, kw: int, k: dict, max_cost: float, check: bool,
+                scale: torch.Tensor, out: torch.Tensor | None, signs: torch.Tensor | None) -> bool:
+    """d (into ``scale``), W·d (into ``out``) and the half-shift signs from the Gram pairs (see
+    csrc/cpu/kernels.h); False when ``check`` fails (nothing usable written)."""
+    groups, out_g, in_g, kk = w.shape
+    n, n_half = in_g * kk, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
+    if w.dtype not in _REAL or pairs.dtype not in _REAL or kh * kw != kk:
+        raise ValueError(f"lipkern._cpu.aol_forward: bad dtypes {pairs.dtype}, {w.dtype} or kernel {kh}x{kw}")
+    status = _cpu.aol_forward(
+        _expect("pairs", pairs, (groups, n, n), pairs.dtype), int(pairs.dtype == torch.float64),
+        _expect("w", w, w.shape, w.dtype), int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw,
+        k["eps_rel"], k["eps_gram"], k["t_mass"], k["t_count"], k["sum_factor"], k["keep"], k["tiny"],
+        k["largest"], max_cost, int(check), _expect("scale", scale, (groups, in_g), w.dtype),
+        0 if out is None else _expect("out", out, w.shape, w.dtype),
+        0 if signs is None else _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8))
+    return status == 0
+
+
+def aol_backward(grad: torch.Tensor, grad_scale: torch.Tensor | None, w: torch.Tensor, scale: torch.Tensor,
+                 signs: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The symmetric ∂L/∂P + ∂L/∂Pᵀ, (groups, in_g·kk, in_g·kk), of the AOL backward (csrc/cpu/kernels.h)."""
+    groups, out_g, in_g, kk = w.shape
+    n, n_half = in_g * kk, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
+    if w.dtype not in _REAL or kh * kw != kk:
+        raise ValueError(f"lipkern._cpu.aol_backward: bad dtype {w.dtype} or kernel {kh}x{kw}")
+    gsym = torch.empty((groups, n, n), dtype=w.dtype)
+    _cpu.aol_backward(_expect("grad", grad, w.shape, w.dtype),
+                      0 if grad_scale is None else _expect("grad_scale", grad_scale, (groups, in_g), w.dtype),
+                      _expect("w", w, w.shape, w.dtype), _expect("scale", scale, (groups, in_g), w.dtype),
+                      _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8),
+                      int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw, gsym.data_ptr())
+    return gsym
