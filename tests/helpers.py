@@ -5,9 +5,18 @@ from __future__ import annotations
 import math
 import socket
 
+import pytest
 import torch
 
+from lipkern import _cpu_kernels
+
 # Absolute/relative tolerance of a result computed in `dtype` against a float64 reference.
+# Parametrize CPU-path tests over the C++ kernels of lipkern._cpu (where built) and the PyTorch path they
+# replace: knobs(cpu_kernels=...) with one of these.
+CPU_KERNELS = [pytest.param(True, id="cpp", marks=pytest.mark.skipif(_cpu_kernels._cpu is None,
+                                                                      reason="lipkern._cpu is not built")),
+               pytest.param(False, id="torch")]
+
 _TOLERANCES = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5)}
 
 

@@ -11,6 +11,17 @@ namespace {
 
 double max_or_nan(double a, double b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b)); }
 
+// Σ row[j]·x[j] by four interleaved partial sums (no serial dependence chain).
+template <typename T>
+double dot(const T* row, const double* x, int64_t n) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  const int64_t n4 = n - n % 4;
+  for (int64_t j = 0; j < n4; j += 4)
+    for (int64_t t = 0; t < 4; ++t) part[t] += static_cast<double>(row[j + t]) * x[j + t];
+  for (int64_t j = n4; j < n; ++j) part[j - n4] += static_cast<double>(row[j]) * x[j];
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 template <typename T>
 void power_iteration(const T* m, T* u, T* v, T* sigma, int64_t rows, int64_t cols, int64_t n_iter) {
   const double tiny = std::numeric_limits<T>::min();
@@ -22,10 +33,7 @@ void power_iteration(const T* m, T* u, T* v, T* sigma, int64_t rows, int64_t col
   for (int64_t step = 0; step < n_iter; ++step) {
     double ss = 0.0;
     for (int64_t i = 0; i < rows; ++i) {
-      const T* row = m + i * cols;
-      double acc = 0.0;
-      for (int64_t j = 0; j < cols; ++j) acc += static_cast<double>(row[j]) * x[j];
-      w[i] = acc / s;
+      w[i] = dot(m + i * cols, x.data(), cols) / s;
       ss += w[i] * w[i];
     }
     const double nw = max_or_nan(std::sqrt(ss), tiny);

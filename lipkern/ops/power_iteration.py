@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from lipkern import _cuda
+from lipkern import _cpu_kernels, _cuda
 from lipkern._dispatch import device_context, record_implementation, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 
@@ -305,20 +305,40 @@ def _launch_triton(matrices, u, v, sigma, n_iter: int) -> None:
 
 
 _OP_SECONDS, _FLOP_SECONDS = 1e-5, 5e-11  # CPU cost model of the PyTorch path: per op, per flop
+_CPP_ENTRY_SECONDS = 2.2e-9  # the C++ CPU kernel per matrix entry and step (its two passes; this VM, 1 thread)
+
+
+def _cpu_step_costs(matrices: torch.Tensor, n_iter: int) -> tuple[float, float]:
+    """Modelled CPU seconds of (n_iter steps, the first n_iter − 1 by repeated squaring then one step) on the
+    PyTorch path: ≈ 13 ops and 4mn flops per step against ≈ 4 ops and 2n³ flops per squaring (plus the Gram
+    matrix, 2mn²)."""
+    batch, rows, cols = matrices.shape
+    by_steps = n_iter * (13 * _OP_SECONDS + 4 * batch * rows * cols * _FLOP_SECONDS)
+    squarings = (n_iter - 1).bit_length()
+    by_squaring = ((6 + 4 * squarings) * _OP_SECONDS + batch * (2 * rows * cols**2 + squarings * 2 * cols**3
+                                                                 + 2 * cols**2) * _FLOP_SECONDS
+                   + 13 * _OP_SECONDS + 4 * batch * rows * cols * _FLOP_SECONDS)
+    return by_steps, by_squaring
 
 
 def _squaring_pays(matrices: torch.Tensor, n_iter: int) -> bool:
-    """Whether (MᴴM)^(n_iter−1) by repeated squaring beats n_iter − 1 steps on the CPU: ≈ 13 ops and 4mn
-    flops per step against ≈ 4 ops and 2n³ flops per squaring (plus the Gram matrix, 2mn²)."""
+    """Whether (MᴴM)^(n_iter−1) by repeated squaring beats n_iter − 1 steps on the CPU's PyTorch path."""
     if matrices.device.type != "cpu" or n_iter < 4:
         return False
-    batch, rows, cols = matrices.shape
-    steps = n_iter - 1
-    squarings = steps.bit_length()
-    by_steps = steps * (13 * _OP_SECONDS + 4 * batch * rows * cols * _FLOP_SECONDS)
-    by_squaring = (6 + 4 * squarings) * _OP_SECONDS + batch * (2 * rows * cols**2 + squarings * 2 * cols**3
-                                                                + 2 * cols**2) * _FLOP_SECONDS
+    by_steps, by_squaring = _cpu_step_costs(matrices, n_iter)
     return by_squaring < by_steps
+
+
+def _cpp_pays(matrices: torch.Tensor, n_iter: int) -> bool:
+    """Whether the C++ CPU kernel (lipkern._cpu, real float32/64 matrices: n_iter·b·m·n entry visits) beats the
+    PyTorch path's cheaper form here."""
+    if (matrices.device.type != "cpu" or matrices.dtype not in (torch.float32, torch.float64)
+            or not _cpu_kernels.available()):
+        return False
+    batch, rows, cols = matrices.shape
+    by_steps, by_squaring = _cpu_step_costs(matrices, n_iter)
+    torch_path = min(by_steps, by_squaring) if n_iter >= 4 else by_steps
+    return n_iter * batch * rows * cols * _CPP_ENTRY_SECONDS < torch_path
 
 
 def _gram_power_direction(matrices, scale, x, steps: int):
@@ -389,6 +409,9 @@ def _batched_power_iteration(matrices, u, v, n_iter: int, *, save: bool = False)
         _cuda.batched_power_iteration(matrices, u, v, sigma, n_iter)
     elif backend == "triton":
         _launch_triton(matrices, u, v, sigma, n_iter)
+    elif _cpp_pays(matrices, n_iter):
+        _cpu_kernels.power_iteration(matrices, u, v, sigma, n_iter)
+        backend = "cpp"
     else:
         backend = _launch_torch(matrices, u, v, sigma, n_iter)
     record_implementation("batched_power_iteration", backend)

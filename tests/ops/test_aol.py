@@ -15,7 +15,7 @@ from lipkern import _cpu_kernels
 from lipkern.ops import aol_rescale, aol_rescale_ref
 from lipkern.ops.aol import gram_error_bound, gram_precision, output_rounding_margin
 from lipkern._dispatch import configure, select_backend
-from tests.helpers import assert_close, spectral_norm
+from tests.helpers import CPU_KERNELS, assert_close, spectral_norm
 
 # (weight shape, groups): linear, odd sizes, non-square kernels, groups, channel counts around tile edges.
 SHAPES = [
@@ -457,10 +457,6 @@ def test_gpu_stored_weight_operator_norm_at_most_one(monkeypatch, precision, dty
 
 # --- the CPU path (what users without a GPU run): float32 or float64 Gram GEMMs with their proven margin ------
 CPU_SCHEMES = ["fp32", "fp64", "auto"]
-# the C++ kernel of lipkern._cpu (where built) and the PyTorch/NumPy path it replaces: the same margin
-CPU_KERNELS = [pytest.param(True, id="cpp", marks=pytest.mark.skipif(_cpu_kernels._cpu is None,
-                                                                      reason="lipkern._cpu is not built")),
-               pytest.param(False, id="torch")]
 
 
 @settings(max_examples=40, deadline=None)

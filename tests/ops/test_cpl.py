@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from lipkern._dispatch import implementations
+from lipkern.ops import cpl as cpl_module
 from lipkern.ops import cpl_conv2d, cpl_linear
 from lipkern.ops.conv_power_iteration import ConvGeometry
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
@@ -123,7 +125,32 @@ def test_an_underestimated_norm_breaks_the_guarantee(torch_backend):
     assert got > 1.7
 
 
-def test_backward_saves_the_input_and_the_hidden_activation():
+@pytest.fixture
+def fused_op(monkeypatch):
+    """The op itself at every size (on the CPU's PyTorch path small train steps run the composite form)."""
+    monkeypatch.setattr(cpl_module, "_COMPOSITE_MAX_MACS", -1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_small_cpu_train_steps_run_the_composite_form(kind, monkeypatch, knobs):
+    """Auto mode on the CPU's PyTorch path: below _COMPOSITE_MAX_MACS a differentiable call runs the functional
+    form under PyTorch's autograd (recorded), above it and with a forced backend the op; both give the float64
+    reference's values and gradients."""
+    knobs(triton_interpret=False)
+    x, w, b, h, op, reference = _small_case(kind)
+    inputs = [t.detach().requires_grad_() for t in (x, w, b, h)]
+    want = torch.autograd.grad(reference(*inputs).square().sum(), inputs)
+    for limit, forced, ran in ((1 << 24, None, "torch-composite"), (-1, None, "torch"), (1 << 24, "torch", "torch")):
+        monkeypatch.setattr(cpl_module, "_COMPOSITE_MAX_MACS", limit)
+        knobs(backend=forced)
+        implementations(clear=True)
+        got = torch.autograd.grad(op(*inputs).square().sum(), inputs)
+        assert implementations()[f"cpl_{'linear' if kind == 'linear' else 'conv2d'}"] == ran
+        for g, r in zip(got, want):
+            assert_close(g, r)
+
+
+def test_backward_saves_the_input_and_the_hidden_activation(fused_op):
     """Count what autograd keeps: eager CPL keeps σ(p) and Aᵀσ(p) (h needs a gradient) besides x, lipkern
     x and σ(p)."""
     w, b, h = (t.requires_grad_() for t in _params(8, 4, kernel=(3, 3)))
@@ -248,7 +275,7 @@ def _step_counts(fn, inputs, size):
 
 
 @pytest.mark.parametrize("needs", ["all", "no-x", "no-weight"])
-def test_conv_train_step_counts(needs):
+def test_conv_train_step_counts(needs, fused_op):
     """Convolutions: forward A x and Aᵀσ; backward A g, the two weight-gradient terms (only when W needs a
     gradient) and Aᵀs (only when x needs one): as many as eager autograd. Passes: 4 Triton kernels, no
     activation-sized aten op (symmetric zero padding goes to the conv; every elementwise step writes in place)."""
@@ -269,7 +296,7 @@ def test_conv_train_step_counts(needs):
         assert len(eager.passes) >= 6, eager.passes  # add, relu, mul, sub; neg/mul, threshold, add, ...
 
 
-def test_linear_train_step_counts():
+def test_linear_train_step_counts(fused_op):
     """GEMMs: forward 2 (bias + ReLU in the first one's epilogue), backward 4 (A g, one buffer for both
     weight-gradient terms: mm then addmm_, Aᵀs); activation-sized passes: the backward's Triton kernel and
     the two residual kernels only."""
@@ -293,7 +320,7 @@ def _saved_bytes(fn, inputs):
     return sum(saved.values()), out
 
 
-def test_saved_bytes_per_step_against_the_eager_layer():
+def test_saved_bytes_per_step_against_the_eager_layer(fused_op):
     """lipkern saves x, σ(p) and the parameters; eager also Aᵀσ(p) (hidden = channels: 3 activations)."""
     w, b, h = (t.requires_grad_() for t in _params(8, 8, dtype=torch.float32, kernel=(3, 3)))
     x = torch.randn(4, 8, 8, 8, requires_grad=True)

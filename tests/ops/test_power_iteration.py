@@ -6,7 +6,8 @@ import torch
 
 from lipkern.ops import batched_power_iteration
 from lipkern.ops.power_iteration import batched_power_iteration_ref, initial_vectors
-from tests.helpers import assert_close
+from lipkern._dispatch import implementations
+from tests.helpers import CPU_KERNELS, assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 SHAPES = [(3, 1, 1), (2, 3, 127), (2, 127, 3), (5, 17, 33), (1, 64, 64)]
@@ -184,10 +185,13 @@ def test_split_rows_path_is_chosen_for_a_4096_square_matrix():
     assert pi._split_rows(1, 4096, 4096, 1, True) == 0, "complex stays on one program per matrix"
 
 
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_path_matches_float64_reference(dtype, monkeypatch, knobs):
-    """The PyTorch path (CPU tensors without the interpreter; columns beyond the Triton kernel's tile)."""
-    knobs(backend="torch")
+def test_torch_path_matches_float64_reference(dtype, cpu_kernels, monkeypatch, knobs):
+    """The PyTorch path (CPU tensors without the interpreter; columns beyond the Triton kernel's tile), and the
+    C++ CPU kernel where its cost model takes the call (real matrices)."""
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
+    implementations(clear=True)
     m = torch.randn(5, 17, 33, dtype=dtype)
     m[1] = 0  # a zero matrix: sigma 0, v zero, u kept
     u0 = initial_vectors((5, 33), dtype, "cpu")
@@ -199,18 +203,36 @@ def test_torch_path_matches_float64_reference(dtype, monkeypatch, knobs):
     assert_close(_as_real(u), _as_real(ref.u), dtype=tol_dtype, msg="u")
     assert_close(_as_real(v), _as_real(ref.v), dtype=tol_dtype, msg="v")
     assert sigma[1] == 0 and (v[1] == 0).all() and torch.equal(u[1], u0[1])
+    ran = implementations()["batched_power_iteration"]
+    assert (ran == "cpp") == (cpu_kernels and not dtype.is_complex), ran
 
 
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
 @pytest.mark.parametrize("scale", [1e-170, 1e170])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
-def test_torch_path_at_extreme_scales(dtype, scale, monkeypatch, knobs):
-    """Matrices whose ‖M‖² under- or overflows: the PyTorch path scales each matrix by its largest entry."""
-    knobs(backend="torch")
+def test_torch_path_at_extreme_scales(dtype, scale, cpu_kernels, monkeypatch, knobs):
+    """Matrices whose ‖M‖² under- or overflows: the PyTorch path and the C++ kernel scale each matrix by its
+    largest entry."""
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
     m = torch.randn(2, 6, 5, dtype=dtype)
     exact = torch.linalg.matrix_norm(m, 2)
     result = batched_power_iteration(m * scale, n_iter=200)
     assert_close(result.sigma / scale, exact, dtype=torch.float32)
     assert_close(torch.linalg.vector_norm(result.v, dim=1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_paths_give_nan_for_non_finite_matrices(dtype, cpu_kernels, knobs):
+    """A NaN or Inf entry gives that matrix a NaN sigma (never a finite value), the others are unaffected."""
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
+    m = torch.randn(3, 7, 6, dtype=dtype)
+    m[0, 2, 3], m[1, 0, 0] = float("nan"), float("inf")
+    u0 = initial_vectors((3, 6), dtype, "cpu")
+    sigma, _, _ = batched_power_iteration(m, u0.clone(), n_iter=3)
+    assert torch.isnan(sigma[:2]).all() and torch.isfinite(sigma[2])
+    ref = batched_power_iteration_ref(m[2:].double(), u0[2:].double(), 3)
+    assert_close(sigma[2:], ref.sigma, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -220,7 +242,7 @@ def test_torch_path_by_gram_squaring_matches_float64_reference(dtype, monkeypatc
     keeps u, a NaN matrix gives NaN."""
     from lipkern.ops.power_iteration import _squaring_pays
 
-    knobs(backend="torch")
+    knobs(backend="torch", cpu_kernels=False)  # (the C++ kernel takes these real matrices)
     m = torch.randn(6, 12, 10, dtype=dtype)
     m[1] = 0
     m[2, 0, 0] = float("nan")
