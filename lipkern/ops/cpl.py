@@ -234,9 +234,9 @@ class _Conv:
     def _conv_padding(self):
         return self.padding if self.padding is not None else (0, 0)
 
-    def apply(self, xp):
+    def apply(self, xp, bias=None):
         g = self.geometry
-        return F.conv2d(xp, self.weight, None, g.stride, self._conv_padding(), g.dilation, g.groups)
+        return F.conv2d(xp, self.weight, bias, g.stride, self._conv_padding(), g.dilation, g.groups)
 
     def adjoint(self, y):
         return conv_adjoint(y, self.weight, self.geometry)
@@ -333,18 +333,13 @@ def _backward(op, grad, x, act, h, needs, triton_path: bool):
 
 
 def _forward_functional(op, x, bias, h):
-    p = op.apply(op.prepare(x))
-    if bias is not None:
-        p = p + bias.reshape(-1, *([1] * (p.dim() - 2)))
-    return x - h * op.adjoint(F.relu(p))
+    return x - h * op.adjoint(F.relu(op.apply(op.prepare(x), bias)))
 
 
 def _backward_functional(op, grad, x, bias, h, needs):
     """The same formulas as ``_backward`` in differentiable, out-of-place PyTorch ops (no Triton)."""
     gp, xp = op.prepare(grad), op.prepare(x)
-    t, p = op.apply(gp), op.apply(xp)
-    if bias is not None:
-        p = p + bias.reshape(-1, *([1] * (p.dim() - 2)))
+    t, p = op.apply(gp), op.apply(xp, bias)
     act = F.relu(p)
     s = torch.where(p > 0, t, torch.zeros_like(t))
     need_x, need_w, need_b, need_h = needs
@@ -454,6 +449,8 @@ def _as_h(h, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point() and value > torch.finfo(x.dtype).max:
             raise ValueError(f"cpl: h = {value:.3g} does not fit in x's dtype {x.dtype}")
         h = torch.full((), value, dtype=x.dtype, device=x.device)
+    if h.dim() == 0:
+        return h
     if h.numel() != 1:
         raise ValueError(f"cpl: h must be a scalar, got shape {tuple(h.shape)}")
     return h.reshape(())
@@ -498,6 +495,8 @@ def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _validate("cpl_linear", x, weight, bias, h, (1, 2, 3, 4, 5), 2)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"cpl_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    if x.dim() == 2:  # (no view nodes in the graph: each costs a backward step)
+        return _CPL_LINEAR(x, weight, bias, h)
     return _CPL_LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, h).reshape(x.shape)
 
 
