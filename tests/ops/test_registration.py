@@ -192,4 +192,4 @@ def test_a_forced_backend_that_cannot_take_the_call_says_why(knobs):
     knobs(backend=None)  # auto: the op's refusal sends the call to the torch path
     implementations(clear=True)
     batched_power_iteration(torch.randn(1, 2, dense_pi._TRITON_MAX_COLS + 1))
-    assert implementations()["batched_power_iteration"].startswith("torch")
+    assert not implementations()["batched_power_iteration"].startswith("triton")  # torch/... or cpp
