@@ -221,12 +221,16 @@ class _StackedOperator:
             return torch.bmm(self.matrices, _unfold(u, self.geometry)).reshape(self.layers, self.out_channels,
                                                                                *self.geometry.output_size)
         g = self.geometry
+        if self.layers == 1:  # (1, in, H, W) is the convolution's batch of one already: no reshapes
+            return _apply(u, self.matrices, g, g.groups)
         y = _apply(u.reshape(1, -1, *u.shape[-2:]), self.matrices, g, g.groups * self.layers)
         return y.reshape(self.layers, self.out_channels, *y.shape[-2:])
 
     def adjoint(self, v: torch.Tensor) -> torch.Tensor:
         """(L, out, Ho, Wo) → (L, in, H, W)."""
         g = self.geometry
+        if not self.gemm and self.layers == 1:
+            return _apply_adjoint(v, self.matrices, g, g.groups)
         if not self.gemm:
             x = _apply_adjoint(v.reshape(1, -1, *v.shape[-2:]), self.matrices, g, g.groups * self.layers)
             return x.reshape(self.layers, self.in_channels, *x.shape[-2:])
@@ -268,10 +272,11 @@ def conv_bilinear_gradient(u: torch.Tensor, v: torch.Tensor, weight_shape, geome
         cols = _unfold(u, geometry)
         return torch.bmm(v.reshape(layers, weight_shape[0], -1), cols.mT).reshape(layers, *weight_shape)
     x, padding = _pad_for_conv(u.reshape(1, -1, *u.shape[-2:]), geometry)
-    grad = torch.nn.grad.conv2d_weight(x, (layers * weight_shape[0], *weight_shape[1:]),
-                                       v.reshape(1, -1, *v.shape[-2:]), stride=geometry.stride,
-                                       padding=padding, dilation=geometry.dilation,
-                                       groups=geometry.groups * layers)
+    stacked_shape = (layers * weight_shape[0], *weight_shape[1:])
+    # the weight gradient of the stacked convolution (torch.nn.grad.conv2d_weight's call, without its wrapper)
+    grad = torch.ops.aten.convolution_backward(v.reshape(1, -1, *v.shape[-2:]), x, x.new_empty(stacked_shape),
+                                               None, list(geometry.stride), list(padding), list(geometry.dilation),
+                                               False, [0, 0], geometry.groups * layers, [False, True, False])[1]
     return grad.reshape(layers, *weight_shape)
 
 
@@ -366,18 +371,19 @@ def _stacked_iterations(weights, u, v, n_iter: int, geometry: ConvGeometry) -> t
     of A u is at most ‖A‖ ≤ Σ|W|) and do not underflow while ‖A‖ is not ~1e-19 of that entry."""
     layers = weights.shape[0]
     tiny = torch.finfo(weights.dtype).tiny
-    scale = weights.abs().amax(dim=(1, 2, 3, 4)).clamp_min(tiny)  # NaN propagates
-    operator = _StackedOperator(weights / scale.reshape(-1, 1, 1, 1, 1), geometry)
+    scale = weights.abs().amax(dim=(1, 2, 3, 4), keepdim=True).clamp_min(tiny)  # NaN propagates
+    operator = _StackedOperator(weights / scale, geometry)
+    per_layer = (1, 2, 3)  # the (c, H, W) of one layer's vector
     x = u
     for _ in range(n_iter):
-        w = operator.apply(x).reshape(layers, -1)
-        v_unit = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(tiny)  # a zero w stays zero
-        z = operator.adjoint(v_unit.reshape(v.shape)).reshape(layers, -1)
-        z_norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)  # σ = ‖Aᵀ v‖
-        x = torch.where(z_norm != 0, z / z_norm.clamp_min(tiny), x.reshape(layers, -1)).reshape(u.shape)
+        w = operator.apply(x)
+        v_unit = w / torch.linalg.vector_norm(w, dim=per_layer, keepdim=True).clamp_min(tiny)  # zero stays zero
+        z = operator.adjoint(v_unit)
+        z_norm = torch.linalg.vector_norm(z, dim=per_layer, keepdim=True)  # σ = ‖Aᵀ v‖
+        x = torch.where(z_norm != 0, z / z_norm.clamp_min(tiny), x)
     u.copy_(x)
-    v.copy_(v_unit.reshape(v.shape))
-    return z_norm.reshape(layers) * scale
+    v.copy_(v_unit)
+    return (z_norm * scale[:, 0]).view(layers)
 
 
 def _launch_unit(x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, keep_when_zero: bool,
