@@ -218,3 +218,34 @@ def test_old_gpu_is_reported_unusable(monkeypatch):
         assert "sm_75" in _cuda.unusable_reason(0)
     finally:
         _cuda.unusable_reason.cache_clear()
+
+
+# --- lipkern._cpu: the C++ CPU kernels (optional build) ---------------------------------------------------------
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="no C++ compiler here: lipkern._cpu is optional")
+def test_cpu_kernels_build_where_a_compiler_exists():
+    """The build is optional (a failed compile installs the PyTorch paths), so a compile error would otherwise
+    only show as skipped tests."""
+    from lipkern import _cpu_kernels
+
+    assert _cpu_kernels._cpu is not None, "lipkern._cpu did not build: see the pip install log"
+    assert lipkern.cpu_kernels_available()
+    with lipkern.configure(cpu_kernels=False):
+        assert not lipkern.cpu_kernels_available()
+
+
+@pytest.mark.skipif(lipkern._cpu_kernels._cpu is None, reason="lipkern._cpu is not built")
+def test_cpu_kernel_wrappers_refuse_what_their_pointers_cannot_take():
+    """Raw host pointers: a wrong shape, dtype, device or layout raises before the call."""
+    from lipkern import _cpu_kernels
+
+    m, u, v, s = torch.randn(2, 3, 4), torch.randn(2, 4), torch.empty(2, 3), torch.empty(2)
+    _cpu_kernels.power_iteration(m, u, v, s, 1)
+    for bad, match in (((m.transpose(1, 2).contiguous().transpose(1, 2), u, v, s), "contiguous"),
+                       ((m, u[:, :3].contiguous(), v, s), "shape"), ((m, u.double(), v, s), "float32"),
+                       ((m.to(torch.complex64), u, v, s), "real")):
+        with pytest.raises(ValueError, match=match):
+            _cpu_kernels.power_iteration(*bad, 1)
+    w = torch.randn(1, 4, 3, 9)
+    with pytest.raises(ValueError, match="shape"):
+        _cpu_kernels.aol_forward(torch.randn(1, 27, 26), w, 3, 3, {}, 0.0, False, torch.empty(1, 3), None, None)
