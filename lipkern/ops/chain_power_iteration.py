@@ -182,8 +182,10 @@ def _one_chain(maps, u, n_iter: int) -> torch.Tensor:
     fit the dtype), then every row of u ← z/‖z‖ at once on the flat concatenation (rows with z = 0 keep u),
     written back with one foreach copy. σ = ‖z‖/‖w‖ = ‖Aᵀv‖ of the last step."""
     count = len(maps)
-    rows = _row_of_element(tuple(t.shape[0] for t in u), tuple(t[0].numel() for t in u), u[0].device)
     tiny = torch.finfo(u[0].dtype).tiny
+    if count == 1:  # one map (the product bound's segments): its power step, without the chain bookkeeping
+        return _one_map(maps[0], u[0], n_iter, tiny)
+    rows = _row_of_element(tuple(t.shape[0] for t in u), tuple(t[0].numel() for t in u), u[0].device)
     for step in range(n_iter):
         w = chain_forward_sweep(maps, u)
         z = chain_adjoint_sweep(maps, w)
@@ -197,6 +199,19 @@ def _one_chain(maps, u, n_iter: int) -> torch.Tensor:
     w_norms = _upper_triangle([_row_norms(w_k) for w_k in w], count, by_column=True)
     z_norms = _upper_triangle(list(z_norms.split([count - j for j in range(count)])), count, by_column=False)
     return torch.where(w_norms != 0, z_norms / w_norms.clamp_min(tiny), 0.0)
+
+
+def _one_map(op, u: torch.Tensor, n_iter: int, tiny: float) -> torch.Tensor:
+    """:func:`_one_chain` for K = 1 (u (1, *in_shape)): the same steps and results, written directly."""
+    per_row = tuple(range(1, u.dim()))
+    for _ in range(n_iter):
+        w = op.forward(u)
+        z = op.adjoint(w)
+        z_norm = torch.linalg.vector_norm(z, dim=per_row, keepdim=True)
+        u.copy_(torch.where(z_norm != 0, z * z_norm.clamp_min(tiny).reciprocal(), u))  # NaN norms propagate
+    w_norm = torch.linalg.vector_norm(w.flatten(1), dim=1)
+    z_norm = z_norm.reshape(1)
+    return torch.where(w_norm != 0, z_norm / w_norm.clamp_min(tiny), 0.0).reshape(1, 1)
 
 
 def chain_power_iteration(chains: Sequence, u: Sequence, n_iter: int = 1) -> list[torch.Tensor]:
@@ -230,6 +245,8 @@ def chain_norm_estimates(maps: Sequence, u: Sequence[torch.Tensor]) -> torch.Ten
     iteration the differentiable estimate of ‖A_k ⋯ A_j‖₂ (from below), its gradient in the weights the usual
     spectral-norm gradient. One forward sweep (K operator calls). Zeros below the diagonal."""
     _check(maps, u)
+    if len(maps) == 1:  # one map: ‖A u‖ (a clone of u: the buffer is written in place later)
+        return _row_norms(maps[0].forward(u[0].detach().clone())).reshape(1, 1)
     u = [t.detach() for t in u]
     u[0] = u[0].clone()  # the first layer's input is a view otherwise; the buffers are written later in place
     norms = [_row_norms(w) for w in chain_forward_sweep(maps, u)]

@@ -129,3 +129,33 @@ def test_bad_input():
         chain_power_iteration(maps, u, 0)
     with pytest.raises(ValueError, match="followed"):
         chain_power_iteration([maps[0], maps[3]], [u[0][:2], u[3][:1]], 1)
+
+
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_one_map_chains_equal_the_reference(n_iter):
+    """One-map chains (the product bound's segments) take a direct path: the same σ and vectors as the
+    per-chain reference, a zero map keeps its vector (σ = 0), NaN propagates, and the estimate ‖A u‖ has the
+    reference's value and gradient."""
+    maps = _maps()
+    zero = LinearMap.dense(torch.zeros(3, 4, dtype=D))
+    nan = LinearMap.dense(torch.full((3, 4), float("nan"), dtype=D))
+    chains = [[op] for op in maps] + [[zero], [nan]]
+    u = [initial_chain_vectors(chain, D, "cpu", key=str(i)) for i, chain in enumerate(chains)]
+    refs = [chain_power_iteration_ref(chain, vectors, n_iter) for chain, vectors in zip(chains, u)]
+    sigmas = chain_power_iteration(chains, u, n_iter)
+    for sigma, vectors, (sigma_ref, u_ref) in zip(sigmas[:-1], u[:-1], refs[:-1]):
+        assert sigma.shape == (1, 1)
+        assert_close(sigma, sigma_ref)
+        assert_close(vectors[0], u_ref[0])
+    assert sigmas[-2].item() == 0 and torch.equal(u[-2][0], initial_chain_vectors([zero], D, "cpu", key="6")[0])
+    assert torch.isnan(sigmas[-1]).all() and torch.isnan(u[-1][0]).all()
+    for op, vectors in zip(maps, u):
+        weight = op.weight.clone().requires_grad_()
+        estimate = chain_norm_estimates([op.with_weight(weight)], vectors)
+        ref_weight = op.weight.clone().requires_grad_()
+        ref = torch.linalg.vector_norm(op.with_weight(ref_weight).forward(vectors[0].clone()))
+        assert estimate.shape == (1, 1)
+        assert_close(estimate[0, 0], ref)
+        estimate[0, 0].backward()
+        ref.backward()
+        assert_close(weight.grad, ref_weight.grad)
