@@ -26,6 +26,9 @@ import time
 import pytest
 import torch
 
+import lipkern  # here, not in a timed case: importing lipkern takes ~0.6 s (Triton, torch.library)
+from lipkern import _dispatch
+
 QUICK = os.environ.get("LIPKERN_BENCH_MODE", "quick") != "full"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -94,10 +97,8 @@ def environment_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    import lipkern
-    from lipkern import _dispatch
-
     info["lipkern_C"] = lipkern.cuda_extension_available()
+    info["lipkern_cpu"] = lipkern.cpu_kernels_available()  # the C++ CPU kernels ran where they apply
     info["knobs"] = _dispatch.knobs()  # LIPKERN_* and TRITON_INTERPRET as set for this run
     info["autocast"] = {"cuda": torch.is_autocast_enabled("cuda"), "cpu": torch.is_autocast_enabled("cpu")}
     return info
@@ -296,8 +297,6 @@ def run_timed(benchmark, request):
     def run(fn, provider: str, **extra):
         case = request.node.nodeid.split("/")[-1]
         start = time.perf_counter()
-        from lipkern import _dispatch
-
         _dispatch.implementations(clear=True)
         first = _timed_call(fn)
         if provider.startswith("lipkern"):  # which implementation and precision scheme lipkern's ops ran
