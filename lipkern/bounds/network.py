@@ -65,7 +65,7 @@ from torch import nn
 
 from lipkern._checks import as_shape
 from lipkern.bounds.operators import LinearMap
-from lipkern.ops.chain_power_iteration import chain_norm_estimates, chain_power_iteration, initial_chain_vectors
+from lipkern.ops.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
 from lipkern.ops.conv_power_iteration import conv_operator
 
 __all__ = ["LipschitzBound", "lipschitz_bound"]
@@ -632,6 +632,8 @@ def _segment_value(norms: torch.Tensor, head, coefs, ar) -> torch.Tensor:
     the pairwise norms of the chains ending at the last map; coefs = (full (K,), coef (K, K), slope product)."""
     full, coef, slope_product = coefs
     count = norms.shape[0]
+    if count == 1 and head is None:  # one map: LipLT = product = its norm (no activations inside a segment)
+        return norms[0, 0]
     m = []
     for k in range(count):
         col = head if (head is not None and k == count - 1) else norms[:, k]
@@ -706,7 +708,7 @@ class LipschitzBound(nn.Module):
     model is NOT registered as a submodule: its parameters stay the model's own, this module holds only the
     power-iteration vectors as buffers, one tensor per (segment, start layer), deterministic from the shapes).
     forward(): advances the vectors of ALL sub-chains by ``n_iter`` power-iteration steps in one
-    :func:`lipkern.ops.chain_power_iteration` call (no_grad; 2K operator calls per step for a segment of K
+    :func:`lipkern.ops.chain_power_iteration` pass (no_grad; 2K operator calls per step for a segment of K
     maps), then returns σ_jk = ‖A_k⋯A_j u_jk‖ (u detached; gradient to the weights) combined by the
     recursion: a 0-dim tensor, or with ``pairwise=True`` a (C, C) tensor of L_ab (zero diagonal; the chains
     ending at the logits exactly from ``head_chain_norms``). An estimate from below of the bound (power
@@ -756,7 +758,7 @@ class LipschitzBound(nn.Module):
             dtype, device = self.u_0_0.dtype, self.u_0_0.device
         segments = [[m.current(dtype, device) for m in seg.maps] for seg in self._plan.segments]
         vectors = [[getattr(self, n) for n in names] for names in self._vector_names]
-        chain_power_iteration(segments, vectors, self.n_iter)
+        advance_chains(segments, vectors, self.n_iter)
         ar, seg_values = _Plain(), []
         for s, (seg, maps) in enumerate(zip(self._plan.segments, segments)):
             norms = chain_norm_estimates(maps, vectors[s])

@@ -39,7 +39,8 @@ import torch
 
 from lipkern.ops.power_iteration import initial_vectors
 
-__all__ = ["chain_norm_estimates", "chain_power_iteration", "chain_power_iteration_ref", "initial_chain_vectors"]
+__all__ = ["advance_chains", "chain_norm_estimates", "chain_power_iteration", "chain_power_iteration_ref",
+           "initial_chain_vectors"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,14 +178,14 @@ def _row_of_element(rows: tuple, sizes: tuple, device: torch.device) -> torch.Te
     return torch.repeat_interleave(torch.arange(len(counts)), counts).to(device)
 
 
-def _one_chain(maps, u, n_iter: int) -> torch.Tensor:
+def _one_chain(maps, u, n_iter: int, sigma: bool = True) -> torch.Tensor | None:
     """n_iter steps: z = AᵀA u through both sweeps (v is not normalized: one pass fewer per layer; ‖A‖² must
     fit the dtype), then every row of u ← z/‖z‖ at once on the flat concatenation (rows with z = 0 keep u),
-    written back with one foreach copy. σ = ‖z‖/‖w‖ = ‖Aᵀv‖ of the last step."""
+    written back with one foreach copy. σ = ‖z‖/‖w‖ = ‖Aᵀv‖ of the last step (None when ``sigma`` is False)."""
     count = len(maps)
     tiny = torch.finfo(u[0].dtype).tiny
     if count == 1:  # one map (the product bound's segments): its power step, without the chain bookkeeping
-        return _one_map(maps[0], u[0], n_iter, tiny)
+        return _one_map(maps[0], u[0], n_iter, tiny, sigma)
     rows = _row_of_element(tuple(t.shape[0] for t in u), tuple(t[0].numel() for t in u), u[0].device)
     for step in range(n_iter):
         w = chain_forward_sweep(maps, u)
@@ -196,12 +197,14 @@ def _one_chain(maps, u, n_iter: int) -> torch.Tensor:
         new = torch.where((z_norms != 0)[rows], scaled, old)  # NaN norms propagate
         torch._foreach_copy_(list(u), [part.view_as(u_j) for part, u_j in zip(new.split([t.numel() for t in u]),
                                                                                     u)])
+    if not sigma:
+        return None
     w_norms = _upper_triangle([_row_norms(w_k) for w_k in w], count, by_column=True)
     z_norms = _upper_triangle(list(z_norms.split([count - j for j in range(count)])), count, by_column=False)
     return torch.where(w_norms != 0, z_norms / w_norms.clamp_min(tiny), 0.0)
 
 
-def _one_map(op, u: torch.Tensor, n_iter: int, tiny: float) -> torch.Tensor:
+def _one_map(op, u: torch.Tensor, n_iter: int, tiny: float, sigma: bool = True) -> torch.Tensor | None:
     """:func:`_one_chain` for K = 1 (u (1, *in_shape)): the same steps and results, written directly."""
     per_row = tuple(range(1, u.dim()))
     for _ in range(n_iter):
@@ -209,6 +212,8 @@ def _one_map(op, u: torch.Tensor, n_iter: int, tiny: float) -> torch.Tensor:
         z = op.adjoint(w)
         z_norm = torch.linalg.vector_norm(z, dim=per_row, keepdim=True)
         u.copy_(torch.where(z_norm != 0, z * z_norm.clamp_min(tiny).reciprocal(), u))  # NaN norms propagate
+    if not sigma:
+        return None
     w_norm = torch.linalg.vector_norm(w.flatten(1), dim=1)
     z_norm = z_norm.reshape(1)
     return torch.where(w_norm != 0, z_norm / w_norm.clamp_min(tiny), 0.0).reshape(1, 1)
@@ -231,13 +236,26 @@ def chain_power_iteration(chains: Sequence, u: Sequence, n_iter: int = 1) -> lis
         raise ValueError(f"chain_power_iteration: {len(chains)} chains but {len(u)} vector lists")
     if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
         raise ValueError(f"chain_power_iteration: n_iter must be an int >= 1, got {n_iter!r}")
+    sigmas = _advance(chains, u, n_iter, sigma=True)
+    return sigmas[0] if single else sigmas
+
+
+def advance_chains(chains: Sequence, u: Sequence, n_iter: int) -> None:
+    """:func:`chain_power_iteration` for a list of chains, vectors advanced in place, no σ formed (the
+    differentiable estimates come from :func:`chain_norm_estimates`)."""
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+        raise ValueError(f"chain_power_iteration: n_iter must be an int >= 1, got {n_iter!r}")
+    _advance(chains, u, n_iter, sigma=False)
+
+
+def _advance(chains, u, n_iter: int, sigma: bool) -> list:
     sigmas = []
     with torch.no_grad():
         for maps, vectors in zip(chains, u):
             _check(maps, vectors)
             maps = [op.with_weight(op.weight.detach()) for op in maps]
-            sigmas.append(_one_chain(maps, vectors, n_iter))
-    return sigmas[0] if single else sigmas
+            sigmas.append(_one_chain(maps, vectors, n_iter, sigma))
+    return sigmas
 
 
 def chain_norm_estimates(maps: Sequence, u: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -159,3 +159,19 @@ def test_one_map_chains_equal_the_reference(n_iter):
         estimate[0, 0].backward()
         ref.backward()
         assert_close(weight.grad, ref_weight.grad)
+
+
+def test_advance_chains_moves_the_vectors_as_chain_power_iteration_does():
+    """The training path (LipschitzBound.forward) advances the vectors without forming σ: the same vectors."""
+    from lipkern.ops.chain_power_iteration import advance_chains
+
+    chains = [_maps(), _maps()[3:4]]
+    u = [initial_chain_vectors(maps, D, "cpu", key=str(i)) for i, maps in enumerate(chains)]
+    u_ref = [[t.clone() for t in vectors] for vectors in u]
+    assert advance_chains(chains, u, 2) is None
+    chain_power_iteration(chains, u_ref, 2)
+    for a, b in zip(u, u_ref):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="n_iter"):
+        advance_chains(chains, u, 0)
