@@ -249,3 +249,21 @@ def test_cpu_kernel_wrappers_refuse_what_their_pointers_cannot_take():
     w = torch.randn(1, 4, 3, 9)
     with pytest.raises(ValueError, match="shape"):
         _cpu_kernels.aol_forward(torch.randn(1, 27, 26), w, 3, 3, {}, 0.0, False, torch.empty(1, 3), None, None)
+
+
+def test_sdist_manifest_carries_every_compiled_source():
+    """A source distribution must carry csrc/ whole (the .cu files, the headers, the CPU kernels): setuptools
+    adds only the listed extension sources by itself. MANIFEST.in's csrc patterns must match every file."""
+    import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    patterns = []
+    for line in (root / "MANIFEST.in").read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["recursive-include", "csrc"]:
+            patterns += words[2:]
+    sources = [p for p in (root / "csrc").rglob("*") if p.is_file() and p.suffix in (".cu", ".cpp", ".h", ".cuh")]
+    assert sources
+    missing = [str(p.relative_to(root)) for p in sources if not any(fnmatch.fnmatch(p.name, q) for q in patterns)]
+    assert not missing, missing
