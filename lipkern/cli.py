@@ -893,7 +893,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (torch.set_num_threads; on "
                    "a busy machine 1 can be much faster than the default)")
     p.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, results.json and the plot go here "
-                   "(default runs/<model>-<dataset>)")
+                   "(default: the --resume checkpoint's folder, else runs/<model>-<dataset>, or -2, -3, ... "
+                   "when an earlier run is there); a folder holding an earlier run is refused, not overwritten")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
     p.add_argument("--stop-after", type=int, metavar="E",
                    help="stop after epoch E of --epochs (checkpointed; "

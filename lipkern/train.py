@@ -126,7 +126,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     threads: int | None = None  # torch.set_num_threads for the run (None: torch's default)
-    output_dir: str | None = None  # default runs/<model>-<dataset>
+    output_dir: str | None = None  # default: the resumed checkpoint's folder, else runs/<model>-<dataset>[-N]
     resume: str | None = None  # a checkpoint path
     stop_after: int | None = None  # stop (checkpointed, not certified) after this many epochs of ``epochs``
     progress: bool = True
@@ -366,6 +366,7 @@ def train(config: TrainConfig) -> dict:
     after 3 epochs of ConvNet-CPL, same certified accuracy).
     """
     c = resolve_config(config)
+    c = dataclasses.replace(c, output_dir=str(_output_dir(c)))  # before any work: a bad folder fails at once
     if c.threads is not None:
         torch.set_num_threads(c.threads)
     device = _device(c)
@@ -378,6 +379,36 @@ def train(config: TrainConfig) -> dict:
     finally:
         if dist_state.owned:
             torch.distributed.destroy_process_group()
+
+
+_RUN_FILES = ("checkpoint.pt", "results.json", "certified_accuracy.png")  # what a run writes in its folder
+
+
+def _run_files(folder: Path) -> list[str]:
+    return [name for name in _RUN_FILES if (folder / name).exists()]
+
+
+def _output_dir(c: TrainConfig) -> Path:
+    """Where this run writes: ``output_dir``; else the folder of the checkpoint it resumes; else
+    runs/<model>-<dataset>, or the first of runs/<model>-<dataset>-2, -3, … that holds no earlier run. An
+    earlier run is never overwritten: a given folder that holds one is refused, unless this run resumes the
+    checkpoint in it."""
+    if c.output_dir is None and c.resume is None:
+        base = Path(f"runs/{c.model}-{c.dataset}")
+        out, n = base, 1
+        while out.exists() and (not out.is_dir() or _run_files(out)):
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+        return out
+    out = Path(c.output_dir) if c.output_dir is not None else Path(c.resume).parent
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--output-dir {out} is a file, not a folder")
+    earlier = _run_files(out)
+    resuming_here = c.resume is not None and Path(c.resume).resolve().parent == out.resolve()
+    if earlier and not resuming_here:
+        raise TrainError(f"{out} holds an earlier run ({', '.join(earlier)}); it is not overwritten: choose "
+                         f"another --output-dir, or continue that run with --resume {out / 'checkpoint.pt'}")
+    return out
 
 
 def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
@@ -416,7 +447,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     optimizer = _optimizer(c, model.parameters())
     steps_per_epoch = len(y_train) // c.batch_size
     scheduler = _scheduler(c, optimizer, steps_per_epoch * c.epochs)
-    out_dir = Path(c.output_dir or f"runs/{c.model}-{c.dataset}")
+    out_dir = Path(c.output_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch, history = 0, []
     if c.resume:
@@ -429,6 +460,12 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             bound.load_state_dict(state["bound"])
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))
         _log(dist_state, f"resumed from {c.resume} after epoch {start_epoch}")
+        stale = [name for name in _run_files(out_dir) if name != "checkpoint.pt"]
+        if stale and dist_state.rank == 0:  # they describe the checkpoint this run replaces
+            for name in stale:
+                (out_dir / name).unlink()
+            _log(dist_state, f"removed {', '.join(stale)} of {out_dir}: they described the checkpoint before "
+                             "this resume")
     net = model
     if dist_state.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"

@@ -532,6 +532,43 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     torch.testing.assert_close(torch.tensor(radii, dtype=direct.radii.dtype), direct.radii)
 
 
+def test_runs_are_never_overwritten(tmp_path):
+    """As a user runs it (subprocesses in one folder): a second run with the default folder goes to
+    runs/<model>-<dataset>-2, an explicit folder holding a run is refused (exit 2, the checkpoint untouched), an
+    --output-dir that is a file fails before any epoch, and --resume without --output-dir continues in the
+    checkpoint's own folder, removing the earlier results that no longer describe it."""
+    common = ["--model", "convnet-xs-aol", "--model-args", '{"width": 8}', "--epochs", "2", "--batch-size", "32",
+              "--train-limit", "64", "--threads", "1", "--no-progress", "--no-certify"]
+    env = dict(_env(), LIPKERN_BACKEND="torch")
+
+    def train(*argv):
+        return subprocess.run([sys.executable, "-m", "lipkern.cli", "train", *common, *argv], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=tmp_path)
+
+    first, second = tmp_path / "runs" / "convnet-xs-aol-digits", tmp_path / "runs" / "convnet-xs-aol-digits-2"
+    for folder in (first, second):
+        proc = train("--stop-after", "1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (folder / "checkpoint.pt").is_file(), proc.stderr[-2000:]
+    saved = (first / "checkpoint.pt").read_bytes()
+    proc = train("--output-dir", "runs/convnet-xs-aol-digits")
+    assert proc.returncode == 2 and "holds an earlier run (checkpoint.pt)" in proc.stderr, proc.stderr[-2000:]
+    assert "--resume runs/convnet-xs-aol-digits/checkpoint.pt" in proc.stderr
+    assert (first / "checkpoint.pt").read_bytes() == saved
+    (tmp_path / "a_file").write_text("x")
+    proc = train("--output-dir", "a_file")
+    assert proc.returncode == 2 and "is a file" in proc.stderr and "epoch 1" not in proc.stderr, proc.stderr
+    (first / "results.json").write_text("{}")  # as a finished earlier certification would have left it
+    proc = train("--resume", str(first / "checkpoint.pt"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 2/2" in proc.stderr and "removed results.json" in proc.stderr
+    assert torch.load(first / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not (first / "results.json").exists()
+    assert torch.load(second / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["convnet-xs-aol-digits",
+                                                                     "convnet-xs-aol-digits-2"]
+
+
 def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     def error(argv):
         code = cli.main(["train", "--output-dir", str(tmp_path), "--no-progress", *map(str, argv)])
