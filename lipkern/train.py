@@ -223,9 +223,19 @@ def _build_model(name: str, model_args: dict, device) -> nn.Module:
 
     kwargs = dict(model_args)
     try:
-        return build_model(name, **kwargs).to(device)
+        return _certified_layers(build_model(name, **kwargs).to(device))
     except (TypeError, ValueError) as err:
         raise TrainError(f"could not build {name!r} with {kwargs}: {err}") from None
+
+
+def _certified_layers(model: nn.Module) -> nn.Module:
+    """Spectral / CPL layers with ``certified=True``: in eval mode they divide by (step with) a guaranteed
+    bound, so the per-epoch test accuracy, the checkpoint's model and the certificate are one network (training
+    steps do not change: they use the power-iteration estimate either way)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "certified", None), bool):
+            module.certified = True
+    return model
 
 
 def usable_device(name: str, error: type[Exception]) -> torch.device:
@@ -252,7 +262,8 @@ def load_checkpoint(path) -> dict:
 
 def load_checkpoint_model(path_or_state, device="cpu") -> tuple[nn.Module, dict]:
     """(model with the checkpoint's weights, in eval mode, checkpoint dict): rebuilt by
-    ``build_model(checkpoint["model"], **checkpoint["model_args"])``."""
+    ``build_model(checkpoint["model"], **checkpoint["model_args"])``, its Spectral / CPL layers certified (the
+    network ``lipkern train`` evaluated every epoch and certified)."""
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state)
     model = _build_model(state["model"], state["model_args"], device)
     model.load_state_dict(state["state_dict"])
@@ -594,12 +605,9 @@ def _save_checkpoint(path: Path, c, model_args, model, optimizer, scheduler, bou
 
 # --- certification ------------------------------------------------------------------------------------------
 def certifiable(model: nn.Module) -> nn.Module:
-    """The model in eval mode with its CPL layers switched to certified step sizes (a sound bound needs
-    them)."""
-    for module in model.modules():
-        if hasattr(module, "certified") and isinstance(getattr(module, "certified"), bool):
-            module.certified = True
-    return model.eval()
+    """The model in eval mode with its Spectral / CPL layers switched to certified norms and step sizes (a
+    sound bound needs them)."""
+    return _certified_layers(model).eval()
 
 
 def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, method: str = "liplt",

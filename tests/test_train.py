@@ -210,3 +210,26 @@ def test_resume_refuses_other_input_preprocessing(tmp_path):
     with pytest.raises(TrainError, match="fit was 'pad' in the checkpoint, 'resize' now"):
         train(TrainConfig(**SMALL, input_size=10, fit="resize", output_dir=str(tmp_path), certify=False,
                           resume=str(first["checkpoint"])))
+
+
+def test_logged_accuracy_checkpoint_model_and_certificate_are_one_network(tmp_path):
+    """Spectral layers (their eval norm: an estimate, or with certified=True a guaranteed bound): the per-epoch
+    test accuracy, the model load_checkpoint_model returns and the certificate all use the certified network."""
+    from lipkern.data import load_dataset
+
+    result = train(TrainConfig(model="convnet-xs-spectral", model_args={"width": 8}, dataset="digits",
+                               progress=False, epochs=1, batch_size=32, train_limit=128, eps=(0.0,),
+                               certify_float64=False, output_dir=str(tmp_path)))
+    model, _ = load_checkpoint_model(result["checkpoint"])
+    layers = [m for m in model.modules() if isinstance(getattr(m, "certified", None), bool)]
+    assert layers and all(m.certified for m in layers)
+    x, y = load_dataset("digits", split="test")
+    with torch.no_grad():
+        certified_logits = model(x)
+    correct = int((certified_logits.argmax(1) == y).sum())
+    assert result["history"][-1]["test_accuracy"] == correct / len(y)
+    assert result["certification"]["clean_count"] == correct
+    for m in layers:  # the estimate-normalized network is another one: the equalities above are not vacuous
+        m.certified = False
+    with torch.no_grad():
+        assert not torch.allclose(model(x), certified_logits, rtol=1e-4, atol=0)
