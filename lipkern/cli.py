@@ -822,7 +822,23 @@ def _config_from_args(args):
     values = {name: getattr(args, name) for name in fields}
     values["progress"] = not args.no_progress
     values["certify"] = not args.no_certify
-    return TrainConfig(model_args=model_args, **values)
+    values["model_args"] = model_args
+    if args.resume:  # what the command line does not give comes from the checkpoint's run
+        given = _given_options(args.argv, "train")
+        values.update({name: None for name in values if name not in given
+                       and name not in ("progress", "certify", "resume", "output_dir", "device", "threads",
+                                        "stop_after")})
+    return TrainConfig(**values)
+
+
+def _given_options(argv: list, command: str) -> set:
+    """The dests of the options given on the command line of ``command`` (not their defaults)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices[command]._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(argv)
+    return set(vars(given)) - {"command"}
 
 
 def train(args) -> int:
@@ -895,7 +911,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, results.json and the plot go here "
                    "(default: the --resume checkpoint's folder, else runs/<model>-<dataset>, or -2, -3, ... "
                    "when an earlier run is there); a folder holding an earlier run is refused, not overwritten")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint: every option "
+                   "not given here is the checkpoint run's (an option given that contradicts it is refused)")
     p.add_argument("--stop-after", type=int, metavar="E",
                    help="stop after epoch E of --epochs (checkpointed; "
                    "continue later with --resume)")
@@ -945,6 +962,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.command != "bench" and (unknown or rest):
         parser.error(f"unrecognized arguments: {' '.join(unknown + rest)}")
     args.pytest_args = unknown + rest
+    args.argv = argv
     return args
 
 

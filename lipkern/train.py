@@ -91,11 +91,12 @@ class TrainError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """One training run. ``None`` fields are filled from the family's recipe by :func:`resolve_config`."""
+    """One training run. ``None`` fields are filled from the family's recipe by :func:`resolve_config`; when
+    resuming, first from the checkpoint's run (so ``TrainConfig(resume=path)`` continues it as it was)."""
 
-    model: str = "convnet-xs-aol"
-    model_args: dict = field(default_factory=dict)  # extra keyword options of build_model
-    dataset: str = "digits"
+    model: str | None = "convnet-xs-aol"
+    model_args: dict | None = field(default_factory=dict)  # extra keyword options of build_model
+    dataset: str | None = "digits"
     data_root: str | None = None
     input_size: int | None = None  # None: the dataset's size; larger: zero padding (fit), centered
     fit: str = "pad"  # 'pad' | 'resize' (see lipkern.data.fit_to_size)
@@ -376,7 +377,7 @@ def train(config: TrainConfig) -> dict:
     iteration alone instead of in its stacked group, which rounds differently (observed: weights within 2e-3
     after 3 epochs of ConvNet-CPL, same certified accuracy).
     """
-    c = resolve_config(config)
+    c = resolve_config(_with_checkpoint_options(config))
     c = dataclasses.replace(c, output_dir=str(_output_dir(c)))  # before any work: a bad folder fails at once
     if c.threads is not None:
         torch.set_num_threads(c.threads)
@@ -390,6 +391,24 @@ def train(config: TrainConfig) -> dict:
     finally:
         if dist_state.owned:
             torch.distributed.destroy_process_group()
+
+
+# Options of the run itself, not of what it trains: a resumed run never takes them from the checkpoint.
+_SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "certify", "source")
+
+
+def _with_checkpoint_options(config: TrainConfig) -> TrainConfig:
+    """Resuming: every option left ``None`` takes the checkpoint run's value (then the recipe's)."""
+    if config.resume is None:
+        return config
+    old = load_checkpoint(config.resume).get("config", {})
+    values = {f.name: old[f.name] for f in dataclasses.fields(config)
+              if getattr(config, f.name) is None and f.name not in _SESSION_OPTIONS and f.name in old}
+    resumed = dataclasses.replace(config, **values)
+    base = TrainConfig()  # what the checkpoint does not say: the defaults
+    return dataclasses.replace(resumed, **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                                           if getattr(resumed, f.name) is None
+                                           and getattr(base, f.name) is not None})
 
 
 _RUN_FILES = ("checkpoint.pt", "results.json", "certified_accuracy.png")  # what a run writes in its folder

@@ -569,6 +569,33 @@ def test_runs_are_never_overwritten(tmp_path):
                                                                      "convnet-xs-aol-digits-2"]
 
 
+def test_resume_from_the_checkpoint_alone(tmp_path):
+    """--resume with nothing else (or the help's form, --model and --epochs repeated) continues the run with its
+    own options; an option given that contradicts the checkpoint is still refused."""
+    env = dict(_env(), LIPKERN_BACKEND="torch")
+
+    def train(*argv):
+        return subprocess.run([sys.executable, "-m", "lipkern.cli", "train", "--threads", "1", "--no-progress",
+                               "--no-certify", *argv], capture_output=True, text=True, timeout=300, env=env,
+                              cwd=tmp_path)
+
+    proc = train("--model", "convnet-xs-aol", "--model-args", '{"width": 8}', "--epochs", "3", "--batch-size", "32",
+                 "--lr", "0.02", "--train-limit", "64", "--seed", "3", "--stop-after", "1", "--output-dir", "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    proc = train("--resume", str(checkpoint), "--stop-after", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 2/3" in proc.stderr and "batch 32" in proc.stderr and "lr 0.02" in proc.stderr, proc.stderr
+    proc = train("--model", "convnet-xs-aol", "--resume", str(checkpoint), "--epochs", "3")  # the help's form
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 3 and state["model_args"]["width"] == 8
+    assert {k: state["config"][k] for k in ("batch_size", "lr", "train_limit", "seed")} == dict(
+        batch_size=32, lr=0.02, train_limit=64, seed=3)
+    proc = train("--resume", str(checkpoint), "--epochs", "3", "--batch-size", "16")
+    assert proc.returncode == 2 and "batch_size was 32 in the checkpoint, 16 now" in proc.stderr, proc.stderr
+
+
 def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     def error(argv):
         code = cli.main(["train", "--output-dir", str(tmp_path), "--no-progress", *map(str, argv)])
