@@ -237,5 +237,30 @@ def read_torch_file(path, label: str, error: type[Exception] = ValueError):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise error(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{label} is a folder, not a file") from None
     except Exception as err:  # pickle errors, weights_only refusals, ...
-        raise error(f"{label} could not be read with torch.load(weights_only=True): {err}") from None
+        raise error(f"{label} {_why_unreadable(path, err)}") from None
+
+
+def _why_unreadable(path, err: Exception) -> str:
+    """Why torch.load(weights_only=True) could not read ``path``, in words (not PyTorch's advice to load
+    arbitrary pickles with weights_only=False: lipkern never does that)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as os_err:
+        return f"could not be read: {os_err}"
+    if not head:
+        return "is empty (0 bytes): not a file written by torch.save"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip archive, or a legacy pickle
+        kind = ", text: JSON?" if head.lstrip()[:1] in (b"{", b"[") else ""
+        return f"is not a file written by torch.save (it starts with {head[:16]!r}{kind})"
+    message = str(err)
+    if "weights only" in message.lower() or "weights_only" in message:
+        return ("holds Python objects besides tensors and plain containers; lipkern reads files with "
+                "torch.load(weights_only=True) only (a file of tensors, dicts, lists and numbers)")
+    first = message.split(". ")[0].splitlines()[0] if message else type(err).__name__
+    if "zip archive" in message:
+        return f"is a damaged or truncated torch.save file ({first})"
+    return f"could not be read with torch.load(weights_only=True): {first}"

@@ -233,3 +233,24 @@ def test_logged_accuracy_checkpoint_model_and_certificate_are_one_network(tmp_pa
         m.certified = False
     with torch.no_grad():
         assert not torch.allclose(model(x), certified_logits, rtol=1e-4, atol=0)
+
+
+def test_unreadable_checkpoints_say_why(tmp_path):
+    """Junk, empty, text, truncated, object-holding files and folders: one line naming the file and the reason,
+    never PyTorch's advice to load arbitrary pickles (weights_only=False)."""
+    (tmp_path / "junk").write_bytes(b"abcdef")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "results.json").write_text('{"certification": {}}')
+    torch.save({"config": TrainConfig()}, tmp_path / "objects.pt")  # a dataclass: not weights-only
+    torch.save({"w": torch.zeros(64)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:120])
+    expected = {"junk": "is not a file written by torch.save (it starts with b'abcdef')",
+                "empty": "is empty (0 bytes)", "results.json": "text: JSON?",
+                "objects.pt": "holds Python objects besides tensors", "cut.pt": "damaged or truncated",
+                "": "is a folder, not a file"}
+    for name, reason in expected.items():
+        with pytest.raises(TrainError) as info:
+            load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert reason in message and str(tmp_path / name) in message, message
+        assert "weights_only=False" not in message and "\n" not in message, message
