@@ -731,6 +731,9 @@ def certify(args) -> int:
     except CertifyError as err:
         print(f"lipkern certify: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nlipkern certify: interrupted; nothing was written", file=sys.stderr)
+        return 130
     result.update(model=description, data=str(args.data), device=str(device))
     print(format_certify_table(result))
     if args.output:
@@ -842,7 +845,7 @@ def _given_options(argv: list, command: str) -> set:
 
 
 def train(args) -> int:
-    from lipkern.train import TrainError, train as run_training
+    from lipkern.train import TrainError, TrainInterrupted, train as run_training
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("lipkern train: --plot needs matplotlib: pip install 'lipkern[plot]'", file=sys.stderr)
@@ -853,6 +856,12 @@ def train(args) -> int:
     except (CertifyError, TrainError) as err:
         print(f"lipkern train: error: {err}", file=sys.stderr)
         return 2
+    except TrainInterrupted as err:
+        print(f"\nlipkern train: {err}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports an interrupted command
+    except KeyboardInterrupt:  # before the first epoch (loading data, building the model)
+        print("\nlipkern train: interrupted before the first epoch; nothing was saved", file=sys.stderr)
+        return 130
     certification = result.get("certification")
     if certification is None:  # not rank 0, or --no-certify
         return 0

@@ -89,6 +89,10 @@ class TrainError(ValueError):
     """A problem with the run's options, data or checkpoint: the message names it."""
 
 
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run: the message says what was saved and how to go on."""
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``None`` fields are filled from the family's recipe by :func:`resolve_config`; when
@@ -411,6 +415,13 @@ def _with_checkpoint_options(config: TrainConfig) -> TrainConfig:
                                            and getattr(base, f.name) is not None})
 
 
+def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> str:
+    if epochs_done == 0:
+        return f"interrupted {when}; no epoch had finished, nothing was saved"
+    return (f"interrupted {when}; the checkpoint after epoch {epochs_done} is safe in {checkpoint_path}: continue "
+            f"with lipkern train --resume {checkpoint_path}")
+
+
 _RUN_FILES = ("checkpoint.pt", "results.json", "certified_accuracy.png")  # what a run writes in its folder
 
 
@@ -511,26 +522,36 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     x_train, y_train = x_train.to(device), y_train.to(device)
     start = time.perf_counter()
     last_epoch = c.epochs if c.stop_after is None else min(c.epochs, c.stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        record = _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x_train, y_train, epoch,
-                              dist_state, device)
-        record["test_accuracy"] = _accuracy(model, x_test_dev, y_test_dev)
-        history.append(record)
-        _log(dist_state, f"epoch {epoch + 1}/{c.epochs}: loss {record['loss']:.4f}, train acc "
-                         f"{100 * record['train_accuracy']:.1f}%, test acc "
-                         f"{100 * record['test_accuracy']:.1f}%, "
-                         f"lr {record['lr']:.2e}, {record['seconds']:.1f} s")
-        if dist_state.rank == 0:
-            _save_checkpoint(checkpoint_path, c, model_args, model, optimizer, scheduler, bound, epoch + 1,
-                             history)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            record = _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x_train, y_train, epoch,
+                                  dist_state, device)
+            record["test_accuracy"] = _accuracy(model, x_test_dev, y_test_dev)
+            history.append(record)
+            _log(dist_state, f"epoch {epoch + 1}/{c.epochs}: loss {record['loss']:.4f}, train acc "
+                             f"{100 * record['train_accuracy']:.1f}%, test acc "
+                             f"{100 * record['test_accuracy']:.1f}%, "
+                             f"lr {record['lr']:.2e}, {record['seconds']:.1f} s")
+            if dist_state.rank == 0:
+                _save_checkpoint(checkpoint_path, c, model_args, model, optimizer, scheduler, bound, epoch + 1,
+                                 history)
+    except KeyboardInterrupt:
+        raise TrainInterrupted(_interrupted_message(f"during epoch {epoch + 1}", checkpoint_path,
+                                                    len(history))) from None
     result = {"config": dataclasses.asdict(c), "history": history, "checkpoint": str(checkpoint_path),
               "train_seconds": time.perf_counter() - start, "model_args": model_args}
     if c.certify and dist_state.rank == 0 and last_epoch == c.epochs:
         limit = c.certify_limit or len(y_test)
-        result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
-                                                method=c.certify_method, pairwise=c.certify_pairwise,
-                                                float64=c.certify_float64,
-                                                log=lambda *a: _log(dist_state, *a))
+        try:
+            result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
+                                                    method=c.certify_method, pairwise=c.certify_pairwise,
+                                                    float64=c.certify_float64,
+                                                    log=lambda *a: _log(dist_state, *a))
+        except KeyboardInterrupt:
+            raise TrainInterrupted(f"interrupted during the certification; training is done and saved in "
+                                   f"{checkpoint_path}: certify it with lipkern certify --checkpoint "
+                                   f"{checkpoint_path}") from None
         result["certification"]["model"] = f"{c.model} ({checkpoint_path})"
         result["certification"]["data"] = f"{c.dataset} test split"
         result["certification"]["device"] = str(device)

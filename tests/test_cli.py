@@ -5,6 +5,7 @@ end-to-end CPU run."""
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -594,6 +595,34 @@ def test_resume_from_the_checkpoint_alone(tmp_path):
         batch_size=32, lr=0.02, train_limit=64, seed=3)
     proc = train("--resume", str(checkpoint), "--epochs", "3", "--batch-size", "16")
     assert proc.returncode == 2 and "batch_size was 32 in the checkpoint, 16 now" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_during_training_says_what_is_safe(tmp_path):
+    """SIGINT to a running lipkern train (what Ctrl-C sends): exit code 130, one message naming the saved
+    checkpoint and the --resume command, no traceback; the checkpoint loads and resumes."""
+    env = dict(_env(), LIPKERN_BACKEND="torch")
+    command = [sys.executable, "-m", "lipkern.cli", "train", "--model-args", '{"width": 8}', "--epochs", "50",
+               "--batch-size", "32", "--train-limit", "128", "--threads", "1", "--no-progress", "--no-certify",
+               "--output-dir", "run"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)
+    lines = []
+    try:
+        for line in proc.stderr:  # epoch 2's log line: epoch 1's checkpoint is on disk
+            lines.append(line)
+            if line.startswith("epoch 2/50"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = "".join(lines) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert f"is safe in {Path('run') / 'checkpoint.pt'}" in err and "lipkern train --resume run/checkpoint.pt" in err
+    assert torch.load(checkpoint, weights_only=True)["epoch"] >= 1
 
 
 def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
