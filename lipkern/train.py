@@ -415,6 +415,20 @@ def _with_checkpoint_options(config: TrainConfig) -> TrainConfig:
                                            and getattr(base, f.name) is not None})
 
 
+def _check_diverged(c: TrainConfig, model: nn.Module, record: dict, epoch: int, checkpoint_path: Path,
+                    epochs_done: int) -> None:
+    """After an epoch (one host read per parameter, once per epoch): a non-finite loss or weight stops the run
+    before it is evaluated or saved, so the last checkpoint stays the last finite one."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if math.isfinite(record["loss"]) and not bad:
+        return
+    what = f"the weights {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are" if bad else "the loss is"
+    kept = (f"the checkpoint of epoch {epochs_done} in {checkpoint_path} is kept (finite)" if epochs_done else
+            "no checkpoint was saved")
+    raise TrainError(f"training diverged in epoch {epoch + 1}: {what} NaN or Inf (lr {c.lr:g}); {kept}. Train "
+                     "again with a lower --lr")
+
+
 def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> str:
     if epochs_done == 0:
         return f"interrupted {when}; no epoch had finished, nothing was saved"
@@ -527,6 +541,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
         for epoch in range(start_epoch, last_epoch):
             record = _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x_train, y_train, epoch,
                                   dist_state, device)
+            _check_diverged(c, model, record, epoch, checkpoint_path, len(history))
             record["test_accuracy"] = _accuracy(model, x_test_dev, y_test_dev)
             history.append(record)
             _log(dist_state, f"epoch {epoch + 1}/{c.epochs}: loss {record['loss']:.4f}, train acc "
@@ -564,7 +579,7 @@ def _check_resumable(state: dict, c: TrainConfig, model_args: dict) -> None:
                          f"{c.model} {model_args}")
     old = state.get("config", {})
     for key in ("dataset", "batch_size", "loss", "optimizer", "schedule", "seed", "train_limit", "input_size",
-                "fit"):
+                "fit", "lr", "momentum", "weight_decay"):  # (the optimizer's and the schedule's state keep them)
         if key in old and old[key] != getattr(c, key):
             raise TrainError(f"--resume: {key} was {old[key]!r} in the checkpoint, {getattr(c, key)!r} now")
     if "epochs" in old and old["epochs"] != c.epochs and c.schedule != "constant":

@@ -254,3 +254,31 @@ def test_unreadable_checkpoints_say_why(tmp_path):
         message = str(info.value)
         assert reason in message and str(tmp_path / name) in message, message
         assert "weights_only=False" not in message and "\n" not in message, message
+
+
+def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    """lr 1e30: the loss or the weights go NaN/Inf in the first epoch: a TrainError names the epoch and the lr
+    and says that nothing was saved. A run whose second epoch ends with a NaN loss stops before saving it: the
+    checkpoint of epoch 1 stays as it was. A changed lr on resume is refused (the optimizer state would keep
+    the old one)."""
+    import lipkern.train as train_module
+
+    good = dict(SMALL, epochs=3, batch_size=32, train_limit=64, schedule="constant", certify=False)
+    with pytest.raises(TrainError, match=r"diverged in epoch 1: .* NaN or Inf \(lr 1e\+30\); no checkpoint was saved"):
+        train(TrainConfig(**dict(good, lr=1e30), output_dir=str(tmp_path / "a")))
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    original = train_module._train_epoch
+
+    def nan_in_epoch_two(*args):
+        record = original(*args)
+        if args[9] == 1:  # epoch (0-based)
+            record["loss"] = math.nan
+        return record
+
+    monkeypatch.setattr(train_module, "_train_epoch", nan_in_epoch_two)
+    with pytest.raises(TrainError, match="diverged in epoch 2: the loss is NaN or Inf .* the checkpoint of epoch 1"):
+        train(TrainConfig(**good, output_dir=str(tmp_path / "b")))
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.setattr(train_module, "_train_epoch", original)
+    with pytest.raises(TrainError, match="lr was 0.001 in the checkpoint, 0.01 now"):
+        train(TrainConfig(**dict(good, lr=0.01), resume=str(tmp_path / "b" / "checkpoint.pt")))
