@@ -696,6 +696,18 @@ def write_certify_plot(result: dict, path) -> Path:
     return path
 
 
+def _certificate_defaults(args) -> None:
+    """--method / --pairwise / --float64 / --eps not given: a checkpoint's own certification settings (so that
+    lipkern certify reproduces lipkern train's table), else liplt, global, float32 logits."""
+    config = (getattr(args, "checkpoint_state", None) or {}).get("config", {})
+    defaults = {"method": config.get("certify_method", "liplt"), "pairwise": config.get("certify_pairwise", False),
+                "float64": config.get("certify_float64", False) and not args.smoothing,
+                "eps": list(config.get("eps", DEFAULT_EPS))}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def certify(args) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("lipkern certify --plot needs matplotlib: pip install 'lipkern[plot]' (or pip install "
@@ -710,13 +722,18 @@ def certify(args) -> int:
             "cuda" if torch.cuda.is_available() else "cpu")
         if args.batch_size < 1:
             raise CertifyError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise CertifyError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.limit is not None and args.limit < 1:
             raise CertifyError(f"--limit must be >= 1, got {args.limit}")
         if args.float64 and args.smoothing:
             raise CertifyError("--float64 applies to the Lipschitz-margin certificate, not to --smoothing")
+        model, description, structure_known = load_model(args)
+        _certificate_defaults(args)
         if any(not e >= 0 for e in args.eps):
             raise CertifyError(f"--eps values must be >= 0, got {args.eps}")
-        model, description, structure_known = load_model(args)
         x, y = load_named_data(args) if args.data is None else load_data(args.data, args.limit)
         model = model.to(device)
         probe = _probe(model, x, device, exported=args.exported is not None)
@@ -767,13 +784,20 @@ def _add_certify_parser(sub) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="certify the first N points only")
     p.add_argument("--batch-size", type=int, default=256, help="inputs (or noise draws) per forward pass")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS), metavar="EPS",
-                   help="l2 radii of the table (default: 0 36/255 72/255 108/255 0.5 1)")
-    p.add_argument("--method", choices=("liplt", "product"), default="liplt",
-                   help="whole-network bound of lipkern.bounds.lipschitz_bound (default liplt)")
-    p.add_argument("--pairwise", action="store_true", help="pairwise constants L_ab of the logit differences")
-    p.add_argument("--float64", action="store_true",
-                   help="Lipschitz margin: evaluate a float64 copy of the model (logit rounding ~1e-15)")
+    p.add_argument("--eps", type=float, nargs="+", metavar="EPS",
+                   help="l2 radii of the table (default: with --checkpoint its training run's, else 0 36/255 "
+                        "72/255 108/255 0.5 1)")
+    p.add_argument("--method", choices=("liplt", "product"),
+                   help="whole-network bound of lipkern.bounds.lipschitz_bound (default: with --checkpoint the "
+                        "one its training run certified with, else liplt)")
+    p.add_argument("--pairwise", action=argparse.BooleanOptionalAction,
+                   help="pairwise constants L_ab of the logit differences (default: with --checkpoint as its "
+                        "training run certified, else off)")
+    p.add_argument("--float64", action=argparse.BooleanOptionalAction,
+                   help="Lipschitz margin: evaluate a float64 copy of the model, logit rounding ~1e-15 (default: "
+                        "with --checkpoint as its training run certified, else off)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (torch.set_num_threads; on "
+                   "a busy machine 1 can be much faster than the default)")
     p.add_argument("--lipschitz", type=float, metavar="L",
                    help="a global Lipschitz constant you declare (not verified; required for a scripted or "
                         "exported model unless --smoothing)")

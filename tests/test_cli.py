@@ -516,6 +516,14 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     certified = json.loads((tmp_path / "c.json").read_text())
     assert certified["certified_count"] == trained["certified_count"]
     assert certified["points"]["radius"] == trained["points"]["radius"]
+    # with the checkpoint alone: its training run's certificate settings (product, pairwise, float64, eps)
+    code, out, err = _run(["--checkpoint", run / "checkpoint.pt", "--limit", 60, "--threads", 1, "--device", "cpu",
+                           "--output", tmp_path / "d.json"], capsys)
+    assert code == 0, err
+    alone = json.loads((tmp_path / "d.json").read_text())
+    assert alone["eps"] == trained["eps"] and alone["certified_count"] == trained["certified_count"]
+    assert alone["lipschitz"]["method"] == "product" and alone["lipschitz"]["pairwise"]
+    assert alone["points"]["radius"] == trained["points"]["radius"]
 
     from lipkern.bounds import lipschitz_bound
     from lipkern.data import load_dataset
