@@ -596,11 +596,17 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
         def tqdm(iterable, **_):
             return iterable
     predictions, radii, seconds = [], [], []
+    print(f"randomized smoothing: {len(indices)} points, {args.n0:,} + {args.n:,} noise draws each",
+          file=sys.stderr)
     for i in tqdm(indices, desc="certify", unit="point", file=sys.stderr):
         start = time.perf_counter()
         prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha, args.batch_size,
                                               seed=args.seed + i)
         seconds.append(time.perf_counter() - start)
+        if len(seconds) == 1 and seconds[0] * len(indices) > 60:  # say so up front, not after half an hour
+            print(f"smoothing: the first point took {seconds[0]:.1f} s: about {seconds[0] * len(indices) / 60:.0f} "
+                  f"min for all {len(indices)} (fewer draws: --n; fewer points: --skip K or --limit N)",
+                  file=sys.stderr)
         predictions.append(int(prediction))
         radii.append(float(radius))
     labels = y[indices]
@@ -659,6 +665,15 @@ def format_certify_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_title(result: dict, width: int = 80) -> str:
+    """The plot's title, wrapped to lines of ≤ ``width`` characters (a 6-inch figure at 8 pt holds ~90): a
+    checkpoint's long path is not clipped."""
+    import textwrap
+
+    title = f"{result.get('model', '')} ({result['mode']}, {result['num_points']} points)"
+    return textwrap.fill(title, width, break_long_words=True, break_on_hyphens=False)
+
+
 def write_certify_plot(result: dict, path) -> Path:
     """Certified accuracy against eps: the curve from every point's radius, the asked eps marked. Needs
     matplotlib."""
@@ -687,7 +702,7 @@ def write_certify_plot(result: dict, path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xlabel("eps (l2 radius)")
     ax.set_ylabel("certified accuracy")
-    ax.set_title(f"{result.get('model', '')} ({result['mode']}, {n} points)", fontsize=8)
+    ax.set_title(plot_title(result), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -390,6 +390,19 @@ def test_certify_smoothing_matches_direct_calls(tiny, capsys):
     assert result["certified_accuracy"] == pytest.approx([c / 4 for c in counts])
     assert result["smoothing"]["abstained"] == points["prediction"].count(-1)
     assert "randomized smoothing, sigma = 0.5" in out
+    assert "randomized smoothing: 4 points, 20 + 200 noise draws each" in err
+
+
+def test_certify_smoothing_says_early_how_long_it_will_take(tiny, capsys, monkeypatch):
+    """A long smoothing run (the default n = 100,000 on a CPU) says after its first point how long all will
+    take, with the options that shorten it (a clock that advances 10 s per reading stands in for a slow run)."""
+    model, x, y, tmp_path = tiny
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: float(next(clock)))
+    code, _, err = _run(_tiny_args(tmp_path, "--smoothing", "--sigma", 0.5, "--n0", 10, "--n", 20, "--limit", 12),
+                        capsys)
+    assert code == 0, err
+    assert "the first point took 10.0 s: about 2 min for all 12 (fewer draws: --n" in err, err
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -661,3 +674,11 @@ def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     code, _, err = _run(["--model", "ConvNet", "--state-dict", tmp_path / "ckpt.pt", "--dataset", "digits"],
                         capsys)
     assert code == 2 and "certify it with --checkpoint" in err
+
+
+def test_plot_title_wraps_instead_of_clipping():
+    model = "convnet-xs-aol (checkpoint runs/" + "a-long-folder-name/" * 8 + "checkpoint.pt, epoch 30)"
+    title = cli.plot_title({"model": model, "mode": "lipschitz-margin", "num_points": 360})
+    lines = title.split("\n")
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert "".join(title.split()) == "".join(f"{model} (lipschitz-margin, 360 points)".split())
