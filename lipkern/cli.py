@@ -627,10 +627,10 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
                        "correct": correct.tolist(), "seconds": seconds}}
 
 
-def format_certify_table(result: dict) -> str:
+def format_certify_table(result: dict, command: str = "certify") -> str:
     """The report: what was certified and how, then one row per eps (certified accuracy and count)."""
     n = result["num_points"]
-    lines = [f"lipkern certify: {result.get('model', '?')} on {result.get('data', '?')} ({n} points, device "
+    lines = [f"lipkern {command}: {result.get('model', '?')} on {result.get('data', '?')} ({n} points, device "
              f"{result.get('device', '?')})"]
     if result["mode"] == "lipschitz-margin":
         lip = result["lipschitz"]
@@ -905,7 +905,7 @@ def train(args) -> int:
     if certification is None:  # not rank 0, or --no-certify
         return 0
     out_dir = Path(result["checkpoint"]).parent
-    print(format_certify_table(certification))
+    print(format_certify_table(certification, "train"))
     print(f"training {result['train_seconds']:.0f} s, sound bound {certification['bound_seconds']:.1f} s, "
           f"total {time.perf_counter() - start:.0f} s; checkpoint: {result['checkpoint']}")
     json_path = out_dir / "results.json"
@@ -979,7 +979,10 @@ def _add_train_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lipkern import __version__
+
     parser = argparse.ArgumentParser(prog="lipkern")
+    parser.add_argument("--version", action="version", version=f"lipkern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("bench", help="run the benchmark suite (quick mode by default)",
                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

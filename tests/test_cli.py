@@ -682,3 +682,18 @@ def test_plot_title_wraps_instead_of_clipping():
     lines = title.split("\n")
     assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
     assert "".join(title.split()) == "".join(f"{model} (lipschitz-margin, 360 points)".split())
+
+
+def test_version_has_one_source(capsys):
+    """lipkern --version prints the package version, which pyproject.toml reads from lipkern.__version__."""
+    import tomllib
+    from importlib.metadata import version
+
+    import lipkern
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"lipkern {lipkern.__version__}"
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert version("lipkern") == lipkern.__version__

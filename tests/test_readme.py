@@ -18,10 +18,10 @@ def test_readme_has_python_examples():
     assert len(_blocks("python")) >= 3
 
 
-def test_python_blocks_run_as_written(monkeypatch, knobs):
+def test_python_blocks_run_as_written_each_on_its_own(monkeypatch, knobs):
     knobs(backend="torch")  # what a CPU user runs (the interpreter is a test device)
-    namespace: dict = {"__name__": "__readme__"}
     for index, block in enumerate(_blocks("python")):
+        namespace: dict = {"__name__": "__readme__"}  # each block runs on its own, as a reader copies it
         try:
             exec(compile(block, f"README.md python block {index}", "exec"), namespace)
         except Exception as err:  # pragma: no cover - the message names the block
