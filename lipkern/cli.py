@@ -918,13 +918,32 @@ def train(args) -> int:
     return 0
 
 
+def model_recipes_help() -> str:
+    """The --model names by family, with each family's recipe (what a run uses unless an option overrides it)."""
+    from lipkern.models import MODEL_FAMILIES
+    from lipkern.train import RECIPES
+
+    lines = ["models (--model) and their recipes:"]
+    for family, recipe in RECIPES.items():
+        names = [name for name, fam in MODEL_FAMILIES.items() if fam == family]
+        if not names:
+            continue
+        options = ", ".join(f"{key} {value}" for key, value in recipe.items()
+                            if key in ("loss", "optimizer", "lr", "batch_size", "schedule"))
+        lines.append(f"  {family} ({recipe.get('source', '')}): {options}")
+        lines.append(f"    {', '.join(names)}")
+    return "\n".join(lines)
+
+
 def _add_train_parser(sub) -> None:
     from lipkern.train import BOUND_METHODS, LOSSES, OPTIMIZERS, SCHEDULES
 
     p = sub.add_parser("train", help="train a reference network with its paper's recipe, then certify it",
-                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=TRAIN_HELP, epilog=model_recipes_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="convnet-xs-aol",
-                   help="a name of lipkern.models.build_model (default convnet-xs-aol)")
+                   help="a name of lipkern.models.build_model (default convnet-xs-aol; all names and their "
+                        "recipes: at the end of this help)")
     p.add_argument("--model-args", metavar="JSON", help="extra build_model options, e.g. '{\"width\": 8}'")
     p.add_argument("--dataset", default="digits", help="digits (default, bundled), mnist or cifar10")
     p.add_argument("--data-root", metavar="DIR", help="folder of the mnist / cifar10 files")

@@ -436,7 +436,22 @@ def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> 
             f"with lipkern train --resume {checkpoint_path}")
 
 
-_RUN_FILES = ("checkpoint.pt", "results.json", "certified_accuracy.png")  # what a run writes in its folder
+_RUN_FILES = ("checkpoint.pt", "results.json", "certified_accuracy.png", "metrics.csv")  # a run's own files
+_METRICS = ("epoch", "loss", "train_accuracy", "test_accuracy", "lr", "seconds")
+
+
+def _write_metrics(path: Path, history: list) -> None:
+    """metrics.csv: one row per epoch (the whole history, so a resumed run's file is complete), written next to
+    the checkpoint after each epoch."""
+    import csv
+
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_METRICS)
+        for epoch, record in enumerate(history, start=1):
+            writer.writerow([epoch, *(record[key] for key in _METRICS[1:])])
+    os.replace(tmp, path)
 
 
 def _run_files(folder: Path) -> list[str]:
@@ -515,7 +530,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             bound.load_state_dict(state["bound"])
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))
         _log(dist_state, f"resumed from {c.resume} after epoch {start_epoch}")
-        stale = [name for name in _run_files(out_dir) if name != "checkpoint.pt"]
+        stale = [name for name in _run_files(out_dir) if name not in ("checkpoint.pt", "metrics.csv")]
         if stale and dist_state.rank == 0:  # they describe the checkpoint this run replaces
             for name in stale:
                 (out_dir / name).unlink()
@@ -551,6 +566,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             if dist_state.rank == 0:
                 _save_checkpoint(checkpoint_path, c, model_args, model, optimizer, scheduler, bound, epoch + 1,
                                  history)
+                _write_metrics(out_dir / "metrics.csv", history)
     except KeyboardInterrupt:
         raise TrainInterrupted(_interrupted_message(f"during epoch {epoch + 1}", checkpoint_path,
                                                     len(history))) from None

@@ -697,3 +697,15 @@ def test_version_has_one_source(capsys):
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]
     assert version("lipkern") == lipkern.__version__
+
+
+def test_train_help_lists_every_model_with_its_recipe(capsys):
+    from lipkern.models import MODEL_FAMILIES
+    from lipkern.train import RECIPES
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name, family in MODEL_FAMILIES.items():
+        assert name in text
+        assert f"{family} ({RECIPES[family]['source']}): loss {RECIPES[family]['loss']}" in text

@@ -282,3 +282,17 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_finite_checkpoi
     monkeypatch.setattr(train_module, "_train_epoch", original)
     with pytest.raises(TrainError, match="lr was 0.001 in the checkpoint, 0.01 now"):
         train(TrainConfig(**dict(good, lr=0.01), resume=str(tmp_path / "b" / "checkpoint.pt")))
+
+
+def test_metrics_csv_has_one_row_per_epoch_across_a_resume(tmp_path):
+    import csv
+
+    options = dict(SMALL, epochs=2, batch_size=32, train_limit=64, certify=False, output_dir=str(tmp_path))
+    train(TrainConfig(**options, stop_after=1))
+    result = train(TrainConfig(**options, resume=str(tmp_path / "checkpoint.pt")))
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row, record in zip(rows, result["history"]):
+        for key in ("loss", "train_accuracy", "test_accuracy", "lr", "seconds"):
+            assert float(row[key]) == record[key]
