@@ -855,7 +855,8 @@ def _config_from_args(args):
     from lipkern.train import TrainConfig
 
     model_args = _model_args(args)
-    fields = ("model", "dataset", "data_root", "input_size", "fit", "train_limit", "epochs", "batch_size",
+    fields = ("model", "dataset", "data_root", "input_size", "fit", "train_limit", "val_split", "save_best",
+              "epochs", "batch_size",
               "lr", "optimizer", "momentum", "weight_decay", "schedule", "loss", "offset", "temperature",
               "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",
               "bound_iters", "bound_pairwise", "seed", "device", "threads", "output_dir", "resume",
@@ -950,6 +951,11 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--input-size", type=int, metavar="N", help="pad (or --fit resize) inputs to N x N")
     p.add_argument("--fit", choices=("pad", "resize"), default="pad", help="how --input-size is reached")
     p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N points only")
+    p.add_argument("--val-split", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of the training points (seeded by --seed) and log their accuracy "
+                        "every epoch (default 0: none; the per-epoch test accuracy is logged either way)")
+    p.add_argument("--save-best", action="store_true",
+                   help="with --val-split: keep best.pt, the checkpoint of the epoch with the best val accuracy")
     p.add_argument("--epochs", type=int, default=100, help="epochs in all (default 100)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")

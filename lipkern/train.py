@@ -45,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ class TrainConfig:
     input_size: int | None = None  # None: the dataset's size; larger: zero padding (fit), centered
     fit: str = "pad"  # 'pad' | 'resize' (see lipkern.data.fit_to_size)
     train_limit: int | None = None  # use the first N training points only
+    val_split: float = 0.0  # hold out this fraction of the training points (see split_validation) for val acc
+    save_best: bool = False  # with val_split: best.pt, the checkpoint of the epoch with the best val accuracy
     epochs: int = 100
     batch_size: int | None = None  # global batch (all ranks together)
     lr: float | None = None
@@ -188,6 +191,10 @@ def _validate(c: TrainConfig) -> None:
     positive_int("batch_size", c.batch_size)
     positive_int("bound_iters", c.bound_iters)
     positive_int("train_limit", c.train_limit, allow_none=True)
+    if not (isinstance(c.val_split, (int, float)) and 0 <= c.val_split < 1):
+        raise TrainError(f"val_split must be a fraction in [0, 1), got {c.val_split!r}")
+    if c.save_best and not c.val_split:
+        raise TrainError("save_best picks the epoch with the best validation accuracy: give val_split > 0 too")
     positive_int("certify_limit", c.certify_limit, allow_none=True)
     positive_int("input_size", c.input_size, allow_none=True)
     positive_int("stop_after", c.stop_after, allow_none=True)
@@ -436,8 +443,25 @@ def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> 
             f"with lipkern train --resume {checkpoint_path}")
 
 
-_RUN_FILES = ("checkpoint.pt", "results.json", "certified_accuracy.png", "metrics.csv")  # a run's own files
-_METRICS = ("epoch", "loss", "train_accuracy", "test_accuracy", "lr", "seconds")
+_RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "certified_accuracy.png", "metrics.csv")  # a run's
+_METRICS = ("epoch", "loss", "train_accuracy", "val_accuracy", "test_accuracy", "lr", "seconds")
+
+
+def _best_so_far(history: list) -> bool:
+    """The last epoch's val accuracy beats every earlier one (ties keep the earlier epoch)."""
+    return history[-1]["val_accuracy"] > max((r.get("val_accuracy", -1.0) for r in history[:-1]), default=-1.0)
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
+    """((x, y) to train on, (x, y) held out): the held-out points are the first round(fraction·N) of
+    ``torch.randperm(N)`` under ``torch.Generator().manual_seed(seed)``, both parts in their original order
+    (fraction 0: nothing held out)."""
+    count = round(fraction * len(y))
+    if count == 0:
+        return (x, y), (x[:0], y[:0])
+    held = torch.zeros(len(y), dtype=torch.bool)
+    held[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:count]] = True
+    return (x[~held], y[~held]), (x[held], y[held])
 
 
 def _write_metrics(path: Path, history: list) -> None:
@@ -445,12 +469,13 @@ def _write_metrics(path: Path, history: list) -> None:
     the checkpoint after each epoch."""
     import csv
 
+    columns = [key for key in _METRICS if key == "epoch" or key in history[0]]
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(_METRICS)
+        writer.writerow(columns)
         for epoch, record in enumerate(history, start=1):
-            writer.writerow([epoch, *(record[key] for key in _METRICS[1:])])
+            writer.writerow([epoch, *(record[key] for key in columns[1:])])
     os.replace(tmp, path)
 
 
@@ -491,6 +516,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
         raise TrainError(str(err)) from None
     if c.train_limit is not None:
         x_train, y_train = x_train[:c.train_limit], y_train[:c.train_limit]
+    (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, c.val_split, c.seed)
     x_train, x_test = _prepare(x_train, c), _prepare(x_test, c)
     num_classes = max(DATASET_CLASSES.get(c.dataset.lower(), 0), int(max(y_train.max(), y_test.max())) + 1)
     if c.batch_size % dist_state.world:
@@ -530,7 +556,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             bound.load_state_dict(state["bound"])
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))
         _log(dist_state, f"resumed from {c.resume} after epoch {start_epoch}")
-        stale = [name for name in _run_files(out_dir) if name not in ("checkpoint.pt", "metrics.csv")]
+        stale = [name for name in _run_files(out_dir) if name not in ("checkpoint.pt", "metrics.csv", "best.pt")]
         if stale and dist_state.rank == 0:  # they describe the checkpoint this run replaces
             for name in stale:
                 (out_dir / name).unlink()
@@ -548,6 +574,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
                      + (f", bound {c.bound_method} ({c.bound_iters} power-iteration steps per step)"
                         if bound is not None else ""))
     x_test_dev, y_test_dev = x_test.to(device), y_test.to(device)
+    x_val_dev, y_val_dev = x_val.to(device), y_val.to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     start = time.perf_counter()
     last_epoch = c.epochs if c.stop_after is None else min(c.epochs, c.stop_after)
@@ -557,16 +584,22 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             record = _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x_train, y_train, epoch,
                                   dist_state, device)
             _check_diverged(c, model, record, epoch, checkpoint_path, len(history))
+            if len(y_val):
+                record["val_accuracy"] = _accuracy(model, x_val_dev, y_val_dev)
             record["test_accuracy"] = _accuracy(model, x_test_dev, y_test_dev)
             history.append(record)
+            val = f"val acc {100 * record['val_accuracy']:.1f}%, " if len(y_val) else ""
             _log(dist_state, f"epoch {epoch + 1}/{c.epochs}: loss {record['loss']:.4f}, train acc "
-                             f"{100 * record['train_accuracy']:.1f}%, test acc "
+                             f"{100 * record['train_accuracy']:.1f}%, {val}test acc "
                              f"{100 * record['test_accuracy']:.1f}%, "
                              f"lr {record['lr']:.2e}, {record['seconds']:.1f} s")
             if dist_state.rank == 0:
                 _save_checkpoint(checkpoint_path, c, model_args, model, optimizer, scheduler, bound, epoch + 1,
                                  history)
                 _write_metrics(out_dir / "metrics.csv", history)
+                if c.save_best and _best_so_far(history):
+                    shutil.copyfile(checkpoint_path, out_dir / "best.pt")  # the epoch's checkpoint, as written
+                    _log(dist_state, f"best val acc so far: {out_dir / 'best.pt'} (epoch {epoch + 1})")
     except KeyboardInterrupt:
         raise TrainInterrupted(_interrupted_message(f"during epoch {epoch + 1}", checkpoint_path,
                                                     len(history))) from None
@@ -595,7 +628,7 @@ def _check_resumable(state: dict, c: TrainConfig, model_args: dict) -> None:
                          f"{c.model} {model_args}")
     old = state.get("config", {})
     for key in ("dataset", "batch_size", "loss", "optimizer", "schedule", "seed", "train_limit", "input_size",
-                "fit", "lr", "momentum", "weight_decay"):  # (the optimizer's and the schedule's state keep them)
+                "fit", "lr", "momentum", "weight_decay", "val_split"):  # (the optimizer's and the schedule's state keep them)
         if key in old and old[key] != getattr(c, key):
             raise TrainError(f"--resume: {key} was {old[key]!r} in the checkpoint, {getattr(c, key)!r} now")
     if "epochs" in old and old["epochs"] != c.epochs and c.schedule != "constant":

@@ -574,7 +574,7 @@ def test_runs_are_never_overwritten(tmp_path):
         assert (folder / "checkpoint.pt").is_file(), proc.stderr[-2000:]
     saved = (first / "checkpoint.pt").read_bytes()
     proc = train("--output-dir", "runs/convnet-xs-aol-digits")
-    assert proc.returncode == 2 and "holds an earlier run (checkpoint.pt)" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "holds an earlier run (checkpoint.pt, metrics.csv)" in proc.stderr, proc.stderr[-2000:]
     assert "--resume runs/convnet-xs-aol-digits/checkpoint.pt" in proc.stderr
     assert (first / "checkpoint.pt").read_bytes() == saved
     (tmp_path / "a_file").write_text("x")

@@ -296,3 +296,33 @@ def test_metrics_csv_has_one_row_per_epoch_across_a_resume(tmp_path):
     for row, record in zip(rows, result["history"]):
         for key in ("loss", "train_accuracy", "test_accuracy", "lr", "seconds"):
             assert float(row[key]) == record[key]
+
+
+def test_validation_split_and_best_checkpoint(tmp_path):
+    """val_split holds out round(f·N) training points (the documented seeded permutation), logs their accuracy
+    every epoch (metrics.csv too), and save_best keeps the checkpoint of the first epoch with the best one."""
+    import csv
+
+    from lipkern.data import load_dataset
+    from lipkern.train import split_validation
+
+    result = train(TrainConfig(**SMALL, epochs=3, batch_size=32, train_limit=128, val_split=0.25, save_best=True,
+                               schedule="constant", certify=False, output_dir=str(tmp_path)))
+    history = result["history"]
+    x, y = load_dataset("digits", split="train")
+    (x_fit, _), (x_val, y_val) = split_validation(x[:128], y[:128], 0.25, 0)
+    assert len(y_val) == 32 and len(x_fit) == 96
+    assert not any(bool((x_fit == v).flatten(1).all(1).any()) for v in x_val)  # disjoint (digits rows differ)
+    best = max(range(3), key=lambda e: (history[e]["val_accuracy"], -e))
+    state = load_checkpoint(tmp_path / "best.pt")
+    assert state["epoch"] == best + 1
+    model, _ = load_checkpoint_model(tmp_path / "best.pt")
+    with torch.no_grad():
+        accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
+    assert accuracy == pytest.approx(history[best]["val_accuracy"], abs=1e-9)
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        assert [float(r["val_accuracy"]) for r in csv.DictReader(fh)] == [r["val_accuracy"] for r in history]
+    with pytest.raises(TrainError, match="give val_split > 0"):
+        resolve_config(TrainConfig(save_best=True))
+    with pytest.raises(TrainError, match="val_split must be a fraction"):
+        resolve_config(TrainConfig(val_split=1.0))
