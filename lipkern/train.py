@@ -443,7 +443,8 @@ def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> 
             f"with lipkern train --resume {checkpoint_path}")
 
 
-_RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "certified_accuracy.png", "metrics.csv")  # a run's
+# The files a run writes in its folder (a folder holding any of them holds a run).
+_RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "certified_accuracy.png", "metrics.csv")
 _METRICS = ("epoch", "loss", "train_accuracy", "val_accuracy", "test_accuracy", "lr", "seconds")
 
 
