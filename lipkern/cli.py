@@ -852,7 +852,7 @@ Examples:
 
 
 def _config_from_args(args):
-    from lipkern.train import TrainConfig
+    from lipkern.train import SESSION_OPTIONS, TrainConfig
 
     model_args = _model_args(args)
     fields = ("model", "dataset", "data_root", "input_size", "fit", "train_limit", "val_split", "save_best",
@@ -868,9 +868,8 @@ def _config_from_args(args):
     values["model_args"] = model_args
     if args.resume:  # what the command line does not give comes from the checkpoint's run
         given = _given_options(args.argv, "train")
-        values.update({name: None for name in values if name not in given
-                       and name not in ("progress", "certify", "resume", "output_dir", "device", "threads",
-                                        "stop_after")})
+        values.update({name: None for name in values
+                       if name not in given and name not in SESSION_OPTIONS})
     return TrainConfig(**values)
 
 

@@ -405,7 +405,8 @@ def train(config: TrainConfig) -> dict:
 
 
 # Options of the run itself, not of what it trains: a resumed run never takes them from the checkpoint.
-_SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "certify", "source")
+SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "certify",
+                   "source")
 
 
 def _with_checkpoint_options(config: TrainConfig) -> TrainConfig:
@@ -414,7 +415,7 @@ def _with_checkpoint_options(config: TrainConfig) -> TrainConfig:
         return config
     old = load_checkpoint(config.resume).get("config", {})
     values = {f.name: old[f.name] for f in dataclasses.fields(config)
-              if getattr(config, f.name) is None and f.name not in _SESSION_OPTIONS and f.name in old}
+              if getattr(config, f.name) is None and f.name not in SESSION_OPTIONS and f.name in old}
     resumed = dataclasses.replace(config, **values)
     base = TrainConfig()  # what the checkpoint does not say: the defaults
     return dataclasses.replace(resumed, **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)

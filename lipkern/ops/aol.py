@@ -701,15 +701,15 @@ def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: b
     ``_FP32_GRAM_MAX_COST`` of some r_i or r̂ is not finite (one host read: CPU). Returns (rescaled weight, d,
     half-shift signs or None, the scheme that ran). Differentiable by autograd (the
     path torch.func transforms differentiate)."""
-    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
-    kk, acc = kh * kw, _acc_dtype(w4.dtype)
-    ran = "fp32" if scheme == "auto" else scheme
-    k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
     on_host = (w4.device.type == "cpu" and not (torch.is_grad_enabled() and w4.requires_grad)
                and not torch._C._are_functorch_transforms_active()
                and not torch.jit.is_tracing())  # (a jit trace records torch ops only; its sizes are tensors)
     if on_host and _cpu_kernels.available():
         return _forward_cpu_kernel(w4, groups, scheme, signs)
+    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
+    kk, acc = kh * kw, _acc_dtype(w4.dtype)
+    ran = "fp32" if scheme == "auto" else scheme
+    k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
     w = w4.to(torch.float64 if ran == "fp64" else acc).view(groups, out_g, in_g, kk)
     correlations = _correlations(w, kh, kw)
     r = _row_sums(correlations)
