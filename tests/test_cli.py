@@ -8,11 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks import report
 from lipkern import cli
+from lipkern.cli import bench as bench_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +50,7 @@ def _env():
 
 
 def test_ratios_are_provider_median_over_lipkern_median():
-    rows = {(r["case"], r["provider"]): r for r in cli.comparison_rows(RESULTS)}
+    rows = {(r["case"], r["provider"]): r for r in report.comparison_rows(RESULTS)}
     assert rows[("step", "lipkern")]["ratio"] is None
     assert rows[("step", "eager")]["ratio"] == pytest.approx(1.5)
     assert rows[("step", "plain")]["ratio"] == pytest.approx(0.5)
@@ -56,13 +59,13 @@ def test_ratios_are_provider_median_over_lipkern_median():
     assert rows[(long_case, "lipkern-power")]["ratio"] is None
     assert rows[(long_case, "an-unusually-long-provider-name")]["ratio"] == pytest.approx(0.25)
     # lipkern is listed first within its case.
-    assert [r["provider"] for r in cli.comparison_rows(RESULTS) if r["case"] == "step"][0] == "lipkern"
+    assert [r["provider"] for r in report.comparison_rows(RESULTS) if r["case"] == "step"][0] == "lipkern"
 
 
 def test_table_columns_aligned_with_long_names():
-    table = cli.format_table(RESULTS)
+    table = report.format_table(RESULTS)
     lines = table.splitlines()
-    assert all(len(line) <= cli.TABLE_WIDTH for line in lines), max(map(len, lines))
+    assert all(len(line) <= report.TABLE_WIDTH for line in lines), max(map(len, lines))
     blocks = [i for i, line in enumerate(lines) if line.startswith("[")]
     assert [lines[i] for i in blocks] == ["[a-much-longer-group-name-here]", "[model-train-step]"]
     for at, n_rows in zip(blocks, (2, 3)):
@@ -93,7 +96,7 @@ def test_cuda_event_timings_replace_the_synchronized_rounds():
     lipkern["extra_info"].update(median_s=1e-3, iqr_s=1e-4, event_rounds=500)
     eager["extra_info"].update(median_s=3e-3, iqr_s=1e-4, event_rounds=400)
     gpu = dict(RESULTS, benchmarks=[lipkern, eager])
-    rows = cli.comparison_rows(gpu)
+    rows = report.comparison_rows(gpu)
     assert [(r["median"], r["rounds"]) for r in rows] == [(1e-3, 500), (3e-3, 400)]
     assert rows[1]["ratio"] == pytest.approx(3.0)
 
@@ -101,46 +104,46 @@ def test_cuda_event_timings_replace_the_synchronized_rounds():
 def test_a_size_parameter_reads_as_key_value_pairs():
     bench = _bench("test_step[b64-lipkern]", "g", "lipkern", 1e-3)
     bench["params"]["size"] = {"batch": 64, "channels": 8}
-    assert cli._case_name(bench) == "step batch=64 channels=8"
+    assert report._case_name(bench) == "step batch=64 channels=8"
 
 
 def test_table_shortens_a_case_name_to_fit_and_writes_plain_json(tmp_path):
     long = dict(RESULTS, benchmarks=[_bench("test_" + "x" * 200 + "[lipkern]", "g", "lipkern", 1e-3),
                                      _bench("test_" + "x" * 200 + "[eager]", "g", "eager", 2e-3)])
-    lines = cli.format_table(long).splitlines()
-    assert all(len(line) <= cli.TABLE_WIDTH for line in lines) and any("…" in line for line in lines)
-    rows = json.loads(json.dumps(cli.comparison_json(long)))["rows"]
+    lines = report.format_table(long).splitlines()
+    assert all(len(line) <= report.TABLE_WIDTH for line in lines) and any("…" in line for line in lines)
+    rows = json.loads(json.dumps(report.comparison_json(long)))["rows"]
     assert [(r["provider"], r["ratio"]) for r in rows] == [("lipkern", None), ("eager", 2.0)]
 
 
 def test_bench_arguments_pass_through_to_pytest(tmp_path):
     args = cli.parse_args(["bench", "-k", "fwdbwd"])
     assert args.k == "fwdbwd" and args.pytest_args == []
-    cmd = cli.pytest_command(args, tmp_path / "out.json")
+    cmd = bench_command.pytest_command(args, tmp_path / "out.json")
     assert cmd[cmd.index("-k") + 1] == "fwdbwd"
-    assert str(cli.BENCHMARKS) in cmd
+    assert str(bench_command.BENCHMARKS) in cmd
 
     args = cli.parse_args(["bench", "--full", "-x", "--maxfail", "2", "--plot", "p.png", "--", "-k", "aol",
                            "-v"])
     assert args.full and args.plot == "p.png"
     assert args.pytest_args == ["-x", "--maxfail", "2", "-k", "aol", "-v"]
-    assert cli.pytest_command(args, tmp_path / "out.json")[-6:] == ["-x", "--maxfail", "2", "-k", "aol", "-v"]
+    assert bench_command.pytest_command(args, tmp_path / "out.json")[-6:] == ["-x", "--maxfail", "2", "-k", "aol", "-v"]
 
     # A file or node id replaces the default of the whole folder.
     args = cli.parse_args(["bench", "benchmarks/bench_aol.py::test_aol_rescale_forward"])
-    cmd = cli.pytest_command(args, tmp_path / "out.json")
-    assert str(cli.BENCHMARKS) not in cmd and "benchmarks/bench_aol.py::test_aol_rescale_forward" in cmd
+    cmd = bench_command.pytest_command(args, tmp_path / "out.json")
+    assert str(bench_command.BENCHMARKS) not in cmd and "benchmarks/bench_aol.py::test_aol_rescale_forward" in cmd
 
 
 def test_plot_written(tmp_path):
     pytest.importorskip("matplotlib")
-    path = cli.write_plot(RESULTS, tmp_path / "plots" / "ratios.png")
+    path = report.write_plot(RESULTS, tmp_path / "plots" / "ratios.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_without_matplotlib_fails_before_running(monkeypatch, capsys):
-    real_find_spec = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     assert cli.main(["bench", "--plot", "x.png"]) == 2
     assert "lipkern[plot]" in capsys.readouterr().err
@@ -360,8 +363,8 @@ def test_certify_plot_writes_png(tiny, capsys):
 
 def test_certify_plot_without_matplotlib_fails_before_running(tiny, monkeypatch, capsys):
     _, _, _, tmp_path = tiny
-    real_find_spec = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 1.0, "--plot", tmp_path / "x.png"), capsys)
     assert code == 2 and "lipkern[plot]" in err and out == ""
@@ -398,7 +401,7 @@ def test_certify_smoothing_says_early_how_long_it_will_take(tiny, capsys, monkey
     take, with the options that shorten it (a clock that advances 10 s per reading stands in for a slow run)."""
     model, x, y, tmp_path = tiny
     clock = iter(range(0, 10**6, 10))
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
     code, _, err = _run(_tiny_args(tmp_path, "--smoothing", "--sigma", 0.5, "--n0", 10, "--n", 20, "--limit", 12),
                         capsys)
     assert code == 0, err
@@ -678,7 +681,7 @@ def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
 
 def test_plot_title_wraps_instead_of_clipping():
     model = "convnet-xs-aol (checkpoint runs/" + "a-long-folder-name/" * 8 + "checkpoint.pt, epoch 30)"
-    title = cli.plot_title({"model": model, "mode": "lipschitz-margin", "num_points": 360})
+    title = cli.certify.plot_title({"model": model, "mode": "lipschitz-margin", "num_points": 360})
     lines = title.split("\n")
     assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
     assert "".join(title.split()) == "".join(f"{model} (lipschitz-margin, 360 points)".split())

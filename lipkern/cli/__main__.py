@@ -1,0 +1,5 @@
+import sys
+
+from lipkern.cli import main
+
+sys.exit(main())
