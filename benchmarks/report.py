@@ -1,5 +1,6 @@
-"""The comparison report of ``lipkern bench``: one row per (group, case, provider) with the ratio to lipkern, the
-table it prints, its plain JSON and the bar chart of the ratios (read from pytest-benchmark's JSON)."""
+"""The comparison report of ``lipkern bench``: one row per (group, case, provider) with the ratio to
+lipkern, the table it prints, its plain JSON and the bar chart of the ratios (read from pytest-benchmark's
+JSON)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from lipkern.cli._common import format_columns
 
 def _param_text(value) -> str:
-    """A parameter as the table shows it: dicts (a case's size) as key=value pairs without quotes or braces."""
+    """A parameter as the table shows it: dicts (a case's size) as key=value pairs, no quotes or braces."""
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items())
     return str(value)
@@ -43,8 +44,9 @@ def comparison_rows(results: dict) -> list[dict]:
     for bench in results.get("benchmarks", []):
         info = bench.get("extra_info", {})
         provider = info.get("provider") or (bench.get("params") or {}).get("provider") or "?"
-        cases.setdefault((bench.get("group") or "", _case_name(bench)), {})[provider] = {  # CUDA-event timings
-            "median": info.get("median_s", bench["stats"]["median"]),  # when the run had them
+        key = (bench.get("group") or "", _case_name(bench))
+        cases.setdefault(key, {})[provider] = {  # CUDA-event timings when the run had them
+            "median": info.get("median_s", bench["stats"]["median"]),
             "iqr": info.get("iqr_s", bench["stats"].get("iqr")),
             "rounds": info.get("event_rounds", info.get("rounds", bench["stats"].get("rounds"))),
             "peak": info.get("peak_bytes"),
@@ -79,8 +81,8 @@ def format_table(results: dict) -> str:
     if rows:
         show_peak = any(r["peak"] is not None for r in rows)
         show_accuracy = any(r["accuracy"] for r in rows)
-        header = ["case", "provider", "median ms", "IQR %", "rounds", "ratio"] + (["peak MiB"] if show_peak else []) \
-            + (["accuracy"] if show_accuracy else [])
+        header = ["case", "provider", "median ms", "IQR %", "rounds", "ratio"] \
+            + (["peak MiB"] if show_peak else []) + (["accuracy"] if show_accuracy else [])
         for group in dict.fromkeys(r["group"] for r in rows):
             body = []
             for r in (r for r in rows if r["group"] == group):
@@ -97,7 +99,8 @@ def format_table(results: dict) -> str:
                 row[0] = row[0] if len(row[0]) <= room else row[0][:room - 1] + "…"
             lines += ["", f"[{group}]", *format_columns(header, body, right=set(range(2, 7)))]
         lines += ["ratio = provider median / lipkern median (> 1: lipkern is faster)",
-                  "plain = no Lipschitz constraint at all (the limit); * = time-boxed (fewer rounds than asked)"]
+                  "plain = no Lipschitz constraint at all (the limit); "
+                  "* = time-boxed (fewer rounds than asked)"]
     else:
         lines.append("no benchmark case ran")
     skipped = results.get("skipped") or []

@@ -107,7 +107,9 @@ class TrainConfig:
     fit: str = "pad"  # 'pad' | 'resize' (see lipkern.data.fit_to_size)
     train_limit: int | None = None  # use the first N training points only
     val_split: float = 0.0  # hold out this fraction of the training points (see split_validation) for val acc
-    save_best: bool = False  # with val_split: best.pt, the checkpoint of the epoch with the best val accuracy
+    # With val_split, keep best.pt, the checkpoint of the epoch with the best 'val' accuracy or, with
+    # 'certified@EPS', the best certified accuracy of the val points at radius EPS (sound bound every epoch).
+    save_best: str | None = None
     epochs: int = 100
     batch_size: int | None = None  # global batch (all ranks together)
     lr: float | None = None
@@ -138,6 +140,7 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint path
     stop_after: int | None = None  # stop (checkpointed, not certified) after this many epochs of ``epochs``
     progress: bool = True
+    tensorboard: bool | None = None  # scalars per epoch in <output_dir>/tensorboard; None: when installed
     certify: bool = True
     eps: tuple = DEFAULT_EPS
     certify_method: str | None = None  # default: 'product' for 1-Lipschitz families, 'liplt' otherwise
@@ -173,6 +176,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if values["certify_method"] is None:
         one_lipschitz = families[config.model] in ("aol", "cpl", "spectral")
         values["certify_method"] = "product" if one_lipschitz else "liplt"
+    values["save_best"] = {True: "val", False: None}.get(values["save_best"], values["save_best"])  # older runs
     values["milestones"] = tuple(values["milestones"])
     values["eps"] = tuple(float(e) for e in values["eps"])
     resolved = TrainConfig(**values)
@@ -193,8 +197,11 @@ def _validate(c: TrainConfig) -> None:
     positive_int("train_limit", c.train_limit, allow_none=True)
     if not (isinstance(c.val_split, (int, float)) and 0 <= c.val_split < 1):
         raise TrainError(f"val_split must be a fraction in [0, 1), got {c.val_split!r}")
+    best_metric(c.save_best)
     if c.save_best and not c.val_split:
-        raise TrainError("save_best picks the epoch with the best validation accuracy: give val_split > 0 too")
+        raise TrainError("save_best picks the epoch with the best validation metric: give val_split > 0 too")
+    if c.tensorboard and not _tensorboard_installed():
+        raise TrainError("tensorboard=True needs the tensorboard package (pip install tensorboard)")
     positive_int("certify_limit", c.certify_limit, allow_none=True)
     positive_int("input_size", c.input_size, allow_none=True)
     positive_int("stop_after", c.stop_after, allow_none=True)
@@ -405,8 +412,8 @@ def train(config: TrainConfig) -> dict:
 
 
 # Options of the run itself, not of what it trains: a resumed run never takes them from the checkpoint.
-SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "certify",
-                   "source")
+SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "tensorboard",
+                   "certify", "source")
 
 
 def _with_checkpoint_options(config: TrainConfig) -> TrainConfig:
@@ -446,12 +453,78 @@ def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> 
 
 # The files a run writes in its folder (a folder holding any of them holds a run).
 _RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "certified_accuracy.png", "metrics.csv")
-_METRICS = ("epoch", "loss", "train_accuracy", "val_accuracy", "test_accuracy", "lr", "seconds")
+_METRICS = ("epoch", "loss", "train_accuracy", "val_accuracy", "val_certified_accuracy", "test_accuracy", "lr",
+            "seconds")
+BEST_METRICS = ("val", "certified@EPS")  # the forms of TrainConfig.save_best
 
 
-def _best_so_far(history: list) -> bool:
-    """The last epoch's val accuracy beats every earlier one (ties keep the earlier epoch)."""
-    return history[-1]["val_accuracy"] > max((r.get("val_accuracy", -1.0) for r in history[:-1]), default=-1.0)
+def best_metric(save_best: str | None) -> tuple[str, float | None] | None:
+    """save_best as (history key, eps): 'val' -> ('val_accuracy', None), 'certified@EPS' ->
+    ('val_certified_accuracy', EPS); None -> None. Anything else is a TrainError."""
+    if save_best is None:
+        return None
+    if save_best == "val":
+        return "val_accuracy", None
+    kind, _, value = str(save_best).partition("@")
+    try:
+        eps = float(value)
+    except ValueError:
+        eps = float("nan")
+    if kind != "certified" or not (math.isfinite(eps) and eps >= 0):
+        raise TrainError(f"save_best must be 'val' or 'certified@EPS' with a radius EPS >= 0 (e.g. "
+                         f"certified@0.141), got {save_best!r}")
+    return "val_certified_accuracy", eps
+
+
+def _best_so_far(history: list, key: str) -> bool:
+    """The last epoch's ``key`` beats every earlier one (ties keep the earlier epoch)."""
+    return history[-1][key] > max((r.get(key, -1.0) for r in history[:-1]), default=-1.0)
+
+
+def _certified_val_accuracy(c: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                            eps: float) -> float:
+    """Certified accuracy of (x, y) at radius eps under the run's final certificate (certify_method,
+    certify_pairwise, certify_float64: the sound bound and the margins of :func:`certify_model`)."""
+    from lipkern.bounds import lipschitz_bound
+    from lipkern.certify import certified_accuracy
+
+    was_training = model.training
+    model = certifiable(model)
+    try:
+        lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), method=c.certify_method,
+                                    pairwise=c.certify_pairwise, sound=True).detach().double().cpu()
+        result = certified_accuracy(model, (x, y), [eps], lipschitz=lipschitz, pairwise=c.certify_pairwise,
+                                    dtype=torch.float64 if c.certify_float64 else None)
+    except (TypeError, ValueError, NotImplementedError) as err:
+        raise TrainError(f"save_best {c.save_best!r}: no sound Lipschitz bound for this model "
+                         f"({c.certify_method}): {err}") from None
+    finally:
+        model.train(was_training)
+    return float(result.accuracy[0])
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _tensorboard_writer(c: TrainConfig, out_dir: Path, rank: int):
+    """A SummaryWriter on <out_dir>/tensorboard (rank 0, when tensorboard is on or, by default, installed)."""
+    wanted = c.tensorboard if c.tensorboard is not None else _tensorboard_installed()
+    if rank != 0 or not wanted:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _log_scalars(writer, record: dict) -> None:
+    """One TensorBoard scalar per number of the epoch's record (metrics.csv's columns), at step = epoch."""
+    for key in _METRICS[1:]:
+        if key in record:
+            writer.add_scalar(key, record[key], global_step=record["epoch"])
+    writer.flush()
 
 
 def split_validation(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
@@ -581,6 +654,8 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     start = time.perf_counter()
     last_epoch = c.epochs if c.stop_after is None else min(c.epochs, c.stop_after)
     epoch = start_epoch
+    best = best_metric(c.save_best)
+    writer = _tensorboard_writer(c, out_dir, dist_state.rank)
     try:
         for epoch in range(start_epoch, last_epoch):
             record = _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x_train, y_train, epoch,
@@ -588,9 +663,13 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             _check_diverged(c, model, record, epoch, checkpoint_path, len(history))
             if len(y_val):
                 record["val_accuracy"] = _accuracy(model, x_val_dev, y_val_dev)
+            if best is not None and best[1] is not None and dist_state.rank == 0:
+                record["val_certified_accuracy"] = _certified_val_accuracy(c, model, x_val, y_val, best[1])
             record["test_accuracy"] = _accuracy(model, x_test_dev, y_test_dev)
             history.append(record)
             val = f"val acc {100 * record['val_accuracy']:.1f}%, " if len(y_val) else ""
+            if "val_certified_accuracy" in record:
+                val += f"val certified acc at {best[1]:g} {100 * record['val_certified_accuracy']:.1f}%, "
             _log(dist_state, f"epoch {epoch + 1}/{c.epochs}: loss {record['loss']:.4f}, train acc "
                              f"{100 * record['train_accuracy']:.1f}%, {val}test acc "
                              f"{100 * record['test_accuracy']:.1f}%, "
@@ -599,12 +678,18 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
                 _save_checkpoint(checkpoint_path, c, model_args, model, optimizer, scheduler, bound, epoch + 1,
                                  history)
                 _write_metrics(out_dir / "metrics.csv", history)
-                if c.save_best and _best_so_far(history):
+                if writer is not None:
+                    _log_scalars(writer, record)
+                if best is not None and _best_so_far(history, best[0]):
                     shutil.copyfile(checkpoint_path, out_dir / "best.pt")  # the epoch's checkpoint, as written
-                    _log(dist_state, f"best val acc so far: {out_dir / 'best.pt'} (epoch {epoch + 1})")
+                    _log(dist_state, f"best {best[0].replace('_', ' ')} so far: {out_dir / 'best.pt'} "
+                                     f"(epoch {epoch + 1})")
     except KeyboardInterrupt:
         raise TrainInterrupted(_interrupted_message(f"during epoch {epoch + 1}", checkpoint_path,
                                                     len(history))) from None
+    finally:
+        if writer is not None:
+            writer.close()
     result = {"config": dataclasses.asdict(c), "history": history, "checkpoint": str(checkpoint_path),
               "train_seconds": time.perf_counter() - start, "model_args": model_args}
     if c.certify and dist_state.rank == 0 and last_epoch == c.epochs:

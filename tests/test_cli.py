@@ -662,6 +662,8 @@ def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     assert "needs root" in error(["--dataset", "mnist"])
     assert "could not build" in error(["--model-args", '{"width": 3}'])
     assert "--input-size 16" in error(["--model", "lmt", "--dataset", "digits", "--epochs", "1"])
+    assert "save_best must be 'val' or 'certified@EPS'" in error(["--val-split", "0.2", "--save-best", "acc"])
+    assert "give val_split > 0" in error(["--save-best", "certified@0.1"])
     if not torch.cuda.is_available():  # a CUDA device on this torch: a clear message, not an AssertionError
         assert "use --device cpu" in error(["--device", "cuda", "--epochs", "1"])
         code, _, err = _run(["--model", "TinyNet", "--device", "cuda", "--data", tmp_path / "none.pt"], capsys)
@@ -677,6 +679,20 @@ def test_train_errors(tmp_path, capsys, one_thread_torch_backend):
     code, _, err = _run(["--model", "ConvNet", "--state-dict", tmp_path / "ckpt.pt", "--dataset", "digits"],
                         capsys)
     assert code == 2 and "certify it with --checkpoint" in err
+
+
+def test_train_save_best_and_tensorboard_options():
+    """--save-best alone means the val accuracy, --save-best certified@EPS the certified one; --tensorboard /
+    --no-tensorboard override the default (on when installed)."""
+    from lipkern.cli.train import _config_from_args
+
+    def config(*argv):
+        return _config_from_args(cli.parse_args(["train", *argv]))
+
+    assert config("--val-split", "0.1", "--save-best").save_best == "val"
+    assert config("--save-best", "certified@0.141", "--epochs", "3").save_best == "certified@0.141"
+    assert config().save_best is None and config().tensorboard is None
+    assert config("--tensorboard").tensorboard is True and config("--no-tensorboard").tensorboard is False
 
 
 def test_plot_title_wraps_instead_of_clipping():

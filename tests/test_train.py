@@ -326,3 +326,100 @@ def test_validation_split_and_best_checkpoint(tmp_path):
         resolve_config(TrainConfig(save_best=True))
     with pytest.raises(TrainError, match="val_split must be a fraction"):
         resolve_config(TrainConfig(val_split=1.0))
+
+
+def test_best_checkpoint_by_certified_accuracy(tmp_path):
+    """save_best='certified@EPS' logs the val points' certified accuracy at EPS every epoch (metrics.csv too),
+    keeps best.pt at the first epoch with the best one, and equals what certify_model (the end-of-run
+    certificate) reports for best.pt; the per-epoch certification leaves training unchanged."""
+    import csv
+
+    from lipkern.data import load_dataset
+    from lipkern.train import certify_model, split_validation
+
+    options = dict(SMALL, epochs=3, batch_size=32, train_limit=128, val_split=0.25, schedule="constant",
+                   certify=False, certify_method="product", certify_pairwise=False)
+    result = train(TrainConfig(**options, save_best="certified@0.05", output_dir=str(tmp_path / "cert")))
+    history = result["history"]
+    assert all(0 <= r["val_certified_accuracy"] <= r["val_accuracy"] for r in history)
+    best = max(range(3), key=lambda e: (history[e]["val_certified_accuracy"], -e))
+    assert load_checkpoint(tmp_path / "cert" / "best.pt")["epoch"] == best + 1
+    x, y = load_dataset("digits", split="train")
+    _, (x_val, y_val) = split_validation(x[:128], y[:128], 0.25, 0)
+    model, _ = load_checkpoint_model(tmp_path / "cert" / "best.pt")
+    alone = certify_model(model, x_val, y_val, [0.05], method="product", pairwise=False, log=lambda *a: None)
+    assert alone["certified_accuracy"][0] == history[best]["val_certified_accuracy"]
+    with open(tmp_path / "cert" / "metrics.csv", newline="") as fh:
+        assert [float(r["val_certified_accuracy"]) for r in csv.DictReader(fh)] == [
+            r["val_certified_accuracy"] for r in history]
+
+    train(TrainConfig(**options, save_best="val", output_dir=str(tmp_path / "val")))
+    for key, value in _state(tmp_path / "cert" / "checkpoint.pt").items():
+        assert torch.equal(value, _state(tmp_path / "val" / "checkpoint.pt")[key]), key
+    for bad in ("certified", "certified@-1", "certified@nan", "test", "certified@x"):
+        with pytest.raises(TrainError, match="save_best must be 'val' or 'certified@EPS'"):
+            resolve_config(TrainConfig(val_split=0.2, save_best=bad))
+    assert resolve_config(TrainConfig(val_split=0.2, save_best=True)).save_best == "val"  # older checkpoints
+
+
+class _FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter where tensorboard is not installed."""
+    made = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag, value, global_step):
+        self.scalars.append((tag, value, global_step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_scalars_are_the_metrics(tmp_path, monkeypatch):
+    """With tensorboard installed (a recording writer here) a run logs metrics.csv's numbers, one scalar per
+    column and epoch, in <output_dir>/tensorboard, and closes the writer; tensorboard=False writes nothing;
+    tensorboard=True without the package is refused before any work."""
+    import csv
+    import sys
+    import types
+
+    import lipkern.train as train_module
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr(train_module, "_tensorboard_installed", lambda: True)
+    _FakeSummaryWriter.made.clear()
+    options = dict(SMALL, epochs=2, batch_size=32, train_limit=64, val_split=0.25, certify=False)
+    train(TrainConfig(**options, output_dir=str(tmp_path / "on")))
+    (writer,) = _FakeSummaryWriter.made
+    assert writer.log_dir == str(tmp_path / "on" / "tensorboard") and writer.closed
+    with open(tmp_path / "on" / "metrics.csv", newline="") as fh:
+        expected = sorted((key, float(value), int(row["epoch"])) for row in csv.DictReader(fh)
+                          for key, value in row.items() if key != "epoch")
+    assert sorted(writer.scalars) == expected and len(expected) == 2 * 6
+
+    train(TrainConfig(**options, tensorboard=False, output_dir=str(tmp_path / "off")))
+    assert len(_FakeSummaryWriter.made) == 1
+    monkeypatch.setattr(train_module, "_tensorboard_installed", lambda: False)
+    with pytest.raises(TrainError, match="pip install tensorboard"):
+        train(TrainConfig(**options, tensorboard=True, output_dir=str(tmp_path / "missing")))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_tensorboard_event_files_when_installed(tmp_path):
+    """The real writer, where tensorboard is installed: the event file holds the run's test accuracy."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(TrainConfig(**SMALL, epochs=2, batch_size=32, train_limit=64, certify=False,
+                               output_dir=str(tmp_path)))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    assert logged == [(r["epoch"], pytest.approx(r["test_accuracy"], rel=1e-6)) for r in result["history"]]

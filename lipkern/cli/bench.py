@@ -1,5 +1,5 @@
-"""``lipkern bench``: run the benchmark suite (benchmarks/, pytest-benchmark) on whatever device is present and
-print the comparison table (its code lives next to the benchmarks, in benchmarks/report.py)."""
+"""``lipkern bench``: run the benchmark suite (benchmarks/, pytest-benchmark) on whatever device is present
+and print the comparison table (its code lives next to the benchmarks, in benchmarks/report.py)."""
 
 from __future__ import annotations
 

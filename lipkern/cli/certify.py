@@ -87,8 +87,8 @@ def _load_state_dict(path: str):
 
     state = read_torch_file(path, f"--state-dict {path}", CertifyError)
     if isinstance(state, dict) and str(state.get("format")).startswith("lipkern-train"):
-        raise CertifyError(f"--state-dict {path} is a checkpoint of lipkern train: certify it with --checkpoint "
-                           f"{path} (the model is rebuilt from it)")
+        raise CertifyError(f"--state-dict {path} is a checkpoint of lipkern train: certify it with "
+                           f"--checkpoint {path} (the model is rebuilt from it)")
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CertifyError(f"--state-dict {path} does not hold a state_dict (a dict of parameter names to "
                            f"tensors, as model.state_dict() returns); got {type(state).__name__}")
@@ -331,7 +331,8 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
                                               seed=args.seed + i)
         seconds.append(time.perf_counter() - start)
         if len(seconds) == 1 and seconds[0] * len(indices) > 60:  # say so up front, not after half an hour
-            print(f"smoothing: the first point took {seconds[0]:.1f} s: about {seconds[0] * len(indices) / 60:.0f} "
+            minutes = seconds[0] * len(indices) / 60
+            print(f"smoothing: the first point took {seconds[0]:.1f} s: about {minutes:.0f} "
                   f"min for all {len(indices)} (fewer draws: --n; fewer points: --skip K or --limit N)",
                   file=sys.stderr)
         predictions.append(int(prediction))
@@ -357,8 +358,8 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
 def format_certify_table(result: dict, command: str = "certify") -> str:
     """The report: what was certified and how, then one row per eps (certified accuracy and count)."""
     n = result["num_points"]
-    lines = [f"lipkern {command}: {result.get('model', '?')} on {result.get('data', '?')} ({n} points, device "
-             f"{result.get('device', '?')})"]
+    lines = [f"lipkern {command}: {result.get('model', '?')} on {result.get('data', '?')} ({n} points, "
+             f"device {result.get('device', '?')})"]
     if result["mode"] == "lipschitz-margin":
         lip = result["lipschitz"]
         value = lip["value"]
@@ -442,7 +443,8 @@ def _certificate_defaults(args) -> None:
     """--method / --pairwise / --float64 / --eps not given: a checkpoint's own certification settings (so that
     lipkern certify reproduces lipkern train's table), else liplt, global, float32 logits."""
     config = (getattr(args, "checkpoint_state", None) or {}).get("config", {})
-    defaults = {"method": config.get("certify_method", "liplt"), "pairwise": config.get("certify_pairwise", False),
+    defaults = {"method": config.get("certify_method", "liplt"),
+                "pairwise": config.get("certify_pairwise", False),
                 "float64": config.get("certify_float64", False) and not args.smoothing,
                 "eps": list(config.get("eps", DEFAULT_EPS))}
     for name, value in defaults.items():
@@ -530,14 +532,14 @@ def add_parser(sub) -> None:
                    help="l2 radii of the table (default: with --checkpoint its training run's, else 0 36/255 "
                         "72/255 108/255 0.5 1)")
     p.add_argument("--method", choices=("liplt", "product"),
-                   help="whole-network bound of lipkern.bounds.lipschitz_bound (default: with --checkpoint the "
-                        "one its training run certified with, else liplt)")
+                   help="whole-network bound of lipkern.bounds.lipschitz_bound (default: with --checkpoint "
+                        "the one its training run certified with, else liplt)")
     p.add_argument("--pairwise", action=argparse.BooleanOptionalAction,
                    help="pairwise constants L_ab of the logit differences (default: with --checkpoint as its "
                         "training run certified, else off)")
     p.add_argument("--float64", action=argparse.BooleanOptionalAction,
-                   help="Lipschitz margin: evaluate a float64 copy of the model, logit rounding ~1e-15 (default: "
-                        "with --checkpoint as its training run certified, else off)")
+                   help="Lipschitz margin: evaluate a float64 copy of the model, logit rounding ~1e-15 "
+                        "(default: with --checkpoint as its training run certified, else off)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (torch.set_num_threads; on "
                    "a busy machine 1 can be much faster than the default)")
     p.add_argument("--lipschitz", type=float, metavar="L",

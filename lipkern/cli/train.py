@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from lipkern.cli.certify import DEFAULT_EPS, CertifyError, _model_args, format_certify_table, write_certify_plot
+from lipkern.cli.certify import (DEFAULT_EPS, CertifyError, _model_args, format_certify_table,
+                                 write_certify_plot)
 
 TRAIN_HELP = """\
 Train a reference network with its paper's recipe, checkpoint every epoch, and certify it on the test split.
@@ -42,7 +43,7 @@ def _config_from_args(args):
               "lr", "optimizer", "momentum", "weight_decay", "schedule", "loss", "offset", "temperature",
               "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",
               "bound_iters", "bound_pairwise", "seed", "device", "threads", "output_dir", "resume",
-              "stop_after", "eps",
+              "stop_after", "tensorboard", "eps",
               "certify_method", "certify_pairwise", "certify_limit", "certify_float64")
     values = {name: getattr(args, name) for name in fields}
     values["progress"] = not args.no_progress
@@ -103,7 +104,8 @@ def run(args) -> int:
 
 
 def model_recipes_help() -> str:
-    """The --model names by family, with each family's recipe (what a run uses unless an option overrides it)."""
+    """The --model names by family, with each family's recipe (what a run uses unless an option overrides
+    it)."""
     from lipkern.models import MODEL_FAMILIES
     from lipkern.train import RECIPES
 
@@ -135,10 +137,13 @@ def add_parser(sub) -> None:
     p.add_argument("--fit", choices=("pad", "resize"), default="pad", help="how --input-size is reached")
     p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N points only")
     p.add_argument("--val-split", type=float, default=0.0, metavar="F",
-                   help="hold out this fraction of the training points (seeded by --seed) and log their accuracy "
-                        "every epoch (default 0: none; the per-epoch test accuracy is logged either way)")
-    p.add_argument("--save-best", action="store_true",
-                   help="with --val-split: keep best.pt, the checkpoint of the epoch with the best val accuracy")
+                   help="hold out this fraction of the training points (seeded by --seed) and log their "
+                        "accuracy every epoch (default 0: none; the per-epoch test accuracy is logged either "
+                        "way)")
+    p.add_argument("--save-best", nargs="?", const="val", metavar="METRIC",
+                   help="with --val-split: keep best.pt, the checkpoint of the epoch with the best METRIC: "
+                        "'val' (the default: val accuracy) or 'certified@EPS' (the val points' certified "
+                        "accuracy at radius EPS, from the sound bound of --certify-method every epoch)")
     p.add_argument("--epochs", type=int, default=100, help="epochs in all (default 100)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
@@ -166,13 +171,17 @@ def add_parser(sub) -> None:
                    "a busy machine 1 can be much faster than the default)")
     p.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, results.json and the plot go here "
                    "(default: the --resume checkpoint's folder, else runs/<model>-<dataset>, or -2, -3, ... "
-                   "when an earlier run is there); a folder holding an earlier run is refused, not overwritten")
+                   "when an earlier run is there); a folder holding an earlier run is refused, not "
+                   "overwritten")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint: every option "
                    "not given here is the checkpoint run's (an option given that contradicts it is refused)")
     p.add_argument("--stop-after", type=int, metavar="E",
                    help="stop after epoch E of --epochs (checkpointed; "
                    "continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="per-epoch scalars (metrics.csv's columns) in <output-dir>/tensorboard (default: on "
+                        "when the tensorboard package is installed)")
     p.add_argument("--no-certify", action="store_true", help="skip the certification at the end")
     p.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS), metavar="EPS",
                    help="l2 radii of the table (default: 0 36/255 72/255 108/255 0.5 1)")
