@@ -1,4 +1,4 @@
-"""LipLT bound step (CRM training): one ``LipschitzBound.forward`` with n_iter = 5 on LipLTNet("6C2F") at 32×32
+"""LipLT bound step (CRM training): one ``LipschitzEstimate.forward`` with n_iter = 5 on LipLTNet("6C2F") at 32×32
 (K = 8 maps: 6 convs + 2 dense, 36 sub-chains), forward alone and forward + backward, against the eager
 formulation of CRM-LipLT: one power-iteration loop per sub-chain product (through the real conv / conv-transpose
 ops), then σ_jk = ‖A_k⋯A_j u_jk‖ per chain, differentiable, and the same recursion.
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICE
-from lipkern.bounds import LipschitzBound
+from lipkern.bounds import LipschitzEstimate
 from lipkern.bounds.network import _coefficients, build_plan
 from lipkern.models import LipLTNet
 from lipkern.ops.chain_power_iteration import initial_chain_vectors
@@ -89,7 +89,7 @@ def _model():
 def _step(provider: str):
     model = _model()
     if provider == "lipkern":
-        bound = LipschitzBound(model, INPUT, n_iter=N_ITER).to(DEVICE)
+        bound = LipschitzEstimate(model, INPUT, n_iter=N_ITER).to(DEVICE)
         return bound
     eager = EagerLipLT(model, N_ITER)
     return torch.compile(eager.__call__) if provider == "compile" else eager

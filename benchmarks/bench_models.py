@@ -10,9 +10,9 @@ settings. Group: models-train-step. Providers: lipkern, eager, plain.
   conv2d / conv_transpose2d (the CPL / LMT reference codes' loop, one layer at a time); plain = nn.Conv2d.
 - aol-s: eager / plain = ``benchmarks.bench_aol.swap_aol_layers`` (the eager rescale in every layer).
 - cpl-s: as the ConvNet CPL case (bench_cpl.py times lipkern against eager for CPL-S; plain is added here).
-- liplt-6c2f (CRM step): the LipLT bound by ``LipschitzBound(n_iter=5)`` vs ``bench_liplt.EagerLipLT`` (one
+- liplt-6c2f (CRM step): the LipLT bound by ``LipschitzEstimate(n_iter=5)`` vs ``bench_liplt.EagerLipLT`` (one
   loop per sub-chain), CRMLoss on top; plain = cross-entropy alone (no bound).
-- lmt (LMT step): the product-of-norms bound by ``LipschitzBound(method="product", n_iter=1)`` vs one eager
+- lmt (LMT step): the product-of-norms bound by ``LipschitzEstimate(method="product", n_iter=1)`` vs one eager
   power-iteration step per layer; LMTLoss on top; plain = cross-entropy alone.
 - spectral peers (test_spectral_network_peers_train_step): the Spectral ConvNet with lipkern's layers against
   torch.nn.utils.parametrizations.spectral_norm and deel-torchlip (when installed).
@@ -33,7 +33,7 @@ from torch import nn
 import lipkern
 from benchmarks.bench_aol import swap_aol_layers
 from benchmarks.conftest import DEVICE, ON_GPU
-from lipkern.bounds import LipschitzBound
+from lipkern.bounds import LipschitzEstimate
 from lipkern.bounds.network import build_plan
 from lipkern.losses import CRMLoss, LMTLoss, OffsetCrossEntropy
 from lipkern.models import build_model, use_eager_cpl
@@ -244,7 +244,7 @@ def _certified_step(name: str, provider: str):
         return model, nn.CrossEntropyLoss(), None, shape
     if name == "lmt":
         loss = LMTLoss(0.1)
-        bound = (LipschitzBound(model, shape, method="product", n_iter=1).to(DEVICE) if provider == "lipkern"
+        bound = (LipschitzEstimate(model, shape, method="product", n_iter=1).to(DEVICE) if provider == "lipkern"
                  else EagerProductBound(model, shape))
         return model, loss, bound, shape
     crm = CRMLoss(5.0, 15.0, 0.2, 0)
@@ -253,7 +253,7 @@ def _certified_step(name: str, provider: str):
         return crm(logits, y, lipschitz, 1)
 
     if provider == "lipkern":
-        bound = LipschitzBound(model, shape, n_iter=5).to(DEVICE)
+        bound = LipschitzEstimate(model, shape, n_iter=5).to(DEVICE)
     else:
         import benchmarks.bench_liplt as bl
 

@@ -6,7 +6,7 @@ need the network's Lipschitz constant take it as a forward argument: a 0-dim ten
 ≤ L‖x − x'‖₂) or, ``pairwise=True``, a (C, C) tensor whose entry L[a, b] bounds the Lipschitz constant of the
 logit difference f_a − f_b (zero diagonal; a global L gives the pairwise matrix √2·L off the diagonal).
 Gradients flow into the Lipschitz tensor, so the loss also pushes the constant down (use the differentiable
-estimate of ``lipkern.bounds.LipschitzBound`` in training, a sound bound only to certify).
+estimate of ``lipkern.bounds.LipschitzEstimate`` in training, a sound bound only to certify).
 
 No forward reads a tensor value on the host (no ``.item()``, no ``bool(tensor)``): a training step stays free
 of host synchronizations. Targets out of range are reported by the indexing kernel itself (a ``ValueError`` on

@@ -12,7 +12,7 @@ model's family (:data:`lipkern.models.MODEL_FAMILIES`), see :data:`RECIPES`:
   momentum 0.9 with PyTorch's OneCycleLR, batch 256; the paper random-searches lr in 10^[−4, −1] and weight
   decay in 10^[−5.5, −3.5]: the defaults 0.01 and 1e-4 lie in that range (a choice, not the paper's number);
 - liplt (Fazlyab et al. 2023, §1): CRM loss (t = 5, λ = 15, r₀ = 0.2, robust term from epoch 10) with the
-  differentiable LipLT bound :class:`lipkern.bounds.LipschitzBound` (5 power-iteration steps per training
+  differentiable LipLT bound :class:`lipkern.bounds.LipschitzEstimate` (5 power-iteration steps per training
   step), Adam (eps 1e-7) lr 1e-3 decayed exponentially to 1e-6 at the end ("exponentialWithStopping"),
   batch 512;
 - lmt (Tsuzuku et al. 2018, §6): LMT loss with c ramped linearly from 1e-5 to 0.1 over the first 5 epochs,
@@ -492,7 +492,7 @@ def _certified_val_accuracy(c: TrainConfig, model: nn.Module, x: torch.Tensor, y
     model = certifiable(model)
     try:
         lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), method=c.certify_method,
-                                    pairwise=c.certify_pairwise, sound=True).detach().double().cpu()
+                                    pairwise=c.certify_pairwise).detach().double().cpu()
         result = certified_accuracy(model, (x, y), [eps], lipschitz=lipschitz, pairwise=c.certify_pairwise,
                                     dtype=torch.float64 if c.certify_float64 else None)
     except (TypeError, ValueError, NotImplementedError) as err:
@@ -607,10 +607,10 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     input_shape = tuple(x_train.shape[1:])
     bound = None
     if c.loss in ("crm", "lmt"):
-        from lipkern.bounds import LipschitzBound
+        from lipkern.bounds import LipschitzEstimate
 
         try:
-            bound = LipschitzBound(model, input_shape, method=c.bound_method, pairwise=c.bound_pairwise,
+            bound = LipschitzEstimate(model, input_shape, method=c.bound_method, pairwise=c.bound_pairwise,
                                    n_iter=c.bound_iters).to(device)
         except (TypeError, ValueError, NotImplementedError) as err:
             raise TrainError(f"loss {c.loss!r} needs a Lipschitz bound of {c.model!r}: {err}") from None
@@ -804,7 +804,7 @@ def certifiable(model: nn.Module) -> nn.Module:
 def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, method: str = "liplt",
                   pairwise: bool = True, float64: bool = True, log=print) -> dict:
     """Certified accuracy of ``model`` on (x, y) from the sound bound ``lipschitz_bound(model, x.shape[1:],
-    method, pairwise, sound=True)`` (float64, rounding included), timed; the margins come from a float64 copy
+    method, pairwise)`` (float64, rounding included), timed; the margins come from a float64 copy
     of the model when ``float64`` (then the logits' own rounding, about 1e-15 relative, is negligible next to
     the radii). The result has the keys of ``lipkern certify``'s JSON (so the CLI prints the same table and
     plot)."""
@@ -816,7 +816,7 @@ def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, me
     log(f"certify: sound {method} bound ({'pairwise' if pairwise else 'global'}) on inputs "
         f"{tuple(x.shape[1:])} ...")
     try:
-        lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), method=method, pairwise=pairwise, sound=True)
+        lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), method=method, pairwise=pairwise)
     except (TypeError, ValueError, NotImplementedError) as err:
         raise TrainError(f"no sound Lipschitz bound for this model ({method}): {err}") from None
     bound_seconds = time.perf_counter() - start

@@ -329,7 +329,7 @@ def test_certify_sound_bound_matches_direct_call(tiny, capsys, pairwise, method)
     code, out, err = _run(_tiny_args(tmp_path, *extra), capsys)
     assert code == 0, err
     result = json.loads(out_json.read_text())
-    bound = bounds.lipschitz_bound(model, (2, 3, 2), method=method, pairwise=pairwise, sound=True)
+    bound = bounds.lipschitz_bound(model, (2, 3, 2), method=method, pairwise=pairwise)
     direct = certify.certified_accuracy(model, (x[:20], y[:20]), EPS, lipschitz=bound, pairwise=pairwise)
     assert result["certified_accuracy"] == pytest.approx(direct.accuracy.tolist(), abs=0)
     assert result["num_points"] == 20
@@ -549,7 +549,7 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"])
     model.eval()
     x, y = load_dataset("digits", split="test")
-    bound = lipschitz_bound(model, (1, 8, 8), method="product", pairwise=True, sound=True)
+    bound = lipschitz_bound(model, (1, 8, 8), method="product", pairwise=True)
     direct = certify.certified_accuracy(model, (x[:60], y[:60]), [0, 0.05], lipschitz=bound, pairwise=True,
                                         dtype=torch.float64)
     assert certified["clean_count"] == int(direct.correct.sum())

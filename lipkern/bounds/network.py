@@ -13,7 +13,7 @@
   (0, 1), Tanh (0, 1), Sigmoid (0, ¼), Softplus (0, 1), ELU(a) (0, max(1, a)), or user-declared
   (``activation_slopes={type or module: (α, β)}``);
 - opaque blocks with a known constant: MaxMin (1), ``nn.PixelShuffle`` (1, a permutation), nn.MaxPool2d
-  (√(windows covering a pixel), LMT, papers.md §6), CPL layers (1: with sound=True only certified layers in
+  (√(windows covering a pixel), LMT, papers.md §6), CPL layers (1: for the bound only certified layers in
   eval mode, whose step size is proven), ``Residual(branch, skip)`` (L(skip) + L(branch), each bounded the
   same way), and any module given in ``lipschitz_constants={module or type: L}`` (THE USER'S RESPONSIBILITY);
 - reshapes (free): nn.Flatten, nn.Unflatten, nn.Identity.
@@ -38,7 +38,7 @@ network is replaced by (e_a − e_b)ᵀA_{K−1}; the chain norms ending there c
 :func:`lipkern.bounds.chain.head_chain_norms` (exact, C×C Grams), clamped by √2·‖A_{K−1}⋯A_j‖; everything
 before the last segment multiplies. So L_ab ≤ √2·L and L_ab ≤ L_a + L_b.
 
-**sound=True** (:func:`lipschitz_bound`): float64, every sub-chain norm from
+**The bound** (:func:`lipschitz_bound`, always sound): float64, every sub-chain norm from
 :func:`lipkern.bounds.chain.chain_upper_bounds` (guaranteed), the chains ending at the logits also from
 ``head_chain_norms(sound=True)`` (the smaller of both), every operation of the recursion rounded upward
 (``torch.nextafter`` after each IEEE operation), the slope coefficients exact rationals rounded up: a
@@ -48,13 +48,15 @@ float64 and rounded up). It requires the model's function to be fixed: BatchNorm
 mode, CPL layers certified and in eval mode. Caveat: BatchNorm's γ/√(var+ε) and Normalize's 1/std are the
 float64 values of these scales (relative error ≤ 2⁻⁵² per channel against the exact ones, not propagated).
 Every intermediate is rounded upward (nextafter), underflow included.
-**sound=False** (:class:`LipschitzBound`): the chain norms are power-iteration ESTIMATES (from below),
+**The estimate** (:func:`lipschitz_estimate`, :class:`LipschitzEstimate`, for training): the chain
+norms are power-iteration ESTIMATES (from below),
 differentiable in the weights; no host synchronization.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable
@@ -68,7 +70,7 @@ from lipkern.bounds.operators import LinearMap
 from lipkern.ops.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
 from lipkern.ops.conv_power_iteration import conv_operator
 
-__all__ = ["LipschitzBound", "lipschitz_bound"]
+__all__ = ["LipschitzBound", "LipschitzEstimate", "lipschitz_bound", "lipschitz_estimate"]
 
 METHODS = ("liplt", "product")
 _HEAD_LIMIT = 256  # the exact head norms (C passes through the segment) for logits up to this many classes
@@ -298,7 +300,7 @@ class _Parser:
         name = self.name(module)
         if computes_forward_of(module, LN.CPLConv2d, LN.CPLLinear):
             if self.sound and (not module.certified or module.training):
-                raise ValueError(f"lipschitz_bound(sound=True): {name} is 1-Lipschitz with proof only with "
+                raise ValueError(f"lipschitz_bound: {name} is 1-Lipschitz with proof only with "
                                  "certified=True and in eval mode (its step size uses a guaranteed norm bound)")
             return [_Constant(1.0, name)], self.run(module, shape)
         if computes_forward_of(module, LN.PlainCPLConv2d, LN.PlainCPLLinear):
@@ -370,7 +372,7 @@ class _Parser:
 
     def spectral(self, module, shape):
         if self.sound and module.training:
-            raise ValueError(f"lipschitz_bound(sound=True): {self.name(module)} is in training mode, where its "
+            raise ValueError(f"lipschitz_bound: {self.name(module)} is in training mode, where its "
                              "divisor changes every step: call model.eval()")
 
         def weight_fn(precise):
@@ -404,7 +406,7 @@ class _Parser:
             raise ValueError(f"lipschitz_bound: {self.name(module)} has no running statistics "
                              "(track_running_stats=False): it is not a fixed linear map")
         if self.sound and module.training:
-            raise ValueError(f"lipschitz_bound(sound=True): {self.name(module)} is in training mode (batch "
+            raise ValueError(f"lipschitz_bound: {self.name(module)} is in training mode (batch "
                              "statistics): call model.eval(); the bound is for the running statistics")
 
         def weight_fn(precise):
@@ -550,7 +552,7 @@ def build_plan(model: nn.Module, input_shape, method: str = "liplt", pairwise: b
     if not isinstance(model, nn.Module):
         raise TypeError(f"lipschitz_bound: model must be an nn.Module, got {type(model).__name__}")
     if sound and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise ValueError("lipschitz_bound(sound=True): the model is on the meta device (shapes only): a bound "
+        raise ValueError("lipschitz_bound: the model is on the meta device (shapes only): a bound "
                          "needs values")
     try:
         shape = as_shape(input_shape, "input_shape", minimum=0)
@@ -701,8 +703,9 @@ def _sound_bound(plan: _Plan, pairwise: bool, chain_options: dict) -> torch.Tens
 # ----------------------------------------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------------------------------------
-class LipschitzBound(nn.Module):
-    """Differentiable ESTIMATE of a model's Lipschitz constant (LipLT or product of norms), for training.
+class LipschitzEstimate(nn.Module):
+    """Differentiable ESTIMATE of a model's Lipschitz constant (LipLT or product of norms), for training: NOT a
+    bound (a certificate needs :func:`lipschitz_bound`).
 
     model: see the module docstring (parsed once, on inputs of ``input_shape`` without the batch dim; the
     model is NOT registered as a submodule: its parameters stay the model's own, this module holds only the
@@ -712,7 +715,7 @@ class LipschitzBound(nn.Module):
     maps), then returns σ_jk = ‖A_k⋯A_j u_jk‖ (u detached; gradient to the weights) combined by the
     recursion: a 0-dim tensor, or with ``pairwise=True`` a (C, C) tensor of L_ab (zero diagonal; the chains
     ending at the logits exactly from ``head_chain_norms``). An estimate from below of the bound (power
-    iteration converges from below): use :func:`lipschitz_bound` with ``sound=True`` for a certificate.
+    iteration converges from below): use :func:`lipschitz_bound` for a certificate.
     No host synchronization. Options: ``activation_slopes``, ``lipschitz_constants`` (see the module docstring).
     """
 
@@ -720,7 +723,7 @@ class LipschitzBound(nn.Module):
                  n_iter: int = 5, *, activation_slopes=None, lipschitz_constants=None):
         super().__init__()
         if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-            raise ValueError(f"LipschitzBound: n_iter must be an int >= 1, got {n_iter!r}")
+            raise ValueError(f"{type(self).__name__}: n_iter must be an int >= 1, got {n_iter!r}")
         self._plan = build_plan(model, input_shape, method, pairwise, False, activation_slopes,
                                 lipschitz_constants)
         object.__setattr__(self, "_model", model)  # a plain reference: not a submodule, not in state_dict
@@ -751,8 +754,8 @@ class LipschitzBound(nn.Module):
     def forward(self) -> torch.Tensor:
         layers = tuple(self._model.modules())
         if len(layers) != len(self._parsed_layers) or any(a is not b for a, b in zip(layers, self._parsed_layers)):
-            raise ValueError("LipschitzBound: the model's layers changed after this estimate was built (a replaced "
-                             "or added submodule): build a new LipschitzBound for the model as it is now")
+            raise ValueError(f"{type(self).__name__}: the model's layers changed after this estimate was built (a "
+                             f"replaced or added submodule): build a new one for the model as it is now")
         dtype, device = self._dtype, self._device
         if self._plan.segments:
             dtype, device = self.u_0_0.dtype, self.u_0_0.device
@@ -778,25 +781,48 @@ class LipschitzBound(nn.Module):
                 f"{self.input_shape}, segment lengths={sizes}")
 
 
-def lipschitz_bound(model: nn.Module, input_shape, method: str = "liplt", pairwise: bool = False,
-                    sound: bool = False, *, n_iter: int = 100, activation_slopes=None,
-                    lipschitz_constants=None, dense_limit: int | None = None) -> torch.Tensor:
-    """The Lipschitz constant (ℓ₂) of ``model`` on inputs of ``input_shape`` (one input, no batch dim).
+class LipschitzBound(LipschitzEstimate):
+    """Deprecated name of :class:`LipschitzEstimate` (it is an estimate from below, not a bound)."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("lipkern.bounds.LipschitzBound is renamed LipschitzEstimate: it is a differentiable "
+                      "estimate from below, not a bound (lipschitz_bound gives the guaranteed upper bound)",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+
+def lipschitz_bound(model: nn.Module, input_shape, method: str = "liplt", pairwise: bool = False, *,
+                    activation_slopes=None, lipschitz_constants=None, dense_limit: int | None = None,
+                    sound: bool | None = None) -> torch.Tensor:
+    """A GUARANTEED upper bound (float64) of the Lipschitz constant (ℓ₂) of ``model`` on inputs of
+    ``input_shape`` (one input, no batch dim): the real-arithmetic network with the weights it applies, every
+    floating-point operation of the bound itself rounded upward (module docstring: what is covered and
+    required). For the differentiable training estimate use :func:`lipschitz_estimate`.
 
     method: "liplt" (loop transformation, papers.md §1, generalized to [α, β] slopes; always ≤ "product") or
     "product" (∏ of the layers' norms and constants). pairwise=True: a (C, C) tensor of L_ab, the Lipschitz
     constants of the logit differences f_a − f_b (zero diagonal), else a 0-dim tensor.
-    sound=True: a float64 GUARANTEED upper bound (module docstring: what is covered and required).
-    ``dense_limit`` (sound only) is passed to :func:`lipkern.bounds.chain.chain_upper_bounds`: sub-chains whose
-    explicit matrix has more entries get only products of shorter chains' bounds (sound, looser: on
-    LipLTNet("6C2F") at 32×32 with the default, 2.5× the converged estimate); raise it for tighter bounds at
-    the cost of memory and time.
-    sound=False: a fresh :class:`LipschitzBound` run for ``n_iter`` power-iteration steps: a differentiable
-    estimate (from below the sound value, converging to the exact-norm value).
+    ``dense_limit`` is passed to :func:`lipkern.bounds.chain.chain_upper_bounds`: sub-chains whose explicit
+    matrix has more entries get only products of shorter chains' bounds (sound, looser: on LipLTNet("6C2F") at
+    32×32 with the default, 2.5× the converged estimate); raise it for tighter bounds at the cost of memory and
+    time. ``sound``: deprecated (the bound is always sound); ``sound=False`` is refused.
     """
-    if not sound:
-        return LipschitzBound(model, input_shape, method, pairwise, n_iter, activation_slopes=activation_slopes,
-                              lipschitz_constants=lipschitz_constants)()
+    if sound is not None:
+        if not sound:
+            raise ValueError("lipschitz_bound is always a guaranteed upper bound; the differentiable estimate "
+                             "(from below) is lipschitz_estimate(model, input_shape, method, pairwise, n_iter)")
+        warnings.warn("lipschitz_bound(sound=True): the bound is always sound now; drop the argument",
+                      DeprecationWarning, stacklevel=2)
     plan = build_plan(model, input_shape, method, pairwise, True, activation_slopes, lipschitz_constants)
     with torch.no_grad():
         return _sound_bound(plan, pairwise, {} if dense_limit is None else {"dense_limit": dense_limit})
+
+
+def lipschitz_estimate(model: nn.Module, input_shape, method: str = "liplt", pairwise: bool = False,
+                       n_iter: int = 100, *, activation_slopes=None, lipschitz_constants=None) -> torch.Tensor:
+    """An ESTIMATE of the Lipschitz constant (ℓ₂) of ``model`` on inputs of ``input_shape``: a fresh
+    :class:`LipschitzEstimate` run for ``n_iter`` power-iteration steps, differentiable in the weights, from
+    below the exact-norm value it converges to. Not a certificate: use :func:`lipschitz_bound` for one.
+    method / pairwise / activation_slopes / lipschitz_constants as for :func:`lipschitz_bound`."""
+    return LipschitzEstimate(model, input_shape, method, pairwise, n_iter, activation_slopes=activation_slopes,
+                             lipschitz_constants=lipschitz_constants)()

@@ -113,7 +113,10 @@ def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
     (f_ŷ − max_{j≠ŷ} f_j)/(√2·L); or a (C, C) tensor of pairwise bounds L_ab of f_a − f_b (diagonal ignored):
     radius = min_{j≠ŷ} (f_ŷ − f_j)/L_ŷj. Ties (margin 0) give 0; a zero bound with a positive margin gives
     +inf. The radius is rounded down (float64) and guaranteed for these logit values; see the module docstring
-    about the logits' own rounding. No gradient (certification only)."""
+    about the logits' own rounding. No gradient (certification only).
+    A radius is only as good as ``lipschitz``: it must be an UPPER bound (:func:`lipkern.bounds.lipschitz_bound`
+    gives one); an estimate (``lipschitz_estimate``) or an unverified constant can give radii that are too
+    large."""
     logits = _check_logits(logits)
     num_classes = logits.shape[1]
     bound = _as_lipschitz(lipschitz, num_classes, logits.device)
@@ -137,7 +140,8 @@ def lln_pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz) -> torch.T
     L_ab = L_body·‖ŵ_a − ŵ_b‖₂ bounds the Lipschitz constant of f_a − f_b when ``body_lipschitz`` bounds that
     of the body h. The normalization is F.normalize's (rows of norm below 1e-12 are divided by 1e-12).
     Computed in float64 and rounded up by an explicit margin (for ‖ŵ_a − ŵ_b‖ near 0 an absolute one). Zero
-    diagonal. ``head_weight``: (C, D); ``body_lipschitz``: a non-negative float or 0-dim tensor."""
+    diagonal. ``head_weight``: (C, D); ``body_lipschitz``: a non-negative float or 0-dim tensor, an UPPER bound
+    of the body's constant (the result, and any radius from it, is only as good as that bound)."""
     if not isinstance(head_weight, torch.Tensor) or head_weight.dim() != 2 or head_weight.shape[0] < 2:
         raise ValueError("lln_pairwise_lipschitz: head_weight must be a (C, D) tensor with C >= 2, got "
                          f"{getattr(head_weight, 'shape', type(head_weight).__name__)}")
@@ -215,7 +219,7 @@ def _warn_if_lln_head(model: nn.Module, bound: torch.Tensor) -> None:
 def _default_lipschitz(model, input_shape, pairwise: bool):
     from lipkern.bounds import lipschitz_bound  # lazy: provided by lipkern.bounds.network
 
-    return lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise, sound=True)
+    return lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise)
 
 
 def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise: bool = False,
@@ -226,7 +230,7 @@ def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise:
     data: (x, y) tensors (x (N, *input_shape), y (N,) int), split into batches of ``batch_size``, or an
     iterable of (x, y) batches (a DataLoader; extra items per batch are ignored). eps: a float or a sequence.
     lipschitz: a float / 0-dim tensor (global L) or a (C, C) pairwise tensor; None computes the sound bound
-    ``lipkern.bounds.lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise, sound=True)``
+    ``lipkern.bounds.lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise)``
     (input_shape defaults to the first batch's x.shape[1:]). A point counts at ε iff it is correctly
     classified and its radius (:func:`certified_radius`) is > ε. The model runs in eval mode under
     inference_mode on ``device`` (default: the model's); its training flag is restored. dtype=torch.float64

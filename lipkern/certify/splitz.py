@@ -16,7 +16,7 @@ Where L_left comes from, in this order:
 2. :class:`LocalReluLipschitz` when f_L is a sequence of nn.Linear / nn.Conv2d / nn.ReLU / nn.Flatten /
    nn.Identity (small: the layers become dense float64 matrices), min'd with the global bound below when
    ``lipkern.bounds.lipschitz_bound`` is available;
-3. the global bound ``lipkern.bounds.lipschitz_bound(f_L, input_shape, sound=True)`` (a constant:
+3. the global bound ``lipkern.bounds.lipschitz_bound(f_L, input_shape)`` (a constant:
    R = R_right/L).
 
 Training recipe of the paper (not implemented as a trainer here): Gaussian augmentation with the same σ inside
@@ -294,7 +294,7 @@ class SplitzCertifier:
             lipschitz_bound = None
         if lipschitz_bound is not None:
             try:
-                self._global = float(lipschitz_bound(self.left, shape, sound=True))
+                self._global = float(lipschitz_bound(self.left, shape))
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
         if _leaves(self.left) is not None:
@@ -385,7 +385,7 @@ class SplitzCertifier:
 # --- training helpers ------------------------------------------------------------------------------------
 def splitz_regularizer(left_lipschitz_estimate, lam: float, theta: float = 0.5):
     """SPLITZ's penalty λ·relu(L̂ − θ) on an estimate L̂ of the left half's Lipschitz constant (a
-    differentiable tensor, e.g. ``lipkern.bounds.LipschitzBound(left, shape)()``; no host read).
+    differentiable tensor, e.g. ``lipkern.bounds.LipschitzEstimate(left, shape)()``; no host read).
     Paper: θ = 0.5, λ ∈ [0.7, 1]."""
     for name, value in (("lam", lam), ("theta", theta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:

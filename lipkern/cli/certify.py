@@ -33,8 +33,7 @@ training run's dataset and input size by default); --limit N keeps the first N p
 
 Certificates:
   Lipschitz margin (default): radius = (f_y - f_j) / (sqrt(2) L), or min_j (f_y - f_j) / L_yj with --pairwise;
-    L is the sound (float64, rounding included) bound lipkern.bounds.lipschitz_bound(..., method=--method,
-    sound=True) unless --lipschitz is given.
+    L is the sound (float64, rounding included) bound lipkern.bounds.lipschitz_bound(..., method=--method) unless --lipschitz is given.
   --smoothing: Cohen et al.'s CERTIFY on every --skip-th point (sigma, n0, n, alpha); the radius holds with
     probability >= 1 - alpha.
 A point counts as certified at eps iff it is correctly classified and its radius is > eps.
@@ -258,8 +257,7 @@ def _lipschitz_for(model, x, args, structure_known: bool):
         raise CertifyError("lipkern.bounds.lipschitz_bound is not available in this installation; pass "
                            "--lipschitz L (a constant you vouch for) or use --smoothing") from None
     try:
-        bound = lipschitz_bound(model, tuple(x.shape[1:]), method=args.method, pairwise=args.pairwise,
-                                sound=True)
+        bound = lipschitz_bound(model, tuple(x.shape[1:]), method=args.method, pairwise=args.pairwise)
     except (TypeError, ValueError, NotImplementedError) as err:
         raise CertifyError(f"no sound Lipschitz bound for this model ({args.method}): {err}; pass "
                            f"--lipschitz L or use --smoothing") from None

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipkern.nn as L
-from lipkern.bounds import LipschitzBound, lipschitz_bound
+from lipkern.bounds import LipschitzEstimate, lipschitz_bound, lipschitz_estimate
 from lipkern.models import CPLNet, FirstChannels, LipLTNet, Normalize, Residual, ZeroChannelPad
 from tests.helpers import dense_conv2d, dense_jacobian, spectral_norm
 
@@ -120,9 +120,9 @@ SLACK = 1e-6
 def test_liplt_is_below_product_and_above_sampled_jacobians(kind):
     torch.manual_seed(1)
     model, shape = (_mlp([6, 10, 10, 8, 3]), (6,)) if kind == "mlp" else (_small_convnet(), (2, 6, 6))
-    liplt = lipschitz_bound(model, shape, "liplt", sound=True).item()
-    product = lipschitz_bound(model, shape, "product", sound=True).item()
-    estimate = lipschitz_bound(model, shape, "liplt", n_iter=200).item()
+    liplt = lipschitz_bound(model, shape, "liplt").item()
+    product = lipschitz_bound(model, shape, "product").item()
+    estimate = lipschitz_estimate(model, shape, "liplt", n_iter=200).item()
     sampled = _max_jacobian_norm(model, shape)
     assert sampled <= liplt <= product
     assert sampled <= estimate <= liplt * (1 + 1e-9)
@@ -138,8 +138,8 @@ def test_identity_activations_give_the_exact_product_norm():
     model = nn.Sequential(nn.Linear(5, 7), Linearish(), nn.Linear(7, 6), nn.Identity(), nn.Linear(6, 4)).double()
     exact = spectral_norm(model[4].weight @ model[2].weight @ model[0].weight)
     slopes = {Linearish: (1.0, 1.0)}
-    sound = lipschitz_bound(model, (5,), sound=True, activation_slopes=slopes).item()
-    estimate = lipschitz_bound(model, (5,), n_iter=300, activation_slopes=slopes).item()
+    sound = lipschitz_bound(model, (5,), activation_slopes=slopes).item()
+    estimate = lipschitz_estimate(model, (5,), n_iter=300, activation_slopes=slopes).item()
     assert exact <= sound <= exact * (1 + 1e-9)
     assert abs(estimate - exact) <= 1e-7 * exact
 
@@ -151,25 +151,26 @@ def test_one_hidden_layer_closed_form(activation, a, b):
     model = _mlp([6, 9, 4], activation)
     w1, w2 = model[0].weight.detach(), model[2].weight.detach()
     expected = a * spectral_norm(w2 @ w1) + b * spectral_norm(w2) * spectral_norm(w1)
-    sound = lipschitz_bound(model, (6,), sound=True).item()
+    sound = lipschitz_bound(model, (6,)).item()
     assert expected <= sound <= expected * (1 + 1e-9)
-    assert abs(lipschitz_bound(model, (6,), n_iter=300).item() - expected) <= 1e-7 * expected
+    assert abs(lipschitz_estimate(model, (6,), n_iter=300).item() - expected) <= 1e-7 * expected
 
 
 @pytest.mark.parametrize("sound", [True, False])
 def test_pairwise_bounds(sound):
     torch.manual_seed(4)
     model = _mlp([5, 8, 8, 4])
-    kwargs = {"sound": True} if sound else {"n_iter": 300}
-    pair = lipschitz_bound(model, (5,), pairwise=True, **kwargs).detach()
-    total = lipschitz_bound(model, (5,), **kwargs).item()
+    kwargs = {} if sound else {"n_iter": 300}
+    bound = lipschitz_bound if sound else lipschitz_estimate
+    pair = bound(model, (5,), pairwise=True, **kwargs).detach()
+    total = bound(model, (5,), **kwargs).item()
     assert pair.shape == (4, 4) and torch.equal(pair.diagonal(), torch.zeros(4, dtype=pair.dtype))
     assert torch.equal(pair, pair.T)
     per_class = []
     for c in range(4):  # L_a: the network whose last layer is row a alone
         single = _mlp([5, 8, 8, 1])
         single.load_state_dict({k: (v[c:c + 1] if k.startswith("4.") else v) for k, v in model.state_dict().items()})
-        per_class.append(lipschitz_bound(single, (5,), **kwargs).item())
+        per_class.append(bound(single, (5,), **kwargs).item())
     for a in range(4):
         for b in range(4):
             if a == b:
@@ -208,19 +209,19 @@ def test_sound_bound_covers_the_dense_operator_value(data):
         return  # empty output: not a network
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(features, 3)).double()
     dense = _dense_value(model, shape, [(0, 1), (0, 1)])
-    sound = lipschitz_bound(model, shape, sound=True).item()
+    sound = lipschitz_bound(model, shape).item()
     assert dense <= sound <= dense * (1 + SLACK)
-    assert dense <= lipschitz_bound(model, shape, sound=True, dense_limit=0).item()  # splits only: looser
+    assert dense <= lipschitz_bound(model, shape, dense_limit=0).item()  # splits only: looser
 
 
 def test_estimate_converges_to_the_dense_value_and_never_exceeds_the_sound_bound():
     torch.manual_seed(26)  # σ₂/σ₁ ≤ 0.952 on every sub-chain: 300 steps converge to 1e-12
     model, shape = _small_convnet(), (2, 6, 6)
     dense = _dense_value(model, shape, CONV_SLOPES)
-    bound = LipschitzBound(model, shape, n_iter=100)
+    bound = LipschitzEstimate(model, shape, n_iter=100)
     values = [bound().item() for _ in range(3)]
     assert abs(values[-1] - dense) <= 1e-6 * dense
-    assert values[-1] <= lipschitz_bound(model, shape, sound=True).item()
+    assert values[-1] <= lipschitz_bound(model, shape).item()
 
 
 def _dense_value_torch(model, shape, slopes):
@@ -245,7 +246,7 @@ def _dense_value_torch(model, shape, slopes):
 def test_gradient_matches_autograd_of_the_dense_value():
     torch.manual_seed(26)  # σ₂/σ₁ ≤ 0.952 on every sub-chain
     model, shape = _small_convnet(), (2, 6, 6)
-    bound = LipschitzBound(model, shape, n_iter=200)
+    bound = LipschitzEstimate(model, shape, n_iter=200)
     value = bound()
     params = [p for n, p in model.named_parameters() if n.endswith("weight")]
     grads = torch.autograd.grad(value, params)
@@ -261,7 +262,7 @@ def test_no_host_synchronization_in_a_training_step(pairwise):
     from tests.test_host_sync import counting
 
     model = LipLTNet("4C3F", input_size=8)
-    bound = LipschitzBound(model, (1, 8, 8), pairwise=pairwise, n_iter=2)
+    bound = LipschitzEstimate(model, (1, 8, 8), pairwise=pairwise, n_iter=2)
     bound()  # first call (lazy imports)
     with counting() as counts:
         bound().sum().backward()
@@ -270,13 +271,13 @@ def test_no_host_synchronization_in_a_training_step(pairwise):
 
 def test_module_holds_only_vectors_and_model_is_not_a_submodule():
     model = LipLTNet("4C3F", input_size=8)
-    bound = LipschitzBound(model, (1, 8, 8))
+    bound = LipschitzEstimate(model, (1, 8, 8))
     assert list(bound.parameters()) == [] and list(bound.children()) == []
     assert all(k.startswith("u_") for k in bound.state_dict())
     parent = nn.Module()
     parent.model, parent.bound = model, bound
     assert len(list(parent.parameters())) == len(list(model.parameters()))
-    again = LipschitzBound(model, (1, 8, 8))
+    again = LipschitzEstimate(model, (1, 8, 8))
     assert all(torch.equal(a, b) for a, b in zip(bound.state_dict().values(), again.state_dict().values()))
 
 
@@ -286,8 +287,8 @@ def test_module_holds_only_vectors_and_model_is_not_a_submodule():
 def _linear_model_check(model, shape, rtol=1e-9):
     """For a model that is linear (no activations), every bound is the exact Jacobian norm."""
     exact = spectral_norm(dense_jacobian(model, torch.randn(1, *shape, dtype=D)))
-    sound = lipschitz_bound(model, shape, sound=True).item()
-    estimate = lipschitz_bound(model, shape, n_iter=300).item()
+    sound = lipschitz_bound(model, shape).item()
+    estimate = lipschitz_estimate(model, shape, n_iter=300).item()
     assert exact <= sound <= exact * (1 + rtol)
     assert abs(estimate - exact) <= 1e-6 * exact
     return exact
@@ -303,7 +304,7 @@ def test_batchnorm_folding_matches_the_dense_jacobian():
         bn.weight.data.uniform_(-2, 2)
     _linear_model_check(model.eval(), (2, 4, 4))
     with pytest.raises(ValueError, match="training mode"):
-        lipschitz_bound(model.train(), (2, 4, 4), sound=True)
+        lipschitz_bound(model.train(), (2, 4, 4))
 
 
 def test_normalize_is_a_diagonal_map():
@@ -311,7 +312,7 @@ def test_normalize_is_a_diagonal_map():
     model = nn.Sequential(Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.5]), nn.Conv2d(3, 4, 3), nn.Flatten(),
                           nn.Linear(16, 3)).double()
     exact = _linear_model_check(model, (3, 4, 4))
-    plain = lipschitz_bound(model[1:], (3, 4, 4), sound=True).item()
+    plain = lipschitz_bound(model[1:], (3, 4, 4)).item()
     assert exact <= plain / 0.2 * (1 + 1e-9)  # as tight as (1/min std)·L, usually tighter
 
 
@@ -321,8 +322,8 @@ def test_average_pooling_is_its_depthwise_conv():
                           nn.AvgPool2d(2, divisor_override=2), nn.Flatten(), nn.Linear(12, 2)).double()
     _linear_model_check(model, (2, 8, 8), rtol=SLACK)
     pool = nn.Sequential(nn.AvgPool2d(4, divisor_override=4))  # §10 check 30: norm exactly 1
-    assert 1.0 <= lipschitz_bound(pool, (3, 8, 8), sound=True).item() <= 1 + SLACK
-    assert lipschitz_bound(pool, (3, 8, 8), n_iter=50).item() == pytest.approx(1.0, rel=1e-6)  # float32
+    assert 1.0 <= lipschitz_bound(pool, (3, 8, 8)).item() <= 1 + SLACK
+    assert lipschitz_estimate(pool, (3, 8, 8), n_iter=50).item() == pytest.approx(1.0, rel=1e-6)  # float32
     with pytest.raises(ValueError, match="count_include_pad"):
         lipschitz_bound(nn.Sequential(nn.AvgPool2d(3, padding=1, count_include_pad=False)), (1, 6, 6))
 
@@ -334,18 +335,18 @@ def test_selections_are_exact_maps():
                           FirstChannels(3)).double()
     _linear_model_check(model, (3, 4, 4), rtol=SLACK)
     for module in (nn.PixelUnshuffle(2), FirstChannels(2), ZeroChannelPad(5)):  # §10 check 30: norm ≤ 1
-        assert lipschitz_bound(nn.Sequential(module), (3, 4, 4), sound=True).item() <= 1 + SLACK
-        assert lipschitz_bound(nn.Sequential(module), (3, 4, 4), n_iter=20).item() == pytest.approx(1.0)
+        assert lipschitz_bound(nn.Sequential(module), (3, 4, 4)).item() <= 1 + SLACK
+        assert lipschitz_estimate(nn.Sequential(module), (3, 4, 4), n_iter=20).item() == pytest.approx(1.0)
 
 
 def test_max_pooling_constant_and_soundness():
     # 3×3 windows at stride 1 on 6×6 (4×4 outputs): ≤ 3 windows cover a pixel per axis → √9 = 3 (LMT)
     pool = nn.Sequential(nn.MaxPool2d(3, stride=1))
-    assert 3.0 <= lipschitz_bound(pool, (1, 6, 6), sound=True).item() <= 3.0 * (1 + 1e-15)  # rounded upward
+    assert 3.0 <= lipschitz_bound(pool, (1, 6, 6)).item() <= 3.0 * (1 + 1e-15)  # rounded upward
     torch.manual_seed(11)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2, stride=1), nn.Flatten(),
                           nn.Linear(2 * 25, 3)).double()
-    assert _max_jacobian_norm(model, (1, 6, 6)) <= lipschitz_bound(model, (1, 6, 6), sound=True).item()
+    assert _max_jacobian_norm(model, (1, 6, 6)) <= lipschitz_bound(model, (1, 6, 6)).item()
 
 
 def test_residual_is_skip_plus_branch():
@@ -354,10 +355,10 @@ def test_residual_is_skip_plus_branch():
     skip = nn.Linear(5, 5).double()
     for s in (None, skip):
         model = nn.Sequential(nn.Linear(4, 5), Residual(branch, s), nn.ReLU(), nn.Linear(5, 3)).double()
-        value = lipschitz_bound(model, (4,), sound=True).item()
+        value = lipschitz_bound(model, (4,)).item()
         assert _max_jacobian_norm(model, (4,)) <= value
         head, first = spectral_norm(model[3].weight), spectral_norm(model[0].weight)
-        inner = lipschitz_bound(branch, (5,), sound=True).item() + (1 if s is None else spectral_norm(s.weight))
+        inner = lipschitz_bound(branch, (5,)).item() + (1 if s is None else spectral_norm(s.weight))
         assert value <= head * inner * first * (1 + 1e-9)
 
 
@@ -366,18 +367,18 @@ def test_lipkern_layers():
     model = nn.Sequential(L.AOLConv2d(2, 4, 3, padding=1), L.MaxMin(), L.SpectralConv2d(4, 4, 3, padding=1,
                           input_size=4), nn.ReLU(), nn.Flatten(), L.AOLLinear(64, 8), L.SpectralLinear(8, 3))
     model = model.double().eval()
-    sound = lipschitz_bound(model, (2, 4, 4), sound=True).item()
+    sound = lipschitz_bound(model, (2, 4, 4)).item()
     assert _max_jacobian_norm(model, (2, 4, 4)) <= sound <= 1 + 1e-9  # every layer is 1-Lipschitz
     model.train()  # training mode: σ ≈ ‖A u‖ from the layers' current vectors, finite before any forward
-    estimate = lipschitz_bound(model, (2, 4, 4), n_iter=50)
+    estimate = lipschitz_estimate(model, (2, 4, 4), n_iter=50)
     assert torch.isfinite(estimate) and estimate.item() > 0
     with pytest.raises(ValueError, match="training mode"):
-        lipschitz_bound(model, (2, 4, 4), sound=True)
+        lipschitz_bound(model, (2, 4, 4))
     cpl = CPLNet("S", conv_hidden=2, dense_hidden=8, image_size=8, dtype=D)
     with pytest.raises(ValueError, match="certified"):
-        lipschitz_bound(cpl.eval(), (3, 8, 8), sound=True)
+        lipschitz_bound(cpl.eval(), (3, 8, 8))
     cert = CPLNet("S", conv_hidden=2, dense_hidden=8, image_size=8, dtype=D, certified=True).eval()
-    value = lipschitz_bound(cert, (3, 8, 8), pairwise=True, sound=True)
+    value = lipschitz_bound(cert, (3, 8, 8), pairwise=True)
     w = torch.nn.functional.normalize(cert.head.weight.detach(), dim=1)
     exact = torch.cdist(w, w)  # body 1-Lipschitz (CPL, and exact 0/1 and pooling maps), head ‖ŵ_a − ŵ_b‖
     assert torch.all(exact <= value) and torch.all(value <= exact * (1 + SLACK))
@@ -385,10 +386,32 @@ def test_lipkern_layers():
 
 def test_liplt_net_bounds_run():
     model = LipLTNet("6C2F", input_size=16)
-    value = LipschitzBound(model, (3, 16, 16), n_iter=2)()
+    value = LipschitzEstimate(model, (3, 16, 16), n_iter=2)()
     assert value.shape == () and value.item() > 0
     value.backward()
     assert model[0].weight.grad is not None
+
+
+def test_lipschitz_bound_with_no_options_is_an_upper_bound():
+    """The issue's case: lipschitz_bound(model, shape) of one zero-padded conv was a power-iteration estimate
+    (1.249073 against the exact 1.249157). With no options it is now a bound: ≥ the dense SVD norm, for
+    random convs; the estimate has its own name, and the old spellings are refused or warned."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        exact = spectral_norm(dense_conv2d(conv.weight.detach(), 6, padding=1))
+        assert lipschitz_bound(nn.Sequential(conv), (3, 6, 6)).item() >= exact
+        assert lipschitz_estimate(nn.Sequential(conv), (3, 6, 6), n_iter=5).item() <= exact * (1 + 1e-6)
+    with pytest.raises(ValueError, match="lipschitz_estimate"):
+        lipschitz_bound(nn.Sequential(conv), (3, 6, 6), sound=False)
+    with pytest.warns(DeprecationWarning, match="always sound"):
+        old = lipschitz_bound(nn.Sequential(conv), (3, 6, 6), sound=True)
+    assert old.item() == lipschitz_bound(nn.Sequential(conv), (3, 6, 6)).item()
+    from lipkern.bounds import LipschitzBound
+
+    with pytest.warns(DeprecationWarning, match="renamed LipschitzEstimate"):
+        renamed = LipschitzBound(nn.Sequential(conv), (3, 6, 6), n_iter=3)
+    assert isinstance(renamed, LipschitzEstimate)
 
 
 def test_errors():

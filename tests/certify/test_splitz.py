@@ -199,7 +199,7 @@ def test_local_bound_rejects_unsupported_layers():
 
 def test_unsupported_left_uses_the_global_bound_or_says_why():
     """A left half the local bound does not know (Tanh) falls back to the constant global bound
-    lipkern.bounds.lipschitz_bound(left, shape, sound=True): radius = R_right / L exactly (rounded down)."""
+    lipkern.bounds.lipschitz_bound(left, shape): radius = R_right / L exactly (rounded down)."""
     bounds = pytest.importorskip("lipkern.bounds")
     right = _right()
     torch.manual_seed(4)
@@ -215,7 +215,7 @@ def test_unsupported_left_uses_the_global_bound_or_says_why():
     label, cohen = RandomizedSmoothing(right, 0.5, 3).certify(z, **ARGS)
     if label == ABSTAIN:
         pytest.skip("right half abstains at left(x)")
-    bound = float(bounds.lipschitz_bound(left, (6,), sound=True))
+    bound = float(bounds.lipschitz_bound(left, (6,)))
     assert bound >= torch.linalg.matrix_norm(left[0].weight.detach().double(), 2).item()
     got_label, radius, gamma = certifier.certify(x, **ARGS)
     assert got_label == label
@@ -237,7 +237,7 @@ def test_local_bound_is_capped_by_the_global_bound():
     left = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 6))
     certifier = SplitzCertifier(left, _right(), 0.5, 3)
     x = torch.randn(6)
-    global_value = float(bounds.lipschitz_bound(left, (6,), sound=True))
+    global_value = float(bounds.lipschitz_bound(left, (6,)))
     local = LocalReluLipschitz(left, (6,))
     for gamma in (1e-2, 1.0, math.inf):
         assert certifier.lipschitz_at(x, gamma) == min(local(x, gamma), global_value)

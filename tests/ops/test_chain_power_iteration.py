@@ -162,7 +162,7 @@ def test_one_map_chains_equal_the_reference(n_iter):
 
 
 def test_advance_chains_moves_the_vectors_as_chain_power_iteration_does():
-    """The training path (LipschitzBound.forward) advances the vectors without forming σ: the same vectors."""
+    """The training path (LipschitzEstimate.forward) advances the vectors without forming σ: the same vectors."""
     from lipkern.ops.chain_power_iteration import advance_chains
 
     chains = [_maps(), _maps()[3:4]]
