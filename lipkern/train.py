@@ -35,8 +35,9 @@ Checkpoints (``torch.save`` of plain containers, loadable with ``torch.load(weig
 bound), "epoch" (epochs done), "config", "history"}``. :func:`load_checkpoint_model` rebuilds the model;
 ``lipkern certify --checkpoint PATH`` reads it.
 
-The certification at the end uses :func:`lipkern.bounds.lipschitz_bound` with ``sound=True`` (a guaranteed
-upper bound) and :func:`lipkern.certify.certified_accuracy` on the test split.
+The certification at the end uses :func:`lipkern.bounds.lipschitz_bound` (a guaranteed upper bound) and
+:func:`lipkern.certify.certified_accuracy` on the test split (radii for the network as it runs: its float32
+evaluation in any summation order, with the weights it applies).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class TrainConfig:
     certify_method: str | None = None  # default: 'product' for 1-Lipschitz families, 'liplt' otherwise
     certify_pairwise: bool = True
     certify_limit: int | None = None
-    certify_float64: bool = True  # margins from a float64 copy of the model (logit rounding ~1e-15)
+    certify_evaluation: str = "auto"  # what the radii cover (lipkern.certify.certified_accuracy's evaluation)
     source: str | None = None  # the recipe's citation (filled in)
 
 
@@ -221,6 +222,9 @@ def _validate(c: TrainConfig) -> None:
                                                                                        ("pad", "resize"))):
         if value not in choices:
             raise TrainError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    if c.certify_evaluation not in CERTIFY_EVALUATIONS:
+        raise TrainError(f"certify_evaluation must be one of {', '.join(CERTIFY_EVALUATIONS)}; got "
+                         f"{c.certify_evaluation!r}")
     if not all(0 < m <= 1 for m in c.milestones):
         raise TrainError(f"milestones are fractions of training in (0, 1], got {c.milestones}")
     if any(not e >= 0 for e in c.eps):
@@ -412,6 +416,7 @@ def train(config: TrainConfig) -> dict:
 
 
 # Options of the run itself, not of what it trains: a resumed run never takes them from the checkpoint.
+CERTIFY_EVALUATIONS = ("auto", "float32", "tf32", "float64", "exact")
 SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "tensorboard",
                    "certify", "source")
 
@@ -484,7 +489,7 @@ def _best_so_far(history: list, key: str) -> bool:
 def _certified_val_accuracy(c: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                             eps: float) -> float:
     """Certified accuracy of (x, y) at radius eps under the run's final certificate (certify_method,
-    certify_pairwise, certify_float64: the sound bound and the margins of :func:`certify_model`)."""
+    certify_pairwise, certify_evaluation: the sound bound and the margins of :func:`certify_model`)."""
     from lipkern.bounds import lipschitz_bound
     from lipkern.certify import certified_accuracy
 
@@ -494,7 +499,7 @@ def _certified_val_accuracy(c: TrainConfig, model: nn.Module, x: torch.Tensor, y
         lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), method=c.certify_method,
                                     pairwise=c.certify_pairwise).detach().double().cpu()
         result = certified_accuracy(model, (x, y), [eps], lipschitz=lipschitz, pairwise=c.certify_pairwise,
-                                    dtype=torch.float64 if c.certify_float64 else None)
+                                    evaluation=c.certify_evaluation)
     except (TypeError, ValueError, NotImplementedError) as err:
         raise TrainError(f"save_best {c.save_best!r}: no sound Lipschitz bound for this model "
                          f"({c.certify_method}): {err}") from None
@@ -697,7 +702,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
         try:
             result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
                                                     method=c.certify_method, pairwise=c.certify_pairwise,
-                                                    float64=c.certify_float64,
+                                                    evaluation=c.certify_evaluation,
                                                     log=lambda *a: _log(dist_state, *a))
         except KeyboardInterrupt:
             raise TrainInterrupted(f"interrupted during the certification; training is done and saved in "
@@ -802,12 +807,12 @@ def certifiable(model: nn.Module) -> nn.Module:
 
 
 def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, method: str = "liplt",
-                  pairwise: bool = True, float64: bool = True, log=print) -> dict:
+                  pairwise: bool = True, evaluation: str | None = "auto", log=print) -> dict:
     """Certified accuracy of ``model`` on (x, y) from the sound bound ``lipschitz_bound(model, x.shape[1:],
-    method, pairwise)`` (float64, rounding included), timed; the margins come from a float64 copy
-    of the model when ``float64`` (then the logits' own rounding, about 1e-15 relative, is negligible next to
-    the radii). The result has the keys of ``lipkern certify``'s JSON (so the CLI prints the same table and
-    plot)."""
+    method, pairwise)`` (float64, rounding included), timed; the radii cover ``evaluation`` (see
+    :func:`lipkern.certify.certified_accuracy`: by default the model's own floating-point evaluation, any
+    summation order). The result has the keys of ``lipkern certify``'s JSON (so the CLI prints the same table
+    and plot)."""
     from lipkern.bounds import lipschitz_bound
     from lipkern.certify import certified_accuracy
 
@@ -822,23 +827,32 @@ def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, me
     bound_seconds = time.perf_counter() - start
     lipschitz = lipschitz.detach().double().cpu()
     start = time.perf_counter()
-    result = certified_accuracy(model, (x, y), list(eps), lipschitz=lipschitz, pairwise=pairwise,
-                                dtype=torch.float64 if float64 else None)
+    try:
+        result = certified_accuracy(model, (x, y), list(eps), lipschitz=lipschitz, pairwise=pairwise,
+                                    evaluation=evaluation)
+    except TypeError as err:
+        raise TrainError(f"certify: {err}") from None
     margin_seconds = time.perf_counter() - start
-    correct, radii = result.correct.bool(), result.radii
-    value = lipschitz.item() if lipschitz.dim() == 0 else lipschitz.tolist()
     log(f"certify: bound in {bound_seconds:.1f} s, margins of {len(y)} points in {margin_seconds:.1f} s")
+    value = lipschitz.item() if lipschitz.dim() == 0 else lipschitz.tolist()
+    source = f"{method} bound, sound (guaranteed upper bound, float64, rounding included)"
+    record = margin_record(result, y, {"source": source, "method": method, "pairwise": bool(pairwise),
+                                       "value": value})
+    return dict(record, bound_seconds=bound_seconds, margin_seconds=margin_seconds)
+
+
+def margin_record(result, y: torch.Tensor, lipschitz: dict) -> dict:
+    """A :class:`lipkern.certify.CertifiedAccuracy` as the JSON of ``lipkern certify`` / ``train``: the table's
+    counts, what the radii cover, and every point's radius (null: unbounded)."""
+    correct, radii = result.correct.bool(), result.radii
+    rounding = None if result.rounding is None else float(result.rounding.max())
     return {"mode": "lipschitz-margin", "eps": [float(e) for e in result.eps],
             "certified_accuracy": [float(a) for a in result.accuracy],
             "certified_count": [int((correct & (radii > e)).sum()) for e in result.eps.tolist()],
             "clean_accuracy": float(result.clean_accuracy), "clean_count": int(correct.sum()),
-            "num_points": int(correct.numel()),
-            "lipschitz": {"source": f"{method} bound, sound (guaranteed upper bound, float64, rounding "
-                                    f"included)",
-                          "method": method, "pairwise": bool(pairwise), "value": value},
-            "logits_dtype": "float64" if float64 else str(x.dtype).removeprefix("torch."),
-            "bound_seconds": bound_seconds, "margin_seconds": margin_seconds,
+            "num_points": int(correct.numel()), "lipschitz": lipschitz, "evaluation": result.evaluation,
+            "rounding_max": rounding, "rounding_slope": result.rounding_slope,
             "points": {"index": list(range(correct.numel())), "label": y.tolist(),
                        "radius": [r if math.isfinite(r) else None for r in radii.tolist()],
-                       "correct": correct.tolist()}}
-
+                       "correct": correct.tolist(),
+                       "rounding": None if result.rounding is None else result.rounding.tolist()}}

@@ -256,15 +256,19 @@ def _tiny_args(tmp_path, *extra):
             "--data", tmp_path / "data.pt", "--device", "cpu", "--eps", *EPS, *extra]
 
 
-def _margin_radius_oracle(model, x, lipschitz):
-    """min_{j != top} (f_top − f_j) / (√2 L) in float64, one point at a time."""
+def _margin_radius_oracle(model, x, lipschitz, rounding=None, slope=0.0):
+    """min_{j != top} (f_top − f_j − √2·rounding) / (√2 (L + slope)) in float64, one point at a time (without
+    ``rounding``: the real-arithmetic network's radius)."""
     with torch.no_grad():
         logits = model.double()(x.double())
     model.float()
     radii = []
-    for row in logits.tolist():
+    for i, row in enumerate(logits.tolist()):
         top = max(range(len(row)), key=lambda j: row[j])
-        radii.append(min(row[top] - row[j] for j in range(len(row)) if j != top) / (math.sqrt(2) * lipschitz))
+        margin = min(row[top] - row[j] for j in range(len(row)) if j != top)
+        if rounding is not None:
+            margin = max(margin - math.sqrt(2) * rounding[i], 0.0)
+        radii.append(margin / (math.sqrt(2) * (lipschitz + slope)))
     return torch.tensor(radii, dtype=torch.float64), logits.argmax(1)
 
 
@@ -281,10 +285,15 @@ def test_certify_declared_lipschitz_end_to_end(tiny, capsys):
     assert result["clean_accuracy"] == pytest.approx(direct.clean_accuracy, abs=0)
     assert result["num_points"] == 24 and result["points"]["label"] == y.tolist()
     assert "user-declared" in result["lipschitz"]["source"] and result["lipschitz"]["value"] == 2.5
-    # Independent oracle: the radii are margin / (√2 L) (rounded down by at most a few float64 units).
-    radii, prediction = _margin_radius_oracle(model, x, 2.5)
+    # The radii are (margin − √2·rounding) / (√2 (L + slope)) with the per-point bound on the float32
+    # evaluation's error the JSON records (rounded down by at most a few float64 units), and never above the
+    # real-arithmetic network's margin / (√2 L).
+    assert result["evaluation"] == "float32" and 0 < result["rounding_max"] < 1e-4
+    radii, prediction = _margin_radius_oracle(model, x, 2.5, result["points"]["rounding"],
+                                              result["rounding_slope"])
     torch.testing.assert_close(torch.tensor(result["points"]["radius"], dtype=torch.float64), radii,
-                               rtol=1e-6, atol=1e-7)
+                               rtol=1e-12, atol=1e-15)
+    assert (radii <= _margin_radius_oracle(model, x, 2.5)[0]).all()
     correct = prediction == y
     assert result["points"]["correct"] == correct.tolist()
     counts = [int((correct & (radii > e)).sum()) for e in EPS]
@@ -297,23 +306,29 @@ def test_certify_declared_lipschitz_end_to_end(tiny, capsys):
     assert f"clean accuracy: {100 * correct.double().mean().item():.2f}% ({int(correct.sum())}/24)" in out
 
 
-def test_certify_float64_logits(tiny, capsys):
-    """--float64: a float64 copy of the model gives the logits; the radii are the float64 oracle's up to the
-    certificate's own rounding-down (a few float64 units), and the user's model is left in float32."""
+def test_certify_exact_evaluation_and_the_deprecated_float64(tiny, capsys):
+    """--evaluation exact: the real-arithmetic network's radii, the float64 oracle's up to the float64
+    evaluation's bounded rounding and the certificate's rounding-down (a few float64 units); the user's model
+    is left in float32. --float64 is accepted, says it is deprecated and changes nothing."""
     certify = _certify_api()
     model, x, y, tmp_path = tiny
-    out_json = tmp_path / "r64.json"
-    code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.5, "--float64", "--output", out_json), capsys)
+    out_json = tmp_path / "exact.json"
+    code, out, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.5, "--evaluation", "exact", "--output", out_json),
+                          capsys)
     assert code == 0, err
     result = json.loads(out_json.read_text())
-    radii, _ = _margin_radius_oracle(model, x, 2.5)
+    assert result["rounding_slope"] == 0 and 0 < result["rounding_max"] < 1e-12  # the float64 evaluation's
+    radii, _ = _margin_radius_oracle(model, x, 2.5, result["points"]["rounding"])
     torch.testing.assert_close(torch.tensor(result["points"]["radius"], dtype=torch.float64), radii,
                                rtol=1e-13, atol=1e-15)
-    direct = certify.certified_accuracy(model, (x, y), EPS, lipschitz=2.5, dtype=torch.float64)
-    assert result["points"]["radius"] == direct.radii.tolist() and result["logits_dtype"] == "float64"
-    assert "float64 copy" in out
-    code, _, err = _run(_tiny_args(tmp_path, "--float64", "--smoothing", "--sigma", 0.1), capsys)
-    assert code == 2 and "not to --smoothing" in err
+    assert (torch.tensor(result["points"]["radius"], dtype=torch.float64) <= _margin_radius_oracle(model, x, 2.5)[0]).all()
+    direct = certify.certified_accuracy(model, (x, y), EPS, lipschitz=2.5, evaluation="exact")
+    assert result["points"]["radius"] == direct.radii.tolist() and result["evaluation"] == "exact"
+    assert "real-arithmetic network" in out and next(model.parameters()).dtype == torch.float32
+    code, out64, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.5, "--float64"), capsys)
+    assert code == 0 and "--float64 is deprecated" in err and "network as it runs: float32" in out64
+    code, _, err = _run(_tiny_args(tmp_path, "--evaluation", "exact", "--smoothing", "--sigma", 0.1), capsys)
+    assert code == 2 and "--evaluation applies to the Lipschitz-margin certificate" in err
 
 
 @pytest.mark.parametrize("method", ["liplt", "product"])
@@ -525,14 +540,14 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     trained = json.loads((run / "results.json").read_text())["certification"]
 
     code, out, err = _run(["--checkpoint", run / "checkpoint.pt", "--pairwise", "--method", "product",
-                           "--float64", "--limit", 60, "--eps", 0, 0.05, "--device", "cpu",
+                           "--limit", 60, "--eps", 0, 0.05, "--device", "cpu",
                            "--output", tmp_path / "c.json"], capsys)
     assert code == 0, err
     assert "convnet-xs-aol (checkpoint" in out and "digits test split" in out
     certified = json.loads((tmp_path / "c.json").read_text())
     assert certified["certified_count"] == trained["certified_count"]
     assert certified["points"]["radius"] == trained["points"]["radius"]
-    # with the checkpoint alone: its training run's certificate settings (product, pairwise, float64, eps)
+    # with the checkpoint alone: its training run's certificate settings (product, pairwise, evaluation, eps)
     code, out, err = _run(["--checkpoint", run / "checkpoint.pt", "--limit", 60, "--threads", 1, "--device", "cpu",
                            "--output", tmp_path / "d.json"], capsys)
     assert code == 0, err
@@ -550,8 +565,7 @@ def test_train_then_certify_the_checkpoint(tmp_path, capsys, one_thread_torch_ba
     model.eval()
     x, y = load_dataset("digits", split="test")
     bound = lipschitz_bound(model, (1, 8, 8), method="product", pairwise=True)
-    direct = certify.certified_accuracy(model, (x[:60], y[:60]), [0, 0.05], lipschitz=bound, pairwise=True,
-                                        dtype=torch.float64)
+    direct = certify.certified_accuracy(model, (x[:60], y[:60]), [0, 0.05], lipschitz=bound, pairwise=True)
     assert certified["clean_count"] == int(direct.correct.sum())
     radii = [math.inf if r is None else r for r in certified["points"]["radius"]]
     torch.testing.assert_close(torch.tensor(radii, dtype=direct.radii.dtype), direct.radii)

@@ -717,10 +717,11 @@ def test_certified_radius_is_sound_for_finite_logits(data, b, c, dtype):
        eps=mostly(st.lists(st.sampled_from([0.0, 0.1, 1.0, 1e30]), min_size=1, max_size=3),
                   st.sampled_from([[], -1.0, NAN, "0.1", True, [0.1, INF]])),
        batch_size=mostly(st.integers(1, 4), st.sampled_from([0, -1, True, 2.5])),
-       dtype=mostly(st.sampled_from([None, torch.float64]), st.sampled_from([torch.float16, "float64", torch.float32])),
+       evaluation=mostly(st.sampled_from(["auto", "exact", "float64", "float32", None]),
+                         st.sampled_from(["bf16", 3, torch.float64, "Float32"])),
        pairwise=st.booleans())
 def test_certified_accuracy_is_monotone_and_at_most_clean_accuracy(data, n, c, features, eps, batch_size,
-                                                                  dtype, pairwise):
+                                                                  evaluation, pairwise):
     model = nn.Sequential(LN.AOLLinear(features, c, dtype=torch.float64)).eval()
     _randomize(model[0], data.draw)
     x = data.draw(tensors((n, features), scales=[1.0, 10.0, 0.0]))
@@ -728,7 +729,7 @@ def test_certified_accuracy_is_monotone_and_at_most_clean_accuracy(data, n, c, f
     y = data.draw(mostly(st.just(torch.randint(0, c, (n,), generator=gen)), st.sampled_from(
         [torch.full((n,), c), torch.zeros(n), torch.zeros(n + 1, dtype=torch.long)])))
     result = _classify(lambda: certified_accuracy(model, (x, y), eps, pairwise=pairwise, batch_size=batch_size,
-                                                  dtype=dtype), "certified_accuracy")
+                                                  evaluation=evaluation), "certified_accuracy")
     if not _ok(result):
         return
     acc = result.accuracy

@@ -51,11 +51,15 @@ def test_short_run_learns_and_certifies(tmp_path):
     x, y = load_dataset("digits", split="test")
     bound = lipschitz_bound(model, (1, 8, 8), method="liplt", pairwise=True)
     assert torch.equal(torch.tensor(cert["lipschitz"]["value"], dtype=torch.float64), bound)
-    with torch.no_grad():  # float64 logits, as the tool's (certify_float64 is on by default)
+    with torch.no_grad():  # float64 logits of the applied weights, as the tool's
         logits = model.double()(x.double())
     predicted = logits.argmax(1)
-    margins = logits.gather(1, predicted[:, None]) - logits
-    rows = bound[predicted]
+    # the float32 evaluation's proven rounding (per point, recorded) comes off the margins, its growth with the
+    # distance onto the denominators (test_rounding checks the bound itself)
+    assert cert["evaluation"] == "float32"
+    rounding = torch.tensor(cert["points"]["rounding"], dtype=torch.float64)
+    margins = (logits.gather(1, predicted[:, None]) - logits - math.sqrt(2) * rounding[:, None]).clamp_min(0)
+    rows = bound[predicted] + math.sqrt(2) * cert["rounding_slope"]
     radius = torch.where(rows > 0, margins / rows, torch.full_like(margins, math.inf))
     radius = radius.masked_fill(torch.nn.functional.one_hot(predicted, 10).bool(), math.inf).amin(1)
     correct = predicted == y
@@ -219,7 +223,7 @@ def test_logged_accuracy_checkpoint_model_and_certificate_are_one_network(tmp_pa
 
     result = train(TrainConfig(model="convnet-xs-spectral", model_args={"width": 8}, dataset="digits",
                                progress=False, epochs=1, batch_size=32, train_limit=128, eps=(0.0,),
-                               certify_float64=False, output_dir=str(tmp_path)))
+                               certify_evaluation="float32", output_dir=str(tmp_path)))
     model, _ = load_checkpoint_model(result["checkpoint"])
     layers = [m for m in model.modules() if isinstance(getattr(m, "certified", None), bool)]
     assert layers and all(m.certified for m in layers)

@@ -45,9 +45,10 @@ before the last segment multiplies. So L_ab ≤ √2·L and L_ab ≤ L_a + L_b.
 GUARANTEED upper bound of the Lipschitz constant of the real-arithmetic network with the weights it applies
 (floating-point evaluation of the network itself is not covered; BatchNorm/Normalize scales are computed in
 float64 and rounded up). It requires the model's function to be fixed: BatchNorm and Spectral layers in eval
-mode, CPL layers certified and in eval mode. Caveat: BatchNorm's γ/√(var+ε) and Normalize's 1/std are the
-float64 values of these scales (relative error ≤ 2⁻⁵² per channel against the exact ones, not propagated).
-Every intermediate is rounded upward (nextafter), underflow included.
+mode, CPL layers certified and in eval mode. BatchNorm's γ/√(var+ε), Normalize's 1/std and average pooling's
+1/k² are float64 values within a few units of float64 rounding of the real ones: every chain through them is
+charged the difference (:func:`_inexact_corrections`). Every intermediate is rounded upward (nextafter),
+underflow included.
 **The estimate** (:func:`lipschitz_estimate`, :class:`LipschitzEstimate`, for training): the chain
 norms are power-iteration ESTIMATES (from below),
 differentiable in the weights; no host synchronization.
@@ -90,6 +91,9 @@ class _Map:
     template: LinearMap
     weight: Callable[[bool], torch.Tensor]  # weight(precise): the applied weight now (differentiable)
     name: str
+    # The precise weight is a float64 value of a real one (BatchNorm's γ/√(var+ε), 1/std, 1/k²): entrywise
+    # within this relative error of it. The bound charges the difference (see _inexact_corrections).
+    relative_error: float = 0.0
 
     def current(self, dtype=None, device=None, precise: bool = False, detach: bool = False) -> LinearMap:
         w = self.weight(precise)
@@ -135,6 +139,9 @@ class _Plan:
 # ----------------------------------------------------------------------------------------------------------
 # Upward-rounded scalars (Python floats are IEEE doubles rounded to nearest).
 # ----------------------------------------------------------------------------------------------------------
+_U64 = 2.0 ** -53
+
+
 def _float_up(x: Fraction | int) -> float:
     """The smallest double ≥ the exact rational x (x ≥ 0)."""
     f = float(x)
@@ -286,12 +293,12 @@ class _Parser:
             items += new
         return items, shape
 
-    def map_item(self, module, template_fn, weight_fn) -> tuple[list, tuple]:
+    def map_item(self, module, template_fn, weight_fn, relative_error: float = 0.0) -> tuple[list, tuple]:
         try:
             template = template_fn()
         except ValueError as err:
             raise ValueError(f"lipschitz_bound: {self.name(module)}: {err}") from err
-        return [_Map(template, weight_fn, self.name(module))], template.out_shape
+        return [_Map(template, weight_fn, self.name(module), relative_error)], template.out_shape
 
     def parse_layer(self, module, shape):  # noqa: C901 (one branch per layer type)
         from lipkern import models as M
@@ -394,12 +401,12 @@ class _Parser:
             return self.conv(module, shape, weight_fn)
         return self.dense(module, shape, weight_fn)
 
-    def diag(self, module, shape, weight_fn):
+    def diag(self, module, shape, weight_fn, relative_error: float):
         if len(shape) < 1 or shape[0] != weight_fn(False).numel():
             raise ValueError(f"lipschitz_bound: {self.name(module)} has {weight_fn(False).numel()} channels, "
                              f"its input shape is {shape}")
         return self.map_item(module, lambda: LinearMap.diag(weight_fn(False).detach().reshape(-1), shape,
-                                                            self.name(module)), weight_fn)
+                                                            self.name(module)), weight_fn, relative_error)
 
     def batch_norm(self, module, shape):
         if module.running_var is None:
@@ -416,13 +423,13 @@ class _Parser:
                 scale = scale * (module.weight.double() if precise else module.weight)
             return scale
 
-        return self.diag(module, shape, weight_fn)
+        return self.diag(module, shape, weight_fn, 8 * _U64)  # + ε, sqrt, quotient (rsqrt), product by γ
 
     def normalize(self, module, shape):
         def weight_fn(precise):
             return 1.0 / module.std.double() if precise else 1.0 / module.std
 
-        return self.diag(module, shape, weight_fn)
+        return self.diag(module, shape, weight_fn, 2 * _U64)  # one quotient
 
     def avg_pool(self, module, shape):
         kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
@@ -439,7 +446,7 @@ class _Parser:
         weight = torch.full((shape[0], 1, *kernel), 1.0 / divisor, dtype=torch.float64, device=self.device)
         items, out = self.map_item(module, lambda: LinearMap.conv2d(weight, shape, stride, padding, 1, shape[0],
                                                                     name=self.name(module)),
-                                   lambda p: weight)
+                                   lambda p: weight, 2 * _U64)  # 1/divisor: one quotient
         if self.run(module, shape) != out:
             raise ValueError(f"lipschitz_bound: {self.name(module)}: unexpected output shape")
         return items, out
@@ -693,11 +700,36 @@ def _sound_bound(plan: _Plan, pairwise: bool, chain_options: dict) -> torch.Tens
         elif seg is plan.blocks[-1] and maps[-1].out_features <= _HEAD_LIMIT:
             norms[:, -1] = torch.minimum(last, head_chain_norms(maps, pairwise=False, sound=True,
                                                                      chain_bounds=bounds).to(cpu))
+        correction = _inexact_corrections(seg.maps, norms)
+        if correction is not None:  # of the real maps: the float64 ones plus their rounding (tiny)
+            norms = ar.add(norms, correction)
+            if head is not None:
+                head = ar.add(head, ar.mul(_sqrt_up(2), correction[:, -1])[:, None, None] * off_diagonal)
         seg_values.append(_segment_value(norms, head, _coefficient_tensors(seg, torch.float64, cpu), ar))
     value = _sequence_value(plan.blocks, seg_values, ar, torch.ones((), dtype=torch.float64))
     if pairwise:  # exact zeros on the diagonal (the upward rounding made them the smallest subnormal)
         value = value * (1 - torch.eye(plan.classes, dtype=torch.float64))
     return value
+
+
+def _inexact_corrections(maps: list, norms: torch.Tensor) -> torch.Tensor | None:
+    """Chains through maps whose float64 weight M_i is within a relative r_i of the real one M_i + Δ_i
+    (‖Δ_i‖ ≤ r_i‖M_i‖): ‖∏(M_i + Δ_i)‖ ≤ ‖∏M_i‖ + (∏(1 + r_i) − 1)·∏‖M_i‖ (expand the product). Returns the
+    (K, K) upper triangle of these additive terms (exact rationals rounded up), with ‖M_i‖ ≤ norms[i, i];
+    None when every map is exact."""
+    rel = [Fraction(m.relative_error) for m in maps]
+    if not any(rel):
+        return None
+    k = len(maps)
+    diag = [Fraction(float(norms[i, i])) for i in range(k)]
+    out = torch.zeros(k, k, dtype=torch.float64)
+    for j in range(k):
+        growth, product = Fraction(1), Fraction(1)
+        for i in range(j, k):
+            growth *= 1 + rel[i]
+            product *= diag[i]
+            out[j, i] = _float_up((growth - 1) * product)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

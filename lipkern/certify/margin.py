@@ -9,13 +9,15 @@ Row-normalized ("LLN") last layers: unit rows do NOT make the head 1-Lipschitz (
 form with L = 1 is invalid there. Use :func:`lln_pairwise_lipschitz` (L_ab = L_body·‖ŵ_a − ŵ_b‖) and the
 pairwise form instead.
 
-Rounding. A radius is a guarantee for the exact-arithmetic network evaluated at these logits:
-- the radius is computed in float64 from the given logits and rounded down by an explicit margin (8 units of
-  float64 rounding), so it never exceeds the exact quotient of the given values;
-- the logits themselves carry the rounding of the model's forward pass (float32: about 1e-6 relative). That
-  error is NOT bounded here. ``certified_accuracy(..., dtype=torch.float64)`` evaluates a float64 copy of the
-  model (the same weight values), which shrinks it to about 1e-15 relative; a margin of the size of that
-  rounding is then the only uncertainty left. Prefer it for reported numbers.
+Rounding. :func:`certified_radius` computes in float64 and rounds down by explicit margins, so a radius never
+exceeds the exact quotient of the given values; the logits' own rounding enters through ``error``.
+:func:`certified_accuracy` certifies the network AS IT RUNS (``evaluation``, default: the model's float32 /
+TF32 evaluation): margins from the float64 evaluation of the weights the model applies (frozen by
+``lipkern.models.to_vanilla``, upcast exactly, never recomputed in float64), minus a rigorous bound on the
+evaluation error of the deployed logits anywhere in the radius (:mod:`lipkern.certify.rounding`). Inside a
+certified radius the deployed floating-point network cannot change its prediction, whatever its summation
+order. ``evaluation="exact"`` certifies the real-arithmetic network only; ``evaluation=None`` takes the logits
+as the model computes them, their rounding not bounded (black-box models).
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ class CertifiedAccuracy(NamedTuple):
     eps (E,) float64: the radii asked for; accuracy (E,) float64: fraction of points correctly classified with
     a certified radius > eps; clean_accuracy: fraction correctly classified; radii (N,) float64: certified
     radius of each point's predicted class (0 for ties, +inf where the bound allows any perturbation); correct
-    (N,) bool: prediction == label."""
+    (N,) bool: prediction == label; evaluation: what the radii cover ('float32', 'tf32', 'float64': that
+    deployed evaluation; 'exact': the real-arithmetic network; None: the logits as computed); rounding (N,)
+    float64 or None: the bound on the logits' evaluation error at each point (ℓ₂, float64 evaluation and
+    deployed one together) taken off the margins; rounding_slope: how much the deployed one may grow per unit
+    of distance (added to the denominators, see :func:`certified_radius`)."""
 
     eps: torch.Tensor
     accuracy: torch.Tensor
     clean_accuracy: float
     radii: torch.Tensor
     correct: torch.Tensor
+    evaluation: str | None = None
+    rounding: torch.Tensor | None = None
+    rounding_slope: float = 0.0
 
 
 # --- validation ------------------------------------------------------------------------------------------
@@ -106,7 +115,21 @@ def _safe_quotient(margin: torch.Tensor, denominator: torch.Tensor) -> torch.Ten
     return torch.where(margin <= 0, torch.zeros_like(radius), radius)
 
 
-def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
+def _check_error(error, error_slope, rows: int, device) -> tuple[torch.Tensor | None, float]:
+    if isinstance(error_slope, bool) or not isinstance(error_slope, numbers.Real) or not error_slope >= 0:
+        raise ValueError(f"certified_radius: error_slope must be a number >= 0, got {error_slope!r}")
+    if error is None:
+        return None, float(error_slope)
+    error = torch.as_tensor(error).detach().to(device=device, dtype=torch.float64).reshape(-1)
+    if error.numel() == 1 and rows != 1:
+        error = error.expand(rows)
+    if error.numel() != rows or not (error >= 0).all():
+        raise ValueError(f"certified_radius: error must be {rows} numbers >= 0 (one per row of logits; +inf: "
+                         f"no radius)")
+    return error, float(error_slope)
+
+
+def certified_radius(logits: torch.Tensor, lipschitz, *, error=None, error_slope: float = 0.0) -> torch.Tensor:
     """Certified ℓ₂ radius (B,) float64 of the predicted class of each row of ``logits`` (B, C).
 
     ``lipschitz``: a float or 0-dim tensor L (a global ℓ₂ Lipschitz bound of the logit map): radius =
@@ -114,22 +137,37 @@ def certified_radius(logits: torch.Tensor, lipschitz) -> torch.Tensor:
     radius = min_{j≠ŷ} (f_ŷ − f_j)/L_ŷj. Ties (margin 0) give 0; a zero bound with a positive margin gives
     +inf. The radius is rounded down (float64) and guaranteed for these logit values; see the module docstring
     about the logits' own rounding. No gradient (certification only).
+    ``error`` (B,) and ``error_slope``: the logits are within ``error`` (ℓ₂) of the real-arithmetic network's at
+    the point, and the evaluation that must not flip errs by at most ``error + error_slope·ε`` at distance ε
+    (:class:`lipkern.certify.rounding.EvaluationError`: error = exact + center): the radius becomes
+    min_j ((f_ŷ − f_j) − √2·error) / (L_ŷj + √2·error_slope) (global: L_ŷj = √2·L).
     A radius is only as good as ``lipschitz``: it must be an UPPER bound (:func:`lipkern.bounds.lipschitz_bound`
     gives one); an estimate (``lipschitz_estimate``) or an unverified constant can give radii that are too
     large."""
     logits = _check_logits(logits)
     num_classes = logits.shape[1]
     bound = _as_lipschitz(lipschitz, num_classes, logits.device)
+    error, slope = _check_error(error, error_slope, logits.shape[0], logits.device)
     top = logits.argmax(dim=1)
     top_value = logits.gather(1, top[:, None])
+    # √2·error rounded up; the subtraction from a margin rounded down by (1 − 2u) (its result, where positive)
+    offset = None if error is None else (_SQRT2 * error * (1 + 4 * _U))[:, None]
     if bound.dim() == 0:
         others = logits.scatter(1, top[:, None], -math.inf)
         margin = top_value[:, 0] - others.max(dim=1).values
-        # √2·L rounded up: relative 2u for a normal product, one subnormal unit (absolute) for a subnormal one
-        denominator = torch.where(bound == 0, 0.0, _SQRT2 * bound * (1 + 2 * _U) + 2.0 ** -1074)
+        if offset is not None:
+            margin = (margin - offset[:, 0]) * (1 - 2 * _U)
+        # √2·(L + slope) rounded up: relative 4u for normal values, one subnormal unit (absolute) below
+        total = bound + slope if slope else bound
+        denominator = torch.where(total == 0, 0.0, _SQRT2 * total * (1 + 4 * _U) + 2.0 ** -1074)
         return _safe_quotient(margin, denominator)
     margins = top_value - logits  # (B, C), >= 0
-    per_class = _safe_quotient(margins, bound[top])
+    if offset is not None:
+        margins = (margins - offset) * (1 - 2 * _U)
+    denominators = bound[top]
+    if slope:
+        denominators = (denominators + _SQRT2 * slope * (1 + 2 * _U)) * (1 + 2 * _U)
+    per_class = _safe_quotient(margins, denominators)
     per_class = per_class.scatter(1, top[:, None], math.inf)  # j = ŷ does not count
     return per_class.min(dim=1).values
 
@@ -222,20 +260,48 @@ def _default_lipschitz(model, input_shape, pairwise: bool):
     return lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise)
 
 
+EVALUATIONS = ("auto", "float32", "tf32", "float64", "exact", None)
+
+
+def deployed_evaluation(model: nn.Module, device: torch.device) -> str:
+    """What ``evaluation="auto"`` certifies: the model's own precision on ``device`` ('float32', or 'tf32' on
+    CUDA where PyTorch's TF32 switches are on; 'float64' for a float64 model)."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    dtype = torch.float32 if not dtypes else (torch.float64 if dtypes == {torch.float64} else max(
+        dtypes, key=lambda d: torch.finfo(d).eps))
+    if dtype == torch.float64:
+        return "float64"
+    if dtype != torch.float32:
+        raise ValueError(f"certified_accuracy: the rounding of a {dtype} evaluation is not analyzed; pass "
+                         "evaluation='exact' (the real-arithmetic network) or evaluation=None (the logits as "
+                         "computed, their rounding not bounded)")
+    tf32 = (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+            or torch.get_float32_matmul_precision() != "highest")
+    return "tf32" if device.type == "cuda" and tf32 else "float32"
+
+
 def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise: bool = False,
                        input_shape: Sequence[int] | None = None, device=None, batch_size: int = 256,
-                       dtype: torch.dtype | None = None) -> CertifiedAccuracy:
+                       evaluation: str | None = "auto", dtype: torch.dtype | None = None) -> CertifiedAccuracy:
     """Certified accuracy of ``model`` on ``data`` at each radius of ``eps`` from a Lipschitz certificate.
 
     data: (x, y) tensors (x (N, *input_shape), y (N,) int), split into batches of ``batch_size``, or an
     iterable of (x, y) batches (a DataLoader; extra items per batch are ignored). eps: a float or a sequence.
     lipschitz: a float / 0-dim tensor (global L) or a (C, C) pairwise tensor; None computes the sound bound
-    ``lipkern.bounds.lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise)``
-    (input_shape defaults to the first batch's x.shape[1:]). A point counts at ε iff it is correctly
-    classified and its radius (:func:`certified_radius`) is > ε. The model runs in eval mode under
-    inference_mode on ``device`` (default: the model's); its training flag is restored. dtype=torch.float64
-    evaluates a float64 deep copy of the model (same weight values, much smaller logit rounding: see the
-    module docstring)."""
+    ``lipkern.bounds.lipschitz_bound(model, input_shape, method="liplt", pairwise=pairwise)`` (input_shape
+    defaults to the first batch's x.shape[1:]). A certificate is only as good as ``lipschitz``: it must be an
+    upper bound of the Lipschitz constant of the network with the weights it applies.
+    evaluation: what a radius covers (module docstring). "auto" (default): the model's own floating-point
+    evaluation on ``device`` (float32; TF32 on CUDA where enabled; float64): margins come from the float64
+    evaluation of the frozen weights and lose a rigorous bound of the deployed logits' rounding (any summation
+    order) anywhere in the radius. "float32" / "tf32" / "float64": that evaluation. "exact": the
+    real-arithmetic network (the float64 evaluation's own rounding still bounded). None: the logits as the
+    model computes them, their rounding NOT bounded (any module; for black boxes). The analyzed evaluations
+    need the layers :class:`lipkern.certify.rounding.RoundingAnalysis` knows (a TypeError names any other).
+    A point counts at ε iff it is correctly classified and its radius (:func:`certified_radius`) is > ε. The
+    model runs in eval mode under inference_mode on ``device`` (default: the model's); its training flag is
+    restored. ``dtype``: deprecated (the margins always come from the float64 evaluation of the applied
+    weights; ``evaluation=None`` keeps the logits as computed)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"certified_accuracy: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -243,40 +309,67 @@ def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise:
     if dtype not in (None, torch.float32, torch.float64):
         raise ValueError(f"certified_accuracy: dtype must be None, torch.float32 or torch.float64, "
                          f"got {dtype}")
+    if dtype is not None:
+        warnings.warn("certified_accuracy(dtype=...) is deprecated: the margins always come from the float64 "
+                      "evaluation of the weights the model applies, with its rounding bounded (see evaluation=)",
+                      DeprecationWarning, stacklevel=2)
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"certified_accuracy: evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
     eps_values = _eps_tensor(eps)
     if lipschitz is not None and pairwise and torch.as_tensor(lipschitz).dim() == 0:
         raise ValueError("certified_accuracy: pairwise=True but a scalar lipschitz was given")
     device = torch.device(device) if device is not None else _model_device(model)
-    moved = dtype is not None or device != _model_device(model)
-    net = copy.deepcopy(model).to(device=device, dtype=dtype) if moved else model  # the user's model stays
-    was_training = net.training
-    radii, correct = [], []
-    bound = None
+    if evaluation == "auto":
+        evaluation = deployed_evaluation(model, device)
+    moved = device != _model_device(model)
+    net = copy.deepcopy(model).to(device=device) if moved else model  # the user's model stays
+    was_training = model.training, net.training
+    radii, correct, rounding, slopes = [], [], [], [0.0]
+    bound, analysis = None, None
     try:
+        model.eval()
         net.eval()
         for batch in _batches(data, batch_size):
             x, y = _check_batch(batch)
-            x = x.to(device=device, dtype=dtype) if dtype is not None else x.to(device)
+            x = x.to(device)
             if x.shape[0] == 0:
                 continue
-            with torch.inference_mode():
-                logits = net(x)
+            shape = tuple(input_shape) if input_shape is not None else tuple(x.shape[1:])
+            if evaluation is None:
+                with torch.inference_mode():
+                    logits = net(x)
+                error, slope = None, 0.0
+            else:
+                if analysis is None:
+                    from lipkern.certify.rounding import RoundingAnalysis
+
+                    analysis = RoundingAnalysis(model, shape, None if evaluation == "exact" else evaluation,
+                                                device=device)
+                with torch.inference_mode():
+                    result = analysis(x)
+                logits, error, slope = result.logits, result.exact + result.center, result.slope
+                # an overflowing bound (huge weights or inputs) certifies nothing there: never a NaN radius
+                error = torch.nan_to_num(error, nan=math.inf)
+                slope = math.inf if math.isnan(slope) else slope
+                rounding.append(error)
+                slopes.append(slope)
             if bound is None:
                 if lipschitz is None:
-                    shape = tuple(input_shape) if input_shape is not None else tuple(x.shape[1:])
-                    lipschitz = _default_lipschitz(net, shape, pairwise)  # eval mode (BatchNorm, spectral)
+                    lipschitz = _default_lipschitz(model, shape, pairwise)  # eval mode (BatchNorm, spectral)
                 bound = _as_lipschitz(lipschitz, logits.shape[1], device)
                 _warn_if_lln_head(model, bound)
             y = y.to(device)
             if ((y < 0) | (y >= logits.shape[1])).any():
                 raise ValueError(f"certified_accuracy: labels must lie in [0, {logits.shape[1]})")
-            radii.append(certified_radius(logits, bound))
+            radii.append(certified_radius(logits, bound, error=error, error_slope=slope))
             correct.append(logits.argmax(dim=1) == y)
     finally:
-        net.train(was_training)
+        model.train(was_training[0])
+        net.train(was_training[1])
     if not radii:
         raise ValueError("certified_accuracy: data contains no inputs")
     radii_all, correct_all = torch.cat(radii).cpu(), torch.cat(correct).cpu()
     certified = correct_all[None, :] & (radii_all[None, :] > eps_values[:, None])
     accuracy = certified.double().mean(dim=1)
-    return CertifiedAccuracy(eps_values, accuracy, correct_all.double().mean().item(), radii_all, correct_all)
+    return CertifiedAccuracy(eps_values, accuracy, correct_all.double().mean().item(), radii_all, correct_all,
+                             evaluation, torch.cat(rounding).cpu() if rounding else None, max(slopes))

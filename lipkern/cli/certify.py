@@ -33,7 +33,10 @@ training run's dataset and input size by default); --limit N keeps the first N p
 
 Certificates:
   Lipschitz margin (default): radius = (f_y - f_j) / (sqrt(2) L), or min_j (f_y - f_j) / L_yj with --pairwise;
-    L is the sound (float64, rounding included) bound lipkern.bounds.lipschitz_bound(..., method=--method) unless --lipschitz is given.
+    L is the sound (float64, rounding included) bound lipkern.bounds.lipschitz_bound(..., method=--method)
+    unless --lipschitz is given (a constant you declare: the radii are only as good as it). The radii cover
+    the network as it runs (--evaluation): its float32 (TF32, float64) evaluation in any summation order, with
+    the weights it applies; margins come from their float64 evaluation less a proven rounding bound.
   --smoothing: Cohen et al.'s CERTIFY on every --skip-th point (sigma, n0, n, alpha); the radius holds with
     probability >= 1 - alpha.
 A point counts as certified at eps iff it is correctly classified and its radius is > eps.
@@ -268,29 +271,22 @@ def _lipschitz_for(model, x, args, structure_known: bool):
 
 
 def certify_lipschitz(model, x, y, args, device, structure_known: bool, logits_dtype) -> dict:
-    import torch
-
     from lipkern.certify import certified_accuracy
+    from lipkern.train import margin_record
 
     lipschitz, lip_info = _lipschitz_for(model, x, args, structure_known)
-    dtype = torch.float64 if args.float64 else None
+    evaluation = args.evaluation if structure_known else None
     try:
         result = certified_accuracy(model, (x, y), list(args.eps), lipschitz=lipschitz,
                                     pairwise=args.pairwise, input_shape=tuple(x.shape[1:]), device=device,
-                                    batch_size=args.batch_size, dtype=dtype)
-    except RuntimeError as err:
-        if dtype is None:
-            raise
-        raise CertifyError(f"--float64: the model could not run in float64 ({err})") from None
-    radii, correct = result.radii, result.correct.bool()
-    return {"mode": "lipschitz-margin", "eps": [float(e) for e in result.eps],
-            "certified_accuracy": [float(a) for a in result.accuracy],
-            "certified_count": _curve_counts(radii, correct, result.eps.tolist()),
-            "clean_accuracy": float(result.clean_accuracy), "clean_count": int(correct.sum()),
-            "num_points": int(correct.numel()), "lipschitz": lip_info,
-            "logits_dtype": "float64" if args.float64 else str(logits_dtype).removeprefix("torch."),
-            "points": {"index": list(range(correct.numel())), "label": y.tolist(),
-                       "radius": [_finite_or_none(r) for r in radii.tolist()], "correct": correct.tolist()}}
+                                    batch_size=args.batch_size, evaluation=evaluation)
+    except TypeError as err:
+        raise CertifyError(f"{err} (lipkern certify --evaluation exact certifies the real-arithmetic network "
+                           f"only)") from None
+    record = margin_record(result, y, lip_info)
+    if evaluation is None:
+        record["evaluation"] = str(logits_dtype).removeprefix("torch.") + " (as computed, rounding not bounded)"
+    return record
 
 
 def _finite_or_none(value: float):
@@ -368,11 +364,7 @@ def format_certify_table(result: dict, command: str = "certify") -> str:
         else:
             shown = f"L = {value:.6g}"
         lines.append(f"certificate: Lipschitz margin, {shown} [{lip['source']}]")
-        if result["logits_dtype"] == "float64":
-            lines.append("logits: float64 copy of the model (forward rounding about 1e-15 relative)")
-        else:
-            lines.append(f"logits: {result['logits_dtype']} (the forward pass's rounding is not part of the "
-                         f"radius; --float64 evaluates a float64 copy, preferable for reported numbers)")
+        lines.append(evaluation_line(result))
         lines.append(f"clean accuracy: {100 * result['clean_accuracy']:.2f}% ({result['clean_count']}/{n})")
     else:
         s = result["smoothing"]
@@ -389,6 +381,22 @@ def format_certify_table(result: dict, command: str = "certify") -> str:
     lines.append("a point is certified at eps iff it is correctly classified and its certified radius is "
                  "> eps")
     return "\n".join(lines)
+
+
+def evaluation_line(result: dict) -> str:
+    """What the radii cover: the deployed floating-point evaluation, the real-arithmetic network, or logits
+    whose rounding is not bounded."""
+    evaluation = str(result.get("evaluation"))
+    rounding = result.get("rounding_max")
+    if evaluation in ("float32", "tf32", "float64"):
+        return (f"network as it runs: {evaluation} evaluation in any summation order (the frozen weights it "
+                f"applies; margins from their float64 evaluation less a proven rounding bound, at most "
+                f"{rounding:.2g} on the logits)")
+    if evaluation == "exact":
+        return ("real-arithmetic network (float64 evaluation of the applied weights, its rounding bounded); the "
+                "floating-point evaluation of the deployed model is NOT covered")
+    return (f"logits: {evaluation}; a black-box model's floating-point evaluation is not analyzed: the radii hold "
+            f"for the real-arithmetic network only up to that rounding")
 
 
 def plot_title(result: dict, width: int = 80) -> str:
@@ -438,12 +446,12 @@ def write_certify_plot(result: dict, path) -> Path:
 
 
 def _certificate_defaults(args) -> None:
-    """--method / --pairwise / --float64 / --eps not given: a checkpoint's own certification settings (so that
-    lipkern certify reproduces lipkern train's table), else liplt, global, float32 logits."""
+    """--method / --pairwise / --evaluation / --eps not given: a checkpoint's own certification settings (so
+    that lipkern certify reproduces lipkern train's table), else liplt, global, the model's own evaluation."""
     config = (getattr(args, "checkpoint_state", None) or {}).get("config", {})
     defaults = {"method": config.get("certify_method", "liplt"),
                 "pairwise": config.get("certify_pairwise", False),
-                "float64": config.get("certify_float64", False) and not args.smoothing,
+                "evaluation": config.get("certify_evaluation", "auto"),
                 "eps": list(config.get("eps", DEFAULT_EPS))}
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -470,8 +478,12 @@ def run(args) -> int:
             torch.set_num_threads(args.threads)
         if args.limit is not None and args.limit < 1:
             raise CertifyError(f"--limit must be >= 1, got {args.limit}")
-        if args.float64 and args.smoothing:
-            raise CertifyError("--float64 applies to the Lipschitz-margin certificate, not to --smoothing")
+        if args.float64 is not None:
+            print("lipkern certify: --float64 is deprecated and has no effect: the margins always come from the "
+                  "float64 evaluation of the weights the model applies (see --evaluation)", file=sys.stderr)
+        if args.evaluation is not None and (args.smoothing or args.scripted or args.exported):
+            raise CertifyError("--evaluation applies to the Lipschitz-margin certificate of a model whose "
+                               "structure is known (--model or --checkpoint)")
         model, description, structure_known = load_model(args)
         _certificate_defaults(args)
         if any(not e >= 0 for e in args.eps):
@@ -535,9 +547,11 @@ def add_parser(sub) -> None:
     p.add_argument("--pairwise", action=argparse.BooleanOptionalAction,
                    help="pairwise constants L_ab of the logit differences (default: with --checkpoint as its "
                         "training run certified, else off)")
-    p.add_argument("--float64", action=argparse.BooleanOptionalAction,
-                   help="Lipschitz margin: evaluate a float64 copy of the model, logit rounding ~1e-15 "
-                        "(default: with --checkpoint as its training run certified, else off)")
+    p.add_argument("--evaluation", choices=("auto", "float32", "tf32", "float64", "exact"),
+                   help="what the radii cover: the model's floating-point evaluation as deployed, any summation "
+                        "order ('auto': its own dtype, TF32 on CUDA where enabled; the default, or with "
+                        "--checkpoint its training run's), or 'exact' (the real-arithmetic network only)")
+    p.add_argument("--float64", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)  # deprecated
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (torch.set_num_threads; on "
                    "a busy machine 1 can be much faster than the default)")
     p.add_argument("--lipschitz", type=float, metavar="L",

@@ -21,7 +21,8 @@ optimizer, lr, weight decay, schedule, batch size; every option given here overr
 dataset's size unless --input-size pads them (centered zeros, an isometry) or --fit resize resizes them.
 
 At the end: the certified accuracy on the test split from the sound (guaranteed, float64) Lipschitz bound
-(--certify-method, --certify-pairwise), a table, results.json and certified_accuracy.png in --output-dir
+(--certify-method, --certify-pairwise; the radii cover the float32 network as it runs, --certify-evaluation),
+a table, results.json and certified_accuracy.png in --output-dir
 (a plot needs matplotlib). Under torchrun (WORLD_SIZE > 1) the same command trains with DDP: --batch-size is
 the global batch, split evenly over the processes; rank 0 logs, checkpoints and certifies.
 
@@ -44,7 +45,7 @@ def _config_from_args(args):
               "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",
               "bound_iters", "bound_pairwise", "seed", "device", "threads", "output_dir", "resume",
               "stop_after", "tensorboard", "eps",
-              "certify_method", "certify_pairwise", "certify_limit", "certify_float64")
+              "certify_method", "certify_pairwise", "certify_limit", "certify_evaluation")
     values = {name: getattr(args, name) for name in fields}
     values["progress"] = not args.no_progress
     values["certify"] = not args.no_certify
@@ -74,6 +75,9 @@ def run(args) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("lipkern train: --plot needs matplotlib: pip install 'lipkern[plot]'", file=sys.stderr)
         return 2
+    if args.certify_float64 is not None:
+        print("lipkern train: --certify-float64 is deprecated and has no effect: the margins always come from "
+              "the float64 evaluation of the weights the model applies (see --certify-evaluation)", file=sys.stderr)
     start = time.perf_counter()
     try:
         result = run_training(_config_from_args(args))
@@ -122,7 +126,7 @@ def model_recipes_help() -> str:
 
 
 def add_parser(sub) -> None:
-    from lipkern.train import BOUND_METHODS, LOSSES, OPTIMIZERS, SCHEDULES
+    from lipkern.train import BOUND_METHODS, CERTIFY_EVALUATIONS, LOSSES, OPTIMIZERS, SCHEDULES
 
     p = sub.add_parser("train", help="train a reference network with its paper's recipe, then certify it",
                        description=TRAIN_HELP, epilog=model_recipes_help(),
@@ -190,7 +194,10 @@ def add_parser(sub) -> None:
     p.add_argument("--certify-pairwise", action=argparse.BooleanOptionalAction, default=True,
                    help="pairwise constants L_ab for the certificate (default on)")
     p.add_argument("--certify-limit", type=int, metavar="N", help="certify the first N test points only")
-    p.add_argument("--certify-float64", action=argparse.BooleanOptionalAction, default=True,
-                   help="margins from a float64 copy of the model (default on)")
+    p.add_argument("--certify-evaluation", choices=CERTIFY_EVALUATIONS, default="auto",
+                   help="what the radii cover: the model's floating-point evaluation as deployed, any summation "
+                        "order ('auto', the default: its own dtype, TF32 on CUDA where enabled), or 'exact' (the "
+                        "real-arithmetic network only)")
+    p.add_argument("--certify-float64", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     p.add_argument("--plot", metavar="PATH", help="where to write the plot (default: in --output-dir)")
 

@@ -141,7 +141,7 @@ def test_certified_accuracy_definition_and_dataloader():
     w = model.weight.detach().double()
     lip = torch.linalg.matrix_norm(w, 2)
     eps = [0.0, 0.05, 0.2, 1.0]
-    result = certified_accuracy(model, (x, y), eps, lip, batch_size=7)
+    result = certified_accuracy(model, (x, y), eps, lip, batch_size=7, evaluation="exact")
     assert isinstance(result, CertifiedAccuracy)
     with torch.no_grad():
         logits = (x.double() @ w.T + model.bias.double())
@@ -153,15 +153,20 @@ def test_certified_accuracy_definition_and_dataloader():
                             dtype=torch.float64)
     torch.testing.assert_close(result.accuracy, expected, atol=0, rtol=0)
     assert result.clean_accuracy == correct.double().mean().item()
-    # the float32 model's logits carry ~1e-7 rounding (documented): compare in absolute terms
-    torch.testing.assert_close(result.radii, radius, rtol=0, atol=1e-6)
+    # the real-arithmetic radii, less the float64 evaluation's bounded rounding (recorded; ≤ 1e-14 here)
+    assert result.evaluation == "exact" and result.rounding.max() < 1e-14 and result.rounding_slope == 0
+    shrunk = ((top2[:, 0] - top2[:, 1]) - math.sqrt(2) * result.rounding).clamp_min(0) / (math.sqrt(2) * lip)
+    torch.testing.assert_close(result.radii, shrunk, rtol=1e-13, atol=0)
+    assert (result.radii <= radius).all()
+    deployed = certified_accuracy(model, (x, y), eps, lip, batch_size=7)  # the float32 model as it runs
+    assert deployed.evaluation == "float32" and (deployed.radii <= result.radii).all()
     assert torch.equal(result.correct, correct)
     assert torch.equal(result.eps, torch.tensor(eps, dtype=torch.float64))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=9)
-    from_loader = certified_accuracy(model, loader, eps, lip)
+    from_loader = certified_accuracy(model, loader, eps, lip, evaluation="exact")
     for a, b in zip(from_loader, result):
-        assert a == b if isinstance(a, float) else torch.equal(a, b)
-    single = certified_accuracy(model, (x, y), 0.05, lip)
+        assert a == b if isinstance(a, (float, str)) else torch.equal(a, b)
+    single = certified_accuracy(model, (x, y), 0.05, lip, evaluation="exact")
     assert single.accuracy.shape == (1,) and single.accuracy[0] == result.accuracy[1]
 
 
@@ -170,7 +175,7 @@ def test_certified_accuracy_pairwise_float64_and_training_flag():
     w = model.weight.detach().double()
     pairwise = (w[:, None] - w[None]).norm(dim=2)
     model.train()
-    result = certified_accuracy(model, (x, y), [0.1], pairwise, dtype=torch.float64)
+    result = certified_accuracy(model, (x, y), [0.1], pairwise, evaluation="exact")
     assert model.training and model.weight.dtype == torch.float32, "the user's model is left as it was"
     exact = _exact_linear_distance(w.numpy(), model.bias.detach().double().numpy(), x.double().numpy())
     np.testing.assert_allclose(result.radii.numpy(), exact, rtol=1e-12)

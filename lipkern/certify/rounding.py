@@ -1,0 +1,407 @@
+"""Rigorous bounds on the floating-point evaluation error of a network's logits, near an input.
+
+A margin certificate (radius = margin / (√2·L)) is a theorem about the REAL-arithmetic network f. The model
+that is deployed computes f̂ in floating point, and f̂ ≠ f: a point certified for f can be flipped for f̂ by a
+perturbation that only moves the rounding (Jin et al. 2022). This module bounds ‖f̂(z) − f(z)‖₂ for every z
+with ‖z − x‖₂ ≤ ε, so that the certificate can cover the deployed evaluation.
+
+**The network.** ``model`` is first frozen: :func:`lipkern.models.to_vanilla` replaces every lipkern layer by
+the plain layer holding the weight it applies (AOL's rescaled weight, the Spectral / CPL eval weights and
+step sizes, in the model's own dtype), and that copy is upcast exactly to float64. The certificate is about
+this frozen network: its float32 export (``to_vanilla``) evaluated by any summation order, and the lipkern
+model itself wherever it computes the same weights.
+
+**The error model** (Higham, Accuracy and Stability of Numerical Algorithms, §3.1 and Lemma 3.1). With unit
+roundoff u, γ_n = n·u / (1 − n·u). A dot product of n terms plus a bias, computed in ANY order (blocked, split,
+with or without FMA), errs by at most γ_{n+1}·(|W|·|h| + |b|) entrywise; with TF32 operands (rounded to 10
+mantissa bits first, u_op = 2⁻¹¹) by ((1 + u_op)²(1 + γ_{n+1}) − 1)·(|W|·|h| + |b|). ReLU, MaxMin, max
+pooling, flatten, channel selections and padding copy or compare values: exact. Affine per-channel maps
+(BatchNorm in eval mode, Normalize) are charged γ_8 (resp. γ_4) of |s|·(|h| + |μ|) + |β| for their few
+elementary operations, each assumed within two ulps (rsqrt). Convolutions must be computed as sums of
+products: FFT or Winograd algorithms are NOT covered.
+
+**The propagation.** Let h_k(z) be the exact input of layer k at the network input z, ĥ_k(z) the deployed
+one, E_k(z) = ‖ĥ_k(z) − h_k(z)‖₂, β_k a guaranteed bound of the layer's Lipschitz constant, M_k one of the
+prefix x ↦ h_k(x). A layer's own rounding at its computed input is at most C_k + S_k·‖ĥ_k(z) − h_k(x)‖₂ (a
+center term at the exact center activation h_k(x), a spread term), and ‖ĥ_k(z) − h_k(x)‖ ≤ E_k(z) + M_k·ε.
+The center h_k(x) is known through the float64 evaluation g_k of the same frozen network, with its own
+a-posteriori bound e_k ≥ ‖g_k − h_k(x)‖ (the same rules with u = 2⁻⁵³, at the computed g_k exactly). Hence
+    e_{k+1} = β_k e_k + C⁶⁴_k,
+    E_{k+1}(z) ≤ P_{k+1} + Q_{k+1} ε,  P_{k+1} = β_k P_k + C_k + S_k (e_k + P_k),  Q_{k+1} = β_k Q_k + S_k (M_k + Q_k),
+    M_{k+1} = β_k M_k,
+with the terms C, S of the deployed precision evaluated at g_k (|h_k(x)| ≤ |g_k| + |g_k − h_k(x)| moves the
+difference into S_k·e_k). A residual block adds both paths and the rounding of the sum. Every quantity is
+computed in float64 from non-negative terms and inflated by a relative 2⁻⁴⁰·(terms), more than the float64
+rounding of its computation.
+
+**The certificate** (:func:`lipkern.certify.certified_accuracy`): for the predicted class y of the float64
+logits g and any other class j, |(f̂_y − f̂_j)(z) − (f_y − f_j)(z)| ≤ √2·E(z), so
+    (f̂_y − f̂_j)(z) ≥ (g_y − g_j) − √2·(e + P) − (L_yj + √2·Q)·ε   for ‖z − x‖ ≤ ε,
+and the radius is min_j ((g_y − g_j) − √2(e + P)) / (L_yj + √2·Q) (global L: L_yj = √2·L): inside it the
+deployed network cannot change its prediction, whatever its summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["PRECISIONS", "EvaluationError", "Precision", "RoundingAnalysis", "gamma"]
+
+_U64 = 2.0 ** -53
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A floating-point evaluation: ``unit`` the unit roundoff of accumulation and element-wise operations,
+    ``operand_unit`` the rounding of matmul / conv operands before their products (TF32: 2⁻¹¹; 0 if none)."""
+
+    name: str
+    unit: float
+    operand_unit: float = 0.0
+
+
+PRECISIONS = {"float32": Precision("float32", 2.0 ** -24), "tf32": Precision("tf32", 2.0 ** -24, 2.0 ** -11),
+              "float64": Precision("float64", _U64)}
+
+
+def gamma(n: int, precision: Precision) -> float:
+    """(1 + u_op)²·(1 + γ_n) − 1 with γ_n = n·u / (1 − n·u), rounded up (exact rationals): the relative error
+    bound of an n-term dot product (or n elementary operations) in ``precision``."""
+    u, op = Fraction(precision.unit), Fraction(precision.operand_unit)
+    if n * u >= 1:
+        raise ValueError(f"rounding: {n} accumulated terms exceed what unit roundoff {precision.unit} bounds")
+    value = (1 + op) ** 2 * (1 + n * u / (1 - n * u)) - 1
+    f = float(value)
+    return f if Fraction(f) >= value else math.nextafter(f, math.inf)
+
+
+def _inflate(t, terms: int):
+    """A float64 value computed from ≤ ``terms`` non-negative rounded operations, made an upper bound."""
+    return t * (1.0 + (terms + 8) * 2.0 ** -40)
+
+
+class EvaluationError(NamedTuple):
+    """For a batch x: ``logits`` (B, C) the float64 evaluation g of the frozen network; ``exact`` (B,) a bound
+    on ‖g − f(x)‖₂ (f the real-arithmetic network); ``center`` (B,) and ``slope``: for every z with
+    ‖z − x‖₂ ≤ ε the deployed evaluation errs by ‖f̂(z) − f(z)‖₂ ≤ center + slope·ε (zero for 'exact')."""
+
+    logits: torch.Tensor
+    exact: torch.Tensor
+    center: torch.Tensor
+    slope: float
+
+
+@dataclass
+class _State:
+    g: torch.Tensor  # float64 evaluation, (B, ...)
+    e64: torch.Tensor  # (B,) ‖g − h(x)‖ bound
+    p: torch.Tensor  # (B,) deployed error at the center
+    q: float  # deployed error per unit of ε
+    m: float  # Lipschitz bound of the prefix
+
+    def advance(self, g, lip: float, c64, c32, s32: float) -> "_State":
+        """The rules of the module docstring for one layer of Lipschitz bound ``lip`` whose own rounding is
+        c64 (float64, at g) and c32 + s32·spread (deployed)."""
+        e64 = _inflate(lip * self.e64 + c64, 4)
+        p = _inflate(lip * self.p + c32 + s32 * (self.e64 + self.p), 8)
+        q = _inflate(lip * self.q + s32 * (self.m + self.q), 8)
+        return _State(g, e64, p, q, _inflate(lip * self.m, 1))
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample ℓ₂ norms (B,) of non-negative float64 terms, rounded up."""
+    flat = t.flatten(1)
+    return _inflate(torch.linalg.vector_norm(flat, dim=1), flat.shape[1] + 2)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _Step:
+    """One layer of the frozen float64 network: ``apply(state)`` evaluates it and advances the bounds."""
+
+    def apply(self, state: _State, precision: Precision | None) -> _State:
+        raise NotImplementedError
+
+
+class _Exact(_Step):
+    """Copies, comparisons, reshapes: no rounding; Lipschitz ``lip``."""
+
+    def __init__(self, module, lip: float = 1.0):
+        self.module, self.lip = module, lip
+
+    def apply(self, state, precision):
+        zero = torch.zeros_like(state.e64)
+        return state.advance(self.module(state.g), self.lip, zero, zero, 0.0)
+
+
+class _Affine(_Step):
+    """y = W h + b (nn.Linear, nn.Conv2d, average pooling): a dot product of ``terms`` products each."""
+
+    def __init__(self, module, operator, bias, terms: int):
+        self.module, self.operator, self.terms = module, operator, terms
+        self.abs_operator = operator.abs()
+        self.abs_bias = None if bias is None else bias.detach().abs()
+        self.lip = float(operator.upper_bound())
+        self.abs_norm = float(self.abs_operator.upper_bound())
+
+    def magnitude(self, g: torch.Tensor) -> torch.Tensor:
+        """‖|W|·|g| + |b|‖₂ per sample, rounded up."""
+        t = self.abs_operator.forward(g.abs())
+        if self.abs_bias is not None:
+            t = t + self.abs_bias.reshape(-1, *([1] * (t.dim() - 2)))
+        return _inflate(_norm(t), self.terms)
+
+    def apply(self, state, precision):
+        rho = self.magnitude(state.g)
+        c64 = gamma(self.terms, PRECISIONS["float64"]) * rho
+        g32 = gamma(self.terms, precision) if precision is not None else 0.0
+        return state.advance(self.module(state.g), self.lip, c64, g32 * rho, g32 * self.abs_norm)
+
+
+class _Diagonal(_Step):
+    """y = s·(h − μ) + β per channel (BatchNorm in eval mode, Normalize), ``operations`` roundings each."""
+
+    def __init__(self, module, scale, mean, shift, operations: int):
+        self.module, self.operations = module, operations
+        self.scale, self.mean = scale.detach().abs(), mean.detach().abs()
+        self.shift = None if shift is None else shift.detach().abs()
+        self.lip = _inflate(float(self.scale.max()), 8)  # s is float64-computed: a few ulps, covered
+
+    def apply(self, state, precision):
+        shape = (-1, *([1] * (state.g.dim() - 2)))
+        t = self.scale.reshape(shape) * (state.g.abs() + self.mean.reshape(shape))
+        if self.shift is not None:
+            t = t + self.shift.reshape(shape)
+        rho = _inflate(_norm(t), 4)
+        c64 = gamma(self.operations, PRECISIONS["float64"]) * rho
+        g32 = gamma(self.operations, precision) if precision is not None else 0.0
+        return state.advance(self.module(state.g), self.lip, c64, g32 * rho, g32 * self.lip)
+
+
+class _LeakyReLU(_Step):
+    """max(h, a·h): one rounding of a·h on the negative side."""
+
+    def __init__(self, module):
+        self.module = module
+        self.slope = abs(float(module.negative_slope))
+        self.lip = max(1.0, self.slope)
+
+    def apply(self, state, precision):
+        rho = _inflate(self.slope * _norm(state.g.abs()), 2)
+        u = precision.unit if precision is not None else 0.0
+        return state.advance(self.module(state.g), self.lip, _U64 * rho, u * rho, u * self.slope)
+
+
+class _PlainCPL(_Step):
+    """z = h − t·Wᵀ relu(W h + b) (the frozen CPL layer). With p = W h + b (``terms`` products), v = Wᵀ r
+    (``adjoint_terms``), the product by t and the difference, its rounding at the computed h is at most
+    c·t·|Wᵀ|(|W||h| + |b|) + u·|h| entrywise, c = ((γ_a + γ_m(1 + γ_a))(1 + u) + u)(1 + u) + u."""
+
+    def __init__(self, module, operator, bias, terms: int, adjoint_terms: int):
+        self.module = module
+        self.affine = _Affine(None, operator, bias, terms)
+        self.adjoint_terms = adjoint_terms
+        self.step = float(module.h)
+        upper = self.affine.lip
+        self.lip = max(1.0, _inflate(self.step * upper * upper, 3) - 1.0)  # Jacobian eigenvalues in [1 − tU², 1]
+
+    def coefficient(self, precision: Precision) -> float:
+        a, m, u = gamma(self.affine.terms, precision), gamma(self.adjoint_terms, precision), precision.unit
+        return _inflate(((a + m * (1 + a)) * (1 + u) + u) * (1 + u) + u, 12)
+
+    def apply(self, state, precision):
+        rho = self.affine.magnitude(state.g)  # ‖|W||g| + |b|‖
+        width = self.affine.abs_norm  # ‖|Wᵀ|‖ = ‖|W|‖
+        g_norm = _norm(state.g.abs())
+        c = self.coefficient(PRECISIONS["float64"])
+        c64 = _inflate(c * self.step * width * rho + _U64 * g_norm, 4)
+        if precision is None:
+            zero = torch.zeros_like(c64)
+            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0)
+        c = self.coefficient(precision)
+        c32 = _inflate(c * self.step * width * rho + precision.unit * g_norm, 4)
+        s32 = _inflate(c * self.step * width * width + precision.unit, 4)
+        return state.advance(self.module(state.g), self.lip, c64, c32, s32)
+
+
+class _Residual(_Step):
+    """skip(h) + branch(h): both paths from the same state, then one rounded addition."""
+
+    def __init__(self, module, branch: list, skip: list | None):
+        self.module, self.branch, self.skip = module, branch, skip
+
+    def apply(self, state, precision):
+        b = _run(self.branch, state, precision)
+        s = state if self.skip is None else _run(self.skip, state, precision)
+        g = s.g + b.g
+        u = precision.unit if precision is not None else 0.0
+        g_norm = _norm(g.abs())
+        e64 = _inflate(s.e64 + b.e64 + 2 * _U64 * g_norm, 4)  # |fl(a + b) − (a + b)| ≤ u|a + b| ≤ 2u|fl(a + b)|
+        m = _inflate(s.m + b.m, 1)
+        spread = s.e64 + b.e64 + s.p + b.p  # deployed sum at the center: within these of g
+        p = _inflate(s.p + b.p + u * (g_norm + spread), 8)
+        q = _inflate(s.q + b.q + u * (m + s.q + b.q), 8)
+        return _State(g, e64, p, q, m)
+
+
+def _run(steps: list, state: _State, precision) -> _State:
+    for step in steps:
+        state = step.apply(state, precision)
+    return state
+
+
+class RoundingAnalysis:
+    """The evaluation-error bounds of a network (module docstring), prepared once for inputs of
+    ``input_shape`` (without the batch dim): ``analysis(x)`` gives the :class:`EvaluationError` of a batch.
+
+    model: any model :func:`lipkern.models.to_vanilla` freezes into nn.Sequential (nested), ConvNet / CPLNet
+    / LipLTNet, Residual, nn.Linear, nn.Conv2d ('zeros' / 'circular'), PlainCPLLinear / PlainCPLConv2d,
+    nn.BatchNorm1d/2d (eval), Normalize, nn.AvgPool2d, nn.MaxPool2d, ReLU, LeakyReLU, MaxMin, channel
+    selections, PixelUnshuffle, PixelShuffle, Flatten, Unflatten, Identity; anything else raises a TypeError
+    naming it. precision: 'float32', 'tf32', 'float64' (the deployed evaluation), or None (bound only the
+    float64 evaluation against the real-arithmetic network)."""
+
+    def __init__(self, model: nn.Module, input_shape, precision: str | None = "float32", device=None):
+        from lipkern.models import to_vanilla
+
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"RoundingAnalysis: precision must be one of {', '.join(PRECISIONS)} or None, got "
+                             f"{precision!r}")
+        self.precision = None if precision is None else PRECISIONS[precision]
+        frozen = to_vanilla(model)
+        if device is not None:
+            frozen = frozen.to(device)
+        self.model = frozen.to(torch.float64)  # exact: every float32 / float16 value is a float64 value
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.steps, self.output_shape = self._parse(self.model, self.input_shape)
+
+    def __call__(self, x: torch.Tensor) -> EvaluationError:
+        g = x.detach().to(torch.float64)
+        if g.shape[1:] != self.input_shape:
+            raise ValueError(f"RoundingAnalysis: prepared for inputs {self.input_shape}, got {tuple(g.shape[1:])}")
+        zero = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+        with torch.no_grad():
+            state = _run(self.steps, _State(g, zero, zero, 0.0, 1.0), self.precision)
+        return EvaluationError(state.g, state.e64, state.p, state.q)
+
+    # -- parsing the frozen network ------------------------------------------------------------------------
+    def _shape_after(self, module, shape) -> tuple[int, ...]:
+        with torch.no_grad():
+            out = module(torch.zeros(2, *shape, dtype=torch.float64, device=self._device()))
+        return tuple(out.shape[1:])
+
+    def _device(self):
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _parse(self, module, shape) -> tuple[list, tuple]:
+        from lipkern.bounds.network import computes_forward_of, reject_hooks
+
+        reject_hooks(module, f"RoundingAnalysis: {type(module).__name__}")
+        if computes_forward_of(module, nn.Sequential):
+            steps = []
+            for child in module:
+                new, shape = self._parse(child, shape)
+                steps += new
+            return steps, shape
+        from lipkern import models as M
+
+        if computes_forward_of(module, M.ConvNet):
+            return self._parse(module.layers, shape)
+        if computes_forward_of(module, M.CPLNet):
+            return self._parse(nn.Sequential(module.body, module.head), shape)
+        if computes_forward_of(module, M.Residual):
+            branch, out = self._parse(module.branch, shape)
+            skip = None if module.skip is None else self._parse(module.skip, shape)[0]
+            return [_Residual(module, branch, skip)], out
+        out = self._shape_after(module, shape)
+        step = self._layer(module, shape, out)
+        if step is None:
+            raise TypeError(f"RoundingAnalysis: the floating-point error of {type(module).__name__} is not "
+                            "analyzed (supported: see RoundingAnalysis); certify with evaluation=None to "
+                            "leave the logits' rounding unbounded, or evaluation='exact' for the "
+                            "real-arithmetic network of supported layers")
+        return [step], out
+
+    def _layer(self, module, shape, out):  # noqa: C901 (one branch per layer type)
+        from lipkern import models as M
+        from lipkern.bounds.network import computes_forward_of
+        from lipkern.bounds.operators import LinearMap
+        from lipkern.nn import MaxMin, PlainCPLConv2d, PlainCPLLinear
+
+        exact = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, MaxMin, M.FirstChannels, M.ZeroChannelPad,
+                 nn.PixelUnshuffle, M.PixelUnshuffle, nn.PixelShuffle)
+        if computes_forward_of(module, *exact):
+            return _Exact(module)
+        if computes_forward_of(module, nn.MaxPool2d):
+            return _Exact(module, self._max_pool_constant(module, out))
+        if computes_forward_of(module, nn.LeakyReLU):
+            return _LeakyReLU(module)
+        if computes_forward_of(module, nn.Linear):
+            operator = LinearMap.dense(module.weight.detach(), shape)
+            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1)
+        if computes_forward_of(module, nn.Conv2d):
+            if module.padding_mode not in ("zeros", "circular"):
+                raise TypeError(f"RoundingAnalysis: Conv2d with padding_mode={module.padding_mode!r} is not "
+                                "analyzed")
+            operator = LinearMap.conv2d(module.weight.detach(), shape, module.stride, module.padding,
+                                        module.dilation, module.groups, module.padding_mode)
+            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1)
+        if computes_forward_of(module, nn.AvgPool2d):
+            return self._avg_pool(module, shape, out)
+        if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d):
+            return self._batch_norm(module)
+        if computes_forward_of(module, M.Normalize):
+            return _Diagonal(module, 1.0 / module.std, module.mean, None, 4)
+        if computes_forward_of(module, PlainCPLLinear):
+            operator = LinearMap.dense(module.weight.detach(), shape)
+            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,
+                             module.weight.shape[0])
+        if computes_forward_of(module, PlainCPLConv2d):
+            left, right, top, bottom = module.padding
+            operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
+                                        padding_mode=module.padding_mode)
+            w = module.weight
+            adjoint_terms = w.shape[0] * w.shape[2] * w.shape[3] + 4  # + the circular adjoint's wrapped sums
+            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1, adjoint_terms)
+        return None
+
+    @staticmethod
+    def _max_pool_constant(module, out) -> float:
+        covering = 1
+        for k, s, d, o in zip(_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
+                              _pair(module.dilation), out[-2:]):
+            covering *= min(k, -(-((k - 1) * d + 1) // s), o)
+        return _inflate(math.sqrt(covering), 1)
+
+    def _avg_pool(self, module, shape, out):
+        from lipkern.bounds.operators import LinearMap
+
+        kernel = _pair(module.kernel_size)
+        if module.ceil_mode or (any(_pair(module.padding)) and not module.count_include_pad):
+            raise TypeError("RoundingAnalysis: AvgPool2d with ceil_mode or count_include_pad=False is not analyzed")
+        divisor = module.divisor_override or kernel[0] * kernel[1]
+        weight = torch.full((shape[0], 1, *kernel), 1.0 / divisor, dtype=torch.float64, device=self._device())
+        operator = LinearMap.conv2d(weight, shape, _pair(module.stride or module.kernel_size),
+                                    _pair(module.padding), 1, shape[0])
+        # the sum of k² terms, then a division (or a product by 1/k²: one more rounding)
+        return _Affine(module, operator, None, kernel[0] * kernel[1] + 2)
+
+    @staticmethod
+    def _batch_norm(module):
+        if module.running_var is None or module.training:
+            raise TypeError("RoundingAnalysis: BatchNorm needs running statistics and eval mode")
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        return _Diagonal(module, scale, module.running_mean, module.bias, 8)
+

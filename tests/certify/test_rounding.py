@@ -1,0 +1,296 @@
+"""The certificate covers the network as it runs (issue 16, item 2): the bound of lipkern.certify.rounding on
+the floating-point evaluation error of the logits holds against float32 evaluations in several summation
+orders (PyTorch's kernels and a sequential sum in a random order per layer), TF32-rounded operands, inputs in a
+ball around the analyzed point and badly conditioned inputs; a constructed network where dropping the term
+certifies a point that float32 evaluation flips; certified points keep their prediction in float32; the
+frozen weights are the applied ones. Oracle of the exact logits: the float64 evaluation (its own error on these
+networks is below 1e-12, far under the float32 bounds checked; FLOAT64_SLACK below)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lipkern.nn as L
+from lipkern.certify import certified_accuracy, certified_radius
+from lipkern.certify.rounding import PRECISIONS, RoundingAnalysis, gamma
+from lipkern.models import Normalize, Residual, build_model, to_vanilla
+
+FLOAT64_SLACK = 1e-9  # the oracle's own error (float64 evaluation of these small networks), far above it
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(knobs):
+    knobs(backend="torch")
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 4, stride=2, padding=1),
+                         nn.LeakyReLU(0.1), nn.Conv2d(8, 6, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
+
+
+def _bn_net():
+    net = nn.Sequential(Normalize([0.4, 0.6], [0.3, 0.2]), nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(8 * 2 * 2, 5))
+    net[2].running_mean.uniform_(-0.5, 0.5)
+    net[2].running_var.uniform_(0.2, 3.0)
+    net[2].weight.data.uniform_(0.5, 2.0)
+    net[2].bias.data.uniform_(-1, 1)
+    return net.eval()
+
+
+def _residual_cpl_net():
+    cpl = L.CPLConv2d(2, 6, input_size=8, certified=True)
+    cpl(torch.rand(2, 2, 8, 8))  # a few power-iteration steps
+    cpl.eval()
+    branch = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1))
+    head = L.CPLLinear(2 * 8 * 8, 32, certified=True)
+    head(torch.rand(2, 2 * 8 * 8))
+    return nn.Sequential(cpl, L.MaxMin(), Residual(branch), nn.Flatten(), head.eval(),
+                         nn.Linear(2 * 8 * 8, 4)).eval()
+
+
+def _aol_net():
+    torch.manual_seed(3)
+    return build_model("convnet-xs-aol", num_classes=10, in_channels=2, input_size=8, width=8).eval()
+
+
+NETWORKS = {"conv": _conv_net, "batchnorm-pool": _bn_net, "residual-cpl": _residual_cpl_net, "aol": _aol_net}
+
+
+def _inputs(count: int, generator) -> torch.Tensor:
+    """Images in [0, 1], and badly conditioned ones: large entries of alternating sign (cancellation)."""
+    x = torch.rand(count, 2, 8, 8, generator=generator)
+    signs = torch.where(torch.rand(count // 4, 2, 8, 8, generator=generator) < 0.5, -1.0, 1.0)
+    x[: count // 4] = 300.0 * signs * torch.rand(count // 4, 2, 8, 8, generator=generator)
+    return x
+
+
+def _round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to 10 mantissa bits (to nearest, ties away): what a TF32 tensor core multiplies."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _sequential_sum(products: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim of float32 ``products`` one term at a time in ``order``: another summation order."""
+    total = torch.zeros(products.shape[:-1], dtype=torch.float32)
+    for k in order.tolist():
+        total = total + products[..., k]
+    return total
+
+
+def _conv_in_order(module: nn.Conv2d, x: torch.Tensor, order_seed: int, tf32: bool = False) -> torch.Tensor:
+    mode = "circular" if module.padding_mode == "circular" else "constant"
+    pad = module._reversed_padding_repeated_twice
+    cols = F.unfold(F.pad(x, pad, mode=mode), module.kernel_size, stride=module.stride)  # (B, n, P), copies
+    weight = module.weight.reshape(module.out_channels, -1)
+    if tf32:
+        cols, weight = _round_tf32(cols), _round_tf32(weight)
+    products = weight[None, :, None, :] * cols.transpose(1, 2)[:, None, :, :]  # (B, out, P, n): exact products
+    if module.bias is not None:
+        products = torch.cat([products, module.bias.reshape(1, -1, 1, 1).expand(*products.shape[:3], 1)], dim=-1)
+    order = torch.randperm(products.shape[-1], generator=torch.Generator().manual_seed(order_seed))
+    out = _sequential_sum(products, order)
+    side = int(math.isqrt(out.shape[-1]))
+    return out.reshape(x.shape[0], module.out_channels, side, side)
+
+
+def _linear_in_order(module: nn.Linear, x: torch.Tensor, order_seed: int, tf32: bool = False) -> torch.Tensor:
+    weight = module.weight
+    if tf32:
+        x, weight = _round_tf32(x), _round_tf32(weight)
+    products = weight[None] * x[:, None, :]
+    if module.bias is not None:
+        products = torch.cat([products, module.bias.reshape(1, -1, 1).expand(x.shape[0], -1, 1)], dim=-1)
+    order = torch.randperm(products.shape[-1], generator=torch.Generator().manual_seed(order_seed))
+    return _sequential_sum(products, order)
+
+
+def _evaluate_in_order(model: nn.Module, x: torch.Tensor, seed: int, tf32: bool = False) -> torch.Tensor:
+    """The frozen float32 network with every conv / linear summed term by term in a random order (and with
+    TF32-rounded operands if asked); other layers as PyTorch computes them in float32."""
+    def leaves(module):
+        children = module.layers if hasattr(module, "layers") else module
+        if isinstance(children, nn.Sequential):
+            return [leaf for child in children for leaf in leaves(child)]
+        return [module]
+
+    h = x
+    for i, module in enumerate(leaves(to_vanilla(model))):
+        if type(module) is nn.Conv2d:
+            h = _conv_in_order(module, h, seed + i, tf32)
+        elif type(module) is nn.Linear:
+            h = _linear_in_order(module, h, seed + i, tf32)
+        else:
+            h = module(h)
+    return h
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_error_bound_covers_float32_logits_in_a_ball(name):
+    """‖f̂(z) − f(z)‖ ≤ center(x) + slope·‖z − x‖ for z around 1,200 points (a quarter badly conditioned), f̂
+    the float32 evaluation by PyTorch's kernels (the lipkern model itself and its frozen export)."""
+    torch.manual_seed(0)
+    model = NETWORKS[name]()
+    generator = torch.Generator().manual_seed(1)
+    x = _inputs(400, generator)
+    analysis = RoundingAnalysis(model, (2, 8, 8), "float32")
+    bound = analysis(x)
+    assert torch.isfinite(bound.center).all() and bound.slope < 1e-2
+    exported = to_vanilla(model)
+    reference = to_vanilla(model).double()
+    for radius in (0.0, 0.05, 1.0):
+        direction = torch.randn(x.shape, generator=generator)
+        direction = direction / direction.flatten(1).norm(dim=1)[:, None, None, None]
+        z = (x + radius * direction).float()
+        distance = (z.double() - x.double()).flatten(1).norm(dim=1)
+        with torch.no_grad():
+            exact = reference(z.double())
+            for deployed in (model(z), exported(z)):
+                error = (deployed.double() - exact).norm(dim=1)
+                allowed = bound.center + bound.slope * distance + FLOAT64_SLACK
+                assert (error <= allowed).all(), (name, radius, (error / allowed).max().item())
+    with torch.no_grad():
+        assert (bound.logits - reference(x.double())).abs().max() == 0  # the float64 evaluation itself
+
+
+@pytest.mark.parametrize("name", ["conv", "batchnorm-pool", "aol"])
+def test_error_bound_covers_other_summation_orders_and_tf32(name):
+    """Every conv and linear layer summed one term at a time in a random order (three orders), and with
+    TF32-rounded operands against the 'tf32' bound (which the float32 bound does not cover)."""
+    torch.manual_seed(0)
+    model = NETWORKS[name]()
+    x = _inputs(160, torch.Generator().manual_seed(2))
+    exact = to_vanilla(model).double()(x.double()).detach()
+    bound32 = RoundingAnalysis(model, (2, 8, 8), "float32")(x)
+    bound_tf32 = RoundingAnalysis(model, (2, 8, 8), "tf32")(x)
+    assert (bound_tf32.center > bound32.center).all()
+    with torch.no_grad():
+        for seed in range(3):
+            error = (_evaluate_in_order(model, x, 100 * seed).double() - exact).norm(dim=1)
+            assert (error <= bound32.center + FLOAT64_SLACK).all(), (error / bound32.center).max().item()
+        error = (_evaluate_in_order(model, x, 7, tf32=True).double() - exact).norm(dim=1)
+    assert (error <= bound_tf32.center + FLOAT64_SLACK).all(), (error / bound_tf32.center).max().item()
+    assert (error > bound32.center).any(), "TF32 rounding exceeds the float32 bound somewhere: the test can fail"
+
+
+def test_dropping_the_rounding_term_certifies_a_point_that_float32_flips():
+    """f_0 = x_0 + x_1 + x_2, f_1 = 0.5 at x = (2²⁴, 1, −2²⁴): the real network predicts class 0 with margin
+    0.5 (radius 0.5/√3 > 0 for the real-arithmetic network), but float32 summed left to right gives f_0 = 0:
+    the deployed network predicts class 1 at x itself. With the rounding term the point is not certified."""
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+        model.bias.copy_(torch.tensor([0.0, 0.5]))
+    x = torch.tensor([[2.0 ** 24, 1.0, -(2.0 ** 24)]])
+    y = torch.tensor([0])
+    exact_only = certified_accuracy(model, (x, y), [0.0], pairwise=True, evaluation="exact")
+    assert exact_only.radii[0] > 0.28 and exact_only.accuracy[0] == 1.0
+    products = (model.weight[None] * x[:, None, :]).detach()
+    f0 = (products[0, 0, 0] + products[0, 0, 1]) + products[0, 0, 2]  # float32, left to right
+    assert f0.item() == 0.0 and f0 < model.bias[1]  # the deployed prediction is class 1
+    deployed = certified_accuracy(model, (x, y), [0.0], pairwise=True, evaluation="float32")
+    assert deployed.radii[0] == 0.0 and deployed.accuracy[0] == 0.0
+    assert deployed.rounding[0] > 0.5
+
+
+@pytest.mark.parametrize("name", ["conv", "residual-cpl", "aol"])
+def test_certified_points_keep_their_prediction_in_float32(name):
+    """Radius > 0 under the float32 certificate implies the float32 model predicts the certified class (the
+    radius-0 case of the theorem), and the float32 radii never exceed the real-arithmetic ones."""
+    torch.manual_seed(0)
+    model = NETWORKS[name]()
+    x = torch.rand(600, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    y = predicted.clone()
+    y[::3] = (y[::3] + 1) % 4
+    deployed = certified_accuracy(model, (x, y), [0.0], pairwise=True)
+    exact = certified_accuracy(model, (x, y), [0.0], pairwise=True, evaluation="exact")
+    assert deployed.evaluation == "float32" and exact.evaluation == "exact"
+    assert (deployed.radii <= exact.radii).all() and (deployed.radii > 0).sum() > 100
+    certified = deployed.correct & (deployed.radii > 0)
+    assert (predicted[certified] == y[certified]).all()
+
+
+def test_frozen_weights_are_the_applied_ones():
+    """The analysis certifies the AOL weight the model applies (float32, upcast exactly), not a float64
+    recomputation, which differs."""
+    model = _aol_net()
+    analysis = RoundingAnalysis(model, (2, 8, 8), "float32")
+    layer = next(m for m in model.modules() if isinstance(m, L.AOLConv2d))
+    frozen = next(m for m in analysis.model.modules() if isinstance(m, nn.Conv2d))
+    applied = layer.rescaled_weight().detach()
+    assert frozen.weight.dtype == torch.float64 and torch.equal(frozen.weight, applied.double())
+    import copy
+
+    recomputed = copy.deepcopy(layer).double().rescaled_weight().detach()
+    assert not torch.equal(recomputed, applied.double())
+
+
+def test_unsupported_layers_are_named_and_none_keeps_the_logits():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match="Tanh.*evaluation=None"):
+        certified_accuracy(model, (x, y), [0.0], lipschitz=10.0)
+    result = certified_accuracy(model, (x, y), [0.0], lipschitz=10.0, evaluation=None)
+    assert result.evaluation is None and result.rounding is None
+    with torch.no_grad():
+        assert torch.equal(result.radii, certified_radius(model(x), 10.0))
+    with pytest.raises(ValueError, match="evaluation must be one of"):
+        certified_accuracy(model, (x, y), [0.0], lipschitz=10.0, evaluation="bf16")
+    with pytest.warns(DeprecationWarning, match="dtype"):
+        certified_accuracy(model, (x, y), [0.0], lipschitz=10.0, evaluation=None, dtype=torch.float64)
+
+
+def test_radius_with_an_error_term_against_exact_rationals():
+    """certified_radius(error=, error_slope=) ≤ min_j ((f_y − f_j) − √2·e) / (L_yj + √2·s) (global L:
+    L_yj = √2·L) in exact rationals, and within 1e-14 of it. The quotient decreases in √2, so the rational
+    ROOT2_ABOVE > √2 gives a value below the real one."""
+    root2 = Fraction(14142135623730951, 10**16)  # > √2
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 4, generator=generator, dtype=torch.float64)
+    error = torch.rand(50, generator=generator, dtype=torch.float64) * 0.05
+    pair = torch.rand(4, 4, generator=generator, dtype=torch.float64) + 0.5
+    pair = (pair + pair.T) / 2
+    slope = Fraction(0.01)
+    for lipschitz in (1.3, pair):
+        radii = certified_radius(logits, lipschitz, error=error, error_slope=0.01)
+        for i in range(50):
+            top = int(logits[i].argmax())
+            quotients = []
+            for j in (j for j in range(4) if j != top):
+                l_yj = root2 * Fraction(lipschitz) if isinstance(lipschitz, float) else Fraction(float(pair[top, j]))
+                margin = Fraction(float(logits[i, top])) - Fraction(float(logits[i, j]))
+                quotients.append(max(margin - root2 * Fraction(float(error[i])), 0) / (l_yj + root2 * slope))
+            exact = min(quotients)
+            assert Fraction(float(radii[i])) <= exact
+            assert float(radii[i]) == pytest.approx(float(exact), rel=1e-14, abs=1e-300)
+    with pytest.raises(ValueError, match="error must be 50 numbers >= 0"):
+        certified_radius(logits, 1.0, error=-error)
+    with pytest.raises(ValueError, match="error_slope"):
+        certified_radius(logits, 1.0, error=error, error_slope=float("nan"))
+    unbounded = error.clone()
+    unbounded[::2] = math.inf  # a bound that overflowed: no radius there, the others unchanged
+    radii = certified_radius(logits, 1.3, error=unbounded)
+    assert (radii[::2] == 0).all() and torch.equal(radii[1::2], certified_radius(logits, 1.3, error=error)[1::2])
+    assert (certified_radius(logits, 1.3, error=error, error_slope=math.inf) == 0).all()
+
+
+def test_gamma_is_the_rounded_up_rational():
+    for n in (1, 9, 577, 10**6):
+        for name, precision in PRECISIONS.items():
+            u, op = Fraction(precision.unit), Fraction(precision.operand_unit)
+            exact = (1 + op) ** 2 * (1 + n * u / (1 - n * u)) - 1
+            value = gamma(n, precision)
+            assert Fraction(value) >= exact and Fraction(math.nextafter(value, 0)) < exact, (n, name)
+    with pytest.raises(ValueError, match="exceed"):
+        gamma(2**24, PRECISIONS["float32"])
