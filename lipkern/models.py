@@ -451,7 +451,7 @@ def to_vanilla(model: nn.Module) -> nn.Module:
     import copy
 
     plain = copy.deepcopy(model).eval()
-    _replace_layers(plain)
+    _replace_layers(plain, model)
     return plain
 
 
@@ -469,11 +469,14 @@ def _vanilla_of(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _replace_layers(module: nn.Module) -> None:
+def _replace_layers(module: nn.Module, original: nn.Module) -> None:
+    """Replace in the copy ``module`` the layers of ``original`` it copies: built from the ORIGINAL layers,
+    whose cached eval norms (a certified bound can take seconds) are valid; a deep copy's are recomputed."""
+    originals = dict(original.named_children())
     for name, child in module.named_children():
-        replacement = _vanilla_of(child)
+        replacement = _vanilla_of(originals[name])
         if replacement is None:
-            _replace_layers(child)
+            _replace_layers(child, originals[name])
         else:
             setattr(module, name, replacement)
 

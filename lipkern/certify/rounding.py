@@ -142,22 +142,58 @@ class _Exact(_Step):
         return state.advance(self.module(state.g), self.lip, zero, zero, 0.0)
 
 
-class _Affine(_Step):
-    """y = W h + b (nn.Linear, nn.Conv2d, average pooling): a dot product of ``terms`` products each."""
+def _abs_norm(operator) -> float:
+    """A guaranteed upper bound of ‖|W|‖₂. A conv with a non-negative kernel is entrywise below the circular
+    conv on the padded image (a submatrix of it; a strided one keeps a subset of its rows), whose norm is the
+    largest singular value of S = Σ_taps |W| (its frequency responses are entrywise ≤ S in modulus), per group:
+    no operator-sized computation."""
+    from lipkern.bounds.spectral import linear_spectral_norm
 
-    def __init__(self, module, operator, bias, terms: int):
+    w = operator.weight.detach().to(torch.float64).abs()
+    if operator.kind == "dense":
+        return _collatz_wielandt(w)
+    taps = w.shape[2] * w.shape[3]
+    summed = w.sum(dim=(2, 3)) * (1 + 2 * gamma(taps, PRECISIONS["float64"]))  # ≥ the exact sums
+    groups = operator.geometry.groups if operator.geometry is not None else 1
+    rows = summed.shape[0] // groups
+    return max(float(linear_spectral_norm(summed[g * rows:(g + 1) * rows], method="upper").upper)
+               for g in range(groups))
+
+
+def _collatz_wielandt(w: torch.Tensor, steps: int = 30) -> float:
+    """‖W‖₂ for a non-negative (out, in) matrix, from above: ρ(WᵀW) ≤ max_i (WᵀW v)_i / v_i for ANY positive v
+    (Collatz–Wielandt), v from a few power steps (kept positive). Each product of non-negative terms is within
+    a relative γ of the exact one: inflated accordingly."""
+    v = torch.ones(w.shape[1], dtype=torch.float64, device=w.device)
+    for _ in range(steps):
+        v = w.T @ (w @ v)
+        v = v / v.max().clamp_min(1e-300) + 1e-12  # positive, bounded away from 0
+    ratio = float(((w.T @ (w @ v)) / v).max())
+    terms = w.shape[0] + w.shape[1]
+    return _inflate(math.sqrt(_inflate(ratio, 2 * terms + 4)), 2)
+
+
+class _Affine(_Step):
+    """y = W h + b (nn.Linear, nn.Conv2d, average pooling): a dot product of ``terms`` products each.
+    ``lip``: a proven bound of ‖W‖ (an AOL / certified Spectral layer: 1), else computed (guaranteed)."""
+
+    def __init__(self, module, operator, bias, terms: int, lip: float | None = None):
         self.module, self.operator, self.terms = module, operator, terms
         self.abs_operator = operator.abs()
         self.abs_bias = None if bias is None else bias.detach().abs()
-        self.lip = float(operator.upper_bound())
-        self.abs_norm = float(self.abs_operator.upper_bound())
+        self.lip = float(operator.upper_bound()) if lip is None else lip
+        self.abs_norm = _abs_norm(operator)
 
-    def magnitude(self, g: torch.Tensor) -> torch.Tensor:
-        """‖|W|·|g| + |b|‖₂ per sample, rounded up."""
+    def magnitude_vector(self, g: torch.Tensor) -> torch.Tensor:
+        """|W|·|g| + |b| (B, *out), non-negative; each entry within a relative γ_terms (float64) of the exact."""
         t = self.abs_operator.forward(g.abs())
         if self.abs_bias is not None:
             t = t + self.abs_bias.reshape(-1, *([1] * (t.dim() - 2)))
-        return _inflate(_norm(t), self.terms)
+        return t
+
+    def magnitude(self, g: torch.Tensor) -> torch.Tensor:
+        """‖|W|·|g| + |b|‖₂ per sample, rounded up."""
+        return _inflate(_norm(self.magnitude_vector(g)), self.terms)
 
     def apply(self, state, precision):
         rho = self.magnitude(state.g)
@@ -201,34 +237,56 @@ class _LeakyReLU(_Step):
 
 
 class _PlainCPL(_Step):
-    """z = h − t·Wᵀ relu(W h + b) (the frozen CPL layer). With p = W h + b (``terms`` products), v = Wᵀ r
-    (``adjoint_terms``), the product by t and the difference, its rounding at the computed h is at most
-    c·t·|Wᵀ|(|W||h| + |b|) + u·|h| entrywise, c = ((γ_a + γ_m(1 + γ_a))(1 + u) + u)(1 + u) + u."""
+    """z = h − t·Wᵀ relu(W h + b) (the frozen CPL layer), computed as p = W h + b (``terms`` products, error
+    e_p ≤ γ_a(|W||h| + |b|)), r = relu(p) (exact), v = Wᵀ r (``adjoint_terms``), w = t·v, z = h − w. The error
+    of p reaches v through Wᵀ·relu, a LINEAR propagation (‖W‖, not ‖|W|‖), so at the computed input h
+        ‖v̂ − v‖ ≤ ‖W‖ γ_a ρ_W + γ_m (ρ_V + ‖|W|‖ γ_a ρ_W),  ρ_W = ‖|W||h| + |b|‖, ρ_V = ‖|Wᵀ| relu(W h + b)‖,
+        ‖ẑ − z‖ ≤ (1 + u)² t ‖v̂ − v‖ + (2u + u²) t ‖W‖ ‖relu(W h + b)‖ + u ‖h‖,
+    each term at the center g plus its growth with ‖h − g‖ (ρ_W by ‖|W|‖, ρ_V by ‖|W|‖·‖W‖, relu(W h + b) by
+    ‖W‖). ``proven``: a certified CPL layer, whose step t ≤ 2/‖W‖² is proven: Lipschitz 1 and ‖W‖ ≤ √(2/t);
+    else ‖W‖ ≤ U computed and the Lipschitz bound max(1, t·U² − 1)."""
 
-    def __init__(self, module, operator, bias, terms: int, adjoint_terms: int):
+    def __init__(self, module, operator, bias, terms: int, adjoint_terms: int, proven: bool = False):
         self.module = module
-        self.affine = _Affine(None, operator, bias, terms)
-        self.adjoint_terms = adjoint_terms
         self.step = float(module.h)
-        upper = self.affine.lip
-        self.lip = max(1.0, _inflate(self.step * upper * upper, 3) - 1.0)  # Jacobian eigenvalues in [1 − tU², 1]
+        upper = _inflate(math.sqrt(2.0 / self.step), 2) if proven and self.step > 0 else None
+        self.affine = _Affine(None, operator, bias, terms, lip=upper)
+        self.adjoint_terms = adjoint_terms
+        upper = self.affine.lip  # ≥ ‖W‖
+        # the Jacobian I − t·WᵀDW (0 ≤ D ≤ I) has its eigenvalues in [1 − tU², 1]
+        self.lip = 1.0 if proven else max(1.0, _inflate(self.step * upper * upper, 3) - 1.0)
 
-    def coefficient(self, precision: Precision) -> float:
+    def _norms(self, g: torch.Tensor):
+        """(ρ_W, ‖relu(W g + b)‖, ρ_V, ‖g‖) per sample, each rounded up to cover the exact value at g."""
+        width = self.affine.abs_norm
+        g64 = gamma(self.affine.terms, PRECISIONS["float64"])
+        rho_w = self.affine.magnitude(g)
+        pre = self.affine.operator.forward(g)
+        if self.affine.abs_bias is not None:
+            pre = pre + self.module.bias.detach().reshape(-1, *([1] * (pre.dim() - 2)))
+        relu = pre.clamp_min(0)  # within γ64·(|W||g| + |b|) of the exact relu(W g + b) (entrywise)
+        relu_norm = _inflate(_norm(relu), 2) + g64 * rho_w
+        rho_v = _inflate(_norm(self.affine.abs_operator.adjoint(relu)), self.adjoint_terms) + width * g64 * rho_w
+        return rho_w, relu_norm, rho_v, _norm(g.abs())
+
+    def _terms(self, norms, precision: Precision):
+        """(center (B,), spread): the layer's rounding at a computed input h is ≤ center + spread·‖h − g‖."""
+        rho_w, relu_norm, rho_v, g_norm = norms
         a, m, u = gamma(self.affine.terms, precision), gamma(self.adjoint_terms, precision), precision.unit
-        return _inflate(((a + m * (1 + a)) * (1 + u) + u) * (1 + u) + u, 12)
+        wn, width, t = self.affine.lip, self.affine.abs_norm, self.step
+        error_v = wn * a * rho_w + m * (rho_v + width * a * rho_w)
+        center = (1 + u) ** 2 * t * error_v + (2 * u + u * u) * t * wn * relu_norm + u * g_norm
+        growth_v = wn * a * width + m * (width * wn + width * a * width)
+        spread = (1 + u) ** 2 * t * growth_v + (2 * u + u * u) * t * wn * wn + u
+        return _inflate(center, 16), _inflate(spread, 16)
 
     def apply(self, state, precision):
-        rho = self.affine.magnitude(state.g)  # ‖|W||g| + |b|‖
-        width = self.affine.abs_norm  # ‖|Wᵀ|‖ = ‖|W|‖
-        g_norm = _norm(state.g.abs())
-        c = self.coefficient(PRECISIONS["float64"])
-        c64 = _inflate(c * self.step * width * rho + _U64 * g_norm, 4)
+        norms = self._norms(state.g)
+        c64, _ = self._terms(norms, PRECISIONS["float64"])
         if precision is None:
             zero = torch.zeros_like(c64)
             return state.advance(self.module(state.g), self.lip, c64, zero, 0.0)
-        c = self.coefficient(precision)
-        c32 = _inflate(c * self.step * width * rho + precision.unit * g_norm, 4)
-        s32 = _inflate(c * self.step * width * width + precision.unit, 4)
+        c32, s32 = self._terms(norms, precision)
         return state.advance(self.module(state.g), self.lip, c64, c32, s32)
 
 
@@ -258,6 +316,22 @@ def _run(steps: list, state: _State, precision) -> _State:
     return state
 
 
+def _proven_layers(model: nn.Module, frozen: nn.Module) -> set[int]:
+    """ids of the frozen modules that replace a layer 1-Lipschitz by proof (AOL; Spectral and CPL layers with
+    certified=True, in the eval form to_vanilla exports): their constant is 1, not computed again."""
+    from lipkern import nn as LN
+
+    frozen_modules = dict(frozen.named_modules())
+    proven = set()
+    for name, module in model.named_modules():
+        by_proof = isinstance(module, (LN.AOLConv2d, LN.AOLLinear)) or (
+            isinstance(module, (LN.SpectralConv2d, LN.SpectralLinear, LN.CPLConv2d, LN.CPLLinear))
+            and module.certified is True)
+        if by_proof and name in frozen_modules:
+            proven.add(id(frozen_modules[name]))
+    return proven
+
+
 class RoundingAnalysis:
     """The evaluation-error bounds of a network (module docstring), prepared once for inputs of
     ``input_shape`` (without the batch dim): ``analysis(x)`` gives the :class:`EvaluationError` of a batch.
@@ -280,6 +354,7 @@ class RoundingAnalysis:
         if device is not None:
             frozen = frozen.to(device)
         self.model = frozen.to(torch.float64)  # exact: every float32 / float16 value is a float64 value
+        self.proven = _proven_layers(model, self.model)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.steps, self.output_shape = self._parse(self.model, self.input_shape)
 
@@ -348,14 +423,14 @@ class RoundingAnalysis:
             return _LeakyReLU(module)
         if computes_forward_of(module, nn.Linear):
             operator = LinearMap.dense(module.weight.detach(), shape)
-            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1)
+            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1, self._lip(module))
         if computes_forward_of(module, nn.Conv2d):
             if module.padding_mode not in ("zeros", "circular"):
                 raise TypeError(f"RoundingAnalysis: Conv2d with padding_mode={module.padding_mode!r} is not "
                                 "analyzed")
             operator = LinearMap.conv2d(module.weight.detach(), shape, module.stride, module.padding,
                                         module.dilation, module.groups, module.padding_mode)
-            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1)
+            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1, self._lip(module))
         if computes_forward_of(module, nn.AvgPool2d):
             return self._avg_pool(module, shape, out)
         if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d):
@@ -365,15 +440,19 @@ class RoundingAnalysis:
         if computes_forward_of(module, PlainCPLLinear):
             operator = LinearMap.dense(module.weight.detach(), shape)
             return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             module.weight.shape[0])
+                             module.weight.shape[0], id(module) in self.proven)
         if computes_forward_of(module, PlainCPLConv2d):
             left, right, top, bottom = module.padding
             operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
                                         padding_mode=module.padding_mode)
             w = module.weight
             adjoint_terms = w.shape[0] * w.shape[2] * w.shape[3] + 4  # + the circular adjoint's wrapped sums
-            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1, adjoint_terms)
+            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1, adjoint_terms,
+                             id(module) in self.proven)
         return None
+
+    def _lip(self, module) -> float | None:
+        return 1.0 if id(module) in self.proven else None
 
     @staticmethod
     def _max_pool_constant(module, out) -> float:

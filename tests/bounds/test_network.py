@@ -414,6 +414,46 @@ def test_lipschitz_bound_with_no_options_is_an_upper_bound():
     assert isinstance(renamed, LipschitzEstimate)
 
 
+def test_inexact_scales_are_charged_their_rounding():
+    """BatchNorm / Normalize / average-pooling scales enter as float64 values M_i within a relative r_i of the
+    real ones; every chain is charged (∏(1 + r_i) − 1)·∏‖M_i‖. Property (dense operators, SVD): for
+    perturbations Δ_i with |Δ_i| ≤ r_i|M_i| entrywise (r_i large here, 0.05), ‖∏(M_i + Δ_i)‖ ≤ ‖∏M_i‖ +
+    correction; and the parser marks exactly these maps."""
+    from lipkern.bounds.network import _inexact_corrections, build_plan
+    from lipkern.bounds.operators import LinearMap
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sizes = [5, 4, 4, 3]
+        dense = [torch.randn(sizes[i + 1], sizes[i], generator=generator, dtype=torch.float64) for i in range(3)]
+        scale = torch.randn(4, generator=generator, dtype=torch.float64)
+        maps = [LinearMap.dense(dense[0]), LinearMap.diag(scale, (4,)), LinearMap.dense(dense[1]),
+                LinearMap.dense(dense[2])]
+        items = [type("M", (), {"relative_error": r})() for r in (0.0, 0.05, 0.0, 0.05 * (trial % 2))]
+        matrices = [m.dense_matrix() for m in maps]
+        norms = torch.zeros(4, 4, dtype=torch.float64)
+        for j in range(4):
+            for k in range(j, 4):
+                chain = matrices[j]
+                for i in range(j + 1, k + 1):
+                    chain = matrices[i] @ chain
+                norms[j, k] = spectral_norm(chain)
+        correction = _inexact_corrections(items, norms)
+        for _ in range(5):
+            perturbed = [m + (2 * torch.rand(m.shape, generator=generator, dtype=torch.float64) - 1)
+                         * item.relative_error * m.abs() for m, item in zip(matrices, items)]
+            for j in range(4):
+                chain = perturbed[j]
+                for k in range(j, 4):
+                    if k > j:
+                        chain = perturbed[k] @ chain
+                    assert spectral_norm(chain) <= norms[j, k] + correction[j, k] + 1e-12, (trial, j, k)
+    assert _inexact_corrections([type("M", (), {"relative_error": 0.0})()] * 2, norms[:2, :2]) is None
+    model = nn.Sequential(Normalize(0.5, 3.0), nn.Flatten(), nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1))
+    plan = build_plan(model.eval(), (1,), "liplt", False, True, None, None)
+    assert [m.relative_error > 0 for m in plan.segments[0].maps] == [True, False, False]
+
+
 def test_errors():
     with pytest.raises(TypeError, match="unsupported module .*GELU"):
         lipschitz_bound(nn.Sequential(nn.Linear(3, 3), nn.GELU()), (3,))
