@@ -16,6 +16,9 @@ padding, stride, dilation and groups, at the real input size):
     axis (the wrap-around never reaches the support), so ‖A‖ ≤ its norm; the circular norm at the *same*
     n is not a bound. The gap closes as n grows (measured: 3.9% at n = 8, 1.0% at 16, 0.12% at 32 for
     random 3×3 kernels, c = 16);
+  * any padding, small operators (in·out ≤ :data:`DENSE_LIMIT`, 2²⁰ entries on a CPU, 2²⁶ on a GPU): the explicit
+    float64 matrix with its a-posteriori rounding term and a Cholesky certificate
+    (:func:`lipkern.bounds.chain.chain_upper_bounds`' dense path): within ~1e-9 of the exact norm;
   * groups: the operator is block diagonal, groups combine by max;
   * max_ω ‖K̂(ω)‖ is bounded by a Cholesky certificate of λI − K̂ᴴK̂ ⪰ 0 for all frequencies at once
     (``lipkern.bounds.certificate``; Gram iteration, ``lipkern.bounds.gram``, for any frequency it cannot
@@ -50,6 +53,9 @@ __all__ = ["SpectralNorm", "conv2d_spectral_norm", "frequency_matrices", "linear
 
 _U = 2.0 ** -53
 METHODS = ("auto", "power", "fft", "upper")
+# in_features·out_features of a conv bounded by its explicit matrix (Cholesky certificate): about 0.4 s on a
+# 2-core CPU at 2²⁰ (1,024 × 1,024); a GPU's float64 Cholesky takes 2²⁶ (8,192 × 8,192) in well under a second.
+DENSE_LIMIT = {"cpu": 2**20, "cuda": 2**26}
 
 
 class SpectralNorm(NamedTuple):
@@ -153,6 +159,33 @@ def _circular_embedding(g: ConvGeometry) -> _Embedding:
             factor *= torch.bincount((torch.arange(n_out) * s) % n, minlength=n).max().item()
             exact = False
     return _Embedding(tuple(sizes), tuple(strides), math.sqrt(factor), exact)
+
+
+def _dense_upper(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor | None:
+    """The explicit matrix's certified bound (0-dim float64) where in·out ≤ DENSE_LIMIT on the weight's
+    device, else None."""
+    from lipkern.bounds.chain import _add, _cudnn_off, _dense_chains
+    from lipkern.bounds.operators import LinearMap
+
+    in_shape = (weight.shape[1] * g.groups, *g.input_size)
+    out_shape = (weight.shape[0], *g.output_size)
+    entries = math.prod(in_shape) * math.prod(out_shape)
+    if entries > DENSE_LIMIT.get(weight.device.type, DENSE_LIMIT["cpu"]) or not bool(torch.isfinite(weight).all()):
+        return None
+    operator = LinearMap("conv2d", weight.detach().to(torch.float64), in_shape, out_shape, g)
+    with _cudnn_off(weight.device):
+        dense, errors = _dense_chains([operator], entries)
+    if (0, 0) not in dense:
+        return None
+    bound = _add(dense[(0, 0)], *[delta for _, _, delta in errors[(0, 0)]])  # ‖Â − A‖ ≤ δ
+    return torch.tensor(bound, dtype=torch.float64, device=weight.device) if math.isfinite(bound) else None
+
+
+def _certified_upper(weight, e: "_Embedding", g: ConvGeometry, rtol: float, lower: float = 0.0):
+    """The tightest guaranteed bound available: the explicit matrix's for small operators, else the
+    circular embedding's."""
+    dense = _dense_upper(weight, g)
+    return dense if dense is not None else _circular_upper(weight, e, g, rtol, lower)
 
 
 def _circular_upper(weight, e: _Embedding, g: ConvGeometry, rtol: float, lower: float = 0.0):
@@ -364,13 +397,13 @@ def conv2d_spectral_norm(weight: torch.Tensor, input_size, stride=1, padding=0, 
         return SpectralNorm(_power_estimate(weight, g, u, n_iter, rtol), None)
     with torch.no_grad():
         if method == "upper":
-            return SpectralNorm(None, _circular_upper(weight, embedding, g, rtol))
+            return SpectralNorm(None, _certified_upper(weight, embedding, g, rtol))
         if method == "fft" or (method == "auto" and embedding.exact):
             upper = _circular_upper(weight, embedding, g, rtol)
             return SpectralNorm(_fft_estimate(weight, embedding, g, n_iter, rtol, upper), upper)
     estimate = _power_estimate(weight, g, u, n_iter, rtol)
     with torch.no_grad():
-        upper = _circular_upper(weight, embedding, g, rtol, lower=estimate.item())
+        upper = _certified_upper(weight, embedding, g, rtol, lower=estimate.item())
     return SpectralNorm(estimate, upper)
 
 

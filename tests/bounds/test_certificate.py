@@ -161,6 +161,11 @@ def _exact(unit, n, kwargs):
     return spectral_norm(dense_conv2d(unit, n, **kwargs))
 
 
+def _circular_only():
+    """The circular-embedding certificate alone (small operators otherwise take the explicit matrix's)."""
+    return mock.patch.dict("lipkern.bounds.spectral.DENSE_LIMIT", {"cpu": 0, "cuda": 0})
+
+
 def _spy():
     results = []
     real = certificate.certify_max_norm
@@ -189,11 +194,14 @@ def test_conv_upper_bound_holds_on_every_path(case, seed, path, log_scale):
     results, spy = _spy()
     real_refined = certificate.refined_estimate
     low = mock.patch.object(certificate, "refined_estimate", lambda a: real_refined(a) / 4)
-    with configure(**TORCH), spy, (low if path == "fallback" else mock.MagicMock()):
+    with configure(**TORCH), spy, _circular_only(), (low if path == "fallback" else mock.MagicMock()):
         upper = conv2d_spectral_norm(unit * 10.0**log_scale, case["n"], **kwargs, method="upper").upper.item()
     assert upper >= exact * 10.0**log_scale, (upper, exact)
     if path == "certificate" and exact > 0:
         assert results[0].failed == 0
+    with configure(**TORCH):  # and the explicit matrix's certificate where the operator is small
+        dense = conv2d_spectral_norm(unit * 10.0**log_scale, case["n"], **kwargs, method="upper").upper.item()
+    assert dense >= exact * 10.0**log_scale, (dense, exact)
 
 
 @pytest.mark.parametrize("kwargs", [dict(padding=1, padding_mode="circular"), dict(padding=1),
@@ -212,11 +220,14 @@ def test_conv_upper_bound_rank_deficient_kernels_at_extreme_scales(kwargs, scale
     for unit in (rank_one, dead):
         exact = _exact(unit, 6, kwargs)
         results, spy = _spy()
-        with configure(**TORCH), spy:
+        with configure(**TORCH), spy, _circular_only():
             upper = conv2d_spectral_norm(unit * scale, 6, **kwargs, method="upper").upper.item()
         assert upper >= exact * scale
         assert upper <= exact * scale * 1.5  # zero padding: the enlarged circular operator
         assert results[0].failed == 0
+        with configure(**TORCH):  # the explicit matrix's certificate (a small operator): tight
+            dense = conv2d_spectral_norm(unit * scale, 6, **kwargs, method="upper").upper.item()
+        assert exact * scale <= dense <= exact * scale * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding="same"), dict(padding=2, dilation=2, groups=2),
