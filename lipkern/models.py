@@ -10,6 +10,8 @@
   n_conv CPL convs whose hidden width is ``conv_hidden`` (5 in the reference code, not the channel count),
   AvgPool2d(4, divisor_override=4) (norm exactly 1), n_dense CPL dense layers (hidden 2048) and a
   row-normalized last layer (use pairwise margins to certify it: unit rows do not make it 1-Lipschitz).
+- ``CPLNet(size, layer="sll")``: SLL-S/M/L/XL (Araujo et al. 2023): the same body with SLL layers
+  (``lipkern.nn.SLLConv2d`` / ``SLLLinear``) and the row-normalized head (certify it pairwise).
 - ``AOLNet(size)``: AOL-S/M/L, the patchwise network of Prach & Lampert 2022 (Table 2).
 - ``LipLTNet(arch)``: the plain ReLU CNNs of LipLT / CRM (Fazlyab et al. 2023): "4C3F" (MNIST), "6C2F"
   (CIFAR-10), "8C2F" (Tiny-ImageNet), ``nn.Sequential``s whose Lipschitz constant
@@ -41,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipkern.nn import AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SpectralConv2d, SpectralLinear
+from lipkern.nn import (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SLLConv2d, SLLLinear, SpectralConv2d,
+                        SpectralLinear)
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 
 __all__ = ["AOLNet", "CPLNet", "ConvNet", "FirstChannels", "LMTNet", "LinearNormalized", "LipLTNet",
@@ -301,7 +304,7 @@ class CPLNet(nn.Module):
 
     def __init__(self, size: str = "S", in_channels: int = 3, num_classes: int = 10, conv_hidden: int = 5,
                  dense_hidden: int = 2048, image_size=32, n_conv: int | None = None,
-                 n_dense: int | None = None, **layer_kwargs):
+                 n_dense: int | None = None, layer: str = "cpl", **layer_kwargs):
         if size not in CPL_SIZES:
             raise ValueError(f"CPLNet: size must be one of {list(CPL_SIZES)}, got {size!r}")
         default_conv, default_dense, w = CPL_SIZES[size]
@@ -312,12 +315,18 @@ class CPLNet(nn.Module):
         if min(height, width) < 4:
             raise ValueError(f"CPLNet: image_size must be at least 4×4 (4×4 average pooling), "
                              f"got {image_size!r}")
+        if layer not in ("cpl", "sll"):
+            raise ValueError(f"CPLNet: layer must be 'cpl' or 'sll', got {layer!r}")
         features = w * (height // 4) * (width // 4)
         modules: list[nn.Module] = [ZeroChannelPad(w)]
-        modules += [CPLConv2d(w, conv_hidden, 3, input_size=(height, width), **layer_kwargs)
-                    for _ in range(n_conv)]
+        if layer == "cpl":
+            modules += [CPLConv2d(w, conv_hidden, 3, input_size=(height, width), **layer_kwargs)
+                        for _ in range(n_conv)]
+        else:  # SLL: the same body, its steps certified by the weighted Gershgorin bound (no input size)
+            modules += [SLLConv2d(w, conv_hidden, 3, **layer_kwargs) for _ in range(n_conv)]
         modules += [nn.AvgPool2d(4, divisor_override=4), nn.Flatten()]
-        modules += [CPLLinear(features, dense_hidden, **layer_kwargs) for _ in range(n_dense)]
+        dense = CPLLinear if layer == "cpl" else SLLLinear
+        modules += [dense(features, dense_hidden, **layer_kwargs) for _ in range(n_dense)]
         factory = {k: v for k, v in layer_kwargs.items() if k in ("device", "dtype")}
         super().__init__()
         self.body = nn.Sequential(*modules)
@@ -400,6 +409,9 @@ def _model_table() -> dict[str, tuple[str, object]]:
     for size in CPL_SIZES:
         table[f"cpl-{size.lower()}"] = ("cpl", lambda c, i, s, size=size, **o:
                                              CPLNet(size, i, c, image_size=s, **o))
+    for size in CPL_SIZES:  # SLL-S/M/L/XL: CPL's architecture with SLL layers (Araujo et al. 2023)
+        table[f"sll-{size.lower()}"] = ("sll", lambda c, i, s, size=size, **o:
+                                             CPLNet(size, i, c, image_size=s, layer="sll", **o))
     for arch in LIPLT_ARCHS:
         table[f"liplt-{arch.lower()}"] = ("liplt", lambda c, i, s, arch=arch, **o:
                                                LipLTNet(arch, i, c, s, **o))
@@ -409,7 +421,7 @@ def _model_table() -> dict[str, tuple[str, object]]:
 
 _MODELS = _model_table()
 MODEL_FAMILIES: dict[str, str] = {name: family for name, (family, _) in _MODELS.items()}
-"""Every name :func:`build_model` knows -> its family in {"aol", "cpl", "spectral", "liplt", "lmt"}
+"""Every name :func:`build_model` knows -> its family in {"aol", "cpl", "sll", "spectral", "liplt", "lmt"}
 (the family selects the training recipe)."""
 
 
@@ -422,6 +434,7 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, input
       as certified=, n_power_iterations=, device=, dtype=);
     - "aol-{s,m,l}": :class:`AOLNet` (options: width, conv_channels, n_conv, n_dense, device, dtype);
     - "cpl-{s,m,l,xl}": :class:`CPLNet` (options: conv_hidden, dense_hidden, n_conv, n_dense, certified, ...);
+    - "sll-{s,m,l,xl}": :class:`CPLNet` with ``layer="sll"`` (options: conv_hidden, dense_hidden, n_conv, n_dense);
     - "liplt-{4c3f,6c2f,8c2f}": :class:`LipLTNet`; "lmt": :class:`LMTNet` (device, dtype).
     Raises ValueError for an unknown name (listing the choices) or an input size / option the architecture
     does not admit, TypeError for an unknown option.
@@ -464,7 +477,8 @@ def _vanilla_of(module: nn.Module) -> nn.Module | None:
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
         return layer.eval()
-    if isinstance(module, (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, SpectralConv2d, SpectralLinear)):
+    if isinstance(module, (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, SpectralConv2d, SpectralLinear, SLLConv2d,
+                           SLLLinear)):
         return module.to_vanilla().eval()
     return None
 

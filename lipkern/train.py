@@ -74,6 +74,9 @@ RECIPES: dict[str, dict] = {
                 source="AOL (Prach & Lampert 2022)"),
     "cpl": dict(loss="hinge", margin=0.7, optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=256,
                 schedule="triangular", source="CPL (Meunier et al. 2022)"),
+    "sll": dict(loss="offset-ce", offset=3 * SQRT2 / 2, temperature=0.25, optimizer="adam", lr=0.01,
+                adam_betas=(0.5, 0.9), weight_decay=0.0, batch_size=256, schedule="triangular",
+                source="SLL (Araujo et al. 2023)"),
     "spectral": dict(loss="offset-ce", offset=2 * SQRT2 * 36 / 255, temperature=0.25, optimizer="sgd",
                      lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, schedule="onecycle",
                      source="1-Lipschitz Layers Compared (Prach et al. 2024)"),
@@ -118,6 +121,7 @@ class TrainConfig:
     momentum: float | None = None
     weight_decay: float | None = None
     adam_eps: float | None = None
+    adam_betas: tuple | None = None  # default (0.9, 0.999)
     schedule: str | None = None
     milestones: tuple | None = None
     min_lr: float | None = None
@@ -168,17 +172,19 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     for key, value in recipe.items():
         if values.get(key) is None:
             values[key] = value
-    defaults = dict(momentum=0.0, weight_decay=0.0, adam_eps=1e-8, milestones=(), min_lr=1e-6, offset=SQRT2,
+    defaults = dict(momentum=0.0, weight_decay=0.0, adam_eps=1e-8, adam_betas=(0.9, 0.999), milestones=(),
+                    min_lr=1e-6, offset=SQRT2,
                     temperature=0.25, margin=0.7, crm_t=5.0, crm_lambda=15.0, crm_r0=0.2, crm_start_epoch=10,
                     lmt_c=0.1, lmt_ramp_epochs=5, bound_method="liplt", bound_iters=5)
     for key, value in defaults.items():
         if values[key] is None:
             values[key] = value
     if values["certify_method"] is None:
-        one_lipschitz = families[config.model] in ("aol", "cpl", "spectral")
+        one_lipschitz = families[config.model] in ("aol", "cpl", "sll", "spectral")
         values["certify_method"] = "product" if one_lipschitz else "liplt"
     values["save_best"] = {True: "val", False: None}.get(values["save_best"], values["save_best"])  # older runs
     values["milestones"] = tuple(values["milestones"])
+    values["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
     values["eps"] = tuple(float(e) for e in values["eps"])
     resolved = TrainConfig(**values)
     _validate(resolved)
@@ -225,6 +231,8 @@ def _validate(c: TrainConfig) -> None:
     if c.certify_evaluation not in CERTIFY_EVALUATIONS:
         raise TrainError(f"certify_evaluation must be one of {', '.join(CERTIFY_EVALUATIONS)}; got "
                          f"{c.certify_evaluation!r}")
+    if len(c.adam_betas) != 2 or not all(0 <= b < 1 for b in c.adam_betas):
+        raise TrainError(f"adam_betas must be two numbers in [0, 1), got {c.adam_betas!r}")
     if not all(0 < m <= 1 for m in c.milestones):
         raise TrainError(f"milestones are fractions of training in (0, 1], got {c.milestones}")
     if any(not e >= 0 for e in c.eps):
@@ -309,7 +317,8 @@ def _loss_function(c: TrainConfig, num_classes: int) -> nn.Module:
 
 def _optimizer(c: TrainConfig, params) -> torch.optim.Optimizer:
     if c.optimizer == "adam":
-        return torch.optim.Adam(params, lr=c.lr, eps=c.adam_eps, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=c.lr, eps=c.adam_eps, betas=tuple(c.adam_betas),
+                                weight_decay=c.weight_decay)
     return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                            nesterov=c.optimizer == "nesterov" and c.momentum > 0)
 

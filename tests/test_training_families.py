@@ -33,6 +33,7 @@ CASES = {
     "convnet-xs-spectral": ({"width": 8}, 8, "offset", "adam", 1e-3),
     "aol-s": ({"width": 4, "conv_channels": 16, "n_conv": 2, "n_dense": 2}, 8, "offset", "nesterov", 0.05),
     "cpl-s": ({"n_conv": 2, "n_dense": 2, "dense_hidden": 64}, 8, "offset", "adam", 3e-3),
+    "sll-s": ({"n_conv": 2, "n_dense": 2, "dense_hidden": 64}, 8, "offset", "adam", 3e-3),
     "liplt-4c3f": ({}, 8, "ce", "adam", 1e-3),
     "lmt": ({}, 16, "ce", "adam", 1e-3),
 }

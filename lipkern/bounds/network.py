@@ -312,6 +312,13 @@ class _Parser:
             return [_Constant(1.0, name)], self.run(module, shape)
         if computes_forward_of(module, LN.PlainCPLConv2d, LN.PlainCPLLinear):
             return self.plain_cpl(module, shape)
+        if computes_forward_of(module, LN.SLLConv2d, LN.SLLLinear):
+            if self.sound and module.training:
+                raise ValueError(f"lipschitz_bound: {name} is 1-Lipschitz with proof in eval mode (its scale is "
+                                 "then the guaranteed one): call model.eval()")
+            return [_Constant(1.0, name)], self.run(module, shape)
+        if computes_forward_of(module, LN.PlainSLLConv2d, LN.PlainSLLLinear):
+            return self.plain_sll(module, shape)
         if computes_forward_of(module, LN.MaxMin):
             return [_Constant(1.0, name)], self.run(module, shape)
         if computes_forward_of(module, nn.PixelShuffle):
@@ -358,6 +365,30 @@ class _Parser:
         if not (math.isfinite(upper) and math.isfinite(h) and h >= 0):
             raise ValueError(f"lipschitz_bound: {self.name(module)} has a non-finite weight or step size")
         value = max(1.0, h * upper * upper * (1 + 8 * 2.0**-53) - 1.0)  # rounded up: 3 products, 1 difference
+        return [_Constant(value, self.name(module))], self.run(module, shape)
+
+    def plain_sll(self, module, shape):
+        """x − Wᵀ(s ⊙ relu(Wx + b)) (an exported SLL layer): its Jacobian I − Wᵀ S D W has eigenvalues in
+        [1 − ‖S^{1/2}W‖², 1], so its norm is ≤ max(1, U² − 1) for U ≥ ‖S^{1/2}W‖₂ (guaranteed: S^{1/2}W is
+        formed in float64 with two roundings per entry, charged)."""
+        scale = module.scale.detach().double()
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(f"lipschitz_bound: {self.name(module)} has a non-finite or negative scale")
+        weight = module.weight.detach().double()
+        root = scale.sqrt().reshape(-1, *([1] * (weight.dim() - 1)))
+        try:
+            if weight.dim() == 2:
+                operator = LinearMap.dense(root * weight, shape)
+            else:
+                left, right, top, bottom = module.padding
+                operator = LinearMap.conv2d(root * weight, shape, padding=(top, bottom, left, right),
+                                            padding_mode=module.padding_mode)
+        except ValueError as err:
+            raise ValueError(f"lipschitz_bound: {self.name(module)}: {err}") from err
+        upper = float(operator.upper_bound()) * (1 + 4 * _U64)
+        if not math.isfinite(upper):
+            raise ValueError(f"lipschitz_bound: {self.name(module)} has a non-finite weight")
+        value = max(1.0, upper * upper * (1 + 4 * _U64) - 1.0)
         return [_Constant(value, self.name(module))], self.run(module, shape)
 
     def dense(self, module, shape, weight_fn):

@@ -290,6 +290,71 @@ class _PlainCPL(_Step):
         return state.advance(self.module(state.g), self.lip, c64, c32, s32)
 
 
+class _PlainSLL(_Step):
+    """z = h − Wᵀ(s ⊙ relu(W h + b)) (the frozen SLL layer), computed as p = W h + b (γ_a), r = relu(p), r' =
+    r ⊙ s (one rounding), v = Wᵀ r' (γ_m), z = h − v (one rounding). With U ≥ ‖S^{1/2}W‖ (√2 for a layer
+    1-Lipschitz by proof) and s_max = max s, at the computed input h:
+        ‖v̂ − v‖ ≤ U·(√s_max (1 + u) γ_a ρ_W + u‖√s ⊙ r‖) + γ_m (ρ_V + ‖|W|‖ (s_max (1 + u) γ_a ρ_W
+                   + u √s_max ‖√s ⊙ r‖)),   ρ_V = ‖|Wᵀ|(s ⊙ r)‖,
+        ‖ẑ − z‖ ≤ (1 + u)‖v̂ − v‖ + u (‖h‖ + U ‖√s ⊙ r‖),
+    every term at the center g plus its growth with ‖h − g‖ (ρ_W by ‖|W|‖, ‖√s ⊙ r‖ by U, ρ_V by
+    ‖|W|‖·√s_max·U)."""
+
+    def __init__(self, module, operator, bias, terms: int, adjoint_terms: int, proven: bool):
+        from lipkern.bounds.operators import LinearMap
+
+        self.module = module
+        self.affine = _Affine(None, operator, bias, terms, lip=math.inf)  # ‖W‖ itself is not needed
+        self.adjoint_terms = adjoint_terms
+        self.scale = module.scale.detach().to(torch.float64).clamp_min(0)
+        self.s_max = float(self.scale.max()) if self.scale.numel() else 0.0
+        root = self.scale.sqrt().reshape(-1, *([1] * (operator.weight.dim() - 1)))
+        if proven:
+            self.scaled_norm = _inflate(math.sqrt(2.0), 2)
+        else:
+            scaled = LinearMap(operator.kind, root * operator.weight.to(torch.float64), operator.in_shape,
+                               operator.out_shape, operator.geometry)
+            self.scaled_norm = _inflate(float(scaled.upper_bound()), 4)
+        self.lip = 1.0 if proven else max(1.0, _inflate(self.scaled_norm ** 2, 2) - 1.0)
+
+    def _norms(self, g):
+        hidden_shape = (-1, *([1] * (g.dim() - 2)))
+        g64 = gamma(self.affine.terms, PRECISIONS["float64"])
+        rho_w = self.affine.magnitude(g)
+        pre = self.affine.operator.forward(g)
+        if self.affine.abs_bias is not None:
+            pre = pre + self.module.bias.detach().reshape(hidden_shape)
+        relu = pre.clamp_min(0)  # within γ64·(|W||g| + |b|) of the exact one
+        s = self.scale.reshape(hidden_shape)
+        root_s_max = math.sqrt(self.s_max)
+        scaled_relu = _inflate(_norm(s.sqrt() * relu), 4) + root_s_max * g64 * rho_w
+        rho_v = (_inflate(_norm(self.affine.abs_operator.adjoint(s * relu)), self.adjoint_terms + 2)
+                 + self.affine.abs_norm * self.s_max * g64 * rho_w)
+        return rho_w, scaled_relu, rho_v, _norm(g.abs())
+
+    def _terms(self, norms, precision: Precision):
+        rho_w, scaled_relu, rho_v, g_norm = norms
+        a, m, u = gamma(self.affine.terms, precision), gamma(self.adjoint_terms, precision), precision.unit
+        big_u, width, s_max = self.scaled_norm, self.affine.abs_norm, self.s_max
+        root = math.sqrt(s_max) * (1 + 2 * u)
+        inner = s_max * (1 + u) * a * rho_w + u * root * scaled_relu
+        error_v = big_u * (root * (1 + u) * a * rho_w + u * scaled_relu) + m * (rho_v + width * inner)
+        center = (1 + u) * error_v + u * (g_norm + big_u * scaled_relu)
+        growth_inner = s_max * (1 + u) * a * width + u * root * big_u
+        growth_v = big_u * (root * (1 + u) * a * width + u * big_u) + m * (width * root * big_u + width * growth_inner)
+        spread = (1 + u) * growth_v + u * (1 + big_u * big_u)
+        return _inflate(center, 16), _inflate(spread, 16)
+
+    def apply(self, state, precision):
+        norms = self._norms(state.g)
+        c64, _ = self._terms(norms, PRECISIONS["float64"])
+        if precision is None:
+            zero = torch.zeros_like(c64)
+            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0)
+        c32, s32 = self._terms(norms, precision)
+        return state.advance(self.module(state.g), self.lip, c64, c32, s32)
+
+
 class _Residual(_Step):
     """skip(h) + branch(h): both paths from the same state, then one rounded addition."""
 
@@ -324,7 +389,7 @@ def _proven_layers(model: nn.Module, frozen: nn.Module) -> set[int]:
     frozen_modules = dict(frozen.named_modules())
     proven = set()
     for name, module in model.named_modules():
-        by_proof = isinstance(module, (LN.AOLConv2d, LN.AOLLinear)) or (
+        by_proof = isinstance(module, (LN.AOLConv2d, LN.AOLLinear, LN.SLLConv2d, LN.SLLLinear)) or (
             isinstance(module, (LN.SpectralConv2d, LN.SpectralLinear, LN.CPLConv2d, LN.CPLLinear))
             and module.certified is True)
         if by_proof and name in frozen_modules:
@@ -411,7 +476,7 @@ class RoundingAnalysis:
         from lipkern import models as M
         from lipkern.bounds.network import computes_forward_of
         from lipkern.bounds.operators import LinearMap
-        from lipkern.nn import MaxMin, PlainCPLConv2d, PlainCPLLinear
+        from lipkern.nn import MaxMin, PlainCPLConv2d, PlainCPLLinear, PlainSLLConv2d, PlainSLLLinear
 
         exact = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, MaxMin, M.FirstChannels, M.ZeroChannelPad,
                  nn.PixelUnshuffle, M.PixelUnshuffle, nn.PixelShuffle)
@@ -437,6 +502,18 @@ class RoundingAnalysis:
             return self._batch_norm(module)
         if computes_forward_of(module, M.Normalize):
             return _Diagonal(module, 1.0 / module.std, module.mean, None, 4)
+        if computes_forward_of(module, PlainSLLLinear):
+            operator = LinearMap.dense(module.weight.detach(), shape)
+            return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1,
+                             module.weight.shape[0] + 1, id(module) in self.proven)
+        if computes_forward_of(module, PlainSLLConv2d):
+            left, right, top, bottom = module.padding
+            operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
+                                        padding_mode=module.padding_mode)
+            w = module.weight
+            adjoint_terms = w.shape[0] * w.shape[2] * w.shape[3] + 4  # + the circular adjoint's wrapped sums
+            return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1, adjoint_terms,
+                             id(module) in self.proven)
         if computes_forward_of(module, PlainCPLLinear):
             operator = LinearMap.dense(module.weight.detach(), shape)
             return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,

@@ -1,0 +1,253 @@
+"""SDP-based Lipschitz layers (SLL, Araujo et al. ICLR 2023): z = x − 2·Wᵀ T⁻¹ σ(W x + b), T = diag(t),
+t_i = Σ_j |W Wᵀ|_ij · q_j / q_i with learnable q > 0 (q = exp(log_q)), σ = ReLU.
+
+Why it is 1-Lipschitz (every input size, no power iteration): weighted Gershgorin gives T ⪰ W Wᵀ, so with
+S = diag(s), s_i ≤ 2/t_i, ‖S^{1/2} W‖² ≤ max_i s_i t_i ≤ 2; the Jacobian I − Wᵀ S D W (D = σ'(·) ∈ [0, I],
+diagonal, commuting with S) has its eigenvalues in [1 − ‖S^{1/2}W‖², 1] ⊆ [−1, 1]. Any s ≤ 2/t keeps the
+proof, so rounding s DOWN keeps it. For the conv (stride 1, 'same' padding, zeros or circular) W Wᵀ is the
+operator whose rows are the cross-correlations ktk = conv2d(K, K, padding=k−1) of the kernel with itself:
+t_i = Σ_{j,δ} |ktk_{ij,δ}| q_j/q_i bounds every row of the weighted Gershgorin sum (border rows have fewer
+terms, circular wraps add terms of the same set), at any input size. With q ≡ 1 it is AOL's bound on the
+hidden side; with T = ‖W‖²·I it is CPL's step.
+
+q matters: unlike two peer implementations where q_j/q_i cancels (it multiplies both sides of the same
+axis), here t_i depends on q and its gradient is non-zero.
+
+Eval (``certified`` by construction): s is computed in float64 from the stored weight with a proven margin
+for the Gram's rounding (|Ĝ − G| ≤ γ_n·|W||W|ᵀ entrywise) and the sums', then rounded down to the weight's
+dtype, and cached per (weight, log_q). Training: the same formula in the weight's dtype, differentiable in W
+and q (no margin: an estimate of the eval layer to ~1e-7). ``to_vanilla()``: the eval layer as
+:class:`PlainSLLLinear` / :class:`PlainSLLConv2d` (plain torch ops, the scale s a buffer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipkern._dispatch import check_finite
+from lipkern.nn._cache import WeightSnapshot
+from lipkern.nn.cpl import _adjoint_of_padding, _round_down
+
+__all__ = ["PlainSLLConv2d", "PlainSLLLinear", "SLLConv2d", "SLLLinear"]
+
+_U = 2.0 ** -53
+
+
+def _gamma(n: int) -> float:
+    """γ_n = n·u/(1 − n·u) of float64, rounded up generously (× (1 + 2⁻⁴⁰))."""
+    return n * _U / (1 - n * _U) * (1 + 2.0 ** -40)
+
+
+def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor, dot_terms: int) -> torch.Tensor:
+    """s_i = 2/t_i, t_i = Σ_j |G_ij| q_j / q_i over ``gram`` (hidden, hidden, ...taps) and 0 where t_i = 0.
+
+    With ``abs_gram`` (the Gram of |W|, float64) the result is a GUARANTEED lower bound of 2/t_i for the exact
+    Gram G of the stored weight: ``gram`` is its float64 evaluation, each entry a dot product of ``dot_terms``
+    products (|Ĝ − G| ≤ γ·|W||W|ᵀ), every later sum and quotient rounded in the safe direction. Without it: the
+    plain (differentiable) formula."""
+    hidden = gram.shape[0]
+    per_row = gram.reshape(hidden, hidden, -1)
+    if abs_gram is None:
+        t = (per_row.abs().sum(dim=2) * q[None, :]).sum(dim=1) / q
+        return torch.where(t > 0, 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+    bound = per_row.abs() + _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1)
+    terms = per_row.shape[1] * per_row.shape[2]
+    r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 2))  # non-negative sums
+    t = r / q * (1 + 4 * _U)  # ≥ the exact weighted row sum
+    s = torch.where(t > 0, 2.0 / t * (1 - 4 * _U), torch.zeros_like(t))
+    return torch.where(torch.isfinite(s), s, torch.zeros_like(s))  # t = inf: the unit is switched off (safe)
+
+
+class _SLLBase(nn.Module):
+    """The parts SLLLinear and SLLConv2d share: q, the scale s (training / cached eval), to_vanilla."""
+
+    def _init_q(self, hidden: int, device, dtype) -> None:
+        self.log_q = nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
+        self._cached = None
+
+    def _gram(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dot_terms(self) -> int:
+        raise NotImplementedError
+
+    def scale(self) -> torch.Tensor:
+        """s (hidden,) = 2/t: differentiable in training; in eval the guaranteed one (cached)."""
+        if self.training:
+            return sll_scale(self._gram(self.weight), None, self.log_q.exp(), self._dot_terms())
+        return self._eval_scale()
+
+    def _eval_scale(self) -> torch.Tensor:
+        cached = self._cached
+        if cached is not None and cached[0].matches(self.weight) and cached[1].matches(self.log_q):
+            return cached[2]
+        check_finite(self.weight, f"{type(self).__name__} (eval scale)")
+        check_finite(self.log_q, f"{type(self).__name__}.log_q (eval scale)")
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):  # classical float64 convolutions
+            w = self.weight.detach().to(torch.float64)
+            q = self.log_q.detach().to(torch.float64).exp()  # any positive q: the theorem holds for these values
+            s = sll_scale(self._gram(w), self._gram(w.abs()), q, self._dot_terms())
+            s = _round_down(s, self.weight.dtype)
+        self._cached = (WeightSnapshot(self.weight), WeightSnapshot(self.log_q), s)
+        return s
+
+    def _parts(self):
+        with torch.no_grad():
+            bias = None if self.bias is None else self.bias.detach().clone()
+            return self.weight.detach().clone(), bias, self._eval_scale().clone()
+
+
+class SLLLinear(_SLLBase):
+    """z = x − Wᵀ(s ⊙ relu(W x + b)) on (..., features), W (hidden_features, features), s = 2/t (module
+    docstring); 1-Lipschitz in eval mode with proof."""
+
+    def __init__(self, features: int, hidden_features: int | None = None, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        hidden = features if hidden_features is None else hidden_features
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (features, hidden)):
+            raise ValueError(f"SLLLinear: features and hidden_features must be positive ints, got "
+                             f"{features!r}, {hidden_features!r}")
+        self.features, self.hidden_features = features, hidden
+        self.weight = nn.Parameter(torch.empty(hidden, features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(hidden, device=device, dtype=dtype)) if bias else None
+        self._init_q(hidden, device, dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.log_q)
+        self._cached = None
+
+    def _gram(self, w):
+        return w @ w.T
+
+    def _dot_terms(self) -> int:
+        return self.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_sll_linear(x, self.weight, self.bias, self.scale())
+
+    def to_vanilla(self) -> "PlainSLLLinear":
+        """The eval layer as plain torch ops with its (guaranteed) scale as a buffer."""
+        return PlainSLLLinear(*self._parts())
+
+    def extra_repr(self) -> str:
+        return f"{self.features}, hidden_features={self.hidden_features}, bias={self.bias is not None}"
+
+
+class SLLConv2d(_SLLBase):
+    """z = x − Aᵀ(s ⊙ relu(A x + b)) for A the stride-1 'same'-padded conv channels → hidden_channels
+    (default channels), padding_mode 'zeros' or 'circular', Aᵀ its exact adjoint; 1-Lipschitz in eval mode
+    with proof at every input size."""
+
+    def __init__(self, channels: int, hidden_channels: int | None = None, kernel_size=3,
+                 padding_mode: str = "zeros", bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        hidden = channels if hidden_channels is None else hidden_channels
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (channels, hidden)):
+            raise ValueError(f"SLLConv2d: channels and hidden_channels must be positive ints, got {channels!r}, "
+                             f"{hidden_channels!r}")
+        kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(kernel) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kernel):
+            raise ValueError(f"SLLConv2d: kernel_size must be a positive int or a pair, got {kernel_size!r}")
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"SLLConv2d: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        self.channels, self.hidden_channels, self.kernel_size = channels, hidden, kernel
+        self.padding_mode = padding_mode
+        top, left = (kernel[0] - 1) // 2, (kernel[1] - 1) // 2
+        self.padding = (left, kernel[1] - 1 - left, top, kernel[0] - 1 - top)  # F.pad order
+        self.weight = nn.Parameter(torch.empty(hidden, channels, *kernel, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(hidden, device=device, dtype=dtype)) if bias else None
+        self._init_q(hidden, device, dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.channels * self.kernel_size[0] * self.kernel_size[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.log_q)
+        self._cached = None
+
+    def _gram(self, w):
+        """ktk (hidden, hidden, 2kh − 1, 2kw − 1): the cross-correlations of the kernel with itself."""
+        kh, kw = self.kernel_size
+        return F.conv2d(w, w, padding=(kh - 1, kw - 1))
+
+    def _dot_terms(self) -> int:
+        return self.channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # an unbatched input, as nn.Conv2d takes
+            return self.forward(x[None])[0]
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"SLLConv2d: expected (N, {self.channels}, H, W) inputs, got {tuple(x.shape)}")
+        return plain_sll_conv2d(x, self.weight, self.bias, self.scale(), self.padding, self.padding_mode)
+
+    def to_vanilla(self) -> "PlainSLLConv2d":
+        """The eval layer as plain torch ops (any input size) with its guaranteed scale as a buffer."""
+        return PlainSLLConv2d(*self._parts(), padding=self.padding, padding_mode=self.padding_mode)
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, hidden_channels={self.hidden_channels}, kernel_size={self.kernel_size}, "
+                f"padding_mode={self.padding_mode}, bias={self.bias is not None}")
+
+
+def plain_sll_linear(x, weight, bias, scale):
+    """x − Wᵀ(s ⊙ relu(W x + b)) in plain torch ops."""
+    return x - (F.relu(F.linear(x, weight, bias)) * scale) @ weight
+
+
+def plain_sll_conv2d(x, weight, bias, scale, padding, padding_mode: str = "zeros"):
+    """x − Aᵀ(s ⊙ relu(A x + b)), A the stride-1 conv after zero / circular ``padding`` (left, right, top,
+    bottom), Aᵀ its exact adjoint (transposed conv, then the padding's adjoint)."""
+    mode = "constant" if padding_mode == "zeros" else "circular"
+    pre = F.conv2d(F.pad(x, padding, mode=mode), weight, bias)
+    hidden = F.relu(pre) * scale[:, None, None]
+    return x - _adjoint_of_padding(F.conv_transpose2d(hidden, weight), padding, padding_mode)
+
+
+class PlainSLLLinear(nn.Module):
+    """z = x − Wᵀ(s ⊙ relu(W x + b)), s a constant buffer: the exported eval form of :class:`SLLLinear`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.register_buffer("scale", scale.reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_sll_linear(x, self.weight, self.bias, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, hidden_features={self.weight.shape[0]}"
+
+
+class PlainSLLConv2d(nn.Module):
+    """z = x − Aᵀ(s ⊙ relu(A x + b)) (:func:`plain_sll_conv2d`), s a constant buffer: the exported eval form
+    of :class:`SLLConv2d`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                 padding=(1, 1, 1, 1), padding_mode: str = "zeros"):
+        super().__init__()
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"PlainSLLConv2d: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.register_buffer("scale", scale.reshape(-1))
+        self.padding, self.padding_mode = tuple(int(p) for p in padding), padding_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_sll_conv2d(x, self.weight, self.bias, self.scale, self.padding, self.padding_mode)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1]}, hidden_channels={self.weight.shape[0]}, kernel_size="
+                f"{tuple(self.weight.shape[2:])}, padding={self.padding}, padding_mode={self.padding_mode}")

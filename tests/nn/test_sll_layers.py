@@ -1,0 +1,205 @@
+"""SLL layers (issue 19): 1-Lipschitz by construction (dense Jacobian, train and eval, zeros and circular,
+random q), the paper's formula in float64 with T from the explicit operator, q learnable and effective,
+to_vanilla equal to the eval layer, whole-network bounds and the certificate of the network as it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lipkern.nn as L
+from lipkern.bounds import lipschitz_bound
+from lipkern.certify import certified_accuracy
+from lipkern.certify.rounding import RoundingAnalysis
+from lipkern.models import to_vanilla
+from tests.helpers import dense_conv2d, dense_jacobian, spectral_norm
+
+
+def _randomize(layer, seed: int, weight_scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * weight_scale / layer.weight[0].numel() ** 0.5)
+        layer.log_q.copy_(torch.rand(layer.log_q.shape, generator=g) * 4 - 2)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    return layer
+
+
+def _layers():
+    return [(L.SLLLinear(6, 9), (6,)), (L.SLLLinear(8, 3, bias=False), (8,)),
+            (L.SLLConv2d(3, 5), (3, 5, 5)), (L.SLLConv2d(2, 4, kernel_size=2, padding_mode="circular"), (2, 4, 4)),
+            (L.SLLConv2d(2, 3, kernel_size=(3, 1)), (2, 6, 3))]
+
+
+def _reference_scale(layer, shape) -> torch.Tensor:
+    """2/t_i with t_i = Σ_j |W Wᵀ|_ij q_j/q_i from the EXPLICIT operator (float64): for a conv, the rows of the
+    dense A Aᵀ at an interior pixel of a zero-padded input large enough to have one."""
+    w = layer.weight.detach().double()
+    q = layer.log_q.detach().double().exp()
+    if w.dim() == 2:
+        gram = (w @ w.T).abs()
+        return 2 / ((gram * q[None, :]).sum(1) / q)
+    kh, kw = w.shape[2:]
+    n = 2 * max(kh, kw) + 3
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+    a = dense_conv2d(w, (n, n), padding=(top, left)) if (kh - 1) % 2 == 0 and (kw - 1) % 2 == 0 else None
+    if a is None:  # even kernels: 'same' padding is asymmetric; pad by hand
+        full = dense_conv2d(w, (n + kh - 1, n + kw - 1))
+        keep = torch.zeros(w.shape[1], n + kh - 1, n + kw - 1, dtype=torch.bool)
+        keep[:, top:top + n, left:left + n] = True
+        a = full[:, keep.flatten()]
+    hidden = w.shape[0]
+    rows = (a @ a.T).abs().reshape(hidden, n * n, hidden, n * n)
+    centre = (n // 2) * n + n // 2
+    weighted = rows[:, centre].sum(dim=2) * q[None, :]  # (i, j): Σ over the pixels of unit j
+    return 2 / (weighted.sum(1) / q)
+
+
+@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_dense_jacobian_norm_at_most_one(index, mode):
+    """At inputs where every / no / some hidden unit is active; and a scale 1.5× too large breaks it where
+    all units are active (the check can fail)."""
+    layer, shape = _layers()[index]
+    _randomize(layer, index)
+    layer.train(mode == "train").double()
+    g = torch.Generator().manual_seed(10 + index)
+    worst = 0.0
+    for trial in range(6):
+        x = torch.randn((1, *shape), generator=g, dtype=torch.float64) * (0.1 if trial % 2 else 3.0)
+        worst = max(worst, spectral_norm(dense_jacobian(lambda t: layer(t), x)))
+    assert worst <= 1 + 1e-12, worst
+    if mode == "eval" and layer.bias is not None:  # every unit active: J = I − WᵀSW
+        with torch.no_grad():
+            layer.bias.fill_(50.0)
+        x = torch.zeros((1, *shape), dtype=torch.float64)
+        jacobian = dense_jacobian(lambda t: layer(t), x)
+        largest = torch.linalg.eigvalsh(torch.eye(len(jacobian), dtype=torch.float64) - jacobian)[-1].item()
+        assert largest <= 2 + 1e-12  # ‖S^{1/2}W‖² ≤ 2: the proof's inequality itself
+        big = layer.to_vanilla()
+        with torch.no_grad():
+            big.scale.mul_(3 / largest)  # a scale that does not respect T ⪰ WWᵀ: the check catches it
+        assert spectral_norm(dense_jacobian(lambda t: big(t), x)) > 1.9
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_paper_formula_in_float64(index):
+    """The eval scale is the float64 reference 2/t (explicit operator) rounded down by at most 1e-6 relative; the
+    training scale equals it to float32 rounding; the output is x − Wᵀ(s ⊙ relu(Wx + b)) (explicit matrices)."""
+    layer, shape = _layers()[index]
+    _randomize(layer, 20 + index)
+    reference = _reference_scale(layer, shape)
+    eval_scale = layer.eval().scale().double()
+    assert (eval_scale <= reference).all() and (eval_scale >= reference * (1 - 1e-6)).all()
+    train_scale = layer.train().scale().detach().double()
+    torch.testing.assert_close(train_scale, reference, rtol=1e-5, atol=0)
+    layer.eval()
+    if getattr(layer, "padding_mode", "zeros") == "circular":
+        return  # the explicit circular operator's output: covered by the Jacobian test
+    x = torch.randn((4, *shape), dtype=torch.float64)
+    w = layer.weight.detach().double()
+    if w.dim() == 2:
+        a, bias_rows = w, (layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0]))
+    else:
+        n_h, n_w = shape[1:]
+        kh, kw = w.shape[2:]
+        top, left = (kh - 1) // 2, (kw - 1) // 2
+        full = dense_conv2d(w, (n_h + kh - 1, n_w + kw - 1))
+        keep = torch.zeros(w.shape[1], n_h + kh - 1, n_w + kw - 1, dtype=torch.bool)
+        keep[:, top:top + n_h, left:left + n_w] = True
+        a = full[:, keep.flatten()]
+        bias_rows = layer.bias.detach().double().repeat_interleave(n_h * n_w)
+        eval_scale = eval_scale.repeat_interleave(n_h * n_w)
+    flat = x.flatten(1)
+    expected = flat - (torch.relu(flat @ a.T + bias_rows) * eval_scale) @ a
+    with torch.no_grad():  # the eval layer's own (float32) scale, evaluated in float64
+        got = layer.to_vanilla().double()(x).flatten(1)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_q_is_learnable_and_effective():
+    """log_q has a non-zero gradient, and changing q changes the scale (the q_j/q_i factors do not cancel)."""
+    layer = _randomize(L.SLLConv2d(3, 4), 1).train()
+    x = torch.randn(2, 3, 6, 6)
+    (layer(x) ** 2).sum().backward()
+    assert layer.log_q.grad is not None and layer.log_q.grad.abs().max() > 0
+    before = layer.eval().scale().clone()
+    with torch.no_grad():
+        layer.log_q[0] += 1.0
+    after = layer.scale()
+    assert not torch.allclose(before, after), "q had no effect on T"
+    assert after.dtype == layer.weight.dtype
+
+
+def test_to_vanilla_equals_the_eval_layer_and_the_cache_follows_edits():
+    for layer, shape in _layers():
+        _randomize(layer, 5).eval()
+        x = torch.randn((3, *shape))
+        assert torch.equal(layer.to_vanilla()(x), layer(x))
+        before = layer.scale().clone()
+        with torch.no_grad():
+            layer.weight.data.mul_(2)  # an edit through .data: the cached scale must not go stale
+        assert not torch.equal(before, layer.scale())
+        assert torch.equal(layer.to_vanilla()(x), layer(x))
+
+
+def _network(padding_mode="zeros"):
+    torch.manual_seed(0)
+    net = nn.Sequential(L.SLLConv2d(2, 4, padding_mode=padding_mode), L.MaxMin(),
+                        L.SLLConv2d(2, 6, padding_mode=padding_mode), nn.Flatten(), L.SLLLinear(2 * 6 * 6, 24),
+                        nn.Linear(72, 3))
+    for i, layer in enumerate(m for m in net if isinstance(m, (L.SLLConv2d, L.SLLLinear))):
+        _randomize(layer, 30 + i)
+    with torch.no_grad():
+        net[-1].weight.div_(torch.linalg.matrix_norm(net[-1].weight, 2))
+    return net.eval()
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_network_bound_and_its_export(padding_mode):
+    """The SLL layers count as 1 (exact): the sound bound of the network is the head's norm (≤ 1 here), for
+    the model and for its to_vanilla export; the dense Jacobian of the network never exceeds it."""
+    net = _network(padding_mode)
+    bound = lipschitz_bound(net, (2, 6, 6), method="product").item()
+    head = spectral_norm(net[-1].weight.detach())
+    assert head <= bound <= head * (1 + 1e-6) and bound <= 1 + 1e-6
+    exported = lipschitz_bound(to_vanilla(net), (2, 6, 6), method="product").item()
+    assert bound <= exported <= 1 + 1e-6 or exported <= 1 + 1e-6
+    net64 = _network(padding_mode).double()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.randn(1, 2, 6, 6, generator=g, dtype=torch.float64)
+        assert spectral_norm(dense_jacobian(lambda t: net64(t), x)) <= bound * (1 + 1e-9)
+    with pytest.raises(ValueError, match="eval mode"):
+        lipschitz_bound(net.train(), (2, 6, 6))
+
+
+def test_certificate_of_the_network_as_it_runs():
+    """certified_accuracy (default: the float32 evaluation) runs on an SLL network, its rounding bound covers
+    the float32 logits, and the radii never exceed the real-arithmetic ones."""
+    net = _network()
+    x = torch.rand(200, 2, 6, 6, generator=torch.Generator().manual_seed(4))
+    bound = RoundingAnalysis(net, (2, 6, 6), "float32")(x)
+    with torch.no_grad():
+        error = (net(x).double() - to_vanilla(net).double()(x.double())).norm(dim=1)
+    assert (error <= bound.center + 1e-9).all()
+    y = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(5))
+    deployed = certified_accuracy(net, (x, y), [0.0, 0.01], pairwise=True)
+    exact = certified_accuracy(net, (x, y), [0.0, 0.01], pairwise=True, evaluation="exact")
+    assert deployed.evaluation == "float32" and (deployed.radii <= exact.radii).all()
+    assert (deployed.radii > 0).any()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="positive ints"):
+        L.SLLLinear(0)
+    with pytest.raises(ValueError, match="padding_mode"):
+        L.SLLConv2d(3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="kernel_size"):
+        L.SLLConv2d(3, kernel_size=0)
+    layer = L.SLLLinear(4).eval()
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer(torch.randn(2, 4))
