@@ -13,6 +13,10 @@ hidden side; with T = ‖W‖²·I it is CPL's step.
 q matters: unlike two peer implementations where q_j/q_i cancels (it multiplies both sides of the same
 axis), here t_i depends on q and its gradient is non-zero.
 
+Training runs the CPL op (``lipkern.ops.cpl_*``: fused forward, a backward that keeps only the input;
+torch.compile / export, autocast, double backward as for the CPL layers): relu(√s·u) = √s·relu(u) for s ≥ 0,
+so the layer is CPL's x − h·W̃ᵀ relu(W̃x + b̃) with W̃ = diag(√s)·W, b̃ = √s ⊙ b and h = 1, differentiable
+through √s in W and q.
 Eval (``certified`` by construction): s is computed in float64 from the stored weight with a proven margin
 for the Gram's rounding (|Ĝ − G| ≤ γ_n·|W||W|ᵀ entrywise) and the sums', then rounded down to the weight's
 dtype, and cached per (weight, log_q). Training: the same formula in the weight's dtype, differentiable in W
@@ -31,6 +35,7 @@ from torch import nn
 from lipkern._dispatch import check_finite
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.nn.cpl import _adjoint_of_padding, _round_down
+from lipkern.ops.cpl import cpl_conv2d, cpl_linear
 
 __all__ = ["PlainSLLConv2d", "PlainSLLLinear", "SLLConv2d", "SLLLinear"]
 
@@ -74,6 +79,21 @@ class _SLLBase(nn.Module):
 
     def _dot_terms(self) -> int:
         raise NotImplementedError
+
+    def _training_root(self) -> torch.Tensor:
+        """√s = √(2/t) from the differentiable formula (0 where t = 0, with a finite gradient)."""
+        hidden = self.weight.shape[0]
+        per_row = self._gram(self.weight).reshape(hidden, hidden, -1)
+        q = self.log_q.exp()
+        t = (per_row.abs().sum(dim=2) * q[None, :]).sum(dim=1) / q
+        positive = t > 0
+        return torch.where(positive, (2.0 / torch.where(positive, t, torch.ones_like(t))).sqrt(), torch.zeros_like(t))
+
+    def _cpl_parts(self):
+        """(W̃, b̃) = (diag(√s)·W, √s ⊙ b): the CPL op's weight and bias for h = 1 (training)."""
+        root = self._training_root()
+        weight = root.reshape(-1, *([1] * (self.weight.dim() - 1))) * self.weight
+        return weight, None if self.bias is None else root * self.bias
 
     def scale(self) -> torch.Tensor:
         """s (hidden,) = 2/t: differentiable in training; in eval the guaranteed one (cached)."""
@@ -133,7 +153,9 @@ class SLLLinear(_SLLBase):
         return self.features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plain_sll_linear(x, self.weight, self.bias, self.scale())
+        if self.training:
+            return cpl_linear(x, *self._cpl_parts(), 1.0)
+        return plain_sll_linear(x, self.weight, self.bias, self._eval_scale())
 
     def to_vanilla(self) -> "PlainSLLLinear":
         """The eval layer as plain torch ops with its (guaranteed) scale as a buffer."""
@@ -190,7 +212,9 @@ class SLLConv2d(_SLLBase):
             return self.forward(x[None])[0]
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SLLConv2d: expected (N, {self.channels}, H, W) inputs, got {tuple(x.shape)}")
-        return plain_sll_conv2d(x, self.weight, self.bias, self.scale(), self.padding, self.padding_mode)
+        if self.training:
+            return cpl_conv2d(x, *self._cpl_parts(), 1.0, padding="same", padding_mode=self.padding_mode)
+        return plain_sll_conv2d(x, self.weight, self.bias, self._eval_scale(), self.padding, self.padding_mode)
 
     def to_vanilla(self) -> "PlainSLLConv2d":
         """The eval layer as plain torch ops (any input size) with its guaranteed scale as a buffer."""

@@ -118,6 +118,31 @@ def test_paper_formula_in_float64(index):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("index", range(5))
+def test_training_runs_the_cpl_op_and_matches_the_eager_formula(index):
+    """Training: the CPL op with W̃ = diag(√s)W, b̃ = √s ⊙ b, h = 1 equals x − Wᵀ(s ⊙ relu(Wx + b)) in plain
+    autograd (float64), values and gradients in x, W, b and q."""
+    from lipkern.nn.sll import plain_sll_conv2d, plain_sll_linear
+
+    layer, shape = _layers()[index]
+    _randomize(layer, 40 + index)
+    layer.double().train()
+    x = torch.randn((3, *shape), dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    params = [x, layer.weight, layer.log_q] + ([layer.bias] if layer.bias is not None else [])
+    got = torch.autograd.grad(out, params, grad_out)
+    s = layer.scale()
+    if layer.weight.dim() == 2:
+        ref = plain_sll_linear(x, layer.weight, layer.bias, s)
+    else:
+        ref = plain_sll_conv2d(x, layer.weight, layer.bias, s, layer.padding, layer.padding_mode)
+    expected = torch.autograd.grad(ref, params, grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_q_is_learnable_and_effective():
     """log_q has a non-zero gradient, and changing q changes the scale (the q_j/q_i factors do not cancel)."""
     layer = _randomize(L.SLLConv2d(3, 4), 1).train()
