@@ -14,7 +14,8 @@ q matters: unlike two peer implementations where q_j/q_i cancels (it multiplies 
 axis), here t_i depends on q and its gradient is non-zero.
 
 Training runs the CPL op (``lipkern.ops.cpl_*``: fused forward, a backward that keeps only the input;
-torch.compile / export, autocast, double backward as for the CPL layers): relu(√s·u) = √s·relu(u) for s ≥ 0,
+torch.compile / export, autocast, double backward as for the CPL layers; small CPU steps, where the op would
+run the eager form anyway, run the formula directly): relu(√s·u) = √s·relu(u) for s ≥ 0,
 so the layer is CPL's x − h·W̃ᵀ relu(W̃x + b̃) with W̃ = diag(√s)·W, b̃ = √s ⊙ b and h = 1, differentiable
 through √s in W and q.
 Eval (``certified`` by construction): s is computed in float64 from the stored weight with a proven margin
@@ -35,7 +36,7 @@ from torch import nn
 from lipkern._dispatch import check_finite
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.nn.cpl import _adjoint_of_padding, _round_down
-from lipkern.ops.cpl import cpl_conv2d, cpl_linear
+from lipkern.ops.cpl import _composite_pays, cpl_conv2d, cpl_linear
 
 __all__ = ["PlainSLLConv2d", "PlainSLLLinear", "SLLConv2d", "SLLLinear"]
 
@@ -47,6 +48,14 @@ def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U) * (1 + 2.0 ** -40)
 
 
+def weighted_row_sums(gram: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """t_i = Σ_j |G_ij| q_j / q_i (G (hidden, hidden) or (hidden, hidden, kh', kw')), differentiable."""
+    magnitude = gram.abs()
+    if magnitude.dim() > 2:
+        magnitude = magnitude.sum(dim=(2, 3))
+    return (magnitude @ q) / q
+
+
 def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor, dot_terms: int) -> torch.Tensor:
     """s_i = 2/t_i, t_i = Σ_j |G_ij| q_j / q_i over ``gram`` (hidden, hidden, ...taps) and 0 where t_i = 0.
 
@@ -55,10 +64,10 @@ def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor
     products (|Ĝ − G| ≤ γ·|W||W|ᵀ), every later sum and quotient rounded in the safe direction. Without it: the
     plain (differentiable) formula."""
     hidden = gram.shape[0]
-    per_row = gram.reshape(hidden, hidden, -1)
     if abs_gram is None:
-        t = (per_row.abs().sum(dim=2) * q[None, :]).sum(dim=1) / q
-        return torch.where(t > 0, 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+        t = weighted_row_sums(gram, q)
+        return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny) * (t > 0)  # 0 for a zero row, finite gradients
+    per_row = gram.reshape(hidden, hidden, -1)
     bound = per_row.abs() + _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1)
     terms = per_row.shape[1] * per_row.shape[2]
     r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 2))  # non-negative sums
@@ -82,12 +91,8 @@ class _SLLBase(nn.Module):
 
     def _training_root(self) -> torch.Tensor:
         """√s = √(2/t) from the differentiable formula (0 where t = 0, with a finite gradient)."""
-        hidden = self.weight.shape[0]
-        per_row = self._gram(self.weight).reshape(hidden, hidden, -1)
-        q = self.log_q.exp()
-        t = (per_row.abs().sum(dim=2) * q[None, :]).sum(dim=1) / q
-        positive = t > 0
-        return torch.where(positive, (2.0 / torch.where(positive, t, torch.ones_like(t))).sqrt(), torch.zeros_like(t))
+        t = weighted_row_sums(self._gram(self.weight), self.log_q.exp())
+        return (2.0 / t.clamp_min(torch.finfo(t.dtype).tiny)).sqrt() * (t > 0)
 
     def _cpl_parts(self):
         """(W̃, b̃) = (diag(√s)·W, √s ⊙ b): the CPL op's weight and bias for h = 1 (training)."""
@@ -153,9 +158,10 @@ class SLLLinear(_SLLBase):
         return self.features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training and not _composite_pays(x.reshape(-1, x.shape[-1]), self.weight, None, None):
             return cpl_linear(x, *self._cpl_parts(), 1.0)
-        return plain_sll_linear(x, self.weight, self.bias, self._eval_scale())
+        # eval, or a small CPU step (where the CPL op itself would run the eager form): the formula directly
+        return plain_sll_linear(x, self.weight, self.bias, self.scale())
 
     def to_vanilla(self) -> "PlainSLLLinear":
         """The eval layer as plain torch ops with its (guaranteed) scale as a buffer."""
@@ -212,9 +218,10 @@ class SLLConv2d(_SLLBase):
             return self.forward(x[None])[0]
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SLLConv2d: expected (N, {self.channels}, H, W) inputs, got {tuple(x.shape)}")
-        if self.training:
+        if self.training and not _composite_pays(x, self.weight, None, None):
             return cpl_conv2d(x, *self._cpl_parts(), 1.0, padding="same", padding_mode=self.padding_mode)
-        return plain_sll_conv2d(x, self.weight, self.bias, self._eval_scale(), self.padding, self.padding_mode)
+        # eval, or a small CPU step (where the CPL op itself would run the eager form): the formula directly
+        return plain_sll_conv2d(x, self.weight, self.bias, self.scale(), self.padding, self.padding_mode)
 
     def to_vanilla(self) -> "PlainSLLConv2d":
         """The eval layer as plain torch ops (any input size) with its guaranteed scale as a buffer."""
@@ -233,6 +240,10 @@ def plain_sll_linear(x, weight, bias, scale):
 def plain_sll_conv2d(x, weight, bias, scale, padding, padding_mode: str = "zeros"):
     """x − Aᵀ(s ⊙ relu(A x + b)), A the stride-1 conv after zero / circular ``padding`` (left, right, top,
     bottom), Aᵀ its exact adjoint (transposed conv, then the padding's adjoint)."""
+    left, right, top, bottom = padding
+    if padding_mode == "zeros" and left == right and top == bottom:  # the convolutions pad (no copies)
+        hidden = F.relu(F.conv2d(x, weight, bias, padding=(top, left))) * scale[:, None, None]
+        return x - F.conv_transpose2d(hidden, weight, padding=(top, left))
     mode = "constant" if padding_mode == "zeros" else "circular"
     pre = F.conv2d(F.pad(x, padding, mode=mode), weight, bias)
     hidden = F.relu(pre) * scale[:, None, None]

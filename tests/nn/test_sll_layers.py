@@ -119,11 +119,16 @@ def test_paper_formula_in_float64(index):
 
 
 @pytest.mark.parametrize("index", range(5))
-def test_training_runs_the_cpl_op_and_matches_the_eager_formula(index):
-    """Training: the CPL op with W̃ = diag(√s)W, b̃ = √s ⊙ b, h = 1 equals x − Wᵀ(s ⊙ relu(Wx + b)) in plain
-    autograd (float64), values and gradients in x, W, b and q."""
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_training_runs_the_cpl_op_and_matches_the_eager_formula(index, backend, knobs):
+    """Training: the CPL op (a forced backend: the op itself) with W̃ = diag(√s)W, b̃ = √s ⊙ b, h = 1, and the
+    auto mode (small CPU steps: the formula directly) equal x − Wᵀ(s ⊙ relu(Wx + b)) in plain autograd
+    (float64), values and gradients in x, W, b and q."""
+    from lipkern import _dispatch
     from lipkern.nn.sll import plain_sll_conv2d, plain_sll_linear
 
+    knobs(backend=backend)
+    _dispatch.implementations(clear=True)
     layer, shape = _layers()[index]
     _randomize(layer, 40 + index)
     layer.double().train()
@@ -141,6 +146,8 @@ def test_training_runs_the_cpl_op_and_matches_the_eager_formula(index):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if backend is not None:
+        assert "cpl" in str(_dispatch.implementations())  # the CPL op ran
 
 
 def test_q_is_learnable_and_effective():
