@@ -275,9 +275,46 @@ def deployed_evaluation(model: nn.Module, device: torch.device) -> str:
         raise ValueError(f"certified_accuracy: the rounding of a {dtype} evaluation is not analyzed; pass "
                          "evaluation='exact' (the real-arithmetic network) or evaluation=None (the logits as "
                          "computed, their rounding not bounded)")
-    tf32 = (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-            or torch.get_float32_matmul_precision() != "highest")
-    return "tf32" if device.type == "cuda" and tf32 else "float32"
+    modes = _float32_modes(device)
+    if "bf16" in modes:
+        raise ValueError(f"certified_accuracy: PyTorch's settings let {device.type} float32 matmuls / convolutions "
+                         "use bfloat16 operands (torch.set_float32_matmul_precision('medium') or an fp32_precision "
+                         "of 'bf16'), a rounding not analyzed: set torch.set_float32_matmul_precision('highest'), "
+                         "or pass evaluation='exact' (the real-arithmetic network only)")
+    return "tf32" if "tf32" in modes else "float32"
+
+
+def _float32_modes(device: torch.device) -> set[str]:
+    """The precisions PyTorch may use for float32 matmuls and convolutions on ``device``: a subset of {'ieee',
+    'tf32', 'bf16'}, from the fp32_precision settings (a node's 'none' inherits its parent's) and the legacy
+    switches (allow_tf32, set_float32_matmul_precision)."""
+    try:
+        legacy = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+    except RuntimeError:  # legacy and new APIs mixed: the new one's per-backend settings decide
+        legacy = "ieee"
+
+    def resolved(*nodes) -> str | None:
+        for node in nodes:
+            value = getattr(node, "fp32_precision", "none")
+            if value not in ("none", None):
+                return value
+        return None
+
+    backends = torch.backends
+    top = getattr(backends, "fp32_precision", "none")
+    if device.type == "cuda":
+        modes = {resolved(backends.cuda.matmul) or (top if top != "none" else legacy),
+                 resolved(getattr(backends.cudnn, "conv", None), backends.cudnn) or (top if top != "none" else None)}
+        try:  # the legacy switches (reading them after the new API was used may raise)
+            if backends.cuda.matmul.allow_tf32 or backends.cudnn.allow_tf32:
+                modes.add("tf32")
+        except RuntimeError:
+            pass
+    else:
+        mkldnn = getattr(backends, "mkldnn", None)
+        modes = {resolved(getattr(mkldnn, "matmul", None), mkldnn) or (top if top != "none" else legacy),
+                 resolved(getattr(mkldnn, "conv", None), mkldnn) or (top if top != "none" else legacy)}
+    return {m for m in modes if m is not None}
 
 
 def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise: bool = False,

@@ -13,12 +13,18 @@ model itself wherever it computes the same weights.
 
 **The error model** (Higham, Accuracy and Stability of Numerical Algorithms, §3.1 and Lemma 3.1). With unit
 roundoff u, γ_n = n·u / (1 − n·u). A dot product of n terms plus a bias, computed in ANY order (blocked, split,
-with or without FMA), errs by at most γ_{n+1}·(|W|·|h| + |b|) entrywise; with TF32 operands (rounded to 10
-mantissa bits first, u_op = 2⁻¹¹) by ((1 + u_op)²(1 + γ_{n+1}) − 1)·(|W|·|h| + |b|). ReLU, MaxMin, max
-pooling, flatten, channel selections and padding copy or compare values: exact. Affine per-channel maps
-(BatchNorm in eval mode, Normalize) are charged γ_8 (resp. γ_4) of |s|·(|h| + |μ|) + |β| for their few
-elementary operations, each assumed within two ulps (rsqrt). Convolutions must be computed as sums of
-products: FFT or Winograd algorithms are NOT covered.
+with or without FMA), errs by at most γ_{n+1}·(|W|·|h| + |b|) entrywise; with TF32 (the first 10 mantissa
+bits of each operand read, u_op = 2⁻¹⁰, accumulation charged 2⁻²² per term as in lipkern/ops/aol.py) by
+((1 + u_op)²(1 + γ_{n+1}) − 1)·(|W|·|h| + |b|). Below the smallest normal number a result, or a flushed
+(denormals-are-zero) operand, errs by an ABSOLUTE amount: every layer is charged 2⁻¹²⁶ (float32; 2⁻¹⁰²²
+float64) per operation, weighted by the factors a flushed operand meets; weights below it are refused. ReLU,
+MaxMin, max pooling, flatten, channel selections and padding copy or compare values: exact. LeakyReLU's slope
+is itself rounded to float32 by PyTorch: 2u + u². Affine per-channel maps (BatchNorm in eval mode, Normalize)
+are charged γ_12 (resp. γ_4) of |s|·(|h| + |μ|) + |β| for their few elementary operations, each assumed within
+1.5 ulps (rsqrt). Convolutions must be computed as sums of products: the float64 evaluation here runs with
+cuDNN off; a CUDA deployment must not use cuDNN's FFT or Winograd algorithms (``torch.backends.cudnn.enabled
+= False`` guarantees it). ``evaluation="auto"`` reads PyTorch's float32 precision settings (TF32 where on;
+bfloat16 operands are refused).
 
 **The propagation.** Let h_k(z) be the exact input of layer k at the network input z, ĥ_k(z) the deployed
 one, E_k(z) = ‖ĥ_k(z) − h_k(z)‖₂, β_k a guaranteed bound of the layer's Lipschitz constant, M_k one of the
@@ -66,8 +72,13 @@ class Precision:
     operand_unit: float = 0.0
 
 
-PRECISIONS = {"float32": Precision("float32", 2.0 ** -24), "tf32": Precision("tf32", 2.0 ** -24, 2.0 ** -11),
+# TF32 reads the first 10 mantissa bits of each operand (truncation: 2⁻¹⁰) and tensor cores may align and
+# accumulate by truncation (2⁻²² per term, the model of lipkern/ops/aol.py; Fasi et al. 2021).
+PRECISIONS = {"float32": Precision("float32", 2.0 ** -24), "tf32": Precision("tf32", 2.0 ** -22, 2.0 ** -10),
               "float64": Precision("float64", _U64)}
+# The smallest normal number: below it a result (or, with flush-to-zero / denormals-are-zero, an operand) is
+# off by at most this much in ABSOLUTE terms, which no relative γ covers.
+_SMALLEST_NORMAL = {"float32": 2.0 ** -126, "tf32": 2.0 ** -126, "float64": 2.0 ** -1022}
 
 
 def gamma(n: int, precision: Precision) -> float:
@@ -105,19 +116,24 @@ class _State:
     q: float  # deployed error per unit of ε
     m: float  # Lipschitz bound of the prefix
 
-    def advance(self, g, lip: float, c64, c32, s32: float) -> "_State":
+    def advance(self, g, lip: float, c64, c32, s32: float, absolute: tuple = (0.0, 0.0)) -> "_State":
         """The rules of the module docstring for one layer of Lipschitz bound ``lip`` whose own rounding is
-        c64 (float64, at g) and c32 + s32·spread (deployed)."""
-        e64 = _inflate(lip * self.e64 + c64, 4)
-        p = _inflate(lip * self.p + c32 + s32 * (self.e64 + self.p), 8)
+        c64 (float64, at g) and c32 + s32·spread (deployed), plus the absolute underflow terms (float64,
+        deployed)."""
+        e64 = _inflate(lip * self.e64 + c64 + absolute[0], 4)
+        p = _inflate(lip * self.p + c32 + s32 * (self.e64 + self.p) + absolute[1], 8)
         q = _inflate(lip * self.q + s32 * (self.m + self.q), 8)
         return _State(g, e64, p, q, _inflate(lip * self.m, 1))
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample ℓ₂ norms (B,) of non-negative float64 terms, rounded up."""
+    """Per-sample ℓ₂ norms (B,) of non-negative float64 terms, rounded up; scaled by the largest entry first,
+    so that tiny entries do not underflow in the squares (nor huge ones overflow)."""
     flat = t.flatten(1)
-    return _inflate(torch.linalg.vector_norm(flat, dim=1), flat.shape[1] + 2)
+    largest = flat.amax(dim=1, keepdim=True) if flat.shape[1] else flat.new_zeros(flat.shape[0], 1)
+    safe = torch.where(largest > 0, largest, torch.ones_like(largest))
+    norm = torch.linalg.vector_norm(flat / safe, dim=1) * safe[:, 0]
+    return _inflate(torch.where(largest[:, 0] > 0, norm, torch.zeros_like(norm)), flat.shape[1] + 4)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -125,7 +141,20 @@ def _pair(v) -> tuple[int, int]:
 
 
 class _Step:
-    """One layer of the frozen float64 network: ``apply(state)`` evaluates it and advances the bounds."""
+    """One layer of the frozen float64 network: ``apply(state)`` evaluates it and advances the bounds.
+    ``operations``: a bound on Σ over one output entry of the magnitudes each underflow can cost (in units of
+    the smallest normal number), times √(output entries) (set by the parser): the absolute terms."""
+
+    operations: float = 0.0
+
+    def underflow_count(self) -> float:
+        """Per output entry: the operations whose result (or flushed operand, weighted by its factor) may
+        underflow."""
+        return 1.0
+
+    def absolute(self, precision: Precision | None) -> tuple[float, float]:
+        deployed = 0.0 if precision is None else _SMALLEST_NORMAL[precision.name] * self.operations
+        return _SMALLEST_NORMAL["float64"] * self.operations, _inflate(deployed, 2)
 
     def apply(self, state: _State, precision: Precision | None) -> _State:
         raise NotImplementedError
@@ -139,7 +168,7 @@ class _Exact(_Step):
 
     def apply(self, state, precision):
         zero = torch.zeros_like(state.e64)
-        return state.advance(self.module(state.g), self.lip, zero, zero, 0.0)
+        return state.advance(self.module(state.g), self.lip, zero, zero, 0.0, self.absolute(precision))
 
 
 def _abs_norm(operator) -> float:
@@ -156,8 +185,44 @@ def _abs_norm(operator) -> float:
     summed = w.sum(dim=(2, 3)) * (1 + 2 * gamma(taps, PRECISIONS["float64"]))  # ≥ the exact sums
     groups = operator.geometry.groups if operator.geometry is not None else 1
     rows = summed.shape[0] // groups
-    return max(float(linear_spectral_norm(summed[g * rows:(g + 1) * rows], method="upper").upper)
+    norm = max(float(linear_spectral_norm(summed[g * rows:(g + 1) * rows], method="upper").upper)
                for g in range(groups))
+    return _inflate(norm * math.sqrt(_circular_repeats(operator.geometry)), 2)
+
+
+def _circular_repeats(g) -> int:
+    """Circular padding: output o reads the torus row (o·s − p) mod n, so rows repeat when the output is
+    longer than one period (padding wider than 'same'): |A| = R·C with ‖R‖² = the most outputs on one torus
+    row. Zero padding: 1 (a submatrix of the circular conv on a large enough torus)."""
+    if g is None or g.padding_mode != "circular":
+        return 1
+    repeats = 1
+    for out, size, stride in zip(g.output_size, g.input_size, g.stride):
+        counts: dict[int, int] = {}
+        for o in range(out):
+            counts[(o * stride) % size] = counts.get((o * stride) % size, 0) + 1
+        repeats *= max(counts.values(), default=1)
+    return repeats
+
+
+def _adjoint_terms(weight: torch.Tensor, g) -> int:
+    """Products summed into one entry of Aᵀy (+ 1): hidden·kh·kw per copy of a pixel in the padded image, and
+    circular padding copies a pixel up to Π ceil(padded/size) times."""
+    copies = 1
+    if g is not None and g.padding_mode == "circular":
+        for padded, size in zip(g.padded_size, g.input_size):
+            copies *= -(-padded // size)
+    return weight.shape[0] * weight.shape[2] * weight.shape[3] * copies + 1
+
+
+def _row_col_sums(weight: torch.Tensor, g=None) -> tuple[float, float]:
+    """Upper bounds of the largest row and column sums of |A| (the operator of ``weight``)."""
+    w = weight.detach().to(torch.float64).abs()
+    if w.dim() == 2:
+        return float(w.sum(1).max()) * (1 + 1e-12), float(w.sum(0).max()) * (1 + 1e-12)
+    rows = float(w.sum(dim=(1, 2, 3)).max())
+    cols = float(w.sum(dim=(0, 2, 3)).max()) * _circular_repeats(g) * 4
+    return rows * (1 + 1e-12), cols * (1 + 1e-12)
 
 
 def _collatz_wielandt(w: torch.Tensor, steps: int = 30) -> float:
@@ -183,6 +248,11 @@ class _Affine(_Step):
         self.abs_bias = None if bias is None else bias.detach().abs()
         self.lip = float(operator.upper_bound()) if lip is None else lip
         self.abs_norm = _abs_norm(operator)
+        self.row_sum, self.col_sum = _row_col_sums(operator.weight, operator.geometry)
+
+    def underflow_count(self) -> float:
+        # each product with a flushed operand: |w|·2⁻¹²⁶ (weights are normal: checked); each rounded result
+        return self.row_sum + self.terms + 2
 
     def magnitude_vector(self, g: torch.Tensor) -> torch.Tensor:
         """|W|·|g| + |b| (B, *out), non-negative; each entry within a relative γ_terms (float64) of the exact."""
@@ -199,17 +269,21 @@ class _Affine(_Step):
         rho = self.magnitude(state.g)
         c64 = gamma(self.terms, PRECISIONS["float64"]) * rho
         g32 = gamma(self.terms, precision) if precision is not None else 0.0
-        return state.advance(self.module(state.g), self.lip, c64, g32 * rho, g32 * self.abs_norm)
+        return state.advance(self.module(state.g), self.lip, c64, g32 * rho, g32 * self.abs_norm,
+                             self.absolute(precision))
 
 
 class _Diagonal(_Step):
-    """y = s·(h − μ) + β per channel (BatchNorm in eval mode, Normalize), ``operations`` roundings each."""
+    """y = s·(h − μ) + β per channel (BatchNorm in eval mode, Normalize), ``roundings`` roundings each."""
 
-    def __init__(self, module, scale, mean, shift, operations: int):
-        self.module, self.operations = module, operations
+    def __init__(self, module, scale, mean, shift, roundings: int):
+        self.module, self.roundings = module, roundings
         self.scale, self.mean = scale.detach().abs(), mean.detach().abs()
         self.shift = None if shift is None else shift.detach().abs()
         self.lip = _inflate(float(self.scale.max()), 8)  # s is float64-computed: a few ulps, covered
+
+    def underflow_count(self) -> float:
+        return self.lip + self.roundings + 1
 
     def apply(self, state, precision):
         shape = (-1, *([1] * (state.g.dim() - 2)))
@@ -217,23 +291,30 @@ class _Diagonal(_Step):
         if self.shift is not None:
             t = t + self.shift.reshape(shape)
         rho = _inflate(_norm(t), 4)
-        c64 = gamma(self.operations, PRECISIONS["float64"]) * rho
-        g32 = gamma(self.operations, precision) if precision is not None else 0.0
-        return state.advance(self.module(state.g), self.lip, c64, g32 * rho, g32 * self.lip)
+        c64 = gamma(self.roundings, PRECISIONS["float64"]) * rho
+        g32 = gamma(self.roundings, precision) if precision is not None else 0.0
+        return state.advance(self.module(state.g), self.lip, c64, g32 * rho, g32 * self.lip,
+                             self.absolute(precision))
 
 
 class _LeakyReLU(_Step):
-    """max(h, a·h): one rounding of a·h on the negative side."""
+    """max(h, a·h): a·h rounded once on the negative side; in float32 the slope itself is first rounded to
+    float32 (PyTorch casts it), so the deployed product errs by (2u + u²)·|a·h| (float64: one rounding)."""
 
     def __init__(self, module):
         self.module = module
         self.slope = abs(float(module.negative_slope))
         self.lip = max(1.0, self.slope)
 
+    def underflow_count(self) -> float:
+        return self.slope + 1
+
     def apply(self, state, precision):
         rho = _inflate(self.slope * _norm(state.g.abs()), 2)
         u = precision.unit if precision is not None else 0.0
-        return state.advance(self.module(state.g), self.lip, _U64 * rho, u * rho, u * self.slope)
+        relative = 2 * u + u * u
+        return state.advance(self.module(state.g), self.lip, _U64 * rho, relative * rho, relative * self.slope,
+                             self.absolute(precision))
 
 
 class _PlainCPL(_Step):
@@ -255,6 +336,12 @@ class _PlainCPL(_Step):
         upper = self.affine.lip  # ≥ ‖W‖
         # the Jacobian I − t·WᵀDW (0 ≤ D ≤ I) has its eigenvalues in [1 − tU², 1]
         self.lip = 1.0 if proven else max(1.0, _inflate(self.step * upper * upper, 3) - 1.0)
+
+    def underflow_count(self) -> float:
+        # the first product's underflows reach z through t·|Wᵀ|; the second product's and the two
+        # element-wise operations directly
+        first = self.affine.row_sum + self.affine.terms + 2
+        return first * (1 + self.step * self.affine.col_sum) + self.adjoint_terms + self.step + 4
 
     def _norms(self, g: torch.Tensor):
         """(ρ_W, ‖relu(W g + b)‖, ρ_V, ‖g‖) per sample, each rounded up to cover the exact value at g."""
@@ -285,9 +372,9 @@ class _PlainCPL(_Step):
         c64, _ = self._terms(norms, PRECISIONS["float64"])
         if precision is None:
             zero = torch.zeros_like(c64)
-            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0)
+            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0, self.absolute(precision))
         c32, s32 = self._terms(norms, precision)
-        return state.advance(self.module(state.g), self.lip, c64, c32, s32)
+        return state.advance(self.module(state.g), self.lip, c64, c32, s32, self.absolute(precision))
 
 
 class _PlainSLL(_Step):
@@ -316,6 +403,10 @@ class _PlainSLL(_Step):
                                operator.out_shape, operator.geometry)
             self.scaled_norm = _inflate(float(scaled.upper_bound()), 4)
         self.lip = 1.0 if proven else max(1.0, _inflate(self.scaled_norm ** 2, 2) - 1.0)
+
+    def underflow_count(self) -> float:
+        first = self.affine.row_sum + self.affine.terms + 2
+        return first * (1 + self.s_max * self.affine.col_sum) + self.adjoint_terms + self.s_max + 4
 
     def _norms(self, g):
         hidden_shape = (-1, *([1] * (g.dim() - 2)))
@@ -350,9 +441,9 @@ class _PlainSLL(_Step):
         c64, _ = self._terms(norms, PRECISIONS["float64"])
         if precision is None:
             zero = torch.zeros_like(c64)
-            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0)
+            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0, self.absolute(precision))
         c32, s32 = self._terms(norms, precision)
-        return state.advance(self.module(state.g), self.lip, c64, c32, s32)
+        return state.advance(self.module(state.g), self.lip, c64, c32, s32, self.absolute(precision))
 
 
 class _Residual(_Step):
@@ -367,10 +458,12 @@ class _Residual(_Step):
         g = s.g + b.g
         u = precision.unit if precision is not None else 0.0
         g_norm = _norm(g.abs())
-        e64 = _inflate(s.e64 + b.e64 + 2 * _U64 * g_norm, 4)  # |fl(a + b) − (a + b)| ≤ u|a + b| ≤ 2u|fl(a + b)|
+        absolute = self.absolute(precision)  # a flushed (subnormal) sum
+        # |fl(a + b) − (a + b)| ≤ u|a + b| ≤ 2u|fl(a + b)|
+        e64 = _inflate(s.e64 + b.e64 + 2 * _U64 * g_norm + absolute[0], 4)
         m = _inflate(s.m + b.m, 1)
         spread = s.e64 + b.e64 + s.p + b.p  # deployed sum at the center: within these of g
-        p = _inflate(s.p + b.p + u * (g_norm + spread), 8)
+        p = _inflate(s.p + b.p + u * (g_norm + spread) + absolute[1], 8)
         q = _inflate(s.q + b.q + u * (m + s.q + b.q), 8)
         return _State(g, e64, p, q, m)
 
@@ -381,19 +474,25 @@ def _run(steps: list, state: _State, precision) -> _State:
     return state
 
 
-def _proven_layers(model: nn.Module, frozen: nn.Module) -> set[int]:
-    """ids of the frozen modules that replace a layer 1-Lipschitz by proof (AOL; Spectral and CPL layers with
-    certified=True, in the eval form to_vanilla exports): their constant is 1, not computed again."""
+def _proven_layers(model: nn.Module, frozen: nn.Module) -> dict[int, tuple | None]:
+    """id of each frozen module that replaces a layer 1-Lipschitz by proof -> the input size (H, W) the proof
+    is for (None: any size): AOL and SLL layers (any size), Spectral and CPL layers with certified=True (their
+    norm is that of the operator at their input_size). Their constant is 1 there, not computed again."""
     from lipkern import nn as LN
 
     frozen_modules = dict(frozen.named_modules())
-    proven = set()
+    proven = {}
     for name, module in model.named_modules():
-        by_proof = isinstance(module, (LN.AOLConv2d, LN.AOLLinear, LN.SLLConv2d, LN.SLLLinear)) or (
-            isinstance(module, (LN.SpectralConv2d, LN.SpectralLinear, LN.CPLConv2d, LN.CPLLinear))
-            and module.certified is True)
-        if by_proof and name in frozen_modules:
-            proven.add(id(frozen_modules[name]))
+        if name not in frozen_modules:
+            continue
+        if isinstance(module, (LN.AOLConv2d, LN.AOLLinear, LN.SLLConv2d, LN.SLLLinear)):
+            proven[id(frozen_modules[name])] = None
+        elif isinstance(module, (LN.SpectralConv2d, LN.CPLConv2d)) and module.certified is True:
+            size = getattr(module, "geometry", None)
+            if size is not None:
+                proven[id(frozen_modules[name])] = tuple(size.input_size)
+        elif isinstance(module, (LN.SpectralLinear, LN.CPLLinear)) and module.certified is True:
+            proven[id(frozen_modules[name])] = None
     return proven
 
 
@@ -419,18 +518,30 @@ class RoundingAnalysis:
         if device is not None:
             frozen = frozen.to(device)
         self.model = frozen.to(torch.float64)  # exact: every float32 / float16 value is a float64 value
+        self._refuse_subnormal_parameters()
         self.proven = _proven_layers(model, self.model)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.steps, self.output_shape = self._parse(self.model, self.input_shape)
 
     def __call__(self, x: torch.Tensor) -> EvaluationError:
-        g = x.detach().to(torch.float64)
+        g = x.detach().to(torch.float64, copy=True)  # a copy: nothing in the network writes into the caller's x
         if g.shape[1:] != self.input_shape:
             raise ValueError(f"RoundingAnalysis: prepared for inputs {self.input_shape}, got {tuple(g.shape[1:])}")
         zero = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
-        with torch.no_grad():
+        # classical float64 convolutions: cuDNN may pick FFT / Winograd algorithms, outside the error model
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):
             state = _run(self.steps, _State(g, zero, zero, 0.0, 1.0), self.precision)
         return EvaluationError(state.g, state.e64, state.p, state.q)
+
+    def _refuse_subnormal_parameters(self) -> None:
+        """A weight below the smallest normal number of the deployed precision may be flushed to zero there
+        (an error relative to the activation it multiplies, outside the error model): refused."""
+        name = "float64" if self.precision is None else self.precision.name
+        smallest = _SMALLEST_NORMAL[name]
+        for label, t in (*self.model.named_parameters(), *self.model.named_buffers()):
+            if t.is_floating_point() and bool(((t != 0) & (t.abs() < smallest)).any()):
+                raise ValueError(f"RoundingAnalysis: {label} has entries below {smallest:.3g} (subnormal in {name}: "
+                                 "a kernel may flush them to zero); set them to zero to certify this network")
 
     # -- parsing the frozen network ------------------------------------------------------------------------
     def _shape_after(self, module, shape) -> tuple[int, ...]:
@@ -460,9 +571,18 @@ class RoundingAnalysis:
         if computes_forward_of(module, M.CPLNet):
             return self._parse(nn.Sequential(module.body, module.head), shape)
         if computes_forward_of(module, M.Residual):
+            inplace = [type(m).__name__ for m in module.modules() if getattr(m, "inplace", False) is True]
+            if inplace:  # an in-place op at the start of a path overwrites the input the other path adds
+                raise ValueError(f"RoundingAnalysis: a Residual block contains in-place modules ({', '.join(inplace)}"
+                                 "); use inplace=False inside residual blocks")
             branch, out = self._parse(module.branch, shape)
-            skip = None if module.skip is None else self._parse(module.skip, shape)[0]
-            return [_Residual(module, branch, skip)], out
+            skip, skip_out = (None, shape) if module.skip is None else self._parse(module.skip, shape)
+            if tuple(skip_out) != tuple(out):
+                raise ValueError(f"RoundingAnalysis: a Residual block's branch gives {tuple(out)}, its skip "
+                                 f"{tuple(skip_out)} (broadcasting them is not analyzed)")
+            step = _Residual(module, branch, skip)
+            step.operations = math.sqrt(math.prod(out))  # the sum, if flushed
+            return [step], out
         out = self._shape_after(module, shape)
         step = self._layer(module, shape, out)
         if step is None:
@@ -470,6 +590,7 @@ class RoundingAnalysis:
                             "analyzed (supported: see RoundingAnalysis); certify with evaluation=None to "
                             "leave the logits' rounding unbounded, or evaluation='exact' for the "
                             "real-arithmetic network of supported layers")
+        step.operations = _inflate(step.underflow_count() * math.sqrt(math.prod(out)), 2)
         return [step], out
 
     def _layer(self, module, shape, out):  # noqa: C901 (one branch per layer type)
@@ -488,14 +609,16 @@ class RoundingAnalysis:
             return _LeakyReLU(module)
         if computes_forward_of(module, nn.Linear):
             operator = LinearMap.dense(module.weight.detach(), shape)
-            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1, self._lip(module))
+            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1,
+                           self._lip(module, shape))
         if computes_forward_of(module, nn.Conv2d):
             if module.padding_mode not in ("zeros", "circular"):
                 raise TypeError(f"RoundingAnalysis: Conv2d with padding_mode={module.padding_mode!r} is not "
                                 "analyzed")
             operator = LinearMap.conv2d(module.weight.detach(), shape, module.stride, module.padding,
                                         module.dilation, module.groups, module.padding_mode)
-            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1, self._lip(module))
+            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1,
+                           self._lip(module, shape))
         if computes_forward_of(module, nn.AvgPool2d):
             return self._avg_pool(module, shape, out)
         if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d):
@@ -505,31 +628,32 @@ class RoundingAnalysis:
         if computes_forward_of(module, PlainSLLLinear):
             operator = LinearMap.dense(module.weight.detach(), shape)
             return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             module.weight.shape[0] + 1, id(module) in self.proven)
+                             module.weight.shape[0] + 1, self._lip(module, shape) is not None)
         if computes_forward_of(module, PlainSLLConv2d):
             left, right, top, bottom = module.padding
             operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
                                         padding_mode=module.padding_mode)
-            w = module.weight
-            adjoint_terms = w.shape[0] * w.shape[2] * w.shape[3] + 4  # + the circular adjoint's wrapped sums
-            return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1, adjoint_terms,
-                             id(module) in self.proven)
+            return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1,
+                             _adjoint_terms(module.weight, operator.geometry), self._lip(module, shape) is not None)
         if computes_forward_of(module, PlainCPLLinear):
             operator = LinearMap.dense(module.weight.detach(), shape)
             return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             module.weight.shape[0], id(module) in self.proven)
+                             module.weight.shape[0] + 1, self._lip(module, shape) is not None)
         if computes_forward_of(module, PlainCPLConv2d):
             left, right, top, bottom = module.padding
             operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
                                         padding_mode=module.padding_mode)
-            w = module.weight
-            adjoint_terms = w.shape[0] * w.shape[2] * w.shape[3] + 4  # + the circular adjoint's wrapped sums
-            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1, adjoint_terms,
-                             id(module) in self.proven)
+            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,
+                             _adjoint_terms(module.weight, operator.geometry), self._lip(module, shape) is not None)
         return None
 
-    def _lip(self, module) -> float | None:
-        return 1.0 if id(module) in self.proven else None
+    def _lip(self, module, shape) -> float | None:
+        """1 for a layer 1-Lipschitz by proof AT THIS INPUT SIZE (a certified conv's proof is for its own
+        input_size), else None (computed)."""
+        if id(module) not in self.proven:
+            return None
+        size = self.proven[id(module)]
+        return 1.0 if size is None or tuple(shape[1:]) == tuple(size) else None
 
     @staticmethod
     def _max_pool_constant(module, out) -> float:
@@ -559,5 +683,5 @@ class RoundingAnalysis:
         scale = torch.rsqrt(module.running_var + module.eps)
         if module.weight is not None:
             scale = scale * module.weight
-        return _Diagonal(module, scale, module.running_mean, module.bias, 8)
+        return _Diagonal(module, scale, module.running_mean, module.bias, 12)  # ≤ 8 roundings, each ≤ 1.5 ulp
 

@@ -294,3 +294,98 @@ def test_gamma_is_the_rounded_up_rational():
             assert Fraction(value) >= exact and Fraction(math.nextafter(value, 0)) < exact, (n, name)
     with pytest.raises(ValueError, match="exceed"):
         gamma(2**24, PRECISIONS["float32"])
+
+
+# --- found by an independent review: each case certified wrongly (or broke the bound) before its fix ---------
+def test_underflow_is_charged():
+    """Products near 2⁻¹⁴⁹ round by absolute amounts no relative γ covers: exact logits (4.75, 4.9)·2⁻¹⁴⁹,
+    float32 gives (5, 4)·2⁻¹⁴⁹ and predicts class 0; class 1 must not be certified."""
+    x = torch.full((1, 2), 2.0 ** -75)
+    units = torch.tensor([[2.55, 2.2], [3.45, 1.45]], dtype=torch.float64)
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_((units * 2.0 ** -74).float())
+        assert model(x).argmax(1).item() == 0
+    result = certified_accuracy(model, (x, torch.tensor([1])), [0.0], lipschitz=1.0, evaluation="float32")
+    assert result.radii[0] == 0 and result.accuracy[0] == 0
+    tiny = nn.Linear(2, 2)
+    with torch.no_grad():
+        tiny.weight[0, 0] = 1e-40  # subnormal in float32: a kernel may flush it
+    with pytest.raises(ValueError, match="subnormal"):
+        RoundingAnalysis(tiny, (2,), "float32")
+
+
+def test_leaky_relu_charges_its_float32_slope():
+    """PyTorch rounds negative_slope = 1/3 to float32 before the product: 1.33 u of error, not one u."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.LeakyReLU(1 / 3), nn.Linear(16, 4))
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0)) * 10
+    bound = RoundingAnalysis(model, (16,), "float32")(x)
+    with torch.no_grad():
+        error = (model(x).double() - to_vanilla(model).double()(x.double())).norm(dim=1)
+    assert (error <= bound.exact + bound.center).all()
+
+
+def test_wide_circular_padding_repeats_rows():
+    """Circular padding wider than the kernel's reach repeats output rows: ‖|A|‖ grows by √repeats (a 1×1
+    kernel padded by 1 on a 1×1 image: 9 copies of one pixel, ‖|A|‖ = 3|w|)."""
+    from lipkern.certify.rounding import _abs_norm
+    from lipkern.bounds.operators import LinearMap
+
+    conv = nn.Conv2d(1, 1, 1, padding=1, padding_mode="circular", bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    operator = LinearMap.conv2d(conv.weight.detach().double(), (1, 1, 1), padding=1, padding_mode="circular")
+    assert _abs_norm(operator) >= spectral_norm_of(operator) >= 3.0 - 1e-12
+
+
+def spectral_norm_of(operator) -> float:
+    return torch.linalg.matrix_norm(operator.abs().dense_matrix(), 2).item()
+
+
+def test_residual_blocks_must_add_equal_shapes_without_in_place_ops():
+    broadcast = nn.Sequential(Residual(nn.Identity(), skip=nn.Conv2d(1, 1, 1, stride=8)), nn.Flatten(),
+                              nn.Linear(64, 2))
+    with pytest.raises(ValueError, match="broadcasting"):
+        RoundingAnalysis(broadcast, (1, 8, 8), "float32")
+    in_place = nn.Sequential(Residual(nn.Sequential(nn.LeakyReLU(0.5, inplace=True), nn.Linear(4, 4))),
+                             nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="in-place"):
+        RoundingAnalysis(in_place, (4,), "float32")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    kept = x.clone()
+    RoundingAnalysis(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 2)), (4,), "float64")(x)
+    assert torch.equal(x, kept), "the analysis wrote into the caller's input"
+
+
+def test_a_certified_conv_is_proven_only_at_its_own_input_size():
+    conv = L.SpectralConv2d(2, 2, 3, padding=1, input_size=2, certified=True).eval()
+    at_own_size = RoundingAnalysis(nn.Sequential(conv, nn.Flatten()), (2, 2, 2), "float32")
+    elsewhere = RoundingAnalysis(nn.Sequential(conv, nn.Flatten()), (2, 16, 16), "float32")
+    assert at_own_size.steps[0].lip == 1.0
+    frozen = elsewhere.model[0]
+    exact = torch.linalg.matrix_norm(dense_operator(frozen, (2, 16, 16)), 2).item()
+    assert elsewhere.steps[0].lip >= exact
+
+
+def dense_operator(conv: nn.Conv2d, shape) -> torch.Tensor:
+    eye = torch.eye(math.prod(shape), dtype=torch.float64).reshape(-1, *shape)
+    with torch.no_grad():
+        return F.conv2d(eye, conv.weight.double(), None, conv.stride, conv.padding).reshape(len(eye), -1).T
+
+
+def test_reduced_precision_settings_are_not_certified_as_float32():
+    """'auto' reads PyTorch's float32 precision settings: bf16 operands are refused with a message, TF32 on
+    the CPU (mkldnn) is certified as TF32."""
+    from lipkern.certify.margin import deployed_evaluation
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with pytest.raises(ValueError, match="bfloat16 operands"):
+            deployed_evaluation(model, torch.device("cpu"))
+        torch.set_float32_matmul_precision("high")
+        assert deployed_evaluation(model, torch.device("cpu")) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert deployed_evaluation(model, torch.device("cpu")) == "float32"
