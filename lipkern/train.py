@@ -424,8 +424,8 @@ def train(config: TrainConfig) -> dict:
             torch.distributed.destroy_process_group()
 
 
+CERTIFY_EVALUATIONS = ("auto", "float32", "tf32", "float64", "exact")  # lipkern.certify.certified_accuracy's
 # Options of the run itself, not of what it trains: a resumed run never takes them from the checkpoint.
-CERTIFY_EVALUATIONS = ("auto", "float32", "tf32", "float64", "exact")
 SESSION_OPTIONS = ("device", "threads", "output_dir", "resume", "stop_after", "progress", "tensorboard",
                    "certify", "source")
 
@@ -469,7 +469,6 @@ def _interrupted_message(when: str, checkpoint_path: Path, epochs_done: int) -> 
 _RUN_FILES = ("checkpoint.pt", "best.pt", "results.json", "certified_accuracy.png", "metrics.csv")
 _METRICS = ("epoch", "loss", "train_accuracy", "val_accuracy", "val_certified_accuracy", "test_accuracy", "lr",
             "seconds")
-BEST_METRICS = ("val", "certified@EPS")  # the forms of TrainConfig.save_best
 
 
 def best_metric(save_best: str | None) -> tuple[str, float | None] | None:

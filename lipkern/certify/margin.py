@@ -264,8 +264,10 @@ EVALUATIONS = ("auto", "float32", "tf32", "float64", "exact", None)
 
 
 def deployed_evaluation(model: nn.Module, device: torch.device) -> str:
-    """What ``evaluation="auto"`` certifies: the model's own precision on ``device`` ('float32', or 'tf32' on
-    CUDA where PyTorch's TF32 switches are on; 'float64' for a float64 model)."""
+    """What ``evaluation="auto"`` certifies: the model's own precision on ``device``: 'float64' for a float64
+    model; for float32, 'tf32' where PyTorch's settings let matmuls / convolutions use TF32 (CUDA, or mkldnn on
+    a CPU), else 'float32'; bfloat16 operands and half-precision parameters are refused (not analyzed). A model
+    deployed under torch.autocast runs in another precision than its parameters': not covered."""
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     dtype = torch.float32 if not dtypes else (torch.float64 if dtypes == {torch.float64} else max(
         dtypes, key=lambda d: torch.finfo(d).eps))
