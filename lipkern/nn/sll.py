@@ -68,9 +68,11 @@ def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor
         t = weighted_row_sums(gram, q)
         return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny) * (t > 0)  # 0 for a zero row, finite gradients
     per_row = gram.reshape(hidden, hidden, -1)
-    bound = per_row.abs() + _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1)
+    # |G| ≤ |Ĝ| + γ·S and S ≤ Ŝ/(1 − γ) (Ŝ the computed Gram of |W|): 2γ·Ŝ covers both and the product's rounding
+    bound = per_row.abs() + 2 * _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1)
     terms = per_row.shape[1] * per_row.shape[2]
-    r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 2))  # non-negative sums
+    # two nested sums of non-negative terms, a product by q each, then this product: ≤ γ_{2·terms + 8} relative
+    r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 8))
     t = r / q * (1 + 4 * _U)  # ≥ the exact weighted row sum
     s = torch.where(t > 0, 2.0 / t * (1 - 4 * _U), torch.zeros_like(t))
     return torch.where(torch.isfinite(s), s, torch.zeros_like(s))  # t = inf: the unit is switched off (safe)
