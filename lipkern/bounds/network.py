@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._checks import as_shape
-from lipkern.bounds.operators import LinearMap
+from lipkern.bounds.operators import LinearMap, abs_norm_upper
 from lipkern.ops.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
 from lipkern.ops.conv_power_iteration import conv_operator
 
@@ -385,7 +385,9 @@ class _Parser:
                                             padding_mode=module.padding_mode)
         except ValueError as err:
             raise ValueError(f"lipschitz_bound: {self.name(module)}: {err}") from err
-        upper = float(operator.upper_bound()) * (1 + 4 * _U64)
+        # the computed S^{1/2}W is within (2u + u²) of the exact entrywise: |ΔA| ≤ 3u·|A|, ‖ΔA‖ ≤ 3u‖|A|‖
+        slack = 3 * _U64 * abs_norm_upper(operator)
+        upper = (float(operator.upper_bound()) + slack) * (1 + 4 * _U64)
         if not math.isfinite(upper):
             raise ValueError(f"lipschitz_bound: {self.name(module)} has a non-finite weight")
         value = max(1.0, upper * upper * (1 + 4 * _U64) - 1.0)

@@ -57,6 +57,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lipkern.bounds.operators import abs_norm_upper, circular_repeats
+
 __all__ = ["PRECISIONS", "EvaluationError", "Precision", "RoundingAnalysis", "gamma"]
 
 _U64 = 2.0 ** -53
@@ -171,40 +173,6 @@ class _Exact(_Step):
         return state.advance(self.module(state.g), self.lip, zero, zero, 0.0, self.absolute(precision))
 
 
-def _abs_norm(operator) -> float:
-    """A guaranteed upper bound of ‖|W|‖₂. A conv with a non-negative kernel is entrywise below the circular
-    conv on the padded image (a submatrix of it; a strided one keeps a subset of its rows), whose norm is the
-    largest singular value of S = Σ_taps |W| (its frequency responses are entrywise ≤ S in modulus), per group:
-    no operator-sized computation."""
-    from lipkern.bounds.spectral import linear_spectral_norm
-
-    w = operator.weight.detach().to(torch.float64).abs()
-    if operator.kind == "dense":
-        return _collatz_wielandt(w)
-    taps = w.shape[2] * w.shape[3]
-    summed = w.sum(dim=(2, 3)) * (1 + 2 * gamma(taps, PRECISIONS["float64"]))  # ≥ the exact sums
-    groups = operator.geometry.groups if operator.geometry is not None else 1
-    rows = summed.shape[0] // groups
-    norm = max(float(linear_spectral_norm(summed[g * rows:(g + 1) * rows], method="upper").upper)
-               for g in range(groups))
-    return _inflate(norm * math.sqrt(_circular_repeats(operator.geometry)), 2)
-
-
-def _circular_repeats(g) -> int:
-    """Circular padding: output o reads the torus row (o·s − p) mod n, so rows repeat when the output is
-    longer than one period (padding wider than 'same'): |A| = R·C with ‖R‖² = the most outputs on one torus
-    row. Zero padding: 1 (a submatrix of the circular conv on a large enough torus)."""
-    if g is None or g.padding_mode != "circular":
-        return 1
-    repeats = 1
-    for out, size, stride in zip(g.output_size, g.input_size, g.stride):
-        counts: dict[int, int] = {}
-        for o in range(out):
-            counts[(o * stride) % size] = counts.get((o * stride) % size, 0) + 1
-        repeats *= max(counts.values(), default=1)
-    return repeats
-
-
 def _adjoint_terms(weight: torch.Tensor, g) -> int:
     """Products summed into one entry of Aᵀy (+ 1): hidden·kh·kw per copy of a pixel in the padded image, and
     circular padding copies a pixel up to Π ceil(padded/size) times."""
@@ -221,21 +189,8 @@ def _row_col_sums(weight: torch.Tensor, g=None) -> tuple[float, float]:
     if w.dim() == 2:
         return float(w.sum(1).max()) * (1 + 1e-12), float(w.sum(0).max()) * (1 + 1e-12)
     rows = float(w.sum(dim=(1, 2, 3)).max())
-    cols = float(w.sum(dim=(0, 2, 3)).max()) * _circular_repeats(g) * 4
+    cols = float(w.sum(dim=(0, 2, 3)).max()) * circular_repeats(g) * 4
     return rows * (1 + 1e-12), cols * (1 + 1e-12)
-
-
-def _collatz_wielandt(w: torch.Tensor, steps: int = 30) -> float:
-    """‖W‖₂ for a non-negative (out, in) matrix, from above: ρ(WᵀW) ≤ max_i (WᵀW v)_i / v_i for ANY positive v
-    (Collatz–Wielandt), v from a few power steps (kept positive). Each product of non-negative terms is within
-    a relative γ of the exact one: inflated accordingly."""
-    v = torch.ones(w.shape[1], dtype=torch.float64, device=w.device)
-    for _ in range(steps):
-        v = w.T @ (w @ v)
-        v = v / v.max().clamp_min(1e-300) + 1e-12  # positive, bounded away from 0
-    ratio = float(((w.T @ (w @ v)) / v).max())
-    terms = w.shape[0] + w.shape[1]
-    return _inflate(math.sqrt(_inflate(ratio, 2 * terms + 4)), 2)
 
 
 class _Affine(_Step):
@@ -247,7 +202,7 @@ class _Affine(_Step):
         self.abs_operator = operator.abs()
         self.abs_bias = None if bias is None else bias.detach().abs()
         self.lip = float(operator.upper_bound()) if lip is None else lip
-        self.abs_norm = _abs_norm(operator)
+        self.abs_norm = abs_norm_upper(operator)
         self.row_sum, self.col_sum = _row_col_sums(operator.weight, operator.geometry)
 
     def underflow_count(self) -> float:
@@ -341,7 +296,9 @@ class _PlainCPL(_Step):
         # the first product's underflows reach z through t·|Wᵀ|; the second product's and the two
         # element-wise operations directly
         first = self.affine.row_sum + self.affine.terms + 2
-        return first * (1 + self.step * self.affine.col_sum) + self.adjoint_terms + self.step + 4
+        # a flushed operand of the adjoint product (relu output) costs |Wᵀ|'s column sum, times t
+        return (first * (1 + self.step * self.affine.col_sum) + self.adjoint_terms + self.step + 4
+                + self.affine.col_sum * (2 + self.step))
 
     def _norms(self, g: torch.Tensor):
         """(ρ_W, ‖relu(W g + b)‖, ρ_V, ‖g‖) per sample, each rounded up to cover the exact value at g."""
@@ -393,20 +350,25 @@ class _PlainSLL(_Step):
         self.module = module
         self.affine = _Affine(None, operator, bias, terms, lip=math.inf)  # ‖W‖ itself is not needed
         self.adjoint_terms = adjoint_terms
-        self.scale = module.scale.detach().to(torch.float64).clamp_min(0)
+        self.scale = module.scale.detach().to(torch.float64)
+        if not bool(torch.isfinite(self.scale).all()) or bool((self.scale < 0).any()):
+            raise ValueError(f"RoundingAnalysis: {type(module).__name__} has a negative or non-finite scale")
         self.s_max = float(self.scale.max()) if self.scale.numel() else 0.0
         root = self.scale.sqrt().reshape(-1, *([1] * (operator.weight.dim() - 1)))
         if proven:
             self.scaled_norm = _inflate(math.sqrt(2.0), 2)
         else:
-            scaled = LinearMap(operator.kind, root * operator.weight.to(torch.float64), operator.in_shape,
-                               operator.out_shape, operator.geometry)
-            self.scaled_norm = _inflate(float(scaled.upper_bound()), 4)
+            weight = root * operator.weight.to(torch.float64)  # each entry within (2u + u²) of the exact
+            scaled = LinearMap(operator.kind, weight, operator.in_shape, operator.out_shape, operator.geometry)
+            slack = 3 * _U64 * abs_norm_upper(scaled)  # |ΔA| ≤ 3u·|A| entrywise, so ‖ΔA‖ ≤ 3u‖|A|‖
+            self.scaled_norm = _inflate(float(scaled.upper_bound()) + slack, 4)
         self.lip = 1.0 if proven else max(1.0, _inflate(self.scaled_norm ** 2, 2) - 1.0)
 
     def underflow_count(self) -> float:
         first = self.affine.row_sum + self.affine.terms + 2
-        return first * (1 + self.s_max * self.affine.col_sum) + self.adjoint_terms + self.s_max + 4
+        # flushed r' = s ⊙ relu(p) or adjoint operands cost |Wᵀ|'s column sum each
+        return (first * (1 + self.s_max * self.affine.col_sum) + self.adjoint_terms + self.s_max + 4
+                + self.affine.col_sum * (2 + self.s_max))
 
     def _norms(self, g):
         hidden_shape = (-1, *([1] * (g.dim() - 2)))

@@ -6,8 +6,10 @@ S = diag(s), s_i ≤ 2/t_i, ‖S^{1/2} W‖² ≤ max_i s_i t_i ≤ 2; the Jacob
 diagonal, commuting with S) has its eigenvalues in [1 − ‖S^{1/2}W‖², 1] ⊆ [−1, 1]. Any s ≤ 2/t keeps the
 proof, so rounding s DOWN keeps it. For the conv (stride 1, 'same' padding, zeros or circular) W Wᵀ is the
 operator whose rows are the cross-correlations ktk = conv2d(K, K, padding=k−1) of the kernel with itself:
-t_i = Σ_{j,δ} |ktk_{ij,δ}| q_j/q_i bounds every row of the weighted Gershgorin sum (border rows have fewer
-terms, circular wraps add terms of the same set), at any input size. With q ≡ 1 it is AOL's bound on the
+t_i = Σ_{j,δ} |ktk_{ij,δ}| q_j/q_i bounds every row of the weighted Gershgorin sum of the circular operator
+(wraps add terms of the same set), and the zero-padded A = Π·C·E (E: embedding into a larger torus, EEᵀ ⪯ I;
+Π: a row selection) has AAᵀ ⪯ Π C Cᵀ Πᵀ, a principal submatrix of a circular Gram whose rows are subsets of
+ktk's: the same T dominates it, at any input size. With q ≡ 1 it is AOL's bound on the
 hidden side; with T = ‖W‖²·I it is CPL's step.
 
 q matters: unlike two peer implementations where q_j/q_i cancels (it multiplies both sides of the same
@@ -56,6 +58,9 @@ def weighted_row_sums(gram: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (magnitude @ q) / q
 
 
+_TINY = 2.0 ** -1074  # the absolute error of a float64 operation whose result underflows
+
+
 def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor, dot_terms: int) -> torch.Tensor:
     """s_i = 2/t_i, t_i = Σ_j |G_ij| q_j / q_i over ``gram`` (hidden, hidden, ...taps) and 0 where t_i = 0.
 
@@ -68,14 +73,17 @@ def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor
         t = weighted_row_sums(gram, q)
         return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny) * (t > 0)  # 0 for a zero row, finite gradients
     per_row = gram.reshape(hidden, hidden, -1)
-    # |G| ≤ |Ĝ| + γ·S and S ≤ Ŝ/(1 − γ) (Ŝ the computed Gram of |W|): 2γ·Ŝ covers both and the product's rounding
-    bound = per_row.abs() + 2 * _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1)
+    # |G| ≤ |Ĝ| + γ·S + n·η and S ≤ (Ŝ + n·η)/(1 − γ) (Ŝ the computed Gram of |W|; η: an underflowing operation's
+    # absolute error): 2γ·Ŝ + (2n + 4)·η covers both and the product's rounding
+    bound = per_row.abs() + 2 * _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1) + (2 * dot_terms + 4) * _TINY
     terms = per_row.shape[1] * per_row.shape[2]
-    # two nested sums of non-negative terms, a product by q each, then this product: ≤ γ_{2·terms + 8} relative
-    r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 8))
+    # two nested sums of non-negative terms, a product by q each, then this product: ≤ γ_{2·terms + 8} relative,
+    # plus an absolute η per operation for products and sums that underflow (tiny q or tiny weights)
+    r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 8)) + (4 * terms + 8) * _TINY
     t = r / q * (1 + 4 * _U)  # ≥ the exact weighted row sum
     s = torch.where(t > 0, 2.0 / t * (1 - 4 * _U), torch.zeros_like(t))
-    return torch.where(torch.isfinite(s), s, torch.zeros_like(s))  # t = inf: the unit is switched off (safe)
+    zero_row = abs_gram.reshape(hidden, -1).sum(dim=1) == 0  # W_i = 0 exactly: the unit does nothing; s = 0
+    return torch.where(torch.isfinite(s) & ~zero_row, s, torch.zeros_like(s))  # t = inf: switched off (safe)
 
 
 class _SLLBase(nn.Module):
@@ -93,7 +101,7 @@ class _SLLBase(nn.Module):
 
     def _training_root(self) -> torch.Tensor:
         """√s = √(2/t) from the differentiable formula (0 where t = 0, with a finite gradient)."""
-        t = weighted_row_sums(self._gram(self.weight), self.log_q.exp())
+        t = weighted_row_sums(self._gram(self.weight), (self.log_q - self.log_q.max().detach()).exp())
         return (2.0 / t.clamp_min(torch.finfo(t.dtype).tiny)).sqrt() * (t > 0)
 
     def _cpl_parts(self):
@@ -105,7 +113,8 @@ class _SLLBase(nn.Module):
     def scale(self) -> torch.Tensor:
         """s (hidden,) = 2/t: differentiable in training; in eval the guaranteed one (cached)."""
         if self.training:
-            return sll_scale(self._gram(self.weight), None, self.log_q.exp(), self._dot_terms())
+            return sll_scale(self._gram(self.weight), None, (self.log_q - self.log_q.max().detach()).exp(),
+                             self._dot_terms())
         return self._eval_scale()
 
     def _eval_scale(self) -> torch.Tensor:
@@ -116,7 +125,10 @@ class _SLLBase(nn.Module):
         check_finite(self.log_q, f"{type(self).__name__}.log_q (eval scale)")
         with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):  # classical float64 convolutions
             w = self.weight.detach().to(torch.float64)
-            q = self.log_q.detach().to(torch.float64).exp()  # any positive q: the theorem holds for these values
+            # any positive q: the theorem holds for these values; shifted so that the largest is 1 (t depends on
+            # q_j/q_i only), far from overflow; the q that underflow switch their units off (t = inf, s = 0)
+            log_q = self.log_q.detach().to(torch.float64)
+            q = (log_q - log_q.max()).exp()
             s = sll_scale(self._gram(w), self._gram(w.abs()), q, self._dot_terms())
             s = _round_down(s, self.weight.dtype)
         self._cached = (WeightSnapshot(self.weight), WeightSnapshot(self.log_q), s)

@@ -235,3 +235,84 @@ def test_bad_arguments():
         layer.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         layer(torch.randn(2, 4))
+
+
+# --- found by an independent review: each case broke the proof (or the rounding bound) before its fix --------
+def test_extreme_log_q_keeps_the_layer_one_lipschitz():
+    """exp(−745) is the smallest float64 subnormal: q_j·|G_ij| underflowed and s reached 2.0 against 2/t =
+    1.379 (Jacobian 1.9). q is now shifted by max(log_q) (exact: t depends on ratios) and underflow charged."""
+    import math
+
+    two = L.SLLLinear(2, 2)
+    with torch.no_grad():
+        two.weight.copy_(torch.tensor([[1.0, 0.0], [0.45, math.sqrt(1 - 0.45**2)]]))
+        two.bias.fill_(10.0)  # both units active at 0
+        two.log_q.fill_(-745.0)
+    one = L.SLLConv2d(1, 1, kernel_size=1, bias=False)
+    with torch.no_grad():
+        one.weight.fill_(1.2)
+        one.log_q.fill_(-745.0)
+    for layer, x in ((two, torch.zeros(1, 2)), (one, torch.ones(1, 1, 2, 2))):
+        layer.eval()
+        exported = layer.to_vanilla().double()
+        assert spectral_norm(dense_jacobian(lambda t: exported(t), x.double())) <= 1 + 1e-12
+    spread = L.SLLLinear(3, 4)
+    with torch.no_grad():
+        spread.log_q.copy_(torch.tensor([-800.0, 0.0, 5.0, -3.0]))  # q_0 underflows after the shift: unit off
+    scale = spread.eval().scale()
+    assert torch.isfinite(scale).all() and scale[0] == 0
+
+
+def test_float64_gram_underflow_is_charged():
+    """A float64 layer whose Gram products underflow (weights near 2⁻⁵¹⁴): exact rationals show
+    s_i·t_i ≤ 2 (it was 2 + 3.2e-13)."""
+    from fractions import Fraction
+
+    n = 200
+    a = 2.0 ** -514 * 1.37
+    b = 2.0 ** -560
+    layer = L.SLLLinear(2 * n, 2, bias=False).double()
+    with torch.no_grad():
+        row = torch.cat([torch.full((n,), a, dtype=torch.float64), torch.full((n,), b, dtype=torch.float64)])
+        layer.weight.copy_(torch.stack([row, row.flip(0)]))
+    scale = layer.eval().scale()
+    w = [[Fraction(v) for v in r.tolist()] for r in layer.weight.detach()]
+    gram = [[sum(x * y for x, y in zip(w[i], w[j])) for j in range(2)] for i in range(2)]
+    for i in range(2):
+        t = sum(abs(g) for g in gram[i])  # q equal
+        assert Fraction(float(scale[i])) * t <= 2
+
+
+def test_a_plain_sll_layer_with_a_negative_scale_is_refused():
+    layer = L.PlainSLLLinear(torch.randn(3, 2), None, torch.tensor([1.0, -10.0, 0.5]))
+    with pytest.raises(ValueError, match="negative or non-finite scale"):
+        RoundingAnalysis(nn.Sequential(layer), (2,), "float32")
+    with pytest.raises(ValueError, match="non-finite or negative scale"):
+        lipschitz_bound(nn.Sequential(layer), (2,))
+
+
+def test_flushed_hidden_values_are_charged():
+    """With flush-to-zero, s ⊙ relu(p) just below 2⁻¹²⁶ is flushed; the loss reaches the output through
+    |Wᵀ|'s column sums (1,000 aligned units): the bound covers it."""
+    layer = L.SLLLinear(2, 1000)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.weight.copy_(100 * (0.5 + torch.rand(1000, 2, generator=g)))
+        layer.bias.zero_()
+    layer.eval()
+    s = layer.scale().double()
+    with torch.no_grad():
+        layer.bias.copy_((0.9 * 2.0 ** -126 / s).float())
+    net = nn.Sequential(layer).eval()
+    x = torch.zeros(1, 2)
+    bound = RoundingAnalysis(net, (2,), "float32")(x)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        with torch.no_grad():
+            deployed = to_vanilla(net)(x).double()
+    finally:
+        torch.set_flush_denormal(False)
+    with torch.no_grad():
+        exact = to_vanilla(net).double()(x.double())
+    assert (deployed - exact).norm() <= bound.center + bound.exact
