@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipkern
+from benchmarks.bench_cpl import _train_step
 from benchmarks.conftest import DEVICE
 from lipkern.models import build_model
 
@@ -61,17 +62,6 @@ def _orthogonium_block(channels: int):
     from orthogonium.layers.conv.SLL import SDPBasedLipschitzResBlock
 
     return SDPBasedLipschitzResBlock(channels, channels, 3)
-
-
-def _train_step(layer, x):
-    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        layer(x).square().mean().backward()
-        opt.step()
-
-    return step
 
 
 @pytest.mark.benchmark(group="model-train-step")

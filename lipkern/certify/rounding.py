@@ -272,7 +272,21 @@ class _LeakyReLU(_Step):
                              self.absolute(precision))
 
 
-class _PlainCPL(_Step):
+class _ResidualLayer(_Step):
+    """A layer z = h − (something of h) whose rounding at a computed input is ``_terms(_norms(g), precision)``:
+    (center, spread)."""
+
+    def apply(self, state, precision):
+        norms = self._norms(state.g)
+        c64, _ = self._terms(norms, PRECISIONS["float64"])
+        if precision is None:
+            zero = torch.zeros_like(c64)
+            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0, self.absolute(precision))
+        c32, s32 = self._terms(norms, precision)
+        return state.advance(self.module(state.g), self.lip, c64, c32, s32, self.absolute(precision))
+
+
+class _PlainCPL(_ResidualLayer):
     """z = h − t·Wᵀ relu(W h + b) (the frozen CPL layer), computed as p = W h + b (``terms`` products, error
     e_p ≤ γ_a(|W||h| + |b|)), r = relu(p) (exact), v = Wᵀ r (``adjoint_terms``), w = t·v, z = h − w. The error
     of p reaches v through Wᵀ·relu, a LINEAR propagation (‖W‖, not ‖|W|‖), so at the computed input h
@@ -324,17 +338,9 @@ class _PlainCPL(_Step):
         spread = (1 + u) ** 2 * t * growth_v + (2 * u + u * u) * t * wn * wn + u
         return _inflate(center, 16), _inflate(spread, 16)
 
-    def apply(self, state, precision):
-        norms = self._norms(state.g)
-        c64, _ = self._terms(norms, PRECISIONS["float64"])
-        if precision is None:
-            zero = torch.zeros_like(c64)
-            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0, self.absolute(precision))
-        c32, s32 = self._terms(norms, precision)
-        return state.advance(self.module(state.g), self.lip, c64, c32, s32, self.absolute(precision))
 
 
-class _PlainSLL(_Step):
+class _PlainSLL(_ResidualLayer):
     """z = h − Wᵀ(s ⊙ relu(W h + b)) (the frozen SLL layer), computed as p = W h + b (γ_a), r = relu(p), r' =
     r ⊙ s (one rounding), v = Wᵀ r' (γ_m), z = h − v (one rounding). With U ≥ ‖S^{1/2}W‖ (√2 for a layer
     1-Lipschitz by proof) and s_max = max s, at the computed input h:
@@ -398,14 +404,6 @@ class _PlainSLL(_Step):
         spread = (1 + u) * growth_v + u * (1 + big_u * big_u)
         return _inflate(center, 16), _inflate(spread, 16)
 
-    def apply(self, state, precision):
-        norms = self._norms(state.g)
-        c64, _ = self._terms(norms, PRECISIONS["float64"])
-        if precision is None:
-            zero = torch.zeros_like(c64)
-            return state.advance(self.module(state.g), self.lip, c64, zero, 0.0, self.absolute(precision))
-        c32, s32 = self._terms(norms, precision)
-        return state.advance(self.module(state.g), self.lip, c64, c32, s32, self.absolute(precision))
 
 
 class _Residual(_Step):

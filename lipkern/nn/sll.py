@@ -89,8 +89,19 @@ def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor
 class _SLLBase(nn.Module):
     """The parts SLLLinear and SLLConv2d share: q, the scale s (training / cached eval), to_vanilla."""
 
-    def _init_q(self, hidden: int, device, dtype) -> None:
-        self.log_q = nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
+    def _init_parameters(self, weight_shape: tuple, bias: bool, device, dtype) -> None:
+        self.weight = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0], device=device, dtype=dtype)) if bias else None
+        self.log_q = nn.Parameter(torch.zeros(weight_shape[0], device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's / nn.Conv2d's initialization for W and b; q = 1."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.log_q)
         self._cached = None
 
     def _gram(self, w: torch.Tensor) -> torch.Tensor:
@@ -152,18 +163,8 @@ class SLLLinear(_SLLBase):
             raise ValueError(f"SLLLinear: features and hidden_features must be positive ints, got "
                              f"{features!r}, {hidden_features!r}")
         self.features, self.hidden_features = features, hidden
-        self.weight = nn.Parameter(torch.empty(hidden, features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(hidden, device=device, dtype=dtype)) if bias else None
-        self._init_q(hidden, device, dtype)
-        self.reset_parameters()
+        self._init_parameters((hidden, features), bias, device, dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        nn.init.zeros_(self.log_q)
-        self._cached = None
 
     def _gram(self, w):
         return w @ w.T
@@ -206,18 +207,8 @@ class SLLConv2d(_SLLBase):
         self.padding_mode = padding_mode
         top, left = (kernel[0] - 1) // 2, (kernel[1] - 1) // 2
         self.padding = (left, kernel[1] - 1 - left, top, kernel[0] - 1 - top)  # F.pad order
-        self.weight = nn.Parameter(torch.empty(hidden, channels, *kernel, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(hidden, device=device, dtype=dtype)) if bias else None
-        self._init_q(hidden, device, dtype)
-        self.reset_parameters()
+        self._init_parameters((hidden, channels, *kernel), bias, device, dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.channels * self.kernel_size[0] * self.kernel_size[1])
-            nn.init.uniform_(self.bias, -bound, bound)
-        nn.init.zeros_(self.log_q)
-        self._cached = None
 
     def _gram(self, w):
         """ktk (hidden, hidden, 2kh − 1, 2kw − 1): the cross-correlations of the kernel with itself."""
