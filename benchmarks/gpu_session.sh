@@ -38,6 +38,12 @@ for name in ("triton", "xdist", "pytest_benchmark", "matplotlib", "orthogonium",
     spec = importlib.util.find_spec(name)
     print(f"{name}: {'yes' if spec else 'no'}", end="  ")
 print()
+# TF32 operand rounding (lipkern.certify.rounding assumes truncation, 2^-10): a = 1 + 2^-10 - 2^-23 has its
+# first 10 mantissa bits zero, so a*1 is 1 if operands are truncated, 1 + 2^-10 if rounded to nearest.
+torch.backends.cuda.matmul.allow_tf32 = True
+a = torch.full((16, 16), 1 + 2.0**-10 - 2.0**-23, device="cuda")
+product = (a @ torch.eye(16, device="cuda"))[0, 0].item()
+print("TF32 operands:", "truncated" if product == 1.0 else f"not truncated (a*1 = {product!r})")
 EOF
 }
 
