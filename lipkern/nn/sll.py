@@ -130,6 +130,11 @@ class _SLLBase(nn.Module):
 
     def _eval_scale(self) -> torch.Tensor:
         cached = self._cached
+        if torch.compiler.is_compiling():  # a graph cannot hold the cache check: serve the eager call's value
+            if cached is None:
+                raise RuntimeError(f"{type(self).__name__}: run one eager forward in eval mode before compiling or "
+                                   "exporting an eval-mode model (it computes and caches the guaranteed scale)")
+            return cached[2]
         if cached is not None and cached[0].matches(self.weight) and cached[1].matches(self.log_q):
             return cached[2]
         check_finite(self.weight, f"{type(self).__name__} (eval scale)")

@@ -316,3 +316,27 @@ def test_flushed_hidden_values_are_charged():
     with torch.no_grad():
         exact = to_vanilla(net).double()(x.double())
     assert (deployed - exact).norm() <= bound.center + bound.exact
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_export_and_torch_func(training, knobs):
+    """The training path (the CPL op: a forced backend runs the op itself) and the eval path compile with
+    fullgraph=True (aot_eager); the eval layer exports (torch.export) and runs as the layer; torch.func.jacrev
+    equals the autograd Jacobian."""
+    knobs(backend="torch")
+    layer = _randomize(L.SLLConv2d(3, 4, dtype=torch.float64), 7).train(training)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    if not training:
+        exported = torch.export.export(layer, (x,)).module()
+        torch.testing.assert_close(exported(x), eager, rtol=0, atol=0)
+    if not training:
+        fresh = _randomize(L.SLLConv2d(3, 4, dtype=torch.float64), 8).eval()
+        with pytest.raises(Exception, match="run one eager forward in eval mode"):
+            torch.compile(fresh, fullgraph=True, backend="aot_eager")(x)
+    single = x[:1]
+    jac = torch.func.jacrev(layer)(single)
+    want = torch.autograd.functional.jacobian(layer, single)
+    torch.testing.assert_close(jac, want, rtol=1e-10, atol=1e-12)
