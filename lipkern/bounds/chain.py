@@ -12,7 +12,7 @@ LipLT (papers.md §1) needs ‖A_k ⋯ A_j‖₂ for all O(K²) sub-chains. Two 
 order (blocked, pairwise, FMA) satisfies |fl(xᵀy) − xᵀy| ≤ γ_n·|x|ᵀ|y| + n·2⁻¹⁰⁷⁴ with γ_n = nu/(1 − nu)
 (Higham 2002, §3.1; terms that are exact zeros — zero padding, the holes of a strided transpose — add
 nothing). n is the most nonzero products summed into one output entry: :meth:`LinearMap.accumulation_length`
-for the forward map, :func:`_adjoint_length` for the adjoint. This assumes a classical convolution/GEMM
+for the forward map, ``LinearMap.adjoint_accumulation_length`` for the adjoint. This assumes a classical convolution/GEMM
 (im2col + GEMM, direct loops), which is what PyTorch runs for float64 on the CPU; on CUDA, cuDNN is disabled
 during the sweeps (no FFT/Winograd algorithms) and cuBLAS's DGEMM is classical. Emulated FP64 GEMMs (opt-in
 on some GPUs) are not covered.
@@ -131,33 +131,24 @@ def _check_maps(maps, name: str, check_values: bool) -> list[LinearMap]:
     return list(maps)
 
 
-def _adjoint_length(m: LinearMap) -> int:
-    """The most nonzero products summed into one entry of Aᵀy: out/groups channels × kh·kw taps per padded
-    position × the padded positions that wrap onto one input position (circular padding)."""
-    if m.kind == "dense":
-        return m.weight.shape[0]
-    if m.kind == "diag":
-        return 1
-    g = m.geometry
-    wraps = 1
-    if g.padding_mode == "circular":
-        for padded, size in zip(g.padded_size, g.input_size):
-            wraps *= -(-padded // size)
-    kh, kw = g.kernel_size
-    return (m.weight.shape[0] // g.groups) * kh * kw * wraps
-
-
-def _absolute_norm_bound(m: LinearMap) -> float:
-    """‖A‖₂ ≤ √(‖A‖₁‖A‖_∞) (guaranteed, cheap, loose): the row sums |A|·𝟙 and column sums |A|ᵀ·𝟙 computed by
-    the |W| map in float64 (nonnegative sums of n products: exact ≤ (computed + n·2⁻¹⁰⁷⁴)/(1 − γ_n))."""
+def abs_line_sums(m: LinearMap) -> tuple[float, float]:
+    """Guaranteed upper bounds of the largest row sum and column sum of |A| (‖A‖_∞-like and ‖A‖₁-like): |A|·𝟙
+    and |A|ᵀ·𝟙 computed by the |W| map in float64 (nonnegative sums of n products: exact ≤ (computed +
+    n·2⁻¹⁰⁷⁴)/(1 − γ_n))."""
     w = m.weight.detach().to(torch.float64).abs()
     ones_in = torch.ones(1, m.in_features, dtype=torch.float64, device=w.device)
     ones_out = torch.ones(1, m.out_features, dtype=torch.float64, device=w.device)
     rows = _nan_max(0.0, m.forward(ones_in, w).max().item())
     cols = _nan_max(0.0, m.adjoint(ones_out, w).max().item())
-    n_rows, n_cols = m.accumulation_length(), _adjoint_length(m)
+    n_rows, n_cols = m.accumulation_length(), m.adjoint_accumulation_length()
     rows = _div(_add(rows, n_rows * _ETA), _one_minus_gamma(n_rows))
     cols = _div(_add(cols, n_cols * _ETA), _one_minus_gamma(n_cols))
+    return rows, cols
+
+
+def _absolute_norm_bound(m: LinearMap) -> float:
+    """‖A‖₂ ≤ √(‖A‖₁‖A‖_∞) (guaranteed, cheap, loose)."""
+    rows, cols = abs_line_sums(m)
     return _mul(_sqrt(rows), _sqrt(cols))
 
 
@@ -262,7 +253,7 @@ def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: se
             x = y
     result = _Sweep()
     for t in order:
-        n = maps[t].accumulation_length() if forward else _adjoint_length(maps[t])
+        n = maps[t].accumulation_length() if forward else maps[t].adjoint_accumulation_length()
         features = out_features[t]
         mu = n * _ETA
         # D̂ = fl(|A||X̂|) ≥ (1 − γ_n)·D − μ entrywise, and the computed nonnegative sums ≥ (1 − γ)·exact sums

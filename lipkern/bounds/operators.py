@@ -114,6 +114,21 @@ class LinearMap:
     def out_features(self) -> int:
         return math.prod(self.out_shape)
 
+    def adjoint_accumulation_length(self) -> int:
+        """The most nonzero products summed into one entry of Aᵀy: out/groups channels × kh·kw taps per padded
+        position × the padded positions that wrap onto one input position (circular padding)."""
+        if self.kind == "dense":
+            return self.weight.shape[0]
+        if self.kind == "diag":
+            return 1
+        g = self.geometry
+        wraps = 1
+        if g.padding_mode == "circular":
+            for padded, size in zip(g.padded_size, g.input_size):
+                wraps *= -(-padded // size)
+        kh, kw = g.kernel_size
+        return (self.weight.shape[0] // g.groups) * kh * kw * wraps
+
     def accumulation_length(self) -> int:
         """The most products summed into one output entry (for rounding-error bounds)."""
         if self.kind == "conv2d":

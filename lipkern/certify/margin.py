@@ -360,8 +360,10 @@ def certified_accuracy(model: nn.Module, data, eps, lipschitz=None, *, pairwise:
     device = torch.device(device) if device is not None else _model_device(model)
     if evaluation == "auto":
         evaluation = deployed_evaluation(model, device)
-    moved = device != _model_device(model)
-    net = copy.deepcopy(model).to(device=device) if moved else model  # the user's model stays
+    # evaluation=None runs the model itself on the device (a copy there: the user's model stays); the analyzed
+    # evaluations run its frozen float64 copy
+    moved = evaluation is None and device != _model_device(model)
+    net = copy.deepcopy(model).to(device=device) if moved else model
     was_training = model.training, net.training
     radii, correct, rounding, slopes = [], [], [], [0.0]
     bound, analysis = None, None

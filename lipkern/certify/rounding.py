@@ -57,7 +57,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lipkern.bounds.operators import abs_norm_upper, circular_repeats
+from lipkern.bounds.chain import abs_line_sums
+from lipkern.bounds.operators import abs_norm_upper
 
 __all__ = ["PRECISIONS", "EvaluationError", "Precision", "RoundingAnalysis", "gamma"]
 
@@ -67,7 +68,7 @@ _U64 = 2.0 ** -53
 @dataclass(frozen=True)
 class Precision:
     """A floating-point evaluation: ``unit`` the unit roundoff of accumulation and element-wise operations,
-    ``operand_unit`` the rounding of matmul / conv operands before their products (TF32: 2⁻¹¹; 0 if none)."""
+    ``operand_unit`` the rounding of matmul / conv operands before their products (TF32: 2⁻¹⁰; 0 if none)."""
 
     name: str
     unit: float
@@ -173,26 +174,6 @@ class _Exact(_Step):
         return state.advance(self.module(state.g), self.lip, zero, zero, 0.0, self.absolute(precision))
 
 
-def _adjoint_terms(weight: torch.Tensor, g) -> int:
-    """Products summed into one entry of Aᵀy (+ 1): hidden·kh·kw per copy of a pixel in the padded image, and
-    circular padding copies a pixel up to Π ceil(padded/size) times."""
-    copies = 1
-    if g is not None and g.padding_mode == "circular":
-        for padded, size in zip(g.padded_size, g.input_size):
-            copies *= -(-padded // size)
-    return weight.shape[0] * weight.shape[2] * weight.shape[3] * copies + 1
-
-
-def _row_col_sums(weight: torch.Tensor, g=None) -> tuple[float, float]:
-    """Upper bounds of the largest row and column sums of |A| (the operator of ``weight``)."""
-    w = weight.detach().to(torch.float64).abs()
-    if w.dim() == 2:
-        return float(w.sum(1).max()) * (1 + 1e-12), float(w.sum(0).max()) * (1 + 1e-12)
-    rows = float(w.sum(dim=(1, 2, 3)).max())
-    cols = float(w.sum(dim=(0, 2, 3)).max()) * circular_repeats(g) * 4
-    return rows * (1 + 1e-12), cols * (1 + 1e-12)
-
-
 class _Affine(_Step):
     """y = W h + b (nn.Linear, nn.Conv2d, average pooling): a dot product of ``terms`` products each.
     ``lip``: a proven bound of ‖W‖ (an AOL / certified Spectral layer: 1), else computed (guaranteed)."""
@@ -203,7 +184,7 @@ class _Affine(_Step):
         self.abs_bias = None if bias is None else bias.detach().abs()
         self.lip = float(operator.upper_bound()) if lip is None else lip
         self.abs_norm = abs_norm_upper(operator)
-        self.row_sum, self.col_sum = _row_col_sums(operator.weight, operator.geometry)
+        self.row_sum, self.col_sum = abs_line_sums(operator)
 
     def underflow_count(self) -> float:
         # each product with a flushed operand: |w|·2⁻¹²⁶ (weights are normal: checked); each rounded result
@@ -339,7 +320,6 @@ class _PlainCPL(_ResidualLayer):
         return _inflate(center, 16), _inflate(spread, 16)
 
 
-
 class _PlainSLL(_ResidualLayer):
     """z = h − Wᵀ(s ⊙ relu(W h + b)) (the frozen SLL layer), computed as p = W h + b (γ_a), r = relu(p), r' =
     r ⊙ s (one rounding), v = Wᵀ r' (γ_m), z = h − v (one rounding). With U ≥ ‖S^{1/2}W‖ (√2 for a layer
@@ -405,7 +385,6 @@ class _PlainSLL(_ResidualLayer):
         return _inflate(center, 16), _inflate(spread, 16)
 
 
-
 class _Residual(_Step):
     """skip(h) + branch(h): both paths from the same state, then one rounded addition."""
 
@@ -462,6 +441,7 @@ class RoundingAnalysis:
 
     model: any model :func:`lipkern.models.to_vanilla` freezes into nn.Sequential (nested), ConvNet / CPLNet
     / LipLTNet, Residual, nn.Linear, nn.Conv2d ('zeros' / 'circular'), PlainCPLLinear / PlainCPLConv2d,
+    PlainSLLLinear / PlainSLLConv2d,
     nn.BatchNorm1d/2d (eval), Normalize, nn.AvgPool2d, nn.MaxPool2d, ReLU, LeakyReLU, MaxMin, channel
     selections, PixelUnshuffle, PixelShuffle, Flatten, Unflatten, Identity; anything else raises a TypeError
     naming it. precision: 'float32', 'tf32', 'float64' (the deployed evaluation), or None (bound only the
@@ -585,26 +565,17 @@ class RoundingAnalysis:
             return self._batch_norm(module)
         if computes_forward_of(module, M.Normalize):
             return _Diagonal(module, 1.0 / module.std, module.mean, None, 4)
-        if computes_forward_of(module, PlainSLLLinear):
-            operator = LinearMap.dense(module.weight.detach(), shape)
-            return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             module.weight.shape[0] + 1, self._lip(module, shape) is not None)
-        if computes_forward_of(module, PlainSLLConv2d):
-            left, right, top, bottom = module.padding
-            operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
-                                        padding_mode=module.padding_mode)
-            return _PlainSLL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             _adjoint_terms(module.weight, operator.geometry), self._lip(module, shape) is not None)
-        if computes_forward_of(module, PlainCPLLinear):
-            operator = LinearMap.dense(module.weight.detach(), shape)
-            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             module.weight.shape[0] + 1, self._lip(module, shape) is not None)
-        if computes_forward_of(module, PlainCPLConv2d):
-            left, right, top, bottom = module.padding
-            operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
-                                        padding_mode=module.padding_mode)
-            return _PlainCPL(module, operator, module.bias, operator.accumulation_length() + 1,
-                             _adjoint_terms(module.weight, operator.geometry), self._lip(module, shape) is not None)
+        for plain_layers, step in (((PlainSLLLinear, PlainSLLConv2d), _PlainSLL),
+                                   ((PlainCPLLinear, PlainCPLConv2d), _PlainCPL)):
+            if computes_forward_of(module, *plain_layers):
+                if module.weight.dim() == 2:
+                    operator = LinearMap.dense(module.weight.detach(), shape)
+                else:
+                    left, right, top, bottom = module.padding
+                    operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
+                                                padding_mode=module.padding_mode)
+                return step(module, operator, module.bias, operator.accumulation_length() + 1,
+                            operator.adjoint_accumulation_length() + 1, self._lip(module, shape) is not None)
         return None
 
     def _lip(self, module, shape) -> float | None:
