@@ -61,17 +61,12 @@ def weighted_row_sums(gram: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 _TINY = 2.0 ** -1074  # the absolute error of a float64 operation whose result underflows
 
 
-def sll_scale(gram: torch.Tensor, abs_gram: torch.Tensor | None, q: torch.Tensor, dot_terms: int) -> torch.Tensor:
-    """s_i = 2/t_i, t_i = Σ_j |G_ij| q_j / q_i over ``gram`` (hidden, hidden, ...taps) and 0 where t_i = 0.
-
-    With ``abs_gram`` (the Gram of |W|, float64) the result is a GUARANTEED lower bound of 2/t_i for the exact
-    Gram G of the stored weight: ``gram`` is its float64 evaluation, each entry a dot product of ``dot_terms``
-    products (|Ĝ − G| ≤ γ·|W||W|ᵀ), every later sum and quotient rounded in the safe direction. Without it: the
-    plain (differentiable) formula."""
+def guaranteed_scale(gram: torch.Tensor, abs_gram: torch.Tensor, q: torch.Tensor, dot_terms: int) -> torch.Tensor:
+    """A GUARANTEED lower bound of s_i = 2/t_i, t_i = Σ_j |G_ij| q_j / q_i, for the exact Gram G of the stored
+    weight (0 where the unit is off): ``gram`` (hidden, hidden, ...taps) is G's float64 evaluation, each entry a
+    dot product of ``dot_terms`` products, ``abs_gram`` that of |W|; every later sum and quotient is rounded in
+    the safe direction."""
     hidden = gram.shape[0]
-    if abs_gram is None:
-        t = weighted_row_sums(gram, q)
-        return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny) * (t > 0)  # 0 for a zero row, finite gradients
     per_row = gram.reshape(hidden, hidden, -1)
     # |G| ≤ |Ĝ| + γ·S + n·η and S ≤ (Ŝ + n·η)/(1 − γ) (Ŝ the computed Gram of |W|; η: an underflowing operation's
     # absolute error): 2γ·Ŝ + (2n + 4)·η covers both and the product's rounding
@@ -110,10 +105,16 @@ class _SLLBase(nn.Module):
     def _dot_terms(self) -> int:
         raise NotImplementedError
 
-    def _training_root(self) -> torch.Tensor:
-        """√s = √(2/t) from the differentiable formula (0 where t = 0, with a finite gradient)."""
+    def _training_scale_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2/t, t > 0) from the differentiable formula (q shifted by its largest log: t depends on ratios), with
+        t clamped away from 0 (a zero row: multiply by t > 0 to switch it off with finite gradients)."""
         t = weighted_row_sums(self._gram(self.weight), (self.log_q - self.log_q.max().detach()).exp())
-        return (2.0 / t.clamp_min(torch.finfo(t.dtype).tiny)).sqrt() * (t > 0)
+        return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny), t > 0
+
+    def _training_root(self) -> torch.Tensor:
+        """√s, 0 for a zero row."""
+        inverse, on = self._training_scale_parts()
+        return inverse.sqrt() * on
 
     def _cpl_parts(self):
         """(W̃, b̃) = (diag(√s)·W, √s ⊙ b): the CPL op's weight and bias for h = 1 (training)."""
@@ -124,8 +125,8 @@ class _SLLBase(nn.Module):
     def scale(self) -> torch.Tensor:
         """s (hidden,) = 2/t: differentiable in training; in eval the guaranteed one (cached)."""
         if self.training:
-            return sll_scale(self._gram(self.weight), None, (self.log_q - self.log_q.max().detach()).exp(),
-                             self._dot_terms())
+            inverse, on = self._training_scale_parts()
+            return inverse * on
         return self._eval_scale()
 
     def _eval_scale(self) -> torch.Tensor:
@@ -145,7 +146,7 @@ class _SLLBase(nn.Module):
             # q_j/q_i only), far from overflow; the q that underflow switch their units off (t = inf, s = 0)
             log_q = self.log_q.detach().to(torch.float64)
             q = (log_q - log_q.max()).exp()
-            s = sll_scale(self._gram(w), self._gram(w.abs()), q, self._dot_terms())
+            s = guaranteed_scale(self._gram(w), self._gram(w.abs()), q, self._dot_terms())
             s = _round_down(s, self.weight.dtype)
         self._cached = (WeightSnapshot(self.weight), WeightSnapshot(self.log_q), s)
         return s
