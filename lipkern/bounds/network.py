@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._checks import as_shape
-from lipkern.bounds.operators import LinearMap, abs_norm_upper
+from lipkern.bounds.operators import LinearMap, abs_norm_upper, plain_layer_operator
 from lipkern.ops.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
 from lipkern.ops.conv_power_iteration import conv_operator
 
@@ -351,14 +351,8 @@ class _Parser:
     def plain_cpl(self, module, shape):
         """x − h·Wᵀrelu(Wx + b) (an exported CPL layer): its Jacobian I − h·WᵀDW (0 ≤ D ≤ I) has eigenvalues in
         [1 − h‖W‖², 1], so its norm is ≤ max(1, h·U² − 1) for any U ≥ ‖W‖₂ (a guaranteed bound here)."""
-        weight = module.weight.detach()
         try:
-            if weight.dim() == 2:
-                operator = LinearMap.dense(weight, shape)
-            else:
-                left, right, top, bottom = module.padding
-                operator = LinearMap.conv2d(weight, shape, padding=(top, bottom, left, right),
-                                            padding_mode=module.padding_mode)
+            operator = plain_layer_operator(module, shape)
         except ValueError as err:
             raise ValueError(f"lipschitz_bound: {self.name(module)}: {err}") from err
         upper, h = float(operator.upper_bound()), float(module.h)
@@ -377,12 +371,7 @@ class _Parser:
         weight = module.weight.detach().double()
         root = scale.sqrt().reshape(-1, *([1] * (weight.dim() - 1)))
         try:
-            if weight.dim() == 2:
-                operator = LinearMap.dense(root * weight, shape)
-            else:
-                left, right, top, bottom = module.padding
-                operator = LinearMap.conv2d(root * weight, shape, padding=(top, bottom, left, right),
-                                            padding_mode=module.padding_mode)
+            operator = plain_layer_operator(module, shape, root * weight)
         except ValueError as err:
             raise ValueError(f"lipschitz_bound: {self.name(module)}: {err}") from err
         # the computed S^{1/2}W is within (2u + u²) of the exact entrywise: |ΔA| ≤ 3u·|A|, ‖ΔA‖ ≤ 3u‖|A|‖

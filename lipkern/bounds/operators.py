@@ -225,3 +225,14 @@ def abs_norm_upper(operator: LinearMap) -> float:
     norm = max(float(linear_spectral_norm(summed[g * rows:(g + 1) * rows], method="upper").upper)
                for g in range(groups))
     return norm * math.sqrt(circular_repeats(operator.geometry)) * (1 + 2.0 ** -40)
+
+
+def plain_layer_operator(module, shape, weight: torch.Tensor | None = None) -> LinearMap:
+    """The map W of an exported residual layer z = x − Wᵀ(…relu(W x + b)) (PlainCPL* / PlainSLL*): dense for a
+    2-dim weight, else the stride-1 conv after its ``padding`` (left, right, top, bottom) in its
+    ``padding_mode``. ``weight`` replaces the module's (a rescaled copy)."""
+    weight = module.weight.detach() if weight is None else weight
+    if weight.dim() == 2:
+        return LinearMap.dense(weight, shape)
+    left, right, top, bottom = module.padding
+    return LinearMap.conv2d(weight, shape, padding=(top, bottom, left, right), padding_mode=module.padding_mode)

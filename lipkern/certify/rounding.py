@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lipkern.bounds.chain import abs_line_sums
-from lipkern.bounds.operators import abs_norm_upper
+from lipkern.bounds.operators import abs_norm_upper, plain_layer_operator
 
 __all__ = ["PRECISIONS", "EvaluationError", "Precision", "RoundingAnalysis", "gamma"]
 
@@ -568,12 +568,7 @@ class RoundingAnalysis:
         for plain_layers, step in (((PlainSLLLinear, PlainSLLConv2d), _PlainSLL),
                                    ((PlainCPLLinear, PlainCPLConv2d), _PlainCPL)):
             if computes_forward_of(module, *plain_layers):
-                if module.weight.dim() == 2:
-                    operator = LinearMap.dense(module.weight.detach(), shape)
-                else:
-                    left, right, top, bottom = module.padding
-                    operator = LinearMap.conv2d(module.weight.detach(), shape, padding=(top, bottom, left, right),
-                                                padding_mode=module.padding_mode)
+                operator = plain_layer_operator(module, shape)
                 return step(module, operator, module.bias, operator.accumulation_length() + 1,
                             operator.adjoint_accumulation_length() + 1, self._lip(module, shape) is not None)
         return None
