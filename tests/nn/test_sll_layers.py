@@ -264,23 +264,29 @@ def test_extreme_log_q_keeps_the_layer_one_lipschitz():
 
 
 def test_float64_gram_underflow_is_charged():
-    """A float64 layer whose Gram products underflow (weights near 2⁻⁵¹⁴): exact rationals show
-    s_i·t_i ≤ 2 (it was 2 + 3.2e-13)."""
+    """A float64 layer whose Gram products fall below 2⁻¹⁰²² (the review's construction: a² just above a
+    subnormal grid point, so each square rounds DOWN by about half a unit, and a·b rounds to 0): exact
+    rationals show s_i·t_i ≤ 2 (it was 2 + 3.2e-13, a Jacobian above 1)."""
+    import math
     from fractions import Fraction
 
-    n = 200
-    a = 2.0 ** -514 * 1.37
-    b = 2.0 ** -560
+    n, tiny = 1000, Fraction(1, 2**1074)
+    target = Fraction(11, 10) * Fraction(1, 2**1023) / n  # n·a² just above 2⁻¹⁰²³, below 2⁻¹⁰²²
+    a = math.sqrt(float(target * 2**1074)) * 2.0**-537
+    while not Fraction(45, 100) <= (Fraction(a) ** 2 / tiny) % 1 < Fraction(1, 2):
+        a = math.nextafter(a, 0)
+    b = float(Fraction(1, 2**1075) / Fraction(a))
+    while Fraction(a) * Fraction(b) >= Fraction(1, 2**1075):
+        b = math.nextafter(b, 0)
+    first = torch.cat([torch.full((n,), a, dtype=torch.float64), torch.full((n,), b, dtype=torch.float64)])
     layer = L.SLLLinear(2 * n, 2, bias=False).double()
     with torch.no_grad():
-        row = torch.cat([torch.full((n,), a, dtype=torch.float64), torch.full((n,), b, dtype=torch.float64)])
-        layer.weight.copy_(torch.stack([row, row.flip(0)]))
+        layer.weight.copy_(torch.stack([first, first.flip(0)]))
     scale = layer.eval().scale()
-    w = [[Fraction(v) for v in r.tolist()] for r in layer.weight.detach()]
-    gram = [[sum(x * y for x, y in zip(w[i], w[j])) for j in range(2)] for i in range(2)]
-    for i in range(2):
-        t = sum(abs(g) for g in gram[i])  # q equal
-        assert Fraction(float(scale[i])) * t <= 2
+    diagonal = n * (Fraction(a) ** 2 + Fraction(b) ** 2)
+    off = 2 * n * Fraction(a) * Fraction(b)
+    for i in range(2):  # q equal: t_i = |G_ii| + |G_ij|
+        assert Fraction(float(scale[i])) * (diagonal + off) <= 2
 
 
 def test_a_plain_sll_layer_with_a_negative_scale_is_refused():
