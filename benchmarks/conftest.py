@@ -12,6 +12,12 @@ reason, is written to the JSON under ``skipped`` (``time_box``: true when the ti
 
 CPU timings use one thread by default (``LIPKERN_BENCH_CPU_THREADS``): on a loaded 2-core machine two OpenMP
 threads stall each other at every barrier and small ops vary by 100× between runs.
+
+Paired rounds (CPU): a shared VM's speed drifts by 10–30 % within minutes, more than most differences between
+providers, so on the CPU every other provider of a case is timed round by round against lipkern's own call of
+the same case (kept from the lipkern test, which runs first): one lipkern call, then the provider's call, in
+every round. The ratio of the case is the ratio of these two medians (``paired_lipkern_median_s`` in the JSON);
+the lipkern row itself reports its own test's rounds. GPU timings (CUDA events) are not paired.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ def environment_info() -> dict:
 # --- session state: groups, progress, skipped cases ---------------------------------------------------------
 _GROUPS: dict[str, str] = {}  # nodeid -> benchmark group
 _RESULTS: dict[str, str] = {}  # nodeid -> one-line timing summary for the progress line
+_REFERENCE: dict = {}  # the last CPU case's lipkern call: {case key: fn} (one case kept at a time)
 _SKIPPED: dict[str, dict] = {}  # nodeid -> record written to the JSON
 _PROGRESS = {"done": 0, "total": 0, "start": time.perf_counter()}
 
@@ -289,13 +296,22 @@ def event_timing(fn, rounds: int) -> dict:
             "l2_flushed": True}
 
 
+def _case_key(request) -> tuple:
+    """The case of a test: its function and parameters, the provider left out."""
+    callspec = getattr(request.node, "callspec", None)
+    params = {} if callspec is None else {k: v for k, v in callspec.params.items() if k != "provider"}
+    return request.node.nodeid.split("[")[0], repr(sorted(params.items(), key=lambda kv: kv[0]))
+
+
 @pytest.fixture
 def run_timed(benchmark, request):
     """Time ``fn`` within the case's budget: a first call and warm-up calls (their time counts against the
     budget), peak memory of one call beyond the inputs (CUDA), then synchronized rounds; median reported."""
 
     def run(fn, provider: str, **extra):
-        case = request.node.nodeid.split("/")[-1]
+        case, key = request.node.nodeid.split("/")[-1], _case_key(request)
+        events = DEVICE.type == "cuda"
+        reference = None if events or provider == "lipkern" else _REFERENCE.get(key)
         start = time.perf_counter()
         _dispatch.implementations(clear=True)
         first = _timed_call(fn)
@@ -309,6 +325,8 @@ def run_timed(benchmark, request):
         while len(warm) < WARMUP - 1 and time.perf_counter() - start + min(warm) <= BUDGET_S / 2:
             warm.append(_timed_call(fn))
         per_call = min(warm)
+        if reference is not None:  # each round also runs lipkern's call
+            per_call += _timed_call(reference)
         peak = None
         if DEVICE.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -324,17 +342,29 @@ def run_timed(benchmark, request):
             fn()
             _sync()
 
-        events = DEVICE.type == "cuda"
+        reference_times = []
+
+        def paired_round():  # pytest-benchmark calls it before each timed round, outside the round's time
+            reference_times.append(_timed_call(reference))
+
         if events:  # the timings are do_bench's; pytest-benchmark keeps a few synchronized rounds for its JSON
             extra.update(event_timing(fn, rounds))
             rounds = FEWEST_ROUNDS
-        benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(step, setup=paired_round if reference is not None else None, rounds=rounds,
+                           iterations=1, warmup_rounds=0)
+        if reference_times:
+            extra["paired_lipkern_median_s"] = sorted(reference_times)[len(reference_times) // 2]
+        elif provider == "lipkern" and not events:
+            _REFERENCE.clear()
+            _REFERENCE[key] = fn
         benchmark.extra_info.update(provider=provider, peak_bytes=peak, device=str(DEVICE), rounds=rounds,
                                     time_boxed=time_boxed, budget_s=BUDGET_S, first_call_s=first,
                                     timing="cuda-events" if events else "perf_counter",
                                     **_current_tf32(), **extra)
         median = extra.get("median_s", benchmark.stats.stats.median)
         note = f", time-boxed to {rounds} rounds" if time_boxed else f", {rounds} rounds"
+        if reference_times:
+            note += f", paired with lipkern {extra['paired_lipkern_median_s'] * 1e3:.3f} ms"
         mem = f", peak {peak / 2**20:.1f} MiB" if peak is not None else ""
         _RESULTS[request.node.nodeid] = f"{provider} median {median * 1e3:.3f} ms{note}{mem}"
 

@@ -39,7 +39,8 @@ def _reference_provider(providers) -> str | None:
 
 def comparison_rows(results: dict) -> list[dict]:
     """One row per (group, case, provider), lipkern first within a case, with ``ratio`` = median / lipkern's
-    median (None for lipkern itself or without a lipkern row)."""
+    median (None for lipkern itself or without a lipkern row): lipkern's median from the rounds paired with
+    this provider's where there are some (CPU: ``paired`` True), else from lipkern's own row."""
     cases: dict[tuple, dict] = {}
     for bench in results.get("benchmarks", []):
         info = bench.get("extra_info", {})
@@ -51,15 +52,18 @@ def comparison_rows(results: dict) -> list[dict]:
             "rounds": info.get("event_rounds", info.get("rounds", bench["stats"].get("rounds"))),
             "peak": info.get("peak_bytes"),
             "time_boxed": bool(info.get("time_boxed")), "accuracy": _accuracy(info),
-            "implementation": info.get("implementation")}
+            "implementation": info.get("implementation"), "paired_ref": info.get("paired_lipkern_median_s")}
     rows = []
     for (group, case), providers in sorted(cases.items()):
         ref = _reference_provider(providers)
         ref_median = providers[ref]["median"] if ref else None
         for provider in sorted(providers, key=lambda p: (p != ref, not p.startswith("lipkern"), p)):
-            r = providers[provider]
-            ratio = r["median"] / ref_median if ref_median and provider != ref else None
-            rows.append(dict(group=group, case=case, provider=provider, ratio=ratio, **r))
+            r = dict(providers[provider])
+            paired_ref = r.pop("paired_ref")
+            paired = bool(paired_ref) and ref == "lipkern" and provider != ref
+            reference = paired_ref if paired else ref_median
+            ratio = r["median"] / reference if reference and provider != ref else None
+            rows.append(dict(group=group, case=case, provider=provider, ratio=ratio, paired=paired, **r))
     return rows
 
 
@@ -98,8 +102,10 @@ def format_table(results: dict) -> str:
             for row in body:
                 row[0] = row[0] if len(row[0]) <= room else row[0][:room - 1] + "…"
             lines += ["", f"[{group}]", *format_columns(header, body, right=set(range(2, 7)))]
-        lines += ["ratio = provider median / lipkern median (> 1: lipkern is faster)",
-                  "plain = no Lipschitz constraint at all (the limit); "
+        lines += ["ratio = provider median / lipkern median (> 1: lipkern is faster)"]
+        if any(r["paired"] for r in rows):
+            lines += ["(CPU: both medians from rounds interleaved in the provider's case, one call each per round)"]
+        lines += ["plain = no Lipschitz constraint at all (the limit); "
                   "* = time-boxed (fewer rounds than asked)"]
     else:
         lines.append("no benchmark case ran")

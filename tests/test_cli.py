@@ -101,6 +101,21 @@ def test_cuda_event_timings_replace_the_synchronized_rounds():
     assert rows[1]["ratio"] == pytest.approx(3.0)
 
 
+def test_paired_cpu_rounds_give_the_ratio():
+    """A provider timed round by round against lipkern's call (CPU) is compared with that paired median, not
+    with lipkern's own row from minutes earlier; the table says so."""
+    lipkern = _bench("test_p[lipkern]", "g", "lipkern", 2e-3)
+    eager = _bench("test_p[eager]", "g", "eager", 3e-3, paired_lipkern_median_s=1.5e-3)
+    plain = _bench("test_p[plain]", "g", "plain", 1e-3)
+    rows = {r["provider"]: r for r in report.comparison_rows(dict(RESULTS, benchmarks=[lipkern, eager, plain]))}
+    assert rows["eager"]["ratio"] == pytest.approx(2.0) and rows["eager"]["paired"]
+    assert rows["plain"]["ratio"] == pytest.approx(0.5) and not rows["plain"]["paired"]
+    assert rows["lipkern"]["ratio"] is None and not rows["lipkern"]["paired"]
+    table = report.format_table(dict(RESULTS, benchmarks=[lipkern, eager, plain]))
+    assert "interleaved" in table and "2.00" in table
+    assert "interleaved" not in report.format_table(RESULTS)
+
+
 def test_a_size_parameter_reads_as_key_value_pairs():
     bench = _bench("test_step[b64-lipkern]", "g", "lipkern", 1e-3)
     bench["params"]["size"] = {"batch": 64, "channels": 8}
@@ -202,6 +217,42 @@ def test_time_box_skips_and_records_slow_and_hanging_cases(tmp_path):
     assert ("one call of bench_box.py::test_slow took 0.5 s, over the 0.2 s budget"
             in skipped["test_slow"]["reason"])
     assert "hard limit of 1 s" in skipped["test_hangs"]["reason"]
+
+
+def test_cpu_providers_are_timed_interleaved_with_lipkerns_call(tmp_path):
+    """On the CPU each non-lipkern provider's round runs lipkern's call of the same case first (kept from the
+    lipkern test): the call counts show the interleaving, and a case with other parameters is not paired."""
+    (tmp_path / "bench_pair.py").write_text(
+        "import time\n\nimport pytest\n\nCALLS = []\n\n"
+        "@pytest.mark.benchmark(group='pair')\n"
+        "@pytest.mark.parametrize('provider', ['lipkern', 'eager'])\n"
+        "@pytest.mark.parametrize('size', [1, 2])\n"
+        "def test_case(run_timed, provider, size):\n"
+        "    def fn():\n"
+        "        CALLS.append((provider, size))\n"
+        "        time.sleep(0.002 if provider == 'lipkern' else 0.004)\n"
+        "    run_timed(fn, provider)\n\n"
+        "def test_zz_counts():\n"
+        "    import json, pathlib\n"
+        "    pathlib.Path('calls.json').write_text(json.dumps(CALLS))\n")
+    out = tmp_path / "bench.json"
+    env = dict(_env(), LIPKERN_BENCH_BUDGET_S="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "bench_pair.py"), "-q", "-p",
+                           "benchmarks.conftest", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+                           f"--rootdir={tmp_path}", f"--benchmark-json={out}"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    calls = [tuple(c) for c in json.loads((tmp_path / "calls.json").read_text())]
+    benches = {b["name"]: b for b in json.loads(out.read_text())["benchmarks"]}
+    for size in (1, 2):
+        eager = benches[f"test_case[{size}-eager]"]["extra_info"]
+        start = calls.index(("eager", size))  # the eager test's calls, from its first one to the next test
+        stop = calls.index(("lipkern", 2)) if size == 1 else len(calls)
+        window = calls[start:stop]
+        assert set(window) == {("eager", size), ("lipkern", size)}  # lipkern's call of the same size only
+        assert window.count(("lipkern", size)) >= eager["rounds"]  # one per paired round
+        assert eager["paired_lipkern_median_s"] == pytest.approx(0.002, abs=0.0015)
+        assert "paired_lipkern_median_s" not in benches[f"test_case[{size}-lipkern]"]["extra_info"]
 
 
 # --- lipkern certify ----------------------------------------------------------------------------------------
