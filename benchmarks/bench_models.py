@@ -3,9 +3,11 @@ an optimizer step, with lipkern layers against the same network from the eager f
 nn.Conv2d / nn.Linear layers (the floor: no Lipschitz machinery at all), in one process with the same TF32
 settings. Group: models-train-step. Providers: lipkern, eager, plain.
 
-- convnet-{xs,s}-cpl: eager = ``lipkern.models.use_eager_cpl`` (the formula x − h·Aᵀσ(Ax + b) in plain
-  autograd, same power iteration and h); plain = every CPL layer replaced by an nn.Conv2d / nn.Linear of its
-  shape (one conv instead of CPL's two).
+- convnet-{xs,s}-cpl: eager = every CPL layer as the reference code writes it (``EagerCPLConv2d`` /
+  ``EagerCPLLinear``: one eager power-iteration step per layer and forward, h = 2/σ², then x − h·Aᵀσ(Ax + b) in
+  plain autograd; nothing of lipkern's, so that the CPU's paired rounds do not share lipkern's grouped power
+  step between the two networks); plain = every CPL layer replaced by an nn.Conv2d / nn.Linear of its shape
+  (one conv instead of CPL's two).
 - convnet-{xs,s}-spectral: eager = each conv normalized by σ = vᵀAu from its own power-iteration step through
   conv2d / conv_transpose2d (the CPL / LMT reference codes' loop, one layer at a time); plain = nn.Conv2d.
 - aol-s: eager / plain = ``benchmarks.bench_aol.swap_aol_layers`` (the eager rescale in every layer).
@@ -36,7 +38,7 @@ from benchmarks.conftest import DEVICE, ON_GPU
 from lipkern.bounds import LipschitzEstimate
 from lipkern.bounds.network import build_plan
 from lipkern.losses import CRMLoss, LMTLoss, OffsetCrossEntropy
-from lipkern.models import build_model, use_eager_cpl
+from lipkern.models import build_model
 
 BATCH, SIZE = (256, 32) if ON_GPU else (8, 8)
 PROVIDERS = ["lipkern", "eager", "plain"]
@@ -82,6 +84,48 @@ class EagerSpectralLinear(nn.Module):
         return F.linear(x, self.weight / (v @ self.weight @ self.u), self.bias)
 
 
+class EagerCPLConv2d(nn.Module):
+    """A lipkern CPLConv2d ('same' zero padding) as the CPL reference code writes it: one power-iteration step
+    per forward on a persistent u, σ = vᵀAu differentiable, h = 2/σ², x − h·Aᵀσ(Ax + b)."""
+
+    def __init__(self, layer: lipkern.nn.CPLConv2d):
+        super().__init__()
+        if layer.padding_mode != "zeros":
+            raise ValueError("EagerCPLConv2d: zero padding only")
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.padding = tuple(k // 2 for k in layer.kernel_size)
+        self.register_buffer("u", torch.randn(1, layer.channels, *layer.input_size, device=layer.weight.device))
+
+    def forward(self, x):
+        with torch.no_grad():
+            v = F.conv2d(self.u, self.weight, padding=self.padding)
+            v = v / v.norm()
+            u = F.conv_transpose2d(v, self.weight, padding=self.padding)
+            self.u.copy_(u / u.norm())
+        sigma = (v * F.conv2d(self.u, self.weight, padding=self.padding)).sum()
+        hidden = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
+        return x - 2 / sigma**2 * F.conv_transpose2d(hidden, self.weight, padding=self.padding)
+
+
+class EagerCPLLinear(nn.Module):
+    """A lipkern CPLLinear as the reference code writes it (see EagerCPLConv2d)."""
+
+    def __init__(self, layer: lipkern.nn.CPLLinear):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.register_buffer("u", F.normalize(torch.randn(layer.features, device=layer.weight.device), dim=0))
+
+    def forward(self, x):
+        w = self.weight
+        with torch.no_grad():
+            v = F.normalize(w @ self.u, dim=0)
+            self.u.copy_(F.normalize(w.T @ v, dim=0))
+        sigma = v @ w @ self.u
+        return x - 2 / sigma**2 * (F.relu(F.linear(x, w, self.bias)) @ w)
+
+
 def _plain_of(layer: nn.Module) -> nn.Module | None:
     if not isinstance(layer, (lipkern.nn.CPLConv2d, lipkern.nn.SpectralConv2d, lipkern.nn.CPLLinear,
                               lipkern.nn.SpectralLinear)):
@@ -98,10 +142,14 @@ def _plain_of(layer: nn.Module) -> nn.Module | None:
 
 
 def _swap(module: nn.Module, provider: str) -> nn.Module:
-    """Replace the CPL / Spectral layers of ``module`` in place ('eager' CPL goes through use_eager_cpl)."""
+    """Replace the CPL / Spectral layers of ``module`` in place by their eager or plain counterparts."""
     for name, child in module.named_children():
         if provider == "plain":
             new = _plain_of(child)
+        elif isinstance(child, lipkern.nn.CPLConv2d):
+            new = EagerCPLConv2d(child)
+        elif isinstance(child, lipkern.nn.CPLLinear):
+            new = EagerCPLLinear(child)
         elif isinstance(child, lipkern.nn.SpectralConv2d):
             new = EagerSpectralConv2d(child)
         elif isinstance(child, lipkern.nn.SpectralLinear):
@@ -121,8 +169,6 @@ def _network(name: str, provider: str) -> nn.Module:
     model = build_model(name, in_channels=3, input_size=SIZE, device=DEVICE, **options)
     if name.startswith("aol"):
         return swap_aol_layers(model, provider)
-    if provider == "eager" and (name.endswith("-cpl") or name == "cpl-s"):
-        return use_eager_cpl(model)
     return model if provider == "lipkern" else _swap(model, provider)
 
 

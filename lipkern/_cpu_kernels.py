@@ -24,6 +24,15 @@ def available() -> bool:
     return _cpu is not None and config().cpu_kernels
 
 
+def plain(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can read these tensors' memory: plain CPU tensors (no FakeTensor or other subclass,
+    no torch.func wrapper, not under torch.compile's tracing)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors) and not any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> int:
     if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
         raise ValueError(f"lipkern._cpu: {name} must be a contiguous {dtype} CPU tensor of shape {tuple(shape)}, "
@@ -76,3 +85,41 @@ def aol_backward(grad: torch.Tensor, grad_scale: torch.Tensor | None, w: torch.T
                       _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8),
                       int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw, gsym.data_ptr())
     return gsym
+
+
+def _conv_shape(geometry, layers: int, c_out: int, c_in: int) -> tuple:
+    """The ConvShape arguments of the conv kernels (csrc/cpu/kernels.h) for a ConvGeometry."""
+    g = geometry
+    if g.padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"lipkern._cpu: padding_mode {g.padding_mode!r} is not a conv kernel's")
+    return (layers, c_out, c_in, g.groups, *g.kernel_size, *g.input_size, *g.output_size, *g.stride, *g.dilation,
+            *g.padding, int(g.padding_mode == "circular"))
+
+
+def _conv_tensors(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, geometry) -> tuple:
+    layers, c_out, c_in_g, kh, kw = weights.shape
+    c_in, dtype = c_in_g * geometry.groups, weights.dtype
+    if dtype not in _REAL or (kh, kw) != tuple(geometry.kernel_size):
+        raise ValueError(f"lipkern._cpu: conv weights must be float32/float64 with the geometry's kernel, got "
+                         f"{dtype}, {(kh, kw)}")
+    shape = _conv_shape(geometry, layers, c_out, c_in)
+    return shape, (_expect("u", u, (layers, c_in, *geometry.input_size), dtype),
+                   _expect("v", v, (layers, c_out, *geometry.output_size), dtype))
+
+
+def conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                         n_iter: int, geometry) -> None:
+    """The stacked conv power iteration of the PyTorch path (``_stacked_iterations``), float64 accumulation,
+    u and v in place, sigma (L,) written."""
+    shape, (u_ptr, v_ptr) = _conv_tensors(weights, u, v, geometry)
+    _cpu.conv_power_iteration(_expect("weights", weights, weights.shape, weights.dtype), u_ptr, v_ptr,
+                              _expect("sigma", sigma, (weights.shape[0],), weights.dtype), *shape, int(n_iter),
+                              int(weights.dtype == torch.float64))
+
+
+def conv_bilinear_gradient(u: torch.Tensor, v: torch.Tensor, weight_shape, geometry) -> torch.Tensor:
+    """G_l = ∂⟨v_l, A_l u_l⟩/∂W_l, (L, *weight_shape), float64 accumulation."""
+    grad = torch.empty((u.shape[0], *weight_shape), dtype=u.dtype)
+    shape, (u_ptr, v_ptr) = _conv_tensors(grad, u, v, geometry)
+    _cpu.conv_bilinear_gradient(u_ptr, v_ptr, grad.data_ptr(), *shape, int(u.dtype == torch.float64))
+    return grad

@@ -219,6 +219,185 @@ const T* ptr(uintptr_t address) { return reinterpret_cast<const T*>(address); }
 template <typename T>
 T* mut(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
+
+// ---- conv operators ----------------------------------------------------------------------------------------
+// The operator of one layer in im2col form: P_g (K = c_in/groups * kh * kw rows, Ho*Wo columns) holds the padded
+// input's patches of group g, A x = W_g P_g (a row of W times P: contiguous axpys over the Ho*Wo outputs),
+// A^T v = col2im(W_g^T v) followed by the padding's adjoint, and the bilinear gradient G = v P_g^T.
+struct ConvPlan {
+  const ConvShape& c;
+  int64_t cin_g, cout_g, k, hw, hp, wp;
+  std::vector<int64_t> row_source, col_source;  // the input row / column a padded one reads, -1: zero padding
+  std::vector<int64_t> patch_offset;            // per (ig, a, b, y, x): its offset in the padded plane
+
+  explicit ConvPlan(const ConvShape& shape)
+      : c(shape), cin_g(shape.c_in / shape.groups), cout_g(shape.c_out / shape.groups),
+        k(shape.c_in / shape.groups * shape.kh * shape.kw), hw(shape.ho * shape.wo), hp(shape.h + shape.pt + shape.pb),
+        wp(shape.w + shape.pl + shape.pr) {
+    for (int64_t p = 0; p < hp; ++p) row_source.push_back(source(p, c.pt, c.h));
+    for (int64_t p = 0; p < wp; ++p) col_source.push_back(source(p, c.pl, c.w));
+    patch_offset.resize(c.kh * c.kw * hw);
+    for (int64_t a = 0; a < c.kh; ++a)
+      for (int64_t b = 0; b < c.kw; ++b)
+        for (int64_t y = 0; y < c.ho; ++y)
+          for (int64_t x = 0; x < c.wo; ++x)
+            patch_offset[((a * c.kw + b) * c.ho + y) * c.wo + x] = (y * c.sh + a * c.dh) * wp + x * c.sw + b * c.dw;
+  }
+
+  int64_t source(int64_t p, int64_t pad, int64_t n) const {
+    const int64_t q = p - pad;
+    if (c.circular) return ((q % n) + n) % n;
+    return (q >= 0 && q < n) ? q : -1;
+  }
+
+  // patches (groups, k, hw) of x (c_in, h, w)
+  void im2col(const double* x, double* padded, double* patches) const {
+    for (int64_t i = 0; i < c.c_in; ++i)
+      for (int64_t y = 0; y < hp; ++y)
+        for (int64_t xx = 0; xx < wp; ++xx) {
+          const int64_t sy = row_source[y], sx = col_source[xx];
+          padded[(i * hp + y) * wp + xx] = (sy < 0 || sx < 0) ? 0.0 : x[(i * c.h + sy) * c.w + sx];
+        }
+    const int64_t taps = c.kh * c.kw;
+    for (int64_t i = 0; i < c.c_in; ++i) {
+      const double* plane = padded + i * hp * wp;
+      for (int64_t t = 0; t < taps; ++t) {
+        double* row = patches + (i * taps + t) * hw;  // group g's rows follow group g-1's: i = g*cin_g + ig
+        const int64_t* offset = patch_offset.data() + t * hw;
+        for (int64_t e = 0; e < hw; ++e) row[e] = plane[offset[e]];
+      }
+    }
+  }
+
+  // z (c_in, h, w) = the padding's adjoint of col2im(q), q (groups, k, hw)
+  void col2im(const double* q, double* padded, double* z) const {
+    std::fill(padded, padded + c.c_in * hp * wp, 0.0);
+    const int64_t taps = c.kh * c.kw;
+    for (int64_t i = 0; i < c.c_in; ++i) {
+      double* plane = padded + i * hp * wp;
+      for (int64_t t = 0; t < taps; ++t) {
+        const double* row = q + (i * taps + t) * hw;
+        const int64_t* offset = patch_offset.data() + t * hw;
+        for (int64_t e = 0; e < hw; ++e) plane[offset[e]] += row[e];
+      }
+    }
+    std::fill(z, z + c.c_in * c.h * c.w, 0.0);
+    for (int64_t i = 0; i < c.c_in; ++i)
+      for (int64_t y = 0; y < hp; ++y) {
+        const int64_t sy = row_source[y];
+        if (sy < 0) continue;
+        for (int64_t xx = 0; xx < wp; ++xx) {
+          const int64_t sx = col_source[xx];
+          if (sx >= 0) z[(i * c.h + sy) * c.w + sx] += padded[(i * hp + y) * wp + xx];
+        }
+      }
+  }
+
+  // out (c_out, hw) = W P
+  template <typename T>
+  void apply(const T* w, const double* patches, double* out) const {
+    std::fill(out, out + c.c_out * hw, 0.0);
+    for (int64_t o = 0; o < c.c_out; ++o) {
+      const double* p = patches + (o / cout_g) * k * hw;
+      double* row = out + o * hw;
+      for (int64_t j = 0; j < k; ++j) {
+        const double wt = static_cast<double>(w[o * k + j]);
+        const double* pj = p + j * hw;
+        for (int64_t e = 0; e < hw; ++e) row[e] += wt * pj[e];
+      }
+    }
+  }
+
+  // q (groups, k, hw) = W_g^T v
+  template <typename T>
+  void adjoint(const T* w, const double* v, double* q) const {
+    std::fill(q, q + c.groups * k * hw, 0.0);
+    for (int64_t o = 0; o < c.c_out; ++o) {
+      double* qg = q + (o / cout_g) * k * hw;
+      const double* vo = v + o * hw;
+      for (int64_t j = 0; j < k; ++j) {
+        const double wt = static_cast<double>(w[o * k + j]);
+        double* row = qg + j * hw;
+        for (int64_t e = 0; e < hw; ++e) row[e] += wt * vo[e];
+      }
+    }
+  }
+};
+
+double sum_of_squares(const std::vector<double>& x) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  const size_t n = x.size(), n4 = n - n % 4;
+  for (size_t e = 0; e < n4; e += 4)
+    for (size_t t = 0; t < 4; ++t) part[t] += x[e + t] * x[e + t];
+  for (size_t e = n4; e < n; ++e) part[e - n4] += x[e] * x[e];
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+struct ConvBuffers {
+  std::vector<double> x, padded, patches, wv, q, z;
+  explicit ConvBuffers(const ConvPlan& p)
+      : x(p.c.c_in * p.c.h * p.c.w), padded(p.c.c_in * p.hp * p.wp), patches(p.c.groups * p.k * p.hw),
+        wv(p.c.c_out * p.hw), q(patches.size()), z(x.size()) {}
+};
+
+template <typename T>
+void conv_power_layer(const T* w, T* u, T* v, T* sigma, const ConvPlan& plan, ConvBuffers& buf, int64_t n_iter) {
+  const double tiny = std::numeric_limits<T>::min();
+  const int64_t n_w = plan.c.c_out * plan.k, n_u = static_cast<int64_t>(buf.x.size());
+  double s = 0.0;
+  for (int64_t e = 0; e < n_w; ++e) s = max_or_nan(s, std::fabs(static_cast<double>(w[e])));
+  s = max_or_nan(s, tiny);
+  std::copy(u, u + n_u, buf.x.begin());
+  double nz = 0.0;
+  for (int64_t step = 0; step < n_iter; ++step) {
+    plan.im2col(buf.x.data(), buf.padded.data(), buf.patches.data());
+    plan.apply(w, buf.patches.data(), buf.wv.data());
+    for (double& e : buf.wv) e /= s;
+    const double nw = max_or_nan(std::sqrt(sum_of_squares(buf.wv)), tiny);
+    for (double& e : buf.wv) e /= nw;
+    plan.adjoint(w, buf.wv.data(), buf.q.data());
+    plan.col2im(buf.q.data(), buf.padded.data(), buf.z.data());
+    for (double& e : buf.z) e /= s;
+    nz = std::sqrt(sum_of_squares(buf.z));
+    if (nz != 0.0) {  // NaN != 0: NaN propagates into u
+      const double denom = max_or_nan(nz, tiny);
+      for (int64_t e = 0; e < n_u; ++e) buf.x[e] = buf.z[e] / denom;
+    }
+  }
+  *sigma = static_cast<T>(nz * s);
+  for (int64_t e = 0; e < n_u; ++e) u[e] = static_cast<T>(buf.x[e]);
+  for (size_t e = 0; e < buf.wv.size(); ++e) v[e] = static_cast<T>(buf.wv[e]);
+}
+
+template <typename T>
+void conv_bilinear_gradient(const T* u, const T* v, T* grad, const ConvPlan& plan, ConvBuffers& buf) {
+  std::copy(u, u + buf.x.size(), buf.x.begin());
+  std::copy(v, v + buf.wv.size(), buf.wv.begin());
+  plan.im2col(buf.x.data(), buf.padded.data(), buf.patches.data());
+  for (int64_t o = 0; o < plan.c.c_out; ++o) {
+    const double* p = buf.patches.data() + (o / plan.cout_g) * plan.k * plan.hw;
+    const double* vo = buf.wv.data() + o * plan.hw;
+    for (int64_t j = 0; j < plan.k; ++j) grad[o * plan.k + j] = static_cast<T>(dot(p + j * plan.hw, vo, plan.hw));
+  }
+}
+
+template <typename T>
+void conv_power_layers(const T* w, T* u, T* v, T* sigma, const ConvShape& c, int64_t n_iter) {
+  const ConvPlan plan(c);
+  ConvBuffers buf(plan);
+  const int64_t n_w = c.c_out * plan.k, n_u = c.c_in * c.h * c.w, n_v = c.c_out * plan.hw;
+  for (int64_t l = 0; l < c.layers; ++l)
+    conv_power_layer(w + l * n_w, u + l * n_u, v + l * n_v, sigma + l, plan, buf, n_iter);
+}
+
+template <typename T>
+void conv_bilinear_gradients(const T* u, const T* v, T* grad, const ConvShape& c) {
+  const ConvPlan plan(c);
+  ConvBuffers buf(plan);
+  const int64_t n_w = c.c_out * plan.k, n_u = c.c_in * c.h * c.w, n_v = c.c_out * plan.hw;
+  for (int64_t l = 0; l < c.layers; ++l) conv_bilinear_gradient(u + l * n_u, v + l * n_v, grad + l * n_w, plan, buf);
+}
+
 }  // namespace
 
 void lipkern_cpu_power_iteration(uintptr_t matrices, uintptr_t u, uintptr_t v, uintptr_t sigma, int64_t batch,
@@ -256,4 +435,19 @@ void lipkern_cpu_aol_backward(uintptr_t grad, uintptr_t grad_scale, uintptr_t w,
   else
     aol_backward(ptr<float>(grad), ptr<float>(grad_scale), ptr<float>(w), ptr<float>(scale), ptr<int8_t>(signs), sh,
                  mut<float>(gsym));
+}
+
+void lipkern_cpu_conv_power_iteration(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma,
+                                      const ConvShape& c, int64_t n_iter, int f64) {
+  if (f64)
+    conv_power_layers(ptr<double>(weights), mut<double>(u), mut<double>(v), mut<double>(sigma), c, n_iter);
+  else
+    conv_power_layers(ptr<float>(weights), mut<float>(u), mut<float>(v), mut<float>(sigma), c, n_iter);
+}
+
+void lipkern_cpu_conv_bilinear_gradient(uintptr_t u, uintptr_t v, uintptr_t grad, const ConvShape& c, int f64) {
+  if (f64)
+    conv_bilinear_gradients(ptr<double>(u), ptr<double>(v), mut<double>(grad), c);
+  else
+    conv_bilinear_gradients(ptr<float>(u), ptr<float>(v), mut<float>(grad), c);
 }

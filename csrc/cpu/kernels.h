@@ -36,3 +36,23 @@ int lipkern_cpu_aol_forward(uintptr_t p, int p_f64, uintptr_t w, int w_f64, int6
 void lipkern_cpu_aol_backward(uintptr_t grad, uintptr_t grad_scale, uintptr_t w, uintptr_t scale, uintptr_t signs,
                               int f64, int64_t groups, int64_t out_g, int64_t in_g, int64_t kh, int64_t kw,
                               uintptr_t gsym);
+
+// The conv operators of L layers of equal geometry (lipkern/ops/conv_power_iteration.py, ConvGeometry):
+// weights (L, c_out, c_in/groups, kh, kw); vectors u (L, c_in, H, W) and v (L, c_out, Ho, Wo); padding
+// (top, bottom, left, right), zeros or circular (circular = 1); float32 (f64 = 0) or float64, accumulated in
+// float64. A u is a 'valid' convolution of the padded u; A^T v scatters into the padded domain, then the padding's
+// adjoint (zeros: the interior; circular: wrapped borders added back).
+struct ConvShape {
+  int64_t layers, c_out, c_in, groups, kh, kw, h, w, ho, wo, sh, sw, dh, dw, pt, pb, pl, pr;
+  int circular;
+};
+
+// n_iter steps of the PyTorch path's stacked power iteration (_stacked_iterations), per layer: s = max |W_l|
+// (NaN if W_l has one; at least the dtype's tiny), then w = A x / s; v = w / max(|w|, tiny); z = A^T v / s;
+// nz = |z|; x = nz != 0 ? z / max(nz, tiny) : x; sigma_l = nz * s. u is read and overwritten, v and sigma
+// (L,) written.
+void lipkern_cpu_conv_power_iteration(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma,
+                                      const ConvShape& c, int64_t n_iter, int f64);
+
+// G_l = d<v_l, A_l u_l>/dW_l, (L, c_out, c_in/groups, kh, kw): the weight gradient of the bilinear form.
+void lipkern_cpu_conv_bilinear_gradient(uintptr_t u, uintptr_t v, uintptr_t grad, const ConvShape& c, int f64);

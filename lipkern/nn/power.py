@@ -76,9 +76,9 @@ class _Group:
 
 
 def stacked_power_step(layers: list, n_iter: int) -> tuple:
-    """One stacked call for ``layers`` (equal ``_power_key()``): returns the advanced work tensors (U, V, G),
-    row i for ``layers[i]``, in the compute dtype (G: what the layers' σ needs besides u and v, e.g. the
-    gradient of vᵀAu in the weight for convs, or None); the layers' buffers are not touched."""
+    """One stacked call for ``layers`` (equal ``_power_key()``): returns the rows of the advanced work tensors
+    (U, V, G) as tuples, row i for ``layers[i]``, in the compute dtype (G: what the layers' σ needs besides u
+    and v, e.g. the gradient of vᵀAu in the weight for convs, or None); the layers' buffers are not touched."""
     compute = _compute_dtype(layers[0].weight.dtype)
     if len(layers) == 1:  # views and one copy, not a stack
         weights = layers[0].weight.detach()[None]
@@ -91,7 +91,8 @@ def stacked_power_step(layers: list, n_iter: int) -> tuple:
     weights = weights.to(compute)
     v_rows = layers[0]._new_v_rows(len(layers), compute)
     layers[0]._stacked_power(weights, u_rows, v_rows, n_iter)
-    return u_rows, v_rows, layers[0]._stacked_sigma_data(u_rows, v_rows)
+    extra = layers[0]._stacked_sigma_data(u_rows, v_rows)
+    return u_rows.unbind(0), v_rows.unbind(0), (None if extra is None else extra.unbind(0))  # one op per round
 
 
 def new_empty(shape, dtype, device) -> torch.Tensor:
@@ -100,15 +101,20 @@ def new_empty(shape, dtype, device) -> torch.Tensor:
     return factory(shape, dtype=dtype, device=device)
 
 
-def _consume(layer, rows, index) -> tuple:
+def _consume(layer, rows, index, buffers=None) -> tuple:
     u_rows, v_rows, extra = rows
     u, v = u_rows[index], v_rows[index]
-    torch._foreach_copy_([layer.u, layer.v], [u, v])  # one launch writes both buffers
+    torch._foreach_copy_(buffers or [layer.u, layer.v], [u, v])  # one launch writes both buffers
     return u, v, (None if extra is None else extra[index])
 
 
 def _tensors(layer) -> tuple:
-    return layer.weight, layer.u, layer.v
+    """(weight, u, v), from the module's dicts where they are there (a parametrized weight is not)."""
+    params, buffers = layer._parameters, layer._buffers
+    weight = params.get("weight")
+    if weight is None:
+        weight = layer.weight
+    return weight, buffers["u"], buffers["v"]
 
 
 def _groupable(w, u, v) -> bool:
@@ -138,7 +144,7 @@ def advance(layer) -> tuple:
             group.previous, group.current, current, current_ids = group.current, [], [], set()
         group.current.append(weakref.ref(layer))
         if credit is not None and credit.valid(weight, u, key):
-            return _consume(layer, credit.rows, credit.index)
+            return _consume(layer, credit.rows, credit.index, [u, v])
         members, member_ids, member_tensors = [layer], {id(layer)}, []
         for ref in group.previous:  # sets, not scans: CPL-XL has 70 layers in one group
             m = ref()
@@ -157,7 +163,7 @@ def advance(layer) -> tuple:
         for index, (m, (m_weight, m_u, _)) in enumerate(zip(members[1:], member_tensors), start=1):
             _CREDITS[m] = _Credit(m_weight, m_u, key, rows, index)
         _prune()
-    return _consume(layer, rows, 0)
+    return _consume(layer, rows, 0, [u, v])
 
 
 def _prune() -> None:

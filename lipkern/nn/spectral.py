@@ -108,7 +108,7 @@ class _SpectralNormalized(nn.Module):
         """Advance this layer's vectors alone by ``n_iter`` steps (not used by training, which groups)."""
         with torch.no_grad():
             u, v, _ = power.stacked_power_step([self], n_iter)
-            torch._foreach_copy_([self.u, self.v], [u[0], v[0]])
+            torch._foreach_copy_([self.u, self.v], [u[0], v[0]])  # (the rows of a round of one)
 
     def _bilinear_dtype(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma if sigma.dtype == self.weight.dtype else sigma.to(self.weight.dtype)
@@ -155,6 +155,10 @@ class _SpectralNormalized(nn.Module):
                           "the initial vector", RuntimeWarning, stacklevel=2)
             with torch.no_grad():
                 u.copy_(self._initial_u())
+
+
+def _autocast_enabled(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "meta" and torch.is_autocast_enabled(tensor.device.type)
 
 
 class _SpectralLinearBase(_SpectralNormalized):
@@ -314,10 +318,12 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         advance_conv_power_iteration(weights, u_rows, v_rows, n_iter, self.geometry)
 
     def _stacked_sigma_data(self, u_rows, v_rows) -> torch.Tensor:
-        """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round: one grouped weight-gradient convolution (on CUDA with
-        several layers: one batched GEMM on the unfolded vectors)."""
+        """G_l = ∂⟨v_l, A u_l⟩/∂W_l for the whole round, flattened (L, weight.numel()): one grouped
+        weight-gradient convolution (on CUDA with several layers: one batched GEMM on the unfolded vectors; small
+        ones on the CPU: the C++ kernel)."""
         with autocast_off(u_rows):
-            return conv_bilinear_gradient(u_rows, v_rows, tuple(self.weight.shape), self.geometry)
+            grad = conv_bilinear_gradient(u_rows, v_rows, tuple(self.weight.shape), self.geometry)
+        return grad.reshape(grad.shape[0], -1)
 
     def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
         """σ = ⟨v, A u⟩ = ⟨W, G⟩ (the form is linear in W): one dot product per layer, whose gradient in W is G
@@ -326,9 +332,11 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         if extra is None:
             # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
             sigma = conv_bilinear(weight[None], u[None], v[None], self.geometry).reshape(())
-        else:
+        elif _autocast_enabled(weight):
             with autocast_off(weight):
-                sigma = torch.dot(weight.reshape(-1), extra.reshape(-1))
+                sigma = torch.dot(weight.reshape(-1), extra)
+        else:  # (a context manager per layer and step costs more than the dot product at small sizes)
+            sigma = torch.dot(weight.reshape(-1), extra)
         return self._bilinear_dtype(sigma)
 
     def _spectral_norm(self, method: str, **kwargs):

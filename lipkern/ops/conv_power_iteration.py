@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lipkern import _cpu_kernels
 from lipkern._checks import as_shape, is_int
-from lipkern._dispatch import device_context, select_backend, triton_importable
+from lipkern._dispatch import device_context, record_implementation, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.power_iteration import initial_vectors
 
@@ -268,6 +269,9 @@ def conv_bilinear_gradient(u: torch.Tensor, v: torch.Tensor, weight_shape, geome
     ⟨W_l, G_l⟩ = ⟨v_l, A(W_l) u_l⟩ (the bilinear form is linear in W), so σ_l = ⟨W_l, G_l⟩ is the
     differentiable estimate with one dot product per layer. Not differentiable itself."""
     layers = u.shape[0]
+    if (_cpp_pays(u, (layers, *weight_shape), geometry) and _cpu_kernels.plain(u, v) and u.is_contiguous()
+            and v.is_contiguous()):
+        return _cpu_kernels.conv_bilinear_gradient(u, v, weight_shape, geometry)
     if _gemm_form((layers, *weight_shape), geometry, u):
         cols = _unfold(u, geometry)
         return torch.bmm(v.reshape(layers, weight_shape[0], -1), cols.mT).reshape(layers, *weight_shape)
@@ -409,14 +413,38 @@ def _stacked_iterations_triton(weights, u, v, n_iter: int, geometry: ConvGeometr
     return sigma
 
 
+# Below this many multiply-adds per operator application (all layers of a call) the C++ CPU kernel (direct
+# loops, float64 accumulation, one call for the whole iteration) beats the PyTorch path's ~15 ops per step around
+# two oneDNN convolutions; measured on this project's 2-core VM, 1 thread (benchmarks/NOTES.md, "Conv power step").
+_CPP_MAX_MACS = 1 << 18
+
+
+def _macs(weight_shape, geometry: ConvGeometry) -> int:
+    """Multiply-adds of one application of A for stacked weights (L, out, in/groups, kh, kw)."""
+    return math.prod(weight_shape) * math.prod(geometry.output_size)
+
+
+def _cpp_pays(like: torch.Tensor, weight_shape, geometry: ConvGeometry) -> bool:
+    """Whether the C++ kernel takes stacked weights of ``weight_shape`` with ``like``'s dtype and device."""
+    return (like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
+            and _cpu_kernels.available() and _macs(weight_shape, geometry) <= _CPP_MAX_MACS)
+
+
 def _conv_power_iteration(weights, u, v, n_iter, geometry: ConvGeometry, *, save: bool = False):
     if weights.shape[0] == 0:  # no layers
         return weights.new_empty(0)
     interpreted_long_run = not weights.is_cuda and n_iter > _INTERPRETER_MAX_ITER
     reason = f"the interpreter runs ≤ {_INTERPRETER_MAX_ITER} iterations per call" if interpreted_long_run else None
-    if select_backend(weights, triton_reason=reason) != "triton":
-        return _stacked_iterations(weights, u, v, n_iter, geometry)
-    return _stacked_iterations_triton(weights.contiguous(), u, v, n_iter, geometry)
+    if select_backend(weights, triton_reason=reason) == "triton":
+        record_implementation("conv_power_iteration", "triton")
+        return _stacked_iterations_triton(weights.contiguous(), u, v, n_iter, geometry)
+    if _cpp_pays(weights, weights.shape, geometry):
+        record_implementation("conv_power_iteration", "cpp")
+        sigma = torch.empty(weights.shape[0], dtype=weights.dtype)
+        _cpu_kernels.conv_power_iteration(weights.contiguous(), u, v, sigma, n_iter, geometry)
+        return sigma
+    record_implementation("conv_power_iteration", "torch")
+    return _stacked_iterations(weights, u, v, n_iter, geometry)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from lipkern.ops.conv_power_iteration import (
     conv_power_iteration_ref,
     initial_conv_vectors,
 )
-from tests.helpers import assert_close, dense_conv2d
+from lipkern._dispatch import implementations
+from tests.helpers import CPU_KERNELS, assert_close, dense_conv2d
 
 # (in, out, kernel, input size, nn.Conv2d kwargs): zero and circular padding, 'same' with even kernels
 # (asymmetric), stride 1-3, dilation, groups, padding wider than the kernel, rectangular inputs.
@@ -236,3 +237,63 @@ def test_stacked_operator_forms_are_the_dense_matrices(case, gemm, device, monke
         w = weights[layer].clone().requires_grad_(True)
         (expected,) = torch.autograd.grad((conv_operator(u[layer][None], w, g) * v[layer]).sum(), w)
         assert_close(grad[layer], expected)
+
+
+# --- the CPU paths: the C++ kernel (small calls) and the PyTorch path ----------------------------------------
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_cpu_paths_match_the_float64_reference(case, dtype, cpu_kernels, knobs):
+    """Both CPU paths (the C++ kernel where it is built and the call is small, else PyTorch's convolutions)
+    against one layer at a time in float64, and the implementation each recorded."""
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
+    weights, g, kwargs = _setup(case, layers=3)
+    u0 = torch.randn(3, weights.shape[2] * g.groups, *g.input_size, dtype=torch.float64)
+    ref_sigma, ref_u, ref_v = conv_power_iteration_ref(weights, u0, 3, g)
+    implementations(clear=True)
+    u = u0.to(dtype)
+    sigma, _, v = conv_power_iteration(weights.to(dtype), u, None, 3, **kwargs)
+    assert implementations()["conv_power_iteration"] == ("cpp" if cpu_kernels else "torch")
+    for got, want in ((sigma, ref_sigma), (u, ref_u), (v, ref_v)):
+        assert_close(got, want, dtype=dtype)
+
+
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+def test_cpu_paths_zero_and_extreme_weights(cpu_kernels, knobs):
+    """A zero layer: σ = 0, v = 0, u kept; weights of 1e-300 and 1e300: σ scales exactly (the largest entry
+    is divided out), no overflow; NaN: that layer's σ, u, v NaN, the others finite."""
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
+    weights, g, kwargs = _setup(GEOMETRIES[0], layers=4)
+    weights[0] = 0
+    weights[3, 1, 0, 1, 1] = float("nan")
+    base = weights[1].clone()
+    weights[2] = base * 1e300
+    weights[1] = base * 1e-300
+    u0 = torch.randn(4, 3, *g.input_size, dtype=torch.float64)
+    u0[2] = u0[1]
+    u = u0.clone()
+    sigma, _, v = conv_power_iteration(weights, u, None, 2, **kwargs)
+    assert sigma[0] == 0 and (v[0] == 0).all() and torch.equal(u[0], u0[0])
+    ref_sigma, _, _ = conv_power_iteration_ref(base[None], u0[1:2], 2, g)
+    assert_close(sigma[1] / 1e-300, ref_sigma[0])
+    assert_close(sigma[2] / 1e300, ref_sigma[0])
+    assert torch.isnan(sigma[3]) and torch.isnan(u[3]).all() and torch.isnan(v[3]).all()
+    assert torch.isfinite(sigma[:3]).all()
+
+
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_cpu_bilinear_gradient_paths(case, cpu_kernels, knobs):
+    """G = ∂⟨v, A u⟩/∂W on both CPU paths, float32 and float64, against autograd of the float64 bilinear form."""
+    from lipkern.ops.conv_power_iteration import conv_bilinear_gradient
+
+    knobs(cpu_kernels=cpu_kernels)
+    weights, g, _ = _setup(case, layers=2)
+    u = torch.randn(2, weights.shape[2] * g.groups, *g.input_size, dtype=torch.float64)
+    v = torch.randn(2, weights.shape[1], *g.output_size, dtype=torch.float64)
+    w = weights.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(conv_bilinear(w, u, v, g).sum(), w)
+    for dtype in (torch.float32, torch.float64):
+        grad = conv_bilinear_gradient(u.to(dtype), v.to(dtype), tuple(weights.shape[1:]), g)
+        assert grad.dtype == dtype
+        assert_close(grad, expected, dtype=dtype)
