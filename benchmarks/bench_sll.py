@@ -104,12 +104,15 @@ def test_sll_network_train_step(run_timed, provider):
 
 def _eager_forward(self, x):
     """The eager formula with the layer's own parameters (the ``eager`` provider of the network case)."""
-    scale = _scale(self._gram(self.weight), self.log_q)
+    kh, kw = self.weight.shape[-2:] if self.weight.dim() == 4 else (1, 1)
+    gram = (self.weight @ self.weight.T if self.weight.dim() == 2
+            else F.conv2d(self.weight, self.weight, padding=(kh - 1, kw - 1)))
+    scale = _scale(gram, self.log_q)
     if self.weight.dim() == 2:
         return x - (F.relu(F.linear(x, self.weight, self.bias)) * scale) @ self.weight
     mode = "constant" if self.padding_mode == "zeros" else "circular"
     pre = F.conv2d(F.pad(x, self.padding, mode=mode), self.weight, self.bias)
-    from lipkern.nn.cpl import _adjoint_of_padding
+    from lipkern.ops.cpl import _adjoint_of_padding
 
     back = F.conv_transpose2d(F.relu(pre) * scale[:, None, None], self.weight)
     return x - _adjoint_of_padding(back, self.padding, self.padding_mode)

@@ -30,13 +30,15 @@ def plain(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors) and not any(
-        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+        torch._C._functorch.is_functorch_wrapped_tensor(t) or t.is_neg() or t.is_conj() for t in tensors)
 
 
 def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> int:
-    if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
-        raise ValueError(f"lipkern._cpu: {name} must be a contiguous {dtype} CPU tensor of shape {tuple(shape)}, "
-                         f"got {t.dtype} on {t.device}, shape {tuple(t.shape)}, contiguous={t.is_contiguous()}")
+    if (t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous()
+            or t.is_neg() or t.is_conj()):  # (a lazy negation or conjugation is not in the memory read)
+        raise ValueError(f"lipkern._cpu: {name} must be a contiguous {dtype} CPU tensor of shape {tuple(shape)} "
+                         f"(no lazy negation / conjugation), got {t.dtype} on {t.device}, shape {tuple(t.shape)}, "
+                         f"contiguous={t.is_contiguous()}, neg={t.is_neg()}, conj={t.is_conj()}")
     return t.data_ptr()
 
 

@@ -293,15 +293,14 @@ struct ConvPlan {
       }
   }
 
-  // out (c_out, hw) = W P
-  template <typename T>
-  void apply(const T* w, const double* patches, double* out) const {
+  // out (c_out, hw) = W P (W: the layer's weight divided by its largest |entry|, in float64)
+  void apply(const double* w, const double* patches, double* out) const {
     std::fill(out, out + c.c_out * hw, 0.0);
     for (int64_t o = 0; o < c.c_out; ++o) {
       const double* p = patches + (o / cout_g) * k * hw;
       double* row = out + o * hw;
       for (int64_t j = 0; j < k; ++j) {
-        const double wt = static_cast<double>(w[o * k + j]);
+        const double wt = w[o * k + j];
         const double* pj = p + j * hw;
         for (int64_t e = 0; e < hw; ++e) row[e] += wt * pj[e];
       }
@@ -309,14 +308,13 @@ struct ConvPlan {
   }
 
   // q (groups, k, hw) = W_g^T v
-  template <typename T>
-  void adjoint(const T* w, const double* v, double* q) const {
+  void adjoint(const double* w, const double* v, double* q) const {
     std::fill(q, q + c.groups * k * hw, 0.0);
     for (int64_t o = 0; o < c.c_out; ++o) {
       double* qg = q + (o / cout_g) * k * hw;
       const double* vo = v + o * hw;
       for (int64_t j = 0; j < k; ++j) {
-        const double wt = static_cast<double>(w[o * k + j]);
+        const double wt = w[o * k + j];
         double* row = qg + j * hw;
         for (int64_t e = 0; e < hw; ++e) row[e] += wt * vo[e];
       }
@@ -334,10 +332,10 @@ double sum_of_squares(const std::vector<double>& x) {
 }
 
 struct ConvBuffers {
-  std::vector<double> x, padded, patches, wv, q, z;
+  std::vector<double> w, x, padded, patches, wv, q, z;
   explicit ConvBuffers(const ConvPlan& p)
-      : x(p.c.c_in * p.c.h * p.c.w), padded(p.c.c_in * p.hp * p.wp), patches(p.c.groups * p.k * p.hw),
-        wv(p.c.c_out * p.hw), q(patches.size()), z(x.size()) {}
+      : w(p.c.c_out * p.k), x(p.c.c_in * p.c.h * p.c.w), padded(p.c.c_in * p.hp * p.wp),
+        patches(p.c.groups * p.k * p.hw), wv(p.c.c_out * p.hw), q(patches.size()), z(x.size()) {}
 };
 
 template <typename T>
@@ -347,17 +345,18 @@ void conv_power_layer(const T* w, T* u, T* v, T* sigma, const ConvPlan& plan, Co
   double s = 0.0;
   for (int64_t e = 0; e < n_w; ++e) s = max_or_nan(s, std::fabs(static_cast<double>(w[e])));
   s = max_or_nan(s, tiny);
+  // W/s first (as the PyTorch path): the entries of A x stay ≤ ‖A/s‖·‖x‖, no overflow for weights near the
+  // dtype's largest value (an Inf weight gives s = Inf and NaN entries, as there)
+  for (int64_t e = 0; e < n_w; ++e) buf.w[e] = static_cast<double>(w[e]) / s;
   std::copy(u, u + n_u, buf.x.begin());
   double nz = 0.0;
   for (int64_t step = 0; step < n_iter; ++step) {
     plan.im2col(buf.x.data(), buf.padded.data(), buf.patches.data());
-    plan.apply(w, buf.patches.data(), buf.wv.data());
-    for (double& e : buf.wv) e /= s;
+    plan.apply(buf.w.data(), buf.patches.data(), buf.wv.data());
     const double nw = max_or_nan(std::sqrt(sum_of_squares(buf.wv)), tiny);
     for (double& e : buf.wv) e /= nw;
-    plan.adjoint(w, buf.wv.data(), buf.q.data());
+    plan.adjoint(buf.w.data(), buf.wv.data(), buf.q.data());
     plan.col2im(buf.q.data(), buf.padded.data(), buf.z.data());
-    for (double& e : buf.z) e /= s;
     nz = std::sqrt(sum_of_squares(buf.z));
     if (nz != 0.0) {  // NaN != 0: NaN propagates into u
       const double denom = max_or_nan(nz, tiny);

@@ -48,8 +48,8 @@ struct ConvShape {
 };
 
 // n_iter steps of the PyTorch path's stacked power iteration (_stacked_iterations), per layer: s = max |W_l|
-// (NaN if W_l has one; at least the dtype's tiny), then w = A x / s; v = w / max(|w|, tiny); z = A^T v / s;
-// nz = |z|; x = nz != 0 ? z / max(nz, tiny) : x; sigma_l = nz * s. u is read and overwritten, v and sigma
+// (NaN if W_l has one; at least the dtype's tiny), then with A the operator of W_l / s (divided first):
+// w = A x; v = w / max(|w|, tiny); z = A^T v; nz = |z|; x = nz != 0 ? z / max(nz, tiny) : x; sigma_l = nz * s. u is read and overwritten, v and sigma
 // (L,) written.
 void lipkern_cpu_conv_power_iteration(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma,
                                       const ConvShape& c, int64_t n_iter, int f64);

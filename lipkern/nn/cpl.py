@@ -26,15 +26,10 @@ from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.nn.spectral import _SpectralConvBase, _SpectralLinearBase
-from lipkern.ops.cpl import _autocast_on, cpl_conv2d_with_geometry, cpl_linear
+from lipkern.ops.cpl import (_adjoint_of_padding, _autocast_on, _round_down, cpl_conv2d_with_geometry,
+                             cpl_linear)
 
 __all__ = ["CPLConv2d", "CPLLinear", "PlainCPLConv2d", "PlainCPLLinear"]
-
-
-def _round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The largest value of ``dtype`` that is ≤ ``value`` (a float64 tensor); tensor ops only (compilable)."""
-    t = value.to(dtype)
-    return torch.where(t.double() > value, torch.nextafter(t, torch.zeros_like(t)), t)
 
 
 class _StepSize:
@@ -132,20 +127,6 @@ class CPLConv2d(_StepSize, _SpectralConvBase):
 def plain_cpl_linear(x, weight, bias, h):
     """x − h·Wᵀ relu(Wx + b) in plain torch ops (h a 0-dim tensor)."""
     return x - h * (F.relu(F.linear(x, weight, bias)) @ weight)
-
-
-def _adjoint_of_padding(y: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
-    """The adjoint of zero / circular padding by (left, right, top, bottom): crop; for circular, first add the
-    wrapped borders back (padded row i < top came from row height − top + i, etc.)."""
-    left, right, top, bottom = padding
-    height, width = y.shape[-2] - top - bottom, y.shape[-1] - left - right
-    if padding_mode == "circular":
-        y = y.clone()
-        y[..., height:top + height, :] += y[..., :top, :]
-        y[..., top:top + bottom, :] += y[..., top + height:, :]
-        y[..., width:left + width] += y[..., :left]
-        y[..., left:left + right] += y[..., left + width:]
-    return y[..., top:top + height, left:left + width]
 
 
 def plain_cpl_conv2d(x, weight, bias, h, padding, padding_mode: str = "zeros"):

@@ -15,14 +15,13 @@ hidden side; with T = ‖W‖²·I it is CPL's step.
 q matters: unlike two peer implementations where q_j/q_i cancels (it multiplies both sides of the same
 axis), here t_i depends on q and its gradient is non-zero.
 
-Training runs the CPL op (``lipkern.ops.cpl_*``: fused forward, a backward that keeps only the input;
-torch.compile / export, autocast, double backward as for the CPL layers; small CPU steps, where the op would
-run the eager form anyway, run the formula directly): relu(√s·u) = √s·relu(u) for s ≥ 0,
-so the layer is CPL's x − h·W̃ᵀ relu(W̃x + b̃) with W̃ = diag(√s)·W, b̃ = √s ⊙ b and h = 1, differentiable
-through √s in W and q.
+Training runs the SLL ops (``lipkern.ops.sll_linear`` / ``sll_conv2d``): CPL's op with W̃ = diag(√s)·W,
+b̃ = √s ⊙ b and h = 1 (relu(√s·u) = √s·relu(u) for s ≥ 0): its fused forward, a backward that keeps only the
+input, torch.compile / export, autocast, double backward as for the CPL layers, differentiable through √s in
+W and q.
 Eval (``certified`` by construction): s is computed in float64 from the stored weight with a proven margin
 for the Gram's rounding (|Ĝ − G| ≤ γ_n·|W||W|ᵀ entrywise) and the sums', then rounded down to the weight's
-dtype, and cached per (weight, log_q). Training: the same formula in the weight's dtype, differentiable in W
+dtype (``lipkern.ops.sll_guaranteed_scale``), and cached per (weight, log_q). Training: the same formula in the weight's dtype, differentiable in W
 and q (no margin: an estimate of the eval layer to ~1e-7). ``to_vanilla()``: the eval layer as
 :class:`PlainSLLLinear` / :class:`PlainSLLConv2d` (plain torch ops, the scale s a buffer).
 """
@@ -32,54 +31,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.nn._cache import WeightSnapshot
-from lipkern.nn.cpl import _adjoint_of_padding, _round_down
-from lipkern.ops.cpl import _composite_pays, cpl_conv2d, cpl_linear
+from lipkern.ops.sll import (
+    same_padding,
+    sll_conv2d,
+    sll_conv2d_ref,
+    sll_guaranteed_scale,
+    sll_linear,
+    sll_linear_ref,
+    sll_scale,
+)
 
 __all__ = ["PlainSLLConv2d", "PlainSLLLinear", "SLLConv2d", "SLLLinear"]
-
-_U = 2.0 ** -53
-
-
-def _gamma(n: int) -> float:
-    """γ_n = n·u/(1 − n·u) of float64, rounded up generously (× (1 + 2⁻⁴⁰))."""
-    return n * _U / (1 - n * _U) * (1 + 2.0 ** -40)
-
-
-def weighted_row_sums(gram: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """t_i = Σ_j |G_ij| q_j / q_i (G (hidden, hidden) or (hidden, hidden, kh', kw')), differentiable."""
-    magnitude = gram.abs()
-    if magnitude.dim() > 2:
-        magnitude = magnitude.sum(dim=(2, 3))
-    return (magnitude @ q) / q
-
-
-_TINY = 2.0 ** -1074  # the absolute error of a float64 operation whose result underflows
-
-
-def guaranteed_scale(gram: torch.Tensor, abs_gram: torch.Tensor, q: torch.Tensor, dot_terms: int) -> torch.Tensor:
-    """A GUARANTEED lower bound of s_i = 2/t_i, t_i = Σ_j |G_ij| q_j / q_i, for the exact Gram G of the stored
-    weight (0 where the unit is off): ``gram`` (hidden, hidden, ...taps) is G's float64 evaluation, each entry a
-    dot product of ``dot_terms`` products, ``abs_gram`` that of |W|; every later sum and quotient is rounded in
-    the safe direction."""
-    hidden = gram.shape[0]
-    per_row = gram.reshape(hidden, hidden, -1)
-    # |G| ≤ |Ĝ| + γ·S + n·η and S ≤ (Ŝ + n·η)/(1 − γ) (Ŝ the computed Gram of |W|; η: an underflowing operation's
-    # absolute error): 2γ·Ŝ + (2n + 4)·η covers both and the product's rounding
-    bound = per_row.abs() + 2 * _gamma(dot_terms) * abs_gram.reshape(hidden, hidden, -1) + (2 * dot_terms + 4) * _TINY
-    terms = per_row.shape[1] * per_row.shape[2]
-    # two nested sums of non-negative terms, a product by q each, then this product: ≤ γ_{2·terms + 8} relative,
-    # plus an absolute η per operation for products and sums that underflow (tiny q or tiny weights)
-    r = (bound.sum(dim=2) * q[None, :]).sum(dim=1) * (1 + _gamma(2 * terms + 8)) + (4 * terms + 8) * _TINY
-    t = r / q * (1 + 4 * _U)  # ≥ the exact weighted row sum
-    s = torch.where(t > 0, 2.0 / t * (1 - 4 * _U), torch.zeros_like(t))
-    zero_row = abs_gram.reshape(hidden, -1).sum(dim=1) == 0  # W_i = 0 exactly: the unit does nothing; s = 0
-    return torch.where(torch.isfinite(s) & ~zero_row, s, torch.zeros_like(s))  # t = inf: switched off (safe)
-
 
 class _SLLBase(nn.Module):
     """The parts SLLLinear and SLLConv2d share: q, the scale s (training / cached eval), to_vanilla."""
@@ -99,34 +65,10 @@ class _SLLBase(nn.Module):
         nn.init.zeros_(self.log_q)
         self._cached = None
 
-    def _gram(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _dot_terms(self) -> int:
-        raise NotImplementedError
-
-    def _training_scale_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2/t, t > 0) from the differentiable formula (q shifted by its largest log: t depends on ratios), with
-        t clamped away from 0 (a zero row: multiply by t > 0 to switch it off with finite gradients)."""
-        t = weighted_row_sums(self._gram(self.weight), (self.log_q - self.log_q.max().detach()).exp())
-        return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny), t > 0
-
-    def _training_root(self) -> torch.Tensor:
-        """√s, 0 for a zero row."""
-        inverse, on = self._training_scale_parts()
-        return inverse.sqrt() * on
-
-    def _cpl_parts(self):
-        """(W̃, b̃) = (diag(√s)·W, √s ⊙ b): the CPL op's weight and bias for h = 1 (training)."""
-        root = self._training_root()
-        weight = root.reshape(-1, *([1] * (self.weight.dim() - 1))) * self.weight
-        return weight, None if self.bias is None else root * self.bias
-
     def scale(self) -> torch.Tensor:
         """s (hidden,) = 2/t: differentiable in training; in eval the guaranteed one (cached)."""
         if self.training:
-            inverse, on = self._training_scale_parts()
-            return inverse * on
+            return sll_scale(self.weight, self.log_q)
         return self._eval_scale()
 
     def _eval_scale(self) -> torch.Tensor:
@@ -140,14 +82,7 @@ class _SLLBase(nn.Module):
             return cached[2]
         check_finite(self.weight, f"{type(self).__name__} (eval scale)")
         check_finite(self.log_q, f"{type(self).__name__}.log_q (eval scale)")
-        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):  # classical float64 convolutions
-            w = self.weight.detach().to(torch.float64)
-            # any positive q: the theorem holds for these values; shifted so that the largest is 1 (t depends on
-            # q_j/q_i only), far from overflow; the q that underflow switch their units off (t = inf, s = 0)
-            log_q = self.log_q.detach().to(torch.float64)
-            q = (log_q - log_q.max()).exp()
-            s = guaranteed_scale(self._gram(w), self._gram(w.abs()), q, self._dot_terms())
-            s = _round_down(s, self.weight.dtype)
+        s = sll_guaranteed_scale(self.weight, self.log_q)
         self._cached = (WeightSnapshot(self.weight), WeightSnapshot(self.log_q), s)
         return s
 
@@ -171,18 +106,10 @@ class SLLLinear(_SLLBase):
         self.features, self.hidden_features = features, hidden
         self._init_parameters((hidden, features), bias, device, dtype)
 
-
-    def _gram(self, w):
-        return w @ w.T
-
-    def _dot_terms(self) -> int:
-        return self.features
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not _composite_pays(x.reshape(-1, x.shape[-1]), self.weight, None, None):
-            return cpl_linear(x, *self._cpl_parts(), 1.0)
-        # eval, or a small CPU step (where the CPL op itself would run the eager form): the formula directly
-        return plain_sll_linear(x, self.weight, self.bias, self.scale())
+        if self.training:
+            return sll_linear(x, self.weight, self.bias, self.log_q)
+        return sll_linear_ref(x, self.weight, self.bias, self._eval_scale())
 
     def to_vanilla(self) -> "PlainSLLLinear":
         """The eval layer as plain torch ops with its (guaranteed) scale as a buffer."""
@@ -211,28 +138,17 @@ class SLLConv2d(_SLLBase):
             raise ValueError(f"SLLConv2d: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
         self.channels, self.hidden_channels, self.kernel_size = channels, hidden, kernel
         self.padding_mode = padding_mode
-        top, left = (kernel[0] - 1) // 2, (kernel[1] - 1) // 2
-        self.padding = (left, kernel[1] - 1 - left, top, kernel[0] - 1 - top)  # F.pad order
+        self.padding = same_padding(kernel)  # F.pad order (left, right, top, bottom)
         self._init_parameters((hidden, channels, *kernel), bias, device, dtype)
-
-
-    def _gram(self, w):
-        """ktk (hidden, hidden, 2kh − 1, 2kw − 1): the cross-correlations of the kernel with itself."""
-        kh, kw = self.kernel_size
-        return F.conv2d(w, w, padding=(kh - 1, kw - 1))
-
-    def _dot_terms(self) -> int:
-        return self.channels * self.kernel_size[0] * self.kernel_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # an unbatched input, as nn.Conv2d takes
             return self.forward(x[None])[0]
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SLLConv2d: expected (N, {self.channels}, H, W) inputs, got {tuple(x.shape)}")
-        if self.training and not _composite_pays(x, self.weight, None, None):
-            return cpl_conv2d(x, *self._cpl_parts(), 1.0, padding="same", padding_mode=self.padding_mode)
-        # eval, or a small CPU step (where the CPL op itself would run the eager form): the formula directly
-        return plain_sll_conv2d(x, self.weight, self.bias, self.scale(), self.padding, self.padding_mode)
+        if self.training:
+            return sll_conv2d(x, self.weight, self.bias, self.log_q, self.padding_mode)
+        return sll_conv2d_ref(x, self.weight, self.bias, self._eval_scale(), self.padding, self.padding_mode)
 
     def to_vanilla(self) -> "PlainSLLConv2d":
         """The eval layer as plain torch ops (any input size) with its guaranteed scale as a buffer."""
@@ -243,22 +159,8 @@ class SLLConv2d(_SLLBase):
                 f"padding_mode={self.padding_mode}, bias={self.bias is not None}")
 
 
-def plain_sll_linear(x, weight, bias, scale):
-    """x − Wᵀ(s ⊙ relu(W x + b)) in plain torch ops."""
-    return x - (F.relu(F.linear(x, weight, bias)) * scale) @ weight
-
-
-def plain_sll_conv2d(x, weight, bias, scale, padding, padding_mode: str = "zeros"):
-    """x − Aᵀ(s ⊙ relu(A x + b)), A the stride-1 conv after zero / circular ``padding`` (left, right, top,
-    bottom), Aᵀ its exact adjoint (transposed conv, then the padding's adjoint)."""
-    left, right, top, bottom = padding
-    if padding_mode == "zeros" and left == right and top == bottom:  # the convolutions pad (no copies)
-        hidden = F.relu(F.conv2d(x, weight, bias, padding=(top, left))) * scale[:, None, None]
-        return x - F.conv_transpose2d(hidden, weight, padding=(top, left))
-    mode = "constant" if padding_mode == "zeros" else "circular"
-    pre = F.conv2d(F.pad(x, padding, mode=mode), weight, bias)
-    hidden = F.relu(pre) * scale[:, None, None]
-    return x - _adjoint_of_padding(F.conv_transpose2d(hidden, weight), padding, padding_mode)
+plain_sll_linear = sll_linear_ref  # (the eval form: the ops' reference formulas)
+plain_sll_conv2d = sll_conv2d_ref
 
 
 class PlainSLLLinear(nn.Module):

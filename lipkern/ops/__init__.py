@@ -5,7 +5,9 @@ from lipkern.ops.chain_power_iteration import chain_power_iteration, chain_power
 from lipkern.ops.conv_power_iteration import conv_power_iteration, initial_conv_vectors
 from lipkern.ops.cpl import cpl_conv2d, cpl_linear
 from lipkern.ops.power_iteration import batched_power_iteration
+from lipkern.ops.sll import sll_conv2d, sll_conv2d_ref, sll_guaranteed_scale, sll_linear, sll_linear_ref, sll_scale
 
 __all__ = ["aol_rescale", "aol_rescale_ref", "batched_power_iteration", "chain_power_iteration",
            "chain_power_iteration_ref", "conv_power_iteration", "cpl_conv2d",
-           "cpl_linear", "initial_conv_vectors"]
+           "cpl_linear", "initial_conv_vectors", "sll_conv2d", "sll_conv2d_ref", "sll_guaranteed_scale",
+           "sll_linear", "sll_linear_ref", "sll_scale"]

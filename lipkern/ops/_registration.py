@@ -139,16 +139,18 @@ class Op:
         return outputs[0] if self.visible == 1 else tuple(outputs[:self.visible])
 
     def _run_forward(self, args, save: bool):
-        """forward, with mutated arguments made contiguous for it and copied back after."""
+        """forward, with mutated arguments made contiguous for it and copied back after; their version counters
+        are bumped (kernels write through raw pointers, which autograd's saved-tensor checks and
+        ``lipkern.nn.power``'s credits would not see)."""
         copies = [(i, args[i].contiguous()) for i in self.mutated if not args[i].is_contiguous()]
-        if not copies:
-            return self.forward(*args, save=save)
         work = list(args)
         for i, copy in copies:
             work[i] = copy
         out = self.forward(*work, save=save)
         for i, copy in copies:
             args[i].copy_(copy)
+        if self.mutated and not tracing():
+            torch.autograd.graph.increment_version([args[i] for i in self.mutated])
         return out
 
     def _op_impl(self, *op_args):

@@ -704,7 +704,7 @@ def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: b
     on_host = (w4.device.type == "cpu" and not (torch.is_grad_enabled() and w4.requires_grad)
                and not torch._C._are_functorch_transforms_active()
                and not torch.jit.is_tracing())  # (a jit trace records torch ops only; its sizes are tensors)
-    if on_host and _cpu_kernels.available():
+    if on_host and _cpu_kernels.available() and _cpu_kernels.plain(w4):
         return _forward_cpu_kernel(w4, groups, scheme, signs)
     out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
     kk, acc = kh * kw, _acc_dtype(w4.dtype)
@@ -845,7 +845,8 @@ def _aol_bwd(grads, inputs, saved, needs):
         grad_scale = grad_scale.contiguous()
     if select_backend(w4) == "triton":
         return (_backward_triton(grad_out, grad_scale, w4, scale, signs, groups),)
-    if w4.device.type == "cpu" and _cpu_kernels.available() and not torch.is_grad_enabled():
+    if (w4.device.type == "cpu" and _cpu_kernels.available() and not torch.is_grad_enabled()
+            and _cpu_kernels.plain(grad_out, w4, *([] if grad_scale is None else [grad_scale]))):
         return (_backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups),)
     return (_backward_torch(grad_out, grad_scale, w4, scale, signs, groups),)
 

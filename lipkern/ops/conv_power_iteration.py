@@ -438,7 +438,7 @@ def _conv_power_iteration(weights, u, v, n_iter, geometry: ConvGeometry, *, save
     if select_backend(weights, triton_reason=reason) == "triton":
         record_implementation("conv_power_iteration", "triton")
         return _stacked_iterations_triton(weights.contiguous(), u, v, n_iter, geometry)
-    if _cpp_pays(weights, weights.shape, geometry):
+    if _cpp_pays(weights, weights.shape, geometry) and _cpu_kernels.plain(weights, u, v):
         record_implementation("conv_power_iteration", "cpp")
         sigma = torch.empty(weights.shape[0], dtype=weights.dtype)
         _cpu_kernels.conv_power_iteration(weights.contiguous(), u, v, sigma, n_iter, geometry)

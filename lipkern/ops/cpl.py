@@ -456,6 +456,26 @@ def _as_h(h, x: torch.Tensor) -> torch.Tensor:
     return h.reshape(())
 
 
+def _round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest value of ``dtype`` that is ≤ ``value`` (a float64 tensor); tensor ops only (compilable)."""
+    t = value.to(dtype)
+    return torch.where(t.double() > value, torch.nextafter(t, torch.zeros_like(t)), t)
+
+
+def _adjoint_of_padding(y: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
+    """The adjoint of zero / circular padding by (left, right, top, bottom): crop; for circular, first add the
+    wrapped borders back (padded row i < top came from row height − top + i, etc.)."""
+    left, right, top, bottom = padding
+    height, width = y.shape[-2] - top - bottom, y.shape[-1] - left - right
+    if padding_mode == "circular":
+        y = y.clone()
+        y[..., height:top + height, :] += y[..., :top, :]
+        y[..., top:top + bottom, :] += y[..., top + height:, :]
+        y[..., width:left + width] += y[..., :left]
+        y[..., left:left + right] += y[..., left + width:]
+    return y[..., top:top + height, left:left + width]
+
+
 def _validate(name: str, x, weight, bias, h, x_dims: tuple[int, ...], w_dims: int) -> None:
     for label, t in (("x", x), ("weight", weight), ("bias", bias), ("h", h)):
         if t is None:

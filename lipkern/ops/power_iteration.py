@@ -333,7 +333,7 @@ def _cpp_pays(matrices: torch.Tensor, n_iter: int) -> bool:
     """Whether the C++ CPU kernel (lipkern._cpu, real float32/64 matrices: n_iter·b·m·n entry visits) beats the
     PyTorch path's cheaper form here."""
     if (matrices.device.type != "cpu" or matrices.dtype not in (torch.float32, torch.float64)
-            or not _cpu_kernels.available()):
+            or not _cpu_kernels.available() or not _cpu_kernels.plain(matrices)):
         return False
     batch, rows, cols = matrices.shape
     by_steps, by_squaring = _cpu_step_costs(matrices, n_iter)

@@ -297,3 +297,58 @@ def test_cpu_bilinear_gradient_paths(case, cpu_kernels, knobs):
         grad = conv_bilinear_gradient(u.to(dtype), v.to(dtype), tuple(weights.shape[1:]), g)
         assert grad.dtype == dtype
         assert_close(grad, expected, dtype=dtype)
+
+
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+def test_vectors_written_in_place_are_seen_by_autograd_and_the_layers(cpu_kernels, knobs):
+    """Kernels write u and v through raw pointers: their version counters still move, so a graph that saved
+    them refuses to run backward, and a layer's pending power-step credit (lipkern.nn.power) is dropped."""
+    from lipkern.nn import SpectralConv2d
+
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
+    weights, g, kwargs = _setup(GEOMETRIES[0], layers=1)
+    u = torch.randn(1, 3, *g.input_size, dtype=torch.float64)
+    v = torch.randn(1, 4, *g.output_size, dtype=torch.float64)
+    w = weights.clone().requires_grad_(True)
+    saved = conv_bilinear(w, u, v, g)
+    conv_power_iteration(weights, u, v, 1, **kwargs)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    layers = [SpectralConv2d(3, 3, 3, padding=1, input_size=5, dtype=torch.float64) for _ in range(2)]
+    for _ in range(2):  # the second step makes layer 1 a member of layer 0's round: it holds a credit
+        for layer in layers:
+            layer.sigma()
+    layers[0].sigma()
+    b = layers[1]
+    conv_power_iteration(b.weight.detach()[None], b.u[None], b.v[None], 5, padding=1)  # the user advances it
+    expected = b.u.clone()
+    conv_power_iteration(b.weight.detach()[None], expected[None], None, 1, padding=1)
+    b.sigma()
+    assert_close(b.u, expected)
+
+
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
+def test_weights_near_the_largest_float_give_an_infinite_sigma_and_finite_vectors(cpu_kernels, knobs):
+    knobs(backend="torch", cpu_kernels=cpu_kernels)
+    weights = torch.full((1, 3, 3, 3, 3), 1e308, dtype=torch.float64)
+    u = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    sigma, u, v = conv_power_iteration(weights, u, None, 2, padding=1)
+    assert sigma[0] == float("inf") and torch.isfinite(u).all() and torch.isfinite(v).all()
+
+
+def test_the_cpu_kernels_never_read_a_lazy_negation():
+    """A negative view (negation not in memory) is refused by the raw-pointer checks and sent to PyTorch by the
+    dispatch: conv_bilinear_gradient of −u is −G."""
+    from lipkern import _cpu_kernels
+    from lipkern.ops.conv_power_iteration import conv_bilinear_gradient
+
+    weights, g, _ = _setup(GEOMETRIES[0], layers=2)
+    u = torch.randn(2, 3, *g.input_size, dtype=torch.float64)
+    v = torch.randn(2, 4, *g.output_size, dtype=torch.float64)
+    negative = torch._neg_view(u)
+    assert negative.is_neg() and not _cpu_kernels.plain(negative)
+    assert_close(conv_bilinear_gradient(negative, v, tuple(weights.shape[1:]), g),
+                 -conv_bilinear_gradient(u, v, tuple(weights.shape[1:]), g))
+    if _cpu_kernels._cpu is not None:
+        with pytest.raises(ValueError, match="lazy negation"):
+            _cpu_kernels.conv_bilinear_gradient(negative, v, tuple(weights.shape[1:]), g)
