@@ -47,6 +47,24 @@ SMALL = {} if ON_GPU else {"convnet": {"width": 8}, "aol-s": {"n_conv": 2, "n_de
 
 
 # --- eager and plain replacements ---------------------------------------------------------------------------
+def _eager_conv_sigma(u: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
+    """The reference codes' per-layer step: u advanced in place (conv2d, conv_transpose2d, normalize), then
+    σ = vᵀAu differentiable in the weight."""
+    with torch.no_grad():
+        v = F.conv2d(u, weight, padding=padding)
+        v = v / v.norm()
+        w = F.conv_transpose2d(v, weight, padding=padding)
+        u.copy_(w / w.norm())
+    return (v * F.conv2d(u, weight, padding=padding)).sum()
+
+
+def _eager_linear_sigma(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        v = F.normalize(weight @ u, dim=0)
+        u.copy_(F.normalize(weight.T @ v, dim=0))
+    return v @ weight @ u
+
+
 class EagerSpectralConv2d(nn.Module):
     """A conv normalized by σ = vᵀAu after one power-iteration step on persistent u (conv2d, conv_transpose2d,
     normalize; the reference codes' per-layer loop), differentiable through σ."""
@@ -60,12 +78,7 @@ class EagerSpectralConv2d(nn.Module):
                                               device=layer.weight.device))
 
     def forward(self, x):
-        with torch.no_grad():
-            v = F.conv2d(self.u, self.weight, padding=self.padding)
-            v = v / v.norm()
-            u = F.conv_transpose2d(v, self.weight, padding=self.padding)
-            self.u.copy_(u / u.norm())
-        sigma = (v * F.conv2d(self.u, self.weight, padding=self.padding)).sum()
+        sigma = _eager_conv_sigma(self.u, self.weight, self.padding)
         return F.conv2d(x, self.weight / sigma, self.bias, padding=self.padding)
 
 
@@ -78,10 +91,7 @@ class EagerSpectralLinear(nn.Module):
         self.register_buffer("u", F.normalize(u, dim=0))
 
     def forward(self, x):
-        with torch.no_grad():
-            v = F.normalize(self.weight @ self.u, dim=0)
-            self.u.copy_(F.normalize(self.weight.T @ v, dim=0))
-        return F.linear(x, self.weight / (v @ self.weight @ self.u), self.bias)
+        return F.linear(x, self.weight / _eager_linear_sigma(self.u, self.weight), self.bias)
 
 
 class EagerCPLConv2d(nn.Module):
@@ -98,12 +108,7 @@ class EagerCPLConv2d(nn.Module):
         self.register_buffer("u", torch.randn(1, layer.channels, *layer.input_size, device=layer.weight.device))
 
     def forward(self, x):
-        with torch.no_grad():
-            v = F.conv2d(self.u, self.weight, padding=self.padding)
-            v = v / v.norm()
-            u = F.conv_transpose2d(v, self.weight, padding=self.padding)
-            self.u.copy_(u / u.norm())
-        sigma = (v * F.conv2d(self.u, self.weight, padding=self.padding)).sum()
+        sigma = _eager_conv_sigma(self.u, self.weight, self.padding)
         hidden = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
         return x - 2 / sigma**2 * F.conv_transpose2d(hidden, self.weight, padding=self.padding)
 
@@ -118,12 +123,8 @@ class EagerCPLLinear(nn.Module):
         self.register_buffer("u", F.normalize(torch.randn(layer.features, device=layer.weight.device), dim=0))
 
     def forward(self, x):
-        w = self.weight
-        with torch.no_grad():
-            v = F.normalize(w @ self.u, dim=0)
-            self.u.copy_(F.normalize(w.T @ v, dim=0))
-        sigma = v @ w @ self.u
-        return x - 2 / sigma**2 * (F.relu(F.linear(x, w, self.bias)) @ w)
+        sigma = _eager_linear_sigma(self.u, self.weight)
+        return x - 2 / sigma**2 * (F.relu(F.linear(x, self.weight, self.bias)) @ self.weight)
 
 
 def _plain_of(layer: nn.Module) -> nn.Module | None:
