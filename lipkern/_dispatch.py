@@ -165,7 +165,10 @@ def select_backend(tensor: torch.Tensor, *, has_cuda_kernel: bool = False, trito
     The op says what it has for this call: ``has_cuda_kernel`` (a ``lipkern._C`` kernel that fits it),
     ``triton_reason`` (why its Triton kernels cannot take it, None when they can) and ``prefer_triton`` (its
     size model says its Triton kernels beat the CUDA kernel here; auto mode only)."""
-    forced = requested_backend()
+    settings = config()
+    forced = settings.backend
+    if forced is None and tensor.device.type == "cpu" and not settings.triton_interpret:
+        return "torch"  # what the loop below finds: no CUDA kernel and no Triton without the interpreter
     if forced is not None:
         reason = _unavailable_reason(forced, tensor, has_cuda_kernel, triton_reason)
         if reason is not None:

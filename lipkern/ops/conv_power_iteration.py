@@ -28,6 +28,7 @@ function.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -102,12 +103,12 @@ class ConvGeometry:
             raise ValueError(f"circular padding {pads} is larger than the input {input_size}")
         return geometry
 
-    @property
+    @functools.cached_property  # (read several times per layer and training step; the fields are frozen)
     def padded_size(self) -> tuple[int, int]:
         (h, w), (t, b, le, r) = self.input_size, self.padding
         return (h + t + b, w + le + r)
 
-    @property
+    @functools.cached_property
     def output_size(self) -> tuple[int, int]:
         return tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in
                      zip(self.padded_size, self.dilation, self.kernel_size, self.stride))
