@@ -28,7 +28,6 @@ function.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -103,15 +102,29 @@ class ConvGeometry:
             raise ValueError(f"circular padding {pads} is larger than the input {input_size}")
         return geometry
 
-    @functools.cached_property  # (read several times per layer and training step; the fields are frozen)
-    def padded_size(self) -> tuple[int, int]:
-        (h, w), (t, b, le, r) = self.input_size, self.padding
-        return (h + t + b, w + le + r)
+    def __post_init__(self):  # the sizes are read several times per layer and training step: computed once
+        self._sizes()
 
-    @functools.cached_property
+    def _sizes(self) -> tuple:
+        """(padded size, output size), kept in the instance (frozen; not a field: equality and hash ignore it;
+        computed again for an instance unpickled from a version without it)."""
+        sizes = self.__dict__.get("_computed_sizes")
+        if sizes is None:
+            (h, w), (t, b, le, r) = self.input_size, self.padding
+            padded = (h + t + b, w + le + r)
+            output = tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in
+                           zip(padded, self.dilation, self.kernel_size, self.stride))
+            sizes = (padded, output)
+            object.__setattr__(self, "_computed_sizes", sizes)
+        return sizes
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return self._sizes()[0]
+
+    @property
     def output_size(self) -> tuple[int, int]:
-        return tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in
-                     zip(self.padded_size, self.dilation, self.kernel_size, self.stride))
+        return self._sizes()[1]
 
     def check_weight(self, weight: torch.Tensor, stacked: bool) -> None:
         expected_dim = 5 if stacked else 4
