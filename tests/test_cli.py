@@ -442,7 +442,7 @@ def test_certify_smoothing_matches_direct_calls(tiny, capsys):
         pytest.skip("lipkern.certify.RandomizedSmoothing is not there yet")
     model, x, y, tmp_path = tiny
     out_json = tmp_path / "smooth.json"
-    args = ["--smoothing", "--sigma", 0.5, "--n0", 20, "--n", 200, "--alpha", 0.01, "--skip", 3,
+    args = ["--smoothing", "--sigma", 0.5, "--num-select", 20, "--num-samples", 200, "--alpha", 0.01, "--skip", 3,
             "--limit", 12, "--batch-size", 64, "--seed", 7, "--output", out_json]
     code, out, err = _run(_tiny_args(tmp_path, *args), capsys)
     assert code == 0, err
@@ -471,7 +471,19 @@ def test_certify_smoothing_says_early_how_long_it_will_take(tiny, capsys, monkey
     code, _, err = _run(_tiny_args(tmp_path, "--smoothing", "--sigma", 0.5, "--n0", 10, "--n", 20, "--limit", 12),
                         capsys)
     assert code == 0, err
-    assert "the first point took 10.0 s: about 2 min for all 12 (fewer draws: --n" in err, err
+    assert "the first point took 10.0 s: about 2 min for all 12 (fewer draws: --num-samples" in err, err
+
+
+def test_sample_counts_have_names_torchrun_leaves_alone():
+    """torchrun's parser took `--n` as an ambiguous abbreviation of its own options: the counts are
+    --num-samples / --num-select, the old spellings still parse in one process."""
+    new = cli.parse_args(["certify", "--scripted", "m.pt", "--smoothing", "--num-samples", "300", "--num-select", "30"])
+    old = cli.parse_args(["certify", "--scripted", "m.pt", "--smoothing", "--n", "300", "--n0", "30"])
+    assert (new.n, new.n0) == (old.n, old.n0) == (300, 30)
+    torchrun = pytest.importorskip("torch.distributed.run")
+    parsed = torchrun.get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "lipkern.cli", "certify",
+                                                    "--num-samples", "300", "--num-select", "30"])
+    assert parsed.training_script_args[-4:] == ["--num-samples", "300", "--num-select", "30"]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

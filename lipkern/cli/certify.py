@@ -46,7 +46,7 @@ Examples:
       --data test.pt --eps 0 0.141 0.282 --output results.json --plot curve.png
   lipkern certify --scripted model.ts --lipschitz 1 --data test.pt
   lipkern certify --checkpoint runs/convnet-xs-aol-digits/checkpoint.pt --pairwise
-  lipkern certify --exported model.pt2 --smoothing --sigma 0.25 --n 10000 --skip 20 --data test.pt
+  lipkern certify --exported model.pt2 --smoothing --sigma 0.25 --num-samples 10000 --skip 20 --data test.pt
 """
 
 
@@ -304,7 +304,7 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
     if args.sigma is None or not args.sigma > 0:
         raise CertifyError("--smoothing needs --sigma S > 0 (the noise level the model was trained with)")
     if not 0 < args.n0 <= args.n:
-        raise CertifyError(f"--smoothing needs 0 < --n0 <= --n, got n0 = {args.n0}, n = {args.n}")
+        raise CertifyError(f"--smoothing needs 0 < --num-select <= --num-samples, got {args.n0} and {args.n}")
     if not 0 < args.alpha < 1:
         raise CertifyError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.skip < 1:
@@ -327,7 +327,7 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
         if len(seconds) == 1 and seconds[0] * len(indices) > 60:  # say so up front, not after half an hour
             minutes = seconds[0] * len(indices) / 60
             print(f"smoothing: the first point took {seconds[0]:.1f} s: about {minutes:.0f} "
-                  f"min for all {len(indices)} (fewer draws: --n; fewer points: --skip K or --limit N)",
+                  f"min for all {len(indices)} (fewer draws: --num-samples; fewer points: --skip K or --limit N)",
                   file=sys.stderr)
         predictions.append(int(prediction))
         radii.append(float(radius))
@@ -559,8 +559,11 @@ def add_parser(sub) -> None:
                         "exported model unless --smoothing)")
     p.add_argument("--smoothing", action="store_true", help="randomized smoothing (Cohen et al.) instead")
     p.add_argument("--sigma", type=float, help="smoothing noise level")
-    p.add_argument("--n0", type=int, default=100, help="draws that select the class (default 100)")
-    p.add_argument("--n", type=int, default=100_000, help="draws that estimate its probability (default 1e5)")
+    # (--num-select / --num-samples: names torchrun's own parser leaves alone; --n0 / --n are the old spellings)
+    p.add_argument("--num-select", "--n0", dest="n0", type=int, default=100,
+                   help="draws that select the class (default 100)")
+    p.add_argument("--num-samples", "--n", dest="n", type=int, default=100_000,
+                   help="draws that estimate its probability (default 1e5)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--skip", type=int, default=1, metavar="K", help="smoothing: every K-th point (default 1)")
     p.add_argument("--seed", type=int, default=0, help="smoothing: noise seed (point i uses seed + i)")
