@@ -805,3 +805,34 @@ def test_train_help_lists_every_model_with_its_recipe(capsys):
     for name, family in MODEL_FAMILIES.items():
         assert name in text
         assert f"{family} ({RECIPES[family]['source']}): loss {RECIPES[family]['loss']}" in text
+
+
+def test_certify_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m lipkern.cli certify --smoothing ...` (gloo on the CPU): the points are
+    shared out by index, each keeps its noise seed, and rank 0 writes one file equal to one process's, point
+    for point; the margin certificate too (computed on rank 0)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
+    torch.save({"x": torch.randn(9, 2, 3, 2), "y": torch.randint(0, 3, (9,))}, tmp_path / "data.pt")
+    common = ["certify", "--scripted", str(tmp_path / "net.pt"), "--data", str(tmp_path / "data.pt"),
+              "--device", "cpu", "--threads", "1", "--eps", "0.0", "0.1"]
+    cases = {"smoothing": ["--smoothing", "--sigma", "0.5", "--num-select", "20", "--num-samples", "200",
+                           "--alpha", "0.01", "--batch-size", "64", "--seed", "3"],
+             "margin": ["--lipschitz", "2.0"]}
+    env = dict(_env(), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for name, extra in cases.items():
+        one, two = tmp_path / f"{name}1.json", tmp_path / f"{name}2.json"
+        single = subprocess.run([sys.executable, "-m", "lipkern.cli", *common, *extra, "--output", str(one)],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert single.returncode == 0, single.stderr[-3000:]
+        ranked = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", "-m", "lipkern.cli", *common, *extra, "--output", str(two)],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert ranked.returncode == 0, ranked.stdout[-3000:] + ranked.stderr[-3000:]
+        a, b = json.loads(one.read_text()), json.loads(two.read_text())
+        assert a["points"].keys() == b["points"].keys()
+        for key in set(a["points"]) - {"seconds"}:
+            assert a["points"][key] == b["points"][key], (name, key)
+        assert a["certified_count"] == b["certified_count"] and b["ranks"] == 2 and "ranks" not in a
+        assert ranked.stdout.count("certified accuracy") == 1  # one table, from rank 0

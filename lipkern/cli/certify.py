@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from lipkern.cli import _distributed
 from lipkern.cli._common import format_columns
 
 DEFAULT_EPS = (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5, 1.0)
@@ -296,7 +297,10 @@ def _finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
 
-def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
+def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distributed.Ranks()) -> dict | None:
+    """Cohen et al.'s CERTIFY for every --skip-th point; under torchrun the points are shared out by index
+    (each keeps its seed, so the results equal one process's) and rank 0 returns the merged result (None
+    elsewhere)."""
     import torch
 
     from lipkern.certify import RandomizedSmoothing
@@ -311,26 +315,34 @@ def certify_smoothing(model, x, y, args, device, num_classes: int) -> dict:
         raise CertifyError(f"--skip must be >= 1, got {args.skip}")
     smoother = RandomizedSmoothing(model, args.sigma, num_classes)
     indices = list(range(0, x.shape[0], args.skip))
+    mine = ranks.shard(indices)
     try:
         from tqdm.auto import tqdm
     except ImportError:
         def tqdm(iterable, **_):
             return iterable
-    predictions, radii, seconds = [], [], []
-    print(f"randomized smoothing: {len(indices)} points, {args.n0:,} + {args.n:,} noise draws each",
-          file=sys.stderr)
-    for i in tqdm(indices, desc="certify", unit="point", file=sys.stderr):
+    rows = []  # (index, prediction, radius, seconds)
+    if ranks.main:
+        share = f" ({ranks.world} ranks, {len(mine)} on rank 0)" if ranks.world > 1 else ""
+        print(f"randomized smoothing: {len(indices)} points{share}, {args.n0:,} + {args.n:,} noise draws each",
+              file=sys.stderr)
+    for i in tqdm(mine, desc="certify", unit="point", file=sys.stderr, disable=not ranks.main):
         start = time.perf_counter()
         prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha, args.batch_size,
                                               seed=args.seed + i)
-        seconds.append(time.perf_counter() - start)
-        if len(seconds) == 1 and seconds[0] * len(indices) > 60:  # say so up front, not after half an hour
-            minutes = seconds[0] * len(indices) / 60
-            print(f"smoothing: the first point took {seconds[0]:.1f} s: about {minutes:.0f} "
+        rows.append((i, int(prediction), float(radius), time.perf_counter() - start))
+        if len(rows) == 1 and ranks.main and rows[0][3] * len(mine) > 60:  # say so up front, not after an hour
+            minutes = rows[0][3] * len(mine) / 60
+            print(f"smoothing: the first point took {rows[0][3]:.1f} s: about {minutes:.0f} "
                   f"min for all {len(indices)} (fewer draws: --num-samples; fewer points: --skip K or --limit N)",
                   file=sys.stderr)
-        predictions.append(int(prediction))
-        radii.append(float(radius))
+    gathered = _distributed.gather(rows, ranks)
+    if not ranks.main:
+        return None
+    rows = sorted((row for part in gathered for row in part), key=lambda row: row[0])
+    predictions = [row[1] for row in rows]
+    radii = [row[2] for row in rows]
+    seconds = [row[3] for row in rows]
     labels = y[indices]
     correct = torch.tensor(predictions) == labels
     radius_t = torch.tensor(radii, dtype=torch.float64)
@@ -463,6 +475,7 @@ def run(args) -> int:
         print("lipkern certify --plot needs matplotlib: pip install 'lipkern[plot]' (or pip install "
               "matplotlib).", file=sys.stderr)
         return 2
+    ranks = _distributed.ranks_from_env()
     try:
         import torch
 
@@ -470,6 +483,9 @@ def run(args) -> int:
 
         device = usable_device(args.device, CertifyError) if args.device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        if ranks.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)  # one GPU per rank (torchrun's LOCAL_RANK)
+        _distributed.start(ranks, device.type)
         if args.batch_size < 1:
             raise CertifyError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None:
@@ -496,15 +512,24 @@ def run(args) -> int:
             raise CertifyError(f"--data {args.data}: labels must lie in [0, {num_classes}) for a model with "
                                f"{num_classes} outputs, found {int(y.min())}..{int(y.max())}")
         if args.smoothing:
-            result = certify_smoothing(model, x, y, args, device, num_classes)
-        else:
+            result = certify_smoothing(model, x, y, args, device, num_classes, ranks)
+        elif ranks.main:  # (under torchrun the margin certificate runs on rank 0: one bound, fast margins)
             result = certify_lipschitz(model, x, y, args, device, structure_known, probe.dtype)
+        else:
+            result = None
     except CertifyError as err:
-        print(f"lipkern certify: error: {err}", file=sys.stderr)
+        print(f"lipkern certify: error{f' (rank {ranks.rank})' if ranks.world > 1 else ''}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nlipkern certify: interrupted; nothing was written", file=sys.stderr)
+        if ranks.main:
+            print("\nlipkern certify: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        _distributed.stop(ranks)
+    if not ranks.main:
+        return 0
+    if ranks.world > 1:
+        result["ranks"] = ranks.world
     result.update(model=description, data=str(args.data), device=str(device))
     print(format_certify_table(result))
     if args.output:
