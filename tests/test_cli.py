@@ -462,6 +462,44 @@ def test_certify_smoothing_matches_direct_calls(tiny, capsys):
     assert "randomized smoothing: 4 points, 20 + 200 noise draws each" in err
 
 
+def test_interrupted_smoothing_resumes_to_the_uninterrupted_result(tiny, capsys, monkeypatch):
+    """Points are written as they finish; Ctrl-C says where they are; the same command without --resume refuses
+    to start over them, with --resume it certifies only the rest and ends with the file of an uninterrupted run
+    (the point files then removed)."""
+    from lipkern.certify import RandomizedSmoothing
+
+    model, x, y, tmp_path = tiny
+    options = ["--smoothing", "--sigma", 0.5, "--num-select", 10, "--num-samples", 60, "--limit", 8, "--seed", 5]
+    full, cut = tmp_path / "full.json", tmp_path / "cut.json"
+    assert _run(_tiny_args(tmp_path, *options, "--output", full), capsys)[0] == 0
+    original, calls, interrupt = RandomizedSmoothing.certify, [], [True]
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(kwargs["seed"])
+        if len(calls) == 4 and interrupt.pop():
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RandomizedSmoothing, "certify", interrupted)
+    code, _, err = _run(_tiny_args(tmp_path, *options, "--output", cut), capsys)
+    assert code == 130 and "--resume to continue" in err and not cut.exists()
+    assert len((tmp_path / "cut.json.points-0.jsonl").read_text().splitlines()) == 1 + 3  # settings + 3 points
+    code, _, err = _run(_tiny_args(tmp_path, *options, "--output", cut), capsys)
+    assert code == 2 and "--resume" in err
+    code, _, err = _run(_tiny_args(tmp_path, *options[:-1], "6", "--output", cut, "--resume"), capsys)
+    assert code == 2 and "other settings" in err  # another seed: the kept points do not belong to this run
+    calls.clear()
+    interrupt.append(False)
+    code, _, err = _run(_tiny_args(tmp_path, *options, "--output", cut, "--resume"), capsys)
+    assert code == 0, err
+    assert len(calls) == 8 - 3 and "(3 done before)" in err
+    a, b = json.loads(full.read_text()), json.loads(cut.read_text())
+    for key in ("index", "prediction", "radius", "correct"):
+        assert a["points"][key] == b["points"][key], key
+    assert a["certified_count"] == b["certified_count"]
+    assert not list(tmp_path.glob("*.points-*.jsonl"))
+
+
 def test_certify_smoothing_says_early_how_long_it_will_take(tiny, capsys, monkeypatch):
     """A long smoothing run (the default n = 100,000 on a CPU) says after its first point how long all will
     take, with the options that shorten it (a clock that advances 10 s per reading stands in for a slow run)."""

@@ -53,6 +53,13 @@ def gather(value, ranks: Ranks) -> list | None:
     return values
 
 
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def stop(ranks: Ranks) -> None:
     if ranks.world > 1:
         import torch.distributed as dist

@@ -297,6 +297,48 @@ def _finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
 
+def _shard_path(output: str, rank: int) -> Path:
+    """Where a rank writes its points as they finish: <output>.points-<rank>.jsonl."""
+    return Path(f"{output}.points-{rank}.jsonl")
+
+
+def _smoothing_settings(args, x) -> dict:
+    """What a point's result depends on: a resumed run must match it."""
+    return {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
+            "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size}
+
+
+def _finished_points(output: str | None, settings: dict, resume: bool) -> dict:
+    """{index: (prediction, radius, seconds)} from the shards of an earlier run of this --output (any number of
+    ranks), when resuming; the shards must have been written with the same settings."""
+    if output is None:
+        if resume:
+            raise CertifyError("--resume needs --output PATH (the run's points are kept beside it)")
+        return {}
+    shards = sorted(Path(output).parent.glob(Path(output).name + ".points-*.jsonl"))
+    if not resume:
+        if shards:
+            raise CertifyError(f"{shards[0]} holds the points of an unfinished run of this --output: continue it "
+                               f"with --resume, or delete {Path(output).name}.points-*.jsonl to start again")
+        return {}
+    done = {}
+    for shard in shards:
+        lines = shard.read_text().splitlines()
+        if not lines:
+            continue
+        header = json.loads(lines[0])
+        if header != {"settings": settings}:
+            raise CertifyError(f"--resume: {shard} was written with other settings ({header.get('settings')}), "
+                               f"this run has {settings}")
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption: that point runs again
+                continue
+            done[row[0]] = tuple(row[1:])
+    return done
+
+
 def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distributed.Ranks()) -> dict | None:
     """Cohen et al.'s CERTIFY for every --skip-th point; under torchrun the points are shared out by index
     (each keeps its seed, so the results equal one process's) and rank 0 returns the merged result (None
@@ -321,21 +363,41 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     except ImportError:
         def tqdm(iterable, **_):
             return iterable
-    rows = []  # (index, prediction, radius, seconds)
+    settings = _smoothing_settings(args, x)
+    done = _finished_points(args.output, settings, args.resume)
+    _distributed.barrier(ranks)  # every rank has read the earlier shards before any writes its own
+    rows = [(i, *done[i]) for i in mine if i in done]  # (index, prediction, radius, seconds)
+    todo = [i for i in mine if i not in done]
     if ranks.main:
         share = f" ({ranks.world} ranks, {len(mine)} on rank 0)" if ranks.world > 1 else ""
-        print(f"randomized smoothing: {len(indices)} points{share}, {args.n0:,} + {args.n:,} noise draws each",
-              file=sys.stderr)
-    for i in tqdm(mine, desc="certify", unit="point", file=sys.stderr, disable=not ranks.main):
-        start = time.perf_counter()
-        prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha, args.batch_size,
-                                              seed=args.seed + i)
-        rows.append((i, int(prediction), float(radius), time.perf_counter() - start))
-        if len(rows) == 1 and ranks.main and rows[0][3] * len(mine) > 60:  # say so up front, not after an hour
-            minutes = rows[0][3] * len(mine) / 60
-            print(f"smoothing: the first point took {rows[0][3]:.1f} s: about {minutes:.0f} "
-                  f"min for all {len(indices)} (fewer draws: --num-samples; fewer points: --skip K or --limit N)",
-                  file=sys.stderr)
+        resumed = f" ({len(done)} done before)" if done else ""
+        print(f"randomized smoothing: {len(indices)} points{share}{resumed}, {args.n0:,} + {args.n:,} noise draws "
+              f"each", file=sys.stderr)
+    shard = None
+    if args.output is not None:  # each point written as it finishes: an interrupted run loses at most one
+        path = _shard_path(args.output, ranks.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists() or path.stat().st_size == 0
+        shard = path.open("a")
+        if fresh:
+            shard.write(json.dumps({"settings": settings}) + "\n")
+    try:
+        for i in tqdm(todo, desc="certify", unit="point", file=sys.stderr, disable=not ranks.main):
+            start = time.perf_counter()
+            prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha, args.batch_size,
+                                                  seed=args.seed + i)
+            rows.append((i, int(prediction), float(radius), time.perf_counter() - start))
+            if shard is not None:
+                shard.write(json.dumps(rows[-1]) + "\n")
+                shard.flush()
+            first = rows[-1][3]
+            if len(rows) == len(mine) - len(todo) + 1 and ranks.main and first * len(todo) > 60:  # say so up front
+                print(f"smoothing: the first point took {first:.1f} s: about {first * len(todo) / 60:.0f} min "
+                      f"for all {len(todo)} (fewer draws: --num-samples; fewer points: --skip K or --limit N)",
+                      file=sys.stderr)
+    finally:
+        if shard is not None:
+            shard.close()
     gathered = _distributed.gather(rows, ranks)
     if not ranks.main:
         return None
@@ -522,7 +584,9 @@ def run(args) -> int:
         return 2
     except KeyboardInterrupt:
         if ranks.main:
-            print("\nlipkern certify: interrupted; nothing was written", file=sys.stderr)
+            kept = (f"the finished points are kept in {args.output}.points-*.jsonl: run the same command with "
+                    f"--resume to continue" if args.smoothing and args.output else "nothing was written")
+            print(f"\nlipkern certify: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:
         _distributed.stop(ranks)
@@ -536,6 +600,8 @@ def run(args) -> int:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
+        for shard in out.parent.glob(out.name + ".points-*.jsonl"):  # the run is complete: its points are in out
+            shard.unlink()
         print(f"\nresults: {out}")
     if args.plot:
         print(f"plot: {write_certify_plot(result, args.plot)}")
@@ -592,6 +658,9 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--skip", type=int, default=1, metavar="K", help="smoothing: every K-th point (default 1)")
     p.add_argument("--seed", type=int, default=0, help="smoothing: noise seed (point i uses seed + i)")
+    p.add_argument("--resume", action="store_true",
+                   help="smoothing: continue an interrupted run of this --output (its finished points are kept in "
+                        "PATH.points-*.jsonl as they finish)")
     p.add_argument("--output", metavar="PATH",
                    help="write the results (table values and per-point radii) as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a certified-accuracy-vs-eps plot (needs matplotlib: "
