@@ -500,6 +500,26 @@ def test_interrupted_smoothing_resumes_to_the_uninterrupted_result(tiny, capsys,
     assert not list(tmp_path.glob("*.points-*.jsonl"))
 
 
+def test_certify_adaptive_smoothing_matches_the_direct_call_and_counts_draws(tiny, capsys):
+    """--adaptive: each point as RandomizedSmoothing.certify_adaptive gives it (radii of the table as its
+    targets), points.samples per point (selection included) in both modes, and the total in the table."""
+    from lipkern.certify import RandomizedSmoothing
+
+    model, x, y, tmp_path = tiny
+    options = ["--smoothing", "--sigma", 0.5, "--num-select", 10, "--num-samples", 4000, "--limit", 6,
+               "--seed", 2, "--batch-size", 500]
+    code, out, err = _run(_tiny_args(tmp_path, *options, "--adaptive", "--output", tmp_path / "a.json"), capsys)
+    assert code == 0, err
+    points = json.loads((tmp_path / "a.json").read_text())["points"]
+    smoother = RandomizedSmoothing(model, 0.5, 3)
+    for k, i in enumerate(points["index"]):
+        expected = smoother.certify_adaptive(x[i], 10, 4000, 0.001, 500, EPS, seed=2 + i)
+        assert (points["prediction"][k], points["radius"][k], points["samples"][k]) == expected
+    assert f"adaptive: {sum(points['samples']):,} noise draws" in out
+    code, out, err = _run(_tiny_args(tmp_path, *options, "--output", tmp_path / "f.json"), capsys)
+    assert json.loads((tmp_path / "f.json").read_text())["points"]["samples"] == [4010] * 6
+
+
 def test_certify_smoothing_says_early_how_long_it_will_take(tiny, capsys, monkeypatch):
     """A long smoothing run (the default n = 100,000 on a CPU) says after its first point how long all will
     take, with the options that shorten it (a clock that advances 10 s per reading stands in for a slow run)."""

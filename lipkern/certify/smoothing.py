@@ -25,7 +25,8 @@ from torch import nn
 
 from lipkern._checks import as_positive_float, is_int
 
-__all__ = ["ABSTAIN", "RandomizedSmoothing", "clopper_pearson_lower", "smoothing_radius"]
+__all__ = ["ABSTAIN", "RandomizedSmoothing", "adaptive_decision", "adaptive_looks", "clopper_pearson_lower",
+           "smoothing_radius"]
 
 ABSTAIN = -1
 
@@ -69,6 +70,33 @@ def smoothing_radius(p_lower: float, sigma: float) -> float:
         raise ValueError(f"smoothing_radius: p_lower must lie in [0.5, 1], got {p_lower!r}")
     sigma = as_positive_float(sigma, "smoothing_radius: sigma")
     return float(sigma * norm.ppf(p_lower)) * _DOWN  # rounded down, as p_lower
+
+
+def adaptive_looks(n_max: int, first: int = 1000) -> list[int]:
+    """The cumulative draw counts at which the adaptive CERTIFY looks: first, 2·first, 4·first, … and n_max
+    (the last look; ``first`` is capped at n_max)."""
+    looks, t = [], min(first, n_max)
+    while t < n_max:
+        looks.append(t)
+        t *= 2
+    return looks + [n_max]
+
+
+def adaptive_decision(successes, trials, look_alpha: float, thresholds) -> tuple:
+    """One look of the adaptive CERTIFY, vectorized over points (numpy arrays or scalars): the one-sided
+    Clopper–Pearson lower and upper bounds of n_A/t at level ``look_alpha`` each, the number of ``thresholds``
+    (increasing probabilities Φ(ε_k/σ)) the lower bound exceeds, and whether the outcome is settled (every
+    threshold exceeded, or the upper bound at or below the next one: that radius is out of reach)."""
+    import numpy as np
+    from scipy.stats import beta
+
+    k, t = np.asarray(successes), np.asarray(trials)
+    lower = np.where(k > 0, beta.ppf(look_alpha, np.maximum(k, 1), t - k + 1), 0.0) * _DOWN
+    upper = np.where(k < t, beta.ppf(1 - look_alpha, k + 1, np.maximum(t - k, 1)), 1.0)
+    levels = np.asarray(thresholds, dtype=float)
+    reached = (lower[..., None] > levels).sum(-1)
+    following = np.append(levels, 2.0)[reached]  # the next threshold (2: none left)
+    return lower, upper, reached, (reached == len(levels)) | (upper <= following)
 
 
 class RandomizedSmoothing:
@@ -195,6 +223,56 @@ class RandomizedSmoothing:
         if p_lower < 0.5:
             return ABSTAIN, 0.0
         return top, smoothing_radius(p_lower, self.sigma)
+
+    def certify_adaptive(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int, radii,
+                         seed: int | None = None, first: int = 1000) -> tuple[int, float, int]:
+        """CERTIFY that stops sampling once the outcome at ``radii`` (the ε's of a certified-accuracy table) is
+        settled: (class, radius, noise draws used, selection included), or (ABSTAIN, 0.0, draws).
+
+        n0 draws select ĉ_A as in :meth:`certify`; then draws continue in one stream and the counts are looked at
+        after t_1 < … < t_J = n_max draws (:func:`adaptive_looks`). At each look the one-sided Clopper–Pearson
+        lower bound L_j of p_A is taken at level alpha/J. Why any stopping rule keeps the guarantee: the event
+        "L_j ≤ p_A at every look j" fails with probability ≤ Σ_j alpha/J = alpha (a union bound over the J looks,
+        each bound exact for the binomial count at its fixed t_j, whatever happened before); on that event the
+        radius σ·Φ⁻¹(L_j) reported at the look where it stops is certified, whichever look that is. The stopping
+        rule (:func:`adaptive_decision`): every requested radius certified, or the upper bound (same level) at or
+        below Φ(ε/σ) for the next radius, which then needs p_A above where it lies; else the next look. The price:
+        the last look's bound is at alpha/J instead of alpha (J = 8 for n_max = 100,000 from 1,000)."""
+        for name, value in (("n0", n0), ("n_max", n_max), ("first", first)):
+            if not is_int(value) or value <= 0:
+                raise ValueError(f"RandomizedSmoothing.certify_adaptive: {name} must be a positive int, got "
+                                 f"{value!r}")
+        alpha = _check_alpha(alpha, "RandomizedSmoothing.certify_adaptive")
+        radii = sorted(float(r) for r in radii)
+        if not radii or radii[0] < 0:
+            raise ValueError(f"RandomizedSmoothing.certify_adaptive: radii must be non-empty and >= 0, got {radii}")
+        from scipy.stats import norm
+
+        thresholds = [float(norm.cdf(r / self.sigma)) for r in radii]
+        looks = adaptive_looks(n_max, first)
+        look_alpha = alpha / len(looks)
+        x = self._check_input(x)
+        (selection,) = self._run(x, [n0], batch_size, seed, False)
+        top = max(range(self.num_classes), key=lambda c: (selection[c], -c))
+        generator = self._generator(x, None if seed is None else seed + 2**31)  # the estimation's own stream
+        base, was_training = self.base, getattr(self.base, "training", None)
+        successes, done = 0, 0
+        try:
+            if isinstance(base, nn.Module):
+                base.eval()
+            with torch.inference_mode():
+                for t in looks:
+                    successes += int(self._counts(x, t - done, batch_size, generator, None)[top])
+                    done = t
+                    lower, _, _, settled = adaptive_decision(successes, t, look_alpha, thresholds)
+                    if bool(settled):
+                        break
+        finally:
+            if isinstance(base, nn.Module):
+                base.train(was_training)
+        if float(lower) < 0.5:
+            return ABSTAIN, 0.0, n0 + done
+        return top, smoothing_radius(float(lower), self.sigma), n0 + done
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, seed: int | None = None) -> int:
         """PREDICT: the top class of n draws, or ABSTAIN when the two-sided binomial test of the top-two

@@ -305,7 +305,8 @@ def _shard_path(output: str, rank: int) -> Path:
 def _smoothing_settings(args, x) -> dict:
     """What a point's result depends on: a resumed run must match it."""
     return {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
-            "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size}
+            "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size,
+            "adaptive": bool(args.adaptive), "eps": [float(e) for e in args.eps] if args.adaptive else None}
 
 
 def _finished_points(output: str | None, settings: dict, resume: bool) -> dict:
@@ -384,9 +385,14 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     try:
         for i in tqdm(todo, desc="certify", unit="point", file=sys.stderr, disable=not ranks.main):
             start = time.perf_counter()
-            prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha, args.batch_size,
-                                                  seed=args.seed + i)
-            rows.append((i, int(prediction), float(radius), time.perf_counter() - start))
+            if args.adaptive:
+                prediction, radius, samples = smoother.certify_adaptive(
+                    x[i].to(device), args.n0, args.n, args.alpha, args.batch_size, args.eps, seed=args.seed + i)
+            else:
+                prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha,
+                                                      args.batch_size, seed=args.seed + i)
+                samples = args.n0 + args.n
+            rows.append((i, int(prediction), float(radius), time.perf_counter() - start, int(samples)))
             if shard is not None:
                 shard.write(json.dumps(rows[-1]) + "\n")
                 shard.flush()
@@ -405,6 +411,7 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     predictions = [row[1] for row in rows]
     radii = [row[2] for row in rows]
     seconds = [row[3] for row in rows]
+    samples = [row[4] for row in rows]
     labels = y[indices]
     correct = torch.tensor(predictions) == labels
     radius_t = torch.tensor(radii, dtype=torch.float64)
@@ -418,9 +425,10 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
             "clean_accuracy": int(correct.sum()) / num, "clean_count": int(correct.sum()), "num_points": num,
             "base_clean_accuracy": int((base == labels).sum()) / num,
             "smoothing": {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
-                          "skip": args.skip, "seed": args.seed, "abstained": predictions.count(-1)},
+                          "skip": args.skip, "seed": args.seed, "abstained": predictions.count(-1),
+                          "adaptive": bool(args.adaptive), "samples": sum(samples)},
             "points": {"index": indices, "label": labels.tolist(), "prediction": predictions, "radius": radii,
-                       "correct": correct.tolist(), "seconds": seconds}}
+                       "correct": correct.tolist(), "seconds": seconds, "samples": samples}}
 
 
 def format_certify_table(result: dict, command: str = "certify") -> str:
@@ -449,6 +457,10 @@ def format_certify_table(result: dict, command: str = "certify") -> str:
                      f"({result['clean_count']}/{n}, {s['abstained']} abstained); base model accuracy on "
                      f"these points: "
                      f"{100 * result['base_clean_accuracy']:.2f}%")
+        if s.get("adaptive"):
+            fixed = n * (s["n0"] + s["n"])
+            lines.append(f"adaptive: {s['samples']:,} noise draws in all, {100 * s['samples'] / fixed:.0f}% of fixed "
+                         f"n's {fixed:,}")
     body = [[f"{e:.4f}", f"{100 * a:.2f}%", f"{c}/{n}"] for e, a, c in
             zip(result["eps"], result["certified_accuracy"], result["certified_count"])]
     lines += [""] + format_columns(["eps", "certified accuracy", "count"], body, right={0, 1, 2})
@@ -658,6 +670,10 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--skip", type=int, default=1, metavar="K", help="smoothing: every K-th point (default 1)")
     p.add_argument("--seed", type=int, default=0, help="smoothing: noise seed (point i uses seed + i)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="smoothing: stop each point's sampling once its outcome at the --eps radii is settled (same "
+                        "guarantee, alpha shared over doubling looks up to --num-samples; see "
+                        "RandomizedSmoothing.certify_adaptive)")
     p.add_argument("--resume", action="store_true",
                    help="smoothing: continue an interrupted run of this --output (its finished points are kept in "
                         "PATH.points-*.jsonl as they finish)")
