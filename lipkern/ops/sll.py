@@ -133,13 +133,15 @@ def guaranteed_scale(gram: torch.Tensor, abs_gram: torch.Tensor, q: torch.Tensor
     t = r / q * (1 + 4 * _U)  # ≥ the exact weighted row sum
     s = torch.where(t > 0, 2.0 / t * (1 - 4 * _U), torch.zeros_like(t))
     zero_row = abs_gram.reshape(hidden, -1).sum(dim=1) == 0  # W_i = 0 exactly: the unit does nothing; s = 0
-    return torch.where(zero_row, torch.zeros_like(s), s)
+    # 2/t overflows for rows whose sums underflow (|W| ~ 1e-160 in float64): switched off too (s = 0 is safe)
+    return torch.where(torch.isfinite(s) & ~zero_row, s, torch.zeros_like(s))
 
 
 def sll_guaranteed_scale(weight: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """s (hidden,) in the weight's dtype with s_i ≤ 2/t_i for the exact t of the STORED weight and log_q
-    (module docstring): the eval layers' scale. Not differentiable. A NaN/Inf weight or log_q gives NaN
-    (the layers check before calling). Classical float64 convolutions (cuDNN off: no TF32)."""
+    (module docstring): the eval layers' scale. Not differentiable. A unit whose s is not a finite number (NaN /
+    Inf weights or log_q, or 2/t beyond float64) gets s = 0, switched off, which is safe; the layers reject
+    NaN / Inf parameters before calling. Classical float64 convolutions (cuDNN off: no TF32)."""
     _check("sll_guaranteed_scale", weight, log_q)
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):
         w = weight.detach().to(torch.float64)

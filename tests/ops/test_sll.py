@@ -126,6 +126,20 @@ def test_guaranteed_scale_is_below_the_exact_one_and_close(case, dtype):
     assert sll_guaranteed_scale(weight, log_q)[0] == 0 and sll_scale(weight, log_q)[0] == 0
 
 
+def test_a_scale_beyond_float64_switches_the_unit_off():
+    """Rows whose Gram sums underflow (float64 weights ~1e-157): 2/t overflows; s = 0 (the identity, safe), not
+    Inf (which would break s ≤ 2/t and make the layer's output NaN)."""
+    from lipkern.nn import SLLLinear
+
+    layer = SLLLinear(4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.mul_(1e-157)
+    scale = sll_guaranteed_scale(layer.weight, layer.log_q)
+    assert torch.isfinite(scale).all() and (scale == 0).all()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.isfinite(layer.eval()(x)).all() and torch.isfinite(layer.to_vanilla().scale).all()
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: sll_linear(torch.randn(2, 4), torch.randn(5, 3), None, torch.zeros(5)), ValueError, "x"),
     (lambda: sll_linear(torch.randn(2, 4), torch.randn(5, 4), None, torch.zeros(4)), ValueError, "log_q"),
