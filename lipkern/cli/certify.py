@@ -558,6 +558,9 @@ def run(args) -> int:
         device = usable_device(args.device, CertifyError) if args.device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if ranks.world > 1 and device.type == "cuda":
+            if ranks.local_rank >= torch.cuda.device_count():
+                raise CertifyError(f"torchrun started more ranks on this node ({ranks.local_rank + 1}+) than it has "
+                                   f"GPUs ({torch.cuda.device_count()}): --nproc-per-node at most the GPU count")
             device = torch.device("cuda", ranks.local_rank)  # one GPU per rank (torchrun's LOCAL_RANK)
         _distributed.start(ranks, device.type)
         if args.batch_size < 1:
