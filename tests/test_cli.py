@@ -868,16 +868,24 @@ def test_train_help_lists_every_model_with_its_recipe(capsys):
 def test_certify_under_torchrun_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m lipkern.cli certify --smoothing ...` (gloo on the CPU): the points are
     shared out by index, each keeps its noise seed, and rank 0 writes one file equal to one process's, point
-    for point; the margin certificate too (computed on rank 0)."""
+    for point; the margin certificate too (its bound computed once, the margins and the rounding analysis of the
+    network as it runs shared out), including a model whose structure is known (the sound bound, float32)."""
+    from lipkern.models import ConvNet
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
     torch.save({"x": torch.randn(9, 2, 3, 2), "y": torch.randint(0, 3, (9,))}, tmp_path / "data.pt")
-    common = ["certify", "--scripted", str(tmp_path / "net.pt"), "--data", str(tmp_path / "data.pt"),
-              "--device", "cpu", "--threads", "1", "--eps", "0.0", "0.1"]
-    cases = {"smoothing": ["--smoothing", "--sigma", "0.5", "--num-select", "20", "--num-samples", "200",
-                           "--alpha", "0.01", "--batch-size", "64", "--seed", "3"],
-             "margin": ["--lipschitz", "2.0"]}
+    conv_args = {"size": "XS", "layer": "aol", "in_channels": 1, "num_classes": 3, "image_size": 8, "width": 4}
+    torch.save(ConvNet(**conv_args).state_dict(), tmp_path / "conv.pt")
+    torch.save({"x": torch.rand(7, 1, 8, 8), "y": torch.randint(0, 3, (7,))}, tmp_path / "images.pt")
+    common = ["certify", "--device", "cpu", "--threads", "1", "--eps", "0.0", "0.1"]
+    scripted = ["--scripted", str(tmp_path / "net.pt"), "--data", str(tmp_path / "data.pt")]
+    cases = {"smoothing": [*scripted, "--smoothing", "--sigma", "0.5", "--num-select", "20", "--num-samples",
+                           "200", "--alpha", "0.01", "--batch-size", "64", "--seed", "3"],
+             "margin": [*scripted, "--lipschitz", "2.0"],
+             "sound": ["--model", "ConvNet", "--model-args", json.dumps(conv_args), "--state-dict",
+                       str(tmp_path / "conv.pt"), "--data", str(tmp_path / "images.pt"), "--batch-size", "2"]}
     env = dict(_env(), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for name, extra in cases.items():
         one, two = tmp_path / f"{name}1.json", tmp_path / f"{name}2.json"
@@ -893,4 +901,6 @@ def test_certify_under_torchrun_equals_one_process(tmp_path):
         for key in set(a["points"]) - {"seconds"}:
             assert a["points"][key] == b["points"][key], (name, key)
         assert a["certified_count"] == b["certified_count"] and b["ranks"] == 2 and "ranks" not in a
+        assert a.get("lipschitz") == b.get("lipschitz")
+        assert a.get("evaluation") == b.get("evaluation") and a.get("rounding_max") == b.get("rounding_max")
         assert ranked.stdout.count("certified accuracy") == 1  # one table, from rank 0

@@ -53,6 +53,17 @@ def gather(value, ranks: Ranks) -> list | None:
     return values
 
 
+def broadcast(value, ranks: Ranks):
+    """Rank 0's ``value`` on every rank (``value`` unused elsewhere)."""
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if ranks.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(ranks: Ranks) -> None:
     if ranks.world > 1:
         import torch.distributed as dist

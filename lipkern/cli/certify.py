@@ -271,19 +271,41 @@ def _lipschitz_for(model, x, args, structure_known: bool):
     return bound, {"source": source, "method": args.method, "pairwise": bool(args.pairwise), "value": value}
 
 
-def certify_lipschitz(model, x, y, args, device, structure_known: bool, logits_dtype) -> dict:
+def certify_lipschitz(model, x, y, args, device, structure_known: bool, logits_dtype,
+                      ranks=_distributed.Ranks()) -> dict | None:
+    """The Lipschitz-margin certificate; under torchrun the bound is computed once (rank 0) and broadcast, the
+    points' margins and rounding bounds are shared out by index, and rank 0 returns the merged result (None
+    elsewhere)."""
+    import torch
+
     from lipkern.certify import certified_accuracy
+    from lipkern.certify.margin import CertifiedAccuracy
     from lipkern.train import margin_record
 
-    lipschitz, lip_info = _lipschitz_for(model, x, args, structure_known)
+    lipschitz, lip_info = _distributed.broadcast(
+        _lipschitz_for(model, x, args, structure_known) if ranks.main else None, ranks)
     evaluation = args.evaluation if structure_known else None
+    mine = ranks.shard(list(range(x.shape[0])))
     try:
-        result = certified_accuracy(model, (x, y), list(args.eps), lipschitz=lipschitz,
-                                    pairwise=args.pairwise, input_shape=tuple(x.shape[1:]), device=device,
-                                    batch_size=args.batch_size, evaluation=evaluation)
+        part = certified_accuracy(model, (x[mine], y[mine]), list(args.eps), lipschitz=lipschitz,
+                                  pairwise=args.pairwise, input_shape=tuple(x.shape[1:]), device=device,
+                                  batch_size=args.batch_size, evaluation=evaluation)
     except TypeError as err:
         raise CertifyError(f"{err} (lipkern certify --evaluation exact certifies the real-arithmetic network "
                            f"only)") from None
+    parts = _distributed.gather((mine, part), ranks)
+    if not ranks.main:
+        return None
+    result = part
+    if ranks.world > 1:  # the points back in their order
+        order = torch.tensor([i for indices, _ in parts for i in indices]).argsort()
+        joined = {name: torch.cat([getattr(p, name) for _, p in parts])[order]
+                  for name in ("radii", "correct") + (("rounding",) if part.rounding is not None else ())}
+        correct = joined["correct"].bool()
+        accuracy = torch.stack([(correct & (joined["radii"] > e)).double().mean() for e in part.eps])
+        result = CertifiedAccuracy(part.eps, accuracy, float(correct.double().mean()), joined["radii"],
+                                   joined["correct"], part.evaluation, joined.get("rounding"),
+                                   max(p.rounding_slope for _, p in parts))
     record = margin_record(result, y, lip_info)
     if evaluation is None:
         record["evaluation"] = str(logits_dtype).removeprefix("torch.") + " (as computed, rounding not bounded)"
@@ -590,10 +612,8 @@ def run(args) -> int:
                                f"{num_classes} outputs, found {int(y.min())}..{int(y.max())}")
         if args.smoothing:
             result = certify_smoothing(model, x, y, args, device, num_classes, ranks)
-        elif ranks.main:  # (under torchrun the margin certificate runs on rank 0: one bound, fast margins)
-            result = certify_lipschitz(model, x, y, args, device, structure_known, probe.dtype)
         else:
-            result = None
+            result = certify_lipschitz(model, x, y, args, device, structure_known, probe.dtype, ranks)
     except CertifyError as err:
         print(f"lipkern certify: error{f' (rank {ranks.rank})' if ranks.world > 1 else ''}: {err}", file=sys.stderr)
         return 2
