@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import lipkern
+from benchmarks.bench_models import EagerCPLConv2d, EagerCPLLinear
 from benchmarks.conftest import DEVICE
 from lipkern.models import CPLNet, use_eager_cpl
 
@@ -21,43 +20,6 @@ ON_GPU = DEVICE.type == "cuda"
 CONV = [dict(batch=256, size=32, channels=64)] if ON_GPU else [dict(batch=8, size=8, channels=8),
                                                                 dict(batch=64, size=32, channels=64)]
 LINEAR = dict(batch=1024, features=4096) if ON_GPU else dict(batch=32, features=64)
-
-
-class _EagerCPLConv2d(nn.Module):
-    """The reference code's layer: eager ops, a persistent power-iteration vector, 1 iteration per step."""
-
-    def __init__(self, channels: int, size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("u", torch.randn(1, channels, size, size))
-
-    def forward(self, x):
-        with torch.no_grad():
-            v = F.conv2d(self.u, self.weight, padding=1)
-            v = v / v.norm()
-            u = F.conv_transpose2d(v, self.weight, padding=1)
-            self.u.copy_(u / u.norm())
-        sigma = (v * F.conv2d(self.u, self.weight, padding=1)).sum()
-        h = 2 / (sigma**2 + 1e-4)
-        res = F.conv_transpose2d(F.relu(F.conv2d(x, self.weight, self.bias, padding=1)), self.weight, padding=1)
-        return x - h * res
-
-
-class _EagerCPLLinear(nn.Module):
-    def __init__(self, features: int):
-        super().__init__()
-        self.linear = nn.Linear(features, features)
-        self.register_buffer("u", torch.randn(features))
-
-    def forward(self, x):
-        w = self.linear.weight
-        with torch.no_grad():
-            v = F.normalize(w @ self.u, dim=0)
-            self.u.copy_(F.normalize(w.T @ v, dim=0))
-        sigma = v @ w @ self.u
-        return x - 2 / sigma**2 * (F.relu(self.linear(x)) @ w)
 
 
 def _train_step(layer, x):
@@ -81,8 +43,8 @@ def test_cplconv2d_train_step(run_timed, provider, size):
     if provider == "plain":
         layer = torch.nn.Conv2d(c, c, 3, padding=1, device=DEVICE)
     else:
-        layer = (lipkern.nn.CPLConv2d(c, input_size=n, device=DEVICE) if provider == "lipkern"
-                 else _EagerCPLConv2d(c, n).to(DEVICE))
+        layer = lipkern.nn.CPLConv2d(c, input_size=n, device=DEVICE)
+        layer = layer if provider == "lipkern" else EagerCPLConv2d(layer)  # the reference code's form
     x = torch.randn(b, c, n, n, device=DEVICE)
     run_timed(_train_step(layer, x), provider, layer="cpl-conv", **size)
 
@@ -91,7 +53,8 @@ def test_cplconv2d_train_step(run_timed, provider, size):
 @pytest.mark.parametrize("provider", ["lipkern", "eager"])
 def test_cpllinear_train_step(run_timed, provider):
     f, b = LINEAR["features"], LINEAR["batch"]
-    layer = lipkern.nn.CPLLinear(f, device=DEVICE) if provider == "lipkern" else _EagerCPLLinear(f).to(DEVICE)
+    layer = lipkern.nn.CPLLinear(f, device=DEVICE)
+    layer = layer if provider == "lipkern" else EagerCPLLinear(layer)
     x = torch.randn(b, f, device=DEVICE)
     run_timed(_train_step(layer, x), provider, layer="cpl-linear", **LINEAR)
 

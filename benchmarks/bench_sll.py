@@ -16,6 +16,7 @@ import lipkern
 from benchmarks.bench_cpl import _train_step
 from benchmarks.conftest import DEVICE
 from lipkern.models import build_model
+from lipkern.ops.sll import sll_gram
 
 ON_GPU = DEVICE.type == "cuda"
 CONV = [dict(batch=256, size=32, channels=64)] if ON_GPU else [dict(batch=8, size=8, channels=8),
@@ -104,10 +105,7 @@ def test_sll_network_train_step(run_timed, provider):
 
 def _eager_forward(self, x):
     """The eager formula with the layer's own parameters (the ``eager`` provider of the network case)."""
-    kh, kw = self.weight.shape[-2:] if self.weight.dim() == 4 else (1, 1)
-    gram = (self.weight @ self.weight.T if self.weight.dim() == 2
-            else F.conv2d(self.weight, self.weight, padding=(kh - 1, kw - 1)))
-    scale = _scale(gram, self.log_q)
+    scale = _scale(sll_gram(self.weight), self.log_q)
     if self.weight.dim() == 2:
         return x - (F.relu(F.linear(x, self.weight, self.bias)) * scale) @ self.weight
     mode = "constant" if self.padding_mode == "zeros" else "circular"

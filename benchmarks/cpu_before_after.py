@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import lipkern  # noqa: E402
 from benchmarks.bench_aol import EagerAOLConv2d, EagerAOLLinear, _train_step, eager_aol_rescale  # noqa: E402
-from benchmarks.bench_cpl import _EagerCPLConv2d, _EagerCPLLinear  # noqa: E402
-from benchmarks.bench_models import _network  # noqa: E402
+from benchmarks.bench_models import EagerCPLConv2d, EagerCPLLinear, _network  # noqa: E402
 from lipkern.bounds.spectral import frequency_matrices  # noqa: E402
 from lipkern.ops import aol_rescale, batched_power_iteration  # noqa: E402
 from lipkern.ops import cpl as cpl_ops  # noqa: E402
@@ -124,10 +123,10 @@ def main(argv=None) -> None:
     compare("AOLLinear step b32 64", step_of(lambda: lipkern.nn.AOLLinear(64, 64), x),
             step_of(lambda: EagerAOLLinear(64, 64), x), rounds, 10, step_of(lambda: nn.Linear(64, 64), x))
     compare("CPLLinear step b32 64", step_of(lambda: lipkern.nn.CPLLinear(64), x),
-            step_of(lambda: _EagerCPLLinear(64), x), rounds, 10)
+            step_of(lambda: EagerCPLLinear(lipkern.nn.CPLLinear(64)), x), rounds, 10)
     x = torch.randn(8, 8, 8, 8)
     compare("CPLConv2d step b8 c8 8²", step_of(lambda: lipkern.nn.CPLConv2d(8, input_size=8), x),
-            step_of(lambda: _EagerCPLConv2d(8, 8), x), rounds, 10)
+            step_of(lambda: EagerCPLConv2d(lipkern.nn.CPLConv2d(8, input_size=8)), x), rounds, 10)
     data = torch.randn(8, 3, 8, 8)
     for name in ("convnet-xs-aol", "convnet-xs-cpl", "convnet-xs-spectral", "cpl-s"):
         compare(f"{name} step b8 8² (the bench's small model)", step_of(lambda: _network(name, "lipkern"), data),
@@ -147,7 +146,7 @@ def main(argv=None) -> None:
             step_of(lambda: EagerAOLConv2d(64, 64, 3, padding=1), x), 5, 2,
             step_of(lambda: nn.Conv2d(64, 64, 3, padding=1), x))
     compare("CPLConv2d step b64 c64 32²", step_of(lambda: lipkern.nn.CPLConv2d(64, input_size=32), x),
-            step_of(lambda: _EagerCPLConv2d(64, 32), x), 5, 1)
+            step_of(lambda: EagerCPLConv2d(lipkern.nn.CPLConv2d(64, input_size=32)), x), 5, 1)
     weight = torch.randn(16, 16, 3, 3) / 12
     spectra = frequency_matrices(weight, (8, 8))[0].to(torch.complex64)
     compare("power iteration, 100 steps, 40 complex 16×16 (eager = batched SVD)",
