@@ -55,10 +55,18 @@ def _round_up(value: float, roundings: int = 4) -> float:
 
 
 # --- the local bound -------------------------------------------------------------------------------------
+def _lipkern_layer_types() -> tuple[type, ...]:
+    from lipkern.nn import AOLConv2d, AOLLinear, SpectralConv2d, SpectralLinear
+
+    return AOLConv2d, AOLLinear, SpectralConv2d, SpectralLinear
+
+
 def _leaves(module: nn.Module) -> list[nn.Module] | None:
     """The layers of a (nested) nn.Sequential, or None if any is not supported: a subclass that overrides
-    forward or a module with forward hooks computes something else than its weights say."""
+    forward or a module with forward hooks computes something else than its weights say. AOL / Spectral layers
+    become the plain layer of the weight they apply in eval mode (``to_vanilla``)."""
     from lipkern.bounds.network import computes_forward_of
+    from lipkern.nn import MaxMin
 
     if module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks \
             or nn.modules.module._global_forward_pre_hooks:
@@ -71,8 +79,13 @@ def _leaves(module: nn.Module) -> list[nn.Module] | None:
                 return None
             out += sub
         return out
-    if computes_forward_of(module, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Identity):
+    if computes_forward_of(module, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Identity, nn.AvgPool2d,
+                           MaxMin):
         return [module]
+    if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d) and module.running_var is not None:
+        return [module]
+    if computes_forward_of(module, *_lipkern_layer_types()):
+        return [module.to_vanilla().eval()]
     return None
 
 
@@ -105,64 +118,193 @@ def _dot_gamma(length: int) -> float:
     return 2 * g / (1 - g)
 
 
-def _norm_upper(matrix: torch.Tensor) -> float:
-    """Guaranteed upper bound of ‖matrix‖₂ (float64 Gram iteration with its rounding term)."""
+# A linear piece (M, b, E, e_b): the exact map is z ↦ M̂z + b̂ with |M̂ − M| ≤ E and |b̂ − b| ≤ e_b entrywise
+# (E, e_b: None when exact). M is a dense (out, in) matrix or a 1-D diagonal. Consecutive pieces are composed
+# at construction, so the norms are taken of the composed map.
+def _mul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    if left.dim() == 1:
+        return left[:, None] * right if right.dim() == 2 else left * right
+    return left @ right if right.dim() == 2 else left * right[None, :]
+
+
+def _matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    return matrix @ vector if matrix.dim() == 2 else matrix * vector
+
+
+def _compose(outer: tuple, inner: tuple) -> tuple:
+    """outer ∘ inner as one piece; the float64 products' rounding goes into the error terms (γ_k·|M₂||M₁|,
+    then the error terms' own rounding covered by a factor 1 + 2γ_k)."""
+    m2, b2, e2, eb2 = outer
+    m1, b1, e1, eb1 = inner
+    inner_length = m2.shape[1] if m2.dim() == 2 and m1.dim() == 2 else 1
+    g = _dot_gamma(inner_length)
+    a2, a1 = m2.abs(), m1.abs()
+    matrix = _mul(m2, m1)
+    error = g * _mul(a2, a1)
+    bias = _matvec(m2, b1) + b2
+    bias_error = g * (_matvec(a2, b1.abs()) + b2.abs())
+    if e2 is not None:
+        error = error + _mul(e2, a1 + (e1 if e1 is not None else 0))
+        bias_error = bias_error + _matvec(e2, b1.abs() + (eb1 if eb1 is not None else 0))
+    if e1 is not None:
+        error = error + _mul(a2, e1)
+    if eb1 is not None:
+        bias_error = bias_error + _matvec(a2, eb1)
+    if eb2 is not None:
+        bias_error = bias_error + eb2
+    return matrix, bias, error * (1 + 2 * g) + 1e-300, bias_error * (1 + 2 * g) + 1e-300
+
+
+def _batchnorm_piece(layer: nn.Module, shape: tuple[int, ...]) -> tuple:
+    """The eval-mode BatchNorm (running statistics) as a diagonal piece: a = γ/√(var + ε) in float64 (three
+    roundings: |â − a| ≤ 4u|a|), b = β − a·mean."""
+    if shape[0] != layer.num_features or (isinstance(layer, nn.BatchNorm1d) and len(shape) != 1):
+        raise ValueError(f"LocalReluLipschitz: {layer} gets inputs of shape {shape}")
+    var = layer.running_var.detach().to(torch.float64)
+    mean = layer.running_mean.detach().to(torch.float64)
+    weight = layer.weight.detach().to(torch.float64) if layer.weight is not None else torch.ones_like(var)
+    beta = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros_like(var)
+    scale = weight / torch.sqrt(var + layer.eps)
+    scale_error = 8 * _U * scale.abs()
+    shift = beta - scale * mean
+    shift_error = scale_error * mean.abs() + 4 * _U * ((scale * mean).abs() + beta.abs())
+    repeat = math.prod(shape[1:])
+    return tuple(t.repeat_interleave(repeat) for t in (scale, shift, scale_error, shift_error))
+
+
+def _avgpool_piece(layer: nn.Module, shape: tuple[int, ...]) -> tuple:
+    """Average pooling as a dense matrix: the pooling of each unit vector of one channel in float64 (one
+    rounding of 1/divisor per entry: |M̂ − M| ≤ 4u|M|), repeated over the channels."""
+    channels, pixels = shape[0], math.prod(shape[1:])
+    with torch.no_grad():
+        basis = torch.eye(pixels, dtype=torch.float64).reshape(pixels, 1, *shape[1:])
+        spatial = layer(basis).reshape(pixels, -1).T
+    matrix = torch.block_diag(*[spatial] * channels)
+    out = matrix.shape[0]
+    return matrix, torch.zeros(out, dtype=torch.float64), 4 * _U * matrix.abs(), None
+
+
+def _maxmin_pairs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (a, b) of the pairs MaxMin compares: channel c against c + C/2 at every position."""
+    channels = shape[0]
+    if channels % 2:
+        raise ValueError(f"LocalReluLipschitz: MaxMin needs an even channel count, got shape {shape}")
+    index = torch.arange(math.prod(shape)).reshape(channels, -1)
+    return index[:channels // 2].reshape(-1), index[channels // 2:].reshape(-1)
+
+
+def _norm_upper(matrix: torch.Tensor, error: torch.Tensor | None = None) -> float:
+    """Guaranteed upper bound of ‖M̂‖₂ for every |M̂ − matrix| ≤ error: the float64 Gram iteration's bound of
+    ‖matrix‖₂ (its rounding included) plus ‖error‖_F (doubled for its own rounding)."""
     from lipkern.bounds.gram import gram_upper_bound
 
     if matrix.numel() == 0:
         return 0.0
-    return float(gram_upper_bound(matrix[None], rtol=1e-7)[0])
+    value = float(gram_upper_bound(matrix[None], rtol=1e-7)[0])
+    if error is not None:
+        value = _round_up(value + 2 * float(error.norm()), 2)
+    return value
 
 
 class LocalReluLipschitz:
-    """Sound local Lipschitz bound L(x, γ) ≥ sup_{x' ∈ B(x, γ)} ‖f(x') − f(x)‖₂ / ‖x' − x‖₂ of a small ReLU
-    network f = a sequence of nn.Linear / nn.Conv2d / nn.ReLU / nn.Flatten / nn.Identity, on inputs of
-    ``input_shape`` (no batch dim).
+    """Sound local Lipschitz bound L(x, γ) ≥ sup_{x' ∈ B(x, γ)} ‖f(x') − f(x)‖₂ / ‖x' − x‖₂ of a small network
+    f = a (nested) nn.Sequential of nn.Linear / nn.Conv2d / eval-mode nn.BatchNorm1d/2d / nn.AvgPool2d /
+    nn.ReLU / lipkern MaxMin / nn.Flatten / nn.Identity and lipkern's AOL / Spectral layers (the weight they
+    apply in eval mode), on inputs of ``input_shape`` (no batch dim). BatchNorm is its eval-mode function (the
+    running statistics), whatever the module's mode.
 
-    Method (all in float64, the exact-arithmetic network): the deviations Δz = z(x') − z(x) of every
-    pre-activation over the ball are enclosed in boxes [lo, hi], each entry the tighter of
-    - interval arithmetic on the previous box: W⁺·hi + W⁻·lo, and
-    - the norm form |Δz_i| ≤ ‖(W P)_i‖·γ·L_prefix, with L_prefix the bound of the layers before;
-    the first layer is exact: |Δz_i| ≤ γ·‖w_i‖. The centre z(x) is computed with an error bound e (γ_n terms).
+    Method (all in float64, the exact-arithmetic network): the linear layers between two activations are
+    composed into one map A_k (dense, with an entrywise bound on the rounding of the composition and of
+    BatchNorm's and pooling's scales). The deviations Δz = z(x') − z(x) of every pre-activation over the ball
+    are enclosed in boxes [lo, hi], each entry the tighter of
+    - interval arithmetic on the previous box: A⁺·hi + A⁻·lo, and
+    - the norm form |Δz_i| ≤ ‖(A P)_i‖·γ·L_prefix, with L_prefix the bound of the layers before;
+    the first map is exact: |Δz_i| ≤ γ·‖a_i‖. The centre z(x) is computed with an error bound e (γ_n terms).
     Through a ReLU, Δh has Δz's sign and |Δh| ≤ |Δz|: hi_h = clamp(z + e + hi, 0, hi), lo_h = −clamp(z + e, 0,
-    −lo); a neuron with z + e + hi ≤ 0 is stably inactive on the ball (Δh ≡ 0). P_k = the neurons whose
-    deviation box is not {0}. Then for x', x'' in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖,
-    so L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm a guaranteed Gram-iteration upper bound, the product
-    rounded up. The bound is non-decreasing in γ up to the Gram bounds' relative slack (1e-7): the boxes only
-    grow and a submatrix has a smaller norm. γ = inf gives the global product bound ∏‖A_k‖.
+    −lo); a neuron with z + e + hi ≤ 0 is stably inactive on the ball (Δh ≡ 0). Through MaxMin each output of a
+    pair (a, b) moves within [min(lo_a, lo_b), max(hi_a, hi_b)], and ‖ΔMaxMin(z)‖ ≤ ‖P Δz‖ (1-Lipschitz on each
+    pair; a pair that does not move stays put). P_k = the units whose deviation box is not {0}. Then for x', x''
+    in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖, so L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm
+    a guaranteed Gram-iteration upper bound, the product rounded up. The bound is non-decreasing in γ up to the
+    Gram bounds' relative slack (1e-7): the boxes only grow and a submatrix has a smaller norm. γ = inf gives
+    the global product bound ∏‖A_k‖.
 
     The layers' weights are copied (float64 dense matrices) at construction: build a new instance after the
-    weights change. Layers above ``max_entries`` matrix entries are refused (ValueError)."""
+    weights change. Maps above ``max_entries`` matrix entries are refused (ValueError)."""
 
     def __init__(self, module: nn.Module, input_shape: Sequence[int], max_entries: int = 10_000_000):
         layers = _leaves(module)
         if layers is None:
             raise ValueError("LocalReluLipschitz: the module must be a (nested) nn.Sequential of nn.Linear, "
-                             "nn.Conv2d, nn.ReLU, nn.Flatten and nn.Identity (or one such layer); got "
+                             "nn.Conv2d, nn.BatchNorm1d/2d, nn.AvgPool2d, nn.ReLU, MaxMin, nn.Flatten, "
+                             "nn.Identity and lipkern AOL / Spectral layers (or one such layer); got "
                              f"{type(module).__name__}. Pass local_lipschitz= or rely on the global bound.")
         self.input_shape = as_shape(input_shape, "input_shape")
-        self.ops: list[tuple] = []  # ("affine", W, b) | ("relu",)
+        self.max_entries = max_entries
+        self.ops: list[tuple] = []  # ("affine", M, b, E, e_b) | ("relu",) | ("maxmin", a, b)
         shape = self.input_shape
+        piece = None  # the linear maps since the last activation, composed
         for layer in layers:
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                out_shape = _output_shape(layer, shape)
-                if math.prod(shape) * math.prod(out_shape) > max_entries:
-                    raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
-                                     f"{math.prod(shape)} matrix, above max_entries={max_entries}")
-                matrix, bias = _affine(layer, shape)
-                self.ops.append(("affine", matrix, bias))
-            elif isinstance(layer, nn.ReLU):
-                self.ops.append(("relu",))
-            shape = _output_shape(layer, shape)
+            new, out_shape = self._piece(layer, shape)
+            if new is not None:
+                piece = new if piece is None else _compose(new, piece)
+                self._check_size(piece, layer, shape, out_shape)
+            shape = out_shape
+            if not isinstance(layer, (nn.ReLU, _maxmin_type())):
+                continue
+            if piece is not None:
+                self.ops.append(self._affine_op(piece))
+                piece = None
+            self.ops.append(("relu",) if isinstance(layer, nn.ReLU) else ("maxmin", *_maxmin_pairs(shape)))
+        if piece is not None:
+            self.ops.append(self._affine_op(piece))
         self._global: float | None = None
 
+    def _piece(self, layer: nn.Module, shape: tuple[int, ...]) -> tuple[tuple | None, tuple[int, ...]]:
+        """(the layer's linear piece or None, its output shape)."""
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            out_shape = _output_shape(layer, shape)
+            if math.prod(shape) * math.prod(out_shape) > self.max_entries:
+                raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
+                                 f"{math.prod(shape)} matrix, above max_entries={self.max_entries}")
+            return (*_affine(layer, shape), None, None), out_shape
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return _batchnorm_piece(layer, shape), shape
+        if isinstance(layer, nn.AvgPool2d):
+            if len(shape) != 3:
+                raise ValueError(f"LocalReluLipschitz: {layer} needs inputs (C, H, W), got {shape}")
+            out_shape = _output_shape(layer, shape)
+            if math.prod(shape) * math.prod(out_shape) > self.max_entries:
+                raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
+                                 f"{math.prod(shape)} matrix, above max_entries={self.max_entries}")
+            return _avgpool_piece(layer, shape), out_shape
+        if isinstance(layer, _maxmin_type()) and layer.dim != 1:
+            raise ValueError(f"LocalReluLipschitz: MaxMin over dim {layer.dim}; only the channels (dim=1)")
+        return None, _output_shape(layer, shape)
+
+    def _check_size(self, piece: tuple, layer: nn.Module, shape, out_shape) -> None:
+        if piece[0].dim() == 2 and piece[0].numel() > self.max_entries:
+            raise ValueError(f"LocalReluLipschitz: the linear maps up to {layer} compose to a "
+                             f"{piece[0].shape[0]} x {piece[0].shape[1]} matrix, above "
+                             f"max_entries={self.max_entries}")
+
+    def _affine_op(self, piece: tuple) -> tuple:
+        matrix, bias, error, bias_error = piece
+        if matrix.dim() == 1:  # a lone diagonal (BatchNorm between two activations)
+            if matrix.numel() ** 2 > self.max_entries:
+                raise ValueError(f"LocalReluLipschitz: a BatchNorm of {matrix.numel()} units between two "
+                                 f"activations is a dense matrix above max_entries={self.max_entries}")
+            matrix = torch.diag(matrix)
+            error = torch.diag(error) if error is not None else None
+        return ("affine", matrix, bias, error, bias_error)
+
     def global_bound(self) -> float:
-        """∏_k ‖A_k‖₂ over the affine layers (guaranteed; ReLUs have slope ≤ 1)."""
+        """∏_k ‖A_k‖₂ over the composed linear maps (guaranteed; ReLU and MaxMin are 1-Lipschitz)."""
         if self._global is None:
             value = 1.0
             for op in self.ops:
                 if op[0] == "affine":
-                    value = _round_up(value * _norm_upper(op[1]), 2)
+                    value = _round_up(value * _norm_upper(op[1], op[3]), 2)
             self._global = value
         return self._global
 
@@ -179,37 +321,47 @@ class LocalReluLipschitz:
         hi = torch.full_like(centre, gamma)  # the input's deviation box
         lo = -hi
         varying = torch.ones_like(centre, dtype=torch.bool)
-        prefix, pending = 1.0, None  # bound of the layers before, and the last affine's W[:, P_{k-1}]
+        prefix, pending = 1.0, None  # bound of the layers before, and the last map's (A P_{k-1}, E P_{k-1})
         for op in self.ops:
             if op[0] == "affine":
-                if pending is not None:  # two affine maps in a row: no projection in between
-                    prefix = _round_up(prefix * _norm_upper(pending), 2)
-                matrix, bias = op[1], op[2]
-                pending = matrix[:, varying]
-                centre, error, lo, hi = self._affine_step(matrix, bias, centre, error, lo, hi, pending,
-                                                          gamma * prefix)
+                _, matrix, bias, matrix_error, bias_error = op
+                pending = (matrix[:, varying], None if matrix_error is None else matrix_error[:, varying])
+                centre, error, lo, hi = self._affine_step(op, centre, error, lo, hi, pending, gamma * prefix)
                 varying = (hi > 0) | (lo < 0)
-            else:
+                continue
+            if op[0] == "relu":
                 lo, hi, centre = self._relu_step(centre, error, lo, hi)
+                rows = varying = (hi > 0) | (lo < 0)
+            else:  # MaxMin: ‖ΔMaxMin(z)‖ ≤ ‖P Δz‖ with P the units of z that move
+                rows = varying
+                centre, error, lo, hi = self._maxmin_step(op[1], op[2], centre, error, lo, hi)
                 varying = (hi > 0) | (lo < 0)
-                if pending is not None:  # (a ReLU first or after a ReLU has slope ≤ 1: nothing to multiply)
-                    prefix = _round_up(prefix * _norm_upper(pending[varying]), 2)
-                    pending = None
+            if pending is not None:  # (an activation first or after another has slope ≤ 1: nothing to multiply)
+                prefix = _round_up(prefix * _norm_upper(pending[0][rows], _rows(pending[1], rows)), 2)
+                pending = None
         if pending is not None:
-            prefix = _round_up(prefix * _norm_upper(pending), 2)
+            prefix = _round_up(prefix * _norm_upper(*pending), 2)
         return prefix
 
     @staticmethod
-    def _affine_step(matrix, bias, centre, error, lo, hi, masked, radius):
+    def _affine_step(op, centre, error, lo, hi, masked, radius):
+        _, matrix, bias, matrix_error, bias_error = op
         length = matrix.shape[1] + 1
         g = _dot_gamma(length)
         absolute = matrix.abs()
+        deviation = torch.maximum(lo.abs(), hi.abs())
         new_centre = matrix @ centre + bias
         new_error = (absolute @ error) * (1 + g) + g * (absolute @ centre.abs() + bias.abs())
+        slack = g * (absolute @ deviation)
+        row_norms = masked[0].norm(dim=1) * (1 + g) * radius * (1 + 4 * _U)
+        if matrix_error is not None:  # the exact map differs from `matrix` by at most E entrywise
+            new_error = new_error + (matrix_error @ (centre.abs() + error)) * (1 + g)
+            slack = slack + (matrix_error @ deviation) * (1 + g)
+            row_norms = row_norms + 2 * masked[1].norm(dim=1) * radius * (1 + 4 * _U)
+        if bias_error is not None:
+            new_error = new_error + bias_error
         new_error = new_error * (1 + 4 * _U) + 1e-300
-        row_norms = masked.norm(dim=1) * (1 + g) * radius * (1 + 4 * _U)
         positive, negative = matrix.clamp_min(0), matrix.clamp_max(0)
-        slack = g * (absolute @ torch.maximum(lo.abs(), hi.abs()))
         new_hi = positive @ hi + negative @ lo
         new_lo = positive @ lo + negative @ hi
         new_hi = torch.minimum(new_hi + slack + new_hi.abs() * 4 * _U, row_norms)
@@ -228,6 +380,31 @@ class LocalReluLipschitz:
         new_hi = torch.where(inactive, torch.zeros_like(new_hi), new_hi)
         new_lo = torch.where(inactive, torch.zeros_like(new_lo), new_lo)
         return new_lo, new_hi, centre.clamp_min(0.0)
+
+    @staticmethod
+    def _maxmin_step(first, second, centre, error, lo, hi):
+        """max(a + Δa, b + Δb) − max(a, b) and the same for min lie in [min(Δa, Δb), max(Δa, Δb)]; the centres
+        are exact maxima and minima of the float64 centres (their error: the larger of the two)."""
+        a, b = centre[first], centre[second]
+        pair_error = torch.maximum(error[first], error[second])
+        pair_lo = torch.minimum(lo[first], lo[second])
+        pair_hi = torch.maximum(hi[first], hi[second])
+        new_centre, new_error = centre.clone(), error.clone()
+        new_lo, new_hi = lo.clone(), hi.clone()
+        new_centre[first], new_centre[second] = torch.maximum(a, b), torch.minimum(a, b)
+        for index in (first, second):
+            new_error[index], new_lo[index], new_hi[index] = pair_error, pair_lo, pair_hi
+        return new_centre, new_error, new_lo, new_hi
+
+
+def _rows(matrix: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if matrix is None else matrix[rows]
+
+
+def _maxmin_type() -> type:
+    from lipkern.nn import MaxMin
+
+    return MaxMin
 
 
 def _output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -273,3 +273,119 @@ def test_splitz_bad_input():
         bad.certify(x, **ARGS)
     with pytest.raises(ValueError, match="n0"):
         SplitzCertifier(nn.Identity(), right, 0.5, 3).certify(x, **(ARGS | dict(n0=3000)))
+
+
+# --- BatchNorm, average pooling, MaxMin and lipkern layers in the left half ----------------------------------
+def _mixed_left(seed: int, kind: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """Left halves with the layers beyond Linear / Conv2d / ReLU (float64, eval-mode BatchNorm with non-trivial
+    running statistics)."""
+    from lipkern.nn import AOLConv2d, MaxMin
+
+    torch.manual_seed(seed)
+    if kind == "bn-pool":
+        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5),
+                               nn.BatchNorm1d(5), nn.ReLU())
+    elif kind == "maxmin":
+        module = nn.Sequential(AOLConv2d(1, 4, 3, padding=1), MaxMin(), AOLConv2d(4, 4, 3, padding=1),
+                               MaxMin(), nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(36, 6), nn.ReLU())
+    else:  # pooling first, then a lone BatchNorm between two activations
+        module = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+                               nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(),
+                               nn.Flatten(), nn.Linear(64, 5))
+    module = module.double()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.2, 3.0)
+                m.weight.normal_(1, 0.5)
+                m.bias.normal_(0, 0.5)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return module.eval(), (1, 4, 4)
+
+
+def _dense_jacobian_product(module: nn.Module, shape) -> float:
+    """∏ over the activation-separated blocks of the exact norm of each block's linear part, from the dense
+    Jacobian of the block (float64 autograd + SVD): the oracle of the global bound."""
+    from lipkern.nn import MaxMin
+
+    value, block, current = 1.0, [], tuple(shape)
+    layers = [m for m in module.modules() if not isinstance(m, nn.Sequential)]
+    for layer in layers + [None]:
+        if layer is None or isinstance(layer, (nn.ReLU, MaxMin)):
+            if block:
+                seq = nn.Sequential(*block).eval()
+                jac = torch.autograd.functional.jacobian(lambda p: seq(p[None]).reshape(-1),
+                                                         torch.zeros(current, dtype=torch.float64))
+                value *= torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), 2).item()
+                with torch.no_grad():
+                    current = tuple(seq(torch.zeros(1, *current, dtype=torch.float64)).shape[1:])
+                block = []
+            continue
+        block.append(layer)
+    return value
+
+
+@pytest.mark.parametrize("kind", ["bn-pool", "maxmin", "lone-bn"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_local_bound_with_batchnorm_pooling_maxmin_is_sound_and_tight(kind, seed):
+    """The global form equals the product of the exact norms of the composed linear blocks (dense Jacobian
+    SVD) within the Gram slack; the local form lies above the Jacobian norm and the secants at points sampled
+    in the ball, and below the global form."""
+    module, shape = _mixed_left(seed, kind)
+    local = LocalReluLipschitz(module, shape)
+    exact = _dense_jacobian_product(module, shape)
+    assert exact <= local.global_bound() <= exact * (1 + 1e-6)
+    x = torch.randn(shape, dtype=torch.float64)
+    for gamma in (1e-3, 0.1, 1.0):
+        bound = local(x, gamma)
+        assert bound <= local.global_bound() * (1 + 1e-6)
+        directions = torch.randn(60, *shape, dtype=torch.float64)
+        radii = gamma * torch.rand(60, 1, 1, 1, dtype=torch.float64) ** (1 / x.numel())
+        points = x + directions / directions.flatten(1).norm(dim=1)[:, None, None, None] * radii
+        assert (_jacobian_norms(module, points) <= bound * (1 + 1e-9)).all()
+        with torch.no_grad():
+            secants = (module(points) - module(x[None])).flatten(1).norm(dim=1) / radii.flatten()
+        assert (secants <= bound * (1 + 1e-9)).all()
+
+
+def test_local_bound_drops_stable_units_through_batchnorm_and_pooling():
+    """Not only sound: a small ball around a point drops the inactive units of a BatchNorm / pooling left half
+    (bound well below the global one)."""
+    module, shape = _mixed_left(0, "bn-pool")
+    local = LocalReluLipschitz(module, shape)
+    x = torch.randn(shape, dtype=torch.float64)
+    assert local(x, 1e-4) < 0.9 * local.global_bound()
+
+
+def test_local_bound_of_lipkern_layers_uses_the_applied_weight():
+    """An AOL conv left half: the bound is that of the rescaled (applied) kernel, ≤ 1 up to the slack, and a
+    perturbation of the raw weight that AOL's rescaling undoes leaves it unchanged."""
+    from lipkern.nn import AOLConv2d
+
+    torch.manual_seed(0)
+    layer = AOLConv2d(2, 4, 3, padding=1).double().eval()
+    local = LocalReluLipschitz(nn.Sequential(layer, nn.ReLU()), (2, 5, 5))
+    before = local.global_bound()
+    assert before <= 1 + 1e-6
+    from tests.helpers import dense_conv2d
+
+    applied = layer.to_vanilla().weight.detach()
+    exact = torch.linalg.matrix_norm(dense_conv2d(applied, (5, 5), padding=1), 2).item()
+    assert exact <= before <= exact * (1 + 1e-6)
+
+
+def test_local_bound_refuses_what_it_cannot_bound():
+    from lipkern.nn import MaxMin
+
+    with pytest.raises(ValueError, match="even"):
+        LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 3, 1), MaxMin()), (1, 2, 2))
+    with pytest.raises(ValueError, match="dim"):
+        LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 2, 1), MaxMin(dim=2)), (1, 2, 2))
+    with pytest.raises(ValueError, match="max_entries"):
+        LocalReluLipschitz(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(5000), nn.ReLU()), (5000,))
+    untracked = nn.BatchNorm2d(2, track_running_stats=False)
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 2, 1), untracked), (1, 2, 2))
