@@ -17,6 +17,8 @@
   (CIFAR-10), "8C2F" (Tiny-ImageNet), ``nn.Sequential``s whose Lipschitz constant
   :func:`lipkern.bounds.lipschitz_bound` bounds (LipLT or product of norms).
 - ``LMTNet()``: the LeNet-like MNIST network of LMT (Tsuzuku et al. 2018), plain layers.
+- ``SplitzNet(left)``: a SPLITZ network (Zhong & Tandon 2024), noise after a short left half (BatchNorm or AOL
+  with MaxMin), certified by randomized smoothing of the right half and the left half's local bound.
 - ``Normalize(mean, std)``: per-channel input standardization (x − mean)/std, a diagonal linear map (its
   Lipschitz constant 1/min std enters the model's); ``Residual(branch, skip=None)``: skip(x) + branch(x).
 
@@ -48,7 +50,7 @@ from lipkern.nn import (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SLLC
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 
 __all__ = ["AOLNet", "CPLNet", "ConvNet", "FirstChannels", "LMTNet", "LinearNormalized", "LipLTNet",
-           "MODEL_FAMILIES", "Normalize", "PixelUnshuffle", "Residual", "ZeroChannelPad", "build_model",
+           "MODEL_FAMILIES", "Normalize", "PixelUnshuffle", "Residual", "SplitzNet", "ZeroChannelPad", "build_model",
            "to_vanilla", "use_eager_cpl"]
 
 CONVNET_WIDTHS = {"XS": 16, "S": 32, "M": 64, "L": 128}
@@ -397,6 +399,56 @@ class LMTNet(nn.Sequential):
                 nn.init.zeros_(m.bias)
 
 
+SPLITZ_LEFTS = ("bn", "aol")
+
+
+class SplitzNet(nn.Module):
+    """A SPLITZ network (Zhong & Tandon 2024): f = right ∘ noise ∘ left, the noise N(0, σ²) added after the left
+    half in training mode only (:class:`lipkern.certify.GaussianNoise`); in eval mode ``forward`` is the base
+    classifier right(left(x)). Certify it with :class:`lipkern.certify.SplitzCertifier` (``left``, ``right``,
+    ``sigma``): randomized smoothing of the right half at left(x), divided by the local Lipschitz bound of the
+    left half (:class:`lipkern.certify.LocalReluLipschitz`).
+
+    left = "bn": conv 3×3 → ``width``, BatchNorm, AvgPool 2, ReLU (the local bound drops the units inactive on
+    the ball); "aol": AOL conv 3×3 → ``width``, AvgPool 2, MaxMin (1/2-Lipschitz by construction). Like the
+    authors' networks the left half is short, one conv: the certificate builds its dense matrix (MNIST: 3136 ×
+    784). right: conv 3×3 → 2·width, ReLU, conv 3×3 stride 2 → 2·width, ReLU, flatten, dense 128, ReLU, dense
+    num_classes. Even image sides only."""
+
+    def __init__(self, left: str = "bn", in_channels: int = 1, num_classes: int = 10, image_size=28,
+                 sigma: float = 0.25, width: int = 16, device=None, dtype=None):
+        super().__init__()
+        from lipkern.certify.splitz import GaussianNoise
+
+        h, w = _size_pair(image_size, "SplitzNet")
+        if h % 2 or w % 2 or h < 4 or w < 4:
+            raise ValueError(f"SplitzNet: image sides must be even and >= 4 (2× average pooling), got "
+                             f"{image_size!r}")
+        if left not in SPLITZ_LEFTS:
+            raise ValueError(f"SplitzNet: left must be one of {', '.join(SPLITZ_LEFTS)}, got {left!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
+            raise ValueError(f"SplitzNet: width must be an even int >= 2, got {width!r}")
+        f = {"device": device, "dtype": dtype}
+        if left == "bn":
+            self.left = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, **f), nn.BatchNorm2d(width, **f),
+                                      nn.AvgPool2d(2), nn.ReLU())
+        else:
+            self.left = nn.Sequential(AOLConv2d(in_channels, width, 3, padding=1, **f), nn.AvgPool2d(2), MaxMin())
+        self.noise = GaussianNoise(sigma)
+        out_h, out_w = (h // 2 - 1) // 2 + 1, (w // 2 - 1) // 2 + 1
+        self.right = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, **f), nn.ReLU(),
+                                   nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1, **f), nn.ReLU(),
+                                   nn.Flatten(), nn.Linear(2 * width * out_h * out_w, 128, **f), nn.ReLU(),
+                                   nn.Linear(128, num_classes, **f))
+
+    @property
+    def sigma(self) -> float:
+        return self.noise.sigma
+
+    def forward(self, x):
+        return self.right(self.noise(self.left(x)))
+
+
 def _model_table() -> dict[str, tuple[str, object]]:
     """name -> (family, builder(num_classes, in_channels, input_size, **options))."""
     table: dict[str, tuple[str, object]] = {}
@@ -416,12 +468,14 @@ def _model_table() -> dict[str, tuple[str, object]]:
         table[f"liplt-{arch.lower()}"] = ("liplt", lambda c, i, s, arch=arch, **o:
                                                LipLTNet(arch, i, c, s, **o))
     table["lmt"] = ("lmt", lambda c, i, s, **o: LMTNet(i, c, s, **o))
+    table["splitz-s"] = ("splitz", lambda c, i, s, **o: SplitzNet("bn", i, c, s, **o))
+    table["splitz-s-aol"] = ("splitz", lambda c, i, s, **o: SplitzNet("aol", i, c, s, **o))
     return table
 
 
 _MODELS = _model_table()
 MODEL_FAMILIES: dict[str, str] = {name: family for name, (family, _) in _MODELS.items()}
-"""Every name :func:`build_model` knows -> its family in {"aol", "cpl", "sll", "spectral", "liplt", "lmt"}
+"""Every name :func:`build_model` knows -> its family in {"aol", "cpl", "sll", "spectral", "liplt", "lmt", "splitz"}
 (the family selects the training recipe)."""
 
 
@@ -435,7 +489,9 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, input
     - "aol-{s,m,l}": :class:`AOLNet` (options: width, conv_channels, n_conv, n_dense, device, dtype);
     - "cpl-{s,m,l,xl}": :class:`CPLNet` (options: conv_hidden, dense_hidden, n_conv, n_dense, certified, ...);
     - "sll-{s,m,l,xl}": :class:`CPLNet` with ``layer="sll"`` (options: conv_hidden, dense_hidden, n_conv, n_dense);
-    - "liplt-{4c3f,6c2f,8c2f}": :class:`LipLTNet`; "lmt": :class:`LMTNet` (device, dtype).
+    - "liplt-{4c3f,6c2f,8c2f}": :class:`LipLTNet`; "lmt": :class:`LMTNet` (device, dtype);
+    - "splitz-s", "splitz-s-aol": :class:`SplitzNet` with a BatchNorm / AOL left half (options: sigma, width,
+      device, dtype).
     Raises ValueError for an unknown name (listing the choices) or an input size / option the architecture
     does not admit, TypeError for an unknown option.
     """

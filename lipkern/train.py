@@ -17,7 +17,15 @@ model's family (:data:`lipkern.models.MODEL_FAMILIES`), see :data:`RECIPES`:
   batch 512;
 - lmt (Tsuzuku et al. 2018, §6): LMT loss with c ramped linearly from 1e-5 to 0.1 over the first 5 epochs,
   the product-of-norms bound advanced by one power-iteration step per training step, SGD Nesterov momentum
-  0.9, lr 0.01 × 0.1 at 50% and 75% of training (80 and 120 of 160 epochs), batch 128.
+  0.9, lr 0.01 × 0.1 at 50% and 75% of training (80 and 120 of 160 epochs), batch 128;
+- splitz (Zhong & Tandon 2024, §5; as the authors' code trains): the noise N(0, σ²) added after the left half
+  (the model's ``sigma``), cross-entropy on the noisy logits, and while the left half's local Lipschitz
+  estimate on B(x, γ) (:class:`lipkern.certify.LocalLipschitzEstimate`, two power-iteration steps) exceeds
+  θ = 0.5 the loss (1 − κ)·CE + κ·L̂ (:func:`lipkern.certify.splitz_loss`); κ goes 1 → 0.7 and γ 0 → 0.05
+  linearly over the first two thirds of training; Adam lr 1e-3, constant for half of training, then decayed
+  exponentially to 1e-6 ("hold-exponential"); batch 256. ``splitz_noise_warmup`` > 0 ramps σ up over that
+  fraction of training (the authors: none). Certified at the end by SPLITZ (randomized smoothing of the right
+  half with ``certify_samples`` draws, α = 0.001, divided by the left half's sound local bound).
 
 Schedules are applied per optimizer step as functions of the fraction of training done, so a run of any length
 keeps the recipe's shape. Epoch counts default to 100 (the papers' 200–1000 are long for a first run).
@@ -58,12 +66,13 @@ import torch.distributed
 from torch import nn
 
 __all__ = ["CHECKPOINT_FORMAT", "RECIPES", "TrainConfig", "TrainError", "certifiable", "certify_model",
+           "certify_splitz_model",
            "load_checkpoint", "load_checkpoint_model", "resolve_config", "train"]
 
 CHECKPOINT_FORMAT = "lipkern-train-1"
-LOSSES = ("offset-ce", "hinge", "crm", "lmt", "ce")
+LOSSES = ("offset-ce", "hinge", "crm", "lmt", "ce", "splitz")
 OPTIMIZERS = ("sgd", "nesterov", "adam")
-SCHEDULES = ("constant", "steps", "triangular", "onecycle", "exponential")
+SCHEDULES = ("constant", "steps", "triangular", "onecycle", "exponential", "hold-exponential")
 BOUND_METHODS = ("liplt", "product")
 DEFAULT_EPS = (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5, 1.0)
 SQRT2 = math.sqrt(2.0)
@@ -87,6 +96,10 @@ RECIPES: dict[str, dict] = {
     "lmt": dict(loss="lmt", lmt_c=0.1, lmt_ramp_epochs=5, optimizer="nesterov", lr=0.01, momentum=0.9,
                 weight_decay=0.0, batch_size=128, schedule="steps", milestones=(0.5, 0.75),
                 bound_method="product", bound_iters=1, source="LMT (Tsuzuku et al. 2018)"),
+    "splitz": dict(loss="splitz", optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=256,
+                   schedule="hold-exponential", min_lr=1e-6, splitz_kappa=(1.0, 0.7), splitz_theta=0.5,
+                   splitz_gamma=0.05, splitz_ramp=2 / 3, splitz_noise_warmup=0.0, certify_samples=10_000,
+                   source="SPLITZ (Zhong & Tandon 2024)"),
 }
 
 
@@ -138,6 +151,11 @@ class TrainConfig:
     bound_method: str | None = None
     bound_iters: int | None = None
     bound_pairwise: bool = False
+    splitz_kappa: tuple | None = None  # (start, end) weight of the local Lipschitz term
+    splitz_theta: float | None = None  # the term is off while the estimate is <= theta
+    splitz_gamma: float | None = None  # radius of the balls of the local estimate (reached after the ramp)
+    splitz_ramp: float | None = None  # fraction of training over which kappa and gamma move to their end values
+    splitz_noise_warmup: float | None = None  # fraction of training over which sigma ramps up from 0
     seed: int = 0
     device: str | None = None
     threads: int | None = None  # torch.set_num_threads for the run (None: torch's default)
@@ -152,6 +170,7 @@ class TrainConfig:
     certify_pairwise: bool = True
     certify_limit: int | None = None
     certify_evaluation: str = "auto"  # what the radii cover (lipkern.certify.certified_accuracy's evaluation)
+    certify_samples: int | None = None  # splitz: noise draws per point (after 100 selection draws), alpha 0.001
     source: str | None = None  # the recipe's citation (filled in)
 
 
@@ -175,7 +194,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     defaults = dict(momentum=0.0, weight_decay=0.0, adam_eps=1e-8, adam_betas=(0.9, 0.999), milestones=(),
                     min_lr=1e-6, offset=SQRT2,
                     temperature=0.25, margin=0.7, crm_t=5.0, crm_lambda=15.0, crm_r0=0.2, crm_start_epoch=10,
-                    lmt_c=0.1, lmt_ramp_epochs=5, bound_method="liplt", bound_iters=5)
+                    lmt_c=0.1, lmt_ramp_epochs=5, bound_method="liplt", bound_iters=5, splitz_kappa=(1.0, 0.7),
+                    splitz_theta=0.5, splitz_gamma=0.05, splitz_ramp=2 / 3, splitz_noise_warmup=0.0,
+                    certify_samples=10_000)
     for key, value in defaults.items():
         if values[key] is None:
             values[key] = value
@@ -184,6 +205,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         values["certify_method"] = "product" if one_lipschitz else "liplt"
     values["save_best"] = {True: "val", False: None}.get(values["save_best"], values["save_best"])  # older runs
     values["milestones"] = tuple(values["milestones"])
+    values["splitz_kappa"] = tuple(float(k) for k in values["splitz_kappa"])
     values["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
     values["eps"] = tuple(float(e) for e in values["eps"])
     resolved = TrainConfig(**values)
@@ -244,8 +266,33 @@ def _validate(c: TrainConfig) -> None:
     if reserved:
         raise TrainError(f"model_args may not set {', '.join(sorted(reserved))}: they come from the dataset "
                          f"(use --input-size for the input size)")
+    _validate_splitz(c)
     if c.loss in ("crm", "lmt") and c.crm_start_epoch < 0:
         raise TrainError(f"crm_start_epoch must be >= 0, got {c.crm_start_epoch}")
+
+
+def _validate_splitz(c: TrainConfig) -> None:
+    positive_int = isinstance(c.certify_samples, int) and not isinstance(c.certify_samples, bool) \
+        and c.certify_samples >= 1
+    if not positive_int:
+        raise TrainError(f"certify_samples must be a positive integer, got {c.certify_samples!r}")
+    if len(c.splitz_kappa) != 2 or not all(0 <= k <= 1 for k in c.splitz_kappa):
+        raise TrainError(f"splitz_kappa must be two weights (start, end) in [0, 1], got {c.splitz_kappa!r}")
+    for name in ("splitz_theta", "splitz_gamma"):
+        value = getattr(c, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise TrainError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name in ("splitz_ramp", "splitz_noise_warmup"):
+        value = getattr(c, name)
+        if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise TrainError(f"{name} must be a fraction of training in [0, 1], got {value!r}")
+    splitz_model = _families()[c.model] == "splitz"
+    if (c.loss == "splitz") != splitz_model:
+        raise TrainError(f"the splitz loss trains the splitz-* models and they train with it only; got model "
+                         f"{c.model!r} with loss {c.loss!r}")
+    if splitz_model and c.save_best not in (None, "val"):
+        raise TrainError("save_best certified@EPS needs the Lipschitz-margin certificate; a splitz model is "
+                         "certified by smoothing at the end only: use save_best 'val'")
 
 
 # --- pieces -------------------------------------------------------------------------------------------------
@@ -331,6 +378,8 @@ def _lr_factor(c: TrainConfig, progress: float) -> float:
         return _interp(progress, (0.0, 0.4, 0.8, 1.0), (0.0, 1.0, 0.05, 0.0))
     if c.schedule == "exponential":  # CRM "exponentialWithStopping": lr -> min_lr at the end
         return 1.0 if c.min_lr >= c.lr else (c.min_lr / c.lr) ** progress
+    if c.schedule == "hold-exponential":  # SPLITZ: constant for half of training, then exponential to min_lr
+        return 1.0 if c.min_lr >= c.lr or progress <= 0.5 else (c.min_lr / c.lr) ** (2 * progress - 1)
     return 1.0
 
 
@@ -610,6 +659,14 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     model = _build_model(c.model, model_args, device)
     input_shape = tuple(x_train.shape[1:])
     bound = None
+    if c.loss == "splitz":
+        from lipkern.certify import LocalLipschitzEstimate
+
+        try:
+            bound = LocalLipschitzEstimate(model.left, input_shape).to(device)
+        except ValueError as err:
+            raise TrainError(f"loss 'splitz' needs a local Lipschitz estimate of {c.model!r}'s left half: "
+                             f"{err}") from None
     if c.loss in ("crm", "lmt"):
         from lipkern.bounds import LipschitzEstimate
 
@@ -651,7 +708,10 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     _log(dist_state, f"loss {c.loss}, optimizer {c.optimizer} lr {c.lr} wd {c.weight_decay}, schedule "
                      f"{c.schedule}, batch {c.batch_size}, epochs {c.epochs}"
                      + (f", bound {c.bound_method} ({c.bound_iters} power-iteration steps per step)"
-                        if bound is not None else ""))
+                        if c.loss in ("crm", "lmt") else "")
+                     + (f", sigma {model.sigma}, kappa {c.splitz_kappa[0]} -> {c.splitz_kappa[1]} and gamma 0 -> "
+                        f"{c.splitz_gamma} over {c.splitz_ramp:.0%} of training, theta {c.splitz_theta}"
+                        if c.loss == "splitz" else ""))
     x_test_dev, y_test_dev = x_test.to(device), y_test.to(device)
     x_val_dev, y_val_dev = x_val.to(device), y_val.to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
@@ -699,10 +759,15 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
     if c.certify and dist_state.rank == 0 and last_epoch == c.epochs:
         limit = c.certify_limit or len(y_test)
         try:
-            result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
-                                                    method=c.certify_method, pairwise=c.certify_pairwise,
-                                                    evaluation=c.certify_evaluation,
-                                                    log=lambda *a: _log(dist_state, *a))
+            if c.loss == "splitz":
+                result["certification"] = certify_splitz_model(model, x_test[:limit], y_test[:limit], c.eps,
+                                                               num_samples=c.certify_samples, seed=c.seed,
+                                                               log=lambda *a: _log(dist_state, *a))
+            else:
+                result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
+                                                        method=c.certify_method, pairwise=c.certify_pairwise,
+                                                        evaluation=c.certify_evaluation,
+                                                        log=lambda *a: _log(dist_state, *a))
         except KeyboardInterrupt:
             raise TrainInterrupted(f"interrupted during the certification; training is done and saved in "
                                    f"{checkpoint_path}: certify it with lipkern certify --checkpoint "
@@ -748,11 +813,19 @@ def _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x, y, epoc
         ramp = min(1.0, (epoch + 1) / c.lmt_ramp_epochs) if c.lmt_ramp_epochs > 0 else 1.0
         loss_fn.c = 1e-5 + (c.lmt_c - 1e-5) * ramp if c.lmt_c > 1e-5 else c.lmt_c
     lr = optimizer.param_groups[0]["lr"]
+    sigma = model.sigma if c.loss == "splitz" else None
+    if sigma is not None:
+        from lipkern.certify import splitz_loss
     for step in bar:
         rows = order[step * c.batch_size:(step + 1) * c.batch_size][dist_state.rank::dist_state.world]
         inputs, targets = x[rows], y[rows]
+        if c.loss == "splitz":
+            progress = (epoch * steps + step) / (c.epochs * steps)
+            kappa, gamma, model.noise.sigma = _splitz_schedule(c, sigma, progress)
         logits = net(inputs)
-        if c.loss == "crm":
+        if c.loss == "splitz":
+            loss = splitz_loss(loss_fn(logits, targets), bound(inputs, gamma), kappa, c.splitz_theta)
+        elif c.loss == "crm":
             loss = loss_fn(logits, targets, bound(), epoch)
         elif c.loss == "lmt":
             loss = loss_fn(logits, targets, bound())
@@ -765,6 +838,8 @@ def _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x, y, epoc
         scheduler.step()
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == targets).sum()
+    if sigma is not None:
+        model.noise.sigma = sigma  # the model's own noise level (what it is certified with)
     totals = torch.stack([loss_sum.double(), correct.double()])
     if dist_state.world > 1:
         import torch.distributed as dist
@@ -774,6 +849,15 @@ def _train_epoch(c, net, model, bound, loss_fn, optimizer, scheduler, x, y, epoc
     return {"epoch": epoch + 1, "loss": loss_mean,
             "train_accuracy": float(totals[1]) / (steps * c.batch_size),
             "lr": lr, "seconds": time.perf_counter() - begin}
+
+
+def _splitz_schedule(c: TrainConfig, sigma: float, progress: float) -> tuple[float, float, float]:
+    """(κ, γ, σ) after a fraction ``progress`` of training: κ and γ move linearly to their end values over
+    ``splitz_ramp``, σ ramps up from 0 over ``splitz_noise_warmup`` (0: the full σ from the start)."""
+    ramp = min(1.0, progress / c.splitz_ramp) if c.splitz_ramp > 0 else 1.0
+    kappa = c.splitz_kappa[0] + (c.splitz_kappa[1] - c.splitz_kappa[0]) * ramp
+    noise = min(1.0, progress / c.splitz_noise_warmup) if c.splitz_noise_warmup > 0 else 1.0
+    return kappa, c.splitz_gamma * ramp, sigma * noise
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
@@ -838,6 +922,39 @@ def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, me
     record = margin_record(result, y, {"source": source, "method": method, "pairwise": bool(pairwise),
                                        "value": value})
     return dict(record, bound_seconds=bound_seconds, margin_seconds=margin_seconds)
+
+
+def certify_splitz_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, num_samples: int = 10_000,
+                         num_select: int = 100, alpha: float = 0.001, batch_size: int = 1000, seed: int = 0,
+                         log=print) -> dict:
+    """SPLITZ certified accuracy of a :class:`lipkern.models.SplitzNet` on (x, y): for every point the class and
+    radius of :class:`lipkern.certify.SplitzCertifier` (randomized smoothing of ``model.right`` at
+    ``model.left(x)`` with σ = ``model.sigma``, point i with noise seed ``seed + i``, divided by the left half's
+    sound local Lipschitz bound), holding with probability ≥ 1 − alpha each. The result has the keys of
+    ``lipkern certify --splitz``'s JSON."""
+    import argparse
+
+    from lipkern.cli.certify import certify_smoothing
+
+    args = argparse.Namespace(sigma=None, n0=num_select, n=num_samples, alpha=alpha, skip=1, seed=seed,
+                              adaptive=False, predict=False, splitz=True, output=None, resume=False,
+                              eps=list(eps), batch_size=batch_size)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    log(f"certify: SPLITZ (sigma {model.sigma}, {num_select} + {num_samples:,} draws, alpha {alpha}) on "
+        f"{len(y)} points ...")
+    was_training = model.training
+    try:
+        result = certify_smoothing(model.eval(), x, y, args, device, _num_classes(model, x))
+    finally:
+        model.train(was_training)
+    log(f"certify: {time.perf_counter() - start:.1f} s")
+    return result
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.inference_mode():
+        return int(model(x[:1].to(next(model.parameters()).device)).shape[1])
 
 
 def margin_record(result, y: torch.Tensor, lipschitz: dict) -> dict:

@@ -44,7 +44,8 @@ from torch import nn
 from lipkern._checks import as_shape
 from lipkern.certify.smoothing import ABSTAIN, RandomizedSmoothing
 
-__all__ = ["GaussianNoise", "LocalReluLipschitz", "SplitzCertifier", "splitz_regularizer"]
+__all__ = ["GaussianNoise", "LocalLipschitzEstimate", "LocalReluLipschitz", "SplitzCertifier", "splitz_loss",
+           "splitz_regularizer"]
 
 _U = 2.0 ** -53
 _GAMMA_STEPS = 14
@@ -61,10 +62,11 @@ def _lipkern_layer_types() -> tuple[type, ...]:
     return AOLConv2d, AOLLinear, SpectralConv2d, SpectralLinear
 
 
-def _leaves(module: nn.Module) -> list[nn.Module] | None:
+def _leaves(module: nn.Module, applied: bool = True) -> list[nn.Module] | None:
     """The layers of a (nested) nn.Sequential, or None if any is not supported: a subclass that overrides
     forward or a module with forward hooks computes something else than its weights say. AOL / Spectral layers
-    become the plain layer of the weight they apply in eval mode (``to_vanilla``)."""
+    become the plain layer of the weight they apply in eval mode (``to_vanilla``), unless ``applied`` is
+    False (then they are returned as they are)."""
     from lipkern.bounds.network import computes_forward_of
     from lipkern.nn import MaxMin
 
@@ -74,7 +76,7 @@ def _leaves(module: nn.Module) -> list[nn.Module] | None:
     if computes_forward_of(module, nn.Sequential):
         out: list[nn.Module] = []
         for child in module:
-            sub = _leaves(child)
+            sub = _leaves(child, applied)
             if sub is None:
                 return None
             out += sub
@@ -85,7 +87,7 @@ def _leaves(module: nn.Module) -> list[nn.Module] | None:
     if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d) and module.running_var is not None:
         return [module]
     if computes_forward_of(module, *_lipkern_layer_types()):
-        return [module.to_vanilla().eval()]
+        return [module.to_vanilla().eval() if applied else module]
     return None
 
 
@@ -184,6 +186,28 @@ def _avgpool_piece(layer: nn.Module, shape: tuple[int, ...]) -> tuple:
     return matrix, torch.zeros(out, dtype=torch.float64), 4 * _U * matrix.abs(), None
 
 
+def _pool_columns(layer: nn.Module, piece: tuple, shape: tuple[int, ...]) -> tuple:
+    """Average pooling after a dense piece, without the pooling's matrix: the pooling of the piece's columns
+    (and bias) as images of ``shape``. Pooling is a non-negative linear map P (rows summing to ≤ 1), so the
+    float64 result is within γ_w·P|M| of P·M (w = window area + 1 roundings), and P·E bounds the old error."""
+    matrix, bias, error, bias_error = piece
+    if len(shape) != 3:
+        raise ValueError(f"LocalReluLipschitz: {layer} needs inputs (C, H, W), got {shape}")
+    kernel = layer.kernel_size if isinstance(layer.kernel_size, tuple) else (layer.kernel_size,) * 2
+    g = _dot_gamma(math.prod(kernel) + 1)
+
+    def pool(columns: torch.Tensor) -> torch.Tensor:  # (n, k) rows laid out as `shape` -> pooled rows
+        with torch.no_grad():
+            return layer(columns.T.reshape(-1, *shape)).reshape(columns.shape[1], -1).T
+
+    new_matrix = pool(matrix)
+    new_error = g * pool(matrix.abs()) + (pool(error) if error is not None else 0)
+    new_bias = pool(bias[:, None])[:, 0]
+    new_bias_error = g * pool(bias.abs()[:, None])[:, 0] + (pool(bias_error[:, None])[:, 0]
+                                                            if bias_error is not None else 0)
+    return new_matrix, new_bias, new_error * (1 + 2 * g) + 1e-300, new_bias_error * (1 + 2 * g) + 1e-300
+
+
 def _maxmin_pairs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices (a, b) of the pairs MaxMin compares: channel c against c + C/2 at every position."""
     channels = shape[0]
@@ -194,13 +218,14 @@ def _maxmin_pairs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _norm_upper(matrix: torch.Tensor, error: torch.Tensor | None = None) -> float:
-    """Guaranteed upper bound of ‖M̂‖₂ for every |M̂ − matrix| ≤ error: the float64 Gram iteration's bound of
-    ‖matrix‖₂ (its rounding included) plus ‖error‖_F (doubled for its own rounding)."""
-    from lipkern.bounds.gram import gram_upper_bound
+    """Guaranteed upper bound of ‖M̂‖₂ for every |M̂ − matrix| ≤ error: the guaranteed bound of ‖matrix‖₂
+    (:func:`lipkern.bounds.chain.matrix_norm_upper`: an eigenvalue estimate certified by a float64 Cholesky
+    factorization, its rounding included) plus ‖error‖_F (doubled for its own rounding)."""
+    from lipkern.bounds.chain import matrix_norm_upper
 
     if matrix.numel() == 0:
         return 0.0
-    value = float(gram_upper_bound(matrix[None], rtol=1e-7)[0])
+    value = matrix_norm_upper(matrix)
     if error is not None:
         value = _round_up(value + 2 * float(error.norm()), 2)
     return value
@@ -245,6 +270,9 @@ class LocalReluLipschitz:
         shape = self.input_shape
         piece = None  # the linear maps since the last activation, composed
         for layer in layers:
+            if isinstance(layer, nn.AvgPool2d) and piece is not None and piece[0].dim() == 2:
+                piece, shape = _pool_columns(layer, piece, shape), _output_shape(layer, shape)
+                continue
             new, out_shape = self._piece(layer, shape)
             if new is not None:
                 piece = new if piece is None else _compose(new, piece)
@@ -259,6 +287,7 @@ class LocalReluLipschitz:
         if piece is not None:
             self.ops.append(self._affine_op(piece))
         self._global: float | None = None
+        self._norms: dict[tuple, float] = {}  # (op, rows, columns) -> bound: a bisection revisits masks
 
     def _piece(self, layer: nn.Module, shape: tuple[int, ...]) -> tuple[tuple | None, tuple[int, ...]]:
         """(the layer's linear piece or None, its output shape)."""
@@ -322,10 +351,11 @@ class LocalReluLipschitz:
         lo = -hi
         varying = torch.ones_like(centre, dtype=torch.bool)
         prefix, pending = 1.0, None  # bound of the layers before, and the last map's (A P_{k-1}, E P_{k-1})
-        for op in self.ops:
+        for index, op in enumerate(self.ops):
             if op[0] == "affine":
                 _, matrix, bias, matrix_error, bias_error = op
-                pending = (matrix[:, varying], None if matrix_error is None else matrix_error[:, varying])
+                pending = (matrix[:, varying], None if matrix_error is None else matrix_error[:, varying],
+                           index, varying)
                 centre, error, lo, hi = self._affine_step(op, centre, error, lo, hi, pending, gamma * prefix)
                 varying = (hi > 0) | (lo < 0)
                 continue
@@ -337,11 +367,22 @@ class LocalReluLipschitz:
                 centre, error, lo, hi = self._maxmin_step(op[1], op[2], centre, error, lo, hi)
                 varying = (hi > 0) | (lo < 0)
             if pending is not None:  # (an activation first or after another has slope ≤ 1: nothing to multiply)
-                prefix = _round_up(prefix * _norm_upper(pending[0][rows], _rows(pending[1], rows)), 2)
+                prefix = _round_up(prefix * self._masked_norm(pending, rows), 2)
                 pending = None
         if pending is not None:
-            prefix = _round_up(prefix * _norm_upper(*pending), 2)
+            prefix = _round_up(prefix * self._masked_norm(pending, None), 2)
         return prefix
+
+    def _masked_norm(self, pending: tuple, rows: torch.Tensor | None) -> float:
+        """Bound of ‖P_rows A P_columns‖ (cached by the masks)."""
+        matrix, error, index, columns = pending
+        key = (index, columns.cpu().numpy().tobytes(), None if rows is None else rows.cpu().numpy().tobytes())
+        if key not in self._norms:
+            if len(self._norms) > 4096:
+                self._norms.clear()
+            self._norms[key] = _norm_upper(matrix, error) if rows is None else \
+                _norm_upper(matrix[rows], _rows(error, rows))
+        return self._norms[key]
 
     @staticmethod
     def _affine_step(op, centre, error, lo, hi, masked, radius):
@@ -458,6 +499,19 @@ class SplitzCertifier:
     def sigma(self) -> float:
         return self.smoothing.sigma
 
+    def _same_weights(self) -> bool:
+        """The left half's parameters and buffers equal (values, not only versions: ``.data`` edits bypass
+        version counters) those the bounds were computed for; records the current ones otherwise."""
+        tensors = [t.detach() for t in (*self.left.parameters(), *self.left.buffers())] \
+            if isinstance(self.left, nn.Module) else []
+        snapshot = getattr(self, "_snapshot", None)
+        same = snapshot is not None and len(snapshot) == len(tensors) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(snapshot, tensors))
+        if not same:
+            self._snapshot = [t.clone() for t in tensors]
+        return same
+
     # -- L_left ----------------------------------------------------------------------------------------------
     def _prepare(self, shape: tuple[int, ...]) -> None:
         """The local and global bounds of the current weights (once per certify call; either may be None)."""
@@ -540,7 +594,8 @@ class SplitzCertifier:
         at z = left(x) (:class:`RandomizedSmoothing`, same arguments); radius = min(R_right / L(x, γ), γ) at
         the γ found by :meth:`best_radius`. Holds with probability ≥ 1 − alpha. x: one input, no batch dim."""
         x = self.smoothing._check_input(x)
-        self._local, self._global, self._prepared = None, None, False  # bounds of the current weights
+        if not self._same_weights():  # the bounds of the current weights
+            self._local, self._global, self._prepared = None, None, False
         was_training = getattr(self.left, "training", None)
         try:
             if isinstance(self.left, nn.Module):
@@ -560,6 +615,158 @@ class SplitzCertifier:
 
 
 # --- training helpers ------------------------------------------------------------------------------------
+def splitz_loss(cross_entropy: torch.Tensor, local_estimate: torch.Tensor, kappa: float,
+                theta: float = 0.5) -> torch.Tensor:
+    """The SPLITZ training objective as the authors' code applies it: (1 − κ)·CE + κ·L̂ while the local
+    Lipschitz estimate L̂ of the left half exceeds θ, CE alone once it is below (θ = 0.5 keeps f_L from
+    collapsing). κ goes from 1 to 0.7 over the first two thirds of training in their recipe
+    (``lipkern.train``'s "splitz" recipe). No host read: the switch is a tensor ``where``."""
+    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not 0 <= kappa <= 1:
+        raise ValueError(f"splitz_loss: kappa must lie in [0, 1], got {kappa!r}")
+    mixed = (1 - kappa) * cross_entropy + kappa * local_estimate
+    return torch.where(local_estimate > theta, mixed, cross_entropy)
+
+
+class LocalLipschitzEstimate(nn.Module):
+    """Differentiable ESTIMATE (not a bound) of the local Lipschitz constant of a left half on the ℓ₂ balls
+    B(x_i, γ), averaged over a batch: SPLITZ's training regularizer (the authors follow Huang et al. 2021).
+
+    For each input, interval arithmetic on the box x ± γ (the first linear map's rows clipped by γ·‖w_i‖)
+    marks the ReLUs that may be active on the ball; the Jacobian chain J_i = A_K D_{K−1} ⋯ D_1 A_1 (BatchNorm as
+    its running-statistics scale, MaxMin as the pair order at x_i) is then power-iterated ``n_iter`` times from
+    a persistent vector (a buffer, updated each call), and σ_i = ‖J_i v_i‖ with v_i detached carries the
+    gradient to the weights. Supports what :class:`LocalReluLipschitz` does (Linear, Conv2d, BatchNorm,
+    AvgPool2d, ReLU, MaxMin, Flatten, Identity, AOL layers), with the module's live parameters. An estimate
+    from below of the local constant at the masks' linearization; certificates use :class:`LocalReluLipschitz`.
+    """
+
+    def __init__(self, left: nn.Module, input_shape: Sequence[int], n_iter: int = 2):
+        super().__init__()
+        from lipkern.nn import SpectralConv2d, SpectralLinear
+
+        layers = _leaves(left, applied=False)
+        if layers is None or any(isinstance(m, (SpectralConv2d, SpectralLinear)) for m in layers):
+            raise ValueError("LocalLipschitzEstimate: the left half must be a (nested) nn.Sequential of "
+                             "nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d, nn.AvgPool2d, nn.ReLU, MaxMin, "
+                             f"nn.Flatten, nn.Identity and AOL layers; got {type(left).__name__}")
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"LocalLipschitzEstimate: n_iter must be an int >= 1, got {n_iter!r}")
+        object.__setattr__(self, "_layers", tuple(layers))  # the left half's own modules, not submodules
+        self.input_shape = as_shape(input_shape, "input_shape")
+        self.n_iter = n_iter
+        start = torch.randn(self.input_shape, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("u", start / start.norm())
+
+    def forward(self, x: torch.Tensor, gamma: float) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"LocalLipschitzEstimate: inputs must be (N, *{self.input_shape}), got "
+                             f"{tuple(x.shape)}")
+        if not gamma >= 0:
+            raise ValueError(f"LocalLipschitzEstimate: gamma must be >= 0, got {gamma!r}")
+        with torch.no_grad():
+            linearization = self._linearization(x.detach(), float(gamma))
+        v = self.u.to(x.dtype).expand_as(x).contiguous()
+        for _ in range(self.n_iter):
+            with torch.enable_grad():
+                v = v.detach().requires_grad_(True)
+                image = self._jacobian(v, linearization)
+                (v,) = torch.autograd.grad(image, v, image)  # JᵀJv
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *[1] * (x.dim() - 1))
+        v = v.detach()
+        sigma = self._jacobian(v, linearization).flatten(1).norm(dim=1)
+        with torch.no_grad():  # the next call starts from the batch's mean direction (no host read)
+            mean = v.mean(0).to(self.u.dtype)
+            norm = mean.norm()
+            usable = torch.isfinite(norm) & (norm > 0)
+            self.u.copy_(torch.where(usable, mean / torch.where(usable, norm, 1.0), self.u))
+        return sigma.mean()
+
+    def _linearization(self, x: torch.Tensor, gamma: float) -> list:
+        """Per layer: the ReLU mask (units whose upper bound on the box is > 0) or MaxMin's pair order at x."""
+        point, low, high = x, x - gamma, x + gamma
+        first, out = True, []
+        for layer in self._layers:
+            if isinstance(layer, nn.ReLU):
+                out.append(high > 0)
+                point, low, high = point.clamp_min(0), low.clamp_min(0), high.clamp_min(0)
+            elif isinstance(layer, _maxmin_type()):
+                a, b = point.chunk(2, dim=1)
+                out.append(a >= b)
+                point, low, high = layer(point), _maxmin_bounds(low), _maxmin_bounds(high)
+            else:
+                centre, radius = (low + high) / 2, (high - low) / 2
+                new_centre = self._affine(layer, centre)
+                new_radius = self._linear(layer, radius, absolute=True)
+                if first and isinstance(layer, (nn.Linear, nn.Conv2d, *_lipkern_layer_types())):
+                    new_radius = torch.minimum(new_radius, gamma * self._row_norms(layer, new_radius))
+                    first = False
+                point = self._affine(layer, point)
+                low, high = new_centre - new_radius, new_centre + new_radius
+                out.append(None)
+        return out
+
+    def _jacobian(self, v: torch.Tensor, linearization: list) -> torch.Tensor:
+        for layer, fixed in zip(self._layers, linearization):
+            if isinstance(layer, nn.ReLU):
+                v = v * fixed
+            elif isinstance(layer, _maxmin_type()):
+                a, b = v.chunk(2, dim=1)
+                v = torch.cat([torch.where(fixed, a, b), torch.where(fixed, b, a)], dim=1)
+            else:
+                v = self._linear(layer, v)
+        return v
+
+    @staticmethod
+    def _weight(layer: nn.Module) -> torch.Tensor:
+        return layer.to_vanilla().weight if isinstance(layer, _lipkern_layer_types()) else layer.weight
+
+    @classmethod
+    def _linear(cls, layer: nn.Module, v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+        """The linear part of the layer (no bias; BatchNorm's running-statistics scale), or with ``absolute``
+        the map with |weights| (interval radii)."""
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            scale = _bn_scale(layer)
+            scale = scale.abs() if absolute else scale
+            return v * scale.reshape(-1, *[1] * (v.dim() - 2))
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) or isinstance(layer, _lipkern_layer_types()):
+            weight = cls._weight(layer)
+            weight = weight.abs() if absolute else weight
+            if weight.dim() == 2:
+                return torch.nn.functional.linear(v, weight)
+            conv = layer if isinstance(layer, nn.Conv2d) else layer.to_vanilla()
+            return conv._conv_forward(v, weight, None)
+        return layer(v)  # pooling, flatten, identity: linear and non-negative
+
+    @classmethod
+    def _affine(cls, layer: nn.Module, v: torch.Tensor) -> torch.Tensor:
+        out = cls._linear(layer, v)
+        bias = getattr(layer, "bias", None)
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            shift = -_bn_scale(layer) * layer.running_mean + (bias if bias is not None else 0)
+            return out + shift.reshape(-1, *[1] * (v.dim() - 2))
+        if bias is not None and not isinstance(layer, (nn.AvgPool2d, nn.Flatten, nn.Identity)):
+            out = out + bias.reshape(-1, *[1] * (v.dim() - 2))
+        return out
+
+    @classmethod
+    def _row_norms(cls, layer: nn.Module, like: torch.Tensor) -> torch.Tensor:
+        """‖w_i‖ of every output unit of the first linear map, shaped like its output."""
+        weight = cls._weight(layer)
+        norms = weight.flatten(1).norm(dim=1)
+        return norms.reshape(-1, *[1] * (like.dim() - 2)).expand_as(like)
+
+
+def _bn_scale(layer: nn.Module) -> torch.Tensor:
+    scale = torch.rsqrt(layer.running_var + layer.eps)
+    return scale * layer.weight if layer.weight is not None else scale
+
+
+def _maxmin_bounds(bound: torch.Tensor) -> torch.Tensor:
+    """MaxMin of a lower (or upper) bound is a lower (upper) bound of MaxMin: both outputs are monotone."""
+    a, b = bound.chunk(2, dim=1)
+    return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
 def splitz_regularizer(left_lipschitz_estimate, lam: float, theta: float = 0.5):
     """SPLITZ's penalty λ·relu(L̂ − θ) on an estimate L̂ of the left half's Lipschitz constant (a
     differentiable tensor, e.g. ``lipkern.bounds.LipschitzEstimate(left, shape)()``; no host read).

@@ -328,7 +328,56 @@ def _smoothing_settings(args, x) -> dict:
     """What a point's result depends on: a resumed run must match it."""
     return {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
             "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size,
-            "adaptive": bool(args.adaptive), "eps": [float(e) for e in args.eps] if args.adaptive else None}
+            "adaptive": bool(args.adaptive), "eps": [float(e) for e in args.eps] if args.adaptive else None,
+            "splitz": bool(args.splitz), "predict": bool(args.predict)}
+
+
+def _splitz_halves(model):
+    """(left, right, sigma) of a SPLITZ model: a lipkern.models.SplitzNet or any module with ``left``,
+    ``right`` modules and a ``sigma``."""
+    from torch import nn
+
+    halves = [getattr(model, name, None) for name in ("left", "right")]
+    sigma = getattr(model, "sigma", None)
+    if not all(isinstance(h, nn.Module) for h in halves) or not isinstance(sigma, (int, float)):
+        raise CertifyError("--splitz needs a SPLITZ model (lipkern.models.SplitzNet: a --checkpoint of a splitz-* "
+                           f"run or --model SplitzNet) with left and right halves and a sigma; got "
+                           f"{type(model).__name__}")
+    return halves[0], halves[1], float(sigma)
+
+
+def _point_certifier(model, args, num_classes: int, device):
+    """certify(x_i, seed) -> (prediction, radius, noise draws, gamma) for the mode of ``args``: Cohen's CERTIFY
+    (--smoothing), its adaptive form (--adaptive), SPLITZ (--splitz; gamma: the ball of the local bound),
+    or Cohen's PREDICT (--predict: the smoothed class or abstain, radius 0)."""
+    import torch
+
+    from lipkern.certify import RandomizedSmoothing, SplitzCertifier
+
+    if args.splitz:
+        left, right, sigma = _splitz_halves(model)
+        splitz = SplitzCertifier(left, right, sigma, num_classes)
+        smoother = splitz.smoothing
+    else:
+        smoother = RandomizedSmoothing(model, args.sigma, num_classes)
+
+    def certify(x, seed: int):
+        if args.predict:
+            if args.splitz:
+                with torch.inference_mode():
+                    x = left.eval()(x[None])[0]
+            return smoother.predict(x, args.n, args.alpha, args.batch_size, seed=seed), 0.0, args.n, None
+        if args.splitz:
+            prediction, radius, gamma = splitz.certify(x, args.n0, args.n, args.alpha, args.batch_size, seed=seed)
+            return prediction, radius, args.n0 + args.n, gamma
+        if args.adaptive:
+            prediction, radius, samples = smoother.certify_adaptive(x, args.n0, args.n, args.alpha,
+                                                                    args.batch_size, args.eps, seed=seed)
+            return prediction, radius, samples, None
+        prediction, radius = smoother.certify(x, args.n0, args.n, args.alpha, args.batch_size, seed=seed)
+        return prediction, radius, args.n0 + args.n, None
+
+    return certify
 
 
 def _finished_points(output: str | None, settings: dict, resume: bool) -> dict:
@@ -363,13 +412,22 @@ def _finished_points(output: str | None, settings: dict, resume: bool) -> dict:
 
 
 def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distributed.Ranks()) -> dict | None:
-    """Cohen et al.'s CERTIFY for every --skip-th point; under torchrun the points are shared out by index
-    (each keeps its seed, so the results equal one process's) and rank 0 returns the merged result (None
-    elsewhere)."""
+    """Cohen et al.'s CERTIFY (or SPLITZ's certificate, or PREDICT) for every --skip-th point; under torchrun
+    the points are shared out by index (each keeps its seed, so the results equal one process's) and rank 0
+    returns the merged result (None elsewhere)."""
     import torch
 
-    from lipkern.certify import RandomizedSmoothing
-
+    if args.splitz:
+        sigma = _splitz_halves(model)[2]
+        if args.sigma is not None and args.sigma != sigma:
+            raise CertifyError(f"--sigma {args.sigma}: this SPLITZ model adds noise of sigma {sigma} after its "
+                               "left half (its right half was trained for it); leave --sigma out")
+        args.sigma = sigma
+        if args.adaptive:
+            raise CertifyError("--adaptive stops at the --eps radii of the smoothed classifier; SPLITZ's radius "
+                               "also depends on the left half's local bound: use --splitz without --adaptive")
+    if args.predict and args.adaptive:
+        raise CertifyError("--predict runs Cohen's PREDICT with --num-samples draws; --adaptive is for CERTIFY")
     if args.sigma is None or not args.sigma > 0:
         raise CertifyError("--smoothing needs --sigma S > 0 (the noise level the model was trained with)")
     if not 0 < args.n0 <= args.n:
@@ -378,7 +436,7 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
         raise CertifyError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.skip < 1:
         raise CertifyError(f"--skip must be >= 1, got {args.skip}")
-    smoother = RandomizedSmoothing(model, args.sigma, num_classes)
+    certify_point = _point_certifier(model, args, num_classes, device)
     indices = list(range(0, x.shape[0], args.skip))
     mine = ranks.shard(indices)
     try:
@@ -389,13 +447,14 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     settings = _smoothing_settings(args, x)
     done = _finished_points(args.output, settings, args.resume)
     _distributed.barrier(ranks)  # every rank has read the earlier shards before any writes its own
-    rows = [(i, *done[i]) for i in mine if i in done]  # (index, prediction, radius, seconds)
+    rows = [(i, *done[i]) for i in mine if i in done]  # (index, prediction, radius, seconds, samples, gamma)
     todo = [i for i in mine if i not in done]
     if ranks.main:
         share = f" ({ranks.world} ranks, {len(mine)} on rank 0)" if ranks.world > 1 else ""
         resumed = f" ({len(done)} done before)" if done else ""
-        print(f"randomized smoothing: {len(indices)} points{share}{resumed}, {args.n0:,} + {args.n:,} noise draws "
-              f"each", file=sys.stderr)
+        what = "SPLITZ" if args.splitz else "randomized smoothing"
+        draws = f"PREDICT with {args.n:,}" if args.predict else f"{args.n0:,} + {args.n:,}"
+        print(f"{what}: {len(indices)} points{share}{resumed}, {draws} noise draws each", file=sys.stderr)
     shard = None
     if args.output is not None:  # each point written as it finishes: an interrupted run loses at most one
         path = _shard_path(args.output, ranks.rank)
@@ -407,14 +466,9 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     try:
         for i in tqdm(todo, desc="certify", unit="point", file=sys.stderr, disable=not ranks.main):
             start = time.perf_counter()
-            if args.adaptive:
-                prediction, radius, samples = smoother.certify_adaptive(
-                    x[i].to(device), args.n0, args.n, args.alpha, args.batch_size, args.eps, seed=args.seed + i)
-            else:
-                prediction, radius = smoother.certify(x[i].to(device), args.n0, args.n, args.alpha,
-                                                      args.batch_size, seed=args.seed + i)
-                samples = args.n0 + args.n
-            rows.append((i, int(prediction), float(radius), time.perf_counter() - start, int(samples)))
+            prediction, radius, samples, gamma = certify_point(x[i].to(device), args.seed + i)
+            rows.append((i, int(prediction), float(radius), time.perf_counter() - start, int(samples),
+                         None if gamma is None else float(gamma)))
             if shard is not None:
                 shard.write(json.dumps(rows[-1]) + "\n")
                 shard.flush()
@@ -434,6 +488,7 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     radii = [row[2] for row in rows]
     seconds = [row[3] for row in rows]
     samples = [row[4] for row in rows]
+    gammas = [row[5] for row in rows]
     labels = y[indices]
     correct = torch.tensor(predictions) == labels
     radius_t = torch.tensor(radii, dtype=torch.float64)
@@ -442,15 +497,20 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
         base = torch.cat([model(x[indices][j:j + args.batch_size].to(device)).argmax(1).cpu()
                           for j in range(0, len(indices), args.batch_size)])
     num = len(indices)
-    return {"mode": "randomized-smoothing", "eps": [float(e) for e in args.eps],
+    mode = "smoothing-predict" if args.predict else "splitz" if args.splitz else "randomized-smoothing"
+    points = {"index": indices, "label": labels.tolist(), "prediction": predictions, "radius": radii,
+              "correct": correct.tolist(), "seconds": seconds, "samples": samples}
+    if args.splitz and not args.predict:
+        points["gamma"] = gammas
+    return {"mode": mode, "eps": [float(e) for e in args.eps],
             "certified_accuracy": [c / num for c in counts], "certified_count": counts,
             "clean_accuracy": int(correct.sum()) / num, "clean_count": int(correct.sum()), "num_points": num,
             "base_clean_accuracy": int((base == labels).sum()) / num,
             "smoothing": {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
                           "skip": args.skip, "seed": args.seed, "abstained": predictions.count(-1),
-                          "adaptive": bool(args.adaptive), "samples": sum(samples)},
-            "points": {"index": indices, "label": labels.tolist(), "prediction": predictions, "radius": radii,
-                       "correct": correct.tolist(), "seconds": seconds, "samples": samples}}
+                          "adaptive": bool(args.adaptive), "samples": sum(samples), "splitz": bool(args.splitz),
+                          "predict": bool(args.predict)},
+            "points": points}
 
 
 def format_certify_table(result: dict, command: str = "certify") -> str:
@@ -470,11 +530,28 @@ def format_certify_table(result: dict, command: str = "certify") -> str:
         lines.append(f"certificate: Lipschitz margin, {shown} [{lip['source']}]")
         lines.append(evaluation_line(result))
         lines.append(f"clean accuracy: {100 * result['clean_accuracy']:.2f}% ({result['clean_count']}/{n})")
+    elif result["mode"] == "smoothing-predict":
+        s = result["smoothing"]
+        half = " of the right half at the left half's output (SPLITZ)" if s.get("splitz") else ""
+        lines.append(f"Cohen's PREDICT{half}: sigma = {s['sigma']}, n = {s['n']}, alpha = {s['alpha']} (every "
+                     f"{s['skip']}-th point; a returned class is the smoothed classifier's with probability >= "
+                     f"1 - alpha; no radius)")
+        wrong = n - result["clean_count"] - s["abstained"]
+        lines.append(f"smoothed accuracy: {100 * result['clean_accuracy']:.2f}% ({result['clean_count']}/{n}), "
+                     f"{s['abstained']} abstained, {wrong} wrong; base model accuracy on these points: "
+                     f"{100 * result['base_clean_accuracy']:.2f}%")
+        return "\n".join(lines)
     else:
         s = result["smoothing"]
-        lines.append(f"certificate: randomized smoothing, sigma = {s['sigma']}, n0 = {s['n0']}, "
-                     f"n = {s['n']}, alpha = {s['alpha']} (every {s['skip']}-th point; radii hold with "
-                     f"probability >= 1 - alpha)")
+        if result["mode"] == "splitz":
+            lines.append(f"certificate: SPLITZ, randomized smoothing of the right half (sigma = {s['sigma']}, "
+                         f"n0 = {s['n0']}, n = {s['n']}, alpha = {s['alpha']}) divided by the left half's sound "
+                         f"local Lipschitz bound (every {s['skip']}-th point; radii hold with probability "
+                         f">= 1 - alpha, for the exact-arithmetic left half)")
+        else:
+            lines.append(f"certificate: randomized smoothing, sigma = {s['sigma']}, n0 = {s['n0']}, "
+                         f"n = {s['n']}, alpha = {s['alpha']} (every {s['skip']}-th point; radii hold with "
+                         f"probability >= 1 - alpha)")
         lines.append(f"smoothed accuracy: {100 * result['clean_accuracy']:.2f}% "
                      f"({result['clean_count']}/{n}, {s['abstained']} abstained); base model accuracy on "
                      f"these points: "
@@ -596,7 +673,14 @@ def run(args) -> int:
         if args.float64 is not None:
             print("lipkern certify: --float64 is deprecated and has no effect: the margins always come from the "
                   "float64 evaluation of the weights the model applies (see --evaluation)", file=sys.stderr)
-        if args.evaluation is not None and (args.smoothing or args.scripted or args.exported):
+        if args.predict and not (args.smoothing or args.splitz):
+            raise CertifyError("--predict goes with --smoothing or --splitz (it is Cohen's PREDICT of the smoothed "
+                               "classifier)")
+        if args.splitz and args.smoothing:
+            raise CertifyError("--splitz already smooths the right half: give --splitz or --smoothing, not both")
+        if args.predict and args.plot:
+            raise CertifyError("--predict gives no radii: there is no certified-accuracy curve to --plot")
+        if args.evaluation is not None and (args.smoothing or args.splitz or args.scripted or args.exported):
             raise CertifyError("--evaluation applies to the Lipschitz-margin certificate of a model whose "
                                "structure is known (--model or --checkpoint)")
         model, description, structure_known = load_model(args)
@@ -610,7 +694,7 @@ def run(args) -> int:
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise CertifyError(f"--data {args.data}: labels must lie in [0, {num_classes}) for a model with "
                                f"{num_classes} outputs, found {int(y.min())}..{int(y.max())}")
-        if args.smoothing:
+        if args.smoothing or args.splitz:
             result = certify_smoothing(model, x, y, args, device, num_classes, ranks)
         else:
             result = certify_lipschitz(model, x, y, args, device, structure_known, probe.dtype, ranks)
@@ -620,7 +704,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         if ranks.main:
             kept = (f"the finished points are kept in {args.output}.points-*.jsonl: run the same command with "
-                    f"--resume to continue" if args.smoothing and args.output else "nothing was written")
+                    f"--resume to continue" if (args.smoothing or args.splitz) and args.output else "nothing was written")
             print(f"\nlipkern certify: interrupted; {kept}", file=sys.stderr)
         return 130
     finally:
@@ -684,6 +768,12 @@ def add_parser(sub) -> None:
                    help="a global Lipschitz constant you declare (not verified; required for a scripted or "
                         "exported model unless --smoothing)")
     p.add_argument("--smoothing", action="store_true", help="randomized smoothing (Cohen et al.) instead")
+    p.add_argument("--splitz", action="store_true",
+                   help="SPLITZ: smoothing of a SplitzNet's right half at its left half's output, the radius "
+                        "divided by the left half's sound local Lipschitz bound (sigma: the model's)")
+    p.add_argument("--predict", action="store_true",
+                   help="with --smoothing or --splitz: Cohen's PREDICT (the smoothed class, or abstain when the "
+                        "top two counts of --num-samples draws do not differ at level --alpha); no radius")
     p.add_argument("--sigma", type=float, help="smoothing noise level")
     # (--num-select / --num-samples: names torchrun's own parser leaves alone; --n0 / --n are the old spellings)
     p.add_argument("--num-select", "--n0", dest="n0", type=int, default=100,

@@ -43,7 +43,8 @@ def _config_from_args(args):
               "epochs", "batch_size",
               "lr", "optimizer", "momentum", "weight_decay", "schedule", "loss", "offset", "temperature",
               "margin", "crm_t", "crm_lambda", "crm_r0", "crm_start_epoch", "lmt_c", "bound_method",
-              "bound_iters", "bound_pairwise", "seed", "device", "threads", "output_dir", "resume",
+              "bound_iters", "bound_pairwise", "splitz_kappa", "splitz_theta", "splitz_gamma", "splitz_ramp",
+              "splitz_noise_warmup", "certify_samples", "seed", "device", "threads", "output_dir", "resume",
               "stop_after", "tensorboard", "eps",
               "certify_method", "certify_pairwise", "certify_limit", "certify_evaluation")
     values = {name: getattr(args, name) for name in fields}
@@ -95,8 +96,10 @@ def run(args) -> int:
         return 0
     out_dir = Path(result["checkpoint"]).parent
     print(format_certify_table(certification, "train"))
-    print(f"training {result['train_seconds']:.0f} s, sound bound {certification['bound_seconds']:.1f} s, "
-          f"total {time.perf_counter() - start:.0f} s; checkpoint: {result['checkpoint']}")
+    certified = (f"sound bound {certification['bound_seconds']:.1f} s" if "bound_seconds" in certification else
+                 f"certification {sum(certification['points']['seconds']):.0f} s")
+    print(f"training {result['train_seconds']:.0f} s, {certified}, total {time.perf_counter() - start:.0f} s; "
+          f"checkpoint: {result['checkpoint']}")
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
     print(f"results: {json_path}")
@@ -155,7 +158,8 @@ def add_parser(sub) -> None:
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, help="weight decay")
     p.add_argument("--schedule", choices=SCHEDULES, help="lr schedule over the whole run")
-    p.add_argument("--loss", choices=LOSSES, help="offset-ce (AOL), hinge (CPL), crm, lmt or ce (plain)")
+    p.add_argument("--loss", choices=LOSSES, help="offset-ce (AOL), hinge (CPL), crm, lmt, ce (plain) or "
+                   "splitz")
     p.add_argument("--offset", type=float, help="offset-ce: margin u subtracted from the true logit")
     p.add_argument("--temperature", type=float, help="offset-ce: temperature t")
     p.add_argument("--margin", type=float, help="hinge: margin")
@@ -168,6 +172,18 @@ def add_parser(sub) -> None:
     p.add_argument("--bound-iters", type=int, help="crm/lmt: power-iteration steps per training step")
     p.add_argument("--bound-pairwise", action="store_true",
                    help="crm/lmt: pairwise constants L_ab in training")
+    p.add_argument("--splitz-kappa", type=float, nargs=2, metavar=("START", "END"),
+                   help="splitz: weight of the local Lipschitz term, moved linearly over --splitz-ramp "
+                        "(default 1 0.7)")
+    p.add_argument("--splitz-theta", type=float, help="splitz: the term is off while the estimate is <= theta "
+                   "(default 0.5)")
+    p.add_argument("--splitz-gamma", type=float, help="splitz: l2 radius of the local estimate's balls "
+                   "(reached after --splitz-ramp; default 0.05)")
+    p.add_argument("--splitz-ramp", type=float, metavar="F", help="splitz: fraction of training over which kappa "
+                   "and gamma move (default 2/3)")
+    p.add_argument("--splitz-noise-warmup", type=float, metavar="F",
+                   help="splitz: fraction of training over which sigma ramps up from 0 (default 0: the model's "
+                        "sigma from the start; set sigma with --model-args '{\"sigma\": 0.5}')")
     p.add_argument("--seed", type=int, default=0, help="initialization and data order (default 0)")
     p.add_argument("--device",
                    help="default: cuda (the LOCAL_RANK-th under torchrun) when available, else cpu")
@@ -194,6 +210,9 @@ def add_parser(sub) -> None:
     p.add_argument("--certify-pairwise", action=argparse.BooleanOptionalAction, default=True,
                    help="pairwise constants L_ab for the certificate (default on)")
     p.add_argument("--certify-limit", type=int, metavar="N", help="certify the first N test points only")
+    p.add_argument("--certify-samples", type=int, metavar="N",
+                   help="splitz: noise draws per point of the SPLITZ certificate at the end (default 10000; "
+                        "100 more select the class; alpha 0.001)")
     p.add_argument("--certify-evaluation", choices=CERTIFY_EVALUATIONS, default="auto",
                    help="what the radii cover: the model's floating-point evaluation as deployed, any summation "
                         "order ('auto', the default: its own dtype, TF32 on CUDA where enabled), or 'exact' (the "

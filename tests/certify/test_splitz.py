@@ -289,6 +289,11 @@ def _mixed_left(seed: int, kind: str) -> tuple[nn.Module, tuple[int, ...]]:
     elif kind == "maxmin":
         module = nn.Sequential(AOLConv2d(1, 4, 3, padding=1), MaxMin(), AOLConv2d(4, 4, 3, padding=1),
                                MaxMin(), nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(36, 6), nn.ReLU())
+    elif kind == "conv-pool":  # pooling right after a linear map: composed by pooling its columns
+        module = nn.Sequential(AOLConv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), MaxMin(),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+                               nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False), nn.ReLU(),
+                               nn.Flatten(), nn.Linear(36, 5))
     else:  # pooling first, then a lone BatchNorm between two activations
         module = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
                                nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(),
@@ -328,7 +333,7 @@ def _dense_jacobian_product(module: nn.Module, shape) -> float:
     return value
 
 
-@pytest.mark.parametrize("kind", ["bn-pool", "maxmin", "lone-bn"])
+@pytest.mark.parametrize("kind", ["bn-pool", "maxmin", "conv-pool", "lone-bn"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_local_bound_with_batchnorm_pooling_maxmin_is_sound_and_tight(kind, seed):
     """The global form equals the product of the exact norms of the composed linear blocks (dense Jacobian
