@@ -36,6 +36,7 @@ CASES = {
     "sll-s": ({"n_conv": 2, "n_dense": 2, "dense_hidden": 64}, 8, "offset", "adam", 3e-3),
     "liplt-4c3f": ({}, 8, "ce", "adam", 1e-3),
     "lmt": ({}, 16, "ce", "adam", 1e-3),
+    "splitz-s": ({}, 8, "ce", "adam", 1e-3),  # noise N(0, 0.25²) after the left half in training
 }
 SLOW = {"convnet-xs-cpl"}  # the slowest case; cpl-s covers the family in the fast run
 

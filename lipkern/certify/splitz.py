@@ -663,17 +663,19 @@ class LocalLipschitzEstimate(nn.Module):
                              f"{tuple(x.shape)}")
         if not gamma >= 0:
             raise ValueError(f"LocalLipschitzEstimate: gamma must be >= 0, got {gamma!r}")
+        weights = [self._weight(layer) for layer in self._layers]  # once per call (AOL's rescaling)
+        frozen = [None if w is None else w.detach() for w in weights]
         with torch.no_grad():
-            linearization = self._linearization(x.detach(), float(gamma))
+            linearization = self._linearization(x.detach(), float(gamma), frozen)
         v = self.u.to(x.dtype).expand_as(x).contiguous()
         for _ in range(self.n_iter):
             with torch.enable_grad():
                 v = v.detach().requires_grad_(True)
-                image = self._jacobian(v, linearization)
+                image = self._jacobian(v, linearization, frozen)
                 (v,) = torch.autograd.grad(image, v, image)  # JᵀJv
             v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *[1] * (x.dim() - 1))
         v = v.detach()
-        sigma = self._jacobian(v, linearization).flatten(1).norm(dim=1)
+        sigma = self._jacobian(v, linearization, weights).flatten(1).norm(dim=1)
         with torch.no_grad():  # the next call starts from the batch's mean direction (no host read)
             mean = v.mean(0).to(self.u.dtype)
             norm = mean.norm()
@@ -681,11 +683,11 @@ class LocalLipschitzEstimate(nn.Module):
             self.u.copy_(torch.where(usable, mean / torch.where(usable, norm, 1.0), self.u))
         return sigma.mean()
 
-    def _linearization(self, x: torch.Tensor, gamma: float) -> list:
+    def _linearization(self, x: torch.Tensor, gamma: float, weights: list) -> list:
         """Per layer: the ReLU mask (units whose upper bound on the box is > 0) or MaxMin's pair order at x."""
         point, low, high = x, x - gamma, x + gamma
         first, out = True, []
-        for layer in self._layers:
+        for layer, weight in zip(self._layers, weights):
             if isinstance(layer, nn.ReLU):
                 out.append(high > 0)
                 point, low, high = point.clamp_min(0), low.clamp_min(0), high.clamp_min(0)
@@ -695,65 +697,63 @@ class LocalLipschitzEstimate(nn.Module):
                 point, low, high = layer(point), _maxmin_bounds(low), _maxmin_bounds(high)
             else:
                 centre, radius = (low + high) / 2, (high - low) / 2
-                new_centre = self._affine(layer, centre)
-                new_radius = self._linear(layer, radius, absolute=True)
-                if first and isinstance(layer, (nn.Linear, nn.Conv2d, *_lipkern_layer_types())):
-                    new_radius = torch.minimum(new_radius, gamma * self._row_norms(layer, new_radius))
+                new_centre = self._affine(layer, centre, weight)
+                new_radius = self._linear(layer, radius, None if weight is None else weight.abs(), absolute=True)
+                if first and weight is not None:  # the first map: |Δz_i| ≤ γ·‖w_i‖ on the ℓ₂ ball
+                    norms = weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (radius.dim() - 2))
+                    new_radius = torch.minimum(new_radius, gamma * norms.expand_as(new_radius))
                     first = False
-                point = self._affine(layer, point)
+                point = self._affine(layer, point, weight)
                 low, high = new_centre - new_radius, new_centre + new_radius
                 out.append(None)
         return out
 
-    def _jacobian(self, v: torch.Tensor, linearization: list) -> torch.Tensor:
-        for layer, fixed in zip(self._layers, linearization):
+    def _jacobian(self, v: torch.Tensor, linearization: list, weights: list) -> torch.Tensor:
+        for layer, fixed, weight in zip(self._layers, linearization, weights):
             if isinstance(layer, nn.ReLU):
                 v = v * fixed
             elif isinstance(layer, _maxmin_type()):
                 a, b = v.chunk(2, dim=1)
                 v = torch.cat([torch.where(fixed, a, b), torch.where(fixed, b, a)], dim=1)
             else:
-                v = self._linear(layer, v)
+                v = self._linear(layer, v, weight)
         return v
 
     @staticmethod
-    def _weight(layer: nn.Module) -> torch.Tensor:
-        return layer.to_vanilla().weight if isinstance(layer, _lipkern_layer_types()) else layer.weight
+    def _weight(layer: nn.Module) -> torch.Tensor | None:
+        """The weight the layer applies (AOL's rescaled one, differentiable), None for weightless layers."""
+        if isinstance(layer, _lipkern_layer_types()):
+            return layer.rescaled_weight()
+        return layer.weight if isinstance(layer, (nn.Linear, nn.Conv2d)) else None
 
-    @classmethod
-    def _linear(cls, layer: nn.Module, v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
-        """The linear part of the layer (no bias; BatchNorm's running-statistics scale), or with ``absolute``
-        the map with |weights| (interval radii)."""
+    @staticmethod
+    def _linear(layer: nn.Module, v: torch.Tensor, weight: torch.Tensor | None,
+                absolute: bool = False) -> torch.Tensor:
+        """The linear part of the layer with ``weight`` (no bias; BatchNorm's running-statistics scale, its
+        absolute value with ``absolute``)."""
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             scale = _bn_scale(layer)
             scale = scale.abs() if absolute else scale
             return v * scale.reshape(-1, *[1] * (v.dim() - 2))
-        if isinstance(layer, (nn.Linear, nn.Conv2d)) or isinstance(layer, _lipkern_layer_types()):
-            weight = cls._weight(layer)
-            weight = weight.abs() if absolute else weight
-            if weight.dim() == 2:
-                return torch.nn.functional.linear(v, weight)
-            conv = layer if isinstance(layer, nn.Conv2d) else layer.to_vanilla()
-            return conv._conv_forward(v, weight, None)
-        return layer(v)  # pooling, flatten, identity: linear and non-negative
+        if weight is None:
+            return layer(v)  # pooling, flatten, identity: linear and non-negative
+        if weight.dim() == 2:
+            return torch.nn.functional.linear(v, weight)
+        padding = layer.padding
+        if layer.padding_mode == "circular":
+            v, padding = torch.nn.functional.pad(v, layer._reversed_padding_repeated_twice, mode="circular"), 0
+        return torch.nn.functional.conv2d(v, weight, None, layer.stride, padding, layer.dilation, layer.groups)
 
     @classmethod
-    def _affine(cls, layer: nn.Module, v: torch.Tensor) -> torch.Tensor:
-        out = cls._linear(layer, v)
+    def _affine(cls, layer: nn.Module, v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        out = cls._linear(layer, v, weight)
         bias = getattr(layer, "bias", None)
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             shift = -_bn_scale(layer) * layer.running_mean + (bias if bias is not None else 0)
             return out + shift.reshape(-1, *[1] * (v.dim() - 2))
-        if bias is not None and not isinstance(layer, (nn.AvgPool2d, nn.Flatten, nn.Identity)):
+        if weight is not None and bias is not None:
             out = out + bias.reshape(-1, *[1] * (v.dim() - 2))
         return out
-
-    @classmethod
-    def _row_norms(cls, layer: nn.Module, like: torch.Tensor) -> torch.Tensor:
-        """‖w_i‖ of every output unit of the first linear map, shaped like its output."""
-        weight = cls._weight(layer)
-        norms = weight.flatten(1).norm(dim=1)
-        return norms.reshape(-1, *[1] * (like.dim() - 2)).expand_as(like)
 
 
 def _bn_scale(layer: nn.Module) -> torch.Tensor:
