@@ -147,6 +147,36 @@ class RandomizedSmoothing:
         and predict do)."""
         return self._counts(x, num, batch_size, generator, progress)[:self.num_classes]
 
+    def largest_batch(self, x: torch.Tensor, cap: int, start: int = 256) -> int:
+        """The largest batch start·2^k ≤ ``cap`` (at least min(start, cap)) whose noisy forward pass of ``base``
+        at ``x`` fits in memory by itself: doubling until the allocator raises ``torch.OutOfMemoryError``
+        (the cache is emptied after it) or ``cap`` is reached. Meant for a GPU; on the CPU memory is rarely
+        the limit and the doubling only stops at ``cap``."""
+        for name, value in (("cap", cap), ("start", start)):
+            if not is_int(value) or value <= 0:
+                raise ValueError(f"RandomizedSmoothing.largest_batch: {name} must be a positive int, got {value!r}")
+        x = self._check_input(x)
+        fits = min(start, cap)
+        base, was_training = self.base, getattr(self.base, "training", None)
+        try:
+            if isinstance(base, nn.Module):
+                base.eval()
+            while fits * 2 <= cap:
+                try:
+                    with torch.inference_mode():
+                        self._counts(x, fits * 2, fits * 2, None, None)
+                        if x.device.type == "cuda":
+                            torch.cuda.synchronize(x.device)
+                except torch.OutOfMemoryError:
+                    break
+                fits *= 2
+        finally:
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if isinstance(base, nn.Module):
+                base.train(was_training)
+        return fits
+
     def _counts(self, x, num, batch_size, generator, progress) -> torch.Tensor:
         """:meth:`sample_counts` and, last, the number of draws without a class."""
         counts = torch.zeros(self.num_classes + 1, dtype=torch.int64, device=x.device)

@@ -51,6 +51,16 @@ Examples:
 """
 
 
+def _batch_size(text: str):
+    """--batch-size: a number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', got {text!r}") from None
+
+
 class CertifyError(Exception):
     """A problem with the user's model, data or options: printed as one message, exit code 2."""
 
@@ -346,6 +356,22 @@ def _splitz_halves(model):
     return halves[0], halves[1], float(sigma)
 
 
+def _largest_batch(model, x, args, device, num_classes: int) -> int:
+    """--batch-size auto: RandomizedSmoothing.largest_batch of the smoothed network at the first point (the right
+    half at the left half's output with --splitz), capped by --num-samples."""
+    import torch
+
+    from lipkern.certify import RandomizedSmoothing
+
+    point = x[0].to(device)
+    base = model
+    if args.splitz:
+        left, base, _ = _splitz_halves(model)
+        with torch.inference_mode():
+            point = left.eval()(point[None])[0]
+    return RandomizedSmoothing(base, args.sigma, num_classes).largest_batch(point, max(args.n, args.n0))
+
+
 def _point_certifier(model, args, num_classes: int, device):
     """certify(x_i, seed) -> (prediction, radius, noise draws, gamma) for the mode of ``args``: Cohen's CERTIFY
     (--smoothing), its adaptive form (--adaptive), SPLITZ (--splitz; gamma: the ball of the local bound),
@@ -437,6 +463,12 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     if args.skip < 1:
         raise CertifyError(f"--skip must be >= 1, got {args.skip}")
     certify_point = _point_certifier(model, args, num_classes, device)
+    if args.batch_size == "auto":  # every rank the same batch (the noise streams depend on it): the smallest
+        fits = _distributed.gather(_largest_batch(model, x, args, device, num_classes), ranks)
+        args.batch_size = _distributed.broadcast(min(fits) if ranks.main else None, ranks)
+        if ranks.main:
+            print(f"smoothing batch size {args.batch_size} (the largest that fits on {device} by itself, up to "
+                  f"--num-samples)", file=sys.stderr)
     indices = list(range(0, x.shape[0], args.skip))
     mine = ranks.shard(indices)
     try:
@@ -662,7 +694,12 @@ def run(args) -> int:
                                    f"GPUs ({torch.cuda.device_count()}): --nproc-per-node at most the GPU count")
             device = torch.device("cuda", ranks.local_rank)  # one GPU per rank (torchrun's LOCAL_RANK)
         _distributed.start(ranks, device.type)
-        if args.batch_size < 1:
+        if args.batch_size is None:
+            args.batch_size = "auto" if device.type == "cuda" and (args.smoothing or args.splitz) else 256
+        if args.batch_size == "auto" and not (args.smoothing or args.splitz):
+            raise CertifyError("--batch-size auto sizes the smoothing batches; give a number for the margin "
+                               "certificate")
+        if args.batch_size != "auto" and args.batch_size < 1:
             raise CertifyError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None:
             if args.threads < 1:
@@ -746,7 +783,9 @@ def add_parser(sub) -> None:
                    "dataset (digits, mnist, cifar10); with --checkpoint, default: the one it was trained on")
     p.add_argument("--data-root", metavar="DIR", help="folder of the mnist / cifar10 files")
     p.add_argument("--limit", type=int, metavar="N", help="certify the first N points only")
-    p.add_argument("--batch-size", type=int, default=256, help="inputs (or noise draws) per forward pass")
+    p.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="inputs (or noise draws) per forward pass, or 'auto': for smoothing, the largest batch "
+                        "that fits on the GPU by itself (default: auto for smoothing on a GPU, else 256)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--eps", type=float, nargs="+", metavar="EPS",
                    help="l2 radii of the table (default: with --checkpoint its training run's, else 0 36/255 "
