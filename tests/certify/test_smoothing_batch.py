@@ -66,3 +66,21 @@ def test_certify_batch_size_auto(tmp_path, capsys):
     assert "--batch-size auto" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([*common, "--batch-size", "lots"])
+
+
+@pytest.mark.gpu
+def test_largest_batch_on_a_gpu_stops_at_the_allocator_and_certifies_alike():
+    """On a real GPU: a conv base model whose activations outgrow the free memory at some batch; the size found
+    fits in the free memory (its activations' bytes), and twice it was refused by the allocator only near
+    that limit (within the model's unknown workspace, a factor 8), not early; a small cap is respected."""
+    device = torch.device("cuda")
+    base = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10)).to(device)
+    base(torch.zeros(1, 3, 64, 64, device=device))
+    smoother = RandomizedSmoothing(base.eval(), 0.25, 10)
+    x = torch.rand(3, 64, 64, device=device)
+    free, _ = torch.cuda.mem_get_info(device)
+    cap = 2 ** 40
+    chosen = smoother.largest_batch(x, cap)
+    per_draw = 64 * 64 * 64 * 4 + 3 * 64 * 64 * 4  # activations and the noisy input, bytes
+    assert chosen * per_draw <= free * 1.5 and chosen * 2 * per_draw >= free / 8
+    assert smoother.largest_batch(x, 1000) <= 1000
