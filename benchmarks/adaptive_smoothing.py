@@ -71,11 +71,20 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 0.75])
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--model-cache", help="load the trained model from here if it exists, else save it there")
     args = parser.parse_args()
     torch.set_num_threads(1)
     (x_train, y_train), (x_test, y_test) = _data(args)
     start = time.perf_counter()
-    model = train(args, x_train, y_train)
+    if args.model_cache and Path(args.model_cache).exists():
+        model = build_model("splitz-s", num_classes=10, in_channels=x_train.shape[1], input_size=x_train.shape[-1],
+                            sigma=args.sigma)
+        model.load_state_dict(torch.load(args.model_cache, weights_only=True))
+        model.eval()
+    else:
+        model = train(args, x_train, y_train)
+        if args.model_cache:
+            torch.save(model.state_dict(), args.model_cache)
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()

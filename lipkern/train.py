@@ -762,6 +762,7 @@ def _run(c: TrainConfig, device: torch.device, dist_state: _Dist) -> dict:
             if c.loss == "splitz":
                 result["certification"] = certify_splitz_model(model, x_test[:limit], y_test[:limit], c.eps,
                                                                num_samples=c.certify_samples, seed=c.seed,
+                                                               evaluation=c.certify_evaluation,
                                                                log=lambda *a: _log(dist_state, *a))
             else:
                 result["certification"] = certify_model(model, x_test[:limit], y_test[:limit], c.eps,
@@ -926,19 +927,20 @@ def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, me
 
 def certify_splitz_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, num_samples: int = 10_000,
                          num_select: int = 100, alpha: float = 0.001, batch_size: int = 1000, seed: int = 0,
-                         log=print) -> dict:
+                         evaluation: str | None = "auto", log=print) -> dict:
     """SPLITZ certified accuracy of a :class:`lipkern.models.SplitzNet` on (x, y): for every point the class and
     radius of :class:`lipkern.certify.SplitzCertifier` (randomized smoothing of ``model.right`` at
     ``model.left(x)`` with σ = ``model.sigma``, point i with noise seed ``seed + i``, divided by the left half's
-    sound local Lipschitz bound), holding with probability ≥ 1 − alpha each. The result has the keys of
-    ``lipkern certify --splitz``'s JSON."""
+    sound local Lipschitz bound; ``evaluation``: the left half's rounding covered, see SplitzCertifier),
+    holding with probability ≥ 1 − alpha each. The result has the keys of ``lipkern certify --splitz``'s
+    JSON."""
     import argparse
 
     from lipkern.cli.certify import certify_smoothing
 
     args = argparse.Namespace(sigma=None, n0=num_select, n=num_samples, alpha=alpha, skip=1, seed=seed,
                               adaptive=False, predict=False, splitz=True, output=None, resume=False,
-                              eps=list(eps), batch_size=batch_size)
+                              eps=list(eps), batch_size=batch_size, evaluation=evaluation)
     device = next(model.parameters()).device
     start = time.perf_counter()
     log(f"certify: SPLITZ (sigma {model.sigma}, {num_select} + {num_samples:,} draws, alpha {alpha}) on "

@@ -379,7 +379,7 @@ def test_certify_exact_evaluation_and_the_deprecated_float64(tiny, capsys):
     code, out64, err = _run(_tiny_args(tmp_path, "--lipschitz", 2.5, "--float64"), capsys)
     assert code == 0 and "--float64 is deprecated" in err and "network as it runs: float32" in out64
     code, _, err = _run(_tiny_args(tmp_path, "--evaluation", "exact", "--smoothing", "--sigma", 0.1), capsys)
-    assert code == 2 and "--evaluation applies to the Lipschitz-margin certificate" in err
+    assert code == 2 and "--evaluation applies to the Lipschitz-margin and SPLITZ certificates" in err
 
 
 @pytest.mark.parametrize("method", ["liplt", "product"])

@@ -82,11 +82,24 @@ def adaptive_looks(n_max: int, first: int = 1000) -> list[int]:
     return looks + [n_max]
 
 
-def adaptive_decision(successes, trials, look_alpha: float, thresholds) -> tuple:
+def adaptive_alphas(alpha: float, looks: int) -> list[float]:
+    """The levels of the adaptive CERTIFY's looks, summing to alpha: half of it for the last look (where the
+    points near a threshold end, so their radius is close to fixed n's), the other half shared by the earlier
+    looks (where the points far from every threshold stop); alpha itself for a single look."""
+    if looks <= 1:
+        return [alpha]
+    return [alpha / (2 * (looks - 1))] * (looks - 1) + [alpha / 2]
+
+
+def adaptive_decision(successes, trials, look_alpha: float, thresholds, n_max: int | None = None,
+                      final_alpha: float | None = None) -> tuple:
     """One look of the adaptive CERTIFY, vectorized over points (numpy arrays or scalars): the one-sided
     Clopper–Pearson lower and upper bounds of n_A/t at level ``look_alpha`` each, the number of ``thresholds``
-    (increasing probabilities Φ(ε_k/σ)) the lower bound exceeds, and whether the outcome is settled (every
-    threshold exceeded, or the upper bound at or below the next one: that radius is out of reach)."""
+    (increasing probabilities Φ(ε_k/σ)) the lower bound exceeds, and whether the outcome is settled: every
+    threshold exceeded; or the upper bound at or below the next one (that radius is out of reach); or, given
+    ``n_max`` and ``final_alpha``, the next radius out of reach at n_max too: with p at its 95 % upper estimate
+    the last look's lower bound would stay at or below the next threshold. (A stopping rule: the guarantee
+    holds whichever it is; this one trades rarely a radius that fixed n would reach for fewer draws.)"""
     import numpy as np
     from scipy.stats import beta
 
@@ -96,7 +109,13 @@ def adaptive_decision(successes, trials, look_alpha: float, thresholds) -> tuple
     levels = np.asarray(thresholds, dtype=float)
     reached = (lower[..., None] > levels).sum(-1)
     following = np.append(levels, 2.0)[reached]  # the next threshold (2: none left)
-    return lower, upper, reached, (reached == len(levels)) | (upper <= following)
+    settled = (reached == len(levels)) | (upper <= following)
+    if n_max is not None and final_alpha is not None:
+        hopeful = np.where(k < t, beta.ppf(0.95, k + 1, np.maximum(t - k, 1)), 1.0)
+        best = np.clip(np.ceil(hopeful * n_max), 1, n_max)
+        best_lower = beta.ppf(final_alpha, best, n_max - best + 1)
+        settled = settled | ((best_lower <= following) & (t < n_max))
+    return lower, upper, reached, settled
 
 
 class RandomizedSmoothing:
@@ -260,14 +279,16 @@ class RandomizedSmoothing:
         settled: (class, radius, noise draws used, selection included), or (ABSTAIN, 0.0, draws).
 
         n0 draws select ĉ_A as in :meth:`certify`; then draws continue in one stream and the counts are looked at
-        after t_1 < … < t_J = n_max draws (:func:`adaptive_looks`). At each look the one-sided Clopper–Pearson
-        lower bound L_j of p_A is taken at level alpha/J. Why any stopping rule keeps the guarantee: the event
-        "L_j ≤ p_A at every look j" fails with probability ≤ Σ_j alpha/J = alpha (a union bound over the J looks,
-        each bound exact for the binomial count at its fixed t_j, whatever happened before); on that event the
-        radius σ·Φ⁻¹(L_j) reported at the look where it stops is certified, whichever look that is. The stopping
-        rule (:func:`adaptive_decision`): every requested radius certified, or the upper bound (same level) at or
-        below Φ(ε/σ) for the next radius, which then needs p_A above where it lies; else the next look. The price:
-        the last look's bound is at alpha/J instead of alpha (J = 8 for n_max = 100,000 from 1,000)."""
+        after t_1 < … < t_J = n_max draws (:func:`adaptive_looks`). At look j the one-sided Clopper–Pearson
+        lower bound L_j of p_A is taken at level α_j (:func:`adaptive_alphas`: alpha/2 at the last look, alpha/2
+        shared by the others). Why any stopping rule keeps the guarantee: the event "L_j ≤ p_A at every look j"
+        fails with probability ≤ Σ_j α_j = alpha (a union bound over the J looks, each bound exact for the
+        binomial count at its fixed t_j, whatever happened before); on that event the radius σ·Φ⁻¹(L_j) reported
+        at the look where it stops is certified, whichever look that is. The stopping rule
+        (:func:`adaptive_decision`): every requested radius certified; or the upper bound (same level) at or below
+        Φ(ε/σ) for the next radius, which then needs p_A above where it lies; or that radius out of reach even at
+        n_max for p at its 95 % upper estimate; else the next look. The price: the last look's bound is at
+        alpha/2 instead of alpha."""
         for name, value in (("n0", n0), ("n_max", n_max), ("first", first)):
             if not is_int(value) or value <= 0:
                 raise ValueError(f"RandomizedSmoothing.certify_adaptive: {name} must be a positive int, got "
@@ -280,7 +301,7 @@ class RandomizedSmoothing:
 
         thresholds = [float(norm.cdf(r / self.sigma)) for r in radii]
         looks = adaptive_looks(n_max, first)
-        look_alpha = alpha / len(looks)
+        alphas = adaptive_alphas(alpha, len(looks))
         x = self._check_input(x)
         (selection,) = self._run(x, [n0], batch_size, seed, False)
         top = max(range(self.num_classes), key=lambda c: (selection[c], -c))
@@ -291,10 +312,11 @@ class RandomizedSmoothing:
             if isinstance(base, nn.Module):
                 base.eval()
             with torch.inference_mode():
-                for t in looks:
+                for t, look_alpha in zip(looks, alphas):
                     successes += int(self._counts(x, t - done, batch_size, generator, None)[top])
                     done = t
-                    lower, _, _, settled = adaptive_decision(successes, t, look_alpha, thresholds)
+                    lower, _, _, settled = adaptive_decision(successes, t, look_alpha, thresholds, n_max,
+                                                             alphas[-1])
                     if bool(settled):
                         break
         finally:

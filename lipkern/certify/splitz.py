@@ -51,8 +51,54 @@ _U = 2.0 ** -53
 _GAMMA_STEPS = 14
 
 
+_TINY = 2.0 ** -1022  # the smallest normal float64: below it, relative rounding bounds fail
+
+
 def _round_up(value: float, roundings: int = 4) -> float:
-    return value * (1 + roundings * _U) if value > 0 else value
+    """An upper bound of a positive value carrying ``roundings`` relative roundings; never below the smallest
+    normal number when positive (a subnormal result's rounding error is not relative), +inf for NaN."""
+    if math.isnan(value):
+        return math.inf
+    if value <= 0:
+        return value
+    return max(value * (1 + roundings * _U), _TINY)
+
+
+def _product_up(left: float, right: float) -> float:
+    """An upper bound of left·right (both ≥ 0) that survives underflow: +inf if either is NaN or the product
+    overflows; the product rounded up and at least the smallest normal number when both are positive."""
+    if math.isnan(left) or math.isnan(right):
+        return math.inf
+    if left == 0 or right == 0:
+        return 0.0
+    product = left * right
+    if product < _TINY:  # below the normal range (or flushed to 0): the true product is below the next float
+        return math.nextafter(_TINY, math.inf)
+    return _round_up(product, 2)
+
+
+def _norms_up(matrix: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Upper bounds of the ℓ₂ norms of the rows (``dim=1``) or of the whole matrix (Frobenius, ``dim=None``),
+    free of underflow: each row (or the matrix) is scaled by a power of two so that its largest entry lies in
+    [0.5, 1), then the norm is rounded up (relative (n + 2)·u, doubled) plus the entries that the scaling made
+    subnormal (≤ √n·2⁻¹⁰⁷⁴ each, scaled back). Non-finite entries give +inf."""
+    absolute = matrix.abs()
+    if absolute.numel() == 0:
+        return absolute.new_zeros(absolute.shape[0] if dim is not None else ())
+    largest = absolute.amax(dim=dim, keepdim=dim is not None)
+    exponent = torch.frexp(torch.where(largest > 0, largest, torch.ones_like(largest))).exponent
+    scaled = torch.ldexp(absolute, -exponent.to(absolute.dtype))
+    length = absolute.shape[dim] if dim is not None else absolute.numel()
+    norms = torch.linalg.vector_norm(scaled, dim=dim) * (1 + 2 * (length + 2) * _U) + math.sqrt(length) * 2.0 ** -1074
+    exponent = exponent.squeeze(dim) if dim is not None else exponent
+    bound = torch.ldexp(norms, exponent.to(norms.dtype))
+    bound = torch.where(largest.squeeze(dim) > 0 if dim is not None else largest > 0, bound, torch.zeros_like(bound))
+    return torch.where(torch.isfinite(bound), bound, torch.full_like(bound, math.inf))
+
+
+def _varying(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Units whose deviation box is not {0} (NaN counts as moving)."""
+    return ~((hi <= 0) & (lo >= 0))
 
 
 # --- the local bound -------------------------------------------------------------------------------------
@@ -140,11 +186,12 @@ def _compose(outer: tuple, inner: tuple) -> tuple:
     m1, b1, e1, eb1 = inner
     inner_length = m2.shape[1] if m2.dim() == 2 and m1.dim() == 2 else 1
     g = _dot_gamma(inner_length)
+    g_vector = _dot_gamma(m2.shape[1] + 1) if m2.dim() == 2 else _dot_gamma(1)  # M₂·b₁ + b₂: a dot product
     a2, a1 = m2.abs(), m1.abs()
     matrix = _mul(m2, m1)
     error = g * _mul(a2, a1)
     bias = _matvec(m2, b1) + b2
-    bias_error = g * (_matvec(a2, b1.abs()) + b2.abs())
+    bias_error = g_vector * (_matvec(a2, b1.abs()) + b2.abs())
     if e2 is not None:
         error = error + _mul(e2, a1 + (e1 if e1 is not None else 0))
         bias_error = bias_error + _matvec(e2, b1.abs() + (eb1 if eb1 is not None else 0))
@@ -154,7 +201,8 @@ def _compose(outer: tuple, inner: tuple) -> tuple:
         bias_error = bias_error + _matvec(a2, eb1)
     if eb2 is not None:
         bias_error = bias_error + eb2
-    return matrix, bias, error * (1 + 2 * g) + 1e-300, bias_error * (1 + 2 * g) + 1e-300
+    underflow = (m2.shape[1] + 2 if m2.dim() == 2 else 2) * 2.0 ** -1073  # products below the normal range
+    return matrix, bias, error * (1 + 2 * g) + underflow, bias_error * (1 + 2 * g_vector) + underflow
 
 
 def _batchnorm_piece(layer: nn.Module, shape: tuple[int, ...]) -> tuple:
@@ -191,8 +239,7 @@ def _pool_columns(layer: nn.Module, piece: tuple, shape: tuple[int, ...]) -> tup
     (and bias) as images of ``shape``. Pooling is a non-negative linear map P (rows summing to ≤ 1), so the
     float64 result is within γ_w·P|M| of P·M (w = window area + 1 roundings), and P·E bounds the old error."""
     matrix, bias, error, bias_error = piece
-    if len(shape) != 3:
-        raise ValueError(f"LocalReluLipschitz: {layer} needs inputs (C, H, W), got {shape}")
+    _check_pooling(layer, shape)
     kernel = layer.kernel_size if isinstance(layer.kernel_size, tuple) else (layer.kernel_size,) * 2
     g = _dot_gamma(math.prod(kernel) + 1)
 
@@ -205,7 +252,15 @@ def _pool_columns(layer: nn.Module, piece: tuple, shape: tuple[int, ...]) -> tup
     new_bias = pool(bias[:, None])[:, 0]
     new_bias_error = g * pool(bias.abs()[:, None])[:, 0] + (pool(bias_error[:, None])[:, 0]
                                                             if bias_error is not None else 0)
-    return new_matrix, new_bias, new_error * (1 + 2 * g) + 1e-300, new_bias_error * (1 + 2 * g) + 1e-300
+    underflow = (math.prod(kernel) + 2) * 2.0 ** -1073
+    return new_matrix, new_bias, new_error * (1 + 2 * g) + underflow, new_bias_error * (1 + 2 * g) + underflow
+
+
+def _check_pooling(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    if len(shape) != 3:
+        raise ValueError(f"LocalReluLipschitz: {layer} needs inputs (C, H, W), got {shape}")
+    if layer.divisor_override is not None and layer.divisor_override <= 0:
+        raise ValueError(f"LocalReluLipschitz: {layer} has divisor_override <= 0 (a negative or infinite map)")
 
 
 def _maxmin_pairs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +282,7 @@ def _norm_upper(matrix: torch.Tensor, error: torch.Tensor | None = None) -> floa
         return 0.0
     value = matrix_norm_upper(matrix)
     if error is not None:
-        value = _round_up(value + 2 * float(error.norm()), 2)
+        value = _round_up(value + 2 * float(_norms_up(error)), 2)
     return value
 
 
@@ -300,8 +355,7 @@ class LocalReluLipschitz:
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return _batchnorm_piece(layer, shape), shape
         if isinstance(layer, nn.AvgPool2d):
-            if len(shape) != 3:
-                raise ValueError(f"LocalReluLipschitz: {layer} needs inputs (C, H, W), got {shape}")
+            _check_pooling(layer, shape)
             out_shape = _output_shape(layer, shape)
             if math.prod(shape) * math.prod(out_shape) > self.max_entries:
                 raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
@@ -319,6 +373,9 @@ class LocalReluLipschitz:
 
     def _affine_op(self, piece: tuple) -> tuple:
         matrix, bias, error, bias_error = piece
+        if not all(bool(torch.isfinite(t).all()) for t in piece if t is not None):
+            raise ValueError("LocalReluLipschitz: the left half's weights (or BatchNorm's scales, or their "
+                             "composition in float64) are not finite: no finite bound")
         if matrix.dim() == 1:  # a lone diagonal (BatchNorm between two activations)
             if matrix.numel() ** 2 > self.max_entries:
                 raise ValueError(f"LocalReluLipschitz: a BatchNorm of {matrix.numel()} units between two "
@@ -333,7 +390,7 @@ class LocalReluLipschitz:
             value = 1.0
             for op in self.ops:
                 if op[0] == "affine":
-                    value = _round_up(value * _norm_upper(op[1], op[3]), 2)
+                    value = _product_up(value, _norm_upper(op[1], op[3]))
             self._global = value
         return self._global
 
@@ -357,21 +414,21 @@ class LocalReluLipschitz:
                 pending = (matrix[:, varying], None if matrix_error is None else matrix_error[:, varying],
                            index, varying)
                 centre, error, lo, hi = self._affine_step(op, centre, error, lo, hi, pending, gamma * prefix)
-                varying = (hi > 0) | (lo < 0)
+                varying = _varying(lo, hi)
                 continue
             if op[0] == "relu":
                 lo, hi, centre = self._relu_step(centre, error, lo, hi)
-                rows = varying = (hi > 0) | (lo < 0)
+                rows = varying = _varying(lo, hi)
             else:  # MaxMin: ‖ΔMaxMin(z)‖ ≤ ‖P Δz‖ with P the units of z that move
                 rows = varying
                 centre, error, lo, hi = self._maxmin_step(op[1], op[2], centre, error, lo, hi)
-                varying = (hi > 0) | (lo < 0)
+                varying = _varying(lo, hi)
             if pending is not None:  # (an activation first or after another has slope ≤ 1: nothing to multiply)
-                prefix = _round_up(prefix * self._masked_norm(pending, rows), 2)
+                prefix = _product_up(prefix, self._masked_norm(pending, rows))
                 pending = None
         if pending is not None:
-            prefix = _round_up(prefix * self._masked_norm(pending, None), 2)
-        return prefix
+            prefix = _product_up(prefix, self._masked_norm(pending, None))
+        return prefix if not math.isnan(prefix) else math.inf
 
     def _masked_norm(self, pending: tuple, rows: torch.Tensor | None) -> float:
         """Bound of ‖P_rows A P_columns‖ (cached by the masks)."""
@@ -392,13 +449,18 @@ class LocalReluLipschitz:
         absolute = matrix.abs()
         deviation = torch.maximum(lo.abs(), hi.abs())
         new_centre = matrix @ centre + bias
-        new_error = (absolute @ error) * (1 + g) + g * (absolute @ centre.abs() + bias.abs())
-        slack = g * (absolute @ deviation)
-        row_norms = masked[0].norm(dim=1) * (1 + g) * radius * (1 + 4 * _U)
+        underflow = length * 2.0 ** -1073  # products below the normal range round absolutely
+        new_error = (absolute @ error) * (1 + g) + g * (absolute @ centre.abs() + bias.abs()) + underflow
+        slack = g * (absolute @ deviation) + underflow
+        row_norms = _norms_up(masked[0], dim=1)
         if matrix_error is not None:  # the exact map differs from `matrix` by at most E entrywise
-            new_error = new_error + (matrix_error @ (centre.abs() + error)) * (1 + g)
-            slack = slack + (matrix_error @ deviation) * (1 + g)
-            row_norms = row_norms + 2 * masked[1].norm(dim=1) * radius * (1 + 4 * _U)
+            new_error = new_error + (matrix_error @ (centre.abs() + error)) * (1 + g) + underflow
+            slack = slack + (matrix_error @ deviation) * (1 + g) + underflow
+            row_norms = row_norms + 2 * _norms_up(masked[1], dim=1)
+        # |Δz_i| ≤ ‖row_i‖·radius; a product in the subnormal range rounds absolutely: no clipping there
+        clip = row_norms * radius * (1 + 4 * _U)
+        row_norms = torch.where((clip >= _TINY) | (row_norms == 0) | (radius == 0), clip,
+                                torch.full_like(clip, math.inf))
         if bias_error is not None:
             new_error = new_error + bias_error
         new_error = new_error * (1 + 4 * _U) + 1e-300
@@ -436,6 +498,31 @@ class LocalReluLipschitz:
         for index in (first, second):
             new_error[index], new_lo[index], new_hi[index] = pair_error, pair_lo, pair_hi
         return new_centre, new_error, new_lo, new_hi
+
+
+def _structure(module) -> tuple:
+    """What a module computes besides its tensors: every submodule's type and attributes (numbers, strings and
+    tuples of them by value, hooks and other objects by identity, the tensor and child names)."""
+    if not isinstance(module, nn.Module):
+        return (id(module),)
+    from torch.nn.modules import module as torch_module
+
+    items = []
+    for name, sub in module.named_modules():
+        attributes = []
+        for key, value in sorted(vars(sub).items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                attributes.append((key, tuple(value)))
+            elif isinstance(value, (bool, int, float, str, type(None))) or (
+                    isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)):
+                attributes.append((key, value))
+            elif isinstance(value, dict):
+                attributes.append((key, tuple((k, id(v)) for k, v in value.items())))
+            elif not isinstance(value, torch.Tensor):  # (tensors: compared by value elsewhere, or caches)
+                attributes.append((key, id(value)))
+        items.append((name, type(sub), tuple(attributes)))
+    hooks = (tuple(torch_module._global_forward_hooks), tuple(torch_module._global_forward_pre_hooks))
+    return tuple(items), hooks
 
 
 def _rows(matrix: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
@@ -477,40 +564,68 @@ class SplitzCertifier:
 
     ``input_shape``: one input of ``left`` without the batch dim (needed for the global bound; default: the
     shape of the x given to certify). ``local_lipschitz``: optional callable (x, gamma) -> float bounding
-    left's local Lipschitz constant on B(x, gamma) (the user's responsibility)."""
+    left's local Lipschitz constant on B(x, gamma) (the user's responsibility).
+
+    ``evaluation``: what the radius covers, as in :func:`lipkern.certify.certified_accuracy`. With "auto" (the
+    default: the left half's own precision, TF32 where PyTorch lets float32 matmuls use it), "float32", "tf32"
+    or "float64" the smoothed classifier is the deployed one, right's smoothing at the left half AS COMPUTED in
+    that precision in any summation order: :class:`lipkern.certify.rounding.RoundingAnalysis` bounds
+    ‖f̂_L(z) − f_L(z)‖ ≤ P + Q·‖z − x‖ on the ball, so ‖f̂_L(x') − f̂_L(x)‖ ≤ (L + Q)·r + 2P and the radius is
+    min((R_right − 2P)/(L(x, γ) + Q), γ). With "exact" the smoothed classifier uses the real-arithmetic left
+    half: R_right is reduced by a bound of ‖left(x) as computed − f_L(x)‖. With None the rounding of the left
+    half is not bounded (the radius holds for the real-arithmetic left half only up to it): the choice for a
+    left half the rounding analysis does not parse."""
 
     def __init__(self, left: nn.Module, right: nn.Module, sigma: float, num_classes: int,
                  input_shape: Sequence[int] | None = None,
                  local_lipschitz: Callable[[torch.Tensor, float], float] | None = None, *,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, evaluation: str | None = "auto"):
         if not callable(left):
             raise TypeError(f"SplitzCertifier: left must be a module or callable, got {type(left).__name__}")
         if local_lipschitz is not None and not callable(local_lipschitz):
             raise TypeError("SplitzCertifier: local_lipschitz must be a callable (x, gamma) -> float")
+        if evaluation not in ("auto", "float32", "tf32", "float64", "exact", None):
+            raise ValueError(f"SplitzCertifier: evaluation must be 'auto', 'float32', 'tf32', 'float64', 'exact' "
+                             f"or None, got {evaluation!r}")
+        if evaluation is not None and not isinstance(left, nn.Module):
+            raise ValueError("SplitzCertifier: the rounding of a left half that is not an nn.Module is not "
+                             "analyzed: pass evaluation=None (the radius then ignores its rounding)")
+        self.evaluation = evaluation
         self.left = left
         self.smoothing = RandomizedSmoothing(right, sigma, num_classes, autocast_dtype=autocast_dtype)
         self.input_shape = as_shape(input_shape, "input_shape") if input_shape is not None else None
         self.local_lipschitz = local_lipschitz
         self._local: LocalReluLipschitz | None = None
         self._global: float | None = None
+        self._analysis = None  # RoundingAnalysis of the left half (evaluation not None)
         self._prepared = False
 
     @property
     def sigma(self) -> float:
         return self.smoothing.sigma
 
-    def _same_weights(self) -> bool:
-        """The left half's parameters and buffers equal (values, not only versions: ``.data`` edits bypass
-        version counters) those the bounds were computed for; records the current ones otherwise."""
+    def _same_left(self, shape: tuple[int, ...], precision: str | None) -> bool:
+        """The left half is the one the bounds were computed for: the same parameter and buffer values (not only
+        versions: ``.data`` edits bypass version counters), the same modules with the same attributes and hooks
+        (a swapped layer, a changed BatchNorm eps or a Spectral layer's ``certified`` flag), the same input
+        shape and precision. Records the current state otherwise."""
         tensors = [t.detach() for t in (*self.left.parameters(), *self.left.buffers())] \
             if isinstance(self.left, nn.Module) else []
+        key = (_structure(self.left), shape, precision)
         snapshot = getattr(self, "_snapshot", None)
-        same = snapshot is not None and len(snapshot) == len(tensors) and all(
+        same = snapshot is not None and snapshot[0] == key and len(snapshot[1]) == len(tensors) and all(
             a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-            for a, b in zip(snapshot, tensors))
+            for a, b in zip(snapshot[1], tensors))
         if not same:
-            self._snapshot = [t.clone() for t in tensors]
+            self._snapshot = (key, [t.clone() for t in tensors])
         return same
+
+    def _precision(self, device: torch.device) -> str | None:
+        if self.evaluation != "auto":
+            return self.evaluation
+        from lipkern.certify.margin import deployed_evaluation
+
+        return deployed_evaluation(self.left, device)
 
     # -- L_left ----------------------------------------------------------------------------------------------
     def _prepare(self, shape: tuple[int, ...]) -> None:
@@ -533,10 +648,31 @@ class SplitzCertifier:
                 self._local = LocalReluLipschitz(self.left, shape)
             except ValueError as err:  # e.g. too large for dense matrices
                 errors.append(str(err))
-        if self._local is None and self._global is None:
+        if self._local is None and self._global is None and self.local_lipschitz is None:
             raise ValueError("SplitzCertifier: no Lipschitz bound for left (neither LocalReluLipschitz nor "
                              "lipkern.bounds.lipschitz_bound applies): pass local_lipschitz=. "
                              + " | ".join(errors))
+
+    def _rounding(self, x: torch.Tensor, z: torch.Tensor, precision: str | None) -> tuple[float, float]:
+        """(what the rounding takes from R_right, what it adds to L) for ``evaluation`` (class docstring)."""
+        if precision is None:
+            return 0.0, 0.0
+        if self._analysis is None:
+            from lipkern.certify.rounding import RoundingAnalysis
+
+            try:
+                self._analysis = RoundingAnalysis(self.left, tuple(x.shape),
+                                                  None if precision == "exact" else precision, device=x.device)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"SplitzCertifier: the rounding of this left half is not analyzed ({err}); "
+                                 "pass evaluation=None to certify the real-arithmetic left half only") from None
+        with torch.inference_mode():
+            error = self._analysis(x[None])
+        exact, center, slope = float(error.exact[0]), float(error.center[0]), float(error.slope)
+        if precision != "exact":  # ‖f̂(x') − f̂(x)‖ ≤ ‖f(x') − f(x)‖ + (P + Q·r) + P
+            return _round_up(2 * center, 1), slope
+        gap = float(_norms_up(z.to(torch.float64).reshape(-1) - error.logits[0].reshape(-1)))
+        return _round_up(gap + exact, 2), 0.0
 
     def lipschitz_at(self, x: torch.Tensor, gamma: float) -> float:
         """The bound of left's Lipschitz constant on B(x, gamma) used by :meth:`certify`: the user's callable,
@@ -547,28 +683,30 @@ class SplitzCertifier:
                 raise ValueError(f"SplitzCertifier: local_lipschitz returned {value}, not a number >= 0")
             return value
         self._prepare(self.input_shape or tuple(x.shape))
-        if self._local is None:
-            return self._global
-        local_value = self._local(x, gamma)
-        return local_value if self._global is None else min(local_value, self._global)
+        candidates = [v for v in (self._global, None if self._local is None else self._local(x, gamma))
+                      if v is not None]
+        return math.inf if any(math.isnan(v) for v in candidates) else min(candidates)
 
-    def best_radius(self, x: torch.Tensor, right_radius: float,
-                    steps: int = _GAMMA_STEPS) -> tuple[float, float]:
-        """(radius, gamma) = a γ maximizing min(right_radius / L(x, γ), γ), by bisection on the crossing
-        γ = right_radius / L(x, γ) (exact for a constant L). Every candidate is a valid certificate; the best
-        evaluated one is returned."""
+    def best_radius(self, x: torch.Tensor, right_radius: float, steps: int = _GAMMA_STEPS,
+                    slope: float = 0.0) -> tuple[float, float]:
+        """(radius, gamma) = a γ maximizing min(right_radius / (L(x, γ) + slope), γ), by bisection on the
+        crossing (exact for a constant L). Every candidate is a valid certificate; the best evaluated one is
+        returned. ``slope``: the rounding's growth with the radius (class docstring)."""
         if right_radius <= 0:
             return 0.0, 0.0
 
-        def candidate(gamma: float) -> float:
-            value = self.lipschitz_at(x, gamma)
-            return min(_quotient_down(right_radius, value), gamma)
+        def bound(gamma: float) -> float:
+            value = self.lipschitz_at(x, gamma) + slope
+            return math.nextafter(value, math.inf) if slope and math.isfinite(value) else value
 
-        l_far = self.lipschitz_at(x, math.inf)
+        def candidate(gamma: float) -> float:
+            return min(_quotient_down(right_radius, bound(gamma)), gamma)
+
+        l_far = bound(math.inf)
         if l_far == 0:  # left is constant: any perturbation keeps f_L(x)
             return math.inf, math.inf
         low = _quotient_down(right_radius, l_far)  # the crossing is ≥ R / L(∞) ...
-        l_near = self.lipschitz_at(x, low * 1e-3)  # ... and ≤ R / L(γ) for γ below it
+        l_near = bound(low * 1e-3)  # ... and ≤ R / L(γ) for γ below it
         high = right_radius / l_near if l_near > 0 else 2 * low
         while l_near == 0 and high < 1e12 * low and candidate(high) >= high:  # L(γ) = 0 near x
             low, high = high, 2 * high
@@ -594,8 +732,9 @@ class SplitzCertifier:
         at z = left(x) (:class:`RandomizedSmoothing`, same arguments); radius = min(R_right / L(x, γ), γ) at
         the γ found by :meth:`best_radius`. Holds with probability ≥ 1 − alpha. x: one input, no batch dim."""
         x = self.smoothing._check_input(x)
-        if not self._same_weights():  # the bounds of the current weights
-            self._local, self._global, self._prepared = None, None, False
+        precision = self._precision(x.device) if self.evaluation is not None else None
+        if not self._same_left(self.input_shape or tuple(x.shape), precision):  # bounds of the current left half
+            self._local, self._global, self._analysis, self._prepared = None, None, None, False
         was_training = getattr(self.left, "training", None)
         try:
             if isinstance(self.left, nn.Module):
@@ -610,7 +749,11 @@ class SplitzCertifier:
         label, right_radius = self.smoothing.certify(z.clone(), n0, n, alpha, batch_size, seed, progress)
         if label == ABSTAIN:
             return ABSTAIN, 0.0, 0.0
-        radius, gamma = self.best_radius(x, right_radius)
+        taken, slope = self._rounding(x, z, precision)
+        remaining = right_radius - taken
+        if not remaining > 0:  # the rounding of the left half uses up the right half's radius
+            return label, 0.0, 0.0
+        radius, gamma = self.best_radius(x, math.nextafter(remaining, 0.0) if taken else remaining, slope=slope)
         return label, radius, gamma
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -339,7 +340,8 @@ def _smoothing_settings(args, x) -> dict:
     return {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
             "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size,
             "adaptive": bool(args.adaptive), "eps": [float(e) for e in args.eps] if args.adaptive else None,
-            "splitz": bool(args.splitz), "predict": bool(args.predict)}
+            "splitz": bool(args.splitz), "predict": bool(args.predict),
+            "evaluation": getattr(args, "evaluation", None) if args.splitz else None}
 
 
 def _splitz_halves(model):
@@ -382,7 +384,7 @@ def _point_certifier(model, args, num_classes: int, device):
 
     if args.splitz:
         left, right, sigma = _splitz_halves(model)
-        splitz = SplitzCertifier(left, right, sigma, num_classes)
+        splitz = SplitzCertifier(left, right, sigma, num_classes, evaluation=args.evaluation)
         smoother = splitz.smoothing
     else:
         smoother = RandomizedSmoothing(model, args.sigma, num_classes)
@@ -530,10 +532,13 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
                           for j in range(0, len(indices), args.batch_size)])
     num = len(indices)
     mode = "smoothing-predict" if args.predict else "splitz" if args.splitz else "randomized-smoothing"
-    points = {"index": indices, "label": labels.tolist(), "prediction": predictions, "radius": radii,
+    points = {"index": indices, "label": labels.tolist(), "prediction": predictions,
+              "radius": [r if math.isfinite(r) else None for r in radii],  # None: unbounded (a constant left)
               "correct": correct.tolist(), "seconds": seconds, "samples": samples}
     if args.splitz and not args.predict:
         points["gamma"] = gammas
+    if args.predict:  # no radii: no certified-accuracy table
+        args.eps, counts = [], []
     return {"mode": mode, "eps": [float(e) for e in args.eps],
             "certified_accuracy": [c / num for c in counts], "certified_count": counts,
             "clean_accuracy": int(correct.sum()) / num, "clean_count": int(correct.sum()), "num_points": num,
@@ -541,7 +546,8 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
             "smoothing": {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
                           "skip": args.skip, "seed": args.seed, "abstained": predictions.count(-1),
                           "adaptive": bool(args.adaptive), "samples": sum(samples), "splitz": bool(args.splitz),
-                          "predict": bool(args.predict)},
+                          "predict": bool(args.predict),
+                          "evaluation": getattr(args, "evaluation", None) if args.splitz else None},
             "points": points}
 
 
@@ -579,7 +585,8 @@ def format_certify_table(result: dict, command: str = "certify") -> str:
             lines.append(f"certificate: SPLITZ, randomized smoothing of the right half (sigma = {s['sigma']}, "
                          f"n0 = {s['n0']}, n = {s['n']}, alpha = {s['alpha']}) divided by the left half's sound "
                          f"local Lipschitz bound (every {s['skip']}-th point; radii hold with probability "
-                         f">= 1 - alpha, for the exact-arithmetic left half)")
+                         f">= 1 - alpha)")
+            lines.append(_splitz_evaluation_line(s.get("evaluation")))
         else:
             lines.append(f"certificate: randomized smoothing, sigma = {s['sigma']}, n0 = {s['n0']}, "
                          f"n = {s['n']}, alpha = {s['alpha']} (every {s['skip']}-th point; radii hold with "
@@ -598,6 +605,17 @@ def format_certify_table(result: dict, command: str = "certify") -> str:
     lines.append("a point is certified at eps iff it is correctly classified and its certified radius is "
                  "> eps")
     return "\n".join(lines)
+
+
+def _splitz_evaluation_line(evaluation) -> str:
+    if evaluation is None:
+        return "left half: its rounding NOT bounded (the radii hold for the real-arithmetic left half up to it)"
+    if evaluation == "exact":
+        return ("left half: the real-arithmetic one (the computed left(x)'s distance to it charged to the radius); "
+                "its floating-point evaluation at other inputs is NOT covered")
+    what = "its own precision" if evaluation == "auto" else evaluation
+    return (f"left half as it runs: {what} evaluation in any summation order (its rounding charged to the radius: "
+            f"2P from the right half's radius, Q onto L)")
 
 
 def evaluation_line(result: dict) -> str:
@@ -717,9 +735,9 @@ def run(args) -> int:
             raise CertifyError("--splitz already smooths the right half: give --splitz or --smoothing, not both")
         if args.predict and args.plot:
             raise CertifyError("--predict gives no radii: there is no certified-accuracy curve to --plot")
-        if args.evaluation is not None and (args.smoothing or args.splitz or args.scripted or args.exported):
-            raise CertifyError("--evaluation applies to the Lipschitz-margin certificate of a model whose "
-                               "structure is known (--model or --checkpoint)")
+        if args.evaluation is not None and (args.smoothing or args.scripted or args.exported):
+            raise CertifyError("--evaluation applies to the Lipschitz-margin and SPLITZ certificates of a model "
+                               "whose structure is known (--model or --checkpoint)")
         model, description, structure_known = load_model(args)
         _certificate_defaults(args)
         if any(not e >= 0 for e in args.eps):

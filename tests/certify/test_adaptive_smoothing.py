@@ -11,7 +11,8 @@ from scipy.stats import norm
 from torch import nn
 
 from lipkern.certify import RandomizedSmoothing
-from lipkern.certify.smoothing import ABSTAIN, adaptive_decision, adaptive_looks, clopper_pearson_lower
+from lipkern.certify.smoothing import (ABSTAIN, adaptive_alphas, adaptive_decision, adaptive_looks,
+                                       clopper_pearson_lower)
 
 SIGMA, ALPHA, N_MAX = 0.5, 0.001, 100_000
 EPS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -23,15 +24,17 @@ def _simulate(p: float, points: int, seed: int):
     increments between looks): (final lower bound, draws) per point."""
     rng = np.random.default_rng(seed)
     looks = adaptive_looks(N_MAX)
+    alphas = adaptive_alphas(ALPHA, len(looks))
+    assert sum(alphas) <= ALPHA * (1 + 1e-12)
     successes = np.zeros(points, dtype=np.int64)
     lower = np.zeros(points)
     draws = np.zeros(points, dtype=np.int64)
     active = np.ones(points, dtype=bool)
     previous = 0
-    for t in looks:
+    for t, look_alpha in zip(looks, alphas):
         successes[active] += rng.binomial(t - previous, p, size=int(active.sum()))
         previous = t
-        low, _, _, settled = adaptive_decision(successes[active], t, ALPHA / len(looks), THRESHOLDS)
+        low, _, _, settled = adaptive_decision(successes[active], t, look_alpha, THRESHOLDS, N_MAX, alphas[-1])
         index = np.flatnonzero(active)
         lower[index], draws[index] = low, t
         active[index[settled]] = False
@@ -51,7 +54,7 @@ def test_false_certifications_stay_below_alpha(threshold):
 
 def test_the_stopping_rule_settles_early_away_from_the_thresholds():
     """Far from every threshold the procedure stops at the first looks; at the end it certifies the same
-    radii as fixed n = 100,000 would at level alpha, or one fewer (its last bound is at alpha/J)."""
+    radii as fixed n = 100,000 would at level alpha, or one fewer (its last bound is at alpha/2)."""
     for p, most in [(0.2, 1000), (0.999, 1000), (0.6, 4000)]:
         lower, draws = _simulate(p, 2000, seed=1)
         assert np.median(draws) <= most, (p, np.median(draws))

@@ -40,7 +40,11 @@ def test_identity_left_reproduces_cohen_exactly():
     label, radius = RandomizedSmoothing(right, 0.5, 3).certify(x, **ARGS)
     assert label != ABSTAIN and radius > 0
     for left in (nn.Identity(), nn.Sequential(nn.Identity(), nn.Flatten())):
-        assert SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS) == (label, radius, radius)
+        assert SplitzCertifier(left, right, 0.5, 3, evaluation=None).certify(x, **ARGS) == (label, radius, radius)
+        # the default covers the left half's float32 evaluation: an identity's rounding bound is a few tiny
+        # absolute terms (below float32's normal range), so the radius is Cohen's less an ulp or two
+        got_label, covered, _ = SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS)
+        assert got_label == label and radius * (1 - 1e-15) <= covered <= radius
 
 
 def test_scaled_left_scales_radius():
@@ -54,10 +58,13 @@ def test_scaled_left_scales_radius():
             left.weight.copy_(a * torch.eye(6))
         x = z / a
         label, cohen = RandomizedSmoothing(right, 0.5, 3).certify(left(x[None])[0].detach(), **ARGS)
-        got_label, radius, gamma = SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS)
+        got_label, radius, gamma = SplitzCertifier(left, right, 0.5, 3, evaluation=None).certify(x, **ARGS)
         assert got_label == label != ABSTAIN
         assert cohen / a * (1 - 1e-6) <= radius <= cohen / a
         assert gamma == pytest.approx(radius, rel=1e-6)
+        # covering left's float32 evaluation costs its rounding: 2P off R_right, Q onto L (≈ 1e-6 relative)
+        _, covered, _ = SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS)
+        assert cohen / a * (1 - 2e-5) <= covered < radius
 
 
 def test_bounds_follow_the_current_weights():
@@ -80,10 +87,11 @@ def test_gamma_search_with_user_bounds():
     right = _right()
     x = _certifiable_input(right)
     _, cohen = RandomizedSmoothing(right, 0.5, 3).certify(x, **ARGS)
-    constant = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: 2.0)
+    constant = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: 2.0, evaluation=None)
     label, radius, _ = constant.certify(x, **ARGS)
     assert radius == cohen / 2
-    growing = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: 1.0 + min(g, 1e9))
+    growing = SplitzCertifier(nn.Identity(), right, 0.5, 3, local_lipschitz=lambda x, g: 1.0 + min(g, 1e9),
+                              evaluation=None)
     label, radius, gamma = growing.certify(x, **ARGS)
     best = (math.sqrt(1 + 4 * cohen) - 1) / 2
     assert radius <= best * (1 + 1e-12)
@@ -205,7 +213,9 @@ def test_unsupported_left_uses_the_global_bound_or_says_why():
     torch.manual_seed(4)
     left = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
     x = _certifiable_input(right)
-    certifier = SplitzCertifier(left, right, 0.5, 3)
+    with pytest.raises(ValueError, match="evaluation=None"):  # Tanh's rounding is not analyzed: said so
+        SplitzCertifier(left, right, 0.5, 3).certify(x, **ARGS)
+    certifier = SplitzCertifier(left, right, 0.5, 3, evaluation=None)
     if not hasattr(bounds, "lipschitz_bound"):
         with pytest.raises(ValueError, match="local_lipschitz"):
             certifier.certify(x, **ARGS)
@@ -226,7 +236,7 @@ def test_unsupported_left_uses_the_global_bound_or_says_why():
             return x
 
     with pytest.raises((TypeError, ValueError), match="unsupported|local_lipschitz"):
-        SplitzCertifier(Custom(), right, 0.5, 3).certify(x, **ARGS)
+        SplitzCertifier(Custom(), right, 0.5, 3, evaluation=None).certify(x, **ARGS)
 
 
 def test_local_bound_is_capped_by_the_global_bound():
@@ -394,3 +404,120 @@ def test_local_bound_refuses_what_it_cannot_bound():
     untracked = nn.BatchNorm2d(2, track_running_stats=False)
     with pytest.raises(ValueError, match="nn.Sequential"):
         LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 2, 1), untracked), (1, 2, 2))
+
+
+# --- an independent review's counterexamples (each gave a bound below the true constant, or a stale one) -----
+def test_composed_bias_rounding_is_charged_at_the_dot_products_length():
+    """BatchNorm1d(4096) → Linear → ReLU → Linear with biases that cancel at 2⁶⁰: the float64 pre-activation
+    errs by ~1e-14·2⁶⁰; a bound of one rounding per entry made the active unit look inactive (L = 0 < 64)."""
+    from fractions import Fraction
+
+    n, k = 4096, 60
+    bn = nn.BatchNorm1d(n, eps=0.0).eval()
+    lin, out = nn.Linear(n, 1), nn.Linear(1, 1)
+    with torch.no_grad():
+        bn.running_mean.zero_(), bn.running_var.fill_(1.0), bn.weight.fill_(1.0)
+        beta = torch.full((n,), 2.0 ** (k - 54))
+        beta[0], beta[-1] = 2.0 ** k, 0.0
+        bn.bias.copy_(beta)
+        lin.weight.fill_(1.0), lin.bias.fill_(-(2.0 ** k)), out.weight.fill_(1.0), out.bias.zero_()
+        computed = (lin.weight.double() @ bn.bias.double() + lin.bias.double()).item()
+        exact = sum(Fraction(v) for v in bn.bias.tolist()) + Fraction(lin.bias.item())
+        bn.bias[-1] = -float((Fraction(computed) + exact) / 2)  # the exact value now lies past the float64 one
+    exact = sum(Fraction(v) for v in bn.bias.double().tolist()) + Fraction(lin.bias.item())
+    assert exact - 64 * 50 > 0  # the unit is active on every ball below: the local constant is 64
+    local = LocalReluLipschitz(nn.Sequential(bn, lin, nn.ReLU(), out), (n,))
+    assert all(local(torch.zeros(n), gamma) >= 64 for gamma in (1.0, 50.0))
+
+
+def test_underflow_never_hides_a_slope():
+    """Row norms whose squares underflow ([1e-170, 1e-170]) and products of norms that underflow (1e-38 nine
+    times, then 1e38 nine times) once gave L = 0: now a bound at or above the exact slope."""
+    a, b = nn.Linear(2, 2).double(), nn.Linear(2, 1).double()
+    with torch.no_grad():
+        a.weight.copy_(1e-170 * torch.eye(2, dtype=torch.float64)), a.bias.fill_(1e-160)
+        b.weight.fill_(1e170), b.bias.zero_()
+    local = LocalReluLipschitz(nn.Sequential(a, nn.ReLU(), b), (2,))
+    assert local(torch.zeros(2, dtype=torch.float64), 1.0) >= math.sqrt(2)
+    layers = []
+    for k in range(18):
+        layer = nn.Linear(1, 1)
+        with torch.no_grad():
+            layer.weight.fill_(1e-38 if k < 9 else 1e38), layer.bias.fill_(1.0)
+        layers += [layer, nn.ReLU()]
+    slope = math.prod(layer.weight.item() for layer in layers[::2])
+    local = LocalReluLipschitz(nn.Sequential(*layers[:-1]), (1,))
+    assert local.global_bound() >= slope and local(torch.zeros(1), 1.0) >= slope
+
+
+def test_unbounded_or_negative_maps_are_refused():
+    """A negative pooling divisor and a float64 composition that overflows (inf − inf) give no bound: a clear
+    error instead of a box that NaN comparisons drop."""
+    with pytest.raises(ValueError, match="divisor_override"):
+        LocalReluLipschitz(nn.Sequential(nn.Conv2d(1, 1, 1), nn.AvgPool2d(2, divisor_override=-1), nn.ReLU()),
+                           (1, 2, 2))
+    layers = []
+    for _ in range(8):
+        layer = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([[1e38, 0.0], [0.0, 1.0]]))
+        layers.append(layer)
+    last = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        last.weight.copy_(torch.tensor([[1e38, 1.0], [1e38, 0.0]]))
+    with pytest.raises(ValueError, match="not finite"):
+        LocalReluLipschitz(nn.Sequential(*layers, last, nn.Linear(2, 1), nn.ReLU()), (2,))
+
+
+def test_a_reused_certifier_follows_the_left_halfs_structure_attributes_and_shape():
+    """Bounds are reused while the left half is unchanged, and recomputed when a layer is swapped, a BatchNorm's
+    eps changes or the input shape changes: the reused certifier agrees with a fresh one every time."""
+    args = dict(n0=10, n=500, alpha=0.01, batch_size=500, seed=0)
+    right = nn.Linear(4, 2)
+    x = torch.zeros(4)
+    left = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        left[0].bias.fill_(-3.0)  # every ReLU inactive near x
+    reused = SplitzCertifier(left, right, 0.5, 2)
+    reused.certify(x, **args)
+    left[1] = nn.Identity()
+    assert reused.certify(x, **args) == SplitzCertifier(left, right, 0.5, 2).certify(x, **args)
+    bn = nn.BatchNorm1d(4, eps=1.0).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(1e-6)
+    left = nn.Sequential(nn.Linear(4, 4), bn)
+    reused = SplitzCertifier(left, nn.Linear(4, 2), 0.5, 2)
+    before = reused.certify(x, **args)
+    bn.eps = 1e-5
+    after = reused.certify(x, **args)
+    assert after == SplitzCertifier(left, reused.smoothing.base, 0.5, 2).certify(x, **args) != before
+    conv = nn.Conv2d(1, 1, (1, 3), padding=(0, 1), bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    left = nn.Sequential(conv, nn.MaxPool2d(1))  # the global bound only; it grows with the width
+    right = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+    reused = SplitzCertifier(left, right, 0.5, 2)
+    reused.certify(torch.ones(1, 1, 2), **args)
+    big = torch.ones(1, 1, 64)
+    assert reused.certify(big, **args) == SplitzCertifier(left, right, 0.5, 2).certify(big, **args)
+
+
+def test_the_left_halfs_rounding_is_charged_to_the_radius():
+    """left = Linear(+1e8 bias) then Linear(−1e8 bias): exactly the identity, but float32 returns 0 at x = 3.
+    The right half's class at the computed 0 is not the smoothed class at the exact 3: the certificate must
+    not claim a radius there, for the deployed (default) or the exact left half."""
+    a, b = nn.Linear(1, 1), nn.Linear(1, 1)
+    with torch.no_grad():
+        a.weight.fill_(1.0), a.bias.fill_(1e8), b.weight.fill_(1.0), b.bias.fill_(-1e8)
+    right = nn.Linear(1, 2)
+    with torch.no_grad():
+        right.weight.copy_(torch.tensor([[-1.0], [1.0]])), right.bias.copy_(torch.tensor([1.5, -1.5]))
+    args = dict(n0=100, n=2000, alpha=0.001, batch_size=1000, seed=0)
+    x = torch.tensor([3.0])
+    assert nn.Sequential(a, b)(x[None]).item() == 0.0
+    for evaluation in ("auto", "exact"):
+        label, radius, _ = SplitzCertifier(nn.Sequential(a, b), right, 0.25, 2, evaluation=evaluation).certify(
+            x, **args)
+        assert radius == 0.0
+    label, radius, _ = SplitzCertifier(nn.Sequential(a, b), right, 0.25, 2, evaluation=None).certify(x, **args)
+    assert radius > 0  # what it claimed before: the rounding of the left half ignored

@@ -240,6 +240,7 @@ def test_certify_splitz_reproduces_the_training_run_and_predicts(trained, capsys
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "SPLITZ" in captured.out and "local Lipschitz bound" in captured.out
+    assert "left half as it runs" in captured.out and certification["smoothing"]["evaluation"] == "auto"
     again = json.loads(out.read_text())
     assert again["points"]["radius"] == certification["points"]["radius"]
     assert again["points"]["gamma"] == pytest.approx(certification["points"]["gamma"], rel=1e-12)  # threads
@@ -266,6 +267,9 @@ def test_certify_splitz_reproduces_the_training_run_and_predicts(trained, capsys
 def test_certify_splitz_errors(trained, capsys):
     run, _ = trained
     checkpoint = str(run / "checkpoint.pt")
+    code = cli.main(["certify", "--checkpoint", checkpoint, "--splitz", "--evaluation", "exact", "--limit", "3",
+                     "--num-samples", "200", "--device", "cpu"])
+    assert code == 0 and "real-arithmetic one" in capsys.readouterr().out
     for extra, match in ((["--splitz", "--sigma", "0.5"], "leave --sigma out"),
                          (["--splitz", "--adaptive"], "--adaptive"),
                          (["--predict"], "--predict goes with"),
