@@ -39,6 +39,12 @@ import math
 
 import torch
 
+from lipkern._rounding import add_up as _add
+from lipkern._rounding import div_up as _div
+from lipkern._rounding import down as _down
+from lipkern._rounding import mul_up as _mul
+from lipkern._rounding import sqrt_up as _sqrt
+from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.bounds.operators import LinearMap
@@ -53,40 +59,6 @@ _ETA = 2.0**-1074  # the smallest subnormal: twice the absolute rounding of a pr
 _BATCH_ELEMENTS = 2**22  # basis vectors per batch × the widest feature count of a sweep
 _SQUARINGS = 48  # normalized squarings of the C×C Gram in the differentiable λ_max
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Upward-rounded scalar arithmetic (Python floats are IEEE doubles rounded to nearest).
-# ----------------------------------------------------------------------------------------------------------
-def _up(x: float) -> float:
-    """The next double above a round-to-nearest result: ≥ the exact value it rounded (inf and NaN as inf)."""
-    if math.isnan(x):
-        return math.inf
-    return math.nextafter(x, math.inf)
-
-
-def _down(x: float) -> float:
-    return math.nextafter(x, -math.inf)
-
-
-def _add(*terms: float) -> float:
-    total = 0.0
-    for t in terms:
-        total = _up(total + t)
-    return total
-
-
-def _mul(a: float, b: float) -> float:
-    if a == 0.0 or b == 0.0:
-        return 0.0  # exact (also for inf·0: an empty or zero factor)
-    return _up(a * b)
-
-
-def _div(a: float, b: float) -> float:
-    return _up(a / b)
-
-
-def _sqrt(a: float) -> float:
-    return _up(math.sqrt(a))
 
 
 def _nan_max(a: float, b: float) -> float:

@@ -66,6 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkern._rounding import fraction_up as _float_up
+from lipkern._rounding import sqrt_int_up as _sqrt_up
+from lipkern._rounding import tensor_up
 from lipkern._checks import as_shape
 from lipkern.bounds.operators import LinearMap, abs_norm_upper, plain_layer_operator
 from lipkern.ops.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
@@ -142,15 +145,6 @@ class _Plan:
 _U64 = 2.0 ** -53
 
 
-def _float_up(x: Fraction | int) -> float:
-    """The smallest double ≥ the exact rational x (x ≥ 0)."""
-    f = float(x)
-    return f if Fraction(f) >= x else math.nextafter(f, math.inf)
-
-
-def _sqrt_up(n: int) -> float:
-    r = math.sqrt(n)
-    return r if Fraction(r) ** 2 >= n else math.nextafter(r, math.inf)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,7 +626,7 @@ class _Upward:
 
     @staticmethod
     def _up(t):
-        return torch.nextafter(t, torch.full_like(t, math.inf))
+        return tensor_up(t)
 
     def mul(self, a, b):
         return self._up(torch.as_tensor(a, dtype=torch.float64) * b)

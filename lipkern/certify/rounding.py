@@ -57,6 +57,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lipkern._rounding import fraction_up
 from lipkern.bounds.chain import abs_line_sums
 from lipkern.bounds.operators import abs_norm_upper, plain_layer_operator
 
@@ -90,9 +91,7 @@ def gamma(n: int, precision: Precision) -> float:
     u, op = Fraction(precision.unit), Fraction(precision.operand_unit)
     if n * u >= 1:
         raise ValueError(f"rounding: {n} accumulated terms exceed what unit roundoff {precision.unit} bounds")
-    value = (1 + op) ** 2 * (1 + n * u / (1 - n * u)) - 1
-    f = float(value)
-    return f if Fraction(f) >= value else math.nextafter(f, math.inf)
+    return fraction_up((1 + op) ** 2 * (1 + n * u / (1 - n * u)) - 1)
 
 
 def _inflate(t, terms: int):

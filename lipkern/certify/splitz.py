@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
-from fractions import Fraction
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from lipkern._checks import as_shape
+from lipkern._rounding import add_up, div_down, down, mul_up, up
 from lipkern.certify.smoothing import ABSTAIN, RandomizedSmoothing
 
 __all__ = ["GaussianNoise", "LocalLipschitzEstimate", "LocalReluLipschitz", "SplitzCertifier", "splitz_loss",
@@ -51,30 +50,14 @@ _U = 2.0 ** -53
 _GAMMA_STEPS = 14
 
 
-_TINY = 2.0 ** -1022  # the smallest normal float64: below it, relative rounding bounds fail
-
-
-def _round_up(value: float, roundings: int = 4) -> float:
-    """An upper bound of a positive value carrying ``roundings`` relative roundings; never below the smallest
-    normal number when positive (a subnormal result's rounding error is not relative), +inf for NaN."""
-    if math.isnan(value):
-        return math.inf
-    if value <= 0:
-        return value
-    return max(value * (1 + roundings * _U), _TINY)
+_TINY = 2.0 ** -1022  # the smallest normal float64: a clipping value below it is not trusted
 
 
 def _product_up(left: float, right: float) -> float:
-    """An upper bound of left·right (both ≥ 0) that survives underflow: +inf if either is NaN or the product
-    overflows; the product rounded up and at least the smallest normal number when both are positive."""
+    """An upper bound of left·right (both ≥ 0; NaN: +inf), through underflow (lipkern._rounding)."""
     if math.isnan(left) or math.isnan(right):
         return math.inf
-    if left == 0 or right == 0:
-        return 0.0
-    product = left * right
-    if product < _TINY:  # below the normal range (or flushed to 0): the true product is below the next float
-        return math.nextafter(_TINY, math.inf)
-    return _round_up(product, 2)
+    return mul_up(left, right)
 
 
 def _norms_up(matrix: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -282,7 +265,7 @@ def _norm_upper(matrix: torch.Tensor, error: torch.Tensor | None = None) -> floa
         return 0.0
     value = matrix_norm_upper(matrix)
     if error is not None:
-        value = _round_up(value + 2 * float(_norms_up(error)), 2)
+        value = add_up(value, 2 * float(_norms_up(error)))
     return value
 
 
@@ -543,21 +526,6 @@ def _output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(layer(torch.zeros((1, *shape), dtype=dtype, device=device)).shape[1:])
 
 
-def _quotient_down(numerator: float, denominator: float) -> float:
-    """numerator / denominator rounded toward 0 (exact when representable); +inf for a zero denominator, 0 for
-    an infinite one, the largest float for an overflowing quotient."""
-    if denominator == 0:
-        return math.inf
-    if math.isinf(denominator):
-        return 0.0
-    quotient = numerator / denominator
-    if math.isinf(quotient):
-        return sys.float_info.max
-    if Fraction(quotient) * Fraction(denominator) > Fraction(numerator):
-        quotient = math.nextafter(quotient, 0.0)
-    return quotient
-
-
 # --- the certifier ---------------------------------------------------------------------------------------
 class SplitzCertifier:
     """SPLITZ certificate for f = right ∘ left with noise level σ after ``left`` (see the module docstring).
@@ -670,9 +638,9 @@ class SplitzCertifier:
             error = self._analysis(x[None])
         exact, center, slope = float(error.exact[0]), float(error.center[0]), float(error.slope)
         if precision != "exact":  # ‖f̂(x') − f̂(x)‖ ≤ ‖f(x') − f(x)‖ + (P + Q·r) + P
-            return _round_up(2 * center, 1), slope
+            return up(2 * center), slope
         gap = float(_norms_up(z.to(torch.float64).reshape(-1) - error.logits[0].reshape(-1)))
-        return _round_up(gap + exact, 2), 0.0
+        return add_up(gap, exact), 0.0
 
     def lipschitz_at(self, x: torch.Tensor, gamma: float) -> float:
         """The bound of left's Lipschitz constant on B(x, gamma) used by :meth:`certify`: the user's callable,
@@ -697,15 +665,15 @@ class SplitzCertifier:
 
         def bound(gamma: float) -> float:
             value = self.lipschitz_at(x, gamma) + slope
-            return math.nextafter(value, math.inf) if slope and math.isfinite(value) else value
+            return up(value) if slope else value
 
         def candidate(gamma: float) -> float:
-            return min(_quotient_down(right_radius, bound(gamma)), gamma)
+            return min(div_down(right_radius, bound(gamma)), gamma)
 
         l_far = bound(math.inf)
         if l_far == 0:  # left is constant: any perturbation keeps f_L(x)
             return math.inf, math.inf
-        low = _quotient_down(right_radius, l_far)  # the crossing is ≥ R / L(∞) ...
+        low = div_down(right_radius, l_far)  # the crossing is ≥ R / L(∞) ...
         l_near = bound(low * 1e-3)  # ... and ≤ R / L(γ) for γ below it
         high = right_radius / l_near if l_near > 0 else 2 * low
         while l_near == 0 and high < 1e12 * low and candidate(high) >= high:  # L(γ) = 0 near x
@@ -753,7 +721,7 @@ class SplitzCertifier:
         remaining = right_radius - taken
         if not remaining > 0:  # the rounding of the left half uses up the right half's radius
             return label, 0.0, 0.0
-        radius, gamma = self.best_radius(x, math.nextafter(remaining, 0.0) if taken else remaining, slope=slope)
+        radius, gamma = self.best_radius(x, down(remaining) if taken else remaining, slope=slope)
         return label, radius, gamma
 
 

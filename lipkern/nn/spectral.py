@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._checks import as_bool
+from lipkern._rounding import cast_up
 from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
@@ -60,9 +61,7 @@ _EVAL_RTOL = 1e-6
 
 def _round_up(value: float, dtype: torch.dtype) -> torch.Tensor:
     """The smallest value of ``dtype`` that is ≥ ``value``."""
-    t = torch.tensor(value, dtype=torch.float64).to(dtype)
-    if t.double().item() < value:
-        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    t = torch.tensor(cast_up(value, dtype), dtype=dtype)
     if not torch.isfinite(t):
         raise ValueError(f"the certified norm {value:.3g} does not fit in {dtype}; keep the weight in float32")
     return t

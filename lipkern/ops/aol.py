@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern import _cpu_kernels
+from lipkern._rounding import cast_up
 from lipkern._dispatch import AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.power_iteration import times_power_of_two
@@ -458,10 +459,7 @@ if triton_importable():
 @functools.lru_cache(maxsize=None)
 def _float32_up(x: float) -> float:
     """The smallest float32 value ≥ x (kernel scalar arguments are float32); no tensor, no host read."""
-    v = numpy.float32(x)
-    if float(v) < x:
-        v = numpy.nextafter(v, numpy.float32(math.inf))
-    return float(v)
+    return cast_up(x, torch.float32)
 
 
 def _power_of_two_factors(value: float) -> tuple[float, int]:

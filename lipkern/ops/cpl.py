@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkern._checks import as_positive_float
+from lipkern._rounding import cast_down
 from lipkern._dispatch import device_context, record_implementation, requested_backend, select_backend, triton_importable
 from lipkern.ops._registration import define_op
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
@@ -456,10 +457,7 @@ def _as_h(h, x: torch.Tensor) -> torch.Tensor:
     return h.reshape(())
 
 
-def _round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The largest value of ``dtype`` that is ≤ ``value`` (a float64 tensor); tensor ops only (compilable)."""
-    t = value.to(dtype)
-    return torch.where(t.double() > value, torch.nextafter(t, torch.zeros_like(t)), t)
+_round_down = cast_down  # the largest value of a dtype ≤ a float64 tensor (lipkern._rounding)
 
 
 def _adjoint_of_padding(y: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
