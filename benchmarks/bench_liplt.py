@@ -27,7 +27,7 @@ from benchmarks.conftest import DEVICE
 from lipkern.bounds import LipschitzEstimate
 from lipkern.bounds.network import _coefficients, build_plan
 from lipkern.models import LipLTNet
-from lipkern.ops.chain_power_iteration import initial_chain_vectors
+from lipkern.bounds.chain_power_iteration import initial_chain_vectors
 
 N_ITER = 5
 INPUT = (3, 32, 32)

@@ -71,7 +71,7 @@ from lipkern._rounding import sqrt_int_up as _sqrt_up
 from lipkern._rounding import tensor_up
 from lipkern._checks import as_shape
 from lipkern.bounds.operators import LinearMap, abs_norm_upper, plain_layer_operator
-from lipkern.ops.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
+from lipkern.bounds.chain_power_iteration import advance_chains, chain_norm_estimates, initial_chain_vectors
 from lipkern.ops.conv_power_iteration import conv_operator
 
 __all__ = ["LipschitzBound", "LipschitzEstimate", "lipschitz_bound", "lipschitz_estimate"]
@@ -759,7 +759,7 @@ class LipschitzEstimate(nn.Module):
     model is NOT registered as a submodule: its parameters stay the model's own, this module holds only the
     power-iteration vectors as buffers, one tensor per (segment, start layer), deterministic from the shapes).
     forward(): advances the vectors of ALL sub-chains by ``n_iter`` power-iteration steps in one
-    :func:`lipkern.ops.chain_power_iteration` pass (no_grad; 2K operator calls per step for a segment of K
+    :func:`lipkern.bounds.chain_power_iteration.chain_power_iteration` pass (no_grad; 2K operator calls per step for a segment of K
     maps), then returns σ_jk = ‖A_k⋯A_j u_jk‖ (u detached; gradient to the weights) combined by the
     recursion: a 0-dim tensor, or with ``pairwise=True`` a (C, C) tensor of L_ab (zero diagonal; the chains
     ending at the logits exactly from ``head_chain_norms``). An estimate from below of the bound (power

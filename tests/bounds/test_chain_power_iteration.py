@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lipkern.bounds.operators import LinearMap
-from lipkern.ops.chain_power_iteration import (
+from lipkern.bounds.chain_power_iteration import (
     chain_adjoint_sweep,
     chain_forward_sweep,
     chain_norm_estimates,
@@ -163,7 +163,7 @@ def test_one_map_chains_equal_the_reference(n_iter):
 
 def test_advance_chains_moves_the_vectors_as_chain_power_iteration_does():
     """The training path (LipschitzEstimate.forward) advances the vectors without forming σ: the same vectors."""
-    from lipkern.ops.chain_power_iteration import advance_chains
+    from lipkern.bounds.chain_power_iteration import advance_chains
 
     chains = [_maps(), _maps()[3:4]]
     u = [initial_chain_vectors(maps, D, "cpu", key=str(i)) for i, maps in enumerate(chains)]
@@ -175,3 +175,13 @@ def test_advance_chains_moves_the_vectors_as_chain_power_iteration_does():
             assert torch.equal(x, y)
     with pytest.raises(ValueError, match="n_iter"):
         advance_chains(chains, u, 0)
+
+
+def test_the_old_ops_names_still_import_with_a_warning():
+    import lipkern.ops
+    from lipkern.bounds import chain_power_iteration as module
+
+    with pytest.warns(DeprecationWarning, match="lipkern.bounds.chain_power_iteration"):
+        assert lipkern.ops.chain_power_iteration is module.chain_power_iteration
+    with pytest.raises(AttributeError):
+        lipkern.ops.no_such_op  # noqa: B018
