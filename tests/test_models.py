@@ -141,8 +141,9 @@ def test_normalize_and_residual():
 def test_build_model_names_and_families():
     from lipkern.models import MODEL_FAMILIES, build_model
 
-    assert set(MODEL_FAMILIES.values()) == {"aol", "cpl", "sll", "spectral", "liplt", "lmt"}
-    for name in ("convnet-xs-aol", "convnet-l-spectral", "aol-l", "cpl-xl", "sll-xl", "liplt-8c2f", "lmt"):
+    assert set(MODEL_FAMILIES.values()) == {"aol", "cpl", "sll", "spectral", "liplt", "lmt", "splitz"}
+    for name in ("convnet-xs-aol", "convnet-l-spectral", "aol-l", "cpl-xl", "sll-xl", "liplt-8c2f", "lmt", "splitz-s",
+                 "splitz-s-aol"):
         assert name in MODEL_FAMILIES
     for name, family in MODEL_FAMILIES.items():
         model = build_model(name, num_classes=7, in_channels=1, input_size=32, device="meta")
