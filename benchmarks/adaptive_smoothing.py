@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -106,7 +108,9 @@ def main() -> None:
         counts[mode] = [sum(r[mode][0] == r["label"] and r[mode][1] > e for r in rows) for e in args.eps]
     draws_fixed = len(rows) * (100 + args.num_samples)
     draws_adaptive = sum(r["adaptive"][2] for r in rows)
-    summary = {"dataset": args.dataset, "points": len(rows), "sigma": args.sigma, "n": args.num_samples,
+    summary = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()},
+               "dataset": args.dataset, "points": len(rows), "sigma": args.sigma, "n": args.num_samples,
                "alpha": args.alpha, "eps": args.eps, "base_accuracy": accuracy, "epochs": args.epochs,
                "certified_fixed": counts["fixed"], "certified_adaptive": counts["adaptive"],
                "draws_fixed": draws_fixed, "draws_adaptive": draws_adaptive,
