@@ -1,7 +1,9 @@
 """Directed rounding: bounds that hold with their own floating-point rounding.
 
 IEEE 754 arithmetic rounds each operation to nearest, so a computed result lies within half an ulp of the exact
-one, subnormals included; the next float toward +inf (−inf) is then ≥ (≤) the exact value. Every helper here
+one, subnormals included; the next float toward +inf (−inf) is then ≥ (≤) the exact value. Where
+subnormals are flushed to zero that fails below 2⁻¹⁰²²: ``mul_up``, the one helper whose results reach there in
+practice (products of small norms), clamps to the smallest normal number. Every helper here
 applies that rule to one operation on Python floats (IEEE doubles), float64 tensors, or a cast to a narrower
 dtype. NaN means "no bound": upward results turn it into +inf, downward ones into −inf. Property tests
 against exact rationals: tests/test_rounding_helpers.py.
@@ -42,11 +44,19 @@ def add_up(*terms: float) -> float:
     return total
 
 
+_TINY = 2.0 ** -1022  # the smallest normal double
+
+
 def mul_up(a: float, b: float) -> float:
-    """An upper bound of a·b (a zero factor gives 0, also against inf)."""
+    """An upper bound of a·b (a zero factor gives 0, also against inf). A product below the normal range is
+    returned as the smallest normal number (or 0 when negative): an upper bound also where subnormals are
+    flushed to zero (``torch.set_flush_denormal(True)`` sets the CPU's flags for Python floats too)."""
     if a == 0.0 or b == 0.0:
         return 0.0
-    return up(a * b)
+    product = a * b
+    if abs(product) < _TINY:
+        return _TINY if (a > 0) == (b > 0) else 0.0
+    return up(product)
 
 
 def div_up(a: float, b: float) -> float:
@@ -98,15 +108,16 @@ def cast_up(value: float, dtype: torch.dtype) -> float:
     """The smallest value of floating ``dtype`` that is ≥ ``value``, as a Python float (float16/32/64 without a
     tensor: kernel scalar arguments; other dtypes, e.g. bfloat16, through a CPU tensor)."""
     kind = _NUMPY.get(dtype)
-    if kind is None:
-        t = torch.tensor(value, dtype=torch.float64).to(dtype)
-        if t.double().item() < value:
-            t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
-        return t.double().item()
-    v = kind(value)
-    if float(v) < value:
-        v = numpy.nextafter(v, kind(math.inf))
-    return float(v)
+    if kind is not None:
+        with numpy.errstate(over="ignore"):  # beyond the dtype's range: inf, as the cast gives
+            v = kind(value)
+            if float(v) < value:
+                v = numpy.nextafter(v, kind(math.inf))
+        return float(v)
+    t = torch.tensor(value, dtype=torch.float64).to(dtype)  # (bfloat16: no numpy type)
+    if t.double().item() < value:
+        t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
+    return t.double().item()
 
 
 def cast_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -488,11 +488,20 @@ def test_interrupted_smoothing_resumes_to_the_uninterrupted_result(tiny, capsys,
     assert code == 2 and "--resume" in err
     code, _, err = _run(_tiny_args(tmp_path, *options[:-1], "6", "--output", cut, "--resume"), capsys)
     assert code == 2 and "other settings" in err  # another seed: the kept points do not belong to this run
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    changed = {k: v + 0.01 for k, v in weights.items()}
+    torch.save(changed, tmp_path / "weights.pt")  # the same path, other weights (a model retrained in place)
+    code, _, err = _run(_tiny_args(tmp_path, *options, "--output", cut, "--resume"), capsys)
+    assert code == 2 and "other settings" in err and "fingerprint" in err
+    torch.save(weights, tmp_path / "weights.pt")
+    from lipkern.cli.certify import _recorded_batch_size
+
+    assert _recorded_batch_size(str(cut)) == 256  # what --batch-size auto takes when resuming (its noise streams)
     calls.clear()
     interrupt.append(False)
-    code, _, err = _run(_tiny_args(tmp_path, *options, "--output", cut, "--resume"), capsys)
+    code, _, err = _run(_tiny_args(tmp_path, *options, "--output", cut, "--resume", "--batch-size", "auto"), capsys)
     assert code == 0, err
-    assert len(calls) == 8 - 3 and "(3 done before)" in err
+    assert len(calls) == 8 - 3 and "(3 done before)" in err and "smoothing batch size" not in err
     a, b = json.loads(full.read_text()), json.loads(cut.read_text())
     for key in ("index", "prediction", "radius", "correct"):
         assert a["points"][key] == b["points"][key], key

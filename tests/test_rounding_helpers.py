@@ -104,3 +104,15 @@ def test_tensor_up_after_each_operation(a, b):
 
 def test_nan_means_no_bound():
     assert up(math.nan) == math.inf and down(math.nan) == -math.inf and add_up(1.0, math.nan) == math.inf
+
+
+def test_products_stay_upper_bounds_when_subnormals_are_flushed():
+    """torch.set_flush_denormal(True) sets the CPU's flush-to-zero flags, which Python floats obey too: a
+    product below the normal range must not come back as 0."""
+    if not torch.set_flush_denormal(True):
+        return  # this CPU has no such mode
+    try:
+        assert Fraction(mul_up(1e-160, 1e-160)) >= Fraction(1e-160) * Fraction(1e-160)
+        assert mul_up(-1e-160, 1e-160) >= -1e-320 and mul_up(1e-160, 1e-160) > 0
+    finally:
+        torch.set_flush_denormal(False)

@@ -335,9 +335,38 @@ def _shard_path(output: str, rank: int) -> Path:
     return Path(f"{output}.points-{rank}.jsonl")
 
 
+def _recorded_batch_size(output: str | None) -> int | None:
+    """The batch size in the settings of an earlier run's shards of ``output`` (None: no shard)."""
+    if output is None:
+        return None
+    for shard in sorted(Path(output).parent.glob(Path(output).name + ".points-*.jsonl")):
+        lines = shard.read_text().splitlines()
+        if lines:
+            return json.loads(lines[0]).get("settings", {}).get("batch_size")
+    return None
+
+
+def _fingerprint(model, x, y) -> str:
+    """A hash of the model's state (every tensor of its state_dict, by name) and of the data: a resumed run must
+    certify the same model on the same points."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    for name, tensor in sorted(state.items()):
+        if isinstance(tensor, torch.Tensor):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for tensor in (x, y):
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _smoothing_settings(args, x) -> dict:
     """What a point's result depends on: a resumed run must match it."""
-    return {"sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
+    return {"sigma": args.sigma, "fingerprint": getattr(args, "fingerprint", None), "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
             "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size,
             "adaptive": bool(args.adaptive), "eps": [float(e) for e in args.eps] if args.adaptive else None,
             "splitz": bool(args.splitz), "predict": bool(args.predict),
@@ -371,7 +400,8 @@ def _largest_batch(model, x, args, device, num_classes: int) -> int:
         left, base, _ = _splitz_halves(model)
         with torch.inference_mode():
             point = left.eval()(point[None])[0]
-    return RandomizedSmoothing(base, args.sigma, num_classes).largest_batch(point, max(args.n, args.n0))
+    cap = max(args.n, args.n0) if device.type == "cuda" else min(max(args.n, args.n0), 4096)  # a CPU raises
+    return RandomizedSmoothing(base, args.sigma, num_classes).largest_batch(point, cap)  # no OOM: capped
 
 
 def _point_certifier(model, args, num_classes: int, device):
@@ -465,6 +495,8 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     if args.skip < 1:
         raise CertifyError(f"--skip must be >= 1, got {args.skip}")
     certify_point = _point_certifier(model, args, num_classes, device)
+    if args.batch_size == "auto" and args.resume:  # the size the interrupted run chose (its noise streams)
+        args.batch_size = _recorded_batch_size(args.output) or "auto"
     if args.batch_size == "auto":  # every rank the same batch (the noise streams depend on it): the smallest
         fits = _distributed.gather(_largest_batch(model, x, args, device, num_classes), ranks)
         args.batch_size = _distributed.broadcast(min(fits) if ranks.main else None, ranks)
@@ -478,6 +510,8 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     except ImportError:
         def tqdm(iterable, **_):
             return iterable
+    if args.output is not None:
+        args.fingerprint = _fingerprint(model, x, y)
     settings = _smoothing_settings(args, x)
     done = _finished_points(args.output, settings, args.resume)
     _distributed.barrier(ranks)  # every rank has read the earlier shards before any writes its own
@@ -528,8 +562,9 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
     radius_t = torch.tensor(radii, dtype=torch.float64)
     counts = _curve_counts(radius_t, correct, args.eps)
     with torch.inference_mode():
-        base = torch.cat([model(x[indices][j:j + args.batch_size].to(device)).argmax(1).cpu()
-                          for j in range(0, len(indices), args.batch_size)])
+        step = min(args.batch_size, 256)  # inputs, not noise draws: the auto size fits the right half only
+        base = torch.cat([model(x[indices][j:j + step].to(device)).argmax(1).cpu()
+                          for j in range(0, len(indices), step)])
     num = len(indices)
     mode = "smoothing-predict" if args.predict else "splitz" if args.splitz else "randomized-smoothing"
     points = {"index": indices, "label": labels.tolist(), "prediction": predictions,
@@ -750,7 +785,10 @@ def run(args) -> int:
             raise CertifyError(f"--data {args.data}: labels must lie in [0, {num_classes}) for a model with "
                                f"{num_classes} outputs, found {int(y.min())}..{int(y.max())}")
         if args.smoothing or args.splitz:
-            result = certify_smoothing(model, x, y, args, device, num_classes, ranks)
+            try:
+                result = certify_smoothing(model, x, y, args, device, num_classes, ranks)
+            except ValueError as err:  # e.g. a left half with NaN weights, or one no bound applies to
+                raise CertifyError(str(err)) from None
         else:
             result = certify_lipschitz(model, x, y, args, device, structure_known, probe.dtype, ranks)
     except CertifyError as err:

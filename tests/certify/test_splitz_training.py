@@ -264,9 +264,16 @@ def test_certify_splitz_reproduces_the_training_run_and_predicts(trained, capsys
     assert predicted["points"]["prediction"] == direct
 
 
-def test_certify_splitz_errors(trained, capsys):
+def test_certify_splitz_errors(trained, capsys, tmp_path):
     run, _ = trained
     checkpoint = str(run / "checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    state["left.0.bias"][0] = math.nan  # a diverged left half: a clear error (exit 2), not a traceback
+    torch.save(state, tmp_path / "nan.pt")
+    code = cli.main(["certify", "--model", "SplitzNet", "--model-args", '{"in_channels": 1, "image_size": 8}',
+                     "--state-dict", str(tmp_path / "nan.pt"), "--dataset", "digits", "--splitz", "--limit", "2",
+                     "--num-samples", "100", "--device", "cpu"])
+    assert code == 2 and "NaN" in capsys.readouterr().err
     code = cli.main(["certify", "--checkpoint", checkpoint, "--splitz", "--evaluation", "exact", "--limit", "3",
                      "--num-samples", "200", "--device", "cpu"])
     assert code == 0 and "real-arithmetic one" in capsys.readouterr().out
