@@ -40,7 +40,10 @@ Certificates:
     the network as it runs (--evaluation): its float32 (TF32, float64) evaluation in any summation order, with
     the weights it applies; margins come from their float64 evaluation less a proven rounding bound.
   --smoothing: Cohen et al.'s CERTIFY on every --skip-th point (sigma, n0, n, alpha); the radius holds with
-    probability >= 1 - alpha.
+    probability >= 1 - alpha. --adaptive stops each point's sampling once its outcome at --eps is settled.
+  --splitz: SPLITZ for a SplitzNet (a splitz-* checkpoint): smoothing of the right half at left(x), the radius
+    divided by the left half's sound local Lipschitz bound, its rounding charged (--evaluation).
+  --predict (with --smoothing or --splitz): Cohen's PREDICT, the smoothed class or abstain, no radius.
 A point counts as certified at eps iff it is correctly classified and its radius is > eps.
 
 Examples:
@@ -49,6 +52,7 @@ Examples:
   lipkern certify --scripted model.ts --lipschitz 1 --data test.pt
   lipkern certify --checkpoint runs/convnet-xs-aol-digits/checkpoint.pt --pairwise
   lipkern certify --exported model.pt2 --smoothing --sigma 0.25 --num-samples 10000 --skip 20 --data test.pt
+  lipkern certify --checkpoint runs/splitz-s-digits/checkpoint.pt --splitz --num-samples 10000
 """
 
 
