@@ -1,12 +1,12 @@
 """Directed rounding: bounds that hold with their own floating-point rounding.
 
 IEEE 754 arithmetic rounds each operation to nearest, so a computed result lies within half an ulp of the exact
-one, subnormals included; the next float toward +inf (−inf) is then ≥ (≤) the exact value. Where
-subnormals are flushed to zero that fails below 2⁻¹⁰²²: ``mul_up``, the one helper whose results reach there in
-practice (products of small norms), clamps to the smallest normal number. Every helper here
+one, subnormals included; the next float toward +inf (−inf) is then ≥ (≤) the exact value. Every helper here
 applies that rule to one operation on Python floats (IEEE doubles), float64 tensors, or a cast to a narrower
-dtype. NaN means "no bound": upward results turn it into +inf, downward ones into −inf. Property tests
-against exact rationals: tests/test_rounding_helpers.py.
+dtype. NaN means "no bound": upward results turn it into +inf, downward ones into −inf. Where subnormals are
+flushed to zero the rule fails below 2⁻¹⁰²²: ``mul_up``, the one helper whose results reach there in practice
+(products of small norms), clamps to the smallest normal number. Property tests against exact rationals:
+tests/test_rounding_helpers.py.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ _TINY = 2.0 ** -1022  # the smallest normal double
 def mul_up(a: float, b: float) -> float:
     """An upper bound of a·b (a zero factor gives 0, also against inf). A product below the normal range is
     returned as the smallest normal number (or 0 when negative): an upper bound also where subnormals are
-    flushed to zero (``torch.set_flush_denormal(True)`` sets the CPU's flags for Python floats too)."""
+    flushed to zero (``torch.set_flush_denormal(True)`` sets the CPU's flags for Python floats too). NaN: +inf."""
+    if math.isnan(a) or math.isnan(b):
+        return math.inf
     if a == 0.0 or b == 0.0:
         return 0.0
     product = a * b

@@ -194,9 +194,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     defaults = dict(momentum=0.0, weight_decay=0.0, adam_eps=1e-8, adam_betas=(0.9, 0.999), milestones=(),
                     min_lr=1e-6, offset=SQRT2,
                     temperature=0.25, margin=0.7, crm_t=5.0, crm_lambda=15.0, crm_r0=0.2, crm_start_epoch=10,
-                    lmt_c=0.1, lmt_ramp_epochs=5, bound_method="liplt", bound_iters=5, splitz_kappa=(1.0, 0.7),
-                    splitz_theta=0.5, splitz_gamma=0.05, splitz_ramp=2 / 3, splitz_noise_warmup=0.0,
-                    certify_samples=10_000)
+                    lmt_c=0.1, lmt_ramp_epochs=5, bound_method="liplt", bound_iters=5,
+                    **{key: value for key, value in RECIPES["splitz"].items()
+                       if key.startswith("splitz_") or key == "certify_samples"})
     for key, value in defaults.items():
         if values[key] is None:
             values[key] = value
@@ -232,6 +232,7 @@ def _validate(c: TrainConfig) -> None:
     if c.tensorboard and not _tensorboard_installed():
         raise TrainError("tensorboard=True needs the tensorboard package (pip install tensorboard)")
     positive_int("certify_limit", c.certify_limit, allow_none=True)
+    positive_int("certify_samples", c.certify_samples)
     positive_int("input_size", c.input_size, allow_none=True)
     positive_int("stop_after", c.stop_after, allow_none=True)
     positive_int("threads", c.threads, allow_none=True)
@@ -272,10 +273,6 @@ def _validate(c: TrainConfig) -> None:
 
 
 def _validate_splitz(c: TrainConfig) -> None:
-    positive_int = isinstance(c.certify_samples, int) and not isinstance(c.certify_samples, bool) \
-        and c.certify_samples >= 1
-    if not positive_int:
-        raise TrainError(f"certify_samples must be a positive integer, got {c.certify_samples!r}")
     if len(c.splitz_kappa) != 2 or not all(0 <= k <= 1 for k in c.splitz_kappa):
         raise TrainError(f"splitz_kappa must be two weights (start, end) in [0, 1], got {c.splitz_kappa!r}")
     for name in ("splitz_theta", "splitz_gamma"):

@@ -104,6 +104,7 @@ def test_tensor_up_after_each_operation(a, b):
 
 def test_nan_means_no_bound():
     assert up(math.nan) == math.inf and down(math.nan) == -math.inf and add_up(1.0, math.nan) == math.inf
+    assert mul_up(math.nan, 0.0) == math.inf and mul_up(2.0, math.nan) == math.inf
 
 
 def test_products_stay_upper_bounds_when_subnormals_are_flushed():

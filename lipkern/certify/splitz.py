@@ -53,13 +53,6 @@ _GAMMA_STEPS = 14
 _TINY = 2.0 ** -1022  # the smallest normal float64: a clipping value below it is not trusted
 
 
-def _product_up(left: float, right: float) -> float:
-    """An upper bound of left·right (both ≥ 0; NaN: +inf), through underflow (lipkern._rounding)."""
-    if math.isnan(left) or math.isnan(right):
-        return math.inf
-    return mul_up(left, right)
-
-
 def _norms_up(matrix: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Upper bounds of the ℓ₂ norms of the rows (``dim=1``) or of the whole matrix (Frobenius, ``dim=None``),
     free of underflow: each row (or the matrix) is scaled by a power of two so that its largest entry lies in
@@ -288,9 +281,10 @@ class LocalReluLipschitz:
     pair (a, b) moves within [min(lo_a, lo_b), max(hi_a, hi_b)], and ‖ΔMaxMin(z)‖ ≤ ‖P Δz‖ (1-Lipschitz on each
     pair; a pair that does not move stays put). P_k = the units whose deviation box is not {0}. Then for x', x''
     in the ball ‖Δh_k‖ ≤ ‖P_k Δz_k‖ = ‖P_k A_k P_{k−1} Δh_{k−1}‖, so L(x, γ) = ∏_k ‖P_k A_k P_{k−1}‖₂, each norm
-    a guaranteed Gram-iteration upper bound, the product rounded up. The bound is non-decreasing in γ up to the
-    Gram bounds' relative slack (1e-7): the boxes only grow and a submatrix has a smaller norm. γ = inf gives
-    the global product bound ∏‖A_k‖.
+    a guaranteed upper bound (an eigenvalue estimate certified by a float64 Cholesky factorization,
+    :func:`lipkern.bounds.chain.matrix_norm_upper`), the product rounded up. The bound is non-decreasing in γ up
+    to that certificate's relative slack (≤ 1e-4): the boxes only grow and a submatrix has a smaller norm.
+    γ = inf gives the global product bound ∏‖A_k‖.
 
     The layers' weights are copied (float64 dense matrices) at construction: build a new instance after the
     weights change. Maps above ``max_entries`` matrix entries are refused (ValueError)."""
@@ -314,7 +308,7 @@ class LocalReluLipschitz:
             new, out_shape = self._piece(layer, shape)
             if new is not None:
                 piece = new if piece is None else _compose(new, piece)
-                self._check_size(piece, layer, shape, out_shape)
+                self._check_size(piece, layer)
             shape = out_shape
             if not isinstance(layer, (nn.ReLU, _maxmin_type())):
                 continue
@@ -330,25 +324,26 @@ class LocalReluLipschitz:
     def _piece(self, layer: nn.Module, shape: tuple[int, ...]) -> tuple[tuple | None, tuple[int, ...]]:
         """(the layer's linear piece or None, its output shape)."""
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            out_shape = _output_shape(layer, shape)
-            if math.prod(shape) * math.prod(out_shape) > self.max_entries:
-                raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
-                                 f"{math.prod(shape)} matrix, above max_entries={self.max_entries}")
+            out_shape = self._dense_shape(layer, shape)
             return (*_affine(layer, shape), None, None), out_shape
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return _batchnorm_piece(layer, shape), shape
         if isinstance(layer, nn.AvgPool2d):
             _check_pooling(layer, shape)
-            out_shape = _output_shape(layer, shape)
-            if math.prod(shape) * math.prod(out_shape) > self.max_entries:
-                raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
-                                 f"{math.prod(shape)} matrix, above max_entries={self.max_entries}")
-            return _avgpool_piece(layer, shape), out_shape
+            return _avgpool_piece(layer, shape), self._dense_shape(layer, shape)
         if isinstance(layer, _maxmin_type()) and layer.dim != 1:
             raise ValueError(f"LocalReluLipschitz: MaxMin over dim {layer.dim}; only the channels (dim=1)")
         return None, _output_shape(layer, shape)
 
-    def _check_size(self, piece: tuple, layer: nn.Module, shape, out_shape) -> None:
+    def _dense_shape(self, layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The layer's output shape; a ValueError when its dense matrix exceeds ``max_entries``."""
+        out_shape = _output_shape(layer, shape)
+        if math.prod(shape) * math.prod(out_shape) > self.max_entries:
+            raise ValueError(f"LocalReluLipschitz: {layer} on {shape} is a {math.prod(out_shape)} x "
+                             f"{math.prod(shape)} matrix, above max_entries={self.max_entries}")
+        return out_shape
+
+    def _check_size(self, piece: tuple, layer: nn.Module) -> None:
         if piece[0].dim() == 2 and piece[0].numel() > self.max_entries:
             raise ValueError(f"LocalReluLipschitz: the linear maps up to {layer} compose to a "
                              f"{piece[0].shape[0]} x {piece[0].shape[1]} matrix, above "
@@ -373,7 +368,7 @@ class LocalReluLipschitz:
             value = 1.0
             for op in self.ops:
                 if op[0] == "affine":
-                    value = _product_up(value, _norm_upper(op[1], op[3]))
+                    value = mul_up(value, _norm_upper(op[1], op[3]))
             self._global = value
         return self._global
 
@@ -407,10 +402,10 @@ class LocalReluLipschitz:
                 centre, error, lo, hi = self._maxmin_step(op[1], op[2], centre, error, lo, hi)
                 varying = _varying(lo, hi)
             if pending is not None:  # (an activation first or after another has slope ≤ 1: nothing to multiply)
-                prefix = _product_up(prefix, self._masked_norm(pending, rows))
+                prefix = mul_up(prefix, self._masked_norm(pending, rows))
                 pending = None
         if pending is not None:
-            prefix = _product_up(prefix, self._masked_norm(pending, None))
+            prefix = mul_up(prefix, self._masked_norm(pending, None))
         return prefix if not math.isnan(prefix) else math.inf
 
     def _masked_norm(self, pending: tuple, rows: torch.Tensor | None) -> float:
@@ -577,15 +572,15 @@ class SplitzCertifier:
         versions: ``.data`` edits bypass version counters), the same modules with the same attributes and hooks
         (a swapped layer, a changed BatchNorm eps or a Spectral layer's ``certified`` flag), the same input
         shape and precision. Records the current state otherwise."""
-        tensors = [t.detach() for t in (*self.left.parameters(), *self.left.buffers())] \
-            if isinstance(self.left, nn.Module) else []
-        key = (_structure(self.left), shape, precision)
+        from lipkern.nn._cache import WeightSnapshot
+
+        tensors = [*self.left.parameters(), *self.left.buffers()] if isinstance(self.left, nn.Module) else []
+        key = (_structure(self.left), shape, precision, len(tensors))
         snapshot = getattr(self, "_snapshot", None)
-        same = snapshot is not None and snapshot[0] == key and len(snapshot[1]) == len(tensors) and all(
-            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-            for a, b in zip(snapshot[1], tensors))
+        same = snapshot is not None and snapshot[0] == key and all(
+            copy.matches(t) for copy, t in zip(snapshot[1], tensors))
         if not same:
-            self._snapshot = (key, [t.clone() for t in tensors])
+            self._snapshot = (key, [WeightSnapshot(t) for t in tensors])
         return same
 
     def _precision(self, device: torch.device) -> str | None:
@@ -805,7 +800,7 @@ class LocalLipschitzEstimate(nn.Module):
             elif isinstance(layer, _maxmin_type()):
                 a, b = point.chunk(2, dim=1)
                 out.append(a >= b)
-                point, low, high = layer(point), _maxmin_bounds(low), _maxmin_bounds(high)
+                point, low, high = layer(point), layer(low), layer(high)  # MaxMin is monotone in each output
             else:
                 centre, radius = (low + high) / 2, (high - low) / 2
                 new_centre = self._affine(layer, centre, weight)
@@ -850,10 +845,9 @@ class LocalLipschitzEstimate(nn.Module):
             return layer(v)  # pooling, flatten, identity: linear and non-negative
         if weight.dim() == 2:
             return torch.nn.functional.linear(v, weight)
-        padding = layer.padding
-        if layer.padding_mode == "circular":
-            v, padding = torch.nn.functional.pad(v, layer._reversed_padding_repeated_twice, mode="circular"), 0
-        return torch.nn.functional.conv2d(v, weight, None, layer.stride, padding, layer.dilation, layer.groups)
+        from lipkern.nn._conv import conv2d_forward
+
+        return conv2d_forward(layer, v, weight, with_bias=False)
 
     @classmethod
     def _affine(cls, layer: nn.Module, v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -870,12 +864,6 @@ class LocalLipschitzEstimate(nn.Module):
 def _bn_scale(layer: nn.Module) -> torch.Tensor:
     scale = torch.rsqrt(layer.running_var + layer.eps)
     return scale * layer.weight if layer.weight is not None else scale
-
-
-def _maxmin_bounds(bound: torch.Tensor) -> torch.Tensor:
-    """MaxMin of a lower (or upper) bound is a lower (upper) bound of MaxMin: both outputs are monotone."""
-    a, b = bound.chunk(2, dim=1)
-    return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
 
 def splitz_regularizer(left_lipschitz_estimate, lam: float, theta: float = 0.5):

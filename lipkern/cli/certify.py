@@ -359,19 +359,18 @@ def _fingerprint(model, x, y) -> str:
 
     digest = hashlib.sha256()
     state = model.state_dict() if hasattr(model, "state_dict") else {}
-    for name, tensor in sorted(state.items()):
+    named = [*sorted(state.items()), ("x", x), ("y", y)]
+    for name, tensor in named:
         if isinstance(tensor, torch.Tensor):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    for tensor in (x, y):
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def _smoothing_settings(args, x) -> dict:
     """What a point's result depends on: a resumed run must match it."""
-    return {"sigma": args.sigma, "fingerprint": getattr(args, "fingerprint", None), "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
-            "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size,
+    return {"sigma": args.sigma, "fingerprint": getattr(args, "fingerprint", None), "n0": args.n0, "n": args.n,
+            "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "points": int(x.shape[0]), "batch_size": args.batch_size,
             "adaptive": bool(args.adaptive), "eps": [float(e) for e in args.eps] if args.adaptive else None,
             "splitz": bool(args.splitz), "predict": bool(args.predict),
             "evaluation": getattr(args, "evaluation", None) if args.splitz else None}
@@ -576,9 +575,9 @@ def certify_smoothing(model, x, y, args, device, num_classes: int, ranks=_distri
               "correct": correct.tolist(), "seconds": seconds, "samples": samples}
     if args.splitz and not args.predict:
         points["gamma"] = gammas
-    if args.predict:  # no radii: no certified-accuracy table
-        args.eps, counts = [], []
-    return {"mode": mode, "eps": [float(e) for e in args.eps],
+    eps = [] if args.predict else [float(e) for e in args.eps]  # PREDICT: no radii, no certified-accuracy table
+    counts = counts[:len(eps)]
+    return {"mode": mode, "eps": eps,
             "certified_accuracy": [c / num for c in counts], "certified_count": counts,
             "clean_accuracy": int(correct.sum()) / num, "clean_count": int(correct.sum()), "num_points": num,
             "base_clean_accuracy": int((base == labels).sum()) / num,

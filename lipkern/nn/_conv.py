@@ -54,12 +54,14 @@ def check_dtype(layer: str, dtype) -> None:
         raise TypeError(f"{layer}: dtype must be a floating-point dtype, got {dtype}")
 
 
-def conv2d_forward(layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """nn.Conv2d's forward for ``layer``'s geometry (zeros or circular padding) with another weight."""
+def conv2d_forward(layer, x: torch.Tensor, weight: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """nn.Conv2d's forward for ``layer``'s geometry (zeros or circular padding) with another weight (and the
+    layer's bias unless ``with_bias`` is False: the linear part only)."""
+    bias = layer.bias if with_bias else None
     if layer.padding_mode == "circular":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode="circular")
-        return F.conv2d(x, weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
-    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def conv2d_repr(layer) -> str:
