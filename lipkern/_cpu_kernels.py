@@ -34,7 +34,7 @@ def plain(*tensors: torch.Tensor) -> bool:
 
 
 def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> int:
-    if (t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous()
+    if (not t.is_cpu or t.dtype != dtype or t.shape != shape or not t.is_contiguous()
             or t.is_neg() or t.is_conj()):  # (a lazy negation or conjugation is not in the memory read)
         raise ValueError(f"lipkern._cpu: {name} must be a contiguous {dtype} CPU tensor of shape {tuple(shape)} "
                          f"(no lazy negation / conjugation), got {t.dtype} on {t.device}, shape {tuple(t.shape)}, "
@@ -55,38 +55,42 @@ def power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, si
                          int(dtype == torch.float64))
 
 
-def aol_forward(pairs: torch.Tensor, w: torch.Tensor, kh: int, kw: int, k: dict, max_cost: float, check: bool,
-                scale: torch.Tensor, out: torch.Tensor | None, signs: torch.Tensor | None) -> bool:
-    """d (into ``scale``), W·d (into ``out``) and the half-shift signs from the Gram pairs (see
-    csrc/cpu/kernels.h); False when ``check`` fails (nothing usable written)."""
+def aol_forward(pairs: torch.Tensor, w: torch.Tensor, kh: int, kw: int, constants: tuple, check: bool,
+                with_signs: bool):
+    """(scale d, W·d, half-shift signs or None) from the Gram pairs (see csrc/cpu/kernels.h), or None when
+    ``check`` fails. ``constants``: the AolConstants fields in order (eps_rel, eps_gram, t_mass, t_count,
+    sum_factor, keep, tiny, largest, max_cost). The outputs are allocated here (only the inputs are checked)."""
     groups, out_g, in_g, kk = w.shape
     n, n_half = in_g * kk, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
     if w.dtype not in _REAL or pairs.dtype not in _REAL or kh * kw != kk:
         raise ValueError(f"lipkern._cpu.aol_forward: bad dtypes {pairs.dtype}, {w.dtype} or kernel {kh}x{kw}")
-    status = _cpu.aol_forward(
-        _expect("pairs", pairs, (groups, n, n), pairs.dtype), int(pairs.dtype == torch.float64),
-        _expect("w", w, w.shape, w.dtype), int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw,
-        k["eps_rel"], k["eps_gram"], k["t_mass"], k["t_count"], k["sum_factor"], k["keep"], k["tiny"],
-        k["largest"], max_cost, int(check), _expect("scale", scale, (groups, in_g), w.dtype),
-        0 if out is None else _expect("out", out, w.shape, w.dtype),
-        0 if signs is None else _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8))
-    return status == 0
+    p_ptr, w_ptr = _expect("pairs", pairs, (groups, n, n), pairs.dtype), _expect("w", w, w.shape, w.dtype)
+    scale = torch.empty((groups, in_g), dtype=w.dtype)
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    signs = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8) if with_signs else None
+    status = _cpu.aol_forward(p_ptr, int(pairs.dtype == torch.float64), w_ptr, int(w.dtype == torch.float64), groups,
+                              out_g, in_g, kh, kw, *constants, int(check), scale.data_ptr(), out.data_ptr(),
+                              0 if signs is None else signs.data_ptr())
+    return None if status else (scale, out, signs)
 
 
 def aol_backward(grad: torch.Tensor, grad_scale: torch.Tensor | None, w: torch.Tensor, scale: torch.Tensor,
-                 signs: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """The symmetric ∂L/∂P + ∂L/∂Pᵀ, (groups, in_g·kk, in_g·kk), of the AOL backward (csrc/cpu/kernels.h)."""
+                 signs: torch.Tensor, kh: int, kw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric ∂L/∂P + ∂L/∂Pᵀ, (groups, in_g·kk, in_g·kk), of the AOL backward, and G·d in grad's shape
+    (csrc/cpu/kernels.h)."""
     groups, out_g, in_g, kk = w.shape
     n, n_half = in_g * kk, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
     if w.dtype not in _REAL or kh * kw != kk:
         raise ValueError(f"lipkern._cpu.aol_backward: bad dtype {w.dtype} or kernel {kh}x{kw}")
+    pointers = (_expect("grad", grad, w.shape, w.dtype),
+                0 if grad_scale is None else _expect("grad_scale", grad_scale, (groups, in_g), w.dtype),
+                _expect("w", w, w.shape, w.dtype), _expect("scale", scale, (groups, in_g), w.dtype),
+                _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8))
     gsym = torch.empty((groups, n, n), dtype=w.dtype)
-    _cpu.aol_backward(_expect("grad", grad, w.shape, w.dtype),
-                      0 if grad_scale is None else _expect("grad_scale", grad_scale, (groups, in_g), w.dtype),
-                      _expect("w", w, w.shape, w.dtype), _expect("scale", scale, (groups, in_g), w.dtype),
-                      _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8),
-                      int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw, gsym.data_ptr())
-    return gsym
+    base = torch.empty_like(w, memory_format=torch.contiguous_format)
+    _cpu.aol_backward(*pointers, int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw, gsym.data_ptr(),
+                      base.data_ptr())
+    return gsym, base
 
 
 def _conv_shape(geometry, layers: int, c_out: int, c_in: int) -> tuple:

@@ -21,8 +21,8 @@ PYBIND11_MODULE(_cpu, m) {
         "AOL forward after the Gram GEMM: scale (and out = W d, half-shift signs); 1 when the check fails.");
   m.def("aol_backward", &lipkern_cpu_aol_backward, py::arg("grad"), py::arg("grad_scale"), py::arg("w"),
         py::arg("scale"), py::arg("signs"), py::arg("f64"), py::arg("groups"), py::arg("out_g"), py::arg("in_g"),
-        py::arg("kh"), py::arg("kw"), py::arg("gsym"),
-        "AOL backward before the weight GEMM: the symmetric dL/dP + its transpose.");
+        py::arg("kh"), py::arg("kw"), py::arg("gsym"), py::arg("base"),
+        "AOL backward before the weight GEMM: the symmetric dL/dP + its transpose (and G d into base).");
   m.def("conv_power_iteration",
         [](uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma, int64_t layers, int64_t c_out, int64_t c_in,
            int64_t groups, int64_t kh, int64_t kw, int64_t h, int64_t w, int64_t ho, int64_t wo, int64_t sh, int64_t sw,

@@ -88,6 +88,20 @@ int8_t sign_of(double x) { return static_cast<int8_t>((x > 0) - (x < 0)); }
 template <typename P>
 void aol_row_sums(const P* p, const AolShape& sh, std::vector<double>& r, int8_t* signs) {
   const int64_t in_g = sh.in_g, kk = sh.kk, n = sh.n, n_half = sh.n_full - sh.half_start;
+  if (kk == 1) {  // one shift: M_0 = P, read once
+    for (int64_t i = 0; i < in_g; ++i) {
+      const P* row = p + i * in_g;
+      double part[4] = {0.0, 0.0, 0.0, 0.0};
+      const int64_t n4 = in_g - in_g % 4;
+      for (int64_t j = 0; j < n4; j += 4)
+        for (int64_t t = 0; t < 4; ++t) part[t] += std::fabs(static_cast<double>(row[j + t]));
+      for (int64_t j = n4; j < in_g; ++j) part[j - n4] += std::fabs(static_cast<double>(row[j]));
+      r[i] = (part[0] + part[1]) + (part[2] + part[3]);
+      if (signs != nullptr)
+        for (int64_t j = 0; j < in_g; ++j) signs[i * in_g + j] = sign_of(static_cast<double>(row[j]));
+    }
+    return;
+  }
   std::vector<double> corr(sh.n_full * in_g);  // M_s[i, j] for one i: [s * in_g + j]
   std::vector<int64_t> shift(kk * kk);
   for (int64_t a = 0; a < kk; ++a)
@@ -115,9 +129,26 @@ template <typename W>
 bool aol_scale(const W* w, const AolShape& sh, const std::vector<double>& r, const AolConstants& k, bool check,
                std::vector<double>& d) {
   const int64_t out_g = sh.out_g, in_g = sh.in_g, kk = sh.kk;
-  std::vector<double> col(out_g * in_g), row_abs(out_g, 0.0), mass(in_g, 0.0);
+  std::vector<double> col(kk == 1 ? 0 : out_g * in_g), row_abs(out_g, 0.0), mass(in_g, 0.0);
   double total = 0.0;
-  for (int64_t o = 0; o < out_g; ++o) {
+  if (kk == 1) {  // C_oi = |W_oi|: read from w, not stored
+    for (int64_t o = 0; o < out_g; ++o) {
+      const W* row = w + o * in_g;
+      double part[4] = {0.0, 0.0, 0.0, 0.0};
+      const int64_t n4 = in_g - in_g % 4;
+      for (int64_t i = 0; i < n4; i += 4)
+        for (int64_t t = 0; t < 4; ++t) part[t] += std::fabs(static_cast<double>(row[i + t]));
+      for (int64_t i = n4; i < in_g; ++i) part[i - n4] += std::fabs(static_cast<double>(row[i]));
+      row_abs[o] = (part[0] + part[1]) + (part[2] + part[3]);  // R_o
+      total += row_abs[o];
+    }
+    for (int64_t o = 0; o < out_g; ++o) {
+      const W* row = w + o * in_g;
+      const double ro = row_abs[o];
+      for (int64_t i = 0; i < in_g; ++i) mass[i] += ro * std::fabs(static_cast<double>(row[i]));  // S_i
+    }
+  }
+  for (int64_t o = 0; o < (kk == 1 ? 0 : out_g); ++o) {
     for (int64_t i = 0; i < in_g; ++i) {
       const W* taps = w + (o * in_g + i) * kk;
       double c = 0.0;
@@ -127,7 +158,7 @@ bool aol_scale(const W* w, const AolShape& sh, const std::vector<double>& r, con
     }
     total += row_abs[o];
   }
-  for (int64_t o = 0; o < out_g; ++o)
+  for (int64_t o = 0; o < (kk == 1 ? 0 : out_g); ++o)
     for (int64_t i = 0; i < in_g; ++i) mass[i] += row_abs[o] * col[o * in_g + i];  // S_i
   const double extra = k.t_mass != 0.0 ? total * k.t_mass + k.t_count : 0.0;
   std::vector<double> r_hat(in_g);
@@ -170,7 +201,7 @@ int aol_forward(const P* p, const W* w, const AolShape& sh, const AolConstants& 
 
 template <typename T>
 void aol_backward(const T* grad, const T* grad_scale, const T* w, const T* scale, const int8_t* signs,
-                  const AolShape& sh, T* gsym) {
+                  const AolShape& sh, T* gsym, T* base) {
   const int64_t in_g = sh.in_g, kk = sh.kk, n = sh.n, n_half = sh.n_full - sh.half_start;
   std::vector<double> a(in_g);
   std::vector<int64_t> shift(kk * kk);
@@ -183,6 +214,13 @@ void aol_backward(const T* grad, const T* grad_scale, const T* w, const T* scale
         const int64_t base = ((g * sh.out_g + o) * in_g + i) * kk;
         for (int64_t t = 0; t < kk; ++t) a[i] += static_cast<double>(grad[base + t]) * w[base + t];
       }
+    if (base != nullptr)  // G·d, the first term of dL/dW (rounded as addcmul's product)
+      for (int64_t o = 0; o < sh.out_g; ++o)
+        for (int64_t i = 0; i < in_g; ++i) {
+          const int64_t at = ((g * sh.out_g + o) * in_g + i) * kk;
+          const T di = scale[g * in_g + i];
+          for (int64_t t = 0; t < kk; ++t) base[at + t] = grad[at + t] * di;
+        }
     for (int64_t i = 0; i < in_g; ++i) {
       const double gw = a[i] + (grad_scale != nullptr ? static_cast<double>(grad_scale[g * in_g + i]) : 0.0);
       const double di = scale[g * in_g + i];
@@ -426,14 +464,14 @@ int lipkern_cpu_aol_forward(uintptr_t p, int p_f64, uintptr_t w, int w_f64, int6
 
 void lipkern_cpu_aol_backward(uintptr_t grad, uintptr_t grad_scale, uintptr_t w, uintptr_t scale, uintptr_t signs,
                               int f64, int64_t groups, int64_t out_g, int64_t in_g, int64_t kh, int64_t kw,
-                              uintptr_t gsym) {
+                              uintptr_t gsym, uintptr_t base) {
   const AolShape sh(groups, out_g, in_g, kh, kw);
   if (f64)
     aol_backward(ptr<double>(grad), ptr<double>(grad_scale), ptr<double>(w), ptr<double>(scale),
-                 ptr<int8_t>(signs), sh, mut<double>(gsym));
+                 ptr<int8_t>(signs), sh, mut<double>(gsym), mut<double>(base));
   else
     aol_backward(ptr<float>(grad), ptr<float>(grad_scale), ptr<float>(w), ptr<float>(scale), ptr<int8_t>(signs), sh,
-                 mut<float>(gsym));
+                 mut<float>(gsym), mut<float>(base));
 }
 
 void lipkern_cpu_conv_power_iteration(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma,

@@ -33,9 +33,10 @@ int lipkern_cpu_aol_forward(uintptr_t p, int p_f64, uintptr_t w, int w_f64, int6
 // sign(M_s[i,j]) (a_i + a_j [s > 0]) for s = a - b >= 0 (0 otherwise), so that dL/dW_left = W_right gsym^T + G d
 // (W_right: the weight with columns (b,j)).
 // grad, w: (groups, out_g, in_g, kk); scale: (groups, in_g); grad_scale: same or 0; all float32 or float64 (f64).
+// base: 0, or grad's shape: receives G d (grad times d_i), the term the caller adds W_right gsym^T to.
 void lipkern_cpu_aol_backward(uintptr_t grad, uintptr_t grad_scale, uintptr_t w, uintptr_t scale, uintptr_t signs,
                               int f64, int64_t groups, int64_t out_g, int64_t in_g, int64_t kh, int64_t kw,
-                              uintptr_t gsym);
+                              uintptr_t gsym, uintptr_t base);
 
 // The conv operators of L layers of equal geometry (lipkern/ops/conv_power_iteration.py, ConvGeometry):
 // weights (L, c_out, c_in/groups, kh, kw); vectors u (L, c_in, H, W) and v (L, c_out, Ho, Wo); padding

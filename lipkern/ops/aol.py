@@ -472,8 +472,13 @@ def _power_of_two_factors(value: float) -> tuple[float, int]:
     return 2.0 ** (exponent // power), power
 
 
+def _as_conv(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight (out, in) as the 1×1 conv weight (out, in, 1, 1) (a view); a conv weight as it is."""
+    return weight if weight.dim() == 4 else weight.view(*weight.shape, 1, 1)
+
+
 def _geometry(w4: torch.Tensor, groups: int):
-    out_ch, in_g, kh, kw = w4.shape
+    out_ch, in_g, kh, kw = w4.shape if w4.dim() == 4 else (*w4.shape, 1, 1)
     n_half = ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
     return out_ch // groups, in_g, kh, kw, n_half
 
@@ -623,10 +628,14 @@ def _torch_path_constants(out_g: int, in_g: int, kh: int, kw: int, dtype: torch.
         # float64 products of float32 values never underflow, but with denormals-are-zero set
         # (torch.set_flush_denormal) a subnormal weight is read as 0 by the conversion: ≤ 2⁻¹²⁶·|other operand|
         eps_abs, count = 2.0**-124, 0
-    return dict(eps_rel=eps_rel, t_mass=eps_abs * (in_g * kk + kk),
-                t_count=eps_abs * count, sum_factor=1 + (in_g * n_full + 8) * 2.0**-52,
-                keep=1 - _scale_margin(dtype, out_g, in_g, kk), eps_gram=gram_error_bound(scheme, out_g, kk, dtype)[0],
-                tiny=acc.tiny * acc.eps, largest=acc.max)
+    k = dict(eps_rel=eps_rel, t_mass=eps_abs * (in_g * kk + kk),
+             t_count=eps_abs * count, sum_factor=1 + (in_g * n_full + 8) * 2.0**-52,
+             keep=1 - _scale_margin(dtype, out_g, in_g, kk), eps_gram=gram_error_bound(scheme, out_g, kk, dtype)[0],
+             tiny=acc.tiny * acc.eps, largest=acc.max)
+    # the C++ kernel's AolConstants, in its order
+    k["cpu_args"] = (*(k[name] for name in ("eps_rel", "eps_gram", "t_mass", "t_count", "sum_factor", "keep", "tiny",
+                                            "largest")), _FP32_GRAM_MAX_COST)
+    return k
 
 
 def _gram_pairs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -738,17 +747,21 @@ def _forward_cpu_kernel(w4: torch.Tensor, groups: int, scheme: str, signs: bool)
     kk, acc = kh * kw, _acc_dtype(w4.dtype)
     ran = "fp32" if scheme == "auto" else scheme
     k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
-    w4 = w4.detach().contiguous()
-    w = w4.to(acc).view(groups, out_g, in_g, kk)  # 16-bit weights: exact in float32
-    left, right = _gram_pairs(w4.to(torch.float64 if ran == "fp64" else acc).view(groups, out_g, in_g, kk))
-    pairs = torch.bmm(left.transpose(1, 2), right)  # columns (b, j): the kernel's shift sums read rows in order
-    scale = torch.empty((groups, in_g), dtype=acc)
-    out = torch.empty_like(w)
-    sign_out = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8) if signs else None
-    if not _cpu_kernels.aol_forward(pairs, w, kh, kw, k, _FP32_GRAM_MAX_COST, scheme == "auto", scale, out,
-                                    sign_out):
+    w4 = w4.contiguous()  # (called without a graph: grad mode off or no gradient asked for)
+    w = (w4 if w4.dtype == acc else w4.to(acc)).view(groups, out_g, in_g, kk)  # 16-bit weights: exact in float32
+    gram_dtype = torch.float64 if ran == "fp64" else acc
+    if kk == 1:  # P = WᵀW: one GEMM of the weight with itself
+        m = (w if gram_dtype == acc else w.to(gram_dtype)).view(groups, out_g, in_g)
+        pairs = torch.bmm(m.transpose(1, 2), m)
+    else:
+        left, right = _gram_pairs(w4.to(gram_dtype).view(groups, out_g, in_g, kk))
+        pairs = torch.bmm(left.transpose(1, 2), right)  # columns (b, j): the kernel's shift sums read rows in order
+    result = _cpu_kernels.aol_forward(pairs, w, kh, kw, k["cpu_args"], scheme == "auto", signs)
+    if result is None:
         return _forward_cpu_kernel(w4, groups, "fp64", signs)
-    return out.view(w4.shape).to(w4.dtype), scale, sign_out, ran
+    scale, out, sign_out = result
+    out = out.view(w4.shape)
+    return (out if out.dtype == w4.dtype else out.to(w4.dtype)), scale, sign_out, ran
 
 
 def _backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups):
@@ -756,12 +769,17 @@ def _backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups):
     entries and symmetrized in one call, then ONE GEMM ∂L/∂W_left = W_right(∂P + ∂Pᵀ)ᵀ and G·d."""
     out_g, in_g, kh, kw, _ = _geometry(w4, groups)
     kk, acc = kh * kw, scale.dtype
-    w = w4.to(acc).view(groups, out_g, in_g, kk)
-    grad = grad_out.to(acc).view(groups, out_g, in_g, kk)
-    gsym = _cpu_kernels.aol_backward(grad, None if grad_scale is None else grad_scale.to(acc), w, scale, signs, kh,
-                                     kw)  # rows (i, a), columns (b, j)
-    grad_w = torch.bmm(_gram_pairs(w)[1], gsym.transpose(1, 2)).view(grad.shape)
-    return grad_w.addcmul_(grad, scale[:, None, :, None]).view(w4.shape).to(w4.dtype)
+    w = (w4 if w4.dtype == acc else w4.to(acc)).view(groups, out_g, in_g, kk)
+    grad = (grad_out if grad_out.dtype == acc else grad_out.to(acc)).view(groups, out_g, in_g, kk)
+    if grad_scale is not None and grad_scale.dtype != acc:
+        grad_scale = grad_scale.to(acc)
+    gsym, base = _cpu_kernels.aol_backward(grad, grad_scale, w, scale, signs, kh, kw)  # gsym: rows (i, a), cols (b, j)
+    if kk == 1:  # gsym is a symmetric matrix here: no transposed read
+        grad_w = torch.baddbmm(base.view(groups, out_g, in_g), w.view(groups, out_g, in_g), gsym)
+    else:
+        grad_w = torch.baddbmm(base.view(groups, out_g, in_g * kk), _gram_pairs(w)[1], gsym.transpose(1, 2))
+    grad_w = grad_w.view(w4.shape)
+    return grad_w if grad_w.dtype == w4.dtype else grad_w.to(w4.dtype)
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
@@ -806,8 +824,8 @@ def _torch_scheme(w4: torch.Tensor, groups: int = 1) -> str:
     out_g + kk > ``_FP32_GRAM_MAX_TERMS`` (the fp32 margin would exceed the auto limit for typical weights).
     Else 'auto', or 'fp32' when asked for."""
     choice = _requested_gram()
-    if (w4.dtype == torch.float64 or w4.device.type != "cpu" or choice == "fp64" or not _ieee_float32_math()
-            or torch.jit.is_tracing()):  # a trace cannot hold the auto check's host read
+    if (w4.dtype == torch.float64 or not w4.is_cpu or choice == "fp64" or torch.jit.is_tracing()
+            or not _ieee_float32_math()):  # a trace cannot hold the auto check's host read
         return "fp64"
     if choice == "fp32":
         return "fp32"
@@ -822,44 +840,50 @@ def _ieee_float32_math() -> bool:
             and config().onednn_fpmath == "strict")
 
 
-def _aol_fwd(w4: torch.Tensor, groups: int, save: bool = True):
-    """(rescaled weight, d, half-shift signs: the backward's, None when ``save`` is False on the torch path)."""
-    w4 = w4.contiguous()  # the kernels index raw memory; the op may be called directly with any strides
+def _aol_fwd(weight: torch.Tensor, groups: int, save: bool = True):
+    """(rescaled weight, d, half-shift signs: the backward's, None when ``save`` is False on the torch path).
+    ``weight``: (out, in) or (out, in/groups, kh, kw); the rescaled weight has its shape."""
+    w4 = _as_conv(weight.contiguous())  # the kernels index raw memory; the op may be called with any strides
     if select_backend(w4) == "triton":
         record_implementation("aol_rescale", f"triton/{gram_precision(w4.dtype)}")
-        return _forward_triton(w4, groups)
+        out, scale, sign_out = _forward_triton(w4, groups)
+        return out.view(weight.shape), scale, sign_out
     scheme = _torch_scheme(w4, groups)
     out, scale, sign_out, ran = _forward_torch(w4, groups, scheme, save)
     form = "cpp" if w4.device.type == "cpu" and _cpu_kernels.available() else "torch-gemm"
     record_implementation("aol_rescale", f"{form}/{ran}" + (" (auto)" if scheme == "auto" else ""))
-    return out, scale, sign_out
+    return out.view(weight.shape), scale, sign_out
 
 
 def _aol_bwd(grads, inputs, saved, needs):
-    (grad_out, grad_scale), (w4, groups), (scale, signs) = grads, inputs, saved
-    w4 = w4.contiguous()
-    grad_out = torch.zeros_like(w4) if grad_out is None else grad_out.contiguous()  # stride-0 ones included
+    (grad_out, grad_scale), (weight, groups), (scale, signs) = grads, inputs, saved
+    w4 = _as_conv(weight.contiguous())
+    grad_out = torch.zeros_like(w4) if grad_out is None else _as_conv(grad_out.contiguous())  # stride-0 ones too
     if grad_scale is not None:
         grad_scale = grad_scale.contiguous()
     if select_backend(w4) == "triton":
-        return (_backward_triton(grad_out, grad_scale, w4, scale, signs, groups),)
-    if (w4.device.type == "cpu" and _cpu_kernels.available() and not torch.is_grad_enabled()
+        grad = _backward_triton(grad_out, grad_scale, w4, scale, signs, groups)
+    elif (w4.is_cpu and _cpu_kernels.available() and not torch.is_grad_enabled()
             and _cpu_kernels.plain(grad_out, w4, *([] if grad_scale is None else [grad_scale]))):
-        return (_backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups),)
-    return (_backward_torch(grad_out, grad_scale, w4, scale, signs, groups),)
+        grad = _backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups)
+    else:
+        grad = _backward_torch(grad_out, grad_scale, w4, scale, signs, groups)
+    return (grad.view(weight.shape),)
 
 
-def _aol_functional(w4, groups):
+def _aol_functional(weight, groups):
     """The torch path as plain autograd ops (torch.func transforms differentiate and vmap it; same margin)."""
-    return _forward_torch(w4, groups, signs=False)[:2]
+    out, scale = _forward_torch(_as_conv(weight), groups, signs=False)[:2]
+    return out.view(weight.shape), scale
 
 
 def _aol_functional_backward(grads, inputs, saved, needs):
     """The torch path's backward in differentiable ops (create_graph: exact second derivatives on every
     backend; the signs are locally constant)."""
-    (grad_out, grad_scale), (w4, groups), (scale, signs) = grads, inputs, saved
-    grad_out = torch.zeros_like(w4) if grad_out is None else grad_out
-    return (_backward_torch(grad_out.contiguous(), grad_scale, w4.contiguous(), scale, signs, groups),)
+    (grad_out, grad_scale), (weight, groups), (scale, signs) = grads, inputs, saved
+    w4 = _as_conv(weight.contiguous())
+    grad_out = torch.zeros_like(w4) if grad_out is None else _as_conv(grad_out.contiguous())
+    return (_backward_torch(grad_out, grad_scale, w4, scale, signs, groups).view(weight.shape),)
 
 
 def _aol_fake(weight, groups):
@@ -931,12 +955,10 @@ def aol_rescale(weight: torch.Tensor, groups: int = 1, return_scale: bool = Fals
         (see ``LIPKERN_BACKEND``).
     """
     _validate(weight, groups)
-    w4 = (weight if weight.dim() == 4 else weight[:, :, None, None]).contiguous()
-    if w4.dtype == torch.float64 and not w4.is_meta:
-        w4, exponent = _extreme_range_scale(w4)
-        out, scale = _AOL_OP(w4, groups)  # W·d = (W·2⁻ᵉ)·(d·2ᵉ): the same rescaled weight
+    if weight.dtype == torch.float64 and not weight.is_meta:
+        scaled, exponent = _extreme_range_scale(weight)
+        out, scale = _AOL_OP(scaled, groups)  # W·d = (W·2⁻ᵉ)·(d·2ᵉ): the same rescaled weight
         scale = times_power_of_two(scale, -exponent)
     else:
-        out, scale = _AOL_OP(w4, groups)
-    out = out.view(weight.shape)
+        out, scale = _AOL_OP(weight, groups)  # (out, in) or (out, in/groups, kh, kw), any strides
     return (out, scale) if return_scale else out
