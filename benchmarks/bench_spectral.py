@@ -1,6 +1,7 @@
 """Conv spectral norms: one power-iteration step for all convs of a 20-layer network (stacked vs the per-layer
-eager loop of public CPL / LiResNet code), the exact circular norm (batched power iteration over the
-frequency matrices vs batched SVD of the rfft blocks), and the guaranteed upper bound vs orthogonium's
+eager loop of public CPL / LiResNet code), the exact circular norm (lipkern's ``largest_singular_value`` of the
+frequency matrices: the Hermitian eigensolver on the CPU at small sides, the batched power iteration elsewhere;
+vs batched SVD of the rfft blocks), and the guaranteed upper bound vs orthogonium's
 get_conv_sv (time and tightness). Groups: power-iteration-step, circular-exact-norm, conv-upper-bound.
 
 The accuracy references (``relative_error``, ``bound_over_reference``) are computed once per size in fixtures,
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import DEVICE, ON_GPU
 from lipkern.bounds import conv2d_spectral_norm, frequency_matrices
-from lipkern.ops import batched_power_iteration, conv_power_iteration
+from lipkern.bounds.spectral import _eigensolver_fits, largest_singular_value
+from lipkern.ops import conv_power_iteration
 from lipkern.ops.conv_power_iteration import initial_conv_vectors
 
 NETWORK = dict(layers=20, channels=64, size=32) if ON_GPU else dict(layers=20, channels=8, size=8)
@@ -169,15 +171,16 @@ def test_circular_exact_norm(run_timed, provider, channels, circular_reference, 
     matrices = frequency_matrices(weight, (n, n))[0].to(torch.complex64)
     state = {}
 
-    def lipkern_power():
-        sigma, _, _ = batched_power_iteration(matrices, n_iter=100)
-        state["value"] = sigma.max()
+    def lipkern_norm():
+        state["value"] = largest_singular_value(matrices, n_iter=100)
 
     def batched_svd():
         state["value"] = _svd_norm(weight, n)
 
-    run_timed(lipkern_power if provider == "lipkern" else batched_svd, provider, channels=channels, size=n,
-              method="batched power iteration, 100 steps" if provider == "lipkern" else "complex64 SVD")
+    method = ("Hermitian eigensolver on the Grams (CPU, side <= 64)" if _eigensolver_fits(matrices)
+              else "batched power iteration, 100 steps")
+    run_timed(lipkern_norm if provider == "lipkern" else batched_svd, provider, channels=channels, size=n,
+              method=method if provider == "lipkern" else "complex64 SVD")
     benchmark.extra_info["relative_error"] = abs(state["value"].item() / circular_reference - 1)
 
 

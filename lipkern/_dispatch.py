@@ -235,6 +235,8 @@ def tracing() -> bool:
     tensors). Other dispatch modes (FlopCounterMode, op counters) see the implementation's aten ops."""
     if torch.compiler.is_compiling():
         return True
+    if not torch._C._len_torch_dispatch_stack():  # (one C call: the common case, no mode active)
+        return False
     modes = _python_dispatch._get_current_dispatch_mode_stack()
     if not modes:
         return False

@@ -41,6 +41,14 @@ def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()  # (peek_interpreter_stack is not None under Dynamo)
 
 
+def _autocast_device(tensor: torch.Tensor) -> str | None:
+    """The device type of ``tensor`` when autocast is on for it, else None (one C call when no autocast is on)."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    device = tensor.device.type
+    return device if device != "meta" and torch.is_autocast_enabled(device) else None
+
+
 def _wrapped(tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
@@ -107,8 +115,8 @@ class Op:
     # ---- calls ---------------------------------------------------------------------------------------------
     def __call__(self, *args):
         """Run the op; returns its visible outputs (one tensor if one)."""
-        device = args[0].device.type
-        if device != "meta" and torch.is_autocast_enabled(device):
+        device = _autocast_device(args[0])
+        if device is not None:
             with torch.autocast(device, enabled=False):
                 return self(*args)
         if not self.differentiable:  # the mutating power iterations: never part of a graph
@@ -177,10 +185,9 @@ class Op:
         grads = grads[:self.visible]
         if all(g is None for g in grads) or not any(needs):
             return (None,) * self.n_tensors
-        device = args[0].device.type
-        autocast = device != "meta" and torch.is_autocast_enabled(device)
-        if torch.is_grad_enabled() or autocast or _functorch_active() or _wrapped(grads):
-            with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        device = _autocast_device(args[0])
+        if torch.is_grad_enabled() or device is not None or _functorch_active() or _wrapped(grads):
+            with torch.autocast(device, enabled=False) if device is not None else contextlib.nullcontext():
                 result = self.functional_backward(grads, args, saved, needs)
         elif through_op:
             op_args = self._op_args(args)

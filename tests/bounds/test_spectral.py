@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lipkern.bounds import conv2d_spectral_norm, frequency_matrices, gram_upper_bound, linear_spectral_norm
+from lipkern.bounds import spectral as spectral_module
 from lipkern.bounds.gram import gram_iterations_for
 from tests.helpers import dense_conv2d, spectral_norm
 
@@ -164,9 +165,26 @@ def test_fft_is_exact_for_circular_convolutions(torch_backend, c_in, c_out, k, n
 def test_fft_path_through_the_triton_kernel():
     w = torch.randn(3, 3, 3, 3, dtype=torch.float64)
     exact = spectral_norm(dense_conv2d(w, 4, padding=1, padding_mode="circular"))
-    result = conv2d_spectral_norm(w, 4, padding=1, padding_mode="circular", method="fft", rtol=1e-8, n_iter=400)
+    with mock.patch.object(spectral_module, "_EIGENSOLVER_MAX_SIDE", 0):  # the power iteration, not LAPACK
+        result = conv2d_spectral_norm(w, 4, padding=1, padding_mode="circular", method="fft", rtol=1e-8,
+                                      n_iter=400)
     assert exact <= result.upper.item() <= exact * (1 + 1e-8)
     assert abs(result.estimate.item() / exact - 1) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.complex64, 1e-5),
+                                         (torch.complex128, 1e-12)])
+@pytest.mark.parametrize("shape", [(5, 7, 4), (3, 4, 9), (2, 6, 6)])
+def test_largest_singular_value_matches_a_dense_svd(torch_backend, shape, dtype, rtol):
+    """Both routes of largest_singular_value against float64 / complex128 SVDs: the CPU eigensolver (exact to
+    rounding) and the batched power iteration (an estimate from below, converged here)."""
+    m = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(sum(shape)))
+    exact = torch.linalg.matrix_norm(m.to(torch.complex128), ord=2).max().item()
+    assert spectral_module._eigensolver_fits(m)
+    assert abs(spectral_module.largest_singular_value(m).item() / exact - 1) <= rtol
+    with mock.patch.object(spectral_module, "_EIGENSOLVER_MAX_SIDE", 0):
+        by_power = spectral_module.largest_singular_value(m, n_iter=3000).item()
+    assert exact * (1 - 1e-3) <= by_power <= exact * (1 + 10 * rtol)
 
 
 @pytest.mark.parametrize("n, kwargs", [(5, dict(padding=1)), (6, dict(padding="same")), (6, dict(padding=2)),
