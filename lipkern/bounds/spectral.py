@@ -4,7 +4,10 @@
 padding, stride, dilation and groups, at the real input size):
 
 - ``estimate`` converges to ‖A‖₂ from below (Lanczos bidiagonalization on the true operator, restarted, with
-  a residual-based stopping rule; batched power iteration for 'fft'); it is never called a bound.
+  a residual-based stopping rule; batched power iteration for 'fft'), or for 'fft' on the CPU with frequency
+  matrices of side ≤ 64 is exact to rounding at once (:func:`largest_singular_value`: LAPACK's Hermitian
+  eigensolver on the Grams; ``n_iter`` and ``rtol`` do not apply, and rounding may put it a few units of the
+  dtype's eps above ‖A‖₂); it is never called a bound.
 - ``upper`` is a guaranteed upper bound, floating-point error included (computed in float64):
   * circular padding, stride s dividing n: the operator is (a row selection of) the strided circular
     convolution on the n×n input, whose norm is max_μ ‖B(μ)‖ over the frequency matrices of
@@ -25,7 +28,8 @@ padding, stride, dilation and groups, at the real input size):
     certify) plus the proven error of computing
     K̂(ω) by an explicit float64 DFT of the kernel taps.
 - ``method``: 'power' (estimate on the true operator, Lanczos), 'fft' (circular padding where the bound above is exact:
-  batched power iteration over all frequency matrices, exact in the limit, with its Gram upper bound),
+  batched power iteration over all frequency matrices, exact in the limit, or the CPU eigensolver above, with
+  its certified upper bound),
   'upper' (the bound only), 'auto' (the fastest exact estimate and the tightest bound for the case).
 """
 

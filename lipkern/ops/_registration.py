@@ -42,8 +42,9 @@ def _functorch_active() -> bool:
 
 
 def _autocast_device(tensor: torch.Tensor) -> str | None:
-    """The device type of ``tensor`` when autocast is on for it, else None (one C call when no autocast is on)."""
-    if not torch._C._is_any_autocast_enabled():
+    """The device type of ``tensor`` when autocast is on for it, else None (one C call for CPU / CUDA tensors
+    when no autocast is on; ``_is_any_autocast_enabled`` does not see every backend's, e.g. MPS's)."""
+    if (tensor.is_cpu or tensor.is_cuda) and not torch._C._is_any_autocast_enabled():
         return None
     device = tensor.device.type
     return device if device != "meta" and torch.is_autocast_enabled(device) else None

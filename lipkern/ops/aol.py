@@ -873,7 +873,7 @@ def _aol_bwd(grads, inputs, saved, needs):
 
 def _aol_functional(weight, groups):
     """The torch path as plain autograd ops (torch.func transforms differentiate and vmap it; same margin)."""
-    out, scale = _forward_torch(_as_conv(weight), groups, signs=False)[:2]
+    out, scale = _forward_torch(_as_conv(weight.contiguous()), groups, signs=False)[:2]  # (views below)
     return out.view(weight.shape), scale
 
 

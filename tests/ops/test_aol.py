@@ -370,6 +370,9 @@ def test_torch_func_transforms():
     assert_close(jac @ w.flatten(), torch.func.jvp(aol_rescale, (w,), (w,))[1].flatten())  # rev == fwd mode
     batch = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64)
     assert_close(torch.func.vmap(aol_rescale)(batch), torch.stack([aol_rescale(b) for b in batch]))
+    strided = w.to(memory_format=torch.channels_last)  # a conv weight with other strides (the op views it)
+    assert_close(torch.func.grad(lambda x: aol_rescale(x).square().sum())(strided), want)
+    assert_close(torch.func.vmap(aol_rescale)(torch.stack([strided, strided])), torch.stack([aol_rescale(w)] * 2))
 
 
 def test_compile_single_input_channel_linear():
