@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.conftest import DEVICE
 from lipkern.bounds import LipschitzEstimate
-from lipkern.bounds.network import _coefficients, build_plan
+from lipkern.bounds.liplt import _coefficients, build_plan
 from lipkern.models import LipLTNet
 from lipkern.bounds.chain_power_iteration import initial_chain_vectors
 

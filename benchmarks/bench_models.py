@@ -36,7 +36,7 @@ import lipkern
 from benchmarks.bench_aol import swap_aol_layers
 from benchmarks.conftest import DEVICE, ON_GPU
 from lipkern.bounds import LipschitzEstimate
-from lipkern.bounds.network import build_plan
+from lipkern.bounds.liplt import build_plan
 from lipkern.losses import CRMLoss, LMTLoss, OffsetCrossEntropy
 from lipkern.models import build_model
 

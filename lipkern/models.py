@@ -48,6 +48,8 @@ from torch import nn
 from lipkern.nn import (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SLLConv2d, SLLLinear, SpectralConv2d,
                         SpectralLinear)
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
+from lipkern.bounds.operators import LinearMap
+from lipkern.bounds.parsing import BoundParser, pixel_unshuffle_rule, register_bound_rule
 
 __all__ = ["AOLNet", "CPLNet", "ConvNet", "FirstChannels", "LMTNet", "LinearNormalized", "LipLTNet",
            "MODEL_FAMILIES", "Normalize", "PixelUnshuffle", "Residual", "SplitzNet", "ZeroChannelPad", "build_model",
@@ -570,3 +572,50 @@ def use_eager_cpl(model: nn.Module) -> nn.Module:
         elif isinstance(module, CPLLinear):
             module.forward = types.MethodType(_eager_linear_forward, module)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bound rules (lipkern.bounds.parsing).
+# ----------------------------------------------------------------------------------------------------------
+register_bound_rule(PixelUnshuffle)(pixel_unshuffle_rule)  # its own forward, the same 0/1 map
+
+
+@register_bound_rule(ConvNet)
+def _convnet_bound_rule(parser: BoundParser, module, shape):
+    return parser.parse(module.layers, shape)
+
+
+@register_bound_rule(CPLNet)
+def _cplnet_bound_rule(parser: BoundParser, module, shape):
+    return parser.sequence([module.body, module.head], shape)
+
+
+@register_bound_rule(Residual)
+def _residual_bound_rule(parser: BoundParser, module, shape):
+    return parser.residual(module, module.branch, module.skip, shape)
+
+
+@register_bound_rule(LinearNormalized)
+def _linear_normalized_bound_rule(parser: BoundParser, module, shape):
+    return parser.dense(module, shape, lambda precise: F.normalize(module.weight, dim=1))
+
+
+@register_bound_rule(Normalize)
+def _normalize_bound_rule(parser: BoundParser, module, shape):
+    """diag(1/std): a float64 quotient within one rounding of the real one (charged)."""
+    return parser.diag(module, shape, lambda precise: 1.0 / module.std.double() if precise else 1.0 / module.std,
+                       2 * 2.0**-53)
+
+
+@register_bound_rule(FirstChannels, ZeroChannelPad)
+def _channel_selection_bound_rule(parser: BoundParser, module, shape):
+    """A 0/1 coordinate projection or embedding: a 1×1 conv, or a dense map on vectors."""
+    out = parser.run(module, shape)
+    eye = torch.eye(out[0], shape[0], dtype=torch.float64, device=parser.device)
+    name = parser.name(module)
+    if len(shape) == 1:
+        return parser.map_item(module, lambda: LinearMap.dense(eye, shape, name), lambda p: eye)
+    if len(shape) == 3:
+        weight = eye[:, :, None, None]
+        return parser.map_item(module, lambda: LinearMap.conv2d(weight, shape, name=name), lambda p: weight)
+    return parser.constant(module, 1.0, shape)

@@ -494,7 +494,7 @@ class RoundingAnalysis:
         return torch.device("cpu")
 
     def _parse(self, module, shape) -> tuple[list, tuple]:
-        from lipkern.bounds.network import computes_forward_of, reject_hooks
+        from lipkern.bounds.parsing import computes_forward_of, reject_hooks
 
         reject_hooks(module, f"RoundingAnalysis: {type(module).__name__}")
         if computes_forward_of(module, nn.Sequential):
@@ -534,7 +534,7 @@ class RoundingAnalysis:
 
     def _layer(self, module, shape, out):  # noqa: C901 (one branch per layer type)
         from lipkern import models as M
-        from lipkern.bounds.network import computes_forward_of
+        from lipkern.bounds.parsing import computes_forward_of
         from lipkern.bounds.operators import LinearMap
         from lipkern.nn import MaxMin, PlainCPLConv2d, PlainCPLLinear, PlainSLLConv2d, PlainSLLLinear
 

@@ -89,7 +89,7 @@ def _leaves(module: nn.Module, applied: bool = True) -> list[nn.Module] | None:
     forward or a module with forward hooks computes something else than its weights say. AOL / Spectral layers
     become the plain layer of the weight they apply in eval mode (``to_vanilla``), unless ``applied`` is
     False (then they are returned as they are)."""
-    from lipkern.bounds.network import computes_forward_of
+    from lipkern.bounds.parsing import computes_forward_of
     from lipkern.nn import MaxMin
 
     if module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks \

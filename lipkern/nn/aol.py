@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
+from lipkern.bounds.parsing import BoundParser, register_bound_rule
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
                               conv2d_forward, conv2d_repr, vanilla_conv2d)
@@ -185,3 +186,16 @@ class AOLConv2d(FixedGeometry, _CachedRescale):
 
     def extra_repr(self) -> str:
         return conv2d_repr(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bound rules (lipkern.bounds.parsing): the weight the layer applies.
+# ----------------------------------------------------------------------------------------------------------
+@register_bound_rule(AOLLinear)
+def _aol_linear_bound_rule(parser: BoundParser, module, shape):
+    return parser.dense(module, shape, lambda precise: module.rescaled_weight())
+
+
+@register_bound_rule(AOLConv2d)
+def _aol_conv_bound_rule(parser: BoundParser, module, shape):
+    return parser.conv(module, shape, lambda precise: module.rescaled_weight())

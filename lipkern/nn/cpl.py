@@ -20,11 +20,15 @@ rejects it with a ValueError (see ``lipkern.nn.spectral``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
+from lipkern.bounds.operators import plain_layer_operator
+from lipkern.bounds.parsing import BoundParser, register_bound_rule
 from lipkern.nn.spectral import _SpectralConvBase, _SpectralLinearBase
 from lipkern.ops.cpl import (_adjoint_of_padding, _autocast_on, _round_down, cpl_conv2d_with_geometry,
                              cpl_linear)
@@ -178,3 +182,30 @@ class PlainCPLConv2d(nn.Module):
         return (f"{self.weight.shape[1]}, hidden_channels={self.weight.shape[0]}, kernel_size="
                 f"{tuple(self.weight.shape[2:])}, padding={self.padding}, padding_mode={self.padding_mode}, "
                 f"h={self.h.item():.6g}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bound rules (lipkern.bounds.parsing).
+# ----------------------------------------------------------------------------------------------------------
+@register_bound_rule(CPLConv2d, CPLLinear)
+def _cpl_bound_rule(parser: BoundParser, module, shape):
+    """1: a certified layer in eval mode is 1-Lipschitz with proof (its step size is ≤ 2/‖W‖² exactly)."""
+    if parser.sound and (not module.certified or module.training):
+        raise ValueError(f"lipschitz_bound: {parser.name(module)} is 1-Lipschitz with proof only with "
+                         "certified=True and in eval mode (its step size uses a guaranteed norm bound)")
+    return parser.constant(module, 1.0, shape)
+
+
+@register_bound_rule(PlainCPLConv2d, PlainCPLLinear)
+def _plain_cpl_bound_rule(parser: BoundParser, module, shape):
+    """x − h·Wᵀrelu(Wx + b) (an exported CPL layer): its Jacobian I − h·WᵀDW (0 ≤ D ≤ I) has eigenvalues in
+    [1 − h‖W‖², 1], so its norm is ≤ max(1, h·U² − 1) for any U ≥ ‖W‖₂ (a guaranteed bound here)."""
+    try:
+        operator = plain_layer_operator(module, shape)
+    except ValueError as err:
+        raise ValueError(f"lipschitz_bound: {parser.name(module)}: {err}") from err
+    upper, h = float(operator.upper_bound()), float(module.h)
+    if not (math.isfinite(upper) and math.isfinite(h) and h >= 0):
+        raise ValueError(f"lipschitz_bound: {parser.name(module)} has a non-finite weight or step size")
+    value = max(1.0, h * upper * upper * (1 + 8 * 2.0**-53) - 1.0)  # rounded up: 3 products, 1 difference
+    return parser.constant(module, value, shape)

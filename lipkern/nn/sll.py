@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from lipkern._dispatch import check_finite
+from lipkern.bounds.operators import abs_norm_upper, plain_layer_operator
+from lipkern.bounds.parsing import BoundParser, register_bound_rule
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.ops.sll import (
     same_padding,
@@ -199,3 +201,41 @@ class PlainSLLConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1]}, hidden_channels={self.weight.shape[0]}, kernel_size="
                 f"{tuple(self.weight.shape[2:])}, padding={self.padding}, padding_mode={self.padding_mode}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bound rules (lipkern.bounds.parsing).
+# ----------------------------------------------------------------------------------------------------------
+_U64 = 2.0 ** -53
+
+
+@register_bound_rule(SLLConv2d, SLLLinear)
+def _sll_bound_rule(parser: BoundParser, module, shape):
+    """1: in eval mode the scale is the guaranteed one."""
+    if parser.sound and module.training:
+        raise ValueError(f"lipschitz_bound: {parser.name(module)} is 1-Lipschitz with proof in eval mode (its "
+                         "scale is then the guaranteed one): call model.eval()")
+    return parser.constant(module, 1.0, shape)
+
+
+@register_bound_rule(PlainSLLConv2d, PlainSLLLinear)
+def _plain_sll_bound_rule(parser: BoundParser, module, shape):
+    """x − Wᵀ(s ⊙ relu(Wx + b)) (an exported SLL layer): its Jacobian I − Wᵀ S D W has eigenvalues in
+    [1 − ‖S^{1/2}W‖², 1], so its norm is ≤ max(1, U² − 1) for U ≥ ‖S^{1/2}W‖₂ (guaranteed: S^{1/2}W is
+    formed in float64 with two roundings per entry, charged)."""
+    name = parser.name(module)
+    scale = module.scale.detach().double()
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise ValueError(f"lipschitz_bound: {name} has a non-finite or negative scale")
+    weight = module.weight.detach().double()
+    root = scale.sqrt().reshape(-1, *([1] * (weight.dim() - 1)))
+    try:
+        operator = plain_layer_operator(module, shape, root * weight)
+    except ValueError as err:
+        raise ValueError(f"lipschitz_bound: {name}: {err}") from err
+    # the computed S^{1/2}W is within (2u + u²) of the exact entrywise: |ΔA| ≤ 3u·|A|, ‖ΔA‖ ≤ 3u‖|A|‖
+    slack = 3 * _U64 * abs_norm_upper(operator)
+    upper = (float(operator.upper_bound()) + slack) * (1 + 4 * _U64)
+    if not math.isfinite(upper):
+        raise ValueError(f"lipschitz_bound: {name} has a non-finite weight")
+    return parser.constant(module, max(1.0, upper * upper * (1 + 4 * _U64) - 1.0), shape)

@@ -42,6 +42,7 @@ from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
+from lipkern.bounds.parsing import BoundParser, register_bound_rule
 from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
                               conv2d_forward, conv2d_repr, vanilla_conv2d)
 from lipkern.ops.conv_power_iteration import (
@@ -49,6 +50,7 @@ from lipkern.ops.conv_power_iteration import (
     advance_conv_power_iteration,
     conv_bilinear,
     conv_bilinear_gradient,
+    conv_operator,
     initial_conv_vectors,
 )
 from lipkern.ops.power_iteration import advance_power_iteration, initial_vectors, power_of_two_scale
@@ -385,3 +387,35 @@ class SpectralConv2d(_SpectralConvBase):
 
     def extra_repr(self) -> str:
         return conv2d_repr(self) + f", input_size={self.input_size}, certified={self.certified}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bound rule (lipkern.bounds.parsing): W/σ as the layer divides it.
+# ----------------------------------------------------------------------------------------------------------
+@register_bound_rule(SpectralConv2d, SpectralLinear)
+def _spectral_bound_rule(parser: BoundParser, module, shape):
+    """The applied weight W/σ: the eval-mode σ; in training mode σ ≈ ‖A u‖ with the layer's current unit vector
+    u (an estimate; refused when a guaranteed bound is asked for)."""
+    name = parser.name(module)
+    if parser.sound and module.training:
+        raise ValueError(f"lipschitz_bound: {name} is in training mode, where its divisor changes every step: "
+                         "call model.eval()")
+
+    def weight_fn(precise):
+        if module.training:  # finite before any forward
+            u = module.u.to(module.weight.dtype)
+            if getattr(module, "geometry", None) is not None:
+                au = conv_operator(u[None], module.weight, module.geometry)
+            else:
+                au = module.weight @ u
+            return module._divide(torch.linalg.vector_norm(au))
+        return module._divide(module._eval_sigma())
+
+    if isinstance(module, SpectralConv2d):
+        if module.geometry is None:
+            raise ValueError(f"lipschitz_bound: {name} has no input size yet (pass input_size)")
+        if len(shape) == 3 and tuple(shape[1:]) != tuple(module.geometry.input_size):
+            raise ValueError(f"lipschitz_bound: {name} is normalized for inputs of size "
+                             f"{tuple(module.geometry.input_size)} and refuses others; it gets {tuple(shape[1:])}")
+        return parser.conv(module, shape, weight_fn)
+    return parser.dense(module, shape, weight_fn)

@@ -419,7 +419,7 @@ def test_inexact_scales_are_charged_their_rounding():
     real ones; every chain is charged (∏(1 + r_i) − 1)·∏‖M_i‖. Property (dense operators, SVD): for
     perturbations Δ_i with |Δ_i| ≤ r_i|M_i| entrywise (r_i large here, 0.05), ‖∏(M_i + Δ_i)‖ ≤ ‖∏M_i‖ +
     correction; and the parser marks exactly these maps."""
-    from lipkern.bounds.network import _inexact_corrections, build_plan
+    from lipkern.bounds.liplt import _inexact_corrections, build_plan
     from lipkern.bounds.operators import LinearMap
 
     generator = torch.Generator().manual_seed(0)
