@@ -50,6 +50,7 @@ from lipkern.nn import (AOLConv2d, AOLLinear, CPLConv2d, CPLLinear, MaxMin, SLLC
 from lipkern.ops.cpl import cpl_conv2d_ref, cpl_linear_ref
 from lipkern.bounds.operators import LinearMap
 from lipkern.bounds.parsing import BoundParser, pixel_unshuffle_rule, register_bound_rule
+from lipkern.certify.rounding import register_rounding_rule
 
 __all__ = ["AOLNet", "CPLNet", "ConvNet", "FirstChannels", "LMTNet", "LinearNormalized", "LipLTNet",
            "MODEL_FAMILIES", "Normalize", "PixelUnshuffle", "Residual", "SplitzNet", "ZeroChannelPad", "build_model",
@@ -619,3 +620,29 @@ def _channel_selection_bound_rule(parser: BoundParser, module, shape):
         weight = eye[:, :, None, None]
         return parser.map_item(module, lambda: LinearMap.conv2d(weight, shape, name=name), lambda p: weight)
     return parser.constant(module, 1.0, shape)
+
+
+@register_rounding_rule(ConvNet)
+def _convnet_rounding_rule(analysis, module, shape):
+    return analysis.parse(module.layers, shape)
+
+
+@register_rounding_rule(CPLNet)
+def _cplnet_rounding_rule(analysis, module, shape):
+    return analysis.sequence([module.body, module.head], shape)
+
+
+@register_rounding_rule(Residual)
+def _residual_rounding_rule(analysis, module, shape):
+    return analysis.residual(module, module.branch, module.skip, shape)
+
+
+@register_rounding_rule(FirstChannels, ZeroChannelPad, PixelUnshuffle)
+def _selection_rounding_rule(analysis, module, shape):
+    """Copies and zeros: no rounding."""
+    return analysis.exact(module, shape)
+
+
+@register_rounding_rule(Normalize)
+def _normalize_rounding_rule(analysis, module, shape):
+    return analysis.diagonal(module, shape, 1.0 / module.std, module.mean, None, 4)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lipkern._registry import TypeRegistry, computes_forward_of
 from lipkern._rounding import sqrt_int_up
 from lipkern.bounds.operators import LinearMap
 
@@ -92,13 +93,6 @@ def _builtin_slopes(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def computes_forward_of(module: nn.Module, *classes: type) -> bool:
-    """``module`` is an instance of one of ``classes`` and runs that class's own forward: a subclass that
-    overrides forward (say ``100 * super().forward(x)``) is not the class it derives from. Parametrizations
-    (torch.nn.utils.parametrize) change the weight, not the forward, and count."""
-    return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in classes)
-
-
 def reject_hooks(module: nn.Module, who: str) -> None:
     """Forward hooks and pre-hooks can change what a module computes (the classic
     torch.nn.utils.spectral_norm recomputes the weight in a pre-hook): a bound read from the module's attributes
@@ -121,7 +115,8 @@ def reject_hooks(module: nn.Module, who: str) -> None:
 # The registry of bound rules.
 # ----------------------------------------------------------------------------------------------------------
 BoundRule = Callable[["BoundParser", nn.Module, tuple], tuple]
-_RULES: dict[type, BoundRule] = {}
+_REGISTRY = TypeRegistry()
+_RULES = _REGISTRY.rules
 
 
 def register_bound_rule(*classes: type):
@@ -129,32 +124,18 @@ def register_bound_rule(*classes: type):
     of subclasses that keep their ``forward``) enter a Lipschitz bound. The rule builds its items with the
     parser's helpers (:class:`BoundParser`) and must refuse (ValueError) what it cannot prove when
     ``parser.sound`` is set."""
-    def register(rule: BoundRule) -> BoundRule:
-        for cls in classes:
-            _RULES[cls] = rule
-        return rule
-    return register
+    return _REGISTRY.register(*classes)
 
 
 def bound_rule_for(module: nn.Module) -> BoundRule | None:
     """The rule of the nearest class in ``module``'s MRO that registered one and whose forward it runs."""
-    for cls in type(module).__mro__:
-        rule = _RULES.get(cls)
-        if rule is not None:
-            return rule if computes_forward_of(module, cls) else None
-    return None
+    return _REGISTRY.rule_for(module)
 
 
 def supported_modules() -> str:
     """The registered module types, for messages."""
-    def display(cls: type) -> str:
-        for package, shown in (("torch.nn", "nn"), ("lipkern.nn", "lipkern.nn"), ("lipkern.models", "lipkern.models")):
-            if cls.__module__ == package or cls.__module__.startswith(package + "."):
-                return f"{shown}.{cls.__name__}"
-        return f"{cls.__module__}.{cls.__name__}"
-
-    return (", ".join(sorted(display(cls) for cls in _RULES)) + ", and the elementwise activations ReLU, LeakyReLU, "
-            "ReLU6, Tanh, Sigmoid, Softplus, ELU")
+    return (_REGISTRY.names() + ", and the elementwise activations ReLU, LeakyReLU, ReLU6, Tanh, Sigmoid, "
+            "Softplus, ELU")
 
 
 class BoundParser:

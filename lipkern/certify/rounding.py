@@ -57,11 +57,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lipkern._registry import TypeRegistry
 from lipkern._rounding import fraction_up
 from lipkern.bounds.chain import abs_line_sums
-from lipkern.bounds.operators import abs_norm_upper, plain_layer_operator
+from lipkern.bounds.operators import LinearMap, abs_norm_upper, plain_layer_operator
 
-__all__ = ["PRECISIONS", "EvaluationError", "Precision", "RoundingAnalysis", "gamma"]
+__all__ = ["PRECISIONS", "EvaluationError", "OneLipschitz", "Precision", "RoundingAnalysis", "gamma",
+           "register_lipschitz_proof", "register_rounding_rule"]
 
 _U64 = 2.0 ** -53
 
@@ -412,25 +414,43 @@ def _run(steps: list, state: _State, precision) -> _State:
     return state
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Registries: module types declare their rules next to their own code (lipkern.nn, lipkern.models).
+# ----------------------------------------------------------------------------------------------------------
+_RULES = TypeRegistry()  # frozen module type -> rule(analysis, module, shape) -> (steps, output shape)
+_PROOFS = TypeRegistry()  # layer type -> proof(layer) -> OneLipschitz | None
+
+
+class OneLipschitz(NamedTuple):
+    """A layer 1-Lipschitz by proof: at every input size (``input_size`` None) or at this one (H, W)."""
+
+    input_size: tuple | None = None
+
+
+def register_rounding_rule(*classes: type):
+    """Decorator: ``rule(analysis, module, shape) -> (steps, output shape)`` analyzes the floating-point
+    evaluation of a module of ``classes`` (in the frozen network :func:`lipkern.models.to_vanilla` makes),
+    with the helpers of :class:`RoundingAnalysis` (``exact``, ``diagonal``, ``residual_layer``, ``parse``,
+    ``sequence``, ``residual``)."""
+    return _RULES.register(*classes)
+
+
+def register_lipschitz_proof(*classes: type):
+    """Decorator: ``proof(layer) -> OneLipschitz | None`` says whether a layer of ``classes`` is 1-Lipschitz by
+    proof (its constant is then 1 in the analysis, not computed again)."""
+    return _PROOFS.register(*classes)
+
+
 def _proven_layers(model: nn.Module, frozen: nn.Module) -> dict[int, tuple | None]:
     """id of each frozen module that replaces a layer 1-Lipschitz by proof -> the input size (H, W) the proof
-    is for (None: any size): AOL and SLL layers (any size), Spectral and CPL layers with certified=True (their
-    norm is that of the operator at their input_size). Their constant is 1 there, not computed again."""
-    from lipkern import nn as LN
-
+    is for (None: any size), from the layers' registered proofs."""
     frozen_modules = dict(frozen.named_modules())
     proven = {}
     for name, module in model.named_modules():
-        if name not in frozen_modules:
-            continue
-        if isinstance(module, (LN.AOLConv2d, LN.AOLLinear, LN.SLLConv2d, LN.SLLLinear)):
-            proven[id(frozen_modules[name])] = None
-        elif isinstance(module, (LN.SpectralConv2d, LN.CPLConv2d)) and module.certified is True:
-            size = getattr(module, "geometry", None)
-            if size is not None:
-                proven[id(frozen_modules[name])] = tuple(size.input_size)
-        elif isinstance(module, (LN.SpectralLinear, LN.CPLLinear)) and module.certified is True:
-            proven[id(frozen_modules[name])] = None
+        proof = _PROOFS.rule_for(module)
+        claim = None if proof is None or name not in frozen_modules else proof(module)
+        if claim is not None:
+            proven[id(frozen_modules[name])] = claim.input_size
     return proven
 
 
@@ -494,83 +514,68 @@ class RoundingAnalysis:
         return torch.device("cpu")
 
     def _parse(self, module, shape) -> tuple[list, tuple]:
-        from lipkern.bounds.parsing import computes_forward_of, reject_hooks
+        from lipkern.bounds.parsing import reject_hooks
 
         reject_hooks(module, f"RoundingAnalysis: {type(module).__name__}")
-        if computes_forward_of(module, nn.Sequential):
-            steps = []
-            for child in module:
-                new, shape = self._parse(child, shape)
-                steps += new
-            return steps, shape
-        from lipkern import models as M
-
-        if computes_forward_of(module, M.ConvNet):
-            return self._parse(module.layers, shape)
-        if computes_forward_of(module, M.CPLNet):
-            return self._parse(nn.Sequential(module.body, module.head), shape)
-        if computes_forward_of(module, M.Residual):
-            inplace = [type(m).__name__ for m in module.modules() if getattr(m, "inplace", False) is True]
-            if inplace:  # an in-place op at the start of a path overwrites the input the other path adds
-                raise ValueError(f"RoundingAnalysis: a Residual block contains in-place modules ({', '.join(inplace)}"
-                                 "); use inplace=False inside residual blocks")
-            branch, out = self._parse(module.branch, shape)
-            skip, skip_out = (None, shape) if module.skip is None else self._parse(module.skip, shape)
-            if tuple(skip_out) != tuple(out):
-                raise ValueError(f"RoundingAnalysis: a Residual block's branch gives {tuple(out)}, its skip "
-                                 f"{tuple(skip_out)} (broadcasting them is not analyzed)")
-            step = _Residual(module, branch, skip)
-            step.operations = math.sqrt(math.prod(out))  # the sum, if flushed
-            return [step], out
-        out = self._shape_after(module, shape)
-        step = self._layer(module, shape, out)
-        if step is None:
+        rule = _RULES.rule_for(module)
+        if rule is None:
             raise TypeError(f"RoundingAnalysis: the floating-point error of {type(module).__name__} is not "
-                            "analyzed (supported: see RoundingAnalysis); certify with evaluation=None to "
-                            "leave the logits' rounding unbounded, or evaluation='exact' for the "
-                            "real-arithmetic network of supported layers")
+                            f"analyzed (supported: {_RULES.names()}); certify with evaluation=None to leave the "
+                            "logits' rounding unbounded, or evaluation='exact' for the real-arithmetic network "
+                            "of supported layers")
+        return rule(self, module, shape)
+
+    # -- helpers of the rules ------------------------------------------------------------------------------
+    parse = _parse
+
+    def sequence(self, modules, shape) -> tuple[list, tuple]:
+        steps = []
+        for child in modules:
+            new, shape = self._parse(child, shape)
+            steps += new
+        return steps, shape
+
+    def layer(self, module, shape, build) -> tuple[list, tuple]:
+        """One step ``build(output shape)`` with its underflow terms."""
+        out = self._shape_after(module, shape)
+        step = build(out)
         step.operations = _inflate(step.underflow_count() * math.sqrt(math.prod(out)), 2)
         return [step], out
 
-    def _layer(self, module, shape, out):  # noqa: C901 (one branch per layer type)
-        from lipkern import models as M
-        from lipkern.bounds.parsing import computes_forward_of
-        from lipkern.bounds.operators import LinearMap
-        from lipkern.nn import MaxMin, PlainCPLConv2d, PlainCPLLinear, PlainSLLConv2d, PlainSLLLinear
+    def exact(self, module, shape, lip: float = 1.0) -> tuple[list, tuple]:
+        """Copies, comparisons, reshapes, permutations: no rounding, Lipschitz ``lip``."""
+        return self.layer(module, shape, lambda out: _Exact(module, lip))
 
-        exact = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, MaxMin, M.FirstChannels, M.ZeroChannelPad,
-                 nn.PixelUnshuffle, M.PixelUnshuffle, nn.PixelShuffle)
-        if computes_forward_of(module, *exact):
-            return _Exact(module)
-        if computes_forward_of(module, nn.MaxPool2d):
-            return _Exact(module, self._max_pool_constant(module, out))
-        if computes_forward_of(module, nn.LeakyReLU):
-            return _LeakyReLU(module)
-        if computes_forward_of(module, nn.Linear):
-            operator = LinearMap.dense(module.weight.detach(), shape)
-            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1,
-                           self._lip(module, shape))
-        if computes_forward_of(module, nn.Conv2d):
-            if module.padding_mode not in ("zeros", "circular"):
-                raise TypeError(f"RoundingAnalysis: Conv2d with padding_mode={module.padding_mode!r} is not "
-                                "analyzed")
-            operator = LinearMap.conv2d(module.weight.detach(), shape, module.stride, module.padding,
-                                        module.dilation, module.groups, module.padding_mode)
-            return _Affine(module, operator, module.bias, operator.accumulation_length() + 1,
-                           self._lip(module, shape))
-        if computes_forward_of(module, nn.AvgPool2d):
-            return self._avg_pool(module, shape, out)
-        if computes_forward_of(module, nn.BatchNorm1d, nn.BatchNorm2d):
-            return self._batch_norm(module)
-        if computes_forward_of(module, M.Normalize):
-            return _Diagonal(module, 1.0 / module.std, module.mean, None, 4)
-        for plain_layers, step in (((PlainSLLLinear, PlainSLLConv2d), _PlainSLL),
-                                   ((PlainCPLLinear, PlainCPLConv2d), _PlainCPL)):
-            if computes_forward_of(module, *plain_layers):
-                operator = plain_layer_operator(module, shape)
-                return step(module, operator, module.bias, operator.accumulation_length() + 1,
-                            operator.adjoint_accumulation_length() + 1, self._lip(module, shape) is not None)
-        return None
+    def diagonal(self, module, shape, scale, shift, bias, roundings: int) -> tuple[list, tuple]:
+        """(h − shift)·scale + bias per channel, ``roundings`` roundings of ≤ 1.5 ulp each."""
+        return self.layer(module, shape, lambda out: _Diagonal(module, scale, shift, bias, roundings))
+
+    def residual_layer(self, module, shape, kind: str) -> tuple[list, tuple]:
+        """An exported CPL (``kind`` 'cpl') or SLL ('sll') layer h − Wᵀ(…relu(W h + b))."""
+        step = {"cpl": _PlainCPL, "sll": _PlainSLL}[kind]
+        operator = plain_layer_operator(module, shape)
+        return self.layer(module, shape, lambda out: step(
+            module, operator, module.bias, operator.accumulation_length() + 1,
+            operator.adjoint_accumulation_length() + 1, self._lip(module, shape) is not None))
+
+    def affine(self, module, shape, operator, bias, terms: int, lip: float | None = None) -> tuple[list, tuple]:
+        """x ↦ operator·x + bias with dot products of ``terms`` roundings per output."""
+        return self.layer(module, shape, lambda out: _Affine(module, operator, bias, terms, lip))
+
+    def residual(self, module, branch, skip, shape) -> tuple[list, tuple]:
+        """skip(h) + branch(h) (skip None: the identity)."""
+        inplace = [type(m).__name__ for m in module.modules() if getattr(m, "inplace", False) is True]
+        if inplace:  # an in-place op at the start of a path overwrites the input the other path adds
+            raise ValueError(f"RoundingAnalysis: a Residual block contains in-place modules ({', '.join(inplace)}"
+                             "); use inplace=False inside residual blocks")
+        branch_steps, out = self._parse(branch, shape)
+        skip_steps, skip_out = (None, shape) if skip is None else self._parse(skip, shape)
+        if tuple(skip_out) != tuple(out):
+            raise ValueError(f"RoundingAnalysis: a Residual block's branch gives {tuple(out)}, its skip "
+                             f"{tuple(skip_out)} (broadcasting them is not analyzed)")
+        step = _Residual(module, branch_steps, skip_steps)
+        step.operations = math.sqrt(math.prod(out))  # the sum, if flushed
+        return [step], out
 
     def _lip(self, module, shape) -> float | None:
         """1 for a layer 1-Lipschitz by proof AT THIS INPUT SIZE (a certified conv's proof is for its own
@@ -580,33 +585,72 @@ class RoundingAnalysis:
         size = self.proven[id(module)]
         return 1.0 if size is None or tuple(shape[1:]) == tuple(size) else None
 
-    @staticmethod
-    def _max_pool_constant(module, out) -> float:
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules of torch's modules.
+# ----------------------------------------------------------------------------------------------------------
+@register_rounding_rule(nn.Sequential)
+def _sequential_rule(analysis: RoundingAnalysis, module, shape):
+    return analysis.sequence(list(module), shape)
+
+
+@register_rounding_rule(nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.PixelUnshuffle, nn.PixelShuffle)
+def _exact_rule(analysis: RoundingAnalysis, module, shape):
+    return analysis.exact(module, shape)
+
+
+@register_rounding_rule(nn.MaxPool2d)
+def _max_pool_rule(analysis: RoundingAnalysis, module, shape):
+    """Exact; Lipschitz √(the most windows covering one pixel)."""
+    def build(out):
         covering = 1
         for k, s, d, o in zip(_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
                               _pair(module.dilation), out[-2:]):
             covering *= min(k, -(-((k - 1) * d + 1) // s), o)
-        return _inflate(math.sqrt(covering), 1)
+        return _Exact(module, _inflate(math.sqrt(covering), 1))
+    return analysis.layer(module, shape, build)
 
-    def _avg_pool(self, module, shape, out):
-        from lipkern.bounds.operators import LinearMap
 
-        kernel = _pair(module.kernel_size)
-        if module.ceil_mode or (any(_pair(module.padding)) and not module.count_include_pad):
-            raise TypeError("RoundingAnalysis: AvgPool2d with ceil_mode or count_include_pad=False is not analyzed")
-        divisor = module.divisor_override or kernel[0] * kernel[1]
-        weight = torch.full((shape[0], 1, *kernel), 1.0 / divisor, dtype=torch.float64, device=self._device())
-        operator = LinearMap.conv2d(weight, shape, _pair(module.stride or module.kernel_size),
-                                    _pair(module.padding), 1, shape[0])
-        # the sum of k² terms, then a division (or a product by 1/k²: one more rounding)
-        return _Affine(module, operator, None, kernel[0] * kernel[1] + 2)
+@register_rounding_rule(nn.LeakyReLU)
+def _leaky_relu_rule(analysis: RoundingAnalysis, module, shape):
+    return analysis.layer(module, shape, lambda out: _LeakyReLU(module))
 
-    @staticmethod
-    def _batch_norm(module):
-        if module.running_var is None or module.training:
-            raise TypeError("RoundingAnalysis: BatchNorm needs running statistics and eval mode")
-        scale = torch.rsqrt(module.running_var + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight
-        return _Diagonal(module, scale, module.running_mean, module.bias, 12)  # ≤ 8 roundings, each ≤ 1.5 ulp
 
+@register_rounding_rule(nn.Linear)
+def _linear_rule(analysis: RoundingAnalysis, module, shape):
+    operator = LinearMap.dense(module.weight.detach(), shape)
+    return analysis.affine(module, shape, operator, module.bias, operator.accumulation_length() + 1,
+                           analysis._lip(module, shape))
+
+
+@register_rounding_rule(nn.Conv2d)
+def _conv_rule(analysis: RoundingAnalysis, module, shape):
+    if module.padding_mode not in ("zeros", "circular"):
+        raise TypeError(f"RoundingAnalysis: Conv2d with padding_mode={module.padding_mode!r} is not analyzed")
+    operator = LinearMap.conv2d(module.weight.detach(), shape, module.stride, module.padding, module.dilation,
+                                module.groups, module.padding_mode)
+    return analysis.affine(module, shape, operator, module.bias, operator.accumulation_length() + 1,
+                           analysis._lip(module, shape))
+
+
+@register_rounding_rule(nn.AvgPool2d)
+def _avg_pool_rule(analysis: RoundingAnalysis, module, shape):
+    kernel = _pair(module.kernel_size)
+    if module.ceil_mode or (any(_pair(module.padding)) and not module.count_include_pad):
+        raise TypeError("RoundingAnalysis: AvgPool2d with ceil_mode or count_include_pad=False is not analyzed")
+    divisor = module.divisor_override or kernel[0] * kernel[1]
+    weight = torch.full((shape[0], 1, *kernel), 1.0 / divisor, dtype=torch.float64, device=analysis._device())
+    operator = LinearMap.conv2d(weight, shape, _pair(module.stride or module.kernel_size), _pair(module.padding), 1,
+                                shape[0])
+    # the sum of k² terms, then a division (or a product by 1/k²: one more rounding)
+    return analysis.affine(module, shape, operator, None, kernel[0] * kernel[1] + 2)
+
+
+@register_rounding_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batch_norm_rule(analysis: RoundingAnalysis, module, shape):
+    if module.running_var is None or module.training:
+        raise TypeError("RoundingAnalysis: BatchNorm needs running statistics and eval mode")
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    return analysis.diagonal(module, shape, scale, module.running_mean, module.bias, 12)  # ≤ 8 roundings, ≤ 1.5 ulp

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lipkern.bounds.parsing import BoundParser, register_bound_rule
+from lipkern.certify.rounding import register_rounding_rule
 
 __all__ = ["MaxMin"]
 
@@ -36,3 +37,9 @@ class MaxMin(nn.Module):
 def _maxmin_bound_rule(parser: BoundParser, module, shape):
     """1: sorting each pair of coordinates is a piecewise permutation."""
     return parser.constant(module, 1.0, shape)
+
+
+@register_rounding_rule(MaxMin)
+def _maxmin_rounding_rule(analysis, module, shape):
+    """Comparisons and copies: no rounding."""
+    return analysis.exact(module, shape)

@@ -15,6 +15,7 @@ from torch import nn
 
 from lipkern._dispatch import check_finite
 from lipkern.bounds.parsing import BoundParser, register_bound_rule
+from lipkern.certify.rounding import OneLipschitz, register_lipschitz_proof
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
                               conv2d_forward, conv2d_repr, vanilla_conv2d)
@@ -199,3 +200,9 @@ def _aol_linear_bound_rule(parser: BoundParser, module, shape):
 @register_bound_rule(AOLConv2d)
 def _aol_conv_bound_rule(parser: BoundParser, module, shape):
     return parser.conv(module, shape, lambda precise: module.rescaled_weight())
+
+
+@register_lipschitz_proof(AOLLinear, AOLConv2d)
+def _aol_proof(layer):
+    """1-Lipschitz at every input size (the rescaling's proven margin, lipkern.ops.aol)."""
+    return OneLipschitz(None)

@@ -29,7 +29,8 @@ from torch import nn
 from lipkern._dispatch import check_finite
 from lipkern.bounds.operators import plain_layer_operator
 from lipkern.bounds.parsing import BoundParser, register_bound_rule
-from lipkern.nn.spectral import _SpectralConvBase, _SpectralLinearBase
+from lipkern.certify.rounding import register_lipschitz_proof, register_rounding_rule
+from lipkern.nn.spectral import _certified_proof, _SpectralConvBase, _SpectralLinearBase
 from lipkern.ops.cpl import (_adjoint_of_padding, _autocast_on, _round_down, cpl_conv2d_with_geometry,
                              cpl_linear)
 
@@ -209,3 +210,14 @@ def _plain_cpl_bound_rule(parser: BoundParser, module, shape):
         raise ValueError(f"lipschitz_bound: {parser.name(module)} has a non-finite weight or step size")
     value = max(1.0, h * upper * upper * (1 + 8 * 2.0**-53) - 1.0)  # rounded up: 3 products, 1 difference
     return parser.constant(module, value, shape)
+
+
+@register_lipschitz_proof(CPLConv2d, CPLLinear)
+def _cpl_proof(layer):
+    """With certified=True: 1-Lipschitz at the conv's input_size (any size for the linear layer)."""
+    return _certified_proof(layer)
+
+
+@register_rounding_rule(PlainCPLLinear, PlainCPLConv2d)
+def _plain_cpl_rounding_rule(analysis, module, shape):
+    return analysis.residual_layer(module, shape, "cpl")

@@ -36,6 +36,7 @@ from torch import nn
 from lipkern._dispatch import check_finite
 from lipkern.bounds.operators import abs_norm_upper, plain_layer_operator
 from lipkern.bounds.parsing import BoundParser, register_bound_rule
+from lipkern.certify.rounding import OneLipschitz, register_lipschitz_proof, register_rounding_rule
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.ops.sll import (
     same_padding,
@@ -239,3 +240,14 @@ def _plain_sll_bound_rule(parser: BoundParser, module, shape):
     if not math.isfinite(upper):
         raise ValueError(f"lipschitz_bound: {name} has a non-finite weight")
     return parser.constant(module, max(1.0, upper * upper * (1 + 4 * _U64) - 1.0), shape)
+
+
+@register_lipschitz_proof(SLLLinear, SLLConv2d)
+def _sll_proof(layer):
+    """1-Lipschitz at every input size (the guaranteed scale)."""
+    return OneLipschitz(None)
+
+
+@register_rounding_rule(PlainSLLLinear, PlainSLLConv2d)
+def _plain_sll_rounding_rule(analysis, module, shape):
+    return analysis.residual_layer(module, shape, "sll")

@@ -43,6 +43,7 @@ from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.bounds.spectral import _circular_embedding, conv2d_spectral_norm, linear_spectral_norm
 from lipkern.bounds.parsing import BoundParser, register_bound_rule
+from lipkern.certify.rounding import OneLipschitz, register_lipschitz_proof
 from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
                               conv2d_forward, conv2d_repr, vanilla_conv2d)
 from lipkern.ops.conv_power_iteration import (
@@ -419,3 +420,17 @@ def _spectral_bound_rule(parser: BoundParser, module, shape):
                              f"{tuple(module.geometry.input_size)} and refuses others; it gets {tuple(shape[1:])}")
         return parser.conv(module, shape, weight_fn)
     return parser.dense(module, shape, weight_fn)
+
+
+def _certified_proof(layer) -> OneLipschitz | None:
+    """A certified layer's proof: the norm of its operator at its input size (conv; none before it has one),
+    at any size (linear)."""
+    if layer.certified is not True:
+        return None
+    geometry = getattr(layer, "geometry", None)
+    if isinstance(layer, _SpectralConvBase):
+        return None if geometry is None else OneLipschitz(tuple(geometry.input_size))
+    return OneLipschitz(None)
+
+
+register_lipschitz_proof(SpectralConv2d, SpectralLinear)(_certified_proof)

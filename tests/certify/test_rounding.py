@@ -395,3 +395,59 @@ def test_reduced_precision_settings_are_not_certified_as_float32():
     finally:
         torch.set_float32_matmul_precision(before)
     assert deployed_evaluation(model, torch.device("cpu")) == "float32"
+
+
+class _ChannelScale(nn.Module):
+    """x ↦ s ⊙ x per channel (one rounded product per entry): a layer the library does not know."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x):
+        return x * self.scale.reshape(-1, *([1] * (x.dim() - 2)))
+
+
+def test_a_registered_rounding_rule_covers_a_user_layer():
+    """A user layer registers its rule (one rounding per entry, as a diagonal map); the analysis then bounds
+    the float32 evaluation of a network containing it (against float64 re-evaluation), and without the rule
+    the layer is refused by name."""
+    from lipkern.certify.rounding import _RULES, register_rounding_rule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), _ChannelScale(torch.rand(16) * 3 + 0.1), nn.ReLU(),
+                          nn.Linear(16, 4)).eval()
+    with pytest.raises(TypeError, match="_ChannelScale is not analyzed"):
+        RoundingAnalysis(model, (16,), "float32")
+
+    @register_rounding_rule(_ChannelScale)
+    def rule(analysis, module, shape):
+        return analysis.diagonal(module, shape, module.scale, torch.zeros_like(module.scale), None, 1)
+
+    try:
+        x = torch.randn(2000, 16) * torch.logspace(-3, 3, 2000)[:, None]  # badly conditioned ones included
+        bound = RoundingAnalysis(model, (16,), "float32")(x)
+        with torch.no_grad():
+            error = (model(x).double() - model.double()(x.double())).norm(dim=1)
+        model.float()
+        assert (error <= bound.center + FLOAT64_SLACK).all()
+    finally:
+        del _RULES.rules[_ChannelScale]
+
+
+def test_proofs_of_one_lipschitz_layers_follow_the_forward():
+    """A layer's proof is registered by type and holds for subclasses that keep its forward only."""
+    from lipkern.certify.rounding import _PROOFS
+
+    class Kept(L.AOLLinear):
+        pass
+
+    class Doubled(L.AOLLinear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert _PROOFS.rule_for(Kept(3, 3)) is not None
+    assert _PROOFS.rule_for(Doubled(3, 3)) is None
+    conv = L.SpectralConv2d(2, 2, 3, padding=1, input_size=4, certified=True)
+    assert _PROOFS.rule_for(conv)(conv).input_size == (4, 4)
+    assert _PROOFS.rule_for(conv)(L.SpectralConv2d(2, 2, 3, padding=1, input_size=4)) is None
