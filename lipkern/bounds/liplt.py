@@ -216,7 +216,9 @@ def _segment_value(norms: torch.Tensor, head, coefs, ar) -> torch.Tensor:
 
 
 def _sequence_value(blocks, seg_values, ar, one):
-    total = one
+    """∏ of the blocks' values. The first factor is taken as it is and constants 1 (MaxMin, a certified CPL
+    layer, a max pool with disjoint windows) are skipped: both exact, and no graph node per layer."""
+    total = None
     for block in blocks:
         if isinstance(block, _Segment):
             value = seg_values[block.index]
@@ -225,8 +227,12 @@ def _sequence_value(blocks, seg_values, ar, one):
             value = ar.add(skip, _sequence_value(block.branch, seg_values, ar, one))
         else:
             value = block.value
-        total = ar.mul(total, value)
-    return total
+            if value == 1.0:
+                continue
+        total = value if total is None else ar.mul(total, value)
+    if total is None:
+        return one
+    return total if isinstance(total, torch.Tensor) else ar.mul(one, total)
 
 
 def _coefficient_tensors(seg, dtype, device):

@@ -136,6 +136,11 @@ class LipschitzEstimate(nn.Module):
         advance_chains(segments, vectors, self.n_iter)
         ar, seg_values = _Plain(), []
         for s, (seg, maps) in enumerate(zip(self._plan.segments, segments)):
+            if len(maps) == 1 and not (self.pairwise and seg is self._plan.blocks[-1]):
+                # one map (the product method): σ = ‖A u‖ as a 0-dim tensor, no (K, K) table to index (each
+                # view is a node of the backward); u cloned: the buffer is written in place by the next step
+                seg_values.append(torch.linalg.vector_norm(maps[0].forward(vectors[s][0].detach().clone())))
+                continue
             norms = chain_norm_estimates(maps, vectors[s])
             head = None
             if self.pairwise and seg is self._plan.blocks[-1]:
