@@ -211,7 +211,8 @@ def _one_map(op, u: torch.Tensor, n_iter: int, tiny: float, sigma: bool = True) 
         w = op.forward(u)
         z = op.adjoint(w)
         z_norm = torch.linalg.vector_norm(z, dim=per_row, keepdim=True)
-        u.copy_(torch.where(z_norm != 0, z * z_norm.clamp_min(tiny).reciprocal(), u))  # NaN norms propagate
+        # z / ‖z‖ (entries ≤ 1: no overflow even for a subnormal norm); z = 0 keeps u; NaN norms propagate
+        u.copy_(torch.where(z_norm != 0, z / z_norm, u))
     if not sigma:
         return None
     w_norm = torch.linalg.vector_norm(w.flatten(1), dim=1)

@@ -390,6 +390,9 @@ def _launch_torch(matrices, u, v, sigma, n_iter: int) -> str:
 
 def _backend(matrices: torch.Tensor) -> str:
     rows, cols = matrices.shape[1:]
+    if not matrices.is_cuda:  # no CUDA kernel, no split: the layers' power step calls this every training step
+        return select_backend(matrices, triton_reason=f"matrices wider than {_TRITON_MAX_COLS} columns"
+                              if cols > _TRITON_MAX_COLS else None)
     cuda_fits = _cuda.available() and matrices.is_cuda and _cuda.batched_power_iteration_fits(
         rows, cols, matrices.dtype)
     too_wide = f"matrices wider than {_TRITON_MAX_COLS} columns" if cols > _TRITON_MAX_COLS else None
