@@ -20,26 +20,46 @@ def computes_forward_of(module: nn.Module, *classes: type) -> bool:
 
 class TypeRegistry:
     """{module type: rule}. A module gets the rule of the nearest class in its MRO that registered one, if it
-    runs that class's forward unchanged (:func:`computes_forward_of`): a subclass that overrides ``forward``
-    computes something else and needs a rule of its own."""
+    computes what that class computes: it runs the class's ``forward`` unchanged (:func:`computes_forward_of`),
+    has no ``forward`` of its own on the instance, and keeps the methods the registration names as ``helpers``
+    (those ``forward`` calls, e.g. ``nn.Conv2d._conv_forward``). Anything else needs a rule of its own.
+    Registering a class twice raises unless ``replace=True``: a rule decides what a certificate claims."""
 
-    def __init__(self):
+    def __init__(self, what: str):
+        self.what = what
         self.rules: dict[type, Callable] = {}
+        self.helpers: dict[type, tuple[str, ...]] = {}
 
-    def register(self, *classes: type):
+    def register(self, *classes: type, replace: bool = False, helpers: tuple[str, ...] = ()):
         """Decorator registering the rule for ``classes``."""
         def register(rule: Callable) -> Callable:
             for cls in classes:
-                self.rules[cls] = rule
+                if cls in self.rules and not replace and self.rules[cls] is not rule:
+                    raise ValueError(f"{self.what}: {cls.__qualname__} already has a rule "
+                                     f"({self.rules[cls].__qualname__}); pass replace=True to replace it")
+                self.rules[cls], self.helpers[cls] = rule, tuple(helpers)
             return rule
         return register
+
+    def unregister(self, *classes: type) -> None:
+        for cls in classes:
+            self.rules.pop(cls, None)
+            self.helpers.pop(cls, None)
 
     def rule_for(self, module: nn.Module) -> Callable | None:
         for cls in type(module).__mro__:
             rule = self.rules.get(cls)
             if rule is not None:
-                return rule if computes_forward_of(module, cls) else None
+                return rule if self._computes_as(module, cls) else None
         return None
+
+    def _computes_as(self, module: nn.Module, cls: type) -> bool:
+        if not computes_forward_of(module, cls):
+            return False
+        own = module.__dict__.get("forward")
+        if own is not None and not getattr(getattr(own, "__func__", own), "same_function", False):
+            return False  # an instance-level forward (marked ``same_function`` when it computes the same)
+        return all(getattr(type(module), name, None) is getattr(cls, name, None) for name in self.helpers[cls])
 
     def names(self) -> str:
         """The registered types, sorted, as users write them (nn.Linear, lipkern.nn.AOLConv2d, ...)."""

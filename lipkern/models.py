@@ -563,6 +563,10 @@ def _eager_linear_forward(self, x):
     return cpl_linear_ref(x, self.weight, self.bias, self.step_size())
 
 
+_eager_conv_forward.same_function = True  # the same function as the layer's forward (lipkern._registry)
+_eager_linear_forward.same_function = True
+
+
 def use_eager_cpl(model: nn.Module) -> nn.Module:
     """Switch every CPL layer of ``model`` (in place) to the eager formula x − h·Aᵀσ(Ax + b) in plain autograd
     (``cpl_conv2d_ref`` / ``cpl_linear_ref``), with the same parameters, power iteration and step size h: the

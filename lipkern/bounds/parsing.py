@@ -26,7 +26,7 @@ from lipkern._rounding import sqrt_int_up
 from lipkern.bounds.operators import LinearMap
 
 __all__ = ["BoundParser", "bound_rule_for", "computes_forward_of", "register_bound_rule", "reject_hooks",
-           "supported_modules"]
+           "supported_modules", "unregister_bound_rule"]
 
 _U64 = 2.0 ** -53  # unit roundoff of float64
 
@@ -115,16 +115,20 @@ def reject_hooks(module: nn.Module, who: str) -> None:
 # The registry of bound rules.
 # ----------------------------------------------------------------------------------------------------------
 BoundRule = Callable[["BoundParser", nn.Module, tuple], tuple]
-_REGISTRY = TypeRegistry()
+_REGISTRY = TypeRegistry("register_bound_rule")
 _RULES = _REGISTRY.rules
 
 
-def register_bound_rule(*classes: type):
+def register_bound_rule(*classes: type, replace: bool = False, helpers: tuple[str, ...] = ()):
     """Decorator: ``rule(parser, module, shape) -> (items, output shape)`` is how modules of ``classes`` (and
-    of subclasses that keep their ``forward``) enter a Lipschitz bound. The rule builds its items with the
-    parser's helpers (:class:`BoundParser`) and must refuse (ValueError) what it cannot prove when
-    ``parser.sound`` is set."""
-    return _REGISTRY.register(*classes)
+    of subclasses that keep their ``forward`` and the ``helpers`` methods it calls) enter a Lipschitz bound.
+    The rule builds its items with the parser's helpers (:class:`BoundParser`) and must refuse (ValueError)
+    what it cannot prove when ``parser.sound`` is set. A class registered twice raises unless ``replace``."""
+    return _REGISTRY.register(*classes, replace=replace, helpers=helpers)
+
+
+def unregister_bound_rule(*classes: type) -> None:
+    _REGISTRY.unregister(*classes)
 
 
 def bound_rule_for(module: nn.Module) -> BoundRule | None:
@@ -292,7 +296,7 @@ def _linear_rule(parser: BoundParser, module, shape):
     return parser.dense(module, shape, lambda precise: module.weight)
 
 
-@register_bound_rule(nn.Conv2d)
+@register_bound_rule(nn.Conv2d, helpers=("_conv_forward",))
 def _conv_rule(parser: BoundParser, module, shape):
     return parser.conv(module, shape, lambda precise: module.weight)
 

@@ -8,11 +8,12 @@ over the Monte Carlo noise.
 
 from lipkern.certify.margin import (CertifiedAccuracy, certified_accuracy, certified_radius,
                                     lln_pairwise_lipschitz)
+from lipkern.certify.rounding import OneLipschitz, register_lipschitz_proof, register_rounding_rule
 from lipkern.certify.smoothing import ABSTAIN, RandomizedSmoothing, clopper_pearson_lower, smoothing_radius
 from lipkern.certify.splitz import (GaussianNoise, LocalLipschitzEstimate, LocalReluLipschitz, SplitzCertifier,
                                     splitz_loss, splitz_regularizer)
 
 __all__ = ["ABSTAIN", "CertifiedAccuracy", "GaussianNoise", "LocalLipschitzEstimate", "LocalReluLipschitz",
-           "RandomizedSmoothing", "SplitzCertifier", "certified_accuracy", "certified_radius",
-           "clopper_pearson_lower", "lln_pairwise_lipschitz", "smoothing_radius", "splitz_loss",
-           "splitz_regularizer"]
+           "OneLipschitz", "RandomizedSmoothing", "SplitzCertifier", "certified_accuracy", "certified_radius",
+           "clopper_pearson_lower", "lln_pairwise_lipschitz", "register_lipschitz_proof", "register_rounding_rule",
+           "smoothing_radius", "splitz_loss", "splitz_regularizer"]

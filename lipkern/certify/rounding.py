@@ -417,8 +417,8 @@ def _run(steps: list, state: _State, precision) -> _State:
 # ----------------------------------------------------------------------------------------------------------
 # Registries: module types declare their rules next to their own code (lipkern.nn, lipkern.models).
 # ----------------------------------------------------------------------------------------------------------
-_RULES = TypeRegistry()  # frozen module type -> rule(analysis, module, shape) -> (steps, output shape)
-_PROOFS = TypeRegistry()  # layer type -> proof(layer) -> OneLipschitz | None
+_RULES = TypeRegistry("register_rounding_rule")  # frozen module type -> rule(analysis, module, shape) -> (steps, shape)
+_PROOFS = TypeRegistry("register_lipschitz_proof")  # layer type -> proof(layer) -> OneLipschitz | None
 
 
 class OneLipschitz(NamedTuple):
@@ -427,18 +427,19 @@ class OneLipschitz(NamedTuple):
     input_size: tuple | None = None
 
 
-def register_rounding_rule(*classes: type):
+def register_rounding_rule(*classes: type, replace: bool = False, helpers: tuple[str, ...] = ()):
     """Decorator: ``rule(analysis, module, shape) -> (steps, output shape)`` analyzes the floating-point
     evaluation of a module of ``classes`` (in the frozen network :func:`lipkern.models.to_vanilla` makes),
     with the helpers of :class:`RoundingAnalysis` (``exact``, ``diagonal``, ``residual_layer``, ``parse``,
-    ``sequence``, ``residual``)."""
-    return _RULES.register(*classes)
+    ``sequence``, ``residual``). ``replace`` / ``helpers``: as for :func:`lipkern.bounds.register_bound_rule`."""
+    return _RULES.register(*classes, replace=replace, helpers=helpers)
 
 
-def register_lipschitz_proof(*classes: type):
+def register_lipschitz_proof(*classes: type, replace: bool = False, helpers: tuple[str, ...] = ()):
     """Decorator: ``proof(layer) -> OneLipschitz | None`` says whether a layer of ``classes`` is 1-Lipschitz by
-    proof (its constant is then 1 in the analysis, not computed again)."""
-    return _PROOFS.register(*classes)
+    proof (its constant is then 1 in the analysis, not computed again). ``helpers``: the methods its forward
+    and its proof rely on (a subclass overriding one gets no proof)."""
+    return _PROOFS.register(*classes, replace=replace, helpers=helpers)
 
 
 def _proven_layers(model: nn.Module, frozen: nn.Module) -> dict[int, tuple | None]:
@@ -520,13 +521,15 @@ class RoundingAnalysis:
         rule = _RULES.rule_for(module)
         if rule is None:
             raise TypeError(f"RoundingAnalysis: the floating-point error of {type(module).__name__} is not "
-                            f"analyzed (supported: {_RULES.names()}); certify with evaluation=None to leave the "
-                            "logits' rounding unbounded, or evaluation='exact' for the real-arithmetic network "
-                            "of supported layers")
+                            f"analyzed (supported, in the network lipkern.models.to_vanilla exports, which turns "
+                            f"lipkern's AOL / Spectral / CPL / SLL layers into plain ones: {_RULES.names()}); "
+                            "certify with evaluation=None to leave the logits' rounding unbounded, or "
+                            "evaluation='exact' for the real-arithmetic network of supported layers")
         return rule(self, module, shape)
 
     # -- helpers of the rules ------------------------------------------------------------------------------
-    parse = _parse
+    def parse(self, module, shape) -> tuple[list, tuple]:
+        return self._parse(module, shape)
 
     def sequence(self, modules, shape) -> tuple[list, tuple]:
         steps = []
@@ -623,7 +626,7 @@ def _linear_rule(analysis: RoundingAnalysis, module, shape):
                            analysis._lip(module, shape))
 
 
-@register_rounding_rule(nn.Conv2d)
+@register_rounding_rule(nn.Conv2d, helpers=("_conv_forward",))
 def _conv_rule(analysis: RoundingAnalysis, module, shape):
     if module.padding_mode not in ("zeros", "circular"):
         raise TypeError(f"RoundingAnalysis: Conv2d with padding_mode={module.padding_mode!r} is not analyzed")

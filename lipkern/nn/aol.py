@@ -192,17 +192,17 @@ class AOLConv2d(FixedGeometry, _CachedRescale):
 # ----------------------------------------------------------------------------------------------------------
 # Bound rules (lipkern.bounds.parsing): the weight the layer applies.
 # ----------------------------------------------------------------------------------------------------------
-@register_bound_rule(AOLLinear)
+@register_bound_rule(AOLLinear, helpers=("rescaled_weight",))
 def _aol_linear_bound_rule(parser: BoundParser, module, shape):
     return parser.dense(module, shape, lambda precise: module.rescaled_weight())
 
 
-@register_bound_rule(AOLConv2d)
+@register_bound_rule(AOLConv2d, helpers=("rescaled_weight", "_conv"))
 def _aol_conv_bound_rule(parser: BoundParser, module, shape):
     return parser.conv(module, shape, lambda precise: module.rescaled_weight())
 
 
-@register_lipschitz_proof(AOLLinear, AOLConv2d)
+@register_lipschitz_proof(AOLLinear, AOLConv2d, helpers=("rescaled_weight",))
 def _aol_proof(layer):
     """1-Lipschitz at every input size (the rescaling's proven margin, lipkern.ops.aol)."""
     return OneLipschitz(None)

@@ -188,7 +188,10 @@ class PlainCPLConv2d(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Bound rules (lipkern.bounds.parsing).
 # ----------------------------------------------------------------------------------------------------------
-@register_bound_rule(CPLConv2d, CPLLinear)
+_CPL_HELPERS = ("step_size", "_eval_step_size", "sigma", "_eval_sigma", "_certified_divisor")
+
+
+@register_bound_rule(CPLConv2d, CPLLinear, helpers=_CPL_HELPERS)
 def _cpl_bound_rule(parser: BoundParser, module, shape):
     """1: a certified layer in eval mode is 1-Lipschitz with proof (its step size is ≤ 2/‖W‖² exactly)."""
     if parser.sound and (not module.certified or module.training):
@@ -212,7 +215,7 @@ def _plain_cpl_bound_rule(parser: BoundParser, module, shape):
     return parser.constant(module, value, shape)
 
 
-@register_lipschitz_proof(CPLConv2d, CPLLinear)
+@register_lipschitz_proof(CPLConv2d, CPLLinear, helpers=_CPL_HELPERS)
 def _cpl_proof(layer):
     """With certified=True: 1-Lipschitz at the conv's input_size (any size for the linear layer)."""
     return _certified_proof(layer)

@@ -210,7 +210,7 @@ class PlainSLLConv2d(nn.Module):
 _U64 = 2.0 ** -53
 
 
-@register_bound_rule(SLLConv2d, SLLLinear)
+@register_bound_rule(SLLConv2d, SLLLinear, helpers=("_eval_scale",))
 def _sll_bound_rule(parser: BoundParser, module, shape):
     """1: in eval mode the scale is the guaranteed one."""
     if parser.sound and module.training:
@@ -242,7 +242,7 @@ def _plain_sll_bound_rule(parser: BoundParser, module, shape):
     return parser.constant(module, max(1.0, upper * upper * (1 + 4 * _U64) - 1.0), shape)
 
 
-@register_lipschitz_proof(SLLLinear, SLLConv2d)
+@register_lipschitz_proof(SLLLinear, SLLConv2d, helpers=("_eval_scale",))
 def _sll_proof(layer):
     """1-Lipschitz at every input size (the guaranteed scale)."""
     return OneLipschitz(None)

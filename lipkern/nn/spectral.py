@@ -393,7 +393,10 @@ class SpectralConv2d(_SpectralConvBase):
 # ----------------------------------------------------------------------------------------------------------
 # Bound rule (lipkern.bounds.parsing): W/σ as the layer divides it.
 # ----------------------------------------------------------------------------------------------------------
-@register_bound_rule(SpectralConv2d, SpectralLinear)
+# what the layers' forward, bound and proof rely on: a subclass overriding one of these needs its own rule
+_SPECTRAL_HELPERS = ("normalized_weight", "sigma", "_divide", "_eval_sigma", "_certified_divisor", "_conv")
+# ----------------------------------------------------------------------------------------------------------
+@register_bound_rule(SpectralConv2d, SpectralLinear, helpers=_SPECTRAL_HELPERS)
 def _spectral_bound_rule(parser: BoundParser, module, shape):
     """The applied weight W/σ: the eval-mode σ; in training mode σ ≈ ‖A u‖ with the layer's current unit vector
     u (an estimate; refused when a guaranteed bound is asked for)."""
@@ -433,4 +436,4 @@ def _certified_proof(layer) -> OneLipschitz | None:
     return OneLipschitz(None)
 
 
-register_lipschitz_proof(SpectralConv2d, SpectralLinear)(_certified_proof)
+register_lipschitz_proof(SpectralConv2d, SpectralLinear, helpers=_SPECTRAL_HELPERS)(_certified_proof)

@@ -10,7 +10,7 @@ from torch import nn
 
 import lipkern
 from lipkern.bounds import BoundParser, lipschitz_bound, register_bound_rule
-from lipkern.bounds.parsing import _RULES, bound_rule_for, supported_modules
+from lipkern.bounds.parsing import _RULES, bound_rule_for, supported_modules, unregister_bound_rule
 from tests.helpers import dense_jacobian, spectral_norm
 
 
@@ -32,7 +32,7 @@ def channel_scale_rule():
         return parser.diag(module, shape, lambda precise: module.scale, 0.0)
 
     yield rule
-    del _RULES[ChannelScale]
+    unregister_bound_rule(ChannelScale)
 
 
 def test_a_registered_rule_bounds_a_user_layer_inside_liplt(channel_scale_rule):
@@ -65,6 +65,35 @@ def test_unregistered_and_overridden_forwards_are_refused(channel_scale_rule):
     with pytest.raises(TypeError, match="unsupported module .*Doubled"):
         lipschitz_bound(nn.Sequential(Doubled(3, 3)), (3,))
     assert "ChannelScale" in supported_modules()
+
+
+def test_what_a_module_computes_decides_not_its_type(channel_scale_rule):
+    """An instance-level forward, or a subclass that overrides a method the forward calls
+    (nn.Conv2d._conv_forward, AOL's rescaled_weight), computes something else: refused. A class registered
+    twice raises unless replace=True."""
+    linear = nn.Linear(3, 3)
+    original = linear.forward
+    linear.forward = lambda x: 10 * original(x)
+    with pytest.raises(TypeError, match="unsupported module"):
+        lipschitz_bound(nn.Sequential(linear), (3,))
+
+    class LoudConv(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, 10 * weight, bias)
+
+    class LoudAOL(lipkern.nn.AOLLinear):
+        def rescaled_weight(self):
+            return 10 * super().rescaled_weight()
+
+    for module, shape in ((LoudConv(1, 1, 3, padding=1), (1, 4, 4)), (LoudAOL(3, 3), (3,))):
+        assert bound_rule_for(module) is None
+        with pytest.raises(TypeError, match="unsupported module"):
+            lipschitz_bound(nn.Sequential(module.eval()), shape)
+    eager = lipkern.models.use_eager_cpl(nn.Sequential(lipkern.nn.CPLLinear(4, certified=True)).eval())
+    assert lipschitz_bound(eager, (4,)).item() == 1.0  # marked: the same function as the layer's forward
+    with pytest.raises(ValueError, match="already has a rule"):
+        register_bound_rule(ChannelScale)(lambda parser, module, shape: parser.constant(module, 1.0, shape))
+    register_bound_rule(ChannelScale, replace=True)(channel_scale_rule)
 
 
 def test_lipkern_layers_and_models_register_their_rules():

@@ -432,7 +432,7 @@ def test_a_registered_rounding_rule_covers_a_user_layer():
         model.float()
         assert (error <= bound.center + FLOAT64_SLACK).all()
     finally:
-        del _RULES.rules[_ChannelScale]
+        _RULES.unregister(_ChannelScale)
 
 
 def test_proofs_of_one_lipschitz_layers_follow_the_forward():
