@@ -73,14 +73,17 @@ struct AolShape {
 
 // Σ|x| by four interleaved partial sums (no serial dependence chain); any order of a float64 sum of n terms
 // errs by at most (n − 1)·2⁻⁵³·Σ|x|, the bound the margin's sum_factor covers.
-double abs_sum(const std::vector<double>& x) {
+template <typename T>
+double abs_sum(const T* x, int64_t n) {
   double part[4] = {0.0, 0.0, 0.0, 0.0};
-  const size_t n = x.size(), n4 = n - n % 4;
-  for (size_t e = 0; e < n4; e += 4)
-    for (size_t t = 0; t < 4; ++t) part[t] += std::fabs(x[e + t]);
-  for (size_t e = n4; e < n; ++e) part[e - n4] += std::fabs(x[e]);
+  const int64_t n4 = n - n % 4;
+  for (int64_t e = 0; e < n4; e += 4)
+    for (int64_t t = 0; t < 4; ++t) part[t] += std::fabs(static_cast<double>(x[e + t]));
+  for (int64_t e = n4; e < n; ++e) part[e - n4] += std::fabs(static_cast<double>(x[e]));
   return (part[0] + part[1]) + (part[2] + part[3]);
 }
+
+double abs_sum(const std::vector<double>& x) { return abs_sum(x.data(), static_cast<int64_t>(x.size())); }
 
 int8_t sign_of(double x) { return static_cast<int8_t>((x > 0) - (x < 0)); }
 
@@ -91,12 +94,7 @@ void aol_row_sums(const P* p, const AolShape& sh, std::vector<double>& r, int8_t
   if (kk == 1) {  // one shift: M_0 = P, read once
     for (int64_t i = 0; i < in_g; ++i) {
       const P* row = p + i * in_g;
-      double part[4] = {0.0, 0.0, 0.0, 0.0};
-      const int64_t n4 = in_g - in_g % 4;
-      for (int64_t j = 0; j < n4; j += 4)
-        for (int64_t t = 0; t < 4; ++t) part[t] += std::fabs(static_cast<double>(row[j + t]));
-      for (int64_t j = n4; j < in_g; ++j) part[j - n4] += std::fabs(static_cast<double>(row[j]));
-      r[i] = (part[0] + part[1]) + (part[2] + part[3]);
+      r[i] = abs_sum(row, in_g);
       if (signs != nullptr)
         for (int64_t j = 0; j < in_g; ++j) signs[i * in_g + j] = sign_of(static_cast<double>(row[j]));
     }
@@ -133,13 +131,7 @@ bool aol_scale(const W* w, const AolShape& sh, const std::vector<double>& r, con
   double total = 0.0;
   if (kk == 1) {  // C_oi = |W_oi|: read from w, not stored
     for (int64_t o = 0; o < out_g; ++o) {
-      const W* row = w + o * in_g;
-      double part[4] = {0.0, 0.0, 0.0, 0.0};
-      const int64_t n4 = in_g - in_g % 4;
-      for (int64_t i = 0; i < n4; i += 4)
-        for (int64_t t = 0; t < 4; ++t) part[t] += std::fabs(static_cast<double>(row[i + t]));
-      for (int64_t i = n4; i < in_g; ++i) part[i - n4] += std::fabs(static_cast<double>(row[i]));
-      row_abs[o] = (part[0] + part[1]) + (part[2] + part[3]);  // R_o
+      row_abs[o] = abs_sum(w + o * in_g, in_g);  // R_o
       total += row_abs[o];
     }
     for (int64_t o = 0; o < out_g; ++o) {
