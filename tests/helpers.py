@@ -94,6 +94,17 @@ def pgd_flips(model, x: torch.Tensor, radius: torch.Tensor, steps: int = 25,
     return flipped
 
 
+class ChannelScale(torch.nn.Module):
+    """x ↦ s ⊙ x per channel (dim 1): a linear layer lipkern has no rule for (registry tests)."""
+
+    def __init__(self, scale, dtype=torch.float64):
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=dtype))
+
+    def forward(self, x):
+        return x * self.scale.reshape(-1, *([1] * (x.dim() - 2)))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for the gloo rendezvous of the DDP tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

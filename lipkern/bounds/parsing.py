@@ -93,6 +93,12 @@ def _builtin_slopes(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
+def inplace_modules(module: nn.Module) -> list[nn.Module]:
+    """The submodules of a residual block that write their input in place (``inplace=True``): at the start of
+    a path they overwrite the input the other path adds, so the block is not the sum it looks like."""
+    return [m for m in module.modules() if getattr(m, "inplace", False) is True]
+
+
 def reject_hooks(module: nn.Module, who: str) -> None:
     """Forward hooks and pre-hooks can change what a module computes (the classic
     torch.nn.utils.spectral_norm recomputes the weight in a pre-hook): a bound read from the module's attributes
@@ -237,8 +243,8 @@ class BoundParser:
 
     def residual(self, module, branch, skip, shape) -> tuple[list, tuple]:
         """x ↦ skip(x) + branch(x) (skip None: the identity), each parsed on ``shape``: L(skip) + L(branch)."""
-        inplace = [m for m in module.modules() if getattr(m, "inplace", False) is True]
-        if inplace:  # an in-place op at the start of a path overwrites the input the other path adds
+        inplace = inplace_modules(module)
+        if inplace:
             raise ValueError(f"lipschitz_bound: {self.name(module)} contains in-place modules "
                              f"({', '.join(self.name(m) for m in inplace)}); they can overwrite the block's "
                              "input before the skip adds it: use inplace=False inside residual blocks")

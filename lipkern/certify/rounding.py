@@ -567,8 +567,10 @@ class RoundingAnalysis:
 
     def residual(self, module, branch, skip, shape) -> tuple[list, tuple]:
         """skip(h) + branch(h) (skip None: the identity)."""
-        inplace = [type(m).__name__ for m in module.modules() if getattr(m, "inplace", False) is True]
-        if inplace:  # an in-place op at the start of a path overwrites the input the other path adds
+        from lipkern.bounds.parsing import inplace_modules
+
+        inplace = [type(m).__name__ for m in inplace_modules(module)]
+        if inplace:
             raise ValueError(f"RoundingAnalysis: a Residual block contains in-place modules ({', '.join(inplace)}"
                              "); use inplace=False inside residual blocks")
         branch_steps, out = self._parse(branch, shape)

@@ -390,12 +390,10 @@ def _launch_torch(matrices, u, v, sigma, n_iter: int) -> str:
 
 def _backend(matrices: torch.Tensor) -> str:
     rows, cols = matrices.shape[1:]
-    if not matrices.is_cuda:  # no CUDA kernel, no split: the layers' power step calls this every training step
-        return select_backend(matrices, triton_reason=f"matrices wider than {_TRITON_MAX_COLS} columns"
-                              if cols > _TRITON_MAX_COLS else None)
-    cuda_fits = _cuda.available() and matrices.is_cuda and _cuda.batched_power_iteration_fits(
-        rows, cols, matrices.dtype)
     too_wide = f"matrices wider than {_TRITON_MAX_COLS} columns" if cols > _TRITON_MAX_COLS else None
+    if not matrices.is_cuda:  # no CUDA kernel, no split: the layers' power step calls this every training step
+        return select_backend(matrices, triton_reason=too_wide)
+    cuda_fits = _cuda.available() and _cuda.batched_power_iteration_fits(rows, cols, matrices.dtype)
     # large matrices: many programs per matrix beat one thread block per matrix
     split = _split_rows(matrices.shape[0], rows, cols, _blocks(rows, cols)[0], matrices.is_complex())
     return select_backend(matrices, has_cuda_kernel=cuda_fits, triton_reason=too_wide,

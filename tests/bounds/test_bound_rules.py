@@ -11,18 +11,7 @@ from torch import nn
 import lipkern
 from lipkern.bounds import BoundParser, lipschitz_bound, register_bound_rule
 from lipkern.bounds.parsing import _RULES, bound_rule_for, supported_modules, unregister_bound_rule
-from tests.helpers import dense_jacobian, spectral_norm
-
-
-class ChannelScale(nn.Module):
-    """x ↦ diag(s) x per channel: a linear map the library does not know."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float64))
-
-    def forward(self, x):
-        return x * self.scale.reshape(-1, *([1] * (x.dim() - 2)))
+from tests.helpers import ChannelScale, dense_jacobian, spectral_norm
 
 
 @pytest.fixture

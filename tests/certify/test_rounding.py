@@ -20,6 +20,7 @@ import lipkern.nn as L
 from lipkern.certify import certified_accuracy, certified_radius
 from lipkern.certify.rounding import PRECISIONS, RoundingAnalysis, gamma
 from lipkern.models import Normalize, Residual, build_model, to_vanilla
+from tests.helpers import ChannelScale
 
 FLOAT64_SLACK = 1e-9  # the oracle's own error (float64 evaluation of these small networks), far above it
 
@@ -397,17 +398,6 @@ def test_reduced_precision_settings_are_not_certified_as_float32():
     assert deployed_evaluation(model, torch.device("cpu")) == "float32"
 
 
-class _ChannelScale(nn.Module):
-    """x ↦ s ⊙ x per channel (one rounded product per entry): a layer the library does not know."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-
-    def forward(self, x):
-        return x * self.scale.reshape(-1, *([1] * (x.dim() - 2)))
-
-
 def test_a_registered_rounding_rule_covers_a_user_layer():
     """A user layer registers its rule (one rounding per entry, as a diagonal map); the analysis then bounds
     the float32 evaluation of a network containing it (against float64 re-evaluation), and without the rule
@@ -415,12 +405,12 @@ def test_a_registered_rounding_rule_covers_a_user_layer():
     from lipkern.certify.rounding import _RULES, register_rounding_rule
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), _ChannelScale(torch.rand(16) * 3 + 0.1), nn.ReLU(),
+    model = nn.Sequential(nn.Linear(16, 16), ChannelScale(torch.rand(16) * 3 + 0.1, torch.float32), nn.ReLU(),
                           nn.Linear(16, 4)).eval()
-    with pytest.raises(TypeError, match="_ChannelScale is not analyzed"):
+    with pytest.raises(TypeError, match="ChannelScale is not analyzed"):
         RoundingAnalysis(model, (16,), "float32")
 
-    @register_rounding_rule(_ChannelScale)
+    @register_rounding_rule(ChannelScale)
     def rule(analysis, module, shape):
         return analysis.diagonal(module, shape, module.scale, torch.zeros_like(module.scale), None, 1)
 
@@ -432,7 +422,7 @@ def test_a_registered_rounding_rule_covers_a_user_layer():
         model.float()
         assert (error <= bound.center + FLOAT64_SLACK).all()
     finally:
-        _RULES.unregister(_ChannelScale)
+        _RULES.unregister(ChannelScale)
 
 
 def test_proofs_of_one_lipschitz_layers_follow_the_forward():
