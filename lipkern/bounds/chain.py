@@ -47,7 +47,8 @@ from lipkern._rounding import sqrt_up as _sqrt
 from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
-from lipkern.bounds.operators import LinearMap
+from lipkern.bounds.operators import LinearMap, abs_norm_upper
+from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chain
 from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
@@ -243,7 +244,8 @@ def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: se
 # ----------------------------------------------------------------------------------------------------------
 # Sub-chain bounds.
 # ----------------------------------------------------------------------------------------------------------
-def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENSE_LIMIT,
+                       gram_limit: int = DEFAULT_GRAM_LIMIT) -> torch.Tensor:
     """U (K, K) float64: U[j, k] ≥ ‖A_k ⋯ A_j‖₂ for j ≤ k (GUARANTEED, rounding included); U[j, k] = 0 for j > k.
 
     maps: K :class:`LinearMap` in application order (maps[i+1] takes maps[i]'s output). Not differentiable;
@@ -255,15 +257,20 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
         from k, in batches; one sweep serves every chain with the same start/end), bounded by
         :func:`matrix_norm_upper` (Cholesky certificate) plus the sweep error Σ_t U[t+1, k]·δ_t of the module
         docstring (the adjoint sweep: Σ_t U[j, t−1]·δ_t). Tight: the error terms are ~1e-12 relative;
+    (b') chains too large for (b) whose smaller side s has s² ≤ ``gram_limit``: the certified Gram matrix of
+        that side, formed by probing (:mod:`lipkern.bounds.probing`; for zero-padded conv chains, a few probes
+        per channel instead of s), error terms of the same kind;
     (c) splits: min_m U[j, m]·U[m+1, k] (submultiplicativity), which contains the product ∏ u_i of (a).
-    Products and sums of bounds are rounded upward. Chains too large for (b) get only (c): sound, looser (the
-    product of norms of the parts). ``dense_limit=0`` disables (b) entirely.
-    The cost of (b) is min(in, out) basis vectors through the chain (and once more through its |W| maps).
+    Products and sums of bounds are rounded upward. Chains too large for (b) and (b') get only (c): sound,
+    looser (the product of norms of the parts). ``dense_limit=0`` / ``gram_limit=0`` disable (b) / (b').
+    The cost of (b) is min(in, out) basis vectors through the chain (and once more through its |W| maps); of
+    (b'), the probes through the chain and back, and a dense Cholesky of side s (s³/3 flops, 2·s² floats).
     """
     maps = _check_maps(maps, "chain_upper_bounds", check_values=True)
     k_count = len(maps)
     with torch.no_grad(), _cudnn_off(maps[0].weight.device):
         dense, errors = _dense_chains(maps, dense_limit)
+        grams = _gram_chains(maps, dense, gram_limit)
         bounds = [[math.inf] * k_count for _ in range(k_count)]
 
         def norm(j: int, k: int) -> float:
@@ -276,6 +283,11 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
                 if (j, k) in dense:
                     # errors[(j, k)]: (factor chain (a, b), δ) pairs; the chains are shorter: already final
                     best = _add(dense[(j, k)], *[_mul(norm(a, b), delta) for a, b, delta in errors[(j, k)]])
+                if (j, k) in grams:
+                    gram = grams[(j, k)]
+                    e1 = _add(0.0, *[_mul(norm(a, b), phi) for a, b, phi in gram.first])
+                    e2 = _add(0.0, *[_mul(norm(a, b), phi) for a, b, phi in gram.second])
+                    best = min(best, gram.norm_bound(e1, e2))
                 for m in range(j, k):
                     best = min(best, _mul(bounds[j][m], bounds[m + 1][k]))
                 if length == 1 and not math.isfinite(best):
@@ -318,6 +330,19 @@ def _dense_chains(maps: list[LinearMap], dense_limit: int):
                 dense[(j, k)] = bound
                 errors[(j, k)] = [(j, t - 1, sweep.deltas[t]) for t in range(j, k + 1)]
     return dense, errors
+
+
+def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int) -> dict:
+    """{(j, k): GramChain} for the chains not in ``dense`` whose smaller side s has s² ≤ ``gram_limit``."""
+    chains = {}
+    for j in range(len(maps)):
+        for k in range(j, len(maps)):
+            side = "in" if maps[j].in_features <= maps[k].out_features else "out"
+            size = min(maps[j].in_features, maps[k].out_features)
+            if (j, k) not in dense and size * size <= gram_limit:
+                chains[(j, k)] = side
+    abs_norms = {t: abs_norm_upper(maps[t]) for t in sorted({t for j, k in chains for t in range(j, k + 1)})}
+    return {(j, k): gram_chain(maps, j, k, side, abs_norms) for (j, k), side in chains.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

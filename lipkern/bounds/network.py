@@ -170,7 +170,7 @@ class LipschitzBound(LipschitzEstimate):
 
 def lipschitz_bound(model: nn.Module, input_shape, method: str = "liplt", pairwise: bool = False, *,
                     activation_slopes=None, lipschitz_constants=None, dense_limit: int | None = None,
-                    sound: bool | None = None) -> torch.Tensor:
+                    gram_limit: int | None = None, sound: bool | None = None) -> torch.Tensor:
     """A GUARANTEED upper bound (float64) of the Lipschitz constant (ℓ₂) of ``model`` on inputs of
     ``input_shape`` (one input, no batch dim): the real-arithmetic network with the weights it applies, every
     floating-point operation of the bound itself rounded upward (module docstring: what is covered and
@@ -179,10 +179,13 @@ def lipschitz_bound(model: nn.Module, input_shape, method: str = "liplt", pairwi
     method: "liplt" (loop transformation, papers.md §1, generalized to [α, β] slopes; always ≤ "product") or
     "product" (∏ of the layers' norms and constants). pairwise=True: a (C, C) tensor of L_ab, the Lipschitz
     constants of the logit differences f_a − f_b (zero diagonal), else a 0-dim tensor.
-    ``dense_limit`` is passed to :func:`lipkern.bounds.chain.chain_upper_bounds`: sub-chains whose explicit
-    matrix has more entries get only products of shorter chains' bounds (sound, looser: on LipLTNet("6C2F") at
-    32×32 with the default, 2.5× the converged estimate); raise it for tighter bounds at the cost of memory and
-    time. ``sound``: deprecated (the bound is always sound); ``sound=False`` is refused.
+    ``dense_limit`` and ``gram_limit`` are passed to :func:`lipkern.bounds.chain.chain_upper_bounds`: sub-chains
+    whose explicit matrix has more than ``dense_limit`` entries are certified through the Gram matrix of their
+    smaller side (:mod:`lipkern.bounds.probing`) when it has at most ``gram_limit`` entries, and otherwise get
+    only products of shorter chains' bounds (sound, looser). With the defaults, LipLTNet("4C3F") and ("6C2F") at
+    1×28×28 are within 0.4% of the converged estimate (random weights; 45 s and 70 s on a 2-core CPU);
+    ``gram_limit=0`` gives the products instead (2.1× and 2.5×, in seconds). ``sound``: deprecated (the bound is
+    always sound); ``sound=False`` is refused.
     """
     if sound is not None:
         if not sound:
@@ -192,7 +195,8 @@ def lipschitz_bound(model: nn.Module, input_shape, method: str = "liplt", pairwi
                       DeprecationWarning, stacklevel=2)
     plan = build_plan(model, input_shape, method, pairwise, True, activation_slopes, lipschitz_constants)
     with torch.no_grad():
-        return _sound_bound(plan, pairwise, {} if dense_limit is None else {"dense_limit": dense_limit})
+        limits = {"dense_limit": dense_limit, "gram_limit": gram_limit}
+        return _sound_bound(plan, pairwise, {name: value for name, value in limits.items() if value is not None})
 
 
 def lipschitz_estimate(model: nn.Module, input_shape, method: str = "liplt", pairwise: bool = False,

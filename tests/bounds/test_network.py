@@ -211,7 +211,8 @@ def test_sound_bound_covers_the_dense_operator_value(data):
     dense = _dense_value(model, shape, [(0, 1), (0, 1)])
     sound = lipschitz_bound(model, shape).item()
     assert dense <= sound <= dense * (1 + SLACK)
-    assert dense <= lipschitz_bound(model, shape, dense_limit=0).item()  # splits only: looser
+    assert dense <= lipschitz_bound(model, shape, dense_limit=0).item() <= dense * (1 + SLACK)  # Gram path
+    assert dense <= lipschitz_bound(model, shape, dense_limit=0, gram_limit=0).item()  # splits only: looser
 
 
 def test_estimate_converges_to_the_dense_value_and_never_exceeds_the_sound_bound():

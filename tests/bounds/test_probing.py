@@ -1,0 +1,172 @@
+"""Chains certified through the Gram matrix of their smaller side, formed by probing (lipkern.bounds.probing).
+
+Oracles: explicit float64 matrices from PyTorch's own nn.Conv2d on the identity basis (tests.helpers.dense_conv2d)
+and their products, torch.linalg.matrix_norm(ord=2); exact rationals (fractions.Fraction) for the rounding
+errors of the probe sweeps and for matrices whose top eigenvalue is known exactly."""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lipkern.bounds.chain import chain_upper_bounds
+from lipkern.bounds.operators import LinearMap
+from lipkern.bounds.probing import (_assemble, _probe_sweep, _steps, certified_top_eigenvalue, gram_chain,
+                                    probe_layout)
+from tests.helpers import dense_conv2d
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(knobs):
+    knobs(backend="torch")
+
+
+@st.composite
+def conv_chains(draw, max_maps=3):
+    """A random chain of zero-padded convs (strides, dilations, groups, asymmetric padding) and channel scales,
+    with the oracle matrix of every map."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    channels, h, w = draw(st.integers(1, 3)), draw(st.integers(3, 9)), draw(st.integers(3, 9))
+    maps, mats = [], []
+    for _ in range(draw(st.integers(1, max_maps))):
+        if maps and draw(st.booleans()) and draw(st.booleans()):
+            scale = torch.randn(channels, generator=gen, dtype=D)
+            maps.append(LinearMap.diag(scale, (channels, h, w)))
+            mats.append(torch.diag(scale.repeat_interleave(h * w)))
+            continue
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if channels % g == 0]))
+        out = groups * draw(st.integers(1, 2))
+        kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        dilation = (draw(st.integers(1, 2)), 1)
+        pads = tuple(draw(st.integers(0, 2)) for _ in range(4))  # top, bottom, left, right
+        out_h = (h + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (w + pads[2] + pads[3] - (kw - 1) - 1) // stride[1] + 1
+        if out_h < 1 or out_w < 1:
+            break
+        weight = torch.randn(out, channels // groups, kh, kw, generator=gen, dtype=D) / math.sqrt(kh * kw)
+        maps.append(LinearMap.conv2d(weight, (channels, h, w), stride, pads, dilation, groups))
+        padded = torch.nn.functional.pad(torch.eye(channels * h * w, dtype=D).reshape(-1, channels, h, w),
+                                         (pads[2], pads[3], pads[0], pads[1]))
+        mats.append(dense_conv2d(weight, (h + pads[0] + pads[1], w + pads[2] + pads[3]), stride=stride,
+                                 dilation=dilation, groups=groups) @ padded.reshape(channels * h * w, -1).T)
+        channels, h, w = out, out_h, out_w
+    if not maps:
+        maps.append(LinearMap.diag(torch.randn(channels, generator=gen, dtype=D), (channels, h, w)))
+        mats.append(torch.diag(maps[-1].weight.repeat_interleave(h * w)))
+    return maps, mats
+
+
+def _product(mats, j, k):
+    product = mats[j]
+    for i in range(j + 1, k + 1):
+        product = mats[i] @ product
+    return product
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_chains(), st.sampled_from(["in", "out"]))
+def test_probes_assemble_the_exact_gram_matrix(chain, side):
+    maps, mats = chain
+    b = _product(mats, 0, len(maps) - 1)
+    gram = b.T @ b if side == "in" else b @ b.T
+    layout = probe_layout(maps, side)
+    z, _ = _probe_sweep(maps, 0, len(maps) - 1, side, layout, {t: 1.0 for t in range(len(maps))})
+    assembled = _assemble(z, layout)  # Ĝᵀ
+    assert torch.allclose(assembled.T, gram, rtol=0, atol=1e-12 * max(1.0, gram.abs().max().item()))
+    if layout is not None:
+        assert z.shape[0] == layout.count <= gram.shape[0]
+
+
+def test_local_chains_need_few_probes():
+    """A 4×4 stride-2 conv, 32 → 32 channels at 28×28: 9 probes per output channel instead of 196."""
+    conv = LinearMap.conv2d(torch.randn(32, 32, 4, 4, dtype=D), (32, 28, 28), stride=2, padding=1)
+    assert probe_layout([conv], "out").count == 32 * 9
+    assert probe_layout([conv], "in").count == 32 * 7 * 7
+
+
+@pytest.mark.parametrize("make", [
+    lambda: [LinearMap.dense(torch.randn(4, 12, dtype=D), (3, 2, 2))],
+    lambda: [LinearMap.conv2d(torch.randn(2, 3, 3, 3, dtype=D), (3, 5, 5), padding=1, padding_mode="circular")],
+    lambda: [LinearMap.diag(torch.randn(3, dtype=D), (3,))],
+])
+def test_non_local_chains_use_identity_probes(make):
+    assert probe_layout(make(), "in") is None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_chains())
+def test_gram_path_bounds_are_guaranteed_and_tight(chain):
+    maps, mats = chain
+    bounds = chain_upper_bounds(maps, dense_limit=0)
+    for j in range(len(maps)):
+        for k in range(j, len(maps)):
+            exact = torch.linalg.matrix_norm(_product(mats, j, k), 2).item()
+            assert exact <= bounds[j, k].item() <= exact * (1 + 1e-6) + 1e-300
+
+
+def test_sweep_error_terms_bound_the_float64_errors():
+    """‖Ẑ − GP‖_F ≤ β·e₁ + e₂ (module docstring), with Ẑ the float64 probe sweep and GP in exact rationals."""
+    gen = torch.Generator().manual_seed(5)
+    maps = [LinearMap.conv2d(torch.randn(2, 1, 3, 3, generator=gen, dtype=D) / 3, (1, 5, 5), padding=1),
+            LinearMap.conv2d(torch.randn(2, 2, 2, 2, generator=gen, dtype=D) / 2, (2, 5, 5), stride=2)]
+    mats = [m.dense_matrix() for m in maps]
+    for side in ("in", "out"):
+        layout = probe_layout(maps, side)
+        abs_norms = {t: torch.linalg.matrix_norm(mats[t].abs(), 2).item() * (1 + 1e-12) for t in range(2)}
+        z, phis = _probe_sweep(maps, 0, 1, side, layout, abs_norms)
+        exact_mats = [[[Fraction(v) for v in row] for row in m.tolist()] for m in mats]
+        # GP exactly: push the probes (exact 0/1) through the exact matrices, in the sweep's order
+        error_sq = Fraction(0)
+        for row, probe in zip(z.tolist(), _probe_rows(layout, maps, side)):
+            x = probe
+            for t, forward in _steps(0, 1, side):
+                m = exact_mats[t]
+                x = ([sum((a * v for a, v in zip(r, x)), Fraction(0)) for r in m] if forward else
+                     [sum((m[i][c] * x[i] for i in range(len(m))), Fraction(0)) for c in range(len(m[0]))])
+            error_sq += sum((Fraction(a) - e) ** 2 for a, e in zip(row, x))
+        norms = {(0, 0): torch.linalg.matrix_norm(mats[0], 2).item() * (1 + 1e-12),
+                 (1, 1): torch.linalg.matrix_norm(mats[1], 2).item() * (1 + 1e-12)}
+        beta = torch.linalg.matrix_norm(mats[1] @ mats[0], 2).item() * (1 + 1e-12)
+        pairs = [(t + 1, 1, phi) if forward else (0, t - 1, phi) for (t, forward), phi in zip(_steps(0, 1, side), phis)]
+        bound = sum(norms.get((a, b), 1.0 if a > b else math.inf) * phi for a, b, phi in pairs[:2]) * beta + \
+            sum(norms.get((a, b), 1.0 if a > b else math.inf) * phi for a, b, phi in pairs[2:])
+        assert 0 < error_sq and math.sqrt(error_sq) <= bound < 1e-12
+
+
+def _probe_rows(layout, maps, side):
+    from lipkern.bounds.probing import _probes
+    size = maps[0].in_features if side == "in" else maps[-1].out_features
+    count = size if layout is None else layout.count
+    return [[Fraction(v) for v in row] for row in _probes(layout, size, 0, count, D, "cpu").tolist()]
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_certified_top_eigenvalue_against_exact_values(n):
+    """S = a·I + b·𝟙𝟙ᵀ (integers: exact in float64): λ_max = a + n·b exactly."""
+    a, b = 3.0, 2.0
+    exact = a + n * b
+    s = torch.full((n, n), b, dtype=D) + a * torch.eye(n, dtype=D)
+    tight = certified_top_eigenvalue(s.clone(), exact * (1 - 1e-12))
+    assert exact <= tight <= exact * (1 + 1e-7)
+    assert exact <= certified_top_eigenvalue(s.clone(), exact * (1 - 1e-5)) <= exact * (1 + 1e-3)  # a retry
+    assert certified_top_eigenvalue(s.clone(), exact * 0.9) == math.inf  # every shift too small: refused
+
+
+def test_gram_chain_falls_back_to_splits_when_the_certificate_fails(monkeypatch):
+    """An estimate far below the norm certifies nothing: the chain keeps the product of its parts' bounds."""
+    import lipkern.bounds.probing as probing
+
+    gen = torch.Generator().manual_seed(2)
+    maps = [LinearMap.conv2d(torch.randn(3, 2, 3, 3, generator=gen, dtype=D), (2, 6, 6), padding=1),
+            LinearMap.conv2d(torch.randn(2, 3, 3, 3, generator=gen, dtype=D), (3, 6, 6), padding=1)]
+    monkeypatch.setattr(probing, "_estimate", lambda *args: 1e-3)
+    assert gram_chain(maps, 0, 1, "in", {0: 10.0, 1: 10.0}).eigenvalue == math.inf
+    bounds = chain_upper_bounds(maps, dense_limit=0)
+    exact = torch.linalg.matrix_norm(maps[1].dense_matrix() @ maps[0].dense_matrix(), 2).item()
+    assert exact <= bounds[0, 1].item() and bounds[0, 1].item() >= bounds[0, 0].item() * bounds[1, 1].item() * 0.999
