@@ -48,7 +48,7 @@ from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.bounds.operators import LinearMap, abs_norm_upper
-from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chain
+from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chains
 from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
@@ -342,7 +342,7 @@ def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int) -> dict:
             if (j, k) not in dense and size * size <= gram_limit:
                 chains[(j, k)] = side
     abs_norms = {t: abs_norm_upper(maps[t]) for t in sorted({t for j, k in chains for t in range(j, k + 1)})}
-    return {(j, k): gram_chain(maps, j, k, side, abs_norms) for (j, k), side in chains.items()}
+    return gram_chains(maps, chains, abs_norms)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ from lipkern._rounding import mul_up as _mul
 from lipkern._rounding import sqrt_up as _sqrt
 from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import _gamma_cholesky
-from lipkern.bounds.operators import LinearMap, abs_norm_upper
+from lipkern.bounds.operators import LinearMap
 
-__all__ = ["DEFAULT_GRAM_LIMIT", "GramChain", "gram_chain", "probe_layout"]
+__all__ = ["DEFAULT_GRAM_LIMIT", "GramChain", "certified_top_eigenvalue", "gram_chain", "gram_chains", "probe_layout"]
 
 DEFAULT_GRAM_LIMIT = 2**28  # entries of the smaller side's Gram matrix (2 GiB in float64; twice that at peak)
 _U = 2.0**-53
@@ -142,7 +142,7 @@ def _assemble(z: torch.Tensor, layout: ProbeLayout | None) -> torch.Tensor:
 
 def _sum_squares_upper(x: torch.Tensor) -> float:
     """An upper bound of Σ x² (computed products and sum, any order)."""
-    flat = x.reshape(-1)
+    flat = x.flatten()
     n = flat.numel()
     computed = float(flat @ flat)
     return _div(_add(computed, _mul(n, _ETA)), 1 - _gamma(n + 1))
@@ -170,34 +170,66 @@ def _steps(first: int, last: int, side: str) -> list[tuple[int, bool]]:
     return forward + adjoint if side == "in" else adjoint + forward
 
 
-def _probe_sweep(maps, first: int, last: int, side: str, layout, abs_norms: dict) -> tuple[torch.Tensor, list]:
-    """z (p, s) = the probes pushed through the chain and back, and φ of every step (in ``_steps`` order)."""
-    steps = _steps(first, last, side)
-    side_map = maps[first] if side == "in" else maps[last]
-    size = side_map.in_features if side == "in" else side_map.out_features
+def _phi(m: LinearMap, forward: bool, squares: float, count: int, abs_norm: float) -> float:
+    """φ of one step: γ_n·‖|A|‖₂·‖X̂‖_F + μ·√(entries) (module docstring), ``squares`` ≥ ‖X̂‖_F²."""
+    n = m.accumulation_length() if forward else m.adjoint_accumulation_length()
+    entries = count * (m.out_features if forward else m.in_features)
+    return _add(_mul(_mul(_gamma(n), abs_norm), _sqrt(squares)), _mul(_mul(n, _ETA), _sqrt(float(entries))))
+
+
+def _group_sweep(maps, side: str, anchor: int, ends: list[int], layout, abs_norms: dict) -> dict:
+    """The probes of one side of maps[anchor] pushed through the chains that share it, the shared part once:
+    side "in": chains (anchor, k) for k in ``ends`` (forward from the anchor, then back from each k); side "out":
+    chains (j, anchor) for j in ``ends`` (adjoint from the anchor, then forward from each j). Returns {end: (z
+    (p, s), φ of every step in :func:`_steps` order)}."""
+    forward_first = side == "in"
+    far = max(ends) if forward_first else min(ends)
+    shared = range(anchor, far + 1) if forward_first else range(anchor, far - 1, -1)
+    size = maps[anchor].in_features if forward_first else maps[anchor].out_features
     count = size if layout is None else layout.count
-    device = maps[first].weight.device
-    weights = {t: maps[t].weight.detach().to(torch.float64) for t in range(first, last + 1)}
-    widest = max(max(maps[t].in_features, maps[t].out_features) for t in range(first, last + 1))
+    device = maps[anchor].weight.device
+    span = range(min(anchor, far), max(anchor, far) + 1)
+    weights = {t: maps[t].weight.detach().to(torch.float64) for t in span}
+    widest = max(max(maps[t].in_features, maps[t].out_features) for t in span)
     batch = max(1, min(count, _BATCH_ELEMENTS // widest))
-    squares = [0.0] * len(steps)
-    parts = []
+    shared_squares = dict.fromkeys(shared, 0.0)
+    branch_squares = {e: {} for e in ends}
+    parts = {e: [] for e in ends}
+
+    def step(t, forward, x):  # (B, *shape) kept as the maps return it (channels-last convs stay so)
+        return (maps[t].forward if forward else maps[t].adjoint)(x, weights[t])
+
+    side_shape = maps[anchor].in_shape if forward_first else maps[anchor].out_shape
     for lo in range(0, count, batch):
         hi = min(count, lo + batch)
-        x = _probes(layout, size, lo, hi, torch.float64, device)
-        for i, (t, forward) in enumerate(steps):
-            squares[i] = _add(squares[i], _sum_squares_upper(x))
-            apply = maps[t].forward if forward else maps[t].adjoint
-            x = apply(x, weights[t]).reshape(hi - lo, -1)
-        parts.append(x)
-    phis = []
-    for i, (t, forward) in enumerate(steps):
-        m = maps[t]
-        n = m.accumulation_length() if forward else m.adjoint_accumulation_length()
-        entries = count * (m.out_features if forward else m.in_features)
-        phis.append(_add(_mul(_mul(_gamma(n), abs_norms[t]), _sqrt(squares[i])),
-                         _mul(_mul(n, _ETA), _sqrt(float(entries)))))
-    return torch.cat(parts), phis
+        x = _probes(layout, size, lo, hi, torch.float64, device).view(hi - lo, *side_shape)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # faster float64 transposed convs on the CPU
+        for t in shared:
+            shared_squares[t] = _add(shared_squares[t], _sum_squares_upper(x))
+            x = step(t, forward_first, x)
+            if t in parts:
+                y = x
+                back = range(t, anchor - 1, -1) if forward_first else range(t, anchor + 1)
+                for t2 in back:
+                    branch_squares[t][t2] = _add(branch_squares[t].get(t2, 0.0), _sum_squares_upper(y))
+                    y = step(t2, not forward_first, y)
+                parts[t].append(y.reshape(hi - lo, -1))
+    out = {}
+    for e in ends:
+        first, last = (anchor, e) if forward_first else (e, anchor)
+        phis = []
+        for t, forward in _steps(first, last, side):
+            squares = shared_squares[t] if forward == forward_first else branch_squares[e][t]
+            phis.append(_phi(maps[t], forward, squares, count, abs_norms[t]))
+        out[e] = (torch.cat(parts.pop(e)), phis)
+    return out
+
+
+def _probe_sweep(maps, first: int, last: int, side: str, layout, abs_norms: dict) -> tuple[torch.Tensor, list]:
+    """One chain's z (p, s) and φ of every step (in ``_steps`` order)."""
+    anchor, end = (first, last) if side == "in" else (last, first)
+    return _group_sweep(maps, side, anchor, [end], layout, abs_norms)[end]
 
 
 def _estimate(maps, first: int, last: int) -> float:
@@ -221,33 +253,103 @@ def _estimate(maps, first: int, last: int) -> float:
     return float(torch.linalg.vector_norm(apply(u)) / torch.linalg.vector_norm(u))
 
 
-def certified_top_eigenvalue(s: torch.Tensor, estimate: float) -> float:
+class BandLayout(NamedTuple):
+    """Ŝ on (C, H, W) is block-banded by pixel rows: blocks of the W·C entries of one row, nonzero within
+    ``bandwidth`` rows of the diagonal."""
+
+    shape: tuple[int, int, int]
+    bandwidth: int
+
+    def flops(self) -> float:
+        c, h, w = self.shape
+        b, bw = float(w * c), min(self.bandwidth, h - 1)
+        return h * (bw * (bw + 1) + bw + 1 / 3) * b**3
+
+    def block(self, s: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """Block (i, j) of S (rows of pixel row i, columns of pixel row j), entries in (w, c) order (a copy)."""
+        c, h, w = self.shape
+        return s.view(c, h, w, c, h, w)[:, i, :, :, j, :].permute(1, 0, 3, 2).reshape(w * c, w * c)
+
+
+def _dense_cholesky_ok(k: torch.Tensor) -> bool:
+    _, info = torch.linalg.cholesky_ex(k)
+    return int(info) == 0
+
+
+def _banded_cholesky_ok(blocks: list[list[torch.Tensor]], bandwidth: int) -> bool:
+    """Block Cholesky of the block-banded K given as blocks[i][d] = K[i, i − d] (d = 0..min(i, bandwidth)),
+    in place: the dense algorithm in one order of its inner products (GEMM updates, a triangular solve by
+    substitution, potrf on the diagonal blocks: the kernels LAPACK's own blocked potrf is made of); the
+    entries outside the band stay exact zeros."""
+    for i in range(len(blocks)):
+        for d in range(min(bandwidth, i), -1, -1):
+            j = i - d
+            a = blocks[i][d]
+            for kk in range(max(0, i - bandwidth), j):
+                a.sub_(blocks[i][i - kk] @ blocks[j][j - kk].mT)
+            if d:
+                blocks[i][d] = torch.linalg.solve_triangular(blocks[j][0].mT, a, upper=True, left=False)
+            else:
+                factor, info = torch.linalg.cholesky_ex(a)
+                if int(info) != 0:
+                    return False
+                blocks[i][0] = factor
+    return True
+
+
+def _shifted_blocks(s: torch.Tensor, band: BandLayout, k_diagonal: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The blocks of K = fl(λ₀I − S) (−S off the diagonal, ``k_diagonal`` on it) from the dense S."""
+    c, h, w = band.shape
+    diag_blocks = k_diagonal.view(c, h, w).permute(1, 2, 0).reshape(h, w * c)
+    blocks = []
+    for i in range(h):
+        row = []
+        for d in range(min(band.bandwidth, i) + 1):
+            block = band.block(s, i, i - d).neg_()
+            if d == 0:
+                block.diagonal().copy_(diag_blocks[i])
+            row.append(block)
+        blocks.append(row)
+    return blocks
+
+
+def certified_top_eigenvalue(s: torch.Tensor, estimate: float, band: BandLayout | None = None) -> float:
     """A guaranteed upper bound of λ_max(S) for an exactly symmetric float64 (n, n) S (consumed: overwritten by
     K), by the module docstring's certificate at λ₀ = (1 + ρ)·``estimate`` for the shifts ρ in turn; inf if
-    none succeeds."""
+    none succeeds. ``band``: S is block-banded so (:class:`BandLayout`); the Cholesky then works on the band."""
     n = s.shape[0]
     diagonal = s.diagonal().clone()
-    s.neg_()
     gc = _gamma_cholesky(n)
+    if band is None:
+        s.neg_()
     for rho in _SHIFTS:
         lam0 = _up((1 + rho) * estimate)
         if not _LAMBDA_RANGE[0] <= lam0 <= _LAMBDA_RANGE[1]:
             return math.inf
-        s.diagonal().copy_(lam0 - diagonal)  # fl(λ₀ − Ŝ_ii)
-        _, info = torch.linalg.cholesky_ex(s)
-        if int(info) == 0:
-            k_diag = s.diagonal().tolist()
+        k_diagonal = lam0 - diagonal  # fl(λ₀ − Ŝ_ii)
+        if band is None:
+            s.diagonal().copy_(k_diagonal)
+            ok = _dense_cholesky_ok(s)
+        else:
+            ok = _banded_cholesky_ok(_shifted_blocks(s, band, k_diagonal), band.bandwidth)
+        if ok:
+            k_diag = k_diagonal.tolist()
             trace = math.nextafter(math.fsum(k_diag), math.inf)
             slack = _add(_mul(_div(gc, 1 - gc), trace), _mul(_div(_U, 1 - _U), max(k_diag)))
             return _add(lam0, slack, _TAU)
     return math.inf
 
 
-def gram_chain(maps: list[LinearMap], first: int, last: int, side: str, abs_norms: dict) -> GramChain:
-    """The certified Gram of the chain maps[first..last] on ``side`` ("in" or "out"), float64 maps; abs_norms[t] ≥
-    ‖|A_t|‖₂. Error pairs index the full ``maps`` list (U[a, b] with a > b: the empty chain, 1)."""
-    layout = probe_layout(maps[first:last + 1], side)
-    z, phis = _probe_sweep(maps, first, last, side, layout, abs_norms)
+def _band_of(layout: ProbeLayout | None) -> BandLayout | None:
+    """The block-banded structure of a local Gram where its Cholesky costs less than half the dense one's."""
+    if layout is None:
+        return None
+    band = BandLayout(layout.shape, layout.radius[0])
+    size = math.prod(layout.shape)
+    return band if band.flops() < size**3 / 6 else None
+
+
+def _certify(maps, first: int, last: int, side: str, layout, z: torch.Tensor, phis: list) -> GramChain:
     g = _assemble(z, layout)
     del z
     s = g + g.mT  # exactly symmetric; Ŝ = s/2 (exact halving up to subnormals)
@@ -256,16 +358,40 @@ def gram_chain(maps: list[LinearMap], first: int, last: int, side: str, abs_norm
     size = s.shape[0]
     symmetrize = _add(_mul(_U, _sqrt(_sum_squares_upper(s))), _mul(size, _ETA))
     sigma = _estimate(maps, first, last)
-    eigenvalue = certified_top_eigenvalue(s, sigma * sigma)
+    eigenvalue = certified_top_eigenvalue(s, sigma * sigma, _band_of(layout))
     del s
     steps = _steps(first, last, side)
     half = last - first + 1
-    pairs = []
-    for (t, forward), phi in zip(steps, phis):
-        pairs.append((t + 1, last, phi) if forward else (first, t - 1, phi))
+    pairs = [(t + 1, last, phi) if forward else (first, t - 1, phi) for (t, forward), phi in zip(steps, phis)]
     return GramChain(_add(eigenvalue, symmetrize), pairs[:half], pairs[half:])
 
 
-def abs_norms_of(maps: list[LinearMap]) -> dict:
-    """{t: ‖|A_t|‖₂ bound}, computed lazily by callers that need a few."""
-    return {t: abs_norm_upper(m) for t, m in enumerate(maps)}
+def _probe_key(layout: ProbeLayout | None):
+    """Layouts with one pixel per probe are the identity probes (same order): they share sweeps."""
+    return None if layout is None or layout.period == layout.shape[1:] else layout
+
+
+def gram_chains(maps: list[LinearMap], chains: dict, abs_norms: dict) -> dict:
+    """{(j, k): GramChain} for ``chains`` {(j, k): side} ("in" or "out"), float64 maps; abs_norms[t] ≥ ‖|A_t|‖₂.
+    Chains with the same side, anchor map and probes share the first half of their sweeps. Error pairs index the
+    full ``maps`` list (U[a, b] with a > b: the empty chain, 1)."""
+    groups: dict = {}
+    layouts = {}
+    for (j, k), side in chains.items():
+        layouts[(j, k)] = probe_layout(maps[j:k + 1], side)
+        anchor, end = (j, k) if side == "in" else (k, j)
+        groups.setdefault((side, anchor, _probe_key(layouts[(j, k)])), []).append(end)
+    out = {}
+    for (side, anchor, key), ends in groups.items():
+        swept = _group_sweep(maps, side, anchor, sorted(ends), key, abs_norms)
+        for end in sorted(ends):
+            j, k = (anchor, end) if side == "in" else (end, anchor)
+            z, phis = swept.pop(end)
+            out[(j, k)] = _certify(maps, j, k, side, layouts[(j, k)], z, phis)
+    return out
+
+
+def gram_chain(maps: list[LinearMap], first: int, last: int, side: str, abs_norms: dict) -> GramChain:
+    """The certified Gram of the chain maps[first..last] on ``side``: :func:`gram_chains` for one chain."""
+    return gram_chains(maps, {(first, last): side}, abs_norms)[(first, last)]
+

@@ -170,3 +170,44 @@ def test_gram_chain_falls_back_to_splits_when_the_certificate_fails(monkeypatch)
     bounds = chain_upper_bounds(maps, dense_limit=0)
     exact = torch.linalg.matrix_norm(maps[1].dense_matrix() @ maps[0].dense_matrix(), 2).item()
     assert exact <= bounds[0, 1].item() and bounds[0, 1].item() >= bounds[0, 0].item() * bounds[1, 1].item() * 0.999
+
+
+def test_banded_certificate_matches_the_dense_one_and_the_exact_norm():
+    """A 3×3 conv on 2×20×20: the Gram's Cholesky runs on pixel-row blocks (bandwidth 2 of 20 rows)."""
+    from lipkern.bounds.probing import _band_of, _certify
+
+    gen = torch.Generator().manual_seed(7)
+    conv = LinearMap.conv2d(torch.randn(3, 2, 3, 3, generator=gen, dtype=D) / 3, (2, 20, 20), padding=1)
+    layout = probe_layout([conv], "in")
+    band = _band_of(layout)
+    assert band is not None and band.bandwidth == 2
+    exact = torch.linalg.matrix_norm(conv.dense_matrix(), 2).item()
+    gram = conv.dense_matrix().T @ conv.dense_matrix()
+    for estimate, expected in [(exact**2, "tight"), (exact**2 * 0.9, "refused")]:
+        banded = certified_top_eigenvalue(gram.clone(), estimate, band)
+        dense = certified_top_eigenvalue(gram.clone(), estimate)
+        if expected == "refused":
+            assert banded == dense == math.inf
+        else:
+            assert exact**2 <= banded <= exact**2 * (1 + 1e-7) and banded == pytest.approx(dense, rel=1e-12)
+    z, phis = _probe_sweep([conv], 0, 0, "in", layout, {0: 10.0})
+    assert exact <= _certify([conv], 0, 0, "in", layout, z, phis).norm_bound(0.0, 0.0) <= exact * (1 + 1e-7)
+
+
+def test_chains_sharing_an_anchor_share_their_sweep():
+    """Chains ending at the same map with identity probes are swept together; each is still its own bound."""
+    from lipkern.bounds.probing import gram_chains
+
+    gen = torch.Generator().manual_seed(8)
+    maps = [LinearMap.conv2d(torch.randn(3, 2, 3, 3, generator=gen, dtype=D) / 3, (2, 5, 5), padding=1),
+            LinearMap.conv2d(torch.randn(3, 3, 3, 3, generator=gen, dtype=D) / 3, (3, 5, 5), stride=2),
+            LinearMap.dense(torch.randn(4, 12, generator=gen, dtype=D) / 3, (3, 2, 2))]
+    mats = [m.dense_matrix() for m in maps]
+    chains = {(0, 2): "out", (1, 2): "out", (2, 2): "out"}
+    together = gram_chains(maps, chains, {t: 10.0 for t in range(3)})
+    for (j, k) in chains:
+        alone = gram_chain(maps, j, k, "out", {t: 10.0 for t in range(3)})
+        assert together[(j, k)].eigenvalue == alone.eigenvalue
+        assert together[(j, k)].first == alone.first and together[(j, k)].second == alone.second
+        exact = torch.linalg.matrix_norm(_product(mats, j, k), 2).item()
+        assert exact <= together[(j, k)].norm_bound(0.0, 0.0) * (1 + 1e-12) <= exact * (1 + 1e-7)
