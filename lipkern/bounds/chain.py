@@ -48,7 +48,7 @@ from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.bounds.operators import LinearMap, abs_norm_upper
-from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chains
+from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chains, gram_entries
 from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
@@ -257,8 +257,8 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
         from k, in batches; one sweep serves every chain with the same start/end), bounded by
         :func:`matrix_norm_upper` (Cholesky certificate) plus the sweep error Σ_t U[t+1, k]·δ_t of the module
         docstring (the adjoint sweep: Σ_t U[j, t−1]·δ_t). Tight: the error terms are ~1e-12 relative;
-    (b') chains too large for (b) whose smaller side s has s² ≤ ``gram_limit``: the certified Gram matrix of
-        that side, formed by probing (:mod:`lipkern.bounds.probing`; for zero-padded conv chains, a few probes
+    (b') chains too large for (b) whose Gram certificate on the smaller side stores ≤ ``gram_limit`` entries (s²,
+        or the band of a local Gram): the certified Gram matrix of that side, formed by probing (:mod:`lipkern.bounds.probing`; for zero-padded conv chains, a few probes
         per channel instead of s), error terms of the same kind;
     (c) splits: min_m U[j, m]·U[m+1, k] (submultiplicativity), which contains the product ∏ u_i of (a).
     Products and sums of bounds are rounded upward. Chains too large for (b) and (b') get only (c): sound,
@@ -333,13 +333,13 @@ def _dense_chains(maps: list[LinearMap], dense_limit: int):
 
 
 def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int) -> dict:
-    """{(j, k): GramChain} for the chains not in ``dense`` whose smaller side s has s² ≤ ``gram_limit``."""
+    """{(j, k): GramChain} for the chains not in ``dense`` whose certificate on the smaller side stores at most
+    ``gram_limit`` entries (:func:`lipkern.bounds.probing.gram_entries`: s² or the band of a local Gram)."""
     chains = {}
     for j in range(len(maps)):
         for k in range(j, len(maps)):
             side = "in" if maps[j].in_features <= maps[k].out_features else "out"
-            size = min(maps[j].in_features, maps[k].out_features)
-            if (j, k) not in dense and size * size <= gram_limit:
+            if (j, k) not in dense and gram_entries(maps[j:k + 1], side) <= gram_limit:
                 chains[(j, k)] = side
     abs_norms = {t: abs_norm_upper(maps[t]) for t in sorted({t for j, k in chains for t in range(j, k + 1)})}
     return gram_chains(maps, chains, abs_norms)

@@ -31,8 +31,14 @@ factorization, as in :mod:`lipkern.bounds.certificate`, whose assumptions on the
 (1 + ρ)·σ̂², σ̂ from Lanczos on the chain (an estimate: the certificate decides), ρ = 1e-8, retried larger
 (the bound is then within ≈ ρ/2 of ‖B‖₂).
 
-Cost: p probes through the chain twice (no |W| sweeps), s² memory twice (Ĝ/K and the factor), one dense
-Cholesky (s³/3 flops: 1 s at s = 6,272 on this project's 2-core CPU).
+**Band.** In pixel-row order a local Gram is block-banded (blocks of the W·C entries of one row, zero beyond r
+rows of the diagonal). Where that is cheaper (:func:`_use_band`), the blocks are built straight from z
+(:class:`BandedGram`, memory: the band) and factored by a block Cholesky (GEMM updates, triangular solves,
+potrf on the diagonal blocks: the building blocks of LAPACK's own potrf, so the same assumptions), e.g. the
+12,544-side Gram of LipLTNet("4C3F")'s conv2·conv3: 14 rows of 896, bandwidth 3, a quarter of the dense flops.
+
+Cost: p probes through the chain twice (no |W| sweeps); a dense Gram stores s² floats twice (Ĝ/K and the
+factor), a band its blocks; Cholesky s³/3 flops dense (1 s at s = 6,272 on this project's 2-core CPU).
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import _gamma_cholesky
 from lipkern.bounds.operators import LinearMap
 
-__all__ = ["DEFAULT_GRAM_LIMIT", "GramChain", "certified_top_eigenvalue", "gram_chain", "gram_chains", "probe_layout"]
+__all__ = ["DEFAULT_GRAM_LIMIT", "BandedGram", "GramChain", "certified_top_eigenvalue", "certified_top_eigenvalue_banded",
+           "gram_chain", "gram_chains", "gram_costs", "gram_entries", "probe_layout"]
 
 DEFAULT_GRAM_LIMIT = 2**28  # entries of the smaller side's Gram matrix (2 GiB in float64; twice that at peak)
 _U = 2.0**-53
@@ -253,22 +260,73 @@ def _estimate(maps, first: int, last: int) -> float:
     return float(torch.linalg.vector_norm(apply(u)) / torch.linalg.vector_norm(u))
 
 
-class BandLayout(NamedTuple):
-    """Ŝ on (C, H, W) is block-banded by pixel rows: blocks of the W·C entries of one row, nonzero within
-    ``bandwidth`` rows of the diagonal."""
+class BandedGram:
+    """Ŝ = (Ĝ + Ĝᵀ)/2 of a local Gram on (C, H, W), block-banded by pixel rows: block (i, j) holds the W·C
+    entries of pixel rows i and j ((w, c) order) and is zero unless |i − j| ≤ ``bandwidth``. Blocks are built
+    from the probe results z (p, s) on demand, never the dense s × s matrix (memory: the band)."""
 
-    shape: tuple[int, int, int]
-    bandwidth: int
+    def __init__(self, z: torch.Tensor, layout: ProbeLayout):
+        self.layout, self.shape = layout, layout.shape
+        c, h, w = layout.shape
+        self.bandwidth = min(layout.radius[0], h - 1)
+        ph, pw = layout.period
+        device = z.device
+        self.rows = z.view(-1, c, h, w).permute(2, 0, 3, 1).reshape(h, -1, w * c)  # rows[j]: (p, W·C) of row j
+        ww = torch.arange(w, device=device)
+        cc = torch.arange(c, device=device)
+        self.probe_of = [(cc[None, :] * (ph * pw) + (i % ph) * pw + (ww % pw)[:, None]).reshape(-1) for i in range(h)]
+        near = ((ww[:, None] - ww[None, :]).abs() <= layout.radius[1]).to(z.dtype)
+        self.window = near[:, None, :, None].expand(w, c, w, c).reshape(w * c, w * c)
 
-    def flops(self) -> float:
-        c, h, w = self.shape
-        b, bw = float(w * c), min(self.bandwidth, h - 1)
-        return h * (bw * (bw + 1) + bw + 1 / 3) * b**3
+    def _t(self, i: int, j: int) -> torch.Tensor:  # Ĝᵀ[i, j]
+        return self.rows[j].index_select(0, self.probe_of[i]) * self.window
 
-    def block(self, s: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        """Block (i, j) of S (rows of pixel row i, columns of pixel row j), entries in (w, c) order (a copy)."""
-        c, h, w = self.shape
-        return s.view(c, h, w, c, h, w)[:, i, :, :, j, :].permute(1, 0, 3, 2).reshape(w * c, w * c)
+    def block(self, i: int, j: int) -> torch.Tensor:
+        """Ŝ[i, j] for |i − j| ≤ bandwidth (a new tensor; Ŝ[j, i] is its exact transpose)."""
+        out = self._t(i, j).add_(self._t(j, i).mT)
+        return out.mul_(0.5)
+
+    def blocks(self) -> list[list[torch.Tensor]]:
+        """blocks[i][d] = Ŝ[i, i − d] for d = 0..min(i, bandwidth)."""
+        return [[self.block(i, i - d) for d in range(min(self.bandwidth, i) + 1)] for i in range(self.shape[1])]
+
+
+
+def _band_costs(layout: ProbeLayout) -> tuple[float, int]:
+    """(Cholesky flops, stored entries) of the pixel-row band of a local Gram."""
+    c, h, w = layout.shape
+    b, bw = w * c, min(layout.radius[0], h - 1)
+    return h * (bw * (bw + 1) + bw + 1 / 3) * float(b) ** 3, h * (bw + 1) * b * b
+
+
+def _use_band(layout: ProbeLayout | None) -> bool:
+    """A local Gram is factored on its band where that costs less than half the dense Cholesky."""
+    return layout is not None and _band_costs(layout)[0] < math.prod(layout.shape) ** 3 / 6
+
+
+def gram_entries(maps: list[LinearMap], side: str) -> int:
+    """Float64 entries the certificate of the chain ``maps`` on ``side`` stores (band or dense Gram)."""
+    return gram_costs(maps, side)[0]
+
+
+def _multiply_adds(m: LinearMap) -> int:
+    """Multiply-adds of one application of the map to one vector."""
+    if m.kind == "conv2d":
+        return m.out_features * m.accumulation_length()
+    return m.in_features * m.out_features if m.kind == "dense" else m.in_features
+
+
+def gram_costs(maps: list[LinearMap], side: str) -> tuple[int, float]:
+    """(stored float64 entries, flops) of the certificate of the chain ``maps`` on ``side``: the probe sweeps
+    (2 flops per multiply-add, there and back) and the Cholesky (band or dense)."""
+    layout = probe_layout(maps, side)
+    size = maps[0].in_features if side == "in" else maps[-1].out_features
+    probes = size if layout is None else layout.count
+    sweeps = 4.0 * probes * sum(_multiply_adds(m) for m in maps)
+    if _use_band(layout):
+        flops, entries = _band_costs(layout)
+        return entries, sweeps + flops
+    return size * size, sweeps + float(size) ** 3 / 3
 
 
 def _dense_cholesky_ok(k: torch.Tensor) -> bool:
@@ -297,42 +355,16 @@ def _banded_cholesky_ok(blocks: list[list[torch.Tensor]], bandwidth: int) -> boo
     return True
 
 
-def _shifted_blocks(s: torch.Tensor, band: BandLayout, k_diagonal: torch.Tensor) -> list[list[torch.Tensor]]:
-    """The blocks of K = fl(λ₀I − S) (−S off the diagonal, ``k_diagonal`` on it) from the dense S."""
-    c, h, w = band.shape
-    diag_blocks = k_diagonal.view(c, h, w).permute(1, 2, 0).reshape(h, w * c)
-    blocks = []
-    for i in range(h):
-        row = []
-        for d in range(min(band.bandwidth, i) + 1):
-            block = band.block(s, i, i - d).neg_()
-            if d == 0:
-                block.diagonal().copy_(diag_blocks[i])
-            row.append(block)
-        blocks.append(row)
-    return blocks
-
-
-def certified_top_eigenvalue(s: torch.Tensor, estimate: float, band: BandLayout | None = None) -> float:
-    """A guaranteed upper bound of λ_max(S) for an exactly symmetric float64 (n, n) S (consumed: overwritten by
-    K), by the module docstring's certificate at λ₀ = (1 + ρ)·``estimate`` for the shifts ρ in turn; inf if
-    none succeeds. ``band``: S is block-banded so (:class:`BandLayout`); the Cholesky then works on the band."""
-    n = s.shape[0]
-    diagonal = s.diagonal().clone()
-    gc = _gamma_cholesky(n)
-    if band is None:
-        s.neg_()
+def _shift_certificate(diagonal: torch.Tensor, estimate: float, factor_ok) -> float:
+    """The certificate's loop: for ρ in the shifts, λ₀ = (1 + ρ)·estimate and K's diagonal fl(λ₀ − Ŝ_ii);
+    ``factor_ok(k_diagonal)`` runs the Cholesky. The bound on λ_max(Ŝ) of the first success, or inf."""
+    gc = _gamma_cholesky(diagonal.numel())
     for rho in _SHIFTS:
         lam0 = _up((1 + rho) * estimate)
         if not _LAMBDA_RANGE[0] <= lam0 <= _LAMBDA_RANGE[1]:
             return math.inf
         k_diagonal = lam0 - diagonal  # fl(λ₀ − Ŝ_ii)
-        if band is None:
-            s.diagonal().copy_(k_diagonal)
-            ok = _dense_cholesky_ok(s)
-        else:
-            ok = _banded_cholesky_ok(_shifted_blocks(s, band, k_diagonal), band.bandwidth)
-        if ok:
+        if factor_ok(k_diagonal):
             k_diag = k_diagonal.tolist()
             trace = math.nextafter(math.fsum(k_diag), math.inf)
             slack = _add(_mul(_div(gc, 1 - gc), trace), _mul(_div(_U, 1 - _U), max(k_diag)))
@@ -340,26 +372,63 @@ def certified_top_eigenvalue(s: torch.Tensor, estimate: float, band: BandLayout 
     return math.inf
 
 
-def _band_of(layout: ProbeLayout | None) -> BandLayout | None:
-    """The block-banded structure of a local Gram where its Cholesky costs less than half the dense one's."""
-    if layout is None:
-        return None
-    band = BandLayout(layout.shape, layout.radius[0])
-    size = math.prod(layout.shape)
-    return band if band.flops() < size**3 / 6 else None
+def certified_top_eigenvalue(s: torch.Tensor, estimate: float) -> float:
+    """A guaranteed upper bound of λ_max(S) for an exactly symmetric float64 (n, n) S (consumed: overwritten by
+    K), by the module docstring's certificate at λ₀ = (1 + ρ)·``estimate`` for the shifts ρ in turn; inf if
+    none succeeds."""
+    diagonal = s.diagonal().clone()
+    s.neg_()
+
+    def factor_ok(k_diagonal):
+        s.diagonal().copy_(k_diagonal)
+        return _dense_cholesky_ok(s)
+
+    return _shift_certificate(diagonal, estimate, factor_ok)
+
+
+def certified_top_eigenvalue_banded(gram: BandedGram, estimate: float) -> float:
+    """:func:`certified_top_eigenvalue` of a :class:`BandedGram`, factored on its band."""
+    diagonal = torch.cat([gram.block(i, i).diagonal() for i in range(gram.shape[1])])
+
+    def factor_ok(k_diagonal):
+        blocks = gram.blocks()
+        size = blocks[0][0].shape[0]
+        for i, row in enumerate(blocks):
+            for block in row:
+                block.neg_()
+            row[0].diagonal().copy_(k_diagonal[i * size:(i + 1) * size])
+        return _banded_cholesky_ok(blocks, gram.bandwidth)
+
+    return _shift_certificate(diagonal, estimate, factor_ok)
+
+
+def _frobenius_squares_upper(gram: BandedGram) -> float:
+    """‖Ŝ‖_F² from above (off-diagonal blocks count twice)."""
+    total = 0.0
+    for i in range(gram.shape[1]):
+        for d in range(min(gram.bandwidth, i) + 1):
+            total = _add(total, _mul(1.0 if d == 0 else 2.0, _sum_squares_upper(gram.block(i, i - d))))
+    return total
 
 
 def _certify(maps, first: int, last: int, side: str, layout, z: torch.Tensor, phis: list) -> GramChain:
-    g = _assemble(z, layout)
-    del z
-    s = g + g.mT  # exactly symmetric; Ŝ = s/2 (exact halving up to subnormals)
-    del g
-    s.mul_(0.5)
-    size = s.shape[0]
-    symmetrize = _add(_mul(_U, _sqrt(_sum_squares_upper(s))), _mul(size, _ETA))
     sigma = _estimate(maps, first, last)
-    eigenvalue = certified_top_eigenvalue(s, sigma * sigma, _band_of(layout))
-    del s
+    if _use_band(layout):
+        banded = BandedGram(z, layout)
+        size = math.prod(layout.shape)
+        squares = _frobenius_squares_upper(banded)
+        eigenvalue = certified_top_eigenvalue_banded(banded, sigma * sigma)
+    else:
+        g = _assemble(z, layout)
+        del z
+        s = g + g.mT  # exactly symmetric; Ŝ = s/2 (exact halving up to subnormals)
+        del g
+        s.mul_(0.5)
+        size = s.shape[0]
+        squares = _sum_squares_upper(s)
+        eigenvalue = certified_top_eigenvalue(s, sigma * sigma)
+        del s
+    symmetrize = _add(_mul(_U, _sqrt(squares)), _mul(size, _ETA))
     steps = _steps(first, last, side)
     half = last - first + 1
     pairs = [(t + 1, last, phi) if forward else (first, t - 1, phi) for (t, forward), phi in zip(steps, phis)]

@@ -22,6 +22,10 @@ padding, stride, dilation and groups, at the real input size):
   * any padding, small operators (in·out ≤ :data:`DENSE_LIMIT`, 2²⁰ entries on a CPU, 2²⁶ on a GPU): the explicit
     float64 matrix with its a-posteriori rounding term and a Cholesky certificate
     (:func:`lipkern.bounds.chain.chain_upper_bounds`' dense path): within ~1e-9 of the exact norm;
+  * larger operators whose Gram matrix on the smaller side fits :data:`GRAM_LIMIT` entries and
+    :data:`GRAM_FLOPS` (zero padding: a band of pixel rows, a few probes per channel; e.g. 16 channels at
+    32×32, 2¹⁴ columns, in about a second on a 2-core CPU): that Gram's Cholesky certificate
+    (:mod:`lipkern.bounds.probing`): within ~1e-8 of the exact norm;
   * groups: the operator is block diagonal, groups combine by max;
   * max_ω ‖K̂(ω)‖ is bounded by a Cholesky certificate of λI − K̂ᴴK̂ ⪰ 0 for all frequencies at once
     (``lipkern.bounds.certificate``; Gram iteration, ``lipkern.bounds.gram``, for any frequency it cannot
@@ -60,6 +64,8 @@ METHODS = ("auto", "power", "fft", "upper")
 # in_features·out_features of a conv bounded by its explicit matrix (Cholesky certificate): about 0.4 s on a
 # 2-core CPU at 2²⁰ (1,024 × 1,024); a GPU's float64 Cholesky takes 2²⁶ (8,192 × 8,192) in well under a second.
 DENSE_LIMIT = {"cpu": 2**20, "cuda": 2**26}
+GRAM_LIMIT = {"cpu": 2**26, "cuda": 2**28}  # float64 entries of a probed Gram certificate (band or dense)
+GRAM_FLOPS = {"cpu": 3e11, "cuda": 1e13}  # its sweeps and Cholesky: a few seconds on a 2-core CPU
 
 
 class SpectralNorm(NamedTuple):
@@ -165,31 +171,43 @@ def _circular_embedding(g: ConvGeometry) -> _Embedding:
     return _Embedding(tuple(sizes), tuple(strides), math.sqrt(factor), exact)
 
 
-def _dense_upper(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor | None:
-    """The explicit matrix's certified bound (0-dim float64) where in·out ≤ DENSE_LIMIT on the weight's
-    device, else None."""
+def _explicit_upper(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor | None:
+    """The certified bound (0-dim float64) of the explicit matrix where in·out ≤ DENSE_LIMIT, else of the Gram
+    matrix of the smaller side formed by probing (:mod:`lipkern.bounds.probing`) where it stores ≤ GRAM_LIMIT
+    entries and costs ≤ GRAM_FLOPS (on the weight's device); None otherwise (or for a non-finite weight)."""
     from lipkern.bounds.chain import _add, _cudnn_off, _dense_chains
-    from lipkern.bounds.operators import LinearMap
+    from lipkern.bounds.operators import LinearMap, abs_norm_upper
+    from lipkern.bounds.probing import gram_chains, gram_costs
 
     in_shape = (weight.shape[1] * g.groups, *g.input_size)
     out_shape = (weight.shape[0], *g.output_size)
-    entries = math.prod(in_shape) * math.prod(out_shape)
-    if entries > DENSE_LIMIT.get(weight.device.type, DENSE_LIMIT["cpu"]) or not bool(torch.isfinite(weight).all()):
+    device = weight.device.type if weight.device.type in DENSE_LIMIT else "cpu"
+    if not bool(torch.isfinite(weight).all()):
         return None
     operator = LinearMap("conv2d", weight.detach().to(torch.float64), in_shape, out_shape, g)
+    entries = math.prod(in_shape) * math.prod(out_shape)
+    bound = math.inf
     with _cudnn_off(weight.device):
-        dense, errors = _dense_chains([operator], entries)
-    if (0, 0) not in dense:
-        return None
-    bound = _add(dense[(0, 0)], *[delta for _, _, delta in errors[(0, 0)]])  # ‖Â − A‖ ≤ δ
+        if entries <= DENSE_LIMIT[device]:
+            dense, errors = _dense_chains([operator], entries)
+            if (0, 0) in dense:
+                bound = _add(dense[(0, 0)], *[delta for _, _, delta in errors[(0, 0)]])  # ‖Â − A‖ ≤ δ
+        else:
+            side = "in" if operator.in_features <= operator.out_features else "out"
+            stored, flops = gram_costs([operator], side)
+            if stored <= GRAM_LIMIT[device] and flops <= GRAM_FLOPS[device]:
+                gram = gram_chains([operator], {(0, 0): side}, {0: abs_norm_upper(operator)})[(0, 0)]
+                # the error pairs name empty chains only (U = 1): e₁, e₂ are the sums of the φ
+                bound = gram.norm_bound(_add(0.0, *[phi for _, _, phi in gram.first]),
+                                        _add(0.0, *[phi for _, _, phi in gram.second]))
     return torch.tensor(bound, dtype=torch.float64, device=weight.device) if math.isfinite(bound) else None
 
 
 def _certified_upper(weight, e: "_Embedding", g: ConvGeometry, rtol: float, lower: float = 0.0):
-    """The tightest guaranteed bound available: the explicit matrix's for small operators, else the
-    circular embedding's."""
-    dense = _dense_upper(weight, g)
-    return dense if dense is not None else _circular_upper(weight, e, g, rtol, lower)
+    """The tightest guaranteed bound available: the explicit matrix's or the probed Gram's for operators
+    within the limits, else the circular embedding's."""
+    explicit = _explicit_upper(weight, g)
+    return explicit if explicit is not None else _circular_upper(weight, e, g, rtol, lower)
 
 
 def _circular_upper(weight, e: _Embedding, g: ConvGeometry, rtol: float, lower: float = 0.0):

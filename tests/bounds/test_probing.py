@@ -173,24 +173,35 @@ def test_gram_chain_falls_back_to_splits_when_the_certificate_fails(monkeypatch)
 
 
 def test_banded_certificate_matches_the_dense_one_and_the_exact_norm():
-    """A 3×3 conv on 2×20×20: the Gram's Cholesky runs on pixel-row blocks (bandwidth 2 of 20 rows)."""
-    from lipkern.bounds.probing import _band_of, _certify
+    """A 3×3 conv on 2×20×20: the Gram's Cholesky runs on pixel-row blocks (bandwidth 2 of 20 rows), built
+    from the probes without the dense matrix."""
+    from lipkern.bounds.probing import BandedGram, _certify, _use_band, certified_top_eigenvalue_banded
 
     gen = torch.Generator().manual_seed(7)
     conv = LinearMap.conv2d(torch.randn(3, 2, 3, 3, generator=gen, dtype=D) / 3, (2, 20, 20), padding=1)
     layout = probe_layout([conv], "in")
-    band = _band_of(layout)
-    assert band is not None and band.bandwidth == 2
-    exact = torch.linalg.matrix_norm(conv.dense_matrix(), 2).item()
-    gram = conv.dense_matrix().T @ conv.dense_matrix()
-    for estimate, expected in [(exact**2, "tight"), (exact**2 * 0.9, "refused")]:
-        banded = certified_top_eigenvalue(gram.clone(), estimate, band)
+    z, phis = _probe_sweep([conv], 0, 0, "in", layout, {0: 10.0})
+    assert _use_band(layout)
+    band = BandedGram(z, layout)
+    assert band.bandwidth == 2
+    a = conv.dense_matrix()
+    gram = a.T @ a
+    order = torch.arange(gram.shape[0]).view(2, 20, 20).permute(1, 2, 0).reshape(20, 40)  # (h; w, c)
+    for i in range(20):
+        for j in range(20):
+            expected = gram[order[i]][:, order[j]]
+            if abs(i - j) <= 2:
+                assert torch.allclose(band.block(i, j), expected, rtol=0, atol=1e-12)
+            else:
+                assert expected.abs().max() == 0  # outside the band: exact zeros in the Gram
+    exact = torch.linalg.matrix_norm(a, 2).item()
+    for estimate in (exact**2, exact**2 * 0.9):
+        banded = certified_top_eigenvalue_banded(band, estimate)
         dense = certified_top_eigenvalue(gram.clone(), estimate)
-        if expected == "refused":
+        if estimate < exact**2:
             assert banded == dense == math.inf
         else:
             assert exact**2 <= banded <= exact**2 * (1 + 1e-7) and banded == pytest.approx(dense, rel=1e-12)
-    z, phis = _probe_sweep([conv], 0, 0, "in", layout, {0: 10.0})
     assert exact <= _certify([conv], 0, 0, "in", layout, z, phis).norm_bound(0.0, 0.0) <= exact * (1 + 1e-7)
 
 

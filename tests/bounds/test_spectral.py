@@ -242,6 +242,31 @@ def test_the_issues_case_and_certified_layers_are_within_1e_4(torch_backend):
     assert 2 / exact**2 * (1 - 1e-4) <= step <= 2 / exact**2
 
 
+@pytest.mark.parametrize("c_in, c_out, n, k, kwargs", [
+    (4, 4, 24, 3, dict(padding=1)),                        # 2,304 columns: the band of the input side's Gram
+    (16, 16, 16, 4, dict(padding=1, stride=2)),            # 4,096 → 1,024: the output side's Gram
+    (3, 5, 20, 3, dict(padding=(2, 0), dilation=2)),       # asymmetric padding, dilation
+])
+def test_operators_beyond_the_dense_limit_are_bounded_within_1e_6(torch_backend, c_in, c_out, n, k, kwargs):
+    """in·out > DENSE_LIMIT: the probed Gram certificate (lipkern.bounds.probing), not the circular embedding
+    (≥ 0.5% above at these sizes): exact ≤ upper ≤ exact·(1 + 1e-6); a certified CPLConv2d's step likewise."""
+    from lipkern.bounds import spectral as spectral_module
+    from lipkern.nn import CPLConv2d
+
+    torch.manual_seed(1)
+    w = torch.randn(c_out, c_in, k, k, dtype=torch.float64) / k
+    dense = dense_conv2d(w, n, **kwargs)
+    assert dense.numel() > spectral_module.DENSE_LIMIT["cpu"]
+    exact = spectral_norm(dense)
+    upper = conv2d_spectral_norm(w, n, method="upper", **kwargs).upper.item()
+    assert exact <= upper <= exact * (1 + 1e-6)
+    if c_in == c_out and kwargs == dict(padding=1):
+        cpl = CPLConv2d(c_in, input_size=n, certified=True).double().eval()
+        with torch.no_grad():
+            cpl.weight.copy_(w)
+        assert 2 / exact**2 * (1 - 1e-6) <= cpl._eval_step_size().item() <= 2 / exact**2
+
+
 def test_circular_norm_at_the_same_size_is_not_a_zero_padding_bound():
     """papers.md §10 check 27: there are kernels whose zero-padded norm exceeds the circular one at equal n,
     which is why the zero-padding bound uses the enlarged circular operator."""
