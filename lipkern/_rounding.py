@@ -18,8 +18,8 @@ from fractions import Fraction
 import numpy
 import torch
 
-__all__ = ["add_up", "cast_down", "cast_up", "div_down", "div_up", "down", "fraction_up", "mul_up", "sqrt_int_up",
-           "sqrt_up", "tensor_up", "up"]
+__all__ = ["add_up", "cast_down", "cast_up", "div_down", "div_up", "down", "fraction_up", "gamma_up", "mul_up",
+           "one_minus_gamma_down", "sqrt_int_up", "sqrt_up", "tensor_up", "up"]
 
 
 def up(x: float) -> float:
@@ -84,6 +84,18 @@ def div_down(numerator: float, denominator: float) -> float:
 def sqrt_up(a: float) -> float:
     """An upper bound of √a (a ≥ 0)."""
     return up(math.sqrt(a))
+
+
+def gamma_up(n: int) -> float:
+    """γ_n = nu/(1 − nu) for float64 (u = 2⁻⁵³), rounded up: the relative error bound of an n-term sum or dot
+    product in any order (Higham 2002, §3.1); +inf when nu ≥ 1/2 (nu and 1 − nu are exact for n < 2⁵²)."""
+    nu = n * 2.0**-53
+    return math.inf if nu >= 0.5 else div_up(nu, 1.0 - nu)
+
+
+def one_minus_gamma_down(n: int) -> float:
+    """1 − γ_n rounded down (a divisor that makes a quotient an upper bound); −inf past γ_n = inf."""
+    return down(1.0 - gamma_up(n))
 
 
 def fraction_up(x: Fraction | int) -> float:

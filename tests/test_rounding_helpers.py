@@ -12,8 +12,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lipkern._rounding import (add_up, cast_down, cast_up, div_down, div_up, down, fraction_up, mul_up, sqrt_int_up,
-                               sqrt_up, tensor_up, up)
+from lipkern._rounding import (add_up, cast_down, cast_up, div_down, div_up, down, fraction_up, gamma_up, mul_up,
+                               one_minus_gamma_down, sqrt_int_up, sqrt_up, tensor_up, up)
 
 finite = st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=True)
 positive = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False, allow_subnormal=True)
@@ -117,3 +117,15 @@ def test_products_stay_upper_bounds_when_subnormals_are_flushed():
         assert mul_up(-1e-160, 1e-160) >= -1e-320 and mul_up(1e-160, 1e-160) > 0
     finally:
         torch.set_flush_denormal(False)
+
+
+@given(st.integers(0, 2**53))
+def test_gamma_bounds_the_exact_rational(n):
+    """γ_n = nu/(1 − nu) with u = 2⁻⁵³, exactly in rationals: gamma_up ≥ it, 1 − gamma_up ≥ one_minus_gamma_down."""
+    nu = Fraction(n, 2**53)
+    if nu >= Fraction(1, 2):
+        assert gamma_up(n) == math.inf and one_minus_gamma_down(n) == -math.inf
+        return
+    exact = nu / (1 - nu)
+    assert Fraction(gamma_up(n)) >= exact
+    assert Fraction(one_minus_gamma_down(n)) <= 1 - exact

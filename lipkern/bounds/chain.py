@@ -41,19 +41,21 @@ import torch
 
 from lipkern._rounding import add_up as _add
 from lipkern._rounding import div_up as _div
-from lipkern._rounding import down as _down
+from lipkern._rounding import gamma_up as _gamma
+from lipkern._rounding import one_minus_gamma_down as _one_minus_gamma
 from lipkern._rounding import mul_up as _mul
 from lipkern._rounding import sqrt_up as _sqrt
 from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.bounds.operators import LinearMap, abs_norm_upper
-from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chains, gram_entries
+from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chains, gram_costs
 from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
 
 DEFAULT_DENSE_LIMIT = 2**22  # entries of an explicit chain matrix (32 MiB in float64)
+GRAM_CHAIN_FLOPS = {"cpu": 1e12, "cuda": 1e14}  # the most work of one chain's Gram certificate (sweeps + Cholesky)
 MAX_HEAD_CLASSES = 1024
 _U = 2.0**-53
 _ETA = 2.0**-1074  # the smallest subnormal: twice the absolute rounding of a product in the subnormal range
@@ -65,19 +67,6 @@ _SQUARINGS = 48  # normalized squarings of the C×C Gram in the differentiable �
 def _nan_max(a: float, b: float) -> float:
     """max with NaN (an overflowed intermediate) read as inf."""
     return math.inf if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
-def _gamma(n: int) -> float:
-    """γ_n = nu/(1 − nu) rounded up (nu and 1 − nu are exact for n < 2⁵²)."""
-    nu = n * _U
-    if nu >= 0.5:
-        return math.inf
-    return _div(nu, 1.0 - nu)
-
-
-def _one_minus_gamma(n: int) -> float:
-    """1 − γ_n rounded down (a divisor that makes a quotient an upper bound)."""
-    return _down(1.0 - _gamma(n))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,13 +247,15 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
         :func:`matrix_norm_upper` (Cholesky certificate) plus the sweep error Σ_t U[t+1, k]·δ_t of the module
         docstring (the adjoint sweep: Σ_t U[j, t−1]·δ_t). Tight: the error terms are ~1e-12 relative;
     (b') chains too large for (b) whose Gram certificate on the smaller side stores ≤ ``gram_limit`` entries (s²,
-        or the band of a local Gram): the certified Gram matrix of that side, formed by probing (:mod:`lipkern.bounds.probing`; for zero-padded conv chains, a few probes
+        or the band of a local Gram) and costs ≤ ``GRAM_CHAIN_FLOPS`` on the device: the certified Gram matrix
+        of that side, formed by probing (:mod:`lipkern.bounds.probing`; for zero-padded conv chains, a few probes
         per channel instead of s), error terms of the same kind;
     (c) splits: min_m U[j, m]·U[m+1, k] (submultiplicativity), which contains the product ∏ u_i of (a).
     Products and sums of bounds are rounded upward. Chains too large for (b) and (b') get only (c): sound,
     looser (the product of norms of the parts). ``dense_limit=0`` / ``gram_limit=0`` disable (b) / (b').
     The cost of (b) is min(in, out) basis vectors through the chain (and once more through its |W| maps); of
-    (b'), the probes through the chain and back, and a dense Cholesky of side s (s³/3 flops, 2·s² floats).
+    (b'), the probes through the chain and back, and a Cholesky of side s (dense: s³/3 flops, 2·s² floats; a
+    local Gram on the CPU: its band of pixel rows).
     """
     maps = _check_maps(maps, "chain_upper_bounds", check_values=True)
     k_count = len(maps)
@@ -334,12 +325,16 @@ def _dense_chains(maps: list[LinearMap], dense_limit: int):
 
 def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int) -> dict:
     """{(j, k): GramChain} for the chains not in ``dense`` whose certificate on the smaller side stores at most
-    ``gram_limit`` entries (:func:`lipkern.bounds.probing.gram_entries`: s² or the band of a local Gram)."""
+    ``gram_limit`` entries (:func:`lipkern.bounds.probing.gram_costs`: s² or the band of a local Gram) and cost
+    at most GRAM_CHAIN_FLOPS on the maps' device (a time box: a minute or so per chain on a 2-core CPU)."""
     chains = {}
     for j in range(len(maps)):
         for k in range(j, len(maps)):
             side = "in" if maps[j].in_features <= maps[k].out_features else "out"
-            if (j, k) not in dense and gram_entries(maps[j:k + 1], side) <= gram_limit:
+            if (j, k) in dense:
+                continue
+            entries, flops = gram_costs(maps[j:k + 1], side)
+            if entries <= gram_limit and flops <= GRAM_CHAIN_FLOPS.get(maps[j].weight.device.type, math.inf):
                 chains[(j, k)] = side
     abs_norms = {t: abs_norm_upper(maps[t]) for t in sorted({t for j, k in chains for t in range(j, k + 1)})}
     return gram_chains(maps, chains, abs_norms)

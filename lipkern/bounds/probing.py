@@ -38,7 +38,8 @@ potrf on the diagonal blocks: the building blocks of LAPACK's own potrf, so the 
 12,544-side Gram of LipLTNet("4C3F")'s conv2·conv3: 14 rows of 896, bandwidth 3, a quarter of the dense flops.
 
 Cost: p probes through the chain twice (no |W| sweeps); a dense Gram stores s² floats twice (Ĝ/K and the
-factor), a band its blocks; Cholesky s³/3 flops dense (1 s at s = 6,272 on this project's 2-core CPU).
+factor), a band its blocks and the probe results (p·s; chains that share a sweep keep theirs until certified);
+Cholesky s³/3 flops dense (1 s at s = 6,272 on this project's 2-core CPU). The band is used on the CPU only.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ import torch
 
 from lipkern._rounding import add_up as _add
 from lipkern._rounding import div_up as _div
+from lipkern._rounding import gamma_up as _gamma
 from lipkern._rounding import mul_up as _mul
+from lipkern._rounding import one_minus_gamma_down as _one_minus_gamma
 from lipkern._rounding import sqrt_up as _sqrt
 from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import _gamma_cholesky
 from lipkern.bounds.operators import LinearMap
 
 __all__ = ["DEFAULT_GRAM_LIMIT", "BandedGram", "GramChain", "certified_top_eigenvalue", "certified_top_eigenvalue_banded",
-           "gram_chain", "gram_chains", "gram_costs", "gram_entries", "probe_layout"]
+           "gram_chain", "gram_chains", "gram_costs", "probe_layout"]
 
 DEFAULT_GRAM_LIMIT = 2**28  # entries of the smaller side's Gram matrix (2 GiB in float64; twice that at peak)
 _U = 2.0**-53
@@ -66,11 +69,6 @@ _TAU = 2.0**-900
 _LAMBDA_RANGE = (2.0**-1000, 2.0**100)
 _SHIFTS = (1e-8, 1e-6, 1e-4, 1e-2)  # Lanczos is accurate to ~1e-10 unless the top is clustered
 _BATCH_ELEMENTS = 2**22  # probes per batch × the widest feature count of the chain
-
-
-def _gamma(n: int) -> float:
-    g = _mul(n, _U)
-    return _div(g, 1 - g)
 
 
 class ProbeLayout(NamedTuple):
@@ -152,12 +150,14 @@ def _sum_squares_upper(x: torch.Tensor) -> float:
     flat = x.flatten()
     n = flat.numel()
     computed = float(flat @ flat)
-    return _div(_add(computed, _mul(n, _ETA)), 1 - _gamma(n + 1))
+    divisor = _one_minus_gamma(n + 1)
+    return _div(_add(computed, _mul(n, _ETA)), divisor) if divisor > 0 else math.inf
 
 
 class GramChain(NamedTuple):
-    """A chain's certified Gram: λ_max(Ŝ) ≤ ``eigenvalue`` + ``symmetrize`` (inf where the certificate failed);
-    ‖Ŝ − G‖₂ ≤ that plus β·e₁ + e₂ with e₁ = Σ U[a, b]·φ over ``first`` and e₂ over ``second``."""
+    """A chain's certified Gram: λ_max(G) ≤ ``eigenvalue`` + β·e₁ + e₂ (β = ‖B‖₂), where ``eigenvalue`` bounds
+    λ_max(Ŝ) plus the symmetrization's rounding (inf where the certificate failed) and e₁ = Σ U[a, b]·φ over the
+    pairs (a, b, φ) of ``first``, e₂ over ``second``."""
 
     eigenvalue: float
     first: list
@@ -243,14 +243,16 @@ def _estimate(maps, first: int, last: int) -> float:
     """σ̂ ≈ ‖A_last ⋯ A_first‖₂ by Lanczos on the chain (an estimate)."""
     from lipkern.bounds.spectral import _lanczos_top
 
+    weights = {t: maps[t].weight.detach().to(torch.float64) for t in range(first, last + 1)}
+
     def apply(x):
         for t in range(first, last + 1):
-            x = maps[t].forward(x[None]).reshape(-1)
+            x = maps[t].forward(x[None], weights[t]).reshape(-1)
         return x
 
     def adjoint(y):
         for t in range(last, first - 1, -1):
-            y = maps[t].adjoint(y[None]).reshape(-1)
+            y = maps[t].adjoint(y[None], weights[t]).reshape(-1)
         return y
 
     size = maps[first].in_features
@@ -299,14 +301,12 @@ def _band_costs(layout: ProbeLayout) -> tuple[float, int]:
     return h * (bw * (bw + 1) + bw + 1 / 3) * float(b) ** 3, h * (bw + 1) * b * b
 
 
-def _use_band(layout: ProbeLayout | None) -> bool:
-    """A local Gram is factored on its band where that costs less than half the dense Cholesky."""
-    return layout is not None and _band_costs(layout)[0] < math.prod(layout.shape) ** 3 / 6
-
-
-def gram_entries(maps: list[LinearMap], side: str) -> int:
-    """Float64 entries the certificate of the chain ``maps`` on ``side`` stores (band or dense Gram)."""
-    return gram_costs(maps, side)[0]
+def _use_band(layout: ProbeLayout | None, device: torch.device) -> bool:
+    """A local Gram is factored on its band where that costs less than half the dense Cholesky, on the CPU (its
+    triangular solves are LAPACK's dtrsm, the kernel dpotrf itself uses; on a GPU, whose trsm may invert
+    diagonal blocks, the dense cuSOLVER potrf of :mod:`lipkern.bounds.certificate`'s assumptions is kept)."""
+    return (device.type == "cpu" and layout is not None
+            and _band_costs(layout)[0] < math.prod(layout.shape) ** 3 / 6)
 
 
 def _multiply_adds(m: LinearMap) -> int:
@@ -323,10 +323,10 @@ def gram_costs(maps: list[LinearMap], side: str) -> tuple[int, float]:
     size = maps[0].in_features if side == "in" else maps[-1].out_features
     probes = size if layout is None else layout.count
     sweeps = 4.0 * probes * sum(_multiply_adds(m) for m in maps)
-    if _use_band(layout):
+    if _use_band(layout, maps[0].weight.device):
         flops, entries = _band_costs(layout)
-        return entries, sweeps + flops
-    return size * size, sweeps + float(size) ** 3 / 3
+        return entries + probes * size, sweeps + flops  # the band and the probe results
+    return 2 * size * size, sweeps + float(size) ** 3 / 3  # the Gram and its factor
 
 
 def _dense_cholesky_ok(k: torch.Tensor) -> bool:
@@ -413,7 +413,7 @@ def _frobenius_squares_upper(gram: BandedGram) -> float:
 
 def _certify(maps, first: int, last: int, side: str, layout, z: torch.Tensor, phis: list) -> GramChain:
     sigma = _estimate(maps, first, last)
-    if _use_band(layout):
+    if _use_band(layout, z.device):
         banded = BandedGram(z, layout)
         size = math.prod(layout.shape)
         squares = _frobenius_squares_upper(banded)
@@ -455,8 +455,7 @@ def gram_chains(maps: list[LinearMap], chains: dict, abs_norms: dict) -> dict:
         swept = _group_sweep(maps, side, anchor, sorted(ends), key, abs_norms)
         for end in sorted(ends):
             j, k = (anchor, end) if side == "in" else (end, anchor)
-            z, phis = swept.pop(end)
-            out[(j, k)] = _certify(maps, j, k, side, layouts[(j, k)], z, phis)
+            out[(j, k)] = _certify(maps, j, k, side, layouts[(j, k)], *swept.pop(end))  # z freed inside
     return out
 
 

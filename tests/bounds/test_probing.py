@@ -181,7 +181,7 @@ def test_banded_certificate_matches_the_dense_one_and_the_exact_norm():
     conv = LinearMap.conv2d(torch.randn(3, 2, 3, 3, generator=gen, dtype=D) / 3, (2, 20, 20), padding=1)
     layout = probe_layout([conv], "in")
     z, phis = _probe_sweep([conv], 0, 0, "in", layout, {0: 10.0})
-    assert _use_band(layout)
+    assert _use_band(layout, torch.device("cpu"))
     band = BandedGram(z, layout)
     assert band.bandwidth == 2
     a = conv.dense_matrix()
@@ -222,3 +222,13 @@ def test_chains_sharing_an_anchor_share_their_sweep():
         assert together[(j, k)].first == alone.first and together[(j, k)].second == alone.second
         exact = torch.linalg.matrix_norm(_product(mats, j, k), 2).item()
         assert exact <= together[(j, k)].norm_bound(0.0, 0.0) * (1 + 1e-12) <= exact * (1 + 1e-7)
+
+
+def test_float32_maps_are_certified_in_float64():
+    """chain_upper_bounds takes maps of any float dtype: the Gram path (sweeps and the Lanczos estimate) works on
+    float64 copies of the weights."""
+    gen = torch.Generator().manual_seed(9)
+    maps = [LinearMap.conv2d(torch.randn(2, 2, 3, 3, generator=gen), (2, 6, 6), padding=1) for _ in range(2)]
+    bounds = chain_upper_bounds(maps, dense_limit=0)
+    exact = torch.linalg.matrix_norm(maps[1].to(D).dense_matrix() @ maps[0].to(D).dense_matrix(), 2).item()
+    assert exact <= bounds[0, 1].item() <= exact * (1 + 1e-6)
