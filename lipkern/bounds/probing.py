@@ -58,17 +58,19 @@ from lipkern._rounding import sqrt_up as _sqrt
 from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import _gamma_cholesky
 from lipkern.bounds.operators import LinearMap
+from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_GRAM_LIMIT", "BandedGram", "GramChain", "certified_top_eigenvalue", "certified_top_eigenvalue_banded",
            "gram_chain", "gram_chains", "gram_costs", "probe_layout"]
 
-DEFAULT_GRAM_LIMIT = 2**28  # entries of the smaller side's Gram matrix (2 GiB in float64; twice that at peak)
+DEFAULT_GRAM_LIMIT = 2**29  # float64 entries a Gram certificate stores (4 GiB): :func:`gram_costs`
 _U = 2.0**-53
 _ETA = 2.0**-1074
 _TAU = 2.0**-900
 _LAMBDA_RANGE = (2.0**-1000, 2.0**100)
 _SHIFTS = (1e-8, 1e-6, 1e-4, 1e-2)  # Lanczos is accurate to ~1e-10 unless the top is clustered
 _BATCH_ELEMENTS = 2**22  # probes per batch × the widest feature count of the chain
+_APPLY_OVERHEAD = 5e7  # one batch-1 application of a chain in the Lanczos estimate, in flops of GEMM time (~1 ms)
 
 
 class ProbeLayout(NamedTuple):
@@ -239,11 +241,19 @@ def _probe_sweep(maps, first: int, last: int, side: str, layout, abs_norms: dict
     return _group_sweep(maps, side, anchor, [end], layout, abs_norms)[end]
 
 
-def _estimate(maps, first: int, last: int) -> float:
-    """σ̂ ≈ ‖A_last ⋯ A_first‖₂ by Lanczos on the chain (an estimate)."""
+def _estimate(maps, first: int, last: int, n_iter: int = 400) -> float:
+    """σ̂ ≈ ‖A_last ⋯ A_first‖₂ by Lanczos on the chain (an estimate; NaN for a zero or non-finite map, inf past
+    the float range: the certificate then refuses)."""
     from lipkern.bounds.spectral import _lanczos_top
 
-    weights = {t: maps[t].weight.detach().to(torch.float64) for t in range(first, last + 1)}
+    weights, exponent = {}, 0  # each weight scaled by a power of two to a largest entry in [0.5, 1): no overflow
+    for t in range(first, last + 1):
+        w = maps[t].weight.detach().to(torch.float64)
+        largest = float(w.abs().max()) if w.numel() else 0.0
+        if not 0.0 < largest < math.inf:
+            return math.nan  # a zero or non-finite map: nothing to certify here
+        e = math.frexp(largest)[1]
+        weights[t], exponent = times_power_of_two(w, -e), exponent + e
 
     def apply(x):
         for t in range(first, last + 1):
@@ -258,8 +268,12 @@ def _estimate(maps, first: int, last: int) -> float:
     size = maps[first].in_features
     device = maps[first].weight.device
     u0 = 1.0 + torch.arange(size, dtype=torch.float64, device=device).sin()  # generic start
-    u, _ = _lanczos_top(apply, adjoint, u0, 400, 1e-10)
-    return float(torch.linalg.vector_norm(apply(u)) / torch.linalg.vector_norm(u))
+    u, _ = _lanczos_top(apply, adjoint, u0, n_iter, 1e-10)
+    scaled = float(torch.linalg.vector_norm(apply(u)) / torch.linalg.vector_norm(u))
+    try:
+        return math.ldexp(scaled, exponent)
+    except OverflowError:
+        return math.inf
 
 
 class BandedGram:
@@ -355,27 +369,45 @@ def _banded_cholesky_ok(blocks: list[list[torch.Tensor]], bandwidth: int) -> boo
     return True
 
 
-def _shift_certificate(diagonal: torch.Tensor, estimate: float, factor_ok) -> float:
+def _shift_certificate(diagonal: torch.Tensor, estimate: float, factor_ok, refine: int = 0) -> float:
     """The certificate's loop: for ρ in the shifts, λ₀ = (1 + ρ)·estimate and K's diagonal fl(λ₀ − Ŝ_ii);
-    ``factor_ok(k_diagonal)`` runs the Cholesky. The bound on λ_max(Ŝ) of the first success, or inf."""
+    ``factor_ok(k_diagonal)`` runs the Cholesky. The bound on λ_max(Ŝ) of the first success, or inf; with
+    ``refine`` > 0, up to that many more Cholesky factorizations bisect between the last shift that failed and
+    the one that succeeded (for a rough estimate where factoring is cheap), each success a bound."""
     gc = _gamma_cholesky(diagonal.numel())
+
+    def bound(lam0, k_diagonal):
+        k_diag = k_diagonal.tolist()
+        trace = math.nextafter(math.fsum(k_diag), math.inf)
+        slack = _add(_mul(_div(gc, 1 - gc), trace), _mul(_div(_U, 1 - _U), max(k_diag)))
+        return _add(lam0, slack, _TAU)
+
+    failed = None
     for rho in _SHIFTS:
         lam0 = _up((1 + rho) * estimate)
         if not _LAMBDA_RANGE[0] <= lam0 <= _LAMBDA_RANGE[1]:
             return math.inf
         k_diagonal = lam0 - diagonal  # fl(λ₀ − Ŝ_ii)
         if factor_ok(k_diagonal):
-            k_diag = k_diagonal.tolist()
-            trace = math.nextafter(math.fsum(k_diag), math.inf)
-            slack = _add(_mul(_div(gc, 1 - gc), trace), _mul(_div(_U, 1 - _U), max(k_diag)))
-            return _add(lam0, slack, _TAU)
+            best = bound(lam0, k_diagonal)
+            for _ in range(refine if failed is not None else 0):
+                if lam0 - failed <= _SHIFTS[0] * lam0:
+                    break
+                middle = _up((failed + lam0) / 2)
+                k_diagonal = middle - diagonal
+                if factor_ok(k_diagonal):
+                    lam0, best = middle, min(best, bound(middle, k_diagonal))
+                else:
+                    failed = middle
+            return best
+        failed = lam0
     return math.inf
 
 
-def certified_top_eigenvalue(s: torch.Tensor, estimate: float) -> float:
+def certified_top_eigenvalue(s: torch.Tensor, estimate: float, refine: int = 0) -> float:
     """A guaranteed upper bound of λ_max(S) for an exactly symmetric float64 (n, n) S (consumed: overwritten by
-    K), by the module docstring's certificate at λ₀ = (1 + ρ)·``estimate`` for the shifts ρ in turn; inf if
-    none succeeds."""
+    K), by the module docstring's certificate at λ₀ = (1 + ρ)·``estimate`` for the shifts ρ in turn (then
+    ``refine`` bisection steps); inf if none succeeds."""
     diagonal = s.diagonal().clone()
     s.neg_()
 
@@ -383,10 +415,10 @@ def certified_top_eigenvalue(s: torch.Tensor, estimate: float) -> float:
         s.diagonal().copy_(k_diagonal)
         return _dense_cholesky_ok(s)
 
-    return _shift_certificate(diagonal, estimate, factor_ok)
+    return _shift_certificate(diagonal, estimate, factor_ok, refine)
 
 
-def certified_top_eigenvalue_banded(gram: BandedGram, estimate: float) -> float:
+def certified_top_eigenvalue_banded(gram: BandedGram, estimate: float, refine: int = 0) -> float:
     """:func:`certified_top_eigenvalue` of a :class:`BandedGram`, factored on its band."""
     diagonal = torch.cat([gram.block(i, i).diagonal() for i in range(gram.shape[1])])
 
@@ -399,7 +431,7 @@ def certified_top_eigenvalue_banded(gram: BandedGram, estimate: float) -> float:
             row[0].diagonal().copy_(k_diagonal[i * size:(i + 1) * size])
         return _banded_cholesky_ok(blocks, gram.bandwidth)
 
-    return _shift_certificate(diagonal, estimate, factor_ok)
+    return _shift_certificate(diagonal, estimate, factor_ok, refine)
 
 
 def _frobenius_squares_upper(gram: BandedGram) -> float:
@@ -411,22 +443,32 @@ def _frobenius_squares_upper(gram: BandedGram) -> float:
     return total
 
 
+def _cholesky_flops(layout, size: int, device) -> float:
+    return _band_costs(layout)[0] if _use_band(layout, device) else float(size) ** 3 / 3
+
+
 def _certify(maps, first: int, last: int, side: str, layout, z: torch.Tensor, phis: list) -> GramChain:
-    sigma = _estimate(maps, first, last)
+    size = z.shape[1]
+    # where factoring is cheap, a rough estimate (2 Lanczos cycles) and ≤ 24 bisection steps by factorizations
+    # cost less than the ~400 steps (800 operator applications) of an estimate accurate to ~1e-10
+    lanczos = 800.0 * (2 * sum(_multiply_adds(maps[t]) for t in range(first, last + 1)) + _APPLY_OVERHEAD)
+    cheap = 24 * _cholesky_flops(layout, size, z.device) <= lanczos
+    sigma = _estimate(maps, first, last, 64 if cheap else 400)
+    refine = 24 if cheap else 0
+    if not bool(torch.isfinite(z).all()):  # an overflowed sweep: no certificate (the splits remain)
+        sigma = math.nan
     if _use_band(layout, z.device):
         banded = BandedGram(z, layout)
-        size = math.prod(layout.shape)
         squares = _frobenius_squares_upper(banded)
-        eigenvalue = certified_top_eigenvalue_banded(banded, sigma * sigma)
+        eigenvalue = certified_top_eigenvalue_banded(banded, sigma * sigma, refine)
     else:
         g = _assemble(z, layout)
         del z
         s = g + g.mT  # exactly symmetric; Ŝ = s/2 (exact halving up to subnormals)
         del g
         s.mul_(0.5)
-        size = s.shape[0]
         squares = _sum_squares_upper(s)
-        eigenvalue = certified_top_eigenvalue(s, sigma * sigma)
+        eigenvalue = certified_top_eigenvalue(s, sigma * sigma, refine)
         del s
     symmetrize = _add(_mul(_U, _sqrt(squares)), _mul(size, _ETA))
     steps = _steps(first, last, side)

@@ -22,10 +22,10 @@ padding, stride, dilation and groups, at the real input size):
   * any padding, small operators (in·out ≤ :data:`DENSE_LIMIT`, 2²⁰ entries on a CPU, 2²⁶ on a GPU): the explicit
     float64 matrix with its a-posteriori rounding term and a Cholesky certificate
     (:func:`lipkern.bounds.chain.chain_upper_bounds`' dense path): within ~1e-9 of the exact norm;
-  * larger operators whose Gram matrix on the smaller side fits :data:`GRAM_LIMIT` entries and
-    :data:`GRAM_FLOPS` (zero padding: a band of pixel rows, a few probes per channel; e.g. 16 channels at
-    32×32, 2¹⁴ columns, in about a second on a 2-core CPU): that Gram's Cholesky certificate
-    (:mod:`lipkern.bounds.probing`): within ~1e-8 of the exact norm;
+  * larger operators (not exact circular ones) with at most :data:`GRAM_SIZE` = 2¹⁴ rows and columns whose
+    Gram matrix on the smaller side fits :data:`GRAM_LIMIT` entries and :data:`GRAM_FLOPS` (zero padding: a
+    band of pixel rows, a few probes per channel; e.g. 16 channels at 32×32 in seconds on a 2-core CPU):
+    that Gram's Cholesky certificate (:mod:`lipkern.bounds.probing`): within ~1e-7 of the exact norm;
   * groups: the operator is block diagonal, groups combine by max;
   * max_ω ‖K̂(ω)‖ is bounded by a Cholesky certificate of λI − K̂ᴴK̂ ⪰ 0 for all frequencies at once
     (``lipkern.bounds.certificate``; Gram iteration, ``lipkern.bounds.gram``, for any frequency it cannot
@@ -64,8 +64,9 @@ METHODS = ("auto", "power", "fft", "upper")
 # in_features·out_features of a conv bounded by its explicit matrix (Cholesky certificate): about 0.4 s on a
 # 2-core CPU at 2²⁰ (1,024 × 1,024); a GPU's float64 Cholesky takes 2²⁶ (8,192 × 8,192) in well under a second.
 DENSE_LIMIT = {"cpu": 2**20, "cuda": 2**26}
-GRAM_LIMIT = {"cpu": 2**26, "cuda": 2**28}  # float64 entries of a probed Gram certificate (band or dense)
+GRAM_LIMIT = {"cpu": 2**26, "cuda": 2**30}  # float64 entries of a probed Gram certificate (band or dense)
 GRAM_FLOPS = {"cpu": 3e11, "cuda": 1e13}  # its sweeps and Cholesky: a few seconds on a 2-core CPU
+GRAM_SIZE = 2**14  # the most rows or columns of a layer so certified (larger: the circular embedding, ≤ 1% at n ≥ 16)
 
 
 class SpectralNorm(NamedTuple):
@@ -171,10 +172,11 @@ def _circular_embedding(g: ConvGeometry) -> _Embedding:
     return _Embedding(tuple(sizes), tuple(strides), math.sqrt(factor), exact)
 
 
-def _explicit_upper(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor | None:
-    """The certified bound (0-dim float64) of the explicit matrix where in·out ≤ DENSE_LIMIT, else of the Gram
-    matrix of the smaller side formed by probing (:mod:`lipkern.bounds.probing`) where it stores ≤ GRAM_LIMIT
-    entries and costs ≤ GRAM_FLOPS (on the weight's device); None otherwise (or for a non-finite weight)."""
+def _explicit_upper(weight: torch.Tensor, g: ConvGeometry, probed: bool = True) -> torch.Tensor | None:
+    """The certified bound (0-dim float64) of the explicit matrix where in·out ≤ DENSE_LIMIT, else (``probed``) of
+    the Gram matrix of the smaller side formed by probing (:mod:`lipkern.bounds.probing`) where the operator has
+    at most GRAM_SIZE rows and columns, the Gram stores ≤ GRAM_LIMIT entries and costs ≤ GRAM_FLOPS (on the
+    weight's device); None otherwise (or for a zero or non-finite weight)."""
     from lipkern.bounds.chain import _add, _cudnn_off, _dense_chains
     from lipkern.bounds.operators import LinearMap, abs_norm_upper
     from lipkern.bounds.probing import gram_chains, gram_costs
@@ -182,9 +184,15 @@ def _explicit_upper(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor | Non
     in_shape = (weight.shape[1] * g.groups, *g.input_size)
     out_shape = (weight.shape[0], *g.output_size)
     device = weight.device.type if weight.device.type in DENSE_LIMIT else "cpu"
-    if not bool(torch.isfinite(weight).all()):
+    w64 = weight.detach().to(torch.float64)
+    largest = float(w64.abs().max()) if w64.numel() else 0.0
+    if not 0.0 < largest < math.inf:
         return None
-    operator = LinearMap("conv2d", weight.detach().to(torch.float64), in_shape, out_shape, g)
+    # work on W·2⁻ᵉ (largest tap in [0.5, 1)): exact, except taps 2¹⁰²² times smaller than the largest, which may
+    # become subnormal (≤ 2⁻¹⁰⁷⁵ each: ``tiny`` bounds the operator's change, √(nonzeros)·2⁻¹⁰⁷⁴)
+    exponent = math.frexp(largest)[1]
+    operator = LinearMap("conv2d", times_power_of_two(w64, -exponent), in_shape, out_shape, g)
+    tiny = math.sqrt(operator.out_features * operator.accumulation_length()) * 2.0**-1074
     entries = math.prod(in_shape) * math.prod(out_shape)
     bound = math.inf
     with _cudnn_off(weight.device):
@@ -192,21 +200,28 @@ def _explicit_upper(weight: torch.Tensor, g: ConvGeometry) -> torch.Tensor | Non
             dense, errors = _dense_chains([operator], entries)
             if (0, 0) in dense:
                 bound = _add(dense[(0, 0)], *[delta for _, _, delta in errors[(0, 0)]])  # ‖Â − A‖ ≤ δ
-        else:
+        elif probed:
             side = "in" if operator.in_features <= operator.out_features else "out"
             stored, flops = gram_costs([operator], side)
-            if stored <= GRAM_LIMIT[device] and flops <= GRAM_FLOPS[device]:
+            size = max(operator.in_features, operator.out_features)
+            if size <= GRAM_SIZE and stored <= GRAM_LIMIT[device] and flops <= GRAM_FLOPS[device]:
                 gram = gram_chains([operator], {(0, 0): side}, {0: abs_norm_upper(operator)})[(0, 0)]
                 # the error pairs name empty chains only (U = 1): e₁, e₂ are the sums of the φ
                 bound = gram.norm_bound(_add(0.0, *[phi for _, _, phi in gram.first]),
                                         _add(0.0, *[phi for _, _, phi in gram.second]))
+    if not math.isfinite(bound):
+        return None
+    try:
+        bound = math.nextafter(math.ldexp(_add(bound, tiny), exponent), math.inf)  # the ldexp may round (subnormal)
+    except OverflowError:
+        return None
     return torch.tensor(bound, dtype=torch.float64, device=weight.device) if math.isfinite(bound) else None
 
 
 def _certified_upper(weight, e: "_Embedding", g: ConvGeometry, rtol: float, lower: float = 0.0):
     """The tightest guaranteed bound available: the explicit matrix's or the probed Gram's for operators
     within the limits, else the circular embedding's."""
-    explicit = _explicit_upper(weight, g)
+    explicit = _explicit_upper(weight, g, probed=not e.exact)  # an exact embedding is within rtol already
     return explicit if explicit is not None else _circular_upper(weight, e, g, rtol, lower)
 
 
@@ -260,16 +275,22 @@ def _lanczos_top(apply, adjoint, u0: torch.Tensor, n_iter: int, rtol: float):
         u0, start_norm = torch.ones_like(u0), torch.linalg.vector_norm(torch.ones_like(u0))
     u = u0 / start_norm.clamp_min(torch.finfo(dtype).tiny)
     done, previous = 0, None
+    u_basis = v_basis = None  # (basis + 1, n) / (basis, n) row stores: views, no stacking per step
     while True:
-        us, vs, alphas, betas = [u], [], [], []
+        if u_basis is None:
+            u_basis = u.new_empty(_LANCZOS_BASIS + 1, u.numel())
+        u_basis[0] = u
+        us, vs, alphas, betas = [u_basis[0]], [], [], []
         v_prev, beta = None, 0.0
         for _ in range(min(_LANCZOS_BASIS, max(1, n_iter - done))):
             v = apply(us[-1])
+            if v_basis is None:
+                v_basis = v.new_empty(_LANCZOS_BASIS, v.numel())
             if v_prev is not None:
                 v = v - beta * v_prev
             for _ in range(2):  # full reorthogonalization, twice is enough
                 if vs:
-                    basis = torch.stack(vs)
+                    basis = v_basis[:len(vs)]
                     v = v - basis.T @ (basis @ v)
             alpha = torch.linalg.vector_norm(v).item()
             done += 1
@@ -277,19 +298,21 @@ def _lanczos_top(apply, adjoint, u0: torch.Tensor, n_iter: int, rtol: float):
                 if alphas:  # A u_{k+1} ∈ span(v_1..v_k): the pair of spans is invariant, B̃ = [B_k | β_k e_k] exact
                     return _invariant_top(apply, us, alphas, betas, dtype)
                 break
-            v = v / alpha
+            v_basis[len(vs)] = v / alpha
+            v = v_basis[len(vs)]
             vs.append(v)
             alphas.append(alpha)
             w = adjoint(v) - alpha * us[-1]
             for _ in range(2):
-                basis = torch.stack(us)
+                basis = u_basis[:len(us)]
                 w = w - basis.T @ (basis @ w)
             beta = torch.linalg.vector_norm(w).item()
             betas.append(beta)
             v_prev = v
             if beta <= floor * max(alphas):
                 break
-            us.append(w / beta)
+            u_basis[len(us)] = w / beta
+            us.append(u_basis[len(us)])
         if not alphas:
             return u, torch.zeros_like(apply(u))
         k = len(alphas)
@@ -302,7 +325,7 @@ def _lanczos_top(apply, adjoint, u0: torch.Tensor, n_iter: int, rtol: float):
         gap = top**2 - theta[1].item() ** 2 if k > 1 else 0.0
         error = min(residual, residual**2 / gap) if gap > 0 else residual
         q1 = qh[0].to(dtype)
-        u = torch.stack(us[:k]).T @ q1
+        u = u_basis[:k].T @ q1  # a new tensor: the next cycle overwrites the rows
         u = u / torch.linalg.vector_norm(u)
         stable = previous is not None and abs(top - previous) <= max(rtol / 4, floor) * top
         previous = top

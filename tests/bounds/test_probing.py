@@ -232,3 +232,21 @@ def test_float32_maps_are_certified_in_float64():
     bounds = chain_upper_bounds(maps, dense_limit=0)
     exact = torch.linalg.matrix_norm(maps[1].to(D).dense_matrix() @ maps[0].to(D).dense_matrix(), 2).item()
     assert exact <= bounds[0, 1].item() <= exact * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e150])
+def test_extreme_scales_are_bounded_not_crashed(scale):
+    """Weights at 1e±150: a layer's probed Gram works on W·2⁻ᵉ (tight); inside a chain the Gram overflows or
+    underflows, the certificate refuses, and the chain keeps a guaranteed (looser) bound."""
+    from lipkern.bounds import conv2d_spectral_norm
+
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(4, 4, 3, 3, generator=gen, dtype=D) / 3
+    conv = LinearMap.conv2d(w, (4, 24, 24), padding=1)
+    exact = torch.linalg.matrix_norm(conv.dense_matrix(), 2).item()
+    upper = conv2d_spectral_norm(w * scale, 24, padding=1, method="upper").upper.item()
+    assert exact * scale <= upper <= exact * scale * (1 + 1e-6)
+    maps = [LinearMap.conv2d(w * scale, (4, 6, 6), padding=1), LinearMap.conv2d(w, (4, 6, 6), padding=1)]
+    bounds = chain_upper_bounds(maps, dense_limit=0)
+    chain = torch.linalg.matrix_norm(maps[1].dense_matrix() @ maps[0].dense_matrix(), 2).item()
+    assert chain <= bounds[0, 1].item() < math.inf
