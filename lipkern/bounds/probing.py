@@ -454,7 +454,7 @@ def _certify(maps, first: int, last: int, side: str, layout, z: torch.Tensor, ph
     lanczos = 800.0 * (2 * sum(_multiply_adds(maps[t]) for t in range(first, last + 1)) + _APPLY_OVERHEAD)
     cheap = 24 * _cholesky_flops(layout, size, z.device) <= lanczos
     sigma = _estimate(maps, first, last, 64 if cheap else 400)
-    refine = 24 if cheap else 0
+    refine = 24 if cheap else 6  # 6 halvings: a shift of 1e-4 that succeeded after 1e-6 failed, to ~1.5e-6
     if not bool(torch.isfinite(z).all()):  # an overflowed sweep: no certificate (the splits remain)
         sigma = math.nan
     if _use_band(layout, z.device):

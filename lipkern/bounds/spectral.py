@@ -64,7 +64,7 @@ METHODS = ("auto", "power", "fft", "upper")
 # in_features·out_features of a conv bounded by its explicit matrix (Cholesky certificate): about 0.4 s on a
 # 2-core CPU at 2²⁰ (1,024 × 1,024); a GPU's float64 Cholesky takes 2²⁶ (8,192 × 8,192) in well under a second.
 DENSE_LIMIT = {"cpu": 2**20, "cuda": 2**26}
-GRAM_LIMIT = {"cpu": 2**26, "cuda": 2**30}  # float64 entries of a probed Gram certificate (band or dense)
+GRAM_LIMIT = {"cpu": 2**27, "cuda": 2**30}  # float64 entries of a probed Gram certificate (band or dense)
 GRAM_FLOPS = {"cpu": 3e11, "cuda": 1e13}  # its sweeps and Cholesky: a few seconds on a 2-core CPU
 GRAM_SIZE = 2**14  # the most rows or columns of a layer so certified (larger: the circular embedding, ≤ 1% at n ≥ 16)
 
