@@ -92,7 +92,7 @@ def train(arch: str, data, epochs: int, seed: int, log=print) -> LipLTNet:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         log(f"{arch} epoch {epoch + 1}/{epochs}: loss {total / (len(y) // 256):.4f} "
             f"({time.perf_counter() - start:.0f} s)")
     return model.eval()
