@@ -3,6 +3,7 @@ theorems, item 3).
 
     python benchmarks/sound_liplt.py random --archs 4C3F 6C2F 8C2F
     python benchmarks/sound_liplt.py trained --data-root ../shared/data/mnist --archs 4C3F 6C2F --epochs 30
+    python benchmarks/sound_liplt.py random --device cuda --archs 4C3F 6C2F 8C2F   # a lent GPU (unmeasured)
 
 ``random``: LipLTNet with its default (random) initialization at 1×28×28 (4C3F, 6C2F) or 3×32×32 (8C2F).
 ``trained``: the same nets trained with CRM (lipkern.losses.CRMLoss, LipLT estimate in the loss) on the first
@@ -13,7 +14,7 @@ converged value), the sound bound ``lipschitz_bound`` with the default limits an
 products of shorter chains' bounds beyond the dense limit: the previous behaviour), their ratios and times;
 for trained models also the pairwise constants and the certified accuracy from the estimate (what the paper's
 method reports) and from the sound bound. One thread count for every timing (``--threads``, default 2).
-Results: ``--json`` (default benchmarks/results/sound_liplt_<mode>.json) and a markdown table on stdout.
+Results: ``--json`` (default benchmarks/results/sound_liplt_<mode>[_<device>].json) and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--estimate-iters", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the bounds run (training stays on the CPU)")
     parser.add_argument("--no-products", action="store_true", help="skip the gram_limit=0 (previous) bound")
     parser.add_argument("--models", default="runs/sound_liplt", help="folder of the trained weights (reused)")
     parser.add_argument("--json", default=None)
@@ -123,7 +125,8 @@ def main(argv=None) -> None:
     rows = []
     for arch in args.archs:
         if args.mode == "random":
-            rows.append(compare(_model(arch, args.seed), arch, args.estimate_iters, products=not args.no_products))
+            model = _model(arch, args.seed).to(args.device)
+            rows.append(compare(model, arch, args.estimate_iters, products=not args.no_products))
             print(json.dumps(rows[-1]), flush=True)
             continue
         data = _mnist(args.data_root, SHAPES[arch])
@@ -137,6 +140,9 @@ def main(argv=None) -> None:
             torch.save(model.state_dict(), path)
         model.eval()
         _, (x_test, y_test) = data
+        model.to(args.device)
+        x_test, y_test = x_test.to(args.device), y_test.to(args.device)
+        data = (data[0], (x_test, y_test))
         with torch.no_grad():
             accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
         for pairwise in (False, True):
@@ -152,10 +158,12 @@ def main(argv=None) -> None:
                     row.pop(key, None)  # (C, C) matrices: the ratios and accuracies say it
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.json or f"benchmarks/results/sound_liplt_{args.mode}.json")
+    suffix = "" if args.device == "cpu" else "_" + args.device.replace(":", "")
+    out = Path(args.json or f"benchmarks/results/sound_liplt_{args.mode}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "epochs": args.epochs, "seed": args.seed,
-            "estimate_iters": args.estimate_iters}
+            "estimate_iters": args.estimate_iters, "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(_table(rows))
 
