@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from lipkern._checks import as_int
 from lipkern._rounding import add_up as _add
 from lipkern._rounding import div_up as _div
 from lipkern._rounding import gamma_up as _gamma
@@ -258,6 +259,8 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
     local Gram on the CPU: its band of pixel rows).
     """
     maps = _check_maps(maps, "chain_upper_bounds", check_values=True)
+    dense_limit = as_int(dense_limit, "chain_upper_bounds: dense_limit", minimum=0)
+    gram_limit = as_int(gram_limit, "chain_upper_bounds: gram_limit", minimum=0)
     k_count = len(maps)
     with torch.no_grad(), _cudnn_off(maps[0].weight.device):
         dense, errors = _dense_chains(maps, dense_limit)

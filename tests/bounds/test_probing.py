@@ -250,3 +250,11 @@ def test_extreme_scales_are_bounded_not_crashed(scale):
     bounds = chain_upper_bounds(maps, dense_limit=0)
     chain = torch.linalg.matrix_norm(maps[1].dense_matrix() @ maps[0].dense_matrix(), 2).item()
     assert chain <= bounds[0, 1].item() < math.inf
+
+
+@pytest.mark.parametrize("limits, error", [(dict(gram_limit=-1), ValueError), (dict(gram_limit=1.5), TypeError),
+                                           (dict(dense_limit=True), TypeError), (dict(gram_limit="2**20"), TypeError)])
+def test_bad_limits_raise(limits, error):
+    conv = LinearMap.conv2d(torch.randn(2, 2, 3, 3, dtype=D), (2, 6, 6), padding=1)
+    with pytest.raises(error, match="limit"):
+        chain_upper_bounds([conv], **limits)
