@@ -18,16 +18,16 @@ during the sweeps (no FFT/Winograd algorithms) and cuBLAS's DGEMM is classical. 
 on some GPUs) are not covered.
 
 **Sweep error (a posteriori).** A sweep pushes a basis through maps t = j, j+1, … (or adjoints downward):
-X̂_{t+1} = fl(A_t X̂_t) = A_t X̂_t + Δ_t with |Δ_t| ≤ γ_{n_t}·D_t + μ_t entrywise, D_t = |A_t|·|X̂_t| (the
-COMPUTED input; D_t is computed too, by the |W| maps, and its rounding bounded the same way), μ_t = n_t·2⁻¹⁰⁷⁴.
-Unrolling, X̂_{k+1} − A_k⋯A_j = Σ_{t=j..k} (A_k⋯A_{t+1})·Δ_t, hence
+X̂_{t+1} = fl(A_t X̂_t) = A_t X̂_t + Δ_t with |Δ_t| ≤ γ_{n_t}·|A_t|·|X̂_t| + μ_t entrywise (X̂_t the COMPUTED
+input), μ_t = n_t·2⁻¹⁰⁷⁴. Unrolling, X̂_{k+1} − A_k⋯A_j = Σ_{t=j..k} (A_k⋯A_{t+1})·Δ_t, hence
 
-    ‖Â_{k..j} − A_{k..j}‖₂ ≤ Σ_t U[t+1, k]·δ_t,    δ_t = γ_{n_t}·√(‖D_t‖₁‖D_t‖_∞) + μ_t·√(rows·cols)
+    ‖Â_{k..j} − A_{k..j}‖₂ ≤ Σ_t U[t+1, k]·δ_t,    δ_t = γ_{n_t}·‖|A_t|‖₂·‖X̂_t‖_F + μ_t·√(rows·cols)
 
-(‖Δ‖₂ ≤ ‖ |Δ| ‖₂ ≤ ‖γD + μ𝟙‖₂, and ‖P‖₂ ≤ √(‖P‖₁‖P‖_∞) for any matrix; the max row/column sums of D are
-sums of nonnegative numbers, computed ones divided by 1 − γ_(terms)). U[t+1, k] bounds a SHORTER chain (U of
-the empty chain is 1), so chains are resolved by increasing length. Unlike an a-priori bound through the
-|A_k|⋯|A_j| chain, the factors do not compound over the chain's length.
+(‖Δ‖₂ ≤ ‖Δ‖_F ≤ γ‖|A||X̂|‖_F + μ·√(entries) ≤ γ‖|A|‖₂‖X̂‖_F + …; ‖|A_t|‖₂ from
+:func:`lipkern.bounds.operators.abs_norm_upper`, ‖X̂_t‖_F² a computed sum of squares divided by 1 − γ). For
+the identity basis ‖X̂_t‖_F ≤ √(rows)·‖A_{t−1}⋯A_j‖₂, so δ_t is ~1e-13 of the norm at these sizes. U[t+1, k]
+bounds a SHORTER chain (U of the empty chain is 1), so chains are resolved by increasing length. Unlike an
+a-priori bound through the |A_k|⋯|A_j| chain, the factors do not compound over the chain's length.
 
 Scalars are combined in Python floats rounded upward (math.nextafter after each operation); tensors of
 nonnegative values are multiplied by safety factors that exceed their few roundings.
@@ -50,7 +50,7 @@ from lipkern._rounding import up as _up
 from lipkern.bounds.certificate import certified_square_bound, cholesky_certificate
 from lipkern.bounds.gram import gram_upper_bound
 from lipkern.bounds.operators import LinearMap, abs_norm_upper
-from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, gram_chains, gram_costs
+from lipkern.bounds.probing import DEFAULT_GRAM_LIMIT, _sum_squares_upper, gram_chains, gram_costs
 from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["DEFAULT_DENSE_LIMIT", "MAX_HEAD_CLASSES", "chain_upper_bounds", "head_chain_norms"]
@@ -185,47 +185,40 @@ class _Sweep:
 
 def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: set[int]) -> _Sweep:
     """Push the identity basis of map ``start``'s input (forward) or output (adjoint) through maps
-    start..stop (forward: increasing; adjoint: decreasing), in float64.
+    start..stop (forward: increasing; adjoint: decreasing), in float64 (channels-last for conv inputs).
     Returns the error terms δ_t of every step and the matrices after the steps in ``keep``."""
     step = 1 if forward else -1
     order = list(range(start, stop + step, step))
     device = maps[start].weight.device
     w64 = {t: maps[t].weight.detach().to(torch.float64) for t in order}
-    wabs = {t: w64[t].abs() for t in order}
     first = maps[start].in_features if forward else maps[start].out_features
+    first_shape = maps[start].in_shape if forward else maps[start].out_shape
     count = first
     widest = max([first] + [maps[t].out_features if forward else maps[t].in_features for t in order])
     batch = max(1, min(count, _BATCH_ELEMENTS // widest))
     out_features = {t: maps[t].out_features if forward else maps[t].in_features for t in order}
-    row_sums = {t: torch.zeros(out_features[t], dtype=torch.float64, device=device) for t in order}
-    col_max = {t: 0.0 for t in order}
+    squares = dict.fromkeys(order, 0.0)  # ≥ ‖X̂_t‖_F², X̂_t the computed input of step t
     kept = {t: [] for t in order if t in keep}
     for lo in range(0, count, batch):
         hi = min(count, lo + batch)
         x = torch.zeros(hi - lo, first, dtype=torch.float64, device=device)
         x[torch.arange(hi - lo, device=device), torch.arange(lo, hi, device=device)] = 1.0
+        x = x.view(hi - lo, *first_shape)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # faster float64 transposed convs on the CPU
         for t in order:
             m = maps[t]
-            apply = m.forward if forward else m.adjoint
-            y = apply(x, w64[t]).reshape(hi - lo, -1)
-            d = apply(x.abs(), wabs[t]).reshape(hi - lo, -1)
-            row_sums[t] += d.sum(0)
-            col_max[t] = _nan_max(col_max[t], d.sum(1).max().item())
+            squares[t] = _add(squares[t], _sum_squares_upper(x))
+            x = (m.forward if forward else m.adjoint)(x, w64[t])
             if t in kept:
-                kept[t].append(y)
-            x = y
+                kept[t].append(x.reshape(hi - lo, -1))
     result = _Sweep()
     for t in order:
         n = maps[t].accumulation_length() if forward else maps[t].adjoint_accumulation_length()
-        features = out_features[t]
         mu = n * _ETA
-        # D̂ = fl(|A||X̂|) ≥ (1 − γ_n)·D − μ entrywise, and the computed nonnegative sums ≥ (1 − γ)·exact sums
-        rows_bound = _div(_add(_div(_nan_max(0.0, row_sums[t].max().item()), _one_minus_gamma(count)), _mul(count, mu)),
-                          _one_minus_gamma(n))
-        cols_bound = _div(_add(_div(col_max[t], _one_minus_gamma(features)), _mul(features, mu)),
-                          _one_minus_gamma(n))
-        d_norm = _mul(_sqrt(rows_bound), _sqrt(cols_bound))  # no underflow of the product
-        result.deltas[t] = _add(_mul(_gamma(n), d_norm), _mul(mu, _sqrt(float(count) * features)))
+        # ‖Δ_t‖₂ ≤ ‖Δ_t‖_F ≤ γ_n·‖|A_t|‖₂·‖X̂_t‖_F + μ·√(entries)
+        result.deltas[t] = _add(_mul(_mul(_gamma(n), abs_norm_upper(maps[t])), _sqrt(squares[t])),
+                                _mul(mu, _sqrt(float(count) * out_features[t])))
         if t in kept:
             result.matrices[t] = torch.cat(kept[t])
     return result
@@ -254,7 +247,7 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
     (c) splits: min_m U[j, m]·U[m+1, k] (submultiplicativity), which contains the product ∏ u_i of (a).
     Products and sums of bounds are rounded upward. Chains too large for (b) and (b') get only (c): sound,
     looser (the product of norms of the parts). ``dense_limit=0`` / ``gram_limit=0`` disable (b) / (b').
-    The cost of (b) is min(in, out) basis vectors through the chain (and once more through its |W| maps); of
+    The cost of (b) is min(in, out) basis vectors through the chain and one Gram product; of
     (b'), the probes through the chain and back, and a Cholesky of side s (dense: s³/3 flops, 2·s² floats; a
     local Gram on the CPU: its band of pixel rows).
     """

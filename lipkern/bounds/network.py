@@ -183,7 +183,7 @@ def lipschitz_bound(model: nn.Module, input_shape, method: str = "liplt", pairwi
     whose explicit matrix has more than ``dense_limit`` entries are certified through the Gram matrix of their
     smaller side (:mod:`lipkern.bounds.probing`) when it has at most ``gram_limit`` entries, and otherwise get
     only products of shorter chains' bounds (sound, looser). With the defaults, LipLTNet("4C3F") and ("6C2F") at
-    1×28×28 are within 0.1% of the estimate (random weights; 25 s and 37 s on a 2-core CPU); ``gram_limit=0``
+    1×28×28 are within 0.1% of the estimate (random weights; 25 s and 33 s on a 2-core CPU); ``gram_limit=0``
     gives the products instead (2.0× and 2.2×, in seconds). ``sound``: deprecated (the bound is always sound);
     ``sound=False`` is refused.
     """
