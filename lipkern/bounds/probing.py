@@ -29,7 +29,9 @@ Thm 10.3; any order of the inner products), so ‖ΔK‖₂ ≤ γ_C‖R̂‖_F�
 K ⪰ −‖ΔK‖₂I, and λ_max(Ŝ) ≤ λ₀ + γ_C/(1 − γ_C)·tr K + u/(1 − u)·max K_ii + 2⁻⁹⁰⁰ (underflow in the
 factorization, as in :mod:`lipkern.bounds.certificate`, whose assumptions on the Cholesky this shares). λ₀ is
 (1 + ρ)·σ̂², σ̂ from Lanczos on the chain (an estimate: the certificate decides), ρ = 1e-8, retried larger
-(the bound is then within ≈ ρ/2 of ‖B‖₂).
+(the bound is then within ≈ ρ/2 of ‖B‖₂), then a few bisection steps between the last shift that failed and
+the one that succeeded; where factoring is cheaper than a long Lanczos run, the estimate is short (2 cycles)
+and the bisection longer. Every successful factorization is a bound; the smallest is kept.
 
 **Band.** In pixel-row order a local Gram is block-banded (blocks of the W·C entries of one row, zero beyond r
 rows of the diagonal). Where that is cheaper (:func:`_use_band`), the blocks are built straight from z
