@@ -449,7 +449,8 @@ def _cholesky_flops(layout, size: int, device) -> float:
     return _band_costs(layout)[0] if _use_band(layout, device) else float(size) ** 3 / 3
 
 
-def _certify(maps, first: int, last: int, side: str, layout, z: torch.Tensor, phis: list) -> GramChain:
+def _certify(maps, first: int, last: int, side: str, layout, swept: dict, end: int) -> GramChain:
+    z, phis = swept.pop(end)  # the only reference from here on: freed before the factorization
     size = z.shape[1]
     # where factoring is cheap, a rough estimate (2 Lanczos cycles) and ≤ 24 bisection steps by factorizations
     # cost less than the ~400 steps (800 operator applications) of an estimate accurate to ~1e-10
@@ -499,7 +500,7 @@ def gram_chains(maps: list[LinearMap], chains: dict, abs_norms: dict) -> dict:
         swept = _group_sweep(maps, side, anchor, sorted(ends), key, abs_norms)
         for end in sorted(ends):
             j, k = (anchor, end) if side == "in" else (end, anchor)
-            out[(j, k)] = _certify(maps, j, k, side, layouts[(j, k)], *swept.pop(end))  # z freed inside
+            out[(j, k)] = _certify(maps, j, k, side, layouts[(j, k)], swept, end)
     return out
 
 

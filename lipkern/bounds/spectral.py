@@ -177,6 +177,8 @@ def _explicit_upper(weight: torch.Tensor, g: ConvGeometry, probed: bool = True) 
     the Gram matrix of the smaller side formed by probing (:mod:`lipkern.bounds.probing`) where the operator has
     at most GRAM_SIZE rows and columns, the Gram stores ≤ GRAM_LIMIT entries and costs ≤ GRAM_FLOPS (on the
     weight's device); None otherwise (or for a zero or non-finite weight)."""
+    from lipkern._rounding import mul_up as _mul
+    from lipkern._rounding import sqrt_up as _sqrt
     from lipkern.bounds.chain import _add, _cudnn_off, _dense_chains
     from lipkern.bounds.operators import LinearMap, abs_norm_upper
     from lipkern.bounds.probing import gram_chains, gram_costs
@@ -184,15 +186,18 @@ def _explicit_upper(weight: torch.Tensor, g: ConvGeometry, probed: bool = True) 
     in_shape = (weight.shape[1] * g.groups, *g.input_size)
     out_shape = (weight.shape[0], *g.output_size)
     device = weight.device.type if weight.device.type in DENSE_LIMIT else "cpu"
-    w64 = weight.detach().to(torch.float64)
+    w64 = weight.detach().to(torch.float64) * _reaching_taps(g, weight.device)  # the same operator
     largest = float(w64.abs().max()) if w64.numel() else 0.0
     if not 0.0 < largest < math.inf:
         return None
-    # work on W·2⁻ᵉ (largest tap in [0.5, 1)): exact, except taps 2¹⁰²² times smaller than the largest, which may
-    # become subnormal (≤ 2⁻¹⁰⁷⁵ each: ``tiny`` bounds the operator's change, √(nonzeros)·2⁻¹⁰⁷⁴)
-    exponent = math.frexp(largest)[1]
-    operator = LinearMap("conv2d", times_power_of_two(w64, -exponent), in_shape, out_shape, g)
-    tiny = math.sqrt(operator.out_features * operator.accumulation_length()) * 2.0**-1074
+    # far from 1, work on W·2⁻ᵉ (largest tap in [0.5, 1)): exact, except taps 2¹⁰²² times smaller than the largest,
+    # which may become subnormal (≤ 2⁻¹⁰⁷⁴ each; an entry of the operator sums ≤ n of them, n the accumulation
+    # length, so ‖ΔA‖_F ≤ n·√(out·n)·2⁻¹⁰⁷⁴ = ``tiny``). Near 1 nothing is scaled (a tap that never meets the input
+    # could otherwise push the ones that do into the subnormal range).
+    exponent = 0 if 2.0**-60 <= largest <= 2.0**40 else math.frexp(largest)[1]
+    operator = LinearMap("conv2d", times_power_of_two(w64, -exponent) if exponent else w64, in_shape, out_shape, g)
+    n = operator.accumulation_length()
+    tiny = _mul(_mul(float(n), _sqrt(float(operator.out_features * n))), 2.0**-1074) if exponent else 0.0
     entries = math.prod(in_shape) * math.prod(out_shape)
     bound = math.inf
     with _cudnn_off(weight.device):
@@ -211,11 +216,25 @@ def _explicit_upper(weight: torch.Tensor, g: ConvGeometry, probed: bool = True) 
                                         _add(0.0, *[phi for _, _, phi in gram.second]))
     if not math.isfinite(bound):
         return None
-    try:
-        bound = math.nextafter(math.ldexp(_add(bound, tiny), exponent), math.inf)  # the ldexp may round (subnormal)
-    except OverflowError:
-        return None
+    if exponent:
+        try:
+            bound = math.nextafter(math.ldexp(_add(bound, tiny), exponent), math.inf)  # ldexp may round (subnormal)
+        except OverflowError:
+            return None
     return torch.tensor(bound, dtype=torch.float64, device=weight.device) if math.isfinite(bound) else None
+
+
+def _reaching_taps(g: ConvGeometry, device) -> torch.Tensor:
+    """(kh, kw) float64 mask of the kernel taps that multiply some input pixel for some output (zero padding:
+    a tap that only ever meets padding adds nothing to the operator; circular padding: all of them)."""
+    masks = []
+    for axis in range(2):
+        n, k, s, d = g.input_size[axis], g.kernel_size[axis], g.stride[axis], g.dilation[axis]
+        before, out = g.padding[2 * axis], g.output_size[axis]
+        masks.append(torch.tensor([g.padding_mode == "circular" or
+                                   any(0 <= o * s - before + a * d < n for o in range(out)) for a in range(k)],
+                                  dtype=torch.float64, device=device))
+    return masks[0][:, None] * masks[1][None, :]
 
 
 def _certified_upper(weight, e: "_Embedding", g: ConvGeometry, rtol: float, lower: float = 0.0):

@@ -202,7 +202,7 @@ def test_banded_certificate_matches_the_dense_one_and_the_exact_norm():
             assert banded == dense == math.inf
         else:
             assert exact**2 <= banded <= exact**2 * (1 + 1e-7) and banded == pytest.approx(dense, rel=1e-12)
-    assert exact <= _certify([conv], 0, 0, "in", layout, z, phis).norm_bound(0.0, 0.0) <= exact * (1 + 1e-7)
+    assert exact <= _certify([conv], 0, 0, "in", layout, {0: (z, phis)}, 0).norm_bound(0.0, 0.0) <= exact * (1 + 1e-7)
 
 
 def test_chains_sharing_an_anchor_share_their_sweep():
@@ -258,3 +258,15 @@ def test_bad_limits_raise(limits, error):
     conv = LinearMap.conv2d(torch.randn(2, 2, 3, 3, dtype=D), (2, 6, 6), padding=1)
     with pytest.raises(error, match="limit"):
         chain_upper_bounds([conv], **limits)
+
+
+def test_taps_that_never_meet_the_input_do_not_set_the_scale():
+    """A 3×3 kernel on a 1×1 input with padding 1 reads only its centre tap: a corner tap of 1e300 must not
+    scale the centre taps (1e-20) into the subnormal range (the bound would be sound but useless)."""
+    from lipkern.bounds import conv2d_spectral_norm
+
+    w = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(11), dtype=D) * 1e-20
+    w[0, 0, 0, 0] = 1e300
+    exact = torch.linalg.matrix_norm(dense_conv2d(w, (1, 1), padding=1), 2).item()
+    upper = conv2d_spectral_norm(w, (1, 1), padding=1, method="upper").upper.item()
+    assert exact <= upper <= exact * (1 + 1e-6)
