@@ -183,10 +183,24 @@ class _Sweep:
         self.matrices: dict[int, torch.Tensor] = {}
 
 
-def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: set[int]) -> _Sweep:
+class _AbsNorms(dict):
+    """{t: ‖|A_t|‖₂ bound} of one chain, each computed once, on first use (every sweep and Gram shares them)."""
+
+    def __init__(self, maps: list[LinearMap]):
+        super().__init__()
+        self.maps = maps
+
+    def __missing__(self, t: int) -> float:
+        self[t] = value = abs_norm_upper(self.maps[t])
+        return value
+
+
+def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: set[int],
+           abs_norms: dict | None = None) -> _Sweep:
     """Push the identity basis of map ``start``'s input (forward) or output (adjoint) through maps
     start..stop (forward: increasing; adjoint: decreasing), in float64 (channels-last for conv inputs).
     Returns the error terms δ_t of every step and the matrices after the steps in ``keep``."""
+    abs_norms = _AbsNorms(maps) if abs_norms is None else abs_norms
     step = 1 if forward else -1
     order = list(range(start, stop + step, step))
     device = maps[start].weight.device
@@ -217,7 +231,7 @@ def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: se
         n = maps[t].accumulation_length() if forward else maps[t].adjoint_accumulation_length()
         mu = n * _ETA
         # ‖Δ_t‖₂ ≤ ‖Δ_t‖_F ≤ γ_n·‖|A_t|‖₂·‖X̂_t‖_F + μ·√(entries)
-        result.deltas[t] = _add(_mul(_mul(_gamma(n), abs_norm_upper(maps[t])), _sqrt(squares[t])),
+        result.deltas[t] = _add(_mul(_mul(_gamma(n), abs_norms[t]), _sqrt(squares[t])),
                                 _mul(mu, _sqrt(float(count) * out_features[t])))
         if t in kept:
             result.matrices[t] = torch.cat(kept[t])
@@ -256,8 +270,9 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
     gram_limit = as_int(gram_limit, "chain_upper_bounds: gram_limit", minimum=0)
     k_count = len(maps)
     with torch.no_grad(), _cudnn_off(maps[0].weight.device):
-        dense, errors = _dense_chains(maps, dense_limit)
-        grams = _gram_chains(maps, dense, gram_limit)
+        abs_norms = _AbsNorms(maps)
+        dense, errors = _dense_chains(maps, dense_limit, abs_norms)
+        grams = _gram_chains(maps, dense, gram_limit, abs_norms)
         bounds = [[math.inf] * k_count for _ in range(k_count)]
 
         def norm(j: int, k: int) -> float:
@@ -287,7 +302,7 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
     return out.to(maps[0].weight.device)
 
 
-def _dense_chains(maps: list[LinearMap], dense_limit: int):
+def _dense_chains(maps: list[LinearMap], dense_limit: int, abs_norms: dict | None = None):
     """Explicit chains within ``dense_limit``: {(j, k): ‖Â‖ bound}, {(j, k): [(a, b, δ)]} with the error
     ‖Â − A_{k..j}‖ ≤ Σ U[a, b]·δ over the listed pairs (U of an empty chain a > b is 1)."""
     k_count = len(maps)
@@ -305,12 +320,12 @@ def _dense_chains(maps: list[LinearMap], dense_limit: int):
     dense: dict[tuple[int, int], float] = {}
     errors: dict[tuple[int, int], list] = {}
     for j, ends in forward_from.items():
-        sweep = _sweep(maps, j, max(ends), True, ends)
+        sweep = _sweep(maps, j, max(ends), True, ends, abs_norms)
         for k in ends:
             dense[(j, k)] = matrix_norm_upper(sweep.matrices.pop(k))
             errors[(j, k)] = [(t + 1, k, sweep.deltas[t]) for t in range(j, k + 1)]
     for k, starts in adjoint_from.items():
-        sweep = _sweep(maps, k, min(starts), False, starts)
+        sweep = _sweep(maps, k, min(starts), False, starts, abs_norms)
         for j in starts:
             bound = matrix_norm_upper(sweep.matrices.pop(j))
             if (j, k) not in dense or bound < dense[(j, k)]:
@@ -319,7 +334,7 @@ def _dense_chains(maps: list[LinearMap], dense_limit: int):
     return dense, errors
 
 
-def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int) -> dict:
+def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int, abs_norms: dict) -> dict:
     """{(j, k): GramChain} for the chains not in ``dense`` whose certificate on the smaller side stores at most
     ``gram_limit`` entries (:func:`lipkern.bounds.probing.gram_costs`: s² or the band of a local Gram) and cost
     at most GRAM_CHAIN_FLOPS on the maps' device (a time box: a minute or so per chain on a 2-core CPU)."""
@@ -332,7 +347,6 @@ def _gram_chains(maps: list[LinearMap], dense: dict, gram_limit: int) -> dict:
             entries, flops = gram_costs(maps[j:k + 1], side)
             if entries <= gram_limit and flops <= GRAM_CHAIN_FLOPS.get(maps[j].weight.device.type, math.inf):
                 chains[(j, k)] = side
-    abs_norms = {t: abs_norm_upper(maps[t]) for t in sorted({t for j, k in chains for t in range(j, k + 1)})}
     return gram_chains(maps, chains, abs_norms)
 
 

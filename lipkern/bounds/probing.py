@@ -385,6 +385,8 @@ def _shift_certificate(diagonal: torch.Tensor, estimate: float, factor_ok, refin
         return _add(lam0, slack, _TAU)
 
     failed = None
+    if 0.0 <= estimate < _LAMBDA_RANGE[0]:  # a (near-)zero chain, e.g. one that only ever reads padding
+        estimate = _LAMBDA_RANGE[0]  # certified at the range's floor: a bound of ~2⁻⁵⁰⁰
     for rho in _SHIFTS:
         lam0 = _up((1 + rho) * estimate)
         if not _LAMBDA_RANGE[0] <= lam0 <= _LAMBDA_RANGE[1]:
