@@ -55,6 +55,21 @@ def power_iteration(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, si
                          int(dtype == torch.float64))
 
 
+def power_iteration_one(matrix: torch.Tensor, u: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`power_iteration` of one (rows, cols) matrix on new vectors: (u', v'), u (cols,) read, not written.
+    The outputs are allocated here (only the inputs are checked)."""
+    rows, cols = matrix.shape
+    dtype = matrix.dtype
+    if dtype not in _REAL:
+        raise ValueError(f"lipkern._cpu.power_iteration: real float32/float64 matrices only, got {dtype}")
+    m_ptr = _expect("matrix", matrix, (rows, cols), dtype)
+    u_next = u.clone(memory_format=torch.contiguous_format)
+    v_next, sigma = torch.empty(rows, dtype=dtype), torch.empty(1, dtype=dtype)  # (alive during the call)
+    _cpu.power_iteration(m_ptr, _expect("u", u_next, (cols,), dtype), v_next.data_ptr(), sigma.data_ptr(), 1, rows,
+                         cols, int(n_iter), int(dtype == torch.float64))
+    return u_next, v_next
+
+
 def aol_forward(pairs: torch.Tensor, w: torch.Tensor, kh: int, kw: int, constants: tuple, check: bool,
                 with_signs: bool):
     """(scale d, W·d, half-shift signs or None) from the Gram pairs (see csrc/cpu/kernels.h), or None when
@@ -121,6 +136,24 @@ def conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     _cpu.conv_power_iteration(_expect("weights", weights, weights.shape, weights.dtype), u_ptr, v_ptr,
                               _expect("sigma", sigma, (weights.shape[0],), weights.dtype), *shape, int(n_iter),
                               int(weights.dtype == torch.float64))
+
+
+def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: tuple) -> tuple:
+    """One layer's :func:`conv_power_iteration` on new vectors, then :func:`conv_bilinear_gradient`: (u', v', G)
+    with G flat, u read and not written. ``shape``: the ConvShape arguments of one layer with this weight
+    (``_conv_shape``); the outputs are allocated here (only the inputs are checked)."""
+    dtype, f64 = weight.dtype, int(weight.dtype == torch.float64)
+    _, c_out, c_in, _, _, _, h, w, ho, wo = shape[:10]
+    if dtype not in _REAL or shape[0] != 1 or weight.shape[0] != c_out:
+        raise ValueError(f"lipkern._cpu.conv_power_rows: one real float32/float64 layer, got {dtype}, {shape[:2]}")
+    w_ptr = _expect("weight", weight, weight.shape, dtype)
+    u_next = u.clone(memory_format=torch.contiguous_format)
+    u_ptr = _expect("u", u_next, (c_in, h, w), dtype)
+    v_next, sigma = torch.empty((c_out, ho, wo), dtype=dtype), torch.empty(1, dtype=dtype)
+    grad = torch.empty(weight.numel(), dtype=dtype)
+    _cpu.conv_power_iteration(w_ptr, u_ptr, v_next.data_ptr(), sigma.data_ptr(), *shape, int(n_iter), f64)
+    _cpu.conv_bilinear_gradient(u_ptr, v_next.data_ptr(), grad.data_ptr(), *shape, f64)
+    return u_next, v_next, grad
 
 
 def conv_bilinear_gradient(u: torch.Tensor, v: torch.Tensor, weight_shape, geometry) -> torch.Tensor:

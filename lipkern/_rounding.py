@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy
 import torch
 
-__all__ = ["add_up", "cast_down", "cast_up", "div_down", "div_up", "down", "fraction_up", "gamma_up", "mul_up",
+__all__ = ["add_up", "smallest_normal", "cast_down", "cast_up", "div_down", "div_up", "down", "fraction_up", "gamma_up", "mul_up",
            "one_minus_gamma_down", "sqrt_int_up", "sqrt_up", "tensor_up", "up"]
 
 
@@ -108,6 +108,15 @@ def sqrt_int_up(n: int) -> float:
     """The smallest float whose square is ≥ the integer n ≥ 0 (√n rounded up, exactly)."""
     r = math.sqrt(n)
     return r if Fraction(r) ** 2 >= n else math.nextafter(r, math.inf)
+
+
+_SMALLEST_NORMAL = {dtype: torch.finfo(dtype).tiny
+                    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
+def smallest_normal(dtype: torch.dtype) -> float:
+    """torch.finfo(dtype).tiny, looked up (the layers ask every training step; torch.finfo costs a few µs)."""
+    return _SMALLEST_NORMAL.get(dtype) or torch.finfo(dtype).tiny
 
 
 def tensor_up(t: torch.Tensor) -> torch.Tensor:

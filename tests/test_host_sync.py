@@ -319,7 +319,7 @@ def test_layer_launches_no_more_than_the_eager_formulation(name):
 def test_model_step_issues_one_stacked_power_iteration_per_geometry_group(name, monkeypatch, knobs):
     """lipkern.nn.power: after the first step (which discovers the groups), each group of layers of equal
     geometry advances its vectors in ONE conv_power_iteration / batched_power_iteration call per step."""
-    knobs(backend="torch")  # the grouping is under test, not the kernels
+    knobs(backend="torch", cpu_kernels=False)  # the grouping (the GPU's form) is under test, not the kernels
     make, shape = MODELS[name]
     model, x = make().train(), torch.randn(shape)
     optimizer = _optimizer(model)

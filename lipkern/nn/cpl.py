@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._dispatch import check_finite
+from lipkern._rounding import smallest_normal
 from lipkern.bounds.operators import plain_layer_operator
 from lipkern.bounds.parsing import BoundParser, register_bound_rule
 from lipkern.certify.rounding import register_lipschitz_proof, register_rounding_rule
 from lipkern.nn.spectral import _certified_proof, _SpectralConvBase, _SpectralLinearBase
-from lipkern.ops.cpl import (_adjoint_of_padding, _autocast_on, _round_down, cpl_conv2d_with_geometry,
-                             cpl_linear)
+from lipkern.ops.cpl import _adjoint_of_padding, _autocast_on, _round_down, cpl_layer_forward
 
 __all__ = ["CPLConv2d", "CPLLinear", "PlainCPLConv2d", "PlainCPLLinear"]
 
@@ -42,14 +42,13 @@ class _StepSize:
     when certified, so h ≤ 2/‖W‖₂² exactly)."""
 
     def step_size(self) -> torch.Tensor:
-        device = self.weight.device.type
         # σ from the weight's own precision, not autocast's
         if _autocast_on(self.weight):
-            with torch.autocast(device, enabled=False):
+            with torch.autocast(self.weight.device.type, enabled=False):
                 return self.step_size()
         if self.training:
             sigma = self.sigma()
-            return 2.0 / sigma.square().clamp_min(torch.finfo(sigma.dtype).tiny)
+            return 2.0 / sigma.square().clamp_min(smallest_normal(sigma.dtype))
         return self._eval_step_size()
 
     def _eval_step_size(self) -> torch.Tensor:
@@ -82,7 +81,7 @@ class CPLLinear(_StepSize, _SpectralLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() and not self.training:  # the traced graph holds the plain eval form
             return plain_cpl_linear(x, self.weight, self.bias, self._eval_step_size())
-        return cpl_linear(x, self.weight, self.bias, self.step_size())
+        return cpl_layer_forward(x, self.weight, self.bias, self.step_size())
 
     def to_vanilla(self) -> "PlainCPLLinear":
         """The eval-mode layer as plain torch ops with the constant step size h (the certified one with
@@ -116,7 +115,7 @@ class CPLConv2d(_StepSize, _SpectralConvBase):
         self._check_input(x)
         if x.dim() == 3:  # an unbatched input, as nn.Conv2d takes
             return self.forward(x[None])[0]
-        return cpl_conv2d_with_geometry(x, self.weight, self.bias, self.step_size(), self.geometry)
+        return cpl_layer_forward(x, self.weight, self.bias, self.step_size(), self.geometry)
 
     def to_vanilla(self) -> "PlainCPLConv2d":
         """The eval-mode layer as plain torch ops with the constant step size h: :class:`PlainCPLConv2d`

@@ -1,7 +1,9 @@
 """Power iteration for a whole model: the layers of equal geometry advance their vectors in one stacked call.
 
 Every training-mode spectral / CPL layer (and every subclass of them in user models) goes through
-:func:`advance` for its power step; nothing is registered by the user. The layers are grouped by
+:func:`advance` for its power step; nothing is registered by the user. Except on the CPU where the C++ kernels
+take the layer (``_direct_power_rows``: small layers, float32 / float64): a stacked call saves launches, which
+the CPU does not have, and its bookkeeping would cost more than the step, so such a layer makes its own call. The layers are grouped by
 ``layer._power_key()``: the operator's geometry, ``n_power_iterations``, dtype and device.
 
 A **stacked call** ("round") runs one ``conv_power_iteration`` / ``batched_power_iteration`` for a set of

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern._checks import as_bool
-from lipkern._rounding import cast_up
+from lipkern._rounding import cast_up, smallest_normal
 from lipkern._dispatch import autocast_off, check_finite
 from lipkern.nn import power
 from lipkern.nn._cache import WeightSnapshot
@@ -52,9 +52,11 @@ from lipkern.ops.conv_power_iteration import (
     conv_bilinear,
     conv_bilinear_gradient,
     conv_operator,
+    cpu_conv_power_rows,
     initial_conv_vectors,
 )
-from lipkern.ops.power_iteration import advance_power_iteration, initial_vectors, power_of_two_scale
+from lipkern.ops.power_iteration import (advance_power_iteration, cpu_power_rows, initial_vectors,
+                                         power_of_two_scale)
 
 __all__ = ["SpectralConv2d", "SpectralLinear"]
 
@@ -98,6 +100,12 @@ class _SpectralNormalized(nn.Module):
 
     def sigma(self) -> torch.Tensor:
         """The divisor of the weight: in training, vᵀAu after the power step; in eval, the cached value."""
+        if self.training:
+            weight, u, v = power._tensors(self)
+            rows = self._direct_power_rows(weight, u, self.n_power_iterations)
+            if rows is not None:  # a small layer on the CPU: its own C++ call (lipkern.nn.power: no round to share)
+                torch._foreach_copy_([u, v], rows[:2])
+                return self._bilinear(*rows)
         if self.weight.is_meta:  # shape propagation (a model built on the meta device): no values to compute
             return self.weight.new_empty(())
         if not self.training:
@@ -125,7 +133,8 @@ class _SpectralNormalized(nn.Module):
 
     def _divide(self, sigma: torch.Tensor) -> torch.Tensor:
         """W/σ; σ = 0 only for a zero weight (0/tiny = 0), and raising a certified σ keeps it a bound."""
-        return self.weight / sigma.clamp_min(torch.finfo(self.weight.dtype).tiny)
+        weight = self.weight
+        return weight / sigma.clamp_min(smallest_normal(weight.dtype))
 
     def _tap_operator_norm(self) -> float:
         """A bound on the norm of the operator of one kernel tap with unit weight matrix (1: a partial
@@ -196,6 +205,11 @@ class _SpectralLinearBase(_SpectralNormalized):
     @staticmethod
     def _stacked_sigma_data(u_rows, v_rows) -> None:
         return None
+
+    @staticmethod
+    def _direct_power_rows(weight, u, n_iter: int) -> tuple | None:
+        rows = cpu_power_rows(weight, u, n_iter)
+        return None if rows is None else (*rows, None)
 
     def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
         """σ = vᵀWu, differentiable in W (u and v are never written again: no clone needed)."""
@@ -326,6 +340,9 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         with autocast_off(u_rows):
             grad = conv_bilinear_gradient(u_rows, v_rows, tuple(self.weight.shape), self.geometry)
         return grad.reshape(grad.shape[0], -1)
+
+    def _direct_power_rows(self, weight, u, n_iter: int) -> tuple | None:
+        return cpu_conv_power_rows(weight, u, n_iter, self.geometry)
 
     def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
         """σ = ⟨v, A u⟩ = ⟨W, G⟩ (the form is linear in W): one dot product per layer, whose gradient in W is G

@@ -28,6 +28,7 @@ function.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -106,16 +107,20 @@ class ConvGeometry:
         self._sizes()
 
     def _sizes(self) -> tuple:
-        """(padded size, output size), kept in the instance (frozen; not a field: equality and hash ignore it;
-        computed again for an instance unpickled from a version without it)."""
-        sizes = self.__dict__.get("_computed_sizes")
+        """(padded size, output size, conv_padding, the adjoint's output_padding), kept in the instance (frozen;
+        not a field: equality and hash ignore it; computed again for an instance unpickled from a version
+        without it)."""
+        sizes = self.__dict__.get("_derived_sizes")
         if sizes is None:
             (h, w), (t, b, le, r) = self.input_size, self.padding
             padded = (h + t + b, w + le + r)
             output = tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in
                            zip(padded, self.dilation, self.kernel_size, self.stride))
-            sizes = (padded, output)
-            object.__setattr__(self, "_computed_sizes", sizes)
+            symmetric = (t, le) if self.padding_mode == "zeros" and t == b and le == r else None
+            out_pad = tuple(p - ((o - 1) * s + d * (k - 1) + 1) for p, o, s, d, k in
+                            zip(padded, output, self.stride, self.dilation, self.kernel_size))
+            sizes = (padded, output, symmetric, out_pad)
+            object.__setattr__(self, "_derived_sizes", sizes)
         return sizes
 
     @property
@@ -160,10 +165,7 @@ def _unpad_adjoint(y: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 def conv_padding(g: ConvGeometry) -> tuple[int, int] | None:
     """The (pad_h, pad_w) argument of F.conv2d / conv_transpose2d that realizes ``g``'s padding, or None when
     it needs an explicit pad (asymmetric or circular padding)."""
-    t, b, le, r = g.padding
-    if g.padding_mode == "zeros" and t == b and le == r:
-        return (t, le)
-    return None
+    return g._sizes()[2]
 
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
@@ -175,9 +177,7 @@ def _apply(x: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) 
 
 
 def _apply_adjoint(y: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, groups: int) -> torch.Tensor:
-    out_pad = tuple(p - ((o - 1) * s + d * (k - 1) + 1) for p, o, s, d, k in
-                    zip(g.padded_size, g.output_size, g.stride, g.dilation, g.kernel_size))
-    padding = conv_padding(g)
+    _, _, padding, out_pad = g._sizes()
     x = F.conv_transpose2d(y, weight, stride=g.stride, padding=padding or (0, 0), output_padding=out_pad,
                            dilation=g.dilation, groups=groups)  # padding crops: the adjoint of zero padding
     return _unpad_adjoint(x, g) if padding is None and any(g.padding) else x
@@ -459,6 +459,36 @@ def _conv_power_iteration(weights, u, v, n_iter, geometry: ConvGeometry, *, save
         return sigma
     record_implementation("conv_power_iteration", "torch")
     return _stacked_iterations(weights, u, v, n_iter, geometry)
+
+
+def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geometry: ConvGeometry) -> tuple | None:
+    """A conv layer's power step by the C++ CPU kernels, without the op's layers (at the sizes these kernels
+    take, a training step costs more in dispatch than in arithmetic): (u', v', G) as new tensors,
+    G = ∂⟨v', A u'⟩/∂W flattened (σ = ⟨W, G⟩), u read and not written; the numbers of
+    :func:`conv_power_iteration` and :func:`conv_bilinear_gradient` for ``weight[None]`` (which run these kernels
+    at such sizes). None where they would not run: another device or dtype, the kernels off or not built, a
+    backend other than torch chosen (Triton's interpreter included), a wrapped tensor or a torch.func
+    transform, or more than ``_CPP_MAX_MACS`` multiply-adds."""
+    if not weight.is_cpu or not _cpu_kernels.available():
+        return None
+    shape = _one_layer_shape(tuple(weight.shape), geometry)
+    if (shape is None or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
+            or not _cpu_kernels.plain(weight, u) or torch._C._are_functorch_transforms_active()):
+        return None
+    long_run = n_iter > _INTERPRETER_MAX_ITER
+    reason = f"the interpreter runs ≤ {_INTERPRETER_MAX_ITER} iterations per call" if long_run else None
+    if select_backend(weight, triton_reason=reason) != "torch":
+        return None
+    record_implementation("conv_power_iteration", "cpp")
+    return _cpu_kernels.conv_power_rows(weight.detach().contiguous(), u, n_iter, shape)
+
+
+@functools.lru_cache(maxsize=256)  # (the layers ask every training step)
+def _one_layer_shape(weight_shape: tuple, geometry: ConvGeometry) -> tuple | None:
+    """The C++ kernels' shape arguments for one layer of this weight, None past ``_CPP_MAX_MACS``."""
+    if len(weight_shape) != 4 or _macs((1, *weight_shape), geometry) > _CPP_MAX_MACS:
+        return None
+    return _cpu_kernels._conv_shape(geometry, 1, weight_shape[0], weight_shape[1] * geometry.groups)
 
 
 # ----------------------------------------------------------------------------------------------------------

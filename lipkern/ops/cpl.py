@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 from lipkern._checks import as_positive_float
 from lipkern._rounding import cast_down
-from lipkern._dispatch import device_context, record_implementation, requested_backend, select_backend, triton_importable
-from lipkern.ops._registration import define_op
+from lipkern._dispatch import config, device_context, record_implementation, select_backend, triton_importable
+from lipkern.ops._registration import _autocast_device, define_op
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
 
 __all__ = ["cpl_conv2d", "cpl_conv2d_ref", "cpl_linear", "cpl_linear_ref"]
@@ -104,7 +104,7 @@ if triton_importable():
                                      CHANNEL_IN_ROWS: tl.constexpr, IS_F64: tl.constexpr, BR: tl.constexpr,
                                      BC: tl.constexpr):
         """On a (ROWS, COLS) view: t ← t where act > 0 else 0 (in place; act = σ(p) is read only); per-channel
-        partial sums of the new t into bsum and the partial of ⟨t, act⟩ into dot[program].
+        partial sums of the new t into bsum and the float64 partial of ⟨t, act⟩ into dot[program].
         The channel of an element is row % CHANNELS (conv: rows are (n, c), columns pixels) or its column
         (linear: rows are samples)."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
@@ -116,10 +116,10 @@ if triton_importable():
         t = tl.load(t_ptr + offs, mask=mask, other=0.0)
         s = tl.where(act > 0.0, t, 0.0)
         tl.store(t_ptr + offs, s, mask=mask)
-        if IS_F64:
-            s_acc, prod = s, t * act
-        else:
-            s_acc, prod = s.to(tl.float32), t.to(tl.float32) * act.to(tl.float32)
+        # ⟨t, act⟩ in float64 (h's gradient: one scalar summed over the whole batch; exact products, float64
+        # sums, then one rounding: within an ulp of the dtype, whatever order the blocks sum in)
+        prod = t.to(tl.float64) * act.to(tl.float64)
+        s_acc = s if IS_F64 else s.to(tl.float32)
         tl.store(dot_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(tl.sum(prod, axis=1), axis=0))
         if CHANNEL_IN_ROWS:  # bsum (column blocks, ROWS)
             tl.store(bsum_ptr + pid_c * ROWS + rows, tl.sum(s_acc, axis=1), mask=rows < ROWS)
@@ -176,7 +176,7 @@ def _backward_elementwise_(act: torch.Tensor, t: torch.Tensor, triton_path: bool
     grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
     acc = torch.float64 if act.dtype == torch.float64 else torch.float32
     bsum = torch.empty((grid[1], rows) if conv else (grid[0], cols), dtype=acc, device=act.device)
-    dot = torch.empty(grid[0] * grid[1], dtype=acc, device=act.device)
+    dot = torch.empty(grid[0] * grid[1], dtype=torch.float64, device=act.device)
     with device_context(act):
         _backward_elementwise_kernel[grid](act, t, bsum, dot, rows, cols, channels, CHANNEL_IN_ROWS=conv,
                                            IS_F64=act.dtype == torch.float64, BR=br, BC=bc)
@@ -369,8 +369,12 @@ _COMPOSITE_MAX_MACS = 1 << 24
 
 
 def _composite_pays(x, weight, bias, h, geometry=None) -> bool:
-    """Auto mode on the CPU's PyTorch path (a forced backend runs the op itself) at small sizes."""
-    if x.device.type != "cpu" or requested_backend() is not None or _use_triton(x):
+    """Auto mode on the CPU's PyTorch path (a forced backend or Triton's interpreter runs the op itself) at small
+    sizes."""
+    if not x.is_cpu:
+        return False
+    settings = config()
+    if settings.backend is not None or settings.triton_interpret:
         return False
     return x.numel() // max(1, x.shape[1]) * weight.numel() <= _COMPOSITE_MAX_MACS
 
@@ -480,7 +484,7 @@ def _validate(name: str, x, weight, bias, h, x_dims: tuple[int, ...], w_dims: in
             continue
         if not t.is_floating_point():
             raise TypeError(f"{name}: {label} must be floating point, got {t.dtype}")
-        if t.dtype != x.dtype or t.device != x.device:
+        if t.dtype != x.dtype or not (t.is_cpu and x.is_cpu or t.device == x.device):
             raise ValueError(f"{name}: {label} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
     if x.dim() not in x_dims or weight.dim() != w_dims:
         raise ValueError(f"{name}: expected x with {x_dims} dims and a {w_dims}-D weight, got "
@@ -500,7 +504,7 @@ def _autocast_cast(x, weight, bias, h):
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
-    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta: shapes only
+    return _autocast_device(x) is not None  # (never on the meta device: shapes only)
 
 
 def cpl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h) -> torch.Tensor:
@@ -543,6 +547,21 @@ def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         weight, bias, h = _autocast_cast(x, weight, bias, h)
     _validate("cpl_conv2d", x, weight, bias, h, (4,), 4)
     return _cpl_conv2d_validated(x, weight, bias, h, g)
+
+
+def cpl_layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                      g: ConvGeometry | None = None) -> torch.Tensor:
+    """:func:`cpl_linear` (``g`` None, x 2-D) or :func:`cpl_conv2d_with_geometry` for a layer's own weight, bias
+    and step size (one dtype and device by construction; a layer checks x's size itself): when x matches them
+    (dtype, device, features) and no autocast is on, the op runs without the public functions' checks, which
+    cost a small training step more than its arithmetic; any other call takes the public function (its casts,
+    its clear errors)."""
+    full = cpl_linear if g is None else cpl_conv2d_with_geometry
+    if (x.dim() != (2 if g is None else 4) or x.dtype != weight.dtype
+            or not (x.is_cpu and weight.is_cpu or x.device == weight.device) or _autocast_on(x)
+            or x.shape[1] != weight.shape[1] * (1 if g is None else g.groups)):
+        return full(x, weight, bias, h) if g is None else full(x, weight, bias, h, g)
+    return _CPL_LINEAR(x, weight, bias, h) if g is None else _CPL_CONV2D(x, weight, bias, h, g)
 
 
 def _cpl_conv2d_validated(x, weight, bias, h, g: ConvGeometry) -> torch.Tensor:

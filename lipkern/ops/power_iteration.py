@@ -17,7 +17,7 @@ Layout of this file: reference, Triton kernel, launchers, custom op, public func
 
 from __future__ import annotations
 
-
+import functools
 import zlib
 from typing import NamedTuple
 
@@ -308,11 +308,11 @@ _OP_SECONDS, _FLOP_SECONDS = 1e-5, 5e-11  # CPU cost model of the PyTorch path: 
 _CPP_ENTRY_SECONDS = 2.2e-9  # the C++ CPU kernel per matrix entry and step (its two passes; this VM, 1 thread)
 
 
-def _cpu_step_costs(matrices: torch.Tensor, n_iter: int) -> tuple[float, float]:
+def _cpu_step_costs(shape, n_iter: int) -> tuple[float, float]:
     """Modelled CPU seconds of (n_iter steps, the first n_iter − 1 by repeated squaring then one step) on the
     PyTorch path: ≈ 13 ops and 4mn flops per step against ≈ 4 ops and 2n³ flops per squaring (plus the Gram
     matrix, 2mn²)."""
-    batch, rows, cols = matrices.shape
+    batch, rows, cols = shape
     by_steps = n_iter * (13 * _OP_SECONDS + 4 * batch * rows * cols * _FLOP_SECONDS)
     squarings = (n_iter - 1).bit_length()
     by_squaring = ((6 + 4 * squarings) * _OP_SECONDS + batch * (2 * rows * cols**2 + squarings * 2 * cols**3
@@ -325,7 +325,7 @@ def _squaring_pays(matrices: torch.Tensor, n_iter: int) -> bool:
     """Whether (MᴴM)^(n_iter−1) by repeated squaring beats n_iter − 1 steps on the CPU's PyTorch path."""
     if matrices.device.type != "cpu" or n_iter < 4:
         return False
-    by_steps, by_squaring = _cpu_step_costs(matrices, n_iter)
+    by_steps, by_squaring = _cpu_step_costs(matrices.shape, n_iter)
     return by_squaring < by_steps
 
 
@@ -335,10 +335,34 @@ def _cpp_pays(matrices: torch.Tensor, n_iter: int) -> bool:
     if (matrices.device.type != "cpu" or matrices.dtype not in (torch.float32, torch.float64)
             or not _cpu_kernels.available() or not _cpu_kernels.plain(matrices)):
         return False
-    batch, rows, cols = matrices.shape
-    by_steps, by_squaring = _cpu_step_costs(matrices, n_iter)
+    return _cpp_cheaper(tuple(matrices.shape), n_iter)
+
+
+@functools.lru_cache(maxsize=256)  # (the layers ask every training step)
+def _cpp_cheaper(shape: tuple, n_iter: int) -> bool:
+    batch, rows, cols = shape
+    by_steps, by_squaring = _cpu_step_costs(shape, n_iter)
     torch_path = min(by_steps, by_squaring) if n_iter >= 4 else by_steps
     return n_iter * batch * rows * cols * _CPP_ENTRY_SECONDS < torch_path
+
+
+def cpu_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int) -> tuple | None:
+    """A layer's power step by the C++ CPU kernel, without the op's layers (the training step of a small layer
+    costs more in dispatch than in arithmetic): (u', v') as new tensors, u read and not written, the same
+    numbers as :func:`batched_power_iteration` of ``weight[None]`` (which runs this kernel at such sizes). None
+    where that kernel would not run: another device or dtype, the kernels off or not built, a backend other
+    than torch chosen (Triton's interpreter included), a wrapped tensor or a torch.func transform, or a size
+    where the PyTorch path is cheaper."""
+    if (not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
+            or not _cpu_kernels.available() or not _cpu_kernels.plain(weight, u)
+            or torch._C._are_functorch_transforms_active()):  # (a transform sees the custom op)
+        return None
+    rows, cols = weight.shape
+    too_wide = f"matrices wider than {_TRITON_MAX_COLS} columns" if cols > _TRITON_MAX_COLS else None
+    if select_backend(weight, triton_reason=too_wide) != "torch" or not _cpp_cheaper((1, rows, cols), n_iter):
+        return None
+    record_implementation("batched_power_iteration", "cpp")
+    return _cpu_kernels.power_iteration_one(weight.detach().contiguous(), u, n_iter)
 
 
 def _gram_power_direction(matrices, scale, x, steps: int):

@@ -133,3 +133,20 @@ def test_gradient_penalty_through_a_layer():
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     gx.square().sum().backward()
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inputs_that_do_not_fit_the_layer_get_the_public_functions_errors(training):
+    """The layers skip the public functions' checks only for inputs that fit them (lipkern.ops.cpl
+    cpl_layer_forward): another dtype or feature count still raises clearly; other ranks still run."""
+    linear, conv = CPLLinear(6).train(training), CPLConv2d(3, input_size=5).train(training)
+    with pytest.raises(ValueError, match="x is torch.float64"):
+        linear(torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x has 5 features"):
+        linear(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="x is torch.float64"):
+        conv(torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x has 4 channels"):
+        conv(torch.randn(2, 4, 5, 5))
+    assert linear(torch.randn(4, 3, 6)).shape == (4, 3, 6)  # (..., features) takes the public function
+    assert conv(torch.randn(3, 5, 5)).shape == (3, 5, 5)  # unbatched

@@ -1,6 +1,9 @@
 """SpectralConv2d / SpectralLinear: exact operator norms (dense matrix of the layer's weight, SVD, float64) in
 eval mode, certified and not, after adversarial training; state handling; drop-in behaviour."""
 
+import copy
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -253,8 +256,9 @@ class _Shared(nn.Module):
 
 @pytest.fixture
 def torch_backend(knobs):
-    """The grouping logic under test, at the speed of the PyTorch path (the kernels are tested in tests/ops)."""
-    knobs(backend="torch")
+    """The grouping logic under test, at the speed of the PyTorch path (the kernels are tested in tests/ops;
+    with the C++ CPU kernels on, small CPU layers make their own call and form no groups)."""
+    knobs(backend="torch", cpu_kernels=False)
 
 
 def _twins(make):
@@ -377,3 +381,43 @@ def test_autocast_bfloat16_train_and_eval(layer):
         out = module.eval()(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), module(x), atol=3e-2, rtol=3e-2)  # bf16 rounding of x and W
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small layers on the CPU: their own C++ step (no round), the numbers of the grouped path.
+# ----------------------------------------------------------------------------------------------------------
+def _small_layers(dtype):
+    from lipkern.nn import CPLConv2d, CPLLinear
+
+    return [(SpectralConv2d(4, 6, 3, stride=2, padding=1, input_size=7, dtype=dtype), (2, 4, 7, 7)),
+            (SpectralLinear(9, 5, dtype=dtype), (3, 9)),
+            (CPLConv2d(4, 5, 3, input_size=6, dtype=dtype), (2, 4, 6, 6)),
+            (CPLLinear(7, 5, dtype=dtype), (3, 7))]
+
+
+@pytest.mark.skipif(importlib.import_module("lipkern._cpu_kernels")._cpu is None, reason="lipkern._cpu is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_small_cpu_layers_step_alone_with_the_grouped_paths_numbers(dtype, knobs):
+    """A small float32/float64 layer on the CPU makes its own C++ power step (recorded 'cpp', no round, no
+    credit): its vectors, outputs and gradients equal, bit for bit, a twin on the grouped path (the op, which
+    runs the same kernels), over steps with two forwards each (the graph of the first keeps its own u and v)."""
+    from lipkern._dispatch import implementations
+    from lipkern.nn import power
+
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    for layer, shape in _small_layers(dtype):
+        twin = copy.deepcopy(layer)
+        twin._direct_power_rows = lambda *args: None  # the grouped path
+        for step in range(3):
+            x = torch.randn(shape, dtype=dtype)
+            implementations(clear=True)
+            loss = layer(x).square().sum() + layer(2 * x).sum()
+            ran = implementations()
+            twin_loss = twin(x).square().sum() + twin(2 * x).sum()
+            assert ran["conv_power_iteration" if hasattr(layer, "geometry") else "batched_power_iteration"] == "cpp"
+            assert layer not in power._CREDITS
+            loss.backward()
+            twin_loss.backward()
+            assert torch.equal(loss, twin_loss), type(layer).__name__
+            for a, b in ((layer.u, twin.u), (layer.v, twin.v), (layer.weight.grad, twin.weight.grad)):
+                assert torch.equal(a, b), (type(layer).__name__, step)

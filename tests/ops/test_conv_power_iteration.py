@@ -352,3 +352,51 @@ def test_the_cpu_kernels_never_read_a_lazy_negation():
     if _cpu_kernels._cpu is not None:
         with pytest.raises(ValueError, match="lazy negation"):
             _cpu_kernels.conv_bilinear_gradient(negative, v, tuple(weights.shape[1:]), g)
+
+
+# --- the layers' direct CPU step: one layer, no op layers ------------------------------------------------------
+@pytest.mark.skipif(importlib.import_module("lipkern._cpu_kernels")._cpu is None, reason="lipkern._cpu is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+def test_direct_cpu_step_is_the_ops_step_bit_for_bit(case, dtype, knobs):
+    """cpu_conv_power_rows (a training layer's step on the CPU) gives the very numbers of the op on the stacked
+    weight and of conv_bilinear_gradient, in new tensors, and leaves u alone."""
+    from lipkern.ops.conv_power_iteration import conv_bilinear_gradient, cpu_conv_power_rows
+
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    weights, g, kwargs = _setup(case)
+    weight = weights[0].to(dtype)
+    u0 = torch.randn(weight.shape[1] * g.groups, *g.input_size, dtype=dtype)
+    u = u0.clone()
+    implementations(clear=True)
+    u_next, v_next, grad = cpu_conv_power_rows(weight, u, 2, g)
+    assert implementations()["conv_power_iteration"] == "cpp"
+    assert torch.equal(u, u0)
+    op_u = u0[None].clone()
+    _, _, op_v = conv_power_iteration(weight[None], op_u, None, 2, **kwargs)
+    assert torch.equal(u_next, op_u[0]) and torch.equal(v_next, op_v[0])
+    op_grad = conv_bilinear_gradient(op_u, op_v, tuple(weight.shape), g)
+    assert torch.equal(grad, op_grad.reshape(-1))
+
+
+@pytest.mark.skipif(importlib.import_module("lipkern._cpu_kernels")._cpu is None, reason="lipkern._cpu is not built")
+def test_direct_cpu_step_declines_what_its_kernels_do_not_take(knobs):
+    """None (the layer then takes the op) for: the kernels off, a forced Triton backend or the interpreter, a
+    dtype the kernels do not have, a vector of another dtype, a layer past the size limit, a torch.func
+    transform."""
+    module = importlib.import_module("lipkern.ops.conv_power_iteration")
+    weights, g, _ = _setup(GEOMETRIES[0])
+    weight, u = weights[0], torch.randn(3, *g.input_size, dtype=torch.float64)
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    assert module.cpu_conv_power_rows(weight, u, 1, g) is not None
+    assert module.cpu_conv_power_rows(weight.float(), u, 1, g) is None
+    assert module.cpu_conv_power_rows(weight.half(), u.half(), 1, g) is None
+    big = ConvGeometry.create(64, 3, padding=1)
+    assert module.cpu_conv_power_rows(torch.randn(64, 64, 3, 3), torch.randn(64, 64, 64), 1, big) is None
+    seen = []
+    torch.func.grad(lambda w: seen.append(module.cpu_conv_power_rows(weight, u, 1, g)) or w.sum())(weight)
+    assert seen == [None]
+    knobs(triton_interpret=True)
+    assert module.cpu_conv_power_rows(weight, u, 1, g) is None
+    knobs(triton_interpret=False, cpu_kernels=False)
+    assert module.cpu_conv_power_rows(weight, u, 1, g) is None

@@ -1,6 +1,8 @@
 """lipkern.ops.batched_power_iteration: Triton kernel (interpreter) vs the float64 reference, convergence to the
 SVD norm, in-place vector updates, op boundary, bad input."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -259,3 +261,54 @@ def test_torch_path_by_gram_squaring_matches_float64_reference(dtype, monkeypatc
     assert_close(_as_real(v[keep]), _as_real(ref.v[keep]), dtype=tol_dtype, msg="v")
     assert sigma[1] == 0 and torch.equal(u[1], u0[1])
     assert torch.isnan(sigma[2])
+
+
+# --- the layers' direct CPU step: one matrix, no op layers -----------------------------------------------------
+_BUILT = pytest.mark.skipif(importlib.import_module("lipkern._cpu_kernels")._cpu is None,
+                            reason="lipkern._cpu is not built")
+
+
+@_BUILT
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape, fill", [((17, 33), None), ((1, 1), None), ((5, 3), 0.0), ((4, 6), float("nan"))])
+def test_direct_cpu_step_is_the_ops_step_bit_for_bit(shape, fill, dtype, knobs):
+    """cpu_power_rows (a training layer's step on the CPU) gives the very numbers of the op on weight[None],
+    zero and NaN matrices included, in new tensors, from a transposed (non-contiguous) weight too, and leaves
+    u alone."""
+    from lipkern.ops.power_iteration import cpu_power_rows
+
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    weight = torch.randn(shape[1], shape[0], dtype=dtype).T  # non-contiguous
+    if fill is not None:
+        weight = torch.full(shape, fill, dtype=dtype)
+    u0 = initial_vectors((1, shape[1]), dtype, "cpu")[0]
+    u = u0.clone()
+    implementations(clear=True)
+    u_next, v_next = cpu_power_rows(weight, u, 3)
+    assert implementations()["batched_power_iteration"] == "cpp"
+    assert torch.equal(u, u0)
+    _, op_u, op_v = batched_power_iteration(weight[None].contiguous(), u0[None].clone(), n_iter=3)
+    assert torch.allclose(u_next, op_u[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.allclose(v_next, op_v[0], rtol=0, atol=0, equal_nan=True)
+
+
+@_BUILT
+def test_direct_cpu_step_declines_what_its_kernel_does_not_take(knobs):
+    """None (the layer then takes the op) for: the kernel off, the interpreter, complex or half matrices, a
+    vector of another dtype, a matrix where the PyTorch path is cheaper, a torch.func transform."""
+    from lipkern.ops.power_iteration import cpu_power_rows
+
+    weight, u = torch.randn(8, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    assert cpu_power_rows(weight, u, 1) is not None
+    assert cpu_power_rows(weight.float(), u, 1) is None
+    assert cpu_power_rows(weight.to(torch.complex128), u.to(torch.complex128), 1) is None
+    assert cpu_power_rows(weight.half(), u.half(), 1) is None
+    assert cpu_power_rows(torch.randn(2048, 2048), torch.randn(2048), 50) is None
+    seen = []
+    torch.func.grad(lambda w: seen.append(cpu_power_rows(weight, u, 1)) or w.sum())(weight)
+    assert seen == [None]
+    knobs(triton_interpret=True)
+    assert cpu_power_rows(weight, u, 1) is None
+    knobs(triton_interpret=False, cpu_kernels=False)
+    assert cpu_power_rows(weight, u, 1) is None
