@@ -70,18 +70,29 @@ def power_iteration_one(matrix: torch.Tensor, u: torch.Tensor, n_iter: int) -> t
     return u_next, v_next
 
 
-def aol_forward(pairs: torch.Tensor, w: torch.Tensor, kh: int, kw: int, constants: tuple, check: bool,
+def _expect_numel(name: str, t: torch.Tensor, numel: int, dtype: torch.dtype) -> int:
+    """``_expect`` for a tensor read as ``numel`` contiguous entries, whatever its shape (no view needed)."""
+    if t.numel() != numel:
+        raise ValueError(f"lipkern._cpu: {name} must have {numel} entries, got shape {tuple(t.shape)}")
+    return _expect(name, t, t.shape, dtype)
+
+
+def aol_forward(pairs: torch.Tensor, w: torch.Tensor, shape: tuple, constants: tuple, check: bool,
                 with_signs: bool):
     """(scale d, W·d, half-shift signs or None) from the Gram pairs (see csrc/cpu/kernels.h), or None when
-    ``check`` fails. ``constants``: the AolConstants fields in order (eps_rel, eps_gram, t_mass, t_count,
-    sum_factor, keep, tiny, largest, max_cost). The outputs are allocated here (only the inputs are checked)."""
-    groups, out_g, in_g, kk = w.shape
+    ``check`` fails. ``shape`` = (groups, out_g, in_g, kh, kw); w holds groups·out_g·in_g·kh·kw entries in that
+    order (a linear weight (out, in) as it is), W·d has w's shape. ``constants``: the AolConstants fields in
+    order (eps_rel, eps_gram, t_mass, t_count, sum_factor, keep, tiny, largest, max_cost). The outputs are
+    allocated here (only the inputs are checked)."""
+    groups, out_g, in_g, kh, kw = shape
+    kk = kh * kw
     n, n_half = in_g * kk, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
-    if w.dtype not in _REAL or pairs.dtype not in _REAL or kh * kw != kk:
-        raise ValueError(f"lipkern._cpu.aol_forward: bad dtypes {pairs.dtype}, {w.dtype} or kernel {kh}x{kw}")
-    p_ptr, w_ptr = _expect("pairs", pairs, (groups, n, n), pairs.dtype), _expect("w", w, w.shape, w.dtype)
+    if w.dtype not in _REAL or pairs.dtype not in _REAL:
+        raise ValueError(f"lipkern._cpu.aol_forward: bad dtypes {pairs.dtype}, {w.dtype}")
+    p_ptr = _expect_numel("pairs", pairs, groups * n * n, pairs.dtype)
+    w_ptr = _expect_numel("w", w, groups * out_g * n, w.dtype)
     scale = torch.empty((groups, in_g), dtype=w.dtype)
-    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    out = torch.empty(w.shape, dtype=w.dtype)
     signs = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8) if with_signs else None
     status = _cpu.aol_forward(p_ptr, int(pairs.dtype == torch.float64), w_ptr, int(w.dtype == torch.float64), groups,
                               out_g, in_g, kh, kw, *constants, int(check), scale.data_ptr(), out.data_ptr(),
@@ -90,19 +101,20 @@ def aol_forward(pairs: torch.Tensor, w: torch.Tensor, kh: int, kw: int, constant
 
 
 def aol_backward(grad: torch.Tensor, grad_scale: torch.Tensor | None, w: torch.Tensor, scale: torch.Tensor,
-                 signs: torch.Tensor, kh: int, kw: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The symmetric ∂L/∂P + ∂L/∂Pᵀ, (groups, in_g·kk, in_g·kk), of the AOL backward, and G·d in grad's shape
-    (csrc/cpu/kernels.h)."""
-    groups, out_g, in_g, kk = w.shape
-    n, n_half = in_g * kk, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
-    if w.dtype not in _REAL or kh * kw != kk:
-        raise ValueError(f"lipkern._cpu.aol_backward: bad dtype {w.dtype} or kernel {kh}x{kw}")
-    pointers = (_expect("grad", grad, w.shape, w.dtype),
-                0 if grad_scale is None else _expect("grad_scale", grad_scale, (groups, in_g), w.dtype),
-                _expect("w", w, w.shape, w.dtype), _expect("scale", scale, (groups, in_g), w.dtype),
-                _expect("signs", signs, (groups, n_half, in_g, in_g), torch.int8))
-    gsym = torch.empty((groups, n, n), dtype=w.dtype)
-    base = torch.empty_like(w, memory_format=torch.contiguous_format)
+                 signs: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric ∂L/∂P + ∂L/∂Pᵀ, (groups, in_g·kk, in_g·kk) ((n, n) for one group), of the AOL backward,
+    and G·d in w's shape (csrc/cpu/kernels.h). ``shape`` and the layout of w and grad as for aol_forward."""
+    groups, out_g, in_g, kh, kw = shape
+    n, n_half = in_g * kh * kw, ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
+    if w.dtype not in _REAL:
+        raise ValueError(f"lipkern._cpu.aol_backward: bad dtype {w.dtype}")
+    pointers = (_expect_numel("grad", grad, w.numel(), w.dtype),
+                0 if grad_scale is None else _expect_numel("grad_scale", grad_scale, groups * in_g, w.dtype),
+                _expect_numel("w", w, groups * out_g * n, w.dtype),
+                _expect_numel("scale", scale, groups * in_g, w.dtype),
+                _expect_numel("signs", signs, groups * n_half * in_g * in_g, torch.int8))
+    gsym = torch.empty((n, n) if groups == 1 else (groups, n, n), dtype=w.dtype)
+    base = torch.empty(w.shape, dtype=w.dtype)
     _cpu.aol_backward(*pointers, int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw, gsym.data_ptr(),
                       base.data_ptr())
     return gsym, base

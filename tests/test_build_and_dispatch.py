@@ -247,8 +247,13 @@ def test_cpu_kernel_wrappers_refuse_what_their_pointers_cannot_take():
         with pytest.raises(ValueError, match=match):
             _cpu_kernels.power_iteration(*bad, 1)
     w = torch.randn(1, 4, 3, 9)
-    with pytest.raises(ValueError, match="shape"):
-        _cpu_kernels.aol_forward(torch.randn(1, 27, 26), w, 3, 3, (0.0,) * 9, False, False)
+    with pytest.raises(ValueError, match="entries"):
+        _cpu_kernels.aol_forward(torch.randn(1, 27, 26), w, (1, 4, 3, 3, 3), (0.0,) * 9, False, False)
+    with pytest.raises(ValueError, match="entries"):
+        _cpu_kernels.aol_forward(torch.randn(1, 27, 27), w[:, :3], (1, 4, 3, 3, 3), (0.0,) * 9, False, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        _cpu_kernels.aol_forward(torch.randn(1, 27, 27), w.transpose(1, 2), (1, 4, 3, 3, 3), (0.0,) * 9, False,
+                                 False)
 
 
 def test_sdist_manifest_carries_every_compiled_source():

@@ -378,7 +378,18 @@ struct ConvPlan {
   static constexpr int kBlock = 8;
 };
 
-double sum_of_squares(const std::vector<double>& x) {
+// A run of doubles in a thread's reusable work memory (see ConvBuffers).
+struct Span {
+  double* p = nullptr;
+  size_t n = 0;
+  double* data() const { return p; }
+  size_t size() const { return n; }
+  double* begin() const { return p; }
+  double* end() const { return p + n; }
+  double& operator[](size_t i) const { return p[i]; }
+};
+
+double sum_of_squares(const Span& x) {
   double part[4] = {0.0, 0.0, 0.0, 0.0};
   const size_t n = x.size(), n4 = n - n % 4;
   for (size_t e = 0; e < n4; e += 4)
@@ -387,11 +398,27 @@ double sum_of_squares(const std::vector<double>& x) {
   return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
+// The work arrays of one call, carved from memory the calling thread keeps between calls: a small layer's step
+// would otherwise spend more in allocating (and, past malloc's mmap threshold, page-faulting) its patches than
+// in arithmetic. Every array is written before it is read, so nothing is cleared.
 struct ConvBuffers {
-  std::vector<double> w, x, padded, patches, wv, q, z;
-  explicit ConvBuffers(const ConvPlan& p)
-      : w(p.c.c_out * p.k), x(p.c.c_in * p.c.h * p.c.w), padded(p.c.c_in * p.hp * p.wp),
-        patches(p.c.groups * p.k * p.hw), wv(p.c.c_out * p.hw), q(patches.size()), z(x.size()) {}
+  Span w, x, padded, patches, wv, q, z;
+  explicit ConvBuffers(const ConvPlan& p) {
+    const size_t sizes[7] = {static_cast<size_t>(p.c.c_out * p.k), static_cast<size_t>(p.c.c_in * p.c.h * p.c.w),
+                             static_cast<size_t>(p.c.c_in * p.hp * p.wp), static_cast<size_t>(p.c.groups * p.k * p.hw),
+                             static_cast<size_t>(p.c.c_out * p.hw), static_cast<size_t>(p.c.groups * p.k * p.hw),
+                             static_cast<size_t>(p.c.c_in * p.c.h * p.c.w)};
+    size_t total = 0;
+    for (size_t n : sizes) total += n;
+    static thread_local std::vector<double> pool;
+    if (pool.size() < total) pool.resize(total);
+    double* next = pool.data();
+    Span* spans[7] = {&w, &x, &padded, &patches, &wv, &q, &z};
+    for (int i = 0; i < 7; ++i) {
+      *spans[i] = Span{next, sizes[i]};
+      next += sizes[i];
+    }
+  }
 };
 
 template <typename T>
@@ -405,6 +432,7 @@ void conv_power_layer(const T* w, T* u, T* v, T* sigma, const ConvPlan& plan, Co
   // dtype's largest value (an Inf weight gives s = Inf and NaN entries, as there)
   for (int64_t e = 0; e < n_w; ++e) buf.w[e] = static_cast<double>(w[e]) / s;
   std::copy(u, u + n_u, buf.x.begin());
+  std::fill(buf.wv.begin(), buf.wv.end(), 0.0);  // (v for n_iter = 0)
   double nz = 0.0;
   for (int64_t step = 0; step < n_iter; ++step) {
     plan.im2col(buf.x.data(), buf.padded.data(), buf.patches.data());

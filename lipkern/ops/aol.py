@@ -706,8 +706,8 @@ def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: b
     """The torch path's forward. ``scheme``: 'fp64' (float64 products), 'fp32' (float32 products, margin
     γ_{out_g+kk}), or 'auto': fp32, redone in fp64 when the fp32 margin would cost more than
     ``_FP32_GRAM_MAX_COST`` of some r_i or r̂ is not finite (one host read: CPU). Returns (rescaled weight, d,
-    half-shift signs or None, the scheme that ran). Differentiable by autograd (the
-    path torch.func transforms differentiate)."""
+    half-shift signs or None, the scheme that ran), the rescaled weight in w4's shape (a contiguous (out, in) or
+    (out, in/groups, kh, kw) weight). Differentiable by autograd (the path torch.func transforms differentiate)."""
     on_host = (w4.device.type == "cpu" and not (torch.is_grad_enabled() and w4.requires_grad)
                and not torch._C._are_functorch_transforms_active()
                and not torch.jit.is_tracing())  # (a jit trace records torch ops only; its sizes are tensors)
@@ -739,47 +739,57 @@ def _forward_torch(w4: torch.Tensor, groups: int, scheme: str = "fp64", signs: b
     return out, scale, sign_out, ran
 
 
-def _forward_cpu_kernel(w4: torch.Tensor, groups: int, scheme: str, signs: bool):
+def _forward_cpu_kernel(weight: torch.Tensor, groups: int, scheme: str, signs: bool):
     """:func:`_forward_torch` on the CPU with the C++ kernel: one GEMM P = W_leftᵀW_right (rows (i, a), columns
     (b, j)), then one call forms the shift sums M_s in float64 from P, r_i, C_oi, S_i, the margin and d (the
-    float64 operations of :func:`_scale_from_sums_cpu`, in its order: the same proof), W·d and the signs."""
-    out_g, in_g, kh, kw, n_half = _geometry(w4, groups)
-    kk, acc = kh * kw, _acc_dtype(w4.dtype)
+    float64 operations of :func:`_scale_from_sums_cpu`, in its order: the same proof), W·d and the signs.
+    ``weight``: (out, in) or (out, in/groups, kh, kw), kept in its shape (views cost more than a small GEMM)."""
+    out_g, in_g, kh, kw, _ = _geometry(weight, groups)
+    kk, acc = kh * kw, _acc_dtype(weight.dtype)
     ran = "fp32" if scheme == "auto" else scheme
-    k = _torch_path_constants(out_g, in_g, kh, kw, w4.dtype, ran)
-    w4 = w4.contiguous()  # (called without a graph: grad mode off or no gradient asked for)
-    w = (w4 if w4.dtype == acc else w4.to(acc)).view(groups, out_g, in_g, kk)  # 16-bit weights: exact in float32
+    k = _torch_path_constants(out_g, in_g, kh, kw, weight.dtype, ran)
+    weight = weight.contiguous()  # (called without a graph: grad mode off or no gradient asked for)
+    w = weight if weight.dtype == acc else weight.to(acc)  # 16-bit weights: exact in float32
     gram_dtype = torch.float64 if ran == "fp64" else acc
-    if kk == 1:  # P = WᵀW: one GEMM of the weight with itself
-        m = (w if gram_dtype == acc else w.to(gram_dtype)).view(groups, out_g, in_g)
+    m = w if gram_dtype == acc else w.to(gram_dtype)
+    if w.dim() == 2:  # a linear weight: P = WᵀW, one GEMM of the weight with itself
+        pairs = torch.mm(m.T, m)
+    elif kk == 1:
+        m = m.view(groups, out_g, in_g)
         pairs = torch.bmm(m.transpose(1, 2), m)
     else:
-        left, right = _gram_pairs(w4.to(gram_dtype).view(groups, out_g, in_g, kk))
+        left, right = _gram_pairs(m.view(groups, out_g, in_g, kk))
         pairs = torch.bmm(left.transpose(1, 2), right)  # columns (b, j): the kernel's shift sums read rows in order
-    result = _cpu_kernels.aol_forward(pairs, w, kh, kw, k["cpu_args"], scheme == "auto", signs)
+    result = _cpu_kernels.aol_forward(pairs, w, (groups, out_g, in_g, kh, kw), k["cpu_args"], scheme == "auto",
+                                      signs)
     if result is None:
-        return _forward_cpu_kernel(w4, groups, "fp64", signs)
+        return _forward_cpu_kernel(weight, groups, "fp64", signs)
     scale, out, sign_out = result
-    out = out.view(w4.shape)
-    return (out if out.dtype == w4.dtype else out.to(w4.dtype)), scale, sign_out, ran
+    return (out if out.dtype == weight.dtype else out.to(weight.dtype)), scale, sign_out, ran
 
 
-def _backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups):
+def _backward_cpu_kernel(grad_out, grad_scale, weight, scale, signs, groups):
     """:func:`_backward_torch` on the CPU with the C++ kernel: ∂L/∂r, then Γ placed at its (i, a), (b, j)
-    entries and symmetrized in one call, then ONE GEMM ∂L/∂W_left = W_right(∂P + ∂Pᵀ)ᵀ and G·d."""
-    out_g, in_g, kh, kw, _ = _geometry(w4, groups)
+    entries and symmetrized in one call, then ONE GEMM ∂L/∂W_left = W_right(∂P + ∂Pᵀ)ᵀ and G·d. ``weight`` and
+    ``grad_out`` contiguous, in the weight's shape."""
+    out_g, in_g, kh, kw, _ = _geometry(weight, groups)
     kk, acc = kh * kw, scale.dtype
-    w = (w4 if w4.dtype == acc else w4.to(acc)).view(groups, out_g, in_g, kk)
-    grad = (grad_out if grad_out.dtype == acc else grad_out.to(acc)).view(groups, out_g, in_g, kk)
+    w = weight if weight.dtype == acc else weight.to(acc)
+    grad = grad_out if grad_out.dtype == acc else grad_out.to(acc)
     if grad_scale is not None and grad_scale.dtype != acc:
         grad_scale = grad_scale.to(acc)
-    gsym, base = _cpu_kernels.aol_backward(grad, grad_scale, w, scale, signs, kh, kw)  # gsym: rows (i, a), cols (b, j)
-    if kk == 1:  # gsym is a symmetric matrix here: no transposed read
-        grad_w = torch.baddbmm(base.view(groups, out_g, in_g), w.view(groups, out_g, in_g), gsym)
+    # gsym: rows (i, a), cols (b, j)
+    gsym, base = _cpu_kernels.aol_backward(grad, grad_scale, w, scale, signs, (groups, out_g, in_g, kh, kw))
+    if w.dim() == 2:  # gsym is a symmetric matrix here: no transposed read
+        grad_w = torch.addmm(base, w, gsym)
+    elif kk == 1:
+        grad_w = torch.baddbmm(base.view(groups, out_g, in_g), w.view(groups, out_g, in_g),
+                               gsym.view(groups, in_g, in_g))
     else:
-        grad_w = torch.baddbmm(base.view(groups, out_g, in_g * kk), _gram_pairs(w)[1], gsym.transpose(1, 2))
-    grad_w = grad_w.view(w4.shape)
-    return grad_w if grad_w.dtype == w4.dtype else grad_w.to(w4.dtype)
+        grad_w = torch.baddbmm(base.view(groups, out_g, in_g * kk), _gram_pairs(w.view(groups, out_g, in_g, kk))[1],
+                               gsym.view(groups, in_g * kk, in_g * kk).transpose(1, 2))
+    grad_w = grad_w.view(weight.shape)
+    return grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)
 
 
 def _backward_layout(w4: torch.Tensor, groups: int) -> torch.Tensor:
@@ -833,42 +843,54 @@ def _torch_scheme(w4: torch.Tensor, groups: int = 1) -> str:
     return "auto" if out_g + kh * kw <= _FP32_GRAM_MAX_TERMS else "fp64"
 
 
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)  # (the C getter: 0.2 against 2 µs)
+
+
 def _ieee_float32_math() -> bool:
-    mkldnn = torch.backends.mkldnn
-    modes = (getattr(mkldnn, "fp32_precision", "none"), getattr(mkldnn.matmul, "fp32_precision", "none"))
-    return (torch.get_float32_matmul_precision() == "highest" and all(m in ("none", "ieee") for m in modes)
-            and config().onednn_fpmath == "strict")
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the legacy and the per-backend APIs were mixed: PyTorch refuses to say; assume not
+        return False
+    if legacy != "highest" or config().onednn_fpmath != "strict":
+        return False
+    if _FP32_PRECISION is not None:
+        modes = (_FP32_PRECISION("mkldnn", "all"), _FP32_PRECISION("mkldnn", "matmul"))
+    else:
+        mkldnn = torch.backends.mkldnn
+        modes = (getattr(mkldnn, "fp32_precision", "none"), getattr(mkldnn.matmul, "fp32_precision", "none"))
+    return all(m in ("none", "ieee") for m in modes)
 
 
 def _aol_fwd(weight: torch.Tensor, groups: int, save: bool = True):
     """(rescaled weight, d, half-shift signs: the backward's, None when ``save`` is False on the torch path).
     ``weight``: (out, in) or (out, in/groups, kh, kw); the rescaled weight has its shape."""
-    w4 = _as_conv(weight.contiguous())  # the kernels index raw memory; the op may be called with any strides
-    if select_backend(w4) == "triton":
+    contiguous = weight.contiguous()  # the kernels index raw memory; the op may be called with any strides
+    if select_backend(contiguous) == "triton":
+        w4 = _as_conv(contiguous)
         record_implementation("aol_rescale", f"triton/{gram_precision(w4.dtype)}")
         out, scale, sign_out = _forward_triton(w4, groups)
         return out.view(weight.shape), scale, sign_out
-    scheme = _torch_scheme(w4, groups)
-    out, scale, sign_out, ran = _forward_torch(w4, groups, scheme, save)
-    form = "cpp" if w4.device.type == "cpu" and _cpu_kernels.available() else "torch-gemm"
+    scheme = _torch_scheme(contiguous, groups)
+    out, scale, sign_out, ran = _forward_torch(contiguous, groups, scheme, save)  # (in the weight's shape)
+    form = "cpp" if contiguous.is_cpu and _cpu_kernels.available() else "torch-gemm"
     record_implementation("aol_rescale", f"{form}/{ran}" + (" (auto)" if scheme == "auto" else ""))
-    return out.view(weight.shape), scale, sign_out
+    return out, scale, sign_out
 
 
 def _aol_bwd(grads, inputs, saved, needs):
     (grad_out, grad_scale), (weight, groups), (scale, signs) = grads, inputs, saved
-    w4 = _as_conv(weight.contiguous())
-    grad_out = torch.zeros_like(w4) if grad_out is None else _as_conv(grad_out.contiguous())  # stride-0 ones too
+    w = weight.contiguous()
+    grad_out = torch.zeros_like(w) if grad_out is None else grad_out.contiguous()  # stride-0 ones too
     if grad_scale is not None:
         grad_scale = grad_scale.contiguous()
-    if select_backend(w4) == "triton":
-        grad = _backward_triton(grad_out, grad_scale, w4, scale, signs, groups)
-    elif (w4.is_cpu and _cpu_kernels.available() and not torch.is_grad_enabled()
-            and _cpu_kernels.plain(grad_out, w4, *([] if grad_scale is None else [grad_scale]))):
-        grad = _backward_cpu_kernel(grad_out, grad_scale, w4, scale, signs, groups)
+    if select_backend(w) == "triton":
+        grad = _backward_triton(_as_conv(grad_out), grad_scale, _as_conv(w), scale, signs, groups)
+    elif (w.is_cpu and _cpu_kernels.available() and not torch.is_grad_enabled()
+            and _cpu_kernels.plain(grad_out, w, *([] if grad_scale is None else [grad_scale]))):
+        grad = _backward_cpu_kernel(grad_out, grad_scale, w, scale, signs, groups)  # (in the weight's shape)
     else:
-        grad = _backward_torch(grad_out, grad_scale, w4, scale, signs, groups)
-    return (grad.view(weight.shape),)
+        grad = _backward_torch(_as_conv(grad_out), grad_scale, _as_conv(w), scale, signs, groups)
+    return (grad if grad.shape == weight.shape else grad.view(weight.shape),)
 
 
 def _aol_functional(weight, groups):

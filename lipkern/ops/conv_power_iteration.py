@@ -28,7 +28,6 @@ function.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -468,11 +467,16 @@ def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geom
     :func:`conv_power_iteration` and :func:`conv_bilinear_gradient` for ``weight[None]`` (which run these kernels
     at such sizes). None where they would not run: another device or dtype, the kernels off or not built, a
     backend other than torch chosen (Triton's interpreter included), a wrapped tensor or a torch.func
-    transform, or more than ``_CPP_MAX_MACS`` multiply-adds."""
+    transform, more than ``_CPP_MAX_MACS`` multiply-adds or 4 steps. (CPL-S (small), 45 → 5 channels at 8²,
+    130k multiply-adds: its four layers' stacked PyTorch round cost 1.7 ms a step, their own C++ steps 4 × 0.3.)"""
     if not weight.is_cpu or not _cpu_kernels.available():
         return None
-    shape = _one_layer_shape(tuple(weight.shape), geometry)
-    if (shape is None or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
+    shapes = geometry.__dict__.setdefault("_one_layer_shapes", {})  # (kept in the instance: no hash per call)
+    weight_shape = tuple(weight.shape)
+    shape = shapes.get(weight_shape, False)
+    if shape is False:
+        shape = shapes[weight_shape] = _one_layer_shape(weight_shape, geometry)
+    if (shape is None or n_iter > 4 or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
             or not _cpu_kernels.plain(weight, u) or torch._C._are_functorch_transforms_active()):
         return None
     long_run = n_iter > _INTERPRETER_MAX_ITER
@@ -483,7 +487,6 @@ def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geom
     return _cpu_kernels.conv_power_rows(weight.detach().contiguous(), u, n_iter, shape)
 
 
-@functools.lru_cache(maxsize=256)  # (the layers ask every training step)
 def _one_layer_shape(weight_shape: tuple, geometry: ConvGeometry) -> tuple | None:
     """The C++ kernels' shape arguments for one layer of this weight, None past ``_CPP_MAX_MACS``."""
     if len(weight_shape) != 4 or _macs((1, *weight_shape), geometry) > _CPP_MAX_MACS:

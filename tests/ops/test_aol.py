@@ -574,6 +574,16 @@ def test_cpu_scheme_is_fp64_when_float32_math_is_not_ieee(knobs):
         assert aol._torch_scheme(w) == "fp64"
     finally:
         torch.set_float32_matmul_precision(previous)
+    for module in (torch.backends.mkldnn, torch.backends.mkldnn.matmul):  # the per-backend API (PyTorch ≥ 2.9)
+        if getattr(module, "fp32_precision", None) is None:
+            continue
+        previous = module.fp32_precision
+        try:
+            module.fp32_precision = "bf16"
+            assert aol._torch_scheme(w) == "fp64"
+            assert aol_rescale(w).isfinite().all()  # (mixing it with the legacy API makes PyTorch raise there)
+        finally:
+            module.fp32_precision = previous
     knobs(onednn_fpmath="bf16")  # ONEDNN_DEFAULT_FPMATH_MODE=BF16 at start-up
     assert aol._torch_scheme(w) == "fp64"
 
