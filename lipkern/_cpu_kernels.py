@@ -33,7 +33,14 @@ def plain(*tensors: torch.Tensor) -> bool:
         torch._C._functorch.is_functorch_wrapped_tensor(t) or t.is_neg() or t.is_conj() for t in tensors)
 
 
+def _cpu_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An output of a kernel: on the CPU whatever the default device (``with torch.device("meta")``)."""
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
 def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> int:
+    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.is_meta:  # (FakeTensor: is_cpu)
+        raise ValueError(f"lipkern._cpu: {name} must be a plain CPU tensor with memory, got {type(t).__name__}")
     if (not t.is_cpu or t.dtype != dtype or t.shape != shape or not t.is_contiguous()
             or t.is_neg() or t.is_conj()):  # (a lazy negation or conjugation is not in the memory read)
         raise ValueError(f"lipkern._cpu: {name} must be a contiguous {dtype} CPU tensor of shape {tuple(shape)} "
@@ -64,7 +71,7 @@ def power_iteration_one(matrix: torch.Tensor, u: torch.Tensor, n_iter: int) -> t
         raise ValueError(f"lipkern._cpu.power_iteration: real float32/float64 matrices only, got {dtype}")
     m_ptr = _expect("matrix", matrix, (rows, cols), dtype)
     u_next = u.clone(memory_format=torch.contiguous_format)
-    v_next, sigma = torch.empty(rows, dtype=dtype), torch.empty(1, dtype=dtype)  # (alive during the call)
+    v_next, sigma = _cpu_empty(rows, dtype), _cpu_empty(1, dtype)  # (alive during the call)
     _cpu.power_iteration(m_ptr, _expect("u", u_next, (cols,), dtype), v_next.data_ptr(), sigma.data_ptr(), 1, rows,
                          cols, int(n_iter), int(dtype == torch.float64))
     return u_next, v_next
@@ -91,9 +98,9 @@ def aol_forward(pairs: torch.Tensor, w: torch.Tensor, shape: tuple, constants: t
         raise ValueError(f"lipkern._cpu.aol_forward: bad dtypes {pairs.dtype}, {w.dtype}")
     p_ptr = _expect_numel("pairs", pairs, groups * n * n, pairs.dtype)
     w_ptr = _expect_numel("w", w, groups * out_g * n, w.dtype)
-    scale = torch.empty((groups, in_g), dtype=w.dtype)
-    out = torch.empty(w.shape, dtype=w.dtype)
-    signs = torch.empty((groups, n_half, in_g, in_g), dtype=torch.int8) if with_signs else None
+    scale = _cpu_empty((groups, in_g), w.dtype)
+    out = _cpu_empty(w.shape, w.dtype)
+    signs = _cpu_empty((groups, n_half, in_g, in_g), torch.int8) if with_signs else None
     status = _cpu.aol_forward(p_ptr, int(pairs.dtype == torch.float64), w_ptr, int(w.dtype == torch.float64), groups,
                               out_g, in_g, kh, kw, *constants, int(check), scale.data_ptr(), out.data_ptr(),
                               0 if signs is None else signs.data_ptr())
@@ -113,8 +120,8 @@ def aol_backward(grad: torch.Tensor, grad_scale: torch.Tensor | None, w: torch.T
                 _expect_numel("w", w, groups * out_g * n, w.dtype),
                 _expect_numel("scale", scale, groups * in_g, w.dtype),
                 _expect_numel("signs", signs, groups * n_half * in_g * in_g, torch.int8))
-    gsym = torch.empty((n, n) if groups == 1 else (groups, n, n), dtype=w.dtype)
-    base = torch.empty(w.shape, dtype=w.dtype)
+    gsym = _cpu_empty((n, n) if groups == 1 else (groups, n, n), w.dtype)
+    base = _cpu_empty(w.shape, w.dtype)
     _cpu.aol_backward(*pointers, int(w.dtype == torch.float64), groups, out_g, in_g, kh, kw, gsym.data_ptr(),
                       base.data_ptr())
     return gsym, base
@@ -155,14 +162,14 @@ def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: t
     with G flat, u read and not written. ``shape``: the ConvShape arguments of one layer with this weight
     (``_conv_shape``); the outputs are allocated here (only the inputs are checked)."""
     dtype, f64 = weight.dtype, int(weight.dtype == torch.float64)
-    _, c_out, c_in, _, _, _, h, w, ho, wo = shape[:10]
-    if dtype not in _REAL or shape[0] != 1 or weight.shape[0] != c_out:
+    _, c_out, c_in, groups, kh, kw, h, w, ho, wo = shape[:10]
+    if dtype not in _REAL or shape[0] != 1:
         raise ValueError(f"lipkern._cpu.conv_power_rows: one real float32/float64 layer, got {dtype}, {shape[:2]}")
-    w_ptr = _expect("weight", weight, weight.shape, dtype)
+    w_ptr = _expect("weight", weight, (c_out, c_in // groups, kh, kw), dtype)
     u_next = u.clone(memory_format=torch.contiguous_format)
     u_ptr = _expect("u", u_next, (c_in, h, w), dtype)
-    v_next, sigma = torch.empty((c_out, ho, wo), dtype=dtype), torch.empty(1, dtype=dtype)
-    grad = torch.empty(weight.numel(), dtype=dtype)
+    v_next, sigma = _cpu_empty((c_out, ho, wo), dtype), _cpu_empty(1, dtype)
+    grad = _cpu_empty(weight.numel(), dtype)
     _cpu.conv_power_iteration(w_ptr, u_ptr, v_next.data_ptr(), sigma.data_ptr(), *shape, int(n_iter), f64)
     _cpu.conv_bilinear_gradient(u_ptr, v_next.data_ptr(), grad.data_ptr(), *shape, f64)
     return u_next, v_next, grad
@@ -170,7 +177,7 @@ def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: t
 
 def conv_bilinear_gradient(u: torch.Tensor, v: torch.Tensor, weight_shape, geometry) -> torch.Tensor:
     """G_l = ∂⟨v_l, A_l u_l⟩/∂W_l, (L, *weight_shape), float64 accumulation."""
-    grad = torch.empty((u.shape[0], *weight_shape), dtype=u.dtype)
+    grad = _cpu_empty((u.shape[0], *weight_shape), u.dtype)
     shape, (u_ptr, v_ptr) = _conv_tensors(grad, u, v, geometry)
     _cpu.conv_bilinear_gradient(u_ptr, v_ptr, grad.data_ptr(), *shape, int(u.dtype == torch.float64))
     return grad

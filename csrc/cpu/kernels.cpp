@@ -400,9 +400,15 @@ double sum_of_squares(const Span& x) {
 
 // The work arrays of one call, carved from memory the calling thread keeps between calls: a small layer's step
 // would otherwise spend more in allocating (and, past malloc's mmap threshold, page-faulting) its patches than
-// in arithmetic. Every array is written before it is read, so nothing is cleared.
+// in arithmetic. Every array is written before it is read, so nothing is cleared. The pool serves one live
+// ConvBuffers per thread and at most kPoolMax doubles (64 MB); a second live one, or a larger call, gets memory
+// of its own, freed with it.
 struct ConvBuffers {
+  static constexpr size_t kPoolMax = size_t{1} << 23;
   Span w, x, padded, patches, wv, q, z;
+  std::vector<double> own;
+  bool pooled = false;
+
   explicit ConvBuffers(const ConvPlan& p) {
     const size_t sizes[7] = {static_cast<size_t>(p.c.c_out * p.k), static_cast<size_t>(p.c.c_in * p.c.h * p.c.w),
                              static_cast<size_t>(p.c.c_in * p.hp * p.wp), static_cast<size_t>(p.c.groups * p.k * p.hw),
@@ -410,14 +416,34 @@ struct ConvBuffers {
                              static_cast<size_t>(p.c.c_in * p.c.h * p.c.w)};
     size_t total = 0;
     for (size_t n : sizes) total += n;
-    static thread_local std::vector<double> pool;
-    if (pool.size() < total) pool.resize(total);
-    double* next = pool.data();
+    double* next = nullptr;
+    if (!pool_busy() && total <= kPoolMax) {
+      if (pool().size() < total) pool().resize(total);
+      next = pool().data();
+      pooled = pool_busy() = true;
+    } else {
+      own.resize(total);
+      next = own.data();
+    }
     Span* spans[7] = {&w, &x, &padded, &patches, &wv, &q, &z};
     for (int i = 0; i < 7; ++i) {
       *spans[i] = Span{next, sizes[i]};
       next += sizes[i];
     }
+  }
+  ~ConvBuffers() {
+    if (pooled) pool_busy() = false;
+  }
+  ConvBuffers(const ConvBuffers&) = delete;
+  ConvBuffers& operator=(const ConvBuffers&) = delete;
+
+  static std::vector<double>& pool() {
+    static thread_local std::vector<double> memory;
+    return memory;
+  }
+  static bool& pool_busy() {
+    static thread_local bool busy = false;
+    return busy;
   }
 };
 

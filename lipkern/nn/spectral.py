@@ -206,8 +206,9 @@ class _SpectralLinearBase(_SpectralNormalized):
     def _stacked_sigma_data(u_rows, v_rows) -> None:
         return None
 
-    @staticmethod
-    def _direct_power_rows(weight, u, n_iter: int) -> tuple | None:
+    def _direct_power_rows(self, weight, u, n_iter: int) -> tuple | None:
+        if type(self)._stacked_power is not _SpectralLinearBase._stacked_power:  # a subclass's own step
+            return None
         rows = cpu_power_rows(weight, u, n_iter)
         return None if rows is None else (*rows, None)
 
@@ -342,6 +343,10 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
         return grad.reshape(grad.shape[0], -1)
 
     def _direct_power_rows(self, weight, u, n_iter: int) -> tuple | None:
+        cls = type(self)
+        if (cls._stacked_power is not _SpectralConvBase._stacked_power  # a subclass's own step
+                or cls._stacked_sigma_data is not _SpectralConvBase._stacked_sigma_data):
+            return None
         return cpu_conv_power_rows(weight, u, n_iter, self.geometry)
 
     def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:

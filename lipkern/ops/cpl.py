@@ -369,12 +369,12 @@ _COMPOSITE_MAX_MACS = 1 << 24
 
 
 def _composite_pays(x, weight, bias, h, geometry=None) -> bool:
-    """Auto mode on the CPU's PyTorch path (a forced backend or Triton's interpreter runs the op itself) at small
+    """Auto mode on the CPU's PyTorch path (a forced backend or Triton's kernels run the op itself) at small
     sizes."""
     if not x.is_cpu:
         return False
     settings = config()
-    if settings.backend is not None or settings.triton_interpret:
+    if settings.backend is not None or (settings.triton_interpret and _use_triton(x)):
         return False
     return x.numel() // max(1, x.shape[1]) * weight.numel() <= _COMPOSITE_MAX_MACS
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from lipkern import _cpu_kernels, _cuda
-from lipkern._dispatch import device_context, record_implementation, select_backend, triton_importable
+from lipkern._dispatch import device_context, record_implementation, select_backend, tracing, triton_importable
 from lipkern.ops._registration import define_op
 
 __all__ = ["PowerIteration", "advance_power_iteration", "batched_power_iteration",
@@ -351,11 +351,11 @@ def cpu_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int) -> tuple 
     costs more in dispatch than in arithmetic): (u', v') as new tensors, u read and not written, the same
     numbers as :func:`batched_power_iteration` of ``weight[None]`` (which runs this kernel at such sizes). None
     where that kernel would not run: another device or dtype, the kernels off or not built, a backend other
-    than torch chosen (Triton's interpreter included), a wrapped tensor or a torch.func transform, or a size
-    where the PyTorch path is cheaper."""
+    than torch chosen (Triton's interpreter included), a wrapped tensor, a torch.func transform or tracing (a
+    FakeTensorMode, make_fx, torch.compile: they record the op), or a size where the PyTorch path is cheaper."""
     if (not weight.is_cpu or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
             or not _cpu_kernels.available() or not _cpu_kernels.plain(weight, u)
-            or torch._C._are_functorch_transforms_active()):  # (a transform sees the custom op)
+            or torch._C._are_functorch_transforms_active() or tracing()):  # (these see the custom op)
         return None
     rows, cols = weight.shape
     too_wide = f"matrices wider than {_TRITON_MAX_COLS} columns" if cols > _TRITON_MAX_COLS else None

@@ -421,3 +421,29 @@ def test_small_cpu_layers_step_alone_with_the_grouped_paths_numbers(dtype, knobs
             assert torch.equal(loss, twin_loss), type(layer).__name__
             for a, b in ((layer.u, twin.u), (layer.v, twin.v), (layer.weight.grad, twin.weight.grad)):
                 assert torch.equal(a, b), (type(layer).__name__, step)
+
+
+@pytest.mark.skipif(importlib.import_module("lipkern._cpu_kernels")._cpu is None, reason="lipkern._cpu is not built")
+def test_small_cpu_layers_own_step_is_never_taken_where_it_cannot_run(knobs):
+    """The C++ step reads raw memory: under a FakeTensorMode or make_fx (they record the op), a default-device
+    context (outputs stay on the CPU) and for a weight whose kernel no longer fits the layer's geometry (a clear
+    error, never a read past it), the layers behave as on the op path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    for layer, shape in _small_layers(torch.float32):
+        x = torch.randn(shape)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            assert layer(x).shape == layer(x).shape  # (no raw pointer of a fake tensor reached the kernel)
+        graph = make_fx(lambda t: layer(t))(x)
+        targets = {str(node.target) for node in graph.graph.nodes}
+        assert any("power_iteration" in t for t in targets), targets
+        u = layer.u.clone()
+        with torch.device("meta"):
+            out = layer(x)
+        assert out.device.type == "cpu" and torch.isfinite(out).all() and not torch.equal(layer.u, u)
+    conv = SpectralConv2d(4, 6, 3, padding=1, input_size=5)
+    conv.weight = nn.Parameter(torch.randn(6, 4, 1, 1))
+    with pytest.raises((ValueError, RuntimeError)):
+        conv.sigma()
