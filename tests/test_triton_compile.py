@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 POINTER_DTYPES = {"sign_ptr": "*i8"}  # every other pointer takes the kernel's float dtype
-FLOAT64_POINTERS = {"col_abs_ptr", "row_abs_ptr", "partial_ptr", "slack_ptr"}  # AOL's float64 bookkeeping
+FLOAT64_POINTERS = {"col_abs_ptr", "row_abs_ptr", "partial_ptr", "slack_ptr", "dot_ptr"}  # float64 sums
 FLOAT_SCALARS = {"EPS_REL", "EPS_ABS_BASE", "D_MARGIN"}
 
 
