@@ -18,8 +18,8 @@ from fractions import Fraction
 import numpy
 import torch
 
-__all__ = ["add_up", "smallest_normal", "cast_down", "cast_up", "div_down", "div_up", "down", "fraction_up", "gamma_up", "mul_up",
-           "one_minus_gamma_down", "sqrt_int_up", "sqrt_up", "tensor_up", "up"]
+__all__ = ["add_up", "cast_down", "cast_up", "div_down", "div_up", "down", "fraction_up", "gamma_up", "mul_up",
+           "one_minus_gamma_down", "smallest_normal", "sqrt_int_up", "sqrt_up", "tensor_up", "up"]
 
 
 def up(x: float) -> float:

@@ -4,8 +4,8 @@ Every training-mode spectral / CPL layer (and every subclass of them in user mod
 :func:`advance` for its power step; nothing is registered by the user. Except on the CPU where the C++ kernels
 take the layer (``_direct_power_rows``: small layers, float32 / float64): a stacked call saves launches, which
 the CPU does not have, and its bookkeeping would cost more than the step, so such a layer makes its own call
-(not a subclass that overrides ``_stacked_power`` / ``_stacked_sigma_data``: it keeps its own step). The layers are grouped by
-``layer._power_key()``: the operator's geometry, ``n_power_iterations``, dtype and device.
+(not a subclass that overrides ``_stacked_power`` / ``_stacked_sigma_data``: it keeps its own step). The layers
+are grouped by ``layer._power_key()``: the operator's geometry, ``n_power_iterations``, dtype and device.
 
 A **stacked call** ("round") runs one ``conv_power_iteration`` / ``batched_power_iteration`` for a set of
 layers of a group: ``torch.stack`` of their weights and of their right vectors ``u`` (fresh work tensors, never

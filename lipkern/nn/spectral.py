@@ -352,7 +352,7 @@ class _SpectralConvBase(FixedGeometry, _SpectralNormalized):
     def _bilinear(self, u: torch.Tensor, v: torch.Tensor, extra=None) -> torch.Tensor:
         """σ = ⟨v, A u⟩ = ⟨W, G⟩ (the form is linear in W): one dot product per layer, whose gradient in W is G
         (no per-layer convolution forward or backward). Without G: the convolution."""
-        weight = self._compute_weight() if extra is None or extra.dtype != self.weight.dtype else self.weight
+        weight = self._compute_weight()
         if extra is None:
             # reshape, not [0]: a view whose backward is a view too (select's backward is a zero-filled copy)
             sigma = conv_bilinear(weight[None], u[None], v[None], self.geometry).reshape(())

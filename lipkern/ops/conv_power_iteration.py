@@ -467,8 +467,9 @@ def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geom
     :func:`conv_power_iteration` and :func:`conv_bilinear_gradient` for ``weight[None]`` (which run these kernels
     at such sizes). None where they would not run: another device or dtype, the kernels off or not built, a
     backend other than torch chosen (Triton's interpreter included), a wrapped tensor, a torch.func
-    transform or tracing (FakeTensorMode, make_fx, torch.compile), more than ``_CPP_MAX_MACS`` multiply-adds or 4 steps. (CPL-S (small), 45 → 5 channels at 8²,
-    130k multiply-adds: its four layers' stacked PyTorch round cost 1.7 ms a step, their own C++ steps 4 × 0.3.)"""
+    transform or tracing (FakeTensorMode, make_fx, torch.compile), more than ``_CPP_MAX_MACS`` multiply-adds.
+    (CPL-S (small), 45 → 5 channels at 8², 130k multiply-adds: its four layers' stacked PyTorch round cost
+    1.7 ms a step, their own C++ steps 4 × 0.3 ms.)"""
     if not weight.is_cpu or not _cpu_kernels.available():
         return None
     shapes = geometry.__dict__.setdefault("_one_layer_shapes", {})  # (kept in the instance: no hash per call)
@@ -476,7 +477,7 @@ def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geom
     shape = shapes.get(weight_shape, False)
     if shape is False:
         shape = shapes[weight_shape] = _one_layer_shape(weight_shape, geometry)
-    if (shape is None or n_iter > 4 or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
+    if (shape is None or weight.dtype not in (torch.float32, torch.float64) or u.dtype != weight.dtype
             or not _cpu_kernels.plain(weight, u) or torch._C._are_functorch_transforms_active() or tracing()):
         return None
     long_run = n_iter > _INTERPRETER_MAX_ITER

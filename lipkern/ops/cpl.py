@@ -484,7 +484,7 @@ def _validate(name: str, x, weight, bias, h, x_dims: tuple[int, ...], w_dims: in
             continue
         if not t.is_floating_point():
             raise TypeError(f"{name}: {label} must be floating point, got {t.dtype}")
-        if t.dtype != x.dtype or not (t.is_cpu and x.is_cpu or t.device == x.device):
+        if not _same_place(t, x):
             raise ValueError(f"{name}: {label} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
     if x.dim() not in x_dims or weight.dim() != w_dims:
         raise ValueError(f"{name}: expected x with {x_dims} dims and a {w_dims}-D weight, got "
@@ -551,17 +551,22 @@ def cpl_conv2d_with_geometry(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def cpl_layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
                       g: ConvGeometry | None = None) -> torch.Tensor:
-    """:func:`cpl_linear` (``g`` None, x 2-D) or :func:`cpl_conv2d_with_geometry` for a layer's own weight, bias
-    and step size (one dtype and device by construction; a layer checks x's size itself): when x matches them
-    (dtype, device, features) and no autocast is on, the op runs without the public functions' checks, which
-    cost a small training step more than its arithmetic; any other call takes the public function (its casts,
-    its clear errors)."""
-    full = cpl_linear if g is None else cpl_conv2d_with_geometry
-    if (x.dim() != (2 if g is None else 4) or x.dtype != weight.dtype
-            or not (x.is_cpu and weight.is_cpu or x.device == weight.device) or _autocast_on(x)
-            or x.shape[1] != weight.shape[1] * (1 if g is None else g.groups)):
-        return full(x, weight, bias, h) if g is None else full(x, weight, bias, h, g)
-    return _CPL_LINEAR(x, weight, bias, h) if g is None else _CPL_CONV2D(x, weight, bias, h, g)
+    """:func:`cpl_linear` (``g`` None) or :func:`cpl_conv2d_with_geometry` for a layer (which checks x's size
+    itself): when x, the weight, the bias and h share a dtype and device, the ranks and channels fit and no
+    autocast is on, the op runs without the public functions' checks (they cost a small training step more than
+    its arithmetic); anything else takes the public function, with its casts and its clear errors."""
+    linear = g is None
+    fits = (weight.dim() == (2 if linear else 4) and x.dim() == weight.dim() and _same_place(x, weight)
+            and _same_place(h, weight) and (bias is None or _same_place(bias, weight)) and not _autocast_on(x)
+            and x.shape[1] == weight.shape[1] * (1 if linear else g.groups))
+    if linear:
+        return _CPL_LINEAR(x, weight, bias, h) if fits else cpl_linear(x, weight, bias, h)
+    return _CPL_CONV2D(x, weight, bias, h, g) if fits else cpl_conv2d_with_geometry(x, weight, bias, h, g)
+
+
+def _same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and device (two CPU tensors without building device objects)."""
+    return a.dtype == b.dtype and (a.is_cpu and b.is_cpu or a.device == b.device)
 
 
 def _cpl_conv2d_validated(x, weight, bias, h, g: ConvGeometry) -> torch.Tensor:

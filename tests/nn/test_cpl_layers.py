@@ -138,7 +138,8 @@ def test_gradient_penalty_through_a_layer():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_inputs_that_do_not_fit_the_layer_get_the_public_functions_errors(training):
     """The layers skip the public functions' checks only for inputs that fit them (lipkern.ops.cpl
-    cpl_layer_forward): another dtype or feature count still raises clearly; other ranks still run."""
+    cpl_layer_forward): another dtype (of x or of the bias) or feature count still raises clearly; other
+    ranks still run."""
     linear, conv = CPLLinear(6).train(training), CPLConv2d(3, input_size=5).train(training)
     with pytest.raises(ValueError, match="x is torch.float64"):
         linear(torch.randn(2, 6, dtype=torch.float64))
@@ -148,5 +149,9 @@ def test_inputs_that_do_not_fit_the_layer_get_the_public_functions_errors(traini
         conv(torch.randn(2, 3, 5, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="x has 4 channels"):
         conv(torch.randn(2, 4, 5, 5))
+    linear.bias.data = linear.bias.data.double()  # a bias the layer no longer keeps in the weight's dtype
+    with pytest.raises(ValueError, match="bias is torch.float64"):
+        linear(torch.randn(2, 6))
+    linear.bias.data = linear.bias.data.float()
     assert linear(torch.randn(4, 3, 6)).shape == (4, 3, 6)  # (..., features) takes the public function
     assert conv(torch.randn(3, 5, 5)).shape == (3, 5, 5)  # unbatched
