@@ -241,6 +241,25 @@ def _sweep(maps: list[LinearMap], start: int, stop: int, forward: bool, keep: se
 # ----------------------------------------------------------------------------------------------------------
 # Sub-chain bounds.
 # ----------------------------------------------------------------------------------------------------------
+def _zero_chains(maps: list[LinearMap]) -> set:
+    """The chains (j, k) whose operator is exactly zero: every product path from an input entry to an output entry
+    meets a zero weight or padding (a chain that only reads padding). Found by pushing ones through the chain's
+    0/1 weight pattern: the entries are sums of products of non-negative integers, so an
+    output is 0 only if every path is blocked; any algorithm's rounding of such sums stays far below ½. Rounding
+    errors of the float chain never reach such an output either, which the Gram path's error terms cannot see."""
+    zero = set()
+    for j in range(len(maps)):
+        x = torch.ones(1, *maps[j].in_shape, dtype=torch.float64, device=maps[j].weight.device)
+        for k in range(j, len(maps)):
+            pattern = (maps[k].weight != 0).to(torch.float64)
+            x = maps[k].forward(x, pattern)
+            # (NaN, from counts that overflowed: nonzero; one host read per sub-chain, at certification time)
+            if not bool(((x.abs() >= 0.5) | x.isnan()).any()):
+                zero.update((j, t) for t in range(k, len(maps)))
+                break
+    return zero
+
+
 def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENSE_LIMIT,
                        gram_limit: int = DEFAULT_GRAM_LIMIT) -> torch.Tensor:
     """U (K, K) float64: U[j, k] ≥ ‖A_k ⋯ A_j‖₂ for j ≤ k (GUARANTEED, rounding included); U[j, k] = 0 for j > k.
@@ -273,6 +292,7 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
         abs_norms = _AbsNorms(maps)
         dense, errors = _dense_chains(maps, dense_limit, abs_norms)
         grams = _gram_chains(maps, dense, gram_limit, abs_norms)
+        zero = _zero_chains(maps)
         bounds = [[math.inf] * k_count for _ in range(k_count)]
 
         def norm(j: int, k: int) -> float:
@@ -281,6 +301,9 @@ def chain_upper_bounds(maps: list[LinearMap], *, dense_limit: int = DEFAULT_DENS
         for length in range(1, k_count + 1):
             for j in range(0, k_count - length + 1):
                 k = j + length - 1
+                if (j, k) in zero:  # exactly the zero operator (no path from an input to an output)
+                    bounds[j][k] = 0.0
+                    continue
                 best = math.inf
                 if (j, k) in dense:
                     # errors[(j, k)]: (factor chain (a, b), δ) pairs; the chains are shorter: already final

@@ -107,8 +107,24 @@ def test_gram_path_bounds_are_guaranteed_and_tight(chain):
     for j in range(len(maps)):
         for k in range(j, len(maps)):
             exact = torch.linalg.matrix_norm(_product(mats, j, k), 2).item()
-            # a zero chain (all padding) is certified at λ₀ = 2⁻¹⁰⁰⁰, the certificate's floor: ≤ 2⁻⁴⁹⁹ absolute
+            # a zero chain (all padding) is found exactly (bound 0), or certified at λ₀ = 2⁻¹⁰⁰⁰: ≤ 2⁻⁴⁹⁹
             assert exact <= bounds[j, k].item() <= exact * (1 + 1e-6) + 2.0**-499
+
+
+def test_a_chain_that_only_reads_padding_is_bounded_by_zero():
+    """Hypothesis found it: the second conv reads only the rows the first fills with padding. The Gram path's
+    error terms (the first conv's rounding times ‖A₂‖) gave 1.5e-15 for this zero operator; it is now found
+    exactly (no path from an input to an output) and bounded by 0, while its prefix and suffix keep theirs."""
+    first = LinearMap.conv2d(torch.tensor([[[[1.5410]]]], dtype=D), (1, 3, 3), stride=(2, 1), padding=(1, 0, 0, 0))
+    second = LinearMap.conv2d(torch.tensor([[[[-0.2075], [-1.5406]]]], dtype=D), (1, 2, 3), stride=(2, 1),
+                              padding=(1, 0, 0, 0))
+    assert torch.count_nonzero(second.dense_matrix() @ first.dense_matrix()) == 0
+    for limit in (0, 1 << 22):
+        bounds = chain_upper_bounds([first, second], dense_limit=limit)
+        assert bounds[0, 1] == 0 and bounds[0, 0] >= 1.541 and bounds[1, 1] >= 1.5406
+    reads = LinearMap.conv2d(torch.tensor([[[[0.0], [1e-300]]]], dtype=D), (1, 2, 3), stride=(1, 1),
+                             padding=(1, 0, 0, 0))  # a 1e-300 tap meets the first conv's outputs: not zero
+    assert chain_upper_bounds([first, reads], dense_limit=0)[0, 1] > 0
 
 
 def test_sweep_error_terms_bound_the_float64_errors():
