@@ -19,7 +19,7 @@ from lipkern.certify.rounding import OneLipschitz, register_lipschitz_proof
 from lipkern.nn._cache import WeightSnapshot
 from lipkern.nn._conv import (GEOMETRY, FixedGeometry, check_conv_arguments, check_dtype, check_sizes,
                               conv2d_forward, conv2d_repr, vanilla_conv2d)
-from lipkern.ops.aol import aol_rescale
+from lipkern.ops.aol import aol_layer_rescale, aol_rescale
 
 __all__ = ["AOLLinear", "AOLConv2d"]
 
@@ -75,7 +75,7 @@ class _CachedRescale(nn.Module):
         if not self._cache_usable():
             if not (self.training or self.weight.is_meta or torch.compiler.is_compiling()):  # eval: NaN raises as
                 check_finite(self.weight, type(self).__name__)  # in the Spectral / CPL layers
-            return aol_rescale(self.weight, self.groups)
+            return aol_layer_rescale(self.weight, self.groups)
         if self._cached_weight is None or not self._snapshot.matches(self.weight):
             check_finite(self.weight, type(self).__name__)
             with torch.inference_mode(False), torch.no_grad():

@@ -61,7 +61,8 @@ import torch.nn.functional as F
 
 from lipkern import _cpu_kernels
 from lipkern._rounding import cast_up
-from lipkern._dispatch import AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend, triton_importable
+from lipkern._dispatch import (AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend,
+                               tracing, triton_importable)
 from lipkern.ops._registration import define_op
 from lipkern.ops.power_iteration import times_power_of_two
 
@@ -872,9 +873,13 @@ def _aol_fwd(weight: torch.Tensor, groups: int, save: bool = True):
         return out.view(weight.shape), scale, sign_out
     scheme = _torch_scheme(contiguous, groups)
     out, scale, sign_out, ran = _forward_torch(contiguous, groups, scheme, save)  # (in the weight's shape)
-    form = "cpp" if contiguous.is_cpu and _cpu_kernels.available() else "torch-gemm"
-    record_implementation("aol_rescale", f"{form}/{ran}" + (" (auto)" if scheme == "auto" else ""))
+    _record_torch_path(contiguous.is_cpu and _cpu_kernels.available(), scheme, ran)
     return out, scale, sign_out
+
+
+def _record_torch_path(cpp: bool, scheme: str, ran: str) -> None:
+    form = "cpp/" if cpp else "torch-gemm/"
+    record_implementation("aol_rescale", form + ran + (" (auto)" if scheme == "auto" else ""))
 
 
 def _aol_bwd(grads, inputs, saved, needs):
@@ -944,6 +949,54 @@ def _validate(weight: torch.Tensor, groups: int) -> None:
         raise ValueError(f"aol_rescale: weight is empty, shape {tuple(weight.shape)}")
     if weight.shape[0] % groups:
         raise ValueError(f"aol_rescale: groups={groups} does not divide the {weight.shape[0]} output channels")
+
+
+def aol_layer_rescale(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """:func:`aol_rescale` (the rescaled weight) for a layer's training step. On the CPU, for a contiguous
+    float32 / 16-bit weight that needs a gradient, with the kernels on and no autocast, torch.func transform or
+    tracing, the op's C++ kernels run in one lean autograd.Function (:class:`_CpuLayerRescale`: the same
+    forward, backward and double backward as the op's eager path, bit for bit, without its generic
+    registration layers, which cost a small layer's step more than its arithmetic). Anything else takes
+    :func:`aol_rescale`."""
+    if (weight.is_cpu and weight.dtype != torch.float64 and weight.requires_grad and torch.is_grad_enabled()
+            and not torch._C._is_any_autocast_enabled() and weight.is_contiguous() and _cpu_kernels.available()
+            and _cpu_kernels.plain(weight) and not torch._C._are_functorch_transforms_active() and not tracing()
+            and select_backend(weight) == "torch"):
+        _validate(weight, groups)
+        return _CpuLayerRescale.apply(weight, groups)[0]
+    return aol_rescale(weight, groups)
+
+
+class _CpuLayerRescale(torch.autograd.Function):
+    """The eager path of ``lipkern::aol_rescale`` on the CPU kernels: :func:`_aol_fwd`'s forward and
+    :func:`_aol_bwd`'s backward without the op's generic layers. Its outputs are the op's, (W·d, d): d, saved
+    as an output, carries its own gradient into a backward whose graph is recorded (create_graph), which takes
+    the op's functional backward (as under autocast or with wrapped gradients): exact second derivatives."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, groups: int):
+        scheme = _torch_scheme(weight, groups)
+        out, scale, signs, ran = _forward_cpu_kernel(weight, groups, scheme, True)
+        _record_torch_path(True, scheme, ran)
+        ctx.groups = groups
+        ctx.save_for_backward(weight, scale, signs)
+        ctx.set_materialize_grads(False)
+        return out, scale
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_scale: torch.Tensor | None):
+        weight, scale, signs = ctx.saved_tensors
+        if grad_out is None and grad_scale is None:
+            return None, None
+        grads = (torch.zeros_like(weight) if grad_out is None else grad_out, grad_scale)
+        if (torch.is_grad_enabled() or torch._C._is_any_autocast_enabled() or not _cpu_kernels.available()
+                or not _cpu_kernels.plain(*(g for g in grads if g is not None))):
+            with torch.autocast("cpu", enabled=False):
+                grad = _aol_functional_backward(grads, (weight, ctx.groups), (scale, signs), (True,))[0]
+        else:
+            grad = _backward_cpu_kernel(grads[0].contiguous(), None if grad_scale is None else grad_scale.contiguous(),
+                                        weight, scale, signs, ctx.groups)
+        return grad, None
 
 
 def _extreme_range_scale(w4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

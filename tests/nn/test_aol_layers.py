@@ -276,3 +276,86 @@ def test_torch_export_contains_the_custom_op():
     program = torch.export.export(layer, (x,))
     assert "lipkern.aol_rescale" in str(program.graph)
     assert_close(program.module()(x), layer(x).double(), dtype=torch.float32)
+
+
+def _cpu_kernels_built() -> bool:
+    import lipkern._cpu_kernels
+
+    return lipkern._cpu_kernels._cpu is not None
+
+
+_LEAN_LAYERS = [(lambda dtype: AOLLinear(9, 7, dtype=dtype), (4, 9)),
+                (lambda dtype: AOLConv2d(4, 6, 3, padding=1, groups=2, dtype=dtype), (2, 4, 5, 5)),
+                (lambda dtype: AOLConv2d(3, 5, (1, 2), dtype=dtype), (2, 3, 4, 4))]
+
+
+@pytest.mark.skipif(not _cpu_kernels_built(), reason="lipkern._cpu is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("make,shape", _LEAN_LAYERS, ids=["linear", "conv-groups", "conv-1x2"])
+def test_cpu_training_rescale_equals_the_op_bit_for_bit(make, shape, dtype, knobs):
+    """A training step on the CPU runs the rescale's C++ kernels in one lean autograd.Function (not the op's
+    registration layers): outputs, weight gradients and second derivatives (create_graph) equal those of the
+    public op bit for bit, and the same implementation is recorded."""
+    from lipkern._dispatch import implementations
+    from lipkern.ops import aol_rescale
+
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    torch.manual_seed(0)
+    layer = make(dtype)
+    _randomize(layer, 0.5)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(shape, dtype=dtype)
+    implementations(clear=True)
+    lean = layer.rescaled_weight()
+    ran = implementations()["aol_rescale"]
+    op = aol_rescale(twin.weight, twin.groups)
+    assert type(lean.grad_fn).__name__ == "_CpuLayerRescaleBackward" and ran.startswith("cpp/")
+    assert type(op.grad_fn).__name__ != type(lean.grad_fn).__name__ and implementations()["aol_rescale"] == ran
+    assert torch.equal(lean, op)
+    probe = torch.randn_like(lean)
+    (grad_lean,) = torch.autograd.grad((lean * probe).sum(), layer.weight, create_graph=True)
+    (grad_op,) = torch.autograd.grad((op * probe).sum(), twin.weight, create_graph=True)
+    assert torch.equal(grad_lean, grad_op) and grad_lean.grad_fn is not None
+    (second_lean,) = torch.autograd.grad(grad_lean.float().square().sum(), layer.weight)
+    (second_op,) = torch.autograd.grad(grad_op.float().square().sum(), twin.weight)
+    assert torch.equal(second_lean, second_op)
+    def loss(module, weight):
+        out = (module._conv(x, weight) if isinstance(module, AOLConv2d)
+               else nn.functional.linear(x, weight, module.bias))
+        return out.float().square().sum()
+
+    (grad_w,) = torch.autograd.grad(loss(layer, layer.rescaled_weight()), layer.weight)
+    (twin_w,) = torch.autograd.grad(loss(twin, aol_rescale(twin.weight, twin.groups)), twin.weight)
+    assert torch.equal(grad_w, twin_w)
+
+
+@pytest.mark.skipif(not _cpu_kernels_built(), reason="lipkern._cpu is not built")
+def test_cpu_training_rescale_is_never_taken_where_the_op_must_run(knobs, monkeypatch):
+    """The lean path reads raw memory and is invisible to tracers: torch.func transforms, make_fx, autocast,
+    float64 weights (their range scaling), non-contiguous weights, the kernels switched off and a Triton
+    choice all take the public op (same values), and make_fx records the custom op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lipkern.ops import aol_rescale
+
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    layer = AOLLinear(6, 5)
+    _randomize(layer, 0.5)
+    lean = type(layer.rescaled_weight().grad_fn).__name__
+    assert lean == "_CpuLayerRescaleBackward"
+    graph = make_fx(lambda w: lipkern.ops.aol.aol_layer_rescale(w))(layer.weight)
+    assert any("aol_rescale" in str(node.target) for node in graph.graph.nodes)
+    grad = torch.func.grad(lambda w: lipkern.ops.aol.aol_layer_rescale(w).square().sum())(layer.weight.detach())
+    want = torch.func.grad(lambda w: aol_rescale(w).square().sum())(layer.weight.detach())
+    assert torch.equal(grad, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(layer.rescaled_weight().grad_fn).__name__ != lean
+    wide = nn.Parameter(torch.randn(5, 12)[:, ::2])
+    assert type(lipkern.ops.aol.aol_layer_rescale(wide).grad_fn).__name__ != lean
+    assert torch.equal(lipkern.ops.aol.aol_layer_rescale(wide), aol_rescale(wide))
+    assert type(AOLLinear(6, 5, dtype=torch.float64).rescaled_weight().grad_fn).__name__ != lean
+    knobs(cpu_kernels=False)
+    assert type(layer.rescaled_weight().grad_fn).__name__ != lean
+    knobs(cpu_kernels=True, triton_interpret=True)  # (the op's Triton path, not run here: the call is the check)
+    monkeypatch.setattr(lipkern.ops.aol, "aol_rescale", lambda weight, groups=1: "the public op")
+    assert lipkern.ops.aol.aol_layer_rescale(layer.weight) == "the public op"
