@@ -10,9 +10,10 @@ The op's parts (the anatomy of ../shared/DESIGN.md, on kernels lipkern already h
 2. The scale: :func:`sll_scale` (the training form, differentiable in W and log_q) and
    :func:`sll_guaranteed_scale` (a proven lower bound of 2/t for the stored weight: float64 Gram with a
    rounding margin, every later operation rounded the safe way, then rounded down to the weight's dtype).
-   The Gram is one GEMM (W Wᵀ) or one convolution (conv2d(K, K, padding=k − 1)): the q-weighted sums need the
-   whole |W Wᵀ| on the hidden side, which AOL's Gram kernels do not form (they reduce |WᵀW| with unit weights
-   on the input side as they go); a kernel returning the Gram itself would be the GEMM / convolution.
+   The Gram is one GEMM (W Wᵀ) or one convolution (conv2d(K, K, padding=k − 1); for the training form on the
+   CPU two GEMMs, :func:`abs_gram_sums`): the q-weighted sums need the whole |W Wᵀ| on the hidden side, which
+   AOL's Gram kernels do not form (they reduce |WᵀW| with unit weights on the input side as they go); a kernel
+   returning the Gram itself would be the GEMM / convolution.
 3. The residual: CPL's op (``lipkern.ops.cpl``) with W̃ = diag(√s)·W, b̃ = √s ⊙ b and h = 1, because
    relu(√s·u) = √s·relu(u) for s ≥ 0. So SLL gets CPL's fused forward, its backward that keeps only x, its
    custom op for torch.compile / torch.export, its torch.func and double-backward paths and its autocast
@@ -25,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lipkern._rounding import smallest_normal
+from lipkern.ops.aol import _shift_sum
 from lipkern.ops.cpl import _adjoint_of_padding, _composite_pays, _round_down, cpl_conv2d, cpl_linear
 
 __all__ = ["sll_conv2d", "sll_conv2d_ref", "sll_guaranteed_scale", "sll_linear", "sll_linear_ref", "sll_scale"]
@@ -79,12 +82,21 @@ def sll_gram(weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(weight, weight, padding=(kh - 1, kw - 1))
 
 
-def weighted_row_sums(gram: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """t_i = Σ_j |G_ij| q_j / q_i (G (hidden, hidden) or (hidden, hidden, kh', kw')), differentiable."""
-    magnitude = gram.abs()
-    if magnitude.dim() > 2:
-        magnitude = magnitude.sum(dim=(2, 3))
-    return (magnitude @ q) / q
+def abs_gram_sums(weight: torch.Tensor) -> torch.Tensor:
+    """Σ over the taps of |W Wᵀ| (hidden, hidden), differentiable: |W Wᵀ| of a linear weight, Σ_s |ktk_s| of a
+    conv kernel. On the CPU the conv kernel's by two GEMMs: P[(a, i), (b, j)] = Σ_c W[i, c, a]·W[j, c, b], then
+    each shift s = a − b summed by a 0/1 matrix (oneDNN's convolution of the kernel with itself, forward and
+    backward, costs 1.2–1.5× that at 8–64 channels; benchmarks/NOTES.md); elsewhere :func:`sll_gram`'s."""
+    if weight.dim() == 2:
+        return (weight @ weight.T).abs()
+    if not weight.is_cpu:
+        return sll_gram(weight).abs().sum(dim=(2, 3))
+    hidden, channels, kh, kw = weight.shape
+    kk = kh * kw
+    rows = weight.reshape(hidden, channels, kk).permute(2, 0, 1).reshape(kk * hidden, channels)
+    pairs = (rows @ rows.T).view(kk, hidden, kk, hidden).permute(0, 2, 1, 3).reshape(kk * kk, hidden * hidden)
+    shifts = _shift_sum(kh, kw, weight.dtype, weight.device, False).T  # (shifts, kk²): row s sums the pairs a − b = s
+    return (shifts @ pairs).abs().sum(0).view(hidden, hidden)
 
 
 def _check(name: str, weight: torch.Tensor, log_q: torch.Tensor) -> None:
@@ -104,8 +116,9 @@ def _check(name: str, weight: torch.Tensor, log_q: torch.Tensor) -> None:
 def _scale_and_mask(weight: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(2/t, t > 0), differentiable; q shifted by its largest log (t depends on ratios only: exp cannot
     overflow), t clamped away from 0 (a zero row is switched off by the mask with finite gradients)."""
-    t = weighted_row_sums(sll_gram(weight), (log_q - log_q.max().detach()).exp())
-    return 2.0 / t.clamp_min(torch.finfo(t.dtype).tiny), t > 0
+    q = (log_q - log_q.max().detach()).exp()
+    t = (abs_gram_sums(weight) @ q) / q  # t_i = Σ_j |G_ij| q_j / q_i
+    return 2.0 / t.clamp_min(smallest_normal(t.dtype)), t > 0
 
 
 def sll_scale(weight: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

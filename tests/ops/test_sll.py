@@ -154,3 +154,20 @@ def test_a_scale_beyond_float64_switches_the_unit_off():
 def test_bad_input_raises_clearly(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 3, 3), (5, 4, 1, 1), (2, 6, 2, 3), (4, 3, 3, 1), (6, 3, 5, 5)], ids=str)
+def test_cpu_abs_gram_sums_equal_the_kernels_self_convolution(shape):
+    """The CPU's Σ_s |ktk_s| by GEMMs (pairs of taps, then a 0/1 matrix per shift) equals the convolution of the
+    kernel with itself (the definition), values and gradients, in float64."""
+    from lipkern.ops.sll import abs_gram_sums
+
+    weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    probe = torch.rand(shape[0], shape[0], dtype=torch.float64)
+    kh, kw = shape[2:]
+    want = torch.nn.functional.conv2d(weight, weight, padding=(kh - 1, kw - 1)).abs().sum(dim=(2, 3))
+    got = abs_gram_sums(weight)
+    assert_close(got, want)
+    (grad_got,) = torch.autograd.grad((got * probe).sum(), weight)
+    (grad_want,) = torch.autograd.grad((want * probe).sum(), weight)
+    assert_close(grad_got, grad_want)
