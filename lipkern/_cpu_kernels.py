@@ -157,10 +157,10 @@ def conv_power_iteration(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor
                               int(weights.dtype == torch.float64))
 
 
-def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: tuple) -> tuple:
-    """One layer's :func:`conv_power_iteration` on new vectors, then :func:`conv_bilinear_gradient`: (u', v', G)
-    with G flat, u read and not written. ``shape``: the ConvShape arguments of one layer with this weight
-    (``_conv_shape``); the outputs are allocated here (only the inputs are checked)."""
+def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: tuple, gradient: bool = True) -> tuple:
+    """One layer's :func:`conv_power_iteration` on new vectors, then (``gradient``) :func:`conv_bilinear_gradient`:
+    (u', v', G or None) with G flat, u read and not written. ``shape``: the ConvShape arguments of one layer with
+    this weight (``_conv_shape``); the outputs are allocated here (only the inputs are checked)."""
     dtype, f64 = weight.dtype, int(weight.dtype == torch.float64)
     _, c_out, c_in, groups, kh, kw, h, w, ho, wo = shape[:10]
     if dtype not in _REAL or shape[0] != 1:
@@ -169,8 +169,10 @@ def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: t
     u_next = u.clone(memory_format=torch.contiguous_format)
     u_ptr = _expect("u", u_next, (c_in, h, w), dtype)
     v_next, sigma = _cpu_empty((c_out, ho, wo), dtype), _cpu_empty(1, dtype)
-    grad = _cpu_empty(weight.numel(), dtype)
     _cpu.conv_power_iteration(w_ptr, u_ptr, v_next.data_ptr(), sigma.data_ptr(), *shape, int(n_iter), f64)
+    if not gradient:
+        return u_next, v_next, None
+    grad = _cpu_empty(weight.numel(), dtype)
     _cpu.conv_bilinear_gradient(u_ptr, v_next.data_ptr(), grad.data_ptr(), *shape, f64)
     return u_next, v_next, grad
 

@@ -460,10 +460,11 @@ def _conv_power_iteration(weights, u, v, n_iter, geometry: ConvGeometry, *, save
     return _stacked_iterations(weights, u, v, n_iter, geometry)
 
 
-def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geometry: ConvGeometry) -> tuple | None:
+def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geometry: ConvGeometry,
+                        gradient: bool = True) -> tuple | None:
     """A conv layer's power step by the C++ CPU kernels, without the op's layers (at the sizes these kernels
     take, a training step costs more in dispatch than in arithmetic): (u', v', G) as new tensors,
-    G = ∂⟨v', A u'⟩/∂W flattened (σ = ⟨W, G⟩), u read and not written; the numbers of
+    G = ∂⟨v', A u'⟩/∂W flattened (σ = ⟨W, G⟩; None unless ``gradient``), u read and not written; the numbers of
     :func:`conv_power_iteration` and :func:`conv_bilinear_gradient` for ``weight[None]`` (which run these kernels
     at such sizes). None where they would not run: another device or dtype, the kernels off or not built, a
     backend other than torch chosen (Triton's interpreter included), a wrapped tensor, a torch.func
@@ -485,7 +486,7 @@ def cpu_conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, geom
     if select_backend(weight, triton_reason=reason) != "torch":
         return None
     record_implementation("conv_power_iteration", "cpp")
-    return _cpu_kernels.conv_power_rows(weight.detach().contiguous(), u, n_iter, shape)
+    return _cpu_kernels.conv_power_rows(weight.detach().contiguous(), u, n_iter, shape, gradient)
 
 
 def _one_layer_shape(weight_shape: tuple, geometry: ConvGeometry) -> tuple | None:

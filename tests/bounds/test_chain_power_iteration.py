@@ -185,3 +185,35 @@ def test_the_old_ops_names_still_import_with_a_warning():
         assert lipkern.ops.chain_power_iteration is module.chain_power_iteration
     with pytest.raises(AttributeError):
         lipkern.ops.no_such_op  # noqa: B018
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_one_conv_map_advanced_by_the_cpu_kernels_equals_the_reference(n_iter, dtype, knobs):
+    """Training estimates (advance_chains, no σ) move a one-conv chain's vector by the C++ kernels' power step on
+    the CPU (recorded 'cpp'): the reference's vectors to rounding, a zero kernel keeps its vector, NaN
+    propagates."""
+    import importlib
+
+    from lipkern._dispatch import implementations
+    from lipkern.bounds.chain_power_iteration import advance_chains
+
+    if importlib.import_module("lipkern._cpu_kernels")._cpu is None:
+        pytest.skip("lipkern._cpu is not built")
+    knobs(backend=None, triton_interpret=False, cpu_kernels=True)
+    convs = [op.with_weight(op.weight.to(dtype)) for op in _maps()[:3]]
+    zero = convs[0].with_weight(torch.zeros_like(convs[0].weight))
+    nan = convs[1].with_weight(torch.full_like(convs[1].weight, float("nan")))
+    chains = [[op] for op in (*convs, zero, nan)]
+    u = [initial_chain_vectors(chain, dtype, "cpu", key=str(i)) for i, chain in enumerate(chains)]
+    start = [vectors[0].clone() for vectors in u]
+    refs = [chain_power_iteration_ref([op.to(D) for op in chain], [t.to(D) for t in vectors], n_iter)
+            for chain, vectors in zip(chains, u)]
+    implementations(clear=True)
+    advance_chains(chains, u, n_iter)
+    assert implementations().get("conv_power_iteration") == "cpp"
+    for vectors, (_, u_ref), first in zip(u[:3], refs[:3], start):
+        assert_close(vectors[0], u_ref[0], dtype=dtype)
+        assert not torch.equal(vectors[0], first)
+    assert torch.equal(u[3][0], start[3])
+    assert torch.isnan(u[4][0]).all()
