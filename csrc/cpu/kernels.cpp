@@ -11,6 +11,20 @@ namespace {
 
 double max_or_nan(double a, double b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b)); }
 
+// The largest |x[e]| (0 for n = 0), NaN if any entry is NaN: max_or_nan over x, in x's type (|x| and max are
+// exact), by a branch-free select and a NaN flag (the branchy scan cost 40% of a float32 256 x 256 step).
+template <typename T>
+double abs_max_or_nan(const T* x, int64_t n) {
+  T largest = 0;
+  bool nan = false;
+  for (int64_t e = 0; e < n; ++e) {
+    const T a = std::fabs(x[e]);
+    largest = largest < a ? a : largest;
+    nan |= a != a;
+  }
+  return nan ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(largest);
+}
+
 // Σ row[j]·x[j] by four interleaved partial sums (no serial dependence chain).
 template <typename T>
 double dot(const T* row, const double* x, int64_t n) {
@@ -26,8 +40,7 @@ template <typename T>
 void power_iteration(const T* m, T* u, T* v, T* sigma, int64_t rows, int64_t cols, int64_t n_iter) {
   const double tiny = std::numeric_limits<T>::min();
   double s = 0.0;
-  for (int64_t e = 0; e < rows * cols; ++e) s = max_or_nan(s, std::fabs(static_cast<double>(m[e])));
-  s = max_or_nan(s, tiny);
+  s = max_or_nan(abs_max_or_nan(m, rows * cols), tiny);
   std::vector<double> x(u, u + cols), w(rows), z(cols);
   double nz = 0.0;
   for (int64_t step = 0; step < n_iter; ++step) {
@@ -452,8 +465,7 @@ void conv_power_layer(const T* w, T* u, T* v, T* sigma, const ConvPlan& plan, Co
   const double tiny = std::numeric_limits<T>::min();
   const int64_t n_w = plan.c.c_out * plan.k, n_u = static_cast<int64_t>(buf.x.size());
   double s = 0.0;
-  for (int64_t e = 0; e < n_w; ++e) s = max_or_nan(s, std::fabs(static_cast<double>(w[e])));
-  s = max_or_nan(s, tiny);
+  s = max_or_nan(abs_max_or_nan(w, n_w), tiny);
   // W/s first (as the PyTorch path): the entries of A x stay ≤ ‖A/s‖·‖x‖, no overflow for weights near the
   // dtype's largest value (an Inf weight gives s = Inf and NaN entries, as there)
   for (int64_t e = 0; e < n_w; ++e) buf.w[e] = static_cast<double>(w[e]) / s;
