@@ -29,8 +29,14 @@ def plain(*tensors: torch.Tensor) -> bool:
     no torch.func wrapper, not under torch.compile's tracing)."""
     if torch.compiler.is_compiling():
         return False
-    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors) and not any(
-        torch._C._functorch.is_functorch_wrapped_tensor(t) or t.is_neg() or t.is_conj() for t in tensors)
+    for t in tensors:  # (a loop: generators cost a small layer's step more than these checks)
+        if ((type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or _functorch_wrapped(t)
+                or t.is_neg() or t.is_conj()):
+            return False
+    return True
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _cpu_empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -169,11 +175,9 @@ def conv_power_rows(weight: torch.Tensor, u: torch.Tensor, n_iter: int, shape: t
     u_next = u.clone(memory_format=torch.contiguous_format)
     u_ptr = _expect("u", u_next, (c_in, h, w), dtype)
     v_next, sigma = _cpu_empty((c_out, ho, wo), dtype), _cpu_empty(1, dtype)
-    _cpu.conv_power_iteration(w_ptr, u_ptr, v_next.data_ptr(), sigma.data_ptr(), *shape, int(n_iter), f64)
-    if not gradient:
-        return u_next, v_next, None
-    grad = _cpu_empty(weight.numel(), dtype)
-    _cpu.conv_bilinear_gradient(u_ptr, v_next.data_ptr(), grad.data_ptr(), *shape, f64)
+    grad = _cpu_empty(weight.numel(), dtype) if gradient else None
+    _cpu.conv_power_rows(w_ptr, u_ptr, v_next.data_ptr(), sigma.data_ptr(), 0 if grad is None else grad.data_ptr(),
+                         *shape, int(n_iter), f64)
     return u_next, v_next, grad
 
 

@@ -40,4 +40,13 @@ PYBIND11_MODULE(_cpu, m) {
           lipkern_cpu_conv_bilinear_gradient(u, v, grad, c, f64);
         },
         "G_l = d<v_l, A_l u_l>/dW_l for L conv layers of one geometry (see csrc/cpu/kernels.h).");
+  m.def("conv_power_rows",
+        [](uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma, uintptr_t grad, int64_t layers, int64_t c_out,
+           int64_t c_in, int64_t groups, int64_t kh, int64_t kw, int64_t h, int64_t w, int64_t ho, int64_t wo, int64_t sh,
+           int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int circular,
+           int64_t n_iter, int f64) {
+          const ConvShape c{layers, c_out, c_in, groups, kh, kw, h, w, ho, wo, sh, sw, dh, dw, pt, pb, pl, pr, circular};
+          lipkern_cpu_conv_power_rows(weights, u, v, sigma, grad, c, n_iter, f64);
+        },
+        "conv_power_iteration, then (grad != 0) conv_bilinear_gradient of its vectors, in one call.");
 }

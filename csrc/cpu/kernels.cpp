@@ -523,6 +523,19 @@ void conv_power_layers(const T* w, T* u, T* v, T* sigma, const ConvShape& c, int
     conv_power_layer(w + l * n_w, u + l * n_u, v + l * n_v, sigma + l, plan, buf, n_iter);
 }
 
+// conv_power_layers, then (grad not null) conv_bilinear_gradients of the stored (T-rounded) vectors: the numbers of
+// the two calls, with one plan and one set of buffers.
+template <typename T>
+void conv_power_rows(const T* w, T* u, T* v, T* sigma, T* grad, const ConvShape& c, int64_t n_iter) {
+  const ConvPlan plan(c);
+  ConvBuffers buf(plan);
+  const int64_t n_w = c.c_out * plan.k, n_u = c.c_in * c.h * c.w, n_v = c.c_out * plan.hw;
+  for (int64_t l = 0; l < c.layers; ++l) {
+    conv_power_layer(w + l * n_w, u + l * n_u, v + l * n_v, sigma + l, plan, buf, n_iter);
+    if (grad != nullptr) conv_bilinear_gradient(u + l * n_u, v + l * n_v, grad + l * n_w, plan, buf);
+  }
+}
+
 template <typename T>
 void conv_bilinear_gradients(const T* u, const T* v, T* grad, const ConvShape& c) {
   const ConvPlan plan(c);
@@ -583,4 +596,13 @@ void lipkern_cpu_conv_bilinear_gradient(uintptr_t u, uintptr_t v, uintptr_t grad
     conv_bilinear_gradients(ptr<double>(u), ptr<double>(v), mut<double>(grad), c);
   else
     conv_bilinear_gradients(ptr<float>(u), ptr<float>(v), mut<float>(grad), c);
+}
+
+void lipkern_cpu_conv_power_rows(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma, uintptr_t grad,
+                                 const ConvShape& c, int64_t n_iter, int f64) {
+  if (f64)
+    conv_power_rows(ptr<double>(weights), mut<double>(u), mut<double>(v), mut<double>(sigma), mut<double>(grad), c,
+                    n_iter);
+  else
+    conv_power_rows(ptr<float>(weights), mut<float>(u), mut<float>(v), mut<float>(sigma), mut<float>(grad), c, n_iter);
 }

@@ -57,3 +57,8 @@ void lipkern_cpu_conv_power_iteration(uintptr_t weights, uintptr_t u, uintptr_t 
 
 // G_l = d<v_l, A_l u_l>/dW_l, (L, c_out, c_in/groups, kh, kw): the weight gradient of the bilinear form.
 void lipkern_cpu_conv_bilinear_gradient(uintptr_t u, uintptr_t v, uintptr_t grad, const ConvShape& c, int f64);
+
+// lipkern_cpu_conv_power_iteration, then (grad != 0) lipkern_cpu_conv_bilinear_gradient of the vectors it wrote:
+// the same numbers as the two calls, with one plan and one set of work buffers (a small layer's training step).
+void lipkern_cpu_conv_power_rows(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma, uintptr_t grad,
+                                 const ConvShape& c, int64_t n_iter, int f64);
