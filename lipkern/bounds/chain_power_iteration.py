@@ -207,8 +207,10 @@ def _one_chain(maps, u, n_iter: int, sigma: bool = True) -> torch.Tensor | None:
 
 def _one_map(op, u: torch.Tensor, n_iter: int, tiny: float, sigma: bool = True) -> torch.Tensor | None:
     """:func:`_one_chain` for K = 1 (u (1, *in_shape)): the same steps and results, written directly. Without σ,
-    a small conv on the CPU takes the C++ kernels' power step (the layers' own: float64 sums, the same direction
-    up to rounding, z = 0 keeps u, NaN propagates; one call instead of two oneDNN convolutions and ~6 ops)."""
+    a small conv on the CPU takes the C++ kernels' power step (the layers' own: one call instead of two oneDNN
+    convolutions and ~6 ops; float64 sums, the same direction up to rounding, z = 0 keeps u, NaN propagates; it
+    divides W by its largest entry first, so near the dtype's largest or smallest values it stays finite where
+    this step overflows or underflows)."""
     if not sigma and op.kind == "conv2d":
         rows = cpu_conv_power_rows(op.weight, u[0], n_iter, op.geometry, gradient=False)
         if rows is not None:

@@ -48,7 +48,8 @@ class _StepSize:
                 return self.step_size()
         if self.training:
             sigma = self.sigma()
-            return 2.0 / sigma.square().clamp_min(smallest_normal(sigma.dtype))
+            # 2/σ² as Tensor.__rdiv__ computes it (reciprocal, then × 2), without its Python wrapper
+            return sigma.square().clamp_min(smallest_normal(sigma.dtype)).reciprocal() * 2.0
         return self._eval_step_size()
 
     def _eval_step_size(self) -> torch.Tensor:

@@ -587,7 +587,18 @@ _NUMPY = {torch.float32: numpy.float32, torch.float64: numpy.float64}
 _FP32_GRAM_MAX_TERMS = 320  # auto: fp64 at once when γ_{out_g+kk} > 1.9e-5 (typical S/r ≥ 13 would fail)
 
 
-@functools.lru_cache(maxsize=None)
+def _constant_cache(build):
+    """``functools.lru_cache`` for functions that build constant tensors, bypassed while a dispatch mode is on (a
+    FakeTensorMode or make_fx would leave a fake or traced tensor in the cache for every later eager call)."""
+    cached = functools.lru_cache(maxsize=None)(build)
+
+    @functools.wraps(build)
+    def call(*args):
+        return build(*args) if torch._C._len_torch_dispatch_stack() else cached(*args)
+    return call
+
+
+@_constant_cache
 def _shift_index(kh: int, kw: int) -> torch.Tensor:
     """(kk, kk) int64: entry [y, x] = index in the (2kh−1)(2kw−1) shift grid of the shift x − y."""
     ya, yb = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
@@ -596,7 +607,7 @@ def _shift_index(kh: int, kw: int) -> torch.Tensor:
     return diff[..., 0] * (2 * kw - 1) + diff[..., 1]
 
 
-@functools.lru_cache(maxsize=None)
+@_constant_cache
 def _shift_sum(kh: int, kw: int, dtype: torch.dtype, device: torch.device, half: bool) -> torch.Tensor:
     """(kk·kk, n) 0/1: row a·kk + b has its one at the shift a − b; all n_full shifts, or (``half``) the
     n_half shifts ≥ 0 (in the order of the half-shift signs; rows of negative shifts are zero)."""
@@ -605,7 +616,7 @@ def _shift_sum(kh: int, kw: int, dtype: torch.dtype, device: torch.device, half:
     return F.one_hot(index, n_full)[:, (n_full - 1) // 2 if half else 0:].to(dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@_constant_cache
 def _positive_shift_mask(n_half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return (torch.arange(n_half) > 0).to(dtype=dtype, device=device)
 

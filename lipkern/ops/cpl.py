@@ -563,9 +563,9 @@ def cpl_layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not fits:
         return cpl_linear(x, weight, bias, h) if linear else cpl_conv2d_with_geometry(x, weight, bias, h, g)
     op = _CPL_LINEAR if linear else _CPL_CONV2D
-    if (x.is_cpu and torch.is_grad_enabled() and _composite_pays(x, weight, bias, h, g)
+    if (x.is_cpu and not tracing() and not torch._C._are_functorch_transforms_active() and torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad or h.requires_grad or bias is not None and bias.requires_grad)
-            and not torch._C._are_functorch_transforms_active() and not tracing()):
+            and _composite_pays(x, weight, bias, h, g)):  # (in Op.__call__'s order: no size guard under compile)
         # what the op's call does here (lipkern.ops._registration: the composite form), without its dispatch
         record_implementation(op.name, "torch-composite")
         return _forward_functional(_make_op("linear" if linear else "conv", weight, g), x, bias, h)

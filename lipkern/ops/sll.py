@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lipkern._dispatch import tracing
 from lipkern._rounding import smallest_normal
 from lipkern.ops.aol import _shift_sum
 from lipkern.ops.cpl import _adjoint_of_padding, _composite_pays, _round_down, cpl_conv2d, cpl_linear
@@ -86,10 +87,11 @@ def abs_gram_sums(weight: torch.Tensor) -> torch.Tensor:
     """Σ over the taps of |W Wᵀ| (hidden, hidden), differentiable: |W Wᵀ| of a linear weight, Σ_s |ktk_s| of a
     conv kernel. On the CPU the conv kernel's by two GEMMs: P[(a, i), (b, j)] = Σ_c W[i, c, a]·W[j, c, b], then
     each shift s = a − b summed by a 0/1 matrix (oneDNN's convolution of the kernel with itself, forward and
-    backward, costs 1.2–1.5× that at 8–64 channels; benchmarks/NOTES.md); elsewhere :func:`sll_gram`'s."""
+    backward, costs 1.2–1.5× that at 8–64 channels; benchmarks/NOTES.md); elsewhere, and under tracing
+    (FakeTensorMode, make_fx, torch.compile: the graph keeps the convolution), :func:`sll_gram`'s."""
     if weight.dim() == 2:
         return (weight @ weight.T).abs()
-    if not weight.is_cpu:
+    if not weight.is_cpu or tracing():
         return sll_gram(weight).abs().sum(dim=(2, 3))
     hidden, channels, kh, kw = weight.shape
     kk = kh * kw
@@ -118,7 +120,7 @@ def _scale_and_mask(weight: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Te
     overflow), t clamped away from 0 (a zero row is switched off by the mask with finite gradients)."""
     q = (log_q - log_q.max().detach()).exp()
     t = (abs_gram_sums(weight) @ q) / q  # t_i = Σ_j |G_ij| q_j / q_i
-    return 2.0 / t.clamp_min(smallest_normal(t.dtype)), t > 0
+    return t.clamp_min(smallest_normal(t.dtype)).reciprocal() * 2.0, t > 0  # (2/t as Tensor.__rdiv__ computes it)
 
 
 def sll_scale(weight: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -346,3 +346,22 @@ def test_compile_export_and_torch_func(training, knobs):
     jac = torch.func.jacrev(layer)(single)
     want = torch.autograd.functional.jacobian(layer, single)
     torch.testing.assert_close(jac, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tracer", ["fake-mode", "make_fx"])
+def test_a_traced_training_step_leaves_later_eager_steps_real(tracer):
+    """Tracing an SLL conv's training step (FakeTensorMode, make_fx in fake mode) keeps the convolution form and
+    leaves no fake constant behind: a later eager step returns real, finite values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lipkern.ops import sll_scale
+
+    if tracer == "fake-mode":
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            L.SLLConv2d(4, kernel_size=(2, 3)).train()(torch.empty(2, 4, 5, 5)).sum().backward()
+    else:
+        make_fx(sll_scale, tracing_mode="fake")(torch.randn(4, 4, 2, 3), torch.zeros(4))
+    y = L.SLLConv2d(4, kernel_size=(2, 3)).train()(torch.randn(2, 4, 5, 5))
+    assert type(y) is torch.Tensor and torch.isfinite(y).all()
+    assert type(sll_scale(torch.randn(4, 4, 2, 3), torch.zeros(4))) is torch.Tensor

@@ -686,3 +686,18 @@ def test_cpu_kernel_equals_the_torch_path(scheme, shape, groups, knobs):
     bad = w4.clone()
     bad[0, 0, 0, 0] = math.nan
     assert torch.isnan(aol._forward_torch(bad, groups, scheme, False)[1][0, 0])
+
+
+def test_constant_tensors_built_under_a_fake_mode_are_not_cached():
+    """The 0/1 shift matrices are cached per geometry, dtype and device; one built under a FakeTensorMode (or
+    make_fx) must not be served to later eager calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lipkern.ops.aol import _positive_shift_mask, _shift_sum
+
+    with FakeTensorMode():
+        _shift_sum(7, 2, torch.float16, torch.device("cpu"), True)
+        _positive_shift_mask(19, torch.float16, torch.device("cpu"))
+    shifts = _shift_sum(7, 2, torch.float16, torch.device("cpu"), True)
+    assert type(shifts) is torch.Tensor and shifts.sum().item() == 7 * 2 * 7 * 2 // 2 + 7
+    assert type(_positive_shift_mask(19, torch.float16, torch.device("cpu"))) is torch.Tensor
