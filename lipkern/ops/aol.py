@@ -52,6 +52,7 @@ function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -63,7 +64,7 @@ from lipkern import _cpu_kernels
 from lipkern._rounding import cast_up
 from lipkern._dispatch import (AOL_GRAM_SCHEMES, config, device_context, record_implementation, select_backend,
                                tracing, triton_importable)
-from lipkern.ops._registration import define_op
+from lipkern.ops._registration import _autocast_device, define_op
 from lipkern.ops.power_iteration import times_power_of_two
 
 __all__ = ["aol_rescale", "aol_rescale_ref", "gram_error_bound", "output_rounding_margin"]
@@ -1000,9 +1001,10 @@ class _CpuLayerRescale(torch.autograd.Function):
         if grad_out is None and grad_scale is None:
             return None, None
         grads = (torch.zeros_like(weight) if grad_out is None else grad_out, grad_scale)
-        if (torch.is_grad_enabled() or torch._C._is_any_autocast_enabled() or not _cpu_kernels.available()
+        device = _autocast_device(weight)  # (the op's choices, lipkern.ops._registration: Op._gradients)
+        if (torch.is_grad_enabled() or device is not None or not _cpu_kernels.available()
                 or not _cpu_kernels.plain(*(g for g in grads if g is not None))):
-            with torch.autocast("cpu", enabled=False):
+            with torch.autocast(device, enabled=False) if device is not None else contextlib.nullcontext():
                 grad = _aol_functional_backward(grads, (weight, ctx.groups), (scale, signs), (True,))[0]
         else:
             grad = _backward_cpu_kernel(grads[0].contiguous(), None if grad_scale is None else grad_scale.contiguous(),

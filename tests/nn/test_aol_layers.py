@@ -328,6 +328,11 @@ def test_cpu_training_rescale_equals_the_op_bit_for_bit(make, shape, dtype, knob
     (grad_w,) = torch.autograd.grad(loss(layer, layer.rescaled_weight()), layer.weight)
     (twin_w,) = torch.autograd.grad(loss(twin, aol_rescale(twin.weight, twin.groups)), twin.weight)
     assert torch.equal(grad_w, twin_w)
+    lean_loss, op_loss = loss(layer, layer.rescaled_weight()), loss(twin, aol_rescale(twin.weight, twin.groups))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward under autocast: the op's functional backward
+        (grad_w,) = torch.autograd.grad(lean_loss, layer.weight)
+        (twin_w,) = torch.autograd.grad(op_loss, twin.weight)
+    assert torch.equal(grad_w, twin_w)
 
 
 @pytest.mark.skipif(not _cpu_kernels_built(), reason="lipkern._cpu is not built")
