@@ -514,17 +514,8 @@ void conv_bilinear_gradient(const T* u, const T* v, T* grad, const ConvPlan& pla
   }
 }
 
-template <typename T>
-void conv_power_layers(const T* w, T* u, T* v, T* sigma, const ConvShape& c, int64_t n_iter) {
-  const ConvPlan plan(c);
-  ConvBuffers buf(plan);
-  const int64_t n_w = c.c_out * plan.k, n_u = c.c_in * c.h * c.w, n_v = c.c_out * plan.hw;
-  for (int64_t l = 0; l < c.layers; ++l)
-    conv_power_layer(w + l * n_w, u + l * n_u, v + l * n_v, sigma + l, plan, buf, n_iter);
-}
-
-// conv_power_layers, then (grad not null) conv_bilinear_gradients of the stored (T-rounded) vectors: the numbers of
-// the two calls, with one plan and one set of buffers.
+// Each layer's power step, then (grad not null) conv_bilinear_gradient of its stored (T-rounded) vectors: the
+// numbers of the two separate calls, with one plan and one set of buffers.
 template <typename T>
 void conv_power_rows(const T* w, T* u, T* v, T* sigma, T* grad, const ConvShape& c, int64_t n_iter) {
   const ConvPlan plan(c);
@@ -585,10 +576,7 @@ void lipkern_cpu_aol_backward(uintptr_t grad, uintptr_t grad_scale, uintptr_t w,
 
 void lipkern_cpu_conv_power_iteration(uintptr_t weights, uintptr_t u, uintptr_t v, uintptr_t sigma,
                                       const ConvShape& c, int64_t n_iter, int f64) {
-  if (f64)
-    conv_power_layers(ptr<double>(weights), mut<double>(u), mut<double>(v), mut<double>(sigma), c, n_iter);
-  else
-    conv_power_layers(ptr<float>(weights), mut<float>(u), mut<float>(v), mut<float>(sigma), c, n_iter);
+  lipkern_cpu_conv_power_rows(weights, u, v, sigma, 0, c, n_iter, f64);
 }
 
 void lipkern_cpu_conv_bilinear_gradient(uintptr_t u, uintptr_t v, uintptr_t grad, const ConvShape& c, int f64) {

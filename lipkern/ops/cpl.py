@@ -49,8 +49,7 @@ import torch.nn.functional as F
 
 from lipkern._checks import as_positive_float
 from lipkern._rounding import cast_down
-from lipkern._dispatch import (config, device_context, record_implementation, select_backend, tracing,
-                               triton_importable)
+from lipkern._dispatch import config, device_context, record_implementation, select_backend, triton_importable
 from lipkern.ops._registration import _autocast_device, define_op
 from lipkern.ops.conv_power_iteration import ConvGeometry, _unpad_adjoint, conv_adjoint, conv_operator, conv_padding
 
@@ -560,16 +559,9 @@ def cpl_layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     fits = (weight.dim() == (2 if linear else 4) and x.dim() == weight.dim() and _same_place(x, weight)
             and _same_place(h, weight) and (bias is None or _same_place(bias, weight)) and not _autocast_on(x)
             and x.shape[1] == weight.shape[1] * (1 if linear else g.groups))
-    if not fits:
-        return cpl_linear(x, weight, bias, h) if linear else cpl_conv2d_with_geometry(x, weight, bias, h, g)
-    op = _CPL_LINEAR if linear else _CPL_CONV2D
-    if (x.is_cpu and not tracing() and not torch._C._are_functorch_transforms_active() and torch.is_grad_enabled()
-            and (x.requires_grad or weight.requires_grad or h.requires_grad or bias is not None and bias.requires_grad)
-            and _composite_pays(x, weight, bias, h, g)):  # (in Op.__call__'s order: no size guard under compile)
-        # what the op's call does here (lipkern.ops._registration: the composite form), without its dispatch
-        record_implementation(op.name, "torch-composite")
-        return _forward_functional(_make_op("linear" if linear else "conv", weight, g), x, bias, h)
-    return op(x, weight, bias, h) if linear else op(x, weight, bias, h, g)
+    if linear:
+        return _CPL_LINEAR(x, weight, bias, h) if fits else cpl_linear(x, weight, bias, h)
+    return _CPL_CONV2D(x, weight, bias, h, g) if fits else cpl_conv2d_with_geometry(x, weight, bias, h, g)
 
 
 def _same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
